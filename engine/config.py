@@ -1,0 +1,94 @@
+"""One frozen configuration object for the whole engine.
+
+Defaults are module-level constants so callers and docs can name them. Environment
+variables are read only by the CLI (engine/cli.py), never at import time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from .errors import InvalidInput
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+DEFAULT_DATA_DIR = Path("data")
+DEFAULT_MODELS_DIR = REPO_ROOT / "models"
+DEFAULT_EMBED_MODEL = "all-MiniLM-L6-v2"
+EMBED_VARIANTS = ("fp32", "int8")
+DEFAULT_EMBED_VARIANT = "int8"
+PROVIDERS = ("cpu", "cuda")
+DEFAULT_PROVIDER = "cpu"
+# Padded tokens per ONNX batch: large enough to amortise per-call overhead, small enough
+# that activations (batch x len x hidden x layers) stay in cache-friendly sizes.
+DEFAULT_BATCH_MAX_TOKENS = 4096
+DEFAULT_MAX_BATCH = 128
+
+DEFAULT_CHUNK_TOKENS = 256
+DEFAULT_CHUNK_OVERLAP = 32
+
+INDEX_DTYPES = ("f32", "f16", "i8")
+DEFAULT_INDEX_DTYPE = "f32"
+DEFAULT_CONNECTIVITY = 16
+DEFAULT_EXPANSION_ADD = 128
+DEFAULT_EXPANSION_SEARCH = 64
+# Quantized indexes fetch this many times k candidates and rescore them exactly in f32.
+DEFAULT_OVERSAMPLE = 4
+MAX_TOP_K = 1000
+
+
+def default_threads() -> int:
+    """Threads for onnxruntime: every core this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    """Engine settings. Construct with keywords; every field has a documented default."""
+
+    data_dir: Path = DEFAULT_DATA_DIR
+    models_dir: Path = DEFAULT_MODELS_DIR
+    embed_model: str = DEFAULT_EMBED_MODEL
+    embed_variant: str = DEFAULT_EMBED_VARIANT
+    provider: str = DEFAULT_PROVIDER
+    threads: int = dataclasses.field(default_factory=default_threads)
+    batch_max_tokens: int = DEFAULT_BATCH_MAX_TOKENS
+    max_batch: int = DEFAULT_MAX_BATCH
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    chunk_overlap: int = DEFAULT_CHUNK_OVERLAP
+    index_dtype: str = DEFAULT_INDEX_DTYPE
+    connectivity: int = DEFAULT_CONNECTIVITY
+    expansion_add: int = DEFAULT_EXPANSION_ADD
+    expansion_search: int = DEFAULT_EXPANSION_SEARCH
+    oversample: int = DEFAULT_OVERSAMPLE
+    fsync: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data_dir", Path(self.data_dir))
+        object.__setattr__(self, "models_dir", Path(self.models_dir))
+        if self.embed_variant not in EMBED_VARIANTS:
+            raise InvalidInput(f"embed_variant must be one of {EMBED_VARIANTS}, got {self.embed_variant!r}")
+        if self.provider not in PROVIDERS:
+            raise InvalidInput(f"provider must be one of {PROVIDERS}, got {self.provider!r}")
+        if self.index_dtype not in INDEX_DTYPES:
+            raise InvalidInput(f"index dtype must be one of {INDEX_DTYPES}, got {self.index_dtype!r}")
+        for name in ("threads", "batch_max_tokens", "max_batch", "chunk_tokens", "connectivity",
+                     "expansion_add", "expansion_search", "oversample"):
+            if getattr(self, name) < 1:
+                raise InvalidInput(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.chunk_overlap < self.chunk_tokens:
+            raise InvalidInput(
+                f"chunk_overlap must be in [0, chunk_tokens={self.chunk_tokens}), got {self.chunk_overlap}")
+
+    @property
+    def embed_model_dir(self) -> Path:
+        """Folder holding the exported ONNX embedding model (made by `make models`)."""
+        return self.models_dir / self.embed_model
+
+    def replace(self, **changes) -> "Config":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,171 @@
+"""Text -> unit vectors with an ONNX encoder in onnxruntime (no torch on this path).
+
+Tokenization uses the model's own `tokenizer.json` (Rust `tokenizers`, batched in
+parallel) with padding turned off and truncation at the model's max length; we pad per
+batch ourselves and pass the real attention mask, so pads are never pooled. Texts are
+sorted by token length and cut into batches bounded by a padded-token budget, which keeps
+padding (wasted FLOPs) small. Pooling (mean with the mask, or CLS) and L2 normalisation
+follow the model's sentence-transformers configuration, recorded in manifest.json by
+engine/export.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InvalidInput, Unavailable
+
+MANIFEST = "manifest.json"
+VARIANT_FILES = {"fp32": "model.onnx", "int8": "model_int8.onnx"}
+# Texts tokenized and sorted together by embed_iter; bounds memory for any corpus size.
+STREAM_WINDOW = 2048
+
+
+def make_providers(provider: str) -> list:
+    """onnxruntime execution providers for `provider` ('cpu' or 'cuda'), or a clear error."""
+    import onnxruntime as ort
+
+    if provider == "cpu":
+        return ["CPUExecutionProvider"]
+    if provider == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise Unavailable(
+                "provider 'cuda' was requested but this onnxruntime has no CUDAExecutionProvider "
+                f"(available: {ort.get_available_providers()}); install onnxruntime-gpu "
+                "(pip install '.[gpu]') on a machine with an NVIDIA driver, or use provider 'cpu'")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    raise InvalidInput(f"unknown provider {provider!r}; use 'cpu' or 'cuda'")
+
+
+def make_session(path: Path, provider: str, threads: int):
+    """An onnxruntime InferenceSession with our thread and optimisation settings."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=opts, providers=make_providers(provider))
+
+
+class Embedder:
+    """Embeds texts into L2-normalised float32 vectors with an exported ONNX encoder."""
+
+    def __init__(self, model_dir: str | Path, *, variant: str = "int8", provider: str = "cpu",
+                 threads: int = 1, batch_max_tokens: int = 4096, max_batch: int = 128) -> None:
+        from tokenizers import Tokenizer
+
+        model_dir = Path(model_dir)
+        manifest_path = model_dir / MANIFEST
+        if variant not in VARIANT_FILES:
+            raise InvalidInput(f"embedding variant must be one of {sorted(VARIANT_FILES)}, got {variant!r}")
+        onnx_path = model_dir / VARIANT_FILES[variant]
+        if not manifest_path.exists() or not onnx_path.exists():
+            raise Unavailable(f"embedding model not found at {onnx_path}; build it with `make models` "
+                              "(or python -m engine.export --hf-dir YOUR_MODEL --out DIR)")
+        self.manifest = json.loads(manifest_path.read_text())
+        self.name: str = self.manifest["name"]
+        self.variant = variant
+        self.dim: int = int(self.manifest["dim"])
+        self.max_length: int = int(self.manifest["max_length"])
+        self.pooling: str = self.manifest["pooling"]
+        self.normalize: bool = bool(self.manifest.get("normalize", True))
+        self.batch_max_tokens = max(batch_max_tokens, self.max_length)
+        self.max_batch = max_batch
+
+        self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        # The shipped tokenizer.json pads to a fixed 128 and truncates at 128: undo both.
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(self.max_length)
+        # A second tokenizer for the chunker: no truncation, no special tokens.
+        self.raw_tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        self.raw_tokenizer.no_padding()
+        self.raw_tokenizer.no_truncation()
+        pad = self.tokenizer.token_to_id("[PAD]")
+        self.pad_id = 0 if pad is None else pad
+        # [CLS] ... [SEP]: tokens a single text costs beyond its own.
+        self.special_tokens = len(self.tokenizer.encode("").ids)
+
+        self.session = make_session(onnx_path, provider, threads)
+        self.input_names = {i.name for i in self.session.get_inputs()}
+        self.provider = provider
+
+    # ------------------------------------------------------------------ batching
+    def _batches(self, lengths: np.ndarray) -> Iterator[np.ndarray]:
+        """Indices into `lengths`, longest first, grouped so batch * max_len <= budget."""
+        order = np.argsort(-lengths, kind="stable")
+        start = 0
+        n = len(order)
+        while start < n:
+            longest = int(lengths[order[start]])
+            size = max(1, min(self.max_batch, self.batch_max_tokens // max(longest, 1)))
+            yield order[start:start + size]
+            start += size
+
+    def _run(self, ids: list[list[int]]) -> np.ndarray:
+        """One ONNX call on already-tokenized, equal-ish length sequences."""
+        b = len(ids)
+        width = max(len(x) for x in ids)
+        input_ids = np.full((b, width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((b, width), dtype=np.int64)
+        for row, seq in enumerate(ids):
+            input_ids[row, :len(seq)] = seq
+            mask[row, :len(seq)] = 1
+        feeds = {"input_ids": input_ids, "attention_mask": mask}
+        if "token_type_ids" in self.input_names:
+            feeds["token_type_ids"] = np.zeros_like(input_ids)
+        hidden = self.session.run(None, feeds)[0]  # (b, width, dim)
+        if self.pooling == "cls":
+            pooled = hidden[:, 0, :]
+        else:
+            m = mask.astype(np.float32)
+            pooled = np.matmul(m[:, None, :], hidden)[:, 0, :] / np.maximum(m.sum(1, keepdims=True), 1.0)
+        pooled = np.ascontiguousarray(pooled, dtype=np.float32)
+        if self.normalize:
+            pooled /= np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+        return pooled
+
+    # ------------------------------------------------------------------ public
+    def check_texts(self, texts: Sequence[str]) -> None:
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise InvalidInput(f"text {i} is {type(t).__name__}, expected str")
+            if not t.strip():
+                raise InvalidInput(f"text {i} is empty or whitespace only; nothing to embed")
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Vectors for `texts` in input order, shape (len(texts), dim), float32, unit norm."""
+        texts = list(texts)
+        self.check_texts(texts)
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return out
+        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=True)
+        ids = [e.ids for e in encodings]
+        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+        for batch in self._batches(lengths):
+            out[batch] = self._run([ids[i] for i in batch])
+        return out
+
+    def embed_iter(self, texts: Iterable[str], window: int = STREAM_WINDOW) -> Iterator[np.ndarray]:
+        """Stream: yields (m, dim) blocks in input order; holds at most `window` texts."""
+        it = iter(texts)
+        while True:
+            block = list(itertools.islice(it, window))
+            if not block:
+                return
+            yield self.embed(block)
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Model tokens per text including special tokens, after truncation."""
+        return [len(e.ids) for e in self.tokenizer.encode_batch(list(texts))]
+
+    def warmup(self) -> None:
+        self.embed(["warm up the session"])
