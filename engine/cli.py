@@ -1,0 +1,182 @@
+"""`rag` command line: ingest files, search, manage collections.
+
+Environment variables are read here and only here (RAG_DATA_DIR, RAG_MODELS_DIR), then
+passed on inside the one Config object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .config import INDEX_DTYPES, Config
+from .errors import NotFound, RagError
+
+
+class Progress:
+    """A one-line progress report on stderr, redrawn at most 5 times a second."""
+
+    def __init__(self, label: str, enabled: bool) -> None:
+        self.label = label
+        self.enabled = enabled
+        self.t0 = time.perf_counter()
+        self.last = 0.0
+
+    def __call__(self, docs: int, chunks: int) -> None:
+        now = time.perf_counter()
+        if not self.enabled or now - self.last < 0.2:
+            return
+        self.last = now
+        dt = max(now - self.t0, 1e-9)
+        sys.stderr.write(f"\r{self.label}: {docs} documents, {chunks} chunks, {docs / dt:.1f} docs/s, "
+                         f"{dt:.0f}s ")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.enabled and self.last:
+            sys.stderr.write("\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rag", description="Retrieval-augmented generation engine.")
+    p.add_argument("--data-dir", default=None,
+                   help="where collections live (default: $RAG_DATA_DIR or ./data)")
+    p.add_argument("--models-dir", default=None,
+                   help="where exported models live (default: $RAG_MODELS_DIR or the repo's models/)")
+    p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="onnxruntime execution provider")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
+    p.add_argument("--embed-variant", choices=["fp32", "int8"], default=None,
+                   help="embedding model variant (default int8)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("ingest", help="add files or directory trees to a collection (created if missing)")
+    s.add_argument("paths", nargs="+", help=".txt .md .html .pdf .jsonl files or directories")
+    s.add_argument("--collection", "-c", required=True)
+    s.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
+    s.add_argument("--dtype", choices=INDEX_DTYPES, default=None, help="vector dtype for a new collection")
+    s.add_argument("--quiet", "-q", action="store_true", help="no progress line")
+
+    s = sub.add_parser("search", help="print the chunks nearest to a question")
+    s.add_argument("query")
+    s.add_argument("--collection", "-c", required=True)
+    s.add_argument("-k", type=int, default=5, help="number of results (default 5)")
+    s.add_argument("--json", action="store_true", help="one JSON object per hit")
+
+    s = sub.add_parser("collections", help="list collections with their counts and settings")
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("create", help="create an empty collection")
+    s.add_argument("name")
+    s.add_argument("--dtype", choices=INDEX_DTYPES, default=None)
+    s.add_argument("--connectivity", type=int, default=None, help="HNSW M")
+    s.add_argument("--expansion-add", type=int, default=None, help="HNSW ef_construction")
+    s.add_argument("--expansion-search", type=int, default=None, help="HNSW ef")
+
+    s = sub.add_parser("drop", help="delete a collection and everything in it")
+    s.add_argument("name")
+
+    s = sub.add_parser("delete", help="delete documents by id")
+    s.add_argument("doc_ids", nargs="+")
+    s.add_argument("--collection", "-c", required=True)
+    return p
+
+
+def make_config(args: argparse.Namespace) -> Config:
+    kw = {"data_dir": Path(args.data_dir or os.environ.get("RAG_DATA_DIR") or "data"), "provider": args.provider}
+    models = args.models_dir or os.environ.get("RAG_MODELS_DIR")
+    if models:
+        kw["models_dir"] = Path(models)
+    if args.threads:
+        kw["threads"] = args.threads
+    if args.embed_variant:
+        kw["embed_variant"] = args.embed_variant
+    return Config(**kw)
+
+
+def snippet(text: str, width: int = 160) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[:width - 1] + "…"
+
+
+def run(args: argparse.Namespace) -> int:
+    from .pipeline import Engine, hit_to_json
+
+    engine = Engine(make_config(args))
+    try:
+        if args.command == "collections":
+            infos = engine.list_collections()
+            if args.json:
+                for i in infos:
+                    print(json.dumps(dataclasses.asdict(i)))
+            elif not infos:
+                print(f"no collections in {engine.root}")
+            for i in ([] if args.json else infos):
+                print(f"{i.name}\t{i.documents} docs\t{i.chunks} chunks\t{i.index_dtype}\tdim {i.dim}\t"
+                      f"{i.embed_model}\t{i.disk_bytes / 1e6:.1f} MB")
+            return 0
+        if args.command == "create":
+            info = engine.create_collection(args.name, index_dtype=args.dtype, connectivity=args.connectivity,
+                                            expansion_add=args.expansion_add,
+                                            expansion_search=args.expansion_search)
+            print(f"created {info.name} ({info.index_dtype}, M={info.connectivity})")
+            return 0
+        if args.command == "drop":
+            engine.drop_collection(args.name)
+            print(f"dropped {args.name}")
+            return 0
+        if args.command == "delete":
+            n = engine.delete_documents(args.collection, args.doc_ids)
+            print(f"deleted {n} of {len(args.doc_ids)} documents")
+            return 0
+        if args.command == "ingest":
+            try:
+                engine.describe(args.collection)
+            except NotFound:
+                engine.create_collection(args.collection, index_dtype=args.dtype)
+                print(f"created collection {args.collection}", file=sys.stderr)
+            bar = Progress(f"ingest {args.collection}", enabled=not args.quiet and sys.stderr.isatty())
+            report = engine.ingest_paths(args.collection, args.paths, text_field=args.text_field, progress=bar)
+            bar.done()
+            for f in report.failures:
+                print(f"skipped {f.source}: {f.reason}", file=sys.stderr)
+            print(f"{args.collection}: {report.documents_added} added, {report.documents_updated} updated, "
+                  f"{report.documents_unchanged} unchanged, {len(report.failures)} skipped; "
+                  f"{report.chunks_added} chunks added, {report.chunks_removed} removed "
+                  f"in {report.seconds:.1f}s")
+            ok = report.documents_added + report.documents_updated + report.documents_unchanged
+            return 1 if report.failures and not ok else 0
+        if args.command == "search":
+            hits = engine.search(args.collection, args.query, args.k)
+            if args.json:
+                for h in hits:
+                    print(hit_to_json(h))
+                return 0
+            if not hits:
+                print("no results (the collection is empty)")
+            for h in hits:
+                print(f"{h.rank:>3}  {h.score:.4f}  {h.source}  [{h.start}:{h.end}]")
+                print(f"     {snippet(h.text)}")
+            return 0
+        raise AssertionError(args.command)  # argparse restricts the choices
+    finally:
+        engine.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except RagError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

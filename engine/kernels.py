@@ -1,0 +1,152 @@
+"""Numba kernels for the hot loops: chunk-boundary choice and exact rescoring.
+
+Each kernel is a pure module-level `@njit` function over arrays and scalars; the Python
+wrappers in engine/chunk.py and engine/index.py cast their input once and call them.
+Serial kernels use `cache=True` and `nogil=True` so server threads can run them in
+parallel; none uses `parallel=True`, because Numba's default threading layer must not be
+entered from several Python threads at once. Plain-Python references live in
+tests/test_kernels.py and tests/test_chunk.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+# Strength of the gap after a token, as the place to end a chunk.
+GAP_NONE = 0       # inside a word: "play" | "##ing", or "word" | ","
+GAP_WORD = 1       # whitespace between tokens
+GAP_SENTENCE = 2   # whitespace after . ! ? (or a single line break)
+GAP_PARAGRAPH = 3  # a blank line
+GAP_END = 4        # after the last token of the text
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _is_space(c):
+    # Same set as tests' reference; Python's str.isspace also counts 0x1C-0x1F, which
+    # tokenizers keep as tokens, so we do not.
+    if c == 32 or (9 <= c <= 13):
+        return True
+    if c < 128:
+        return False
+    return (c == 0x85 or c == 0xA0 or c == 0x1680 or (0x2000 <= c <= 0x200A) or c == 0x2028
+            or c == 0x2029 or c == 0x202F or c == 0x205F or c == 0x3000)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _ends_sentence(c):
+    # . ! ? and their full-width / CJK forms
+    return c == 46 or c == 33 or c == 63 or c == 0x3002 or c == 0xFF01 or c == 0xFF1F
+
+
+@njit(cache=True, nogil=True)
+def gap_classes(codepoints, starts, ends):
+    """Class (GAP_*) of the gap after each token; `starts`/`ends` are char offsets."""
+    n = starts.shape[0]
+    out = np.zeros(n, dtype=np.int8)
+    for i in range(n):
+        if i == n - 1:
+            out[i] = GAP_END
+            break
+        a = ends[i]
+        b = starts[i + 1]
+        newlines = 0
+        space = False
+        for j in range(a, b):
+            c = codepoints[j]
+            if c == 10:
+                newlines += 1
+            if _is_space(c):
+                space = True
+        if newlines >= 2:
+            out[i] = GAP_PARAGRAPH
+        elif space and (newlines == 1 or (a > 0 and _ends_sentence(codepoints[a - 1]))):
+            out[i] = GAP_SENTENCE
+        elif space:
+            out[i] = GAP_WORD
+        else:
+            out[i] = GAP_NONE
+    return out
+
+
+@njit(cache=True, nogil=True)
+def select_chunks(classes, target, overlap):
+    """Token ranges [first, last] of chunks of at most `target` tokens.
+
+    A chunk that cannot take the rest of the text ends in the second half of its window at
+    the strongest gap, the latest one among equals; the next chunk starts `overlap` tokens
+    before the end, moved forward to the first token that begins a word.
+    """
+    n = classes.shape[0]
+    first = np.empty(n, dtype=np.int64)
+    last = np.empty(n, dtype=np.int64)
+    m = 0
+    s = 0
+    while s < n:
+        if n - s <= target:
+            e = n - 1
+        else:
+            hi = s + target - 1
+            lo = s + target // 2
+            best = hi
+            best_class = classes[hi]
+            for j in range(hi - 1, lo - 1, -1):
+                if classes[j] > best_class:
+                    best = j
+                    best_class = classes[j]
+            e = best
+        first[m] = s
+        last[m] = e
+        m += 1
+        if e >= n - 1:
+            break
+        nxt = e + 1 - overlap
+        if nxt <= s:
+            nxt = s + 1
+        while nxt <= e and classes[nxt - 1] < GAP_WORD:
+            nxt += 1
+        s = nxt
+    return first[:m], last[:m]
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def rescore_topk(queries, candidates, vectors, k):
+    """Exact inner products of each query with its candidate rows of `vectors`; top k.
+
+    `candidates` is (q, c) int64 row numbers, -1 where the index returned fewer. Vectors
+    are unit length, so the inner product is the cosine similarity. Returns (rows, scores),
+    both (q, k), best first, with -1 / -inf padding.
+    """
+    q, c = candidates.shape
+    d = queries.shape[1]
+    out_rows = np.full((q, k), -1, dtype=np.int64)
+    out_scores = np.full((q, k), -np.inf, dtype=np.float32)
+    scores = np.empty(c, dtype=np.float32)
+    for i in range(q):
+        valid = 0
+        for j in range(c):
+            r = candidates[i, j]
+            if r < 0:
+                scores[j] = -np.inf
+                continue
+            s = np.float32(0.0)
+            for t in range(d):
+                s += queries[i, t] * vectors[r, t]
+            scores[j] = s
+            valid += 1
+        order = np.argsort(-scores)
+        take = min(k, valid)
+        for j in range(take):
+            out_rows[i, j] = candidates[i, order[j]]
+            out_scores[i, j] = scores[order[j]]
+    return out_rows, out_scores
+
+
+def warmup() -> None:
+    """Compile (or load from cache) every kernel once, so no request pays for it."""
+    cps = np.frombuffer("a b.\n\nc".encode("utf-32-le"), dtype=np.uint32)
+    starts = np.array([0, 2, 3, 6], dtype=np.int64)
+    ends = np.array([1, 3, 4, 7], dtype=np.int64)
+    select_chunks(gap_classes(cps, starts, ends), 2, 1)
+    v = np.eye(2, dtype=np.float32)
+    rescore_topk(v, np.array([[0, 1], [1, -1]], dtype=np.int64), v, 1)

@@ -1,0 +1,419 @@
+"""The engine: collections, ingestion (chunk -> embed -> store -> index) and search.
+
+This module wires the stages together and owns validation of requests; each stage lives
+in its own module. It imports nothing from gRPC: the server calls these methods and maps
+the typed errors of engine/errors.py to status codes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from . import kernels
+from .chunk import Chunker
+from .config import MAX_TOP_K, Config
+from .errors import AlreadyExists, InvalidInput, NotFound
+from .index import VectorIndex, check_dtype
+from .ingest import Document, Failure, check_document, iter_documents
+from .store import DocumentRecord, Store, fsync_dir
+
+COLLECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MAX_QUERY_CHARS = 64 * 1024
+# Documents buffered before one chunk+embed+commit round; bounds memory while ingesting.
+INGEST_BATCH_CHARS = 2_000_000
+INGEST_BATCH_DOCS = 256
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CollectionInfo:
+    name: str
+    documents: int
+    chunks: int
+    dim: int
+    embed_model: str
+    index_dtype: str
+    connectivity: int
+    expansion_add: int
+    expansion_search: int
+    chunk_tokens: int
+    chunk_overlap: int
+    disk_bytes: int
+    index_memory_bytes: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Hit:
+    """One search result. `start:end` is the chunk's character span in its document."""
+
+    rank: int
+    score: float
+    key: int
+    doc_id: str
+    source: str
+    ordinal: int
+    start: int
+    end: int
+    text: str
+    metadata: dict
+
+
+@dataclasses.dataclass(slots=True)
+class IngestReport:
+    documents_added: int = 0
+    documents_updated: int = 0
+    documents_unchanged: int = 0
+    chunks_added: int = 0
+    chunks_removed: int = 0
+    failures: list[Failure] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+
+ProgressFn = Callable[[int, int], None]  # (documents seen, chunks added so far)
+
+
+class Collection:
+    """An open collection: its store and index, guarded by one write lock."""
+
+    def __init__(self, name: str, folder: Path, config: Config) -> None:
+        self.name = name
+        self.folder = folder
+        self.store = Store(folder, fsync=config.fsync)
+        s = self.store.settings
+        self.settings = s
+        self.index = VectorIndex.load(folder, ndim=s["dim"], dtype=s["index_dtype"],
+                                      connectivity=s["connectivity"], expansion_add=s["expansion_add"],
+                                      expansion_search=s["expansion_search"], threads=config.threads)
+        self.write_lock = threading.Lock()
+        generation = self.store.generation
+        if self.index.generation != generation or len(self.index) != self.store.counts()[1]:
+            # The index on disk is older than the store (crash before save): catch up.
+            self.index.sync(self.store.keys(), self.store.vectors(), generation)
+        self.dirty = False
+
+    @property
+    def quantized(self) -> bool:
+        return self.index.dtype != "f32"
+
+    def save(self, fsync: bool = True) -> None:
+        with self.write_lock:
+            if self.dirty:
+                self.index.save(self.folder, fsync=fsync)
+                self.dirty = False
+
+    def close(self) -> None:
+        self.store.close()
+
+
+class Engine:
+    """Retrieval engine over the collections in `config.data_dir`."""
+
+    def __init__(self, config: Config | None = None, *, embedder=None) -> None:
+        self.config = config or Config()
+        self._embedder = embedder
+        self._collections: dict[str, Collection] = {}
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------------ models
+    @property
+    def embedder(self):
+        """The Embedder, loaded on first use (listing collections needs no model)."""
+        with self._lock:
+            if self._embedder is None:
+                from .embed import Embedder
+
+                c = self.config
+                self._embedder = Embedder(c.embed_model_dir, variant=c.embed_variant, provider=c.provider,
+                                          threads=c.threads, batch_max_tokens=c.batch_max_tokens,
+                                          max_batch=c.max_batch)
+            return self._embedder
+
+    def warmup(self) -> None:
+        kernels.warmup()
+        self.embedder.warmup()
+
+    # ------------------------------------------------------------------ collections
+    @property
+    def root(self) -> Path:
+        return self.config.data_dir / "collections"
+
+    def _check_name(self, name: str) -> str:
+        if not isinstance(name, str) or not COLLECTION_NAME.match(name):
+            raise InvalidInput(f"collection name {name!r} is invalid: use 1-64 letters, digits, '_', '-' "
+                               "or '.', starting with a letter or digit")
+        return name
+
+    def _open(self, name: str) -> Collection:
+        self._check_name(name)
+        with self._lock:
+            col = self._collections.get(name)
+            if col is None:
+                folder = self.root / name
+                if not (folder / "store.sqlite").exists():
+                    raise NotFound(f"collection {name!r} does not exist; create it first "
+                                   "(rag ingest creates it, or use create_collection)")
+                col = self._collections[name] = Collection(name, folder, self.config)
+            return col
+
+    def create_collection(self, name: str, *, index_dtype: str | None = None, connectivity: int | None = None,
+                          expansion_add: int | None = None, expansion_search: int | None = None,
+                          chunk_tokens: int | None = None, chunk_overlap: int | None = None) -> CollectionInfo:
+        """Create an empty collection; its settings are fixed for its lifetime."""
+        self._check_name(name)
+        c = self.config
+        settings = {
+            "index_dtype": check_dtype(index_dtype or c.index_dtype),
+            "connectivity": connectivity or c.connectivity,
+            "expansion_add": expansion_add or c.expansion_add,
+            "expansion_search": expansion_search or c.expansion_search,
+            "chunk_tokens": chunk_tokens or c.chunk_tokens,
+            "chunk_overlap": c.chunk_overlap if chunk_overlap is None else chunk_overlap,
+        }
+        for key in ("connectivity", "expansion_add", "expansion_search", "chunk_tokens"):
+            if not isinstance(settings[key], int) or not 1 <= settings[key] <= 4096:
+                raise InvalidInput(f"{key} must be an integer in [1, 4096], got {settings[key]!r}")
+        if not isinstance(settings["chunk_overlap"], int) or not 0 <= settings["chunk_overlap"] < settings["chunk_tokens"]:
+            raise InvalidInput(f"chunk_overlap must be in [0, chunk_tokens={settings['chunk_tokens']}), "
+                               f"got {settings['chunk_overlap']!r}")
+        emb = self.embedder
+        settings.update(dim=emb.dim, embed_model=emb.name, created_at=time.time())
+        with self._lock:
+            final = self.root / name
+            if final.exists():
+                raise AlreadyExists(f"collection {name!r} already exists")
+            self.root.mkdir(parents=True, exist_ok=True)
+            # Build in a hidden folder and rename: a half-created collection is never listed.
+            tmp = self.root / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+            tmp.mkdir()
+            try:
+                Store.initialise(tmp, settings)
+                tmp.rename(final)
+                fsync_dir(self.root)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        return self.describe(name)
+
+    def list_collections(self) -> list[CollectionInfo]:
+        if not self.root.exists():
+            return []
+        names = sorted(p.name for p in self.root.iterdir()
+                       if not p.name.startswith(".") and (p / "store.sqlite").exists())
+        return [self.describe(n) for n in names]
+
+    def describe(self, name: str) -> CollectionInfo:
+        col = self._open(name)
+        s = col.settings
+        docs, chunks = col.store.counts()
+        return CollectionInfo(name=name, documents=docs, chunks=chunks, dim=s["dim"],
+                              embed_model=s["embed_model"], index_dtype=s["index_dtype"],
+                              connectivity=s["connectivity"], expansion_add=s["expansion_add"],
+                              expansion_search=s["expansion_search"], chunk_tokens=s["chunk_tokens"],
+                              chunk_overlap=s["chunk_overlap"], disk_bytes=col.store.size_bytes(),
+                              index_memory_bytes=col.index.memory_bytes())
+
+    def drop_collection(self, name: str) -> None:
+        col = self._open(name)
+        with self._lock, col.write_lock:
+            col.close()
+            del self._collections[name]
+            trash = self.root / f".drop-{name}-{uuid.uuid4().hex[:8]}"
+            col.folder.rename(trash)  # atomic: the collection is gone from listings at once
+            fsync_dir(self.root)
+            shutil.rmtree(trash, ignore_errors=True)
+
+    # ------------------------------------------------------------------ ingestion
+    def _chunker(self, col: Collection) -> Chunker:
+        emb = self.embedder
+        return Chunker(emb.raw_tokenizer, target=col.settings["chunk_tokens"],
+                       overlap=col.settings["chunk_overlap"], window=emb.max_length - emb.special_tokens)
+
+    def _check_model(self, col: Collection) -> None:
+        emb = self.embedder
+        if col.settings["embed_model"] != emb.name or col.settings["dim"] != emb.dim:
+            raise InvalidInput(f"collection {col.name!r} was built with {col.settings['embed_model']} "
+                               f"(dim {col.settings['dim']}) but the engine runs {emb.name} (dim {emb.dim})")
+
+    def ingest(self, name: str, documents: Iterable[Document | Failure], *,
+               progress: ProgressFn | None = None) -> IngestReport:
+        """Upsert documents: unchanged ones (same content hash) are skipped, changed ones replaced.
+
+        Documents are processed in bounded batches, each committed atomically; a document
+        that fails (no text, nothing to chunk) is reported and skipped.
+        """
+        col = self._open(name)
+        self._check_model(col)
+        report = IngestReport()
+        t0 = time.perf_counter()
+        seen = 0
+        pending: list[Document] = []
+        pending_chars = 0
+        with col.write_lock:
+            for item in documents:
+                seen += 1
+                if isinstance(item, Failure):
+                    report.failures.append(item)
+                    continue
+                try:
+                    check_document(item)
+                except InvalidInput as e:
+                    report.failures.append(Failure(item.source, str(e)))
+                    continue
+                pending.append(item)
+                pending_chars += len(item.text)
+                if pending_chars >= INGEST_BATCH_CHARS or len(pending) >= INGEST_BATCH_DOCS:
+                    self._ingest_batch(col, pending, report)
+                    pending, pending_chars = [], 0
+                    if progress:
+                        progress(seen, report.chunks_added)
+            if pending:
+                self._ingest_batch(col, pending, report)
+            if progress:
+                progress(seen, report.chunks_added)
+        report.seconds = time.perf_counter() - t0
+        return report
+
+    def _ingest_batch(self, col: Collection, docs: list[Document], report: IngestReport) -> None:
+        # Later duplicates of an id in one batch win, as if sent one after another.
+        by_id: dict[str, Document] = {}
+        for d in docs:
+            by_id.pop(d.doc_id, None)
+            by_id[d.doc_id] = d
+        docs = list(by_id.values())
+        stored = col.store.hashes([d.doc_id for d in docs])
+        todo = []
+        for d in docs:
+            h = d.content_hash
+            if stored.get(d.doc_id) == h:
+                report.documents_unchanged += 1
+            else:
+                todo.append((d, h))
+        if not todo:
+            return
+        chunked = self._chunker(col).chunk_many([(d.doc_id, d.text) for d, _ in todo])
+        records_in = []
+        for (d, h), chunks in zip(todo, chunked):
+            if not chunks:
+                report.failures.append(Failure(d.source, "no indexable text (no tokens after tokenization)"))
+                continue
+            records_in.append((d, h, chunks))
+        if not records_in:
+            return
+        texts = [c.text for _, _, chunks in records_in for c in chunks]
+        vectors = self.embedder.embed(texts)
+        records, row = [], 0
+        for d, h, chunks in records_in:
+            records.append(DocumentRecord(d.doc_id, d.source, h, d.metadata, len(d.text), chunks,
+                                          vectors[row:row + len(chunks)]))
+            row += len(chunks)
+        change = col.store.apply(records)
+        col.index.remove(change.removed_keys)
+        col.index.add(change.added_keys, change.added_vectors)
+        col.index.generation = change.generation
+        col.dirty = True
+        for d, _, _ in records_in:
+            if d.doc_id in stored:
+                report.documents_updated += 1
+            else:
+                report.documents_added += 1
+        report.chunks_added += len(change.added_keys)
+        report.chunks_removed += len(change.removed_keys)
+
+    def ingest_paths(self, name: str, paths: Sequence[str | Path], *, text_field: str = "text",
+                     progress: ProgressFn | None = None) -> IngestReport:
+        return self.ingest(name, iter_documents(paths, text_field=text_field), progress=progress)
+
+    def delete_documents(self, name: str, doc_ids: Sequence[str]) -> int:
+        """Delete documents by id; returns how many existed. Unknown ids are not an error."""
+        col = self._open(name)
+        if isinstance(doc_ids, str):
+            raise InvalidInput("doc_ids must be a list of ids, not one string")
+        with col.write_lock:
+            present = [d for d in dict.fromkeys(doc_ids) if col.store.has_document(d)]
+            if not present:
+                return 0
+            change = col.store.apply([], deletes=present)
+            col.index.remove(change.removed_keys)
+            col.index.generation = change.generation
+            col.dirty = True
+            return len(present)
+
+    def save(self) -> None:
+        """Persist every open collection's index (atomically)."""
+        with self._lock:
+            cols = list(self._collections.values())
+        for col in cols:
+            col.save(self.config.fsync)
+
+    def close(self) -> None:
+        self.save()
+        with self._lock:
+            for col in self._collections.values():
+                col.close()
+            self._collections.clear()
+
+    # ------------------------------------------------------------------ search
+    def check_query(self, query: str, i: int | None = None) -> None:
+        label = "query" if i is None else f"query {i}"
+        if not isinstance(query, str):
+            raise InvalidInput(f"{label} must be a string, got {type(query).__name__}")
+        if not query.strip():
+            raise InvalidInput(f"{label} is empty; send the question text")
+        if len(query) > MAX_QUERY_CHARS:
+            raise InvalidInput(f"{label} is {len(query)} characters; the limit is {MAX_QUERY_CHARS}")
+
+    def check_k(self, k) -> int:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_TOP_K:
+            raise InvalidInput(f"k must be an integer in [1, {MAX_TOP_K}], got {k!r}")
+        return int(k)
+
+    def search(self, name: str, query: str, k: int = 5) -> list[Hit]:
+        return self.search_batch(name, [query], k)[0]
+
+    def search_batch(self, name: str, queries: Sequence[str], k: int = 5) -> list[list[Hit]]:
+        """Top-k hits per query: one embedding batch, one index batch search, exact rescoring."""
+        k = self.check_k(k)
+        if isinstance(queries, str) or not len(queries):
+            raise InvalidInput("queries must be a non-empty list of strings")
+        for i, q in enumerate(queries):
+            self.check_query(q, i if len(queries) > 1 else None)
+        col = self._open(name)
+        self._check_model(col)
+        vectors = self.embedder.embed(list(queries))
+        return self.search_vectors(col, vectors, k)
+
+    def search_vectors(self, col: Collection | str, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+        if isinstance(col, str):
+            col = self._open(col)
+        vectors = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
+        if vectors.shape[1] != col.settings["dim"]:
+            raise InvalidInput(f"query vectors have dim {vectors.shape[1]}; collection {col.name!r} "
+                               f"expects {col.settings['dim']}")
+        exact = col.store.vectors() if col.quantized else None
+        keys, scores = col.index.search(vectors, k, exact_vectors=exact, oversample=self.config.oversample)
+        rows = col.store.chunks(np.unique(keys[keys >= 0]))
+        out = []
+        for qk, qs in zip(keys, scores):
+            hits = []
+            for key, score in zip(qk.tolist(), qs.tolist()):
+                row = rows.get(key)
+                if key < 0 or row is None:  # deleted between index search and row fetch
+                    continue
+                hits.append(Hit(rank=len(hits) + 1, score=float(score), key=key, doc_id=row.doc_id,
+                                source=row.source, ordinal=row.ordinal, start=row.start, end=row.end,
+                                text=row.text, metadata=row.metadata))
+            out.append(hits)
+        return out
+
+
+def hit_to_json(hit: Hit) -> str:
+    return json.dumps(dataclasses.asdict(hit), ensure_ascii=False)

@@ -1,0 +1,265 @@
+"""Per-collection storage of documents, chunks and their exact float32 vectors.
+
+A collection lives in one folder:
+  store.sqlite   SQLite in WAL mode: settings, documents, chunk text/spans/metadata
+  vectors.f32    raw float32 rows, row number = chunk key (what the rescoring kernel reads)
+  index.usearch  the HNSW index (engine/index.py), rebuilt from the two above if stale
+
+Every change is one SQLite transaction. New vectors are written (and fsynced) to rows past
+the committed `next_key` before that transaction commits, so a crash at any point leaves
+either the old state or the new one, never a chunk without its vector.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InvalidInput, NotFound
+
+STORE_FILE = "store.sqlite"
+VECTORS_FILE = "vectors.f32"
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS documents (
+    doc_id TEXT PRIMARY KEY,
+    source TEXT NOT NULL,
+    content_hash TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    n_chars INTEGER NOT NULL,
+    n_chunks INTEGER NOT NULL,
+    ingested_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS chunks (
+    key INTEGER PRIMARY KEY,
+    doc_id TEXT NOT NULL REFERENCES documents(doc_id),
+    ordinal INTEGER NOT NULL,
+    start INTEGER NOT NULL,
+    end INTEGER NOT NULL,
+    n_tokens INTEGER NOT NULL,
+    text TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS chunks_doc ON chunks(doc_id);
+"""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DocumentRecord:
+    """A document ready to store: its chunks (ordinal order) and their unit vectors."""
+
+    doc_id: str
+    source: str
+    content_hash: str
+    metadata: dict
+    n_chars: int
+    chunks: Sequence  # engine.chunk.Chunk
+    vectors: np.ndarray  # (len(chunks), dim) float32
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ChunkRow:
+    key: int
+    doc_id: str
+    source: str
+    ordinal: int
+    start: int
+    end: int
+    n_tokens: int
+    text: str
+    metadata: dict
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Change:
+    """Keys a committed write added and removed, for the index to follow."""
+
+    added_keys: np.ndarray
+    added_vectors: np.ndarray
+    removed_keys: np.ndarray
+    generation: int
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or create inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Store:
+    """SQLite + vector file of one collection. Thread-safe: one lock serialises access."""
+
+    def __init__(self, folder: Path, *, fsync: bool = True) -> None:
+        self.folder = Path(folder)
+        db = self.folder / STORE_FILE
+        if not db.exists():
+            raise NotFound(f"no store at {db}")
+        self.fsync = fsync
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(db, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self.settings = json.loads(self._meta("settings"))
+        self.dim = int(self.settings["dim"])
+        self._vec_path = self.folder / VECTORS_FILE
+        self._vec_fd = os.open(self._vec_path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._mapped: np.ndarray | None = None
+
+    # ------------------------------------------------------------------ creation
+    @staticmethod
+    def initialise(folder: Path, settings: dict) -> None:
+        """Create the SQLite schema and settings in an empty folder."""
+        db = sqlite3.connect(Path(folder) / STORE_FILE, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(_SCHEMA)
+            db.execute("BEGIN")
+            for k, v in (("settings", json.dumps(settings, sort_keys=True)), ("next_key", "0"),
+                         ("generation", "0"), ("schema_version", str(SCHEMA_VERSION))):
+                db.execute("INSERT INTO meta(key, value) VALUES (?, ?)", (k, v))
+            db.execute("COMMIT")
+        finally:
+            db.close()
+        (Path(folder) / VECTORS_FILE).touch()
+
+    def close(self) -> None:
+        with self._lock:
+            self._mapped = None
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+            if self._vec_fd >= 0:
+                os.close(self._vec_fd)
+                self._vec_fd = -1
+
+    # ------------------------------------------------------------------ meta
+    def _meta(self, key: str) -> str:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0]
+
+    @property
+    def generation(self) -> int:
+        with self._lock:
+            return int(self._meta("generation"))
+
+    def counts(self) -> tuple[int, int]:
+        """(documents, chunks)."""
+        with self._lock:
+            d = self._db.execute("SELECT COUNT(*) FROM documents").fetchone()[0]
+            c = self._db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
+            return int(d), int(c)
+
+    # ------------------------------------------------------------------ reads
+    def hashes(self, doc_ids: Sequence[str]) -> dict[str, str]:
+        """content_hash of each stored doc among `doc_ids`."""
+        out: dict[str, str] = {}
+        with self._lock:
+            for i in range(0, len(doc_ids), 500):
+                part = list(doc_ids[i:i + 500])
+                q = f"SELECT doc_id, content_hash FROM documents WHERE doc_id IN ({','.join('?' * len(part))})"
+                out.update(self._db.execute(q, part).fetchall())
+        return out
+
+    def keys(self) -> np.ndarray:
+        with self._lock:
+            rows = self._db.execute("SELECT key FROM chunks ORDER BY key").fetchall()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+    def document_keys(self, doc_id: str) -> list[int]:
+        with self._lock:
+            return [r[0] for r in self._db.execute(
+                "SELECT key FROM chunks WHERE doc_id = ? ORDER BY ordinal", (doc_id,))]
+
+    def has_document(self, doc_id: str) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM documents WHERE doc_id = ?", (doc_id,)).fetchone() is not None
+
+    def chunks(self, keys: Iterable[int]) -> dict[int, ChunkRow]:
+        """Chunk rows (with their document's source and metadata) by key."""
+        keys = [int(k) for k in keys]
+        out: dict[int, ChunkRow] = {}
+        with self._lock:
+            for i in range(0, len(keys), 500):
+                part = keys[i:i + 500]
+                q = ("SELECT c.key, c.doc_id, d.source, c.ordinal, c.start, c.end, c.n_tokens, c.text, "
+                     "d.metadata FROM chunks c JOIN documents d ON c.doc_id = d.doc_id "
+                     f"WHERE c.key IN ({','.join('?' * len(part))})")
+                for row in self._db.execute(q, part):
+                    out[row[0]] = ChunkRow(*row[:8], json.loads(row[8]))
+        return out
+
+    def vectors(self) -> np.ndarray:
+        """All committed vector rows as a read-only (next_key, dim) float32 array (memory map)."""
+        with self._lock:
+            rows = int(self._meta("next_key"))
+            if self._mapped is None or self._mapped.shape[0] < rows:
+                if rows == 0:
+                    return np.empty((0, self.dim), dtype=np.float32)
+                mm = np.memmap(self._vec_path, dtype=np.float32, mode="r", shape=(rows, self.dim))
+                self._mapped = np.asarray(mm)
+            return self._mapped[:rows]
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.folder.iterdir() if p.is_file())
+
+    # ------------------------------------------------------------------ writes
+    def apply(self, upserts: Sequence[DocumentRecord], deletes: Sequence[str] = ()) -> Change:
+        """Replace or insert documents and delete others, all in one transaction."""
+        for rec in upserts:
+            if rec.vectors.shape != (len(rec.chunks), self.dim):
+                raise InvalidInput(f"document {rec.doc_id!r}: vectors shape {rec.vectors.shape} does "
+                                   f"not match {len(rec.chunks)} chunks x dim {self.dim}")
+        with self._lock:
+            next_key = int(self._meta("next_key"))
+            n_new = sum(len(r.chunks) for r in upserts)
+            added = np.arange(next_key, next_key + n_new, dtype=np.int64)
+            vectors = (np.concatenate([r.vectors for r in upserts]).astype(np.float32, copy=False)
+                       if n_new else np.empty((0, self.dim), np.float32))
+            if n_new:
+                # Rows past next_key are invisible until the transaction below commits.
+                data = np.ascontiguousarray(vectors).tobytes()
+                written = os.pwrite(self._vec_fd, data, next_key * self.dim * 4)
+                if written != len(data):
+                    raise OSError(f"short write to {self._vec_path}: {written} of {len(data)} bytes")
+                if self.fsync:
+                    os.fsync(self._vec_fd)
+            removed: list[int] = []
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                now = time.time()
+                for doc_id in [*deletes, *(r.doc_id for r in upserts)]:
+                    removed.extend(r[0] for r in db.execute("SELECT key FROM chunks WHERE doc_id = ?", (doc_id,)))
+                    db.execute("DELETE FROM chunks WHERE doc_id = ?", (doc_id,))
+                    db.execute("DELETE FROM documents WHERE doc_id = ?", (doc_id,))
+                key = next_key
+                for rec in upserts:
+                    db.execute("INSERT INTO documents VALUES (?, ?, ?, ?, ?, ?, ?)",
+                               (rec.doc_id, rec.source, rec.content_hash,
+                                json.dumps(rec.metadata, sort_keys=True, ensure_ascii=False),
+                                rec.n_chars, len(rec.chunks), now))
+                    db.executemany("INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                   [(key + i, rec.doc_id, c.ordinal, c.start, c.end, c.n_tokens, c.text)
+                                    for i, c in enumerate(rec.chunks)])
+                    key += len(rec.chunks)
+                generation = int(self._meta("generation")) + 1
+                db.execute("UPDATE meta SET value = ? WHERE key = 'next_key'", (str(key),))
+                db.execute("UPDATE meta SET value = ? WHERE key = 'generation'", (str(generation),))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            return Change(added, vectors, np.asarray(removed, dtype=np.int64), generation)
