@@ -1,0 +1,53 @@
+# Two commands for a new machine: `make demo` (ingest the sample corpus and search it) and
+# `make test`. Each builds whatever is missing: the virtual environment in .venv, the
+# exported models in models/. pip's cache lives in .cache/pip so rebuilds are quick.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+RAG := $(VENV)/bin/rag
+STAMP := $(VENV)/.installed
+EMBED_MANIFEST := models/all-MiniLM-L6-v2/manifest.json
+DEMO_DATA := .cache/demo-data
+DEMO_QUESTION ?= How does HNSW find nearest neighbours quickly?
+export PIP_CACHE_DIR := $(CURDIR)/.cache/pip
+
+.PHONY: setup models test demo bench clean distclean
+
+setup: $(STAMP) models
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -e '.[export,pdf,test]'
+	touch $@
+
+models: $(EMBED_MANIFEST)
+
+$(EMBED_MANIFEST): engine/export.py | $(STAMP)
+	$(PY) -m engine.export --default --models-dir models
+
+# pytest exits 5 when it collects no tests (e.g. a -k filter matched nothing): not a failure.
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
+
+demo: setup
+	$(RAG) --data-dir $(DEMO_DATA) ingest examples/corpus --collection demo
+	$(RAG) --data-dir $(DEMO_DATA) search "$(DEMO_QUESTION)" --collection demo -k 3
+
+# Benchmarks need the peers (sentence-transformers, faiss, hnswlib, rank-bm25).
+$(VENV)/.bench: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[export,pdf,test,bench]'
+	touch $@
+
+bench: setup $(VENV)/.bench
+	$(PY) benchmarks/chunk_throughput.py
+	$(PY) benchmarks/embed_throughput.py
+	$(PY) benchmarks/retrieval_quality.py
+	$(PY) benchmarks/ann.py
+
+clean:
+	rm -rf $(DEMO_DATA) .pytest_cache .hypothesis bench-results
+	find . -name __pycache__ -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV) models .cache

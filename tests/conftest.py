@@ -1,0 +1,34 @@
+"""Shared fixtures: the real default embedding model (built by `make models`), engines on temp dirs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.config import Config
+from engine.embed import Embedder
+from engine.pipeline import Engine
+
+
+@pytest.fixture(scope="session")
+def config() -> Config:
+    return Config(threads=2)
+
+
+@pytest.fixture(scope="session")
+def embedder(config) -> Embedder:
+    emb = Embedder(config.embed_model_dir, variant="int8", threads=2)
+    emb.warmup()
+    return emb
+
+
+@pytest.fixture()
+def engine(tmp_path, config, embedder):
+    eng = Engine(config.replace(data_dir=tmp_path / "data"), embedder=embedder)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture()
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)

@@ -1,0 +1,118 @@
+"""engine/kernels.py against plain-Python references: gap classes, chunk selection, rescoring."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from chunk_reference import gap_class, reference_select
+from engine import kernels
+from engine.chunk import codepoints
+
+
+def classes_of(text: str, offsets: list[tuple[int, int]]) -> list[int]:
+    starts = np.array([a for a, _ in offsets], dtype=np.int64)
+    ends = np.array([b for _, b in offsets], dtype=np.int64)
+    return kernels.gap_classes(codepoints(text), starts, ends).tolist()
+
+
+def word_offsets(text: str) -> list[tuple[int, int]]:
+    """Whitespace-separated words, with trailing . , ! ? split off as their own tokens."""
+    import re
+
+    return [m.span() for m in re.finditer(r"[^\s.,!?]+|[.,!?]", text)]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("one two", [kernels.GAP_WORD, kernels.GAP_END]),
+    ("end. Next", [kernels.GAP_NONE, kernels.GAP_SENTENCE, kernels.GAP_END]),
+    ("para\n\nnext", [kernels.GAP_PARAGRAPH, kernels.GAP_END]),
+    ("para\n  \n next", [kernels.GAP_PARAGRAPH, kernels.GAP_END]),
+    ("line\nnext", [kernels.GAP_SENTENCE, kernels.GAP_END]),
+    ("a,b", [kernels.GAP_NONE, kernels.GAP_NONE, kernels.GAP_END]),
+    ("日本\u3000語", [kernels.GAP_WORD, kernels.GAP_END]),
+])
+def test_gap_classes_known_cases(text, expected):
+    assert classes_of(text, word_offsets(text)) == expected
+
+
+def test_gap_classes_empty():
+    empty = np.empty(0, np.int64)
+    assert kernels.gap_classes(codepoints(""), empty, empty).shape == (0,)
+
+
+@given(st.text(alphabet=st.sampled_from(list("ab .!?,\n\t\u00a0\u3002é日")), max_size=300))
+@settings(max_examples=300, deadline=None)
+def test_gap_classes_match_reference(text):
+    offs = word_offsets(text)
+    ref = [gap_class(text, offs[i][1], offs[i + 1][0]) for i in range(len(offs) - 1)] + [4] * bool(offs)
+    assert classes_of(text, offs) == ref
+
+
+@given(classes=st.lists(st.integers(0, 3), max_size=400), target=st.integers(1, 40), data=st.data())
+@settings(max_examples=400, deadline=None)
+def test_select_chunks_matches_reference_and_covers(classes, target, data):
+    overlap = data.draw(st.integers(0, target - 1))
+    if classes:
+        classes[-1] = 4
+    arr = np.array(classes, dtype=np.int8)
+    first, last = kernels.select_chunks(arr, target, overlap)
+    got = list(zip(first.tolist(), last.tolist()))
+    assert got == reference_select(classes, target, overlap)
+    n = len(classes)
+    if n == 0:
+        assert got == []
+        return
+    assert got[0][0] == 0 and got[-1][1] == n - 1
+    for (a, b), (c, d) in zip(got, got[1:]):
+        assert b - a + 1 <= target
+        assert a < c <= b + 1, "chunks must advance and leave no token uncovered"
+        assert b - c + 1 <= overlap
+    assert all(b - a + 1 <= target for a, b in got)
+
+
+def test_select_chunks_prefers_paragraph_then_sentence():
+    # 20 tokens, target 10: window for the first chunk is tokens 5..9.
+    classes = np.ones(20, dtype=np.int8)
+    classes[6] = kernels.GAP_PARAGRAPH
+    classes[8] = kernels.GAP_SENTENCE
+    classes[-1] = kernels.GAP_END
+    first, last = kernels.select_chunks(classes, 10, 0)
+    assert last[0] == 6, "a paragraph break beats a later sentence end"
+    classes[6] = kernels.GAP_WORD
+    first, last = kernels.select_chunks(classes, 10, 0)
+    assert last[0] == 8, "then the sentence end"
+    classes[8] = kernels.GAP_WORD
+    first, last = kernels.select_chunks(classes, 10, 0)
+    assert last[0] == 9, "then the latest word gap"
+
+
+def reference_rescore(queries, candidates, vectors, k):
+    rows, scores = [], []
+    for q, cand in zip(queries, candidates):
+        pairs = sorted(((float(q @ vectors[c]), int(c)) for c in cand if c >= 0), reverse=True)[:k]
+        rows.append([c for _, c in pairs] + [-1] * (k - len(pairs)))
+        scores.append([s for s, _ in pairs] + [-np.inf] * (k - len(pairs)))
+    return np.array(rows, dtype=np.int64).reshape(len(queries), k), np.array(scores).reshape(len(queries), k)
+
+
+@pytest.mark.parametrize("nq", [1, 7, 64])
+@pytest.mark.parametrize("k", [1, 5, 12])
+def test_rescore_topk_matches_reference(rng, nq, k):
+    d, n, c = 24, 500, 10
+    vectors = rng.standard_normal((n, d)).astype(np.float32)
+    queries = rng.standard_normal((nq, d)).astype(np.float32)
+    cand = np.stack([rng.choice(n, c, replace=False) for _ in range(nq)]).astype(np.int64)
+    cand[0, -3:] = -1  # fewer candidates than asked for
+    rows, scores = kernels.rescore_topk(queries, cand, vectors, k)
+    ref_rows, ref_scores = reference_rescore(queries, cand, vectors, k)
+    np.testing.assert_array_equal(rows, ref_rows)
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_rescore_topk_empty_candidates():
+    v = np.eye(3, dtype=np.float32)
+    rows, scores = kernels.rescore_topk(v[:1], np.full((1, 4), -1, np.int64), v, 2)
+    assert rows.tolist() == [[-1, -1]] and np.isneginf(scores).all()
