@@ -86,7 +86,7 @@ _DROP_TAGS = {"script", "style", "noscript", "template", "svg", "head", "iframe"
 class _TextExtractor(HTMLParser):
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
-        self.parts: list[str] = []
+        self.parts: list[tuple[str, bool]] = []  # (text, verbatim)
         self.title: list[str] = []
         self._drop = 0
         self._in_title = False
@@ -98,15 +98,15 @@ class _TextExtractor(HTMLParser):
         elif tag == "title":
             self._in_title = True
         elif tag == "br":
-            self.parts.append("\n")
+            self.parts.append(("\n", False))
         elif tag in _BLOCK_TAGS:
-            self.parts.append("\n\n")
+            self.parts.append(("\n\n", False))
             if tag == "pre":
                 self._pre += 1
 
     def handle_startendtag(self, tag, attrs):
         if tag == "br":
-            self.parts.append("\n")
+            self.parts.append(("\n", False))
 
     def handle_endtag(self, tag):
         if tag in _DROP_TAGS:
@@ -114,7 +114,7 @@ class _TextExtractor(HTMLParser):
         elif tag == "title":
             self._in_title = False
         elif tag in _BLOCK_TAGS:
-            self.parts.append("\n\n")
+            self.parts.append(("\n\n", False))
             if tag == "pre":
                 self._pre = max(0, self._pre - 1)
 
@@ -122,7 +122,7 @@ class _TextExtractor(HTMLParser):
         if self._in_title:
             self.title.append(data)
         elif not self._drop:
-            self.parts.append(data if self._pre else re.sub(r"\s+", " ", data))
+            self.parts.append((data, True) if self._pre else (re.sub(r"\s+", " ", data), False))
 
 
 def html_to_text(html: str) -> tuple[str, str]:
@@ -130,10 +130,19 @@ def html_to_text(html: str) -> tuple[str, str]:
     p = _TextExtractor()
     p.feed(html)
     p.close()
-    text = "".join(p.parts)
-    text = re.sub(r"[ \t]*\n[ \t]*", "\n", text)
-    text = re.sub(r"\n{3,}", "\n\n", text).strip()
-    return text, " ".join("".join(p.title).split())
+    out: list[str] = []
+    for part, verbatim in p.parts:
+        if verbatim:
+            out.append(part)
+        elif part.startswith("\n"):  # a block break: no spaces before it, at most one blank line
+            if out:
+                out[-1] = out[-1].rstrip(" ")
+            tail = "".join(out[-2:])
+            have = len(tail) - len(tail.rstrip("\n"))
+            out.append("\n" * max(0, len(part) - have) if out else "")
+        else:
+            out.append(part.lstrip(" ") if not out or out[-1].endswith("\n") else part)
+    return "".join(out).strip(), " ".join("".join(p.title).split())
 
 
 # ---------------------------------------------------------------------- PDF

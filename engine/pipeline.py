@@ -170,13 +170,16 @@ class Engine:
         """Create an empty collection; its settings are fixed for its lifetime."""
         self._check_name(name)
         c = self.config
+        def pick(value, default):
+            return default if value is None else value
+
         settings = {
-            "index_dtype": check_dtype(index_dtype or c.index_dtype),
-            "connectivity": connectivity or c.connectivity,
-            "expansion_add": expansion_add or c.expansion_add,
-            "expansion_search": expansion_search or c.expansion_search,
-            "chunk_tokens": chunk_tokens or c.chunk_tokens,
-            "chunk_overlap": c.chunk_overlap if chunk_overlap is None else chunk_overlap,
+            "index_dtype": check_dtype(pick(index_dtype, c.index_dtype)),
+            "connectivity": pick(connectivity, c.connectivity),
+            "expansion_add": pick(expansion_add, c.expansion_add),
+            "expansion_search": pick(expansion_search, c.expansion_search),
+            "chunk_tokens": pick(chunk_tokens, c.chunk_tokens),
+            "chunk_overlap": pick(chunk_overlap, c.chunk_overlap),
         }
         for key in ("connectivity", "expansion_add", "expansion_search", "chunk_tokens"):
             if not isinstance(settings[key], int) or not 1 <= settings[key] <= 4096:

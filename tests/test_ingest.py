@@ -1,0 +1,105 @@
+"""engine/ingest.py: every supported format parsed, every bad file reported, walks sorted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from engine.errors import InvalidInput
+from engine.ingest import Document, Failure, html_to_text, iter_documents, parse_bytes
+from pdf_maker import make_pdf
+
+
+def docs_and_failures(paths, **kw):
+    items = list(iter_documents(paths, **kw))
+    return ([i for i in items if isinstance(i, Document)], [i for i in items if isinstance(i, Failure)])
+
+
+def test_html_drops_script_style_head():
+    html = ("<html><head><title>T  itle</title><style>p {color: red}</style></head><body>"
+            "<script>var secret = 1;</script><h1>Heading</h1><p>First &amp; para.</p>"
+            "<p>Second<br>line</p><pre>a  b\n  c</pre><noscript>nojs</noscript></body></html>")
+    text, title = html_to_text(html)
+    assert title == "T itle"
+    assert "secret" not in text and "color" not in text and "nojs" not in text
+    assert text == "Heading\n\nFirst & para.\n\nSecond\nline\n\na  b\n  c"
+
+
+def test_pdf_pages_and_title():
+    data = make_pdf(["The first page mentions lighthouses.", "Page two is about (tea)."], title="Handbook")
+    (doc,) = parse_bytes(data, "application/pdf", "hand.pdf")
+    assert "lighthouses" in doc.text and "(tea)" in doc.text
+    assert doc.text.index("lighthouses") < doc.text.index("tea")
+    assert doc.metadata == {"pages": 2, "title": "Handbook"}
+
+
+def test_jsonl_records(tmp_path):
+    p = tmp_path / "r.jsonl"
+    p.write_text("\n".join([
+        json.dumps({"id": "x1", "text": "alpha text", "lang": "en", "n": 3}),
+        "",
+        "{not json",
+        json.dumps({"text": "no id here"}),
+        json.dumps({"id": "x3", "body": "wrong field"}),
+        json.dumps([1, 2]),
+    ]))
+    docs, failures = docs_and_failures([p])
+    assert [(d.doc_id, d.text, d.metadata) for d in docs] == [
+        (f"{p.resolve()}#x1", "alpha text", {"id": "x1", "lang": "en", "n": 3}),
+        (f"{p.resolve()}#4", "no id here", {}),
+    ]
+    assert [f.source.rsplit(":", 1)[1] for f in failures] == ["3", "5", "6"]
+    assert "not valid JSON" in failures[0].reason and "'text'" in failures[1].reason
+    docs, _ = docs_and_failures([p], text_field="body")
+    assert [d.text for d in docs] == ["wrong field"]
+
+
+def test_directory_walk_reports_bad_files(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / ".hidden").mkdir()
+    (tmp_path / "a.txt").write_text("plain text file")
+    (tmp_path / "sub" / "b.md").write_text("# Markdown\n\nbody")
+    (tmp_path / "sub" / "c.html").write_text("<p>web page</p>")
+    (tmp_path / "sub" / "d.pdf").write_bytes(make_pdf(["pdf text here"]))
+    (tmp_path / ".hidden" / "x.txt").write_text("skipped: hidden folder")
+    (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n")  # unsupported suffix inside a tree: ignored
+    (tmp_path / "empty.txt").write_text("   \n")
+    (tmp_path / "binary.txt").write_bytes(b"abc\x00\x01\x02")
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    (tmp_path / "broken.pdf").write_bytes(b"%PDF-1.4 this is not a pdf")
+    docs, failures = docs_and_failures([tmp_path, tmp_path / "missing.txt", tmp_path / "image.png"])
+    names = [d.source.rsplit("/", 1)[1] for d in docs]
+    assert names == ["a.txt", "b.md", "c.html", "d.pdf"]
+    reasons = {f.source.rsplit("/", 1)[1]: f.reason for f in failures}
+    assert set(reasons) == {"binary.txt", "broken.pdf", "empty.txt", "latin1.txt", "missing.txt", "image.png"}
+    assert "binary" in reasons["binary.txt"]
+    assert "UTF-8" in reasons["latin1.txt"]
+    assert "no text" in reasons["empty.txt"]
+    assert "PDF" in reasons["broken.pdf"]
+    assert "no such file" in reasons["missing.txt"]
+    assert "unsupported" in reasons["image.png"]
+    assert all(d.doc_id == d.source for d in docs)
+
+
+def test_utf8_bom_and_size_limit(tmp_path):
+    p = tmp_path / "bom.txt"
+    p.write_bytes("\ufeffhello".encode("utf-8"))
+    (doc,), _ = docs_and_failures([p])
+    assert doc.text == "hello"
+    _, (fail,) = docs_and_failures([p], max_bytes=3)
+    assert "limit" in fail.reason
+
+
+def test_parse_bytes_errors():
+    with pytest.raises(InvalidInput, match="unsupported media type"):
+        list(parse_bytes(b"x", "image/png", "x"))
+    with pytest.raises(InvalidInput, match="no text"):
+        list(parse_bytes(b"<script>only()</script>", "text/html", "x.html"))
+
+
+def test_content_hash_tracks_text_and_metadata():
+    a = Document("d", "text", "s", {"k": 1})
+    assert a.content_hash == Document("d", "text", "other source", {"k": 1}).content_hash
+    assert a.content_hash != Document("d", "text!", "s", {"k": 1}).content_hash
+    assert a.content_hash != Document("d", "text", "s", {"k": 2}).content_hash

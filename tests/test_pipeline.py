@@ -1,0 +1,203 @@
+"""engine/pipeline.py end to end on the real model: collections, upsert, delete, search, errors."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.errors import AlreadyExists, InvalidInput, NotFound
+from engine.ingest import Document
+from engine.pipeline import Engine
+
+CORPUS = Path(__file__).resolve().parent.parent / "examples" / "corpus"
+
+
+@pytest.fixture()
+def corpus(tmp_path):
+    dst = tmp_path / "corpus"
+    shutil.copytree(CORPUS, dst)
+    return dst
+
+
+def snapshot(engine, name):
+    """Everything a failed call must leave untouched."""
+    col = engine._open(name)
+    keys = col.store.keys()
+    rows = col.store.chunks(keys)
+    return (col.store.counts(), col.store.generation, keys.tolist(),
+            [(rows[k].doc_id, rows[k].text) for k in keys.tolist()], len(col.index))
+
+
+def test_collections_lifecycle(engine):
+    assert engine.list_collections() == []
+    info = engine.create_collection("docs", index_dtype="i8", connectivity=8)
+    assert (info.name, info.documents, info.chunks, info.dim, info.index_dtype, info.connectivity) == \
+        ("docs", 0, 0, 384, "i8", 8)
+    assert info.embed_model == "all-MiniLM-L6-v2"
+    engine.create_collection("other")
+    assert [c.name for c in engine.list_collections()] == ["docs", "other"]
+    with pytest.raises(AlreadyExists):
+        engine.create_collection("docs")
+    engine.drop_collection("docs")
+    assert [c.name for c in engine.list_collections()] == ["other"]
+    with pytest.raises(NotFound, match="docs"):
+        engine.search("docs", "anything", 3)
+    with pytest.raises(NotFound):
+        engine.drop_collection("docs")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"name": "bad name!"}, "collection name"),
+    ({"name": ""}, "collection name"),
+    ({"name": "../escape"}, "collection name"),
+    ({"name": "ok", "index_dtype": "f64"}, "f64"),
+    ({"name": "ok", "connectivity": 0}, "connectivity"),
+    ({"name": "ok", "chunk_overlap": 300}, "chunk_overlap"),
+])
+def test_create_rejects_bad_settings(engine, kwargs, match):
+    with pytest.raises(InvalidInput, match=match):
+        engine.create_collection(**kwargs)
+    assert engine.list_collections() == []
+
+
+def test_ingest_and_search_sample_corpus(engine, corpus):
+    engine.create_collection("c")
+    report = engine.ingest_paths("c", [corpus])
+    assert report.documents_added == 8 and not report.failures  # 4 files + 4 JSONL records
+    hits = engine.search("c", "What water temperature should I use for green tea?", k=3)
+    assert hits[0].source.endswith("tea.txt")
+    assert [h.rank for h in hits] == [1, 2, 3]
+    assert hits[0].score >= hits[1].score >= hits[2].score
+    assert "70 and 80 degrees" in hits[0].text
+    # spans point into the original document
+    text = (corpus / "tea.txt").read_text()
+    assert text[hits[0].start:hits[0].end] == hits[0].text
+    (top,) = engine.search("c", "Which planet is the biggest?", k=1)
+    assert top.doc_id.endswith("planets.jsonl#jupiter")
+    assert top.metadata == {"id": "jupiter", "kind": "planet"}
+    (html,) = engine.search("c", "Who invented the lens used in lighthouses?", k=1)
+    assert "Fresnel" in html.text and "console.log" not in html.text
+    assert html.metadata["title"] == "The lighthouse keeper"
+
+
+def test_upsert_skips_unchanged_and_replaces_changed(engine, corpus):
+    engine.create_collection("c")
+    engine.ingest_paths("c", [corpus])
+    before = engine.describe("c")
+    again = engine.ingest_paths("c", [corpus])
+    assert (again.documents_unchanged, again.documents_added, again.chunks_added) == (8, 0, 0)
+    assert engine.describe("c").chunks == before.chunks
+    (corpus / "tea.txt").write_text("Rooibos is a red bush from South Africa, brewed with boiling water.")
+    changed = engine.ingest_paths("c", [corpus])
+    assert (changed.documents_updated, changed.documents_unchanged) == (1, 7)
+    assert changed.chunks_added == 1 and changed.chunks_removed >= 1
+    (top,) = engine.search("c", "green tea temperature", k=1)
+    assert "70 and 80" not in top.text
+    hits = engine.search("c", "red bush tea from South Africa", k=1)
+    assert hits[0].text.startswith("Rooibos")
+
+
+def test_delete_documents(engine, corpus):
+    engine.create_collection("c")
+    engine.ingest_paths("c", [corpus])
+    tea = str((corpus / "tea.txt").resolve())
+    n_before = engine.describe("c").documents
+    assert engine.delete_documents("c", [tea, "no-such-doc"]) == 1
+    assert engine.describe("c").documents == n_before - 1
+    hits = engine.search("c", "green tea temperature", k=10)
+    assert all(h.doc_id != tea for h in hits)
+    assert engine.delete_documents("c", [tea]) == 0
+
+
+def test_quantized_index_keeps_f32_ranking(engine, corpus):
+    engine.create_collection("f32", index_dtype="f32")
+    engine.create_collection("i8", index_dtype="i8")
+    engine.ingest_paths("f32", [corpus])
+    engine.ingest_paths("i8", [corpus])
+    questions = ["How long does black tea steep?", "What does ef control in HNSW?",
+                 "How often do I feed a sourdough starter?", "hottest planet"]
+    for a, b in zip(engine.search_batch("f32", questions, 5), engine.search_batch("i8", questions, 5)):
+        assert [h.key for h in a] == [h.key for h in b]
+        np.testing.assert_allclose([h.score for h in a], [h.score for h in b], atol=1e-5)
+
+
+def test_batch_equals_single(engine, corpus):
+    engine.create_collection("c")
+    engine.ingest_paths("c", [corpus])
+    qs = ["lighthouse automation", "gluten", "Mars volcano"]
+    batch = engine.search_batch("c", qs, 4)
+    for q, hits in zip(qs, batch):
+        single = engine.search("c", q, 4)
+        # int8 dynamic quantization scales activations per batch, so scores may move in
+        # the third decimal between batch compositions; the ranking of clear winners holds.
+        assert single[0].key == hits[0].key
+        by_key = {h.key: h.score for h in hits}
+        for h in single:
+            if h.key in by_key:
+                assert abs(by_key[h.key] - h.score) < 0.02
+
+
+def test_reopen_and_recover_unsaved_index(tmp_path, config, embedder, corpus):
+    data = tmp_path / "data"
+    e1 = Engine(config.replace(data_dir=data), embedder=embedder)
+    e1.create_collection("c", index_dtype="f16")
+    e1.ingest_paths("c", [corpus])
+    expected = [h.key for h in e1.search("c", "steeping oolong", 5)]
+    e1.close()
+    e2 = Engine(config.replace(data_dir=data), embedder=embedder)
+    assert [h.key for h in e2.search("c", "steeping oolong", 5)] == expected
+    # Ingest more and "crash" (never save the index): the next open catches up from the store.
+    extra = corpus.parent / "extra.txt"
+    extra.write_text("Oolong tea leaves are rolled and partly oxidised before drying.")
+    e2.ingest_paths("c", [extra])
+    expected = [h.key for h in e2.search("c", "steeping oolong", 5)]
+    for col in e2._collections.values():
+        col.store.close()
+    e3 = Engine(config.replace(data_dir=data), embedder=embedder)
+    assert e3.describe("c").documents == 9
+    assert [h.key for h in e3.search("c", "steeping oolong", 5)] == expected
+    e3.close()
+
+
+@pytest.mark.parametrize("query, k, error, match", [
+    ("", 3, InvalidInput, "empty"),
+    ("   \n", 3, InvalidInput, "empty"),
+    ("x" * 70_000, 3, InvalidInput, "limit"),
+    ("fine", 0, InvalidInput, "k must be"),
+    ("fine", -2, InvalidInput, "k must be"),
+    ("fine", 1001, InvalidInput, "k must be"),
+    ("fine", True, InvalidInput, "k must be"),
+    ("fine", 2.5, InvalidInput, "k must be"),
+    (None, 3, InvalidInput, "string"),
+])
+def test_bad_queries_leave_store_unchanged(engine, corpus, query, k, error, match):
+    engine.create_collection("c")
+    engine.ingest_paths("c", [corpus])
+    before = snapshot(engine, "c")
+    with pytest.raises(error, match=match):
+        engine.search("c", query, k)
+    assert snapshot(engine, "c") == before
+    assert engine.search("c", "tea", 1)  # and it keeps working
+
+
+def test_bad_documents_are_reported_and_nothing_is_lost(engine, corpus):
+    engine.create_collection("c")
+    engine.ingest_paths("c", [corpus])
+    before = snapshot(engine, "c")
+    report = engine.ingest("c", [Document("e", "", "e"), Document("w", " \n\t", "w"),
+                                 Document("z", "nul\x00byte", "z"), Document("", "text", "noid")])
+    assert len(report.failures) == 4 and report.documents_added == 0
+    assert snapshot(engine, "c") == before
+    with pytest.raises(InvalidInput):
+        engine.search_batch("c", [], 3)
+    with pytest.raises(InvalidInput, match="query 1"):
+        engine.search_batch("c", ["ok", ""], 3)
+    assert snapshot(engine, "c") == before
+
+
+def test_empty_collection_search(engine):
+    engine.create_collection("empty")
+    assert engine.search("empty", "anything", 5) == []

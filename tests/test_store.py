@@ -1,0 +1,107 @@
+"""engine/store.py: documents, chunks and vectors committed together or not at all."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import numpy as np
+import pytest
+
+from engine.chunk import Chunk
+from engine.errors import InvalidInput
+from engine.store import STORE_FILE, DocumentRecord, Store
+
+DIM = 4
+
+
+@pytest.fixture()
+def store(tmp_path):
+    Store.initialise(tmp_path, {"dim": DIM})
+    s = Store(tmp_path)
+    yield s
+    s.close()
+
+
+def record(doc_id, n, seed=0, h="h"):
+    rng = np.random.default_rng(seed)
+    chunks = [Chunk(doc_id, i, i * 10, i * 10 + 9, 3, f"{doc_id} chunk {i}") for i in range(n)]
+    return DocumentRecord(doc_id, f"/src/{doc_id}", h, {"lang": "en"}, n * 10, chunks,
+                          rng.standard_normal((n, DIM)).astype(np.float32))
+
+
+def test_wal_mode(store):
+    db = sqlite3.connect(store.folder / STORE_FILE)
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    db.close()
+
+
+def test_insert_read_back(store):
+    a, b = record("a", 3, 1), record("b", 2, 2)
+    change = store.apply([a, b])
+    assert change.added_keys.tolist() == [0, 1, 2, 3, 4] and change.removed_keys.size == 0
+    assert store.counts() == (2, 5)
+    np.testing.assert_array_equal(store.vectors()[:3], a.vectors)
+    np.testing.assert_array_equal(store.vectors()[3:], b.vectors)
+    rows = store.chunks([4, 0])
+    assert rows[0].text == "a chunk 0" and rows[0].source == "/src/a" and rows[0].metadata == {"lang": "en"}
+    assert (rows[4].doc_id, rows[4].ordinal, rows[4].start, rows[4].end) == ("b", 1, 10, 19)
+    assert store.hashes(["a", "b", "zzz"]) == {"a": "h", "b": "h"}
+
+
+def test_upsert_replaces_chunks(store):
+    store.apply([record("a", 3)])
+    change = store.apply([record("a", 2, seed=5, h="h2")])
+    assert change.removed_keys.tolist() == [0, 1, 2]
+    assert change.added_keys.tolist() == [3, 4]
+    assert store.counts() == (1, 2)
+    assert store.document_keys("a") == [3, 4]
+    assert store.hashes(["a"]) == {"a": "h2"}
+    assert store.generation == 2
+
+
+def test_delete(store):
+    store.apply([record("a", 3), record("b", 1)])
+    change = store.apply([], deletes=["a"])
+    assert sorted(change.removed_keys.tolist()) == [0, 1, 2]
+    assert store.counts() == (1, 1) and not store.has_document("a")
+
+
+def test_failed_write_changes_nothing(store):
+    store.apply([record("a", 2)])
+    before = (store.counts(), store.generation, store.vectors().copy())
+    bad = record("b", 2)
+    bad = DocumentRecord(bad.doc_id, bad.source, bad.content_hash, bad.metadata, bad.n_chars, bad.chunks,
+                         bad.vectors[:1])  # one vector for two chunks
+    with pytest.raises(InvalidInput, match="does not match"):
+        store.apply([bad])
+    # a failure inside the transaction (duplicate doc id in one batch) rolls back completely
+    with pytest.raises(sqlite3.IntegrityError):
+        store.apply([record("c", 1), record("c", 1)])
+    assert (store.counts(), store.generation) == before[:2]
+    np.testing.assert_array_equal(store.vectors(), before[2])
+
+
+def test_reopen_sees_committed_state(tmp_path):
+    Store.initialise(tmp_path, {"dim": DIM})
+    s = Store(tmp_path)
+    rec = record("a", 3)
+    s.apply([rec])
+    s.close()
+    s2 = Store(tmp_path)
+    assert s2.counts() == (1, 3) and s2.keys().tolist() == [0, 1, 2]
+    np.testing.assert_array_equal(s2.vectors(), rec.vectors)
+    s2.close()
+
+
+def test_uncommitted_vector_rows_are_invisible(tmp_path):
+    """Rows written past next_key by a write that never committed are ignored and reused."""
+    Store.initialise(tmp_path, {"dim": DIM})
+    s = Store(tmp_path)
+    s.apply([record("a", 1)])
+    with open(tmp_path / "vectors.f32", "ab") as f:  # what a crash after the vector write leaves
+        f.write(np.ones((5, DIM), np.float32).tobytes())
+    assert s.vectors().shape == (1, DIM)
+    change = s.apply([record("b", 2, seed=9)])
+    assert change.added_keys.tolist() == [1, 2]
+    np.testing.assert_array_equal(s.vectors()[1:], record("b", 2, seed=9).vectors)
+    s.close()
