@@ -22,6 +22,13 @@ def embedder(config) -> Embedder:
     return emb
 
 
+@pytest.fixture(scope="session")
+def embedder_fp32(config) -> Embedder:
+    emb = Embedder(config.embed_model_dir, variant="fp32", threads=2)
+    emb.warmup()
+    return emb
+
+
 @pytest.fixture()
 def engine(tmp_path, config, embedder):
     eng = Engine(config.replace(data_dir=tmp_path / "data"), embedder=embedder)

@@ -124,20 +124,22 @@ def test_quantized_index_keeps_f32_ranking(engine, corpus):
         np.testing.assert_allclose([h.score for h in a], [h.score for h in b], atol=1e-5)
 
 
-def test_batch_equals_single(engine, corpus):
+def test_batch_equals_single(tmp_path, config, embedder_fp32, corpus):
+    """With the fp32 model a query's results do not depend on what it is batched with.
+
+    (The int8 model quantizes activations with one scale per batch, so there scores can
+    move by ~0.02 between batch compositions: see the README's note on int8.)
+    """
+    engine = Engine(config.replace(data_dir=tmp_path / "data", embed_variant="fp32"), embedder=embedder_fp32)
     engine.create_collection("c")
     engine.ingest_paths("c", [corpus])
     qs = ["lighthouse automation", "gluten", "Mars volcano"]
     batch = engine.search_batch("c", qs, 4)
     for q, hits in zip(qs, batch):
         single = engine.search("c", q, 4)
-        # int8 dynamic quantization scales activations per batch, so scores may move in
-        # the third decimal between batch compositions; the ranking of clear winners holds.
-        assert single[0].key == hits[0].key
-        by_key = {h.key: h.score for h in hits}
-        for h in single:
-            if h.key in by_key:
-                assert abs(by_key[h.key] - h.score) < 0.02
+        assert [h.key for h in single] == [h.key for h in hits]
+        np.testing.assert_allclose([h.score for h in single], [h.score for h in hits], atol=1e-4)
+    engine.close()
 
 
 def test_reopen_and_recover_unsaved_index(tmp_path, config, embedder, corpus):

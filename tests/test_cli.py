@@ -1,0 +1,83 @@
+"""The `rag` command: the README quick start, exit codes and messages for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.cli import main
+
+CORPUS = Path(__file__).resolve().parent.parent / "examples" / "corpus"
+
+
+def rag(capsys, *args):
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_quick_start_as_a_console_script(tmp_path):
+    """README: `rag ingest FOLDER --collection NAME`, then `rag search ...` (RAG_DATA_DIR honoured)."""
+    env = {**os.environ, "RAG_DATA_DIR": str(tmp_path / "data")}
+    exe = Path(sys.executable).parent / "rag"
+    r = subprocess.run([exe, "ingest", str(CORPUS), "--collection", "notes"], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "8 added" in r.stdout
+    r = subprocess.run([exe, "search", "How do I feed a sourdough starter?", "--collection", "notes", "-k", "2"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split()[0] == "1" and lines[0].split()[2].endswith("bread.md")
+    assert "[" in lines[0] and "starter" in lines[1]
+    assert (tmp_path / "data" / "collections" / "notes").is_dir()
+
+
+def test_search_json_collections_delete_drop(tmp_path, capsys):
+    d = ["--data-dir", str(tmp_path)]
+    assert rag(capsys, *d, "ingest", str(CORPUS), "-c", "c", "--dtype", "i8", "-q")[0] == 0
+    code, out, _ = rag(capsys, *d, "search", "Olympus Mons", "-c", "c", "-k", "1", "--json")
+    hit = json.loads(out)
+    assert code == 0 and hit["rank"] == 1 and hit["doc_id"].endswith("#mars") and hit["metadata"]["kind"] == "planet"
+    code, out, _ = rag(capsys, *d, "collections", "--json")
+    info = json.loads(out)
+    assert (info["name"], info["documents"], info["index_dtype"]) == ("c", 8, "i8")
+    code, out, _ = rag(capsys, *d, "delete", "-c", "c", hit["doc_id"])
+    assert code == 0 and "deleted 1 of 1" in out
+    assert rag(capsys, *d, "drop", "c")[0] == 0
+    code, out, _ = rag(capsys, *d, "collections")
+    assert "no collections" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["search", "q", "-c", "missing"], "collection 'missing' does not exist"),
+    (["search", "", "-c", "c"], "query is empty"),
+    (["search", "q", "-c", "c", "-k", "0"], "k must be an integer in [1, 1000]"),
+    (["create", "c"], "already exists"),
+    (["create", "bad/name"], "collection name"),
+])
+def test_errors_exit_2_with_message(tmp_path, capsys, args, message):
+    d = ["--data-dir", str(tmp_path)]
+    assert rag(capsys, *d, "create", "c")[0] == 0
+    code, out, err = rag(capsys, *d, *args)
+    assert code == 2
+    assert err.startswith("error: ") and message in err
+
+
+def test_ingest_reports_skipped_files(tmp_path, capsys):
+    bad = tmp_path / "in"
+    bad.mkdir()
+    (bad / "good.txt").write_text("a perfectly fine document")
+    (bad / "bin.txt").write_bytes(b"\x00\x01\x02")
+    code, out, err = rag(capsys, "--data-dir", str(tmp_path / "d"), "ingest", str(bad), "-c", "c")
+    assert code == 0
+    assert "skipped" in err and "bin.txt" in err
+    assert "1 added" in out and "1 skipped" in out
+    # nothing usable at all: exit 1
+    code, out, err = rag(capsys, "--data-dir", str(tmp_path / "d"), "ingest", str(bad / "bin.txt"), "-c", "c")
+    assert code == 1
