@@ -18,7 +18,8 @@ setup: $(STAMP) models
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[export,pdf,test]'
+	@echo "installing the project and its build tools into $(VENV) (a few minutes the first time)"
+	$(PY) -m pip install -qq -e '.[export,pdf,test]'
 	touch $@
 
 models: $(EMBED_MANIFEST)
@@ -36,7 +37,7 @@ demo: setup
 
 # Benchmarks need the peers (sentence-transformers, faiss, hnswlib, rank-bm25).
 $(VENV)/.bench: $(STAMP)
-	$(PY) -m pip install --quiet -e '.[export,pdf,test,bench]'
+	$(PY) -m pip install -qq -e '.[export,pdf,test,bench]'
 	touch $@
 
 bench: setup $(VENV)/.bench

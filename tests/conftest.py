@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
+from hypothesis import settings
 
 from engine.config import Config
 from engine.embed import Embedder
 from engine.pipeline import Engine
+
+# CI runs the property tests on a fixed sequence of examples so a run is reproducible;
+# HYPOTHESIS_PROFILE=explore draws fresh random examples (and more of them).
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.register_profile("explore", max_examples=2000, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="session")

@@ -115,6 +115,7 @@ def test_property_identical_to_reference(embedder, text, target, data):
         return
     # Spans lie inside the text and, together, cover every token.
     assert chunks[0].start == offsets[0][0] and chunks[-1].end == offsets[-1][1]
-    assert all(a.start < b.start for a, b in zip(chunks, chunks[1:]))
+    # (<=: one character can be several tokens, e.g. decomposed Hangul, and a tiny target may split it)
+    assert all(a.start <= b.start for a, b in zip(chunks, chunks[1:]))
     for ts, te in offsets:
         assert any(c.start <= ts and te <= c.end for c in chunks), f"token at {ts}:{te} is in no chunk"

