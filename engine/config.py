@@ -38,6 +38,22 @@ DEFAULT_EXPANSION_SEARCH = 64
 DEFAULT_OVERSAMPLE = 4
 MAX_TOP_K = 1000
 
+DEFAULT_GEN_MODEL = "qwen2.5-coder-0.5b-instruct"
+# int8 decodes ~6x faster than fp32 on CPU (memory bound: 1 GB vs 2.5 GB read per token);
+# benchmarks/answer_quality.py compares their answers.
+DEFAULT_GEN_VARIANT = "int8"
+# Prompt + answer tokens. The model takes 32k, but prefill cost grows with it on a CPU;
+# 2048 holds ~6 chunks of 256 embedding tokens plus a 256-token answer.
+DEFAULT_CONTEXT_WINDOW = 2048
+DEFAULT_MAX_NEW_TOKENS = 256
+# Chunks retrieved for an answer; as many as fit in the window are packed into the prompt.
+DEFAULT_ANSWER_K = 8
+DEFAULT_SYSTEM_PROMPT = (
+    "You answer questions using only the numbered context passages below. Cite the passages "
+    "you use like [1] or [2]. If the context does not contain the answer, say that the "
+    "context does not contain it; do not guess.")
+DEFAULT_PROMPT_TEMPLATE = "Context:\n{context}\nQuestion: {question}"
+
 
 def default_threads() -> int:
     """Threads for onnxruntime: every core this process may use."""
@@ -67,6 +83,13 @@ class Config:
     expansion_search: int = DEFAULT_EXPANSION_SEARCH
     oversample: int = DEFAULT_OVERSAMPLE
     fsync: bool = True
+    gen_model: str = DEFAULT_GEN_MODEL
+    gen_variant: str = DEFAULT_GEN_VARIANT
+    context_window: int = DEFAULT_CONTEXT_WINDOW
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    answer_k: int = DEFAULT_ANSWER_K
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
@@ -77,8 +100,13 @@ class Config:
             raise InvalidInput(f"provider must be one of {PROVIDERS}, got {self.provider!r}")
         if self.index_dtype not in INDEX_DTYPES:
             raise InvalidInput(f"index dtype must be one of {INDEX_DTYPES}, got {self.index_dtype!r}")
+        if self.gen_variant not in EMBED_VARIANTS:
+            raise InvalidInput(f"gen_variant must be one of {EMBED_VARIANTS}, got {self.gen_variant!r}")
+        if "{context}" not in self.prompt_template or "{question}" not in self.prompt_template:
+            raise InvalidInput("prompt_template must contain {context} and {question}")
         for name in ("threads", "batch_max_tokens", "max_batch", "chunk_tokens", "connectivity",
-                     "expansion_add", "expansion_search", "oversample"):
+                     "expansion_add", "expansion_search", "oversample", "context_window", "max_new_tokens",
+                     "answer_k"):
             if getattr(self, name) < 1:
                 raise InvalidInput(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.chunk_overlap < self.chunk_tokens:
@@ -89,6 +117,11 @@ class Config:
     def embed_model_dir(self) -> Path:
         """Folder holding the exported ONNX embedding model (made by `make models`)."""
         return self.models_dir / self.embed_model
+
+    @property
+    def gen_model_dir(self) -> Path:
+        """Folder holding the exported ONNX generation model (made by `make models`)."""
+        return self.models_dir / self.gen_model
 
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)

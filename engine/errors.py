@@ -30,3 +30,8 @@ class Unavailable(RagError):
 
 class Overloaded(RagError):
     """The engine is at its concurrency limit; retry later."""
+
+
+class FailedPrecondition(RagError):
+    """The request is well-formed but the state does not allow it (e.g. answering from an
+    empty collection)."""

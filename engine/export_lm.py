@@ -122,6 +122,44 @@ def gguf_to_hf(gguf: Path, hf_dir: Path) -> Path:
     return hf_dir
 
 
+def last_position_logits(path: Path) -> bool:
+    """Make the decoder compute logits for the last position only.
+
+    optimum's export returns logits for every input position; for a 1,000-token prompt that
+    is a 1,000 x vocab (150k) matrix and the lm_head MatMul over all of it (a quarter of the
+    model's FLOPs per token), while generation needs only the last row. A Slice before
+    lm_head removes both. Returns False if the graph has no MatMul producing `logits`.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    head = producer.get("logits")
+    if head is None or head.op_type != "MatMul":
+        return False
+    hidden = head.input[0]
+    names = ("last_pos_starts", "last_pos_ends", "last_pos_axes")
+    g.initializer.extend([
+        helper.make_tensor(names[0], TensorProto.INT64, [1], [-1]),
+        helper.make_tensor(names[1], TensorProto.INT64, [1], [2**62]),
+        helper.make_tensor(names[2], TensorProto.INT64, [1], [1]),
+    ])
+    sliced = hidden + "_last_position"
+    node = helper.make_node("Slice", [hidden, *names], [sliced], name="/lm_head/LastPosition")
+    nodes = list(g.node)
+    nodes.insert(nodes.index(head), node)
+    head.input[0] = sliced
+    del g.node[:]
+    g.node.extend(nodes)
+    for out in g.output:
+        if out.name == "logits":
+            out.type.tensor_type.shape.dim[1].dim_value = 1
+    onnx.save(model, str(path))  # initializers stay in the existing external data file
+    return True
+
+
 def quantize_int8(src: Path, dst: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -142,6 +180,8 @@ def export_hf(hf_dir: Path, out: Path, *, name: str | None = None, int8: bool = 
         log(f"optimum export {hf_dir} -> ONNX (text-generation-with-past)")
         main_export(str(hf_dir), output=str(tmp), task="text-generation-with-past", device="cpu",
                     do_validation=False, no_post_process=False)
+        if not last_position_logits(tmp / FP32_FILE):
+            log("note: could not restrict logits to the last position; generation still works")
         for f in SIDE_FILES:
             if (hf_dir / f).exists() and not (tmp / f).exists():
                 shutil.copy(hf_dir / f, tmp / f)

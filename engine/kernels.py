@@ -142,6 +142,81 @@ def rescore_topk(queries, candidates, vectors, k):
     return out_rows, out_scores
 
 
+# ---------------------------------------------------------------------- sampling
+# Tokens whose logit is this many temperature-scaled units below the best have relative
+# probability < e^-30 (~1e-13): dropping them before sorting makes sampling O(V) + a small
+# sort instead of sorting the whole vocabulary (150k for Qwen) every token.
+SAMPLE_LOGIT_WINDOW = 30.0
+
+
+@njit(cache=True, nogil=True)
+def apply_repetition_penalty(logits, seen, penalty):
+    """In place, as transformers does: logits of seen tokens divided by penalty if positive,
+    multiplied if negative. `seen` is a uint8 mask over the vocabulary."""
+    for i in range(logits.shape[0]):
+        if seen[i]:
+            x = logits[i]
+            logits[i] = x * penalty if x < 0 else x / penalty
+
+
+@njit(cache=True, nogil=True)
+def argmax(logits):
+    best = 0
+    v = logits[0]
+    for i in range(1, logits.shape[0]):
+        if logits[i] > v:
+            v = logits[i]
+            best = i
+    return best
+
+
+@njit(cache=True, nogil=True)
+def sample_token(logits, temperature, top_k, top_p, u):
+    """One token id from `logits` with temperature, top-k (0 = off), top-p (1 = off).
+
+    `u` is a uniform [0, 1) draw from the caller's seeded generator, so the same seed gives
+    the same tokens. temperature <= 0 means greedy.
+    """
+    if temperature <= 0.0:
+        return argmax(logits)
+    n = logits.shape[0]
+    top = logits[argmax(logits)]
+    cand = np.empty(n, dtype=np.int64)
+    m = 0
+    for i in range(n):
+        if (logits[i] - top) / temperature > -SAMPLE_LOGIT_WINDOW:
+            cand[m] = i
+            m += 1
+    cand = cand[:m]
+    probs = np.empty(m, dtype=np.float64)
+    for j in range(m):
+        probs[j] = np.exp((logits[cand[j]] - top) / temperature)
+    order = np.argsort(-probs, kind="mergesort")  # stable: ties keep vocabulary order
+    keep = m if top_k <= 0 or top_k > m else top_k
+    total = 0.0
+    for j in range(keep):
+        total += probs[order[j]]
+    if top_p < 1.0:
+        cum = 0.0
+        cut = keep
+        for j in range(keep):
+            cum += probs[order[j]] / total
+            if cum >= top_p:
+                cut = j + 1
+                break
+        keep = cut
+        total = 0.0
+        for j in range(keep):
+            total += probs[order[j]]
+    target = u * total
+    acc = 0.0
+    for j in range(keep):
+        acc += probs[order[j]]
+        if acc > target:
+            return cand[order[j]]
+    return cand[order[keep - 1]]
+
+
 def warmup() -> None:
     """Compile (or load from cache) every kernel once, so no request pays for it."""
     cps = np.frombuffer("a b.\n\nc".encode("utf-32-le"), dtype=np.uint32)
@@ -150,3 +225,6 @@ def warmup() -> None:
     select_chunks(gap_classes(cps, starts, ends), 2, 1)
     v = np.eye(2, dtype=np.float32)
     rescore_topk(v, np.array([[0, 1], [1, -1]], dtype=np.int64), v, 1)
+    logits = np.array([0.5, 2.0, -1.0], dtype=np.float32)
+    apply_repetition_penalty(logits, np.array([1, 0, 1], dtype=np.uint8), 1.2)
+    sample_token(logits, 0.7, 2, 0.9, 0.5)

@@ -22,7 +22,7 @@ import numpy as np
 from . import kernels
 from .chunk import Chunker
 from .config import MAX_TOP_K, Config
-from .errors import AlreadyExists, InvalidInput, NotFound
+from .errors import AlreadyExists, FailedPrecondition, InvalidInput, NotFound
 from .index import VectorIndex, check_dtype
 from .ingest import Document, Failure, check_document, iter_documents
 from .store import DocumentRecord, Store, fsync_dir
@@ -79,6 +79,44 @@ class IngestReport:
 
 
 ProgressFn = Callable[[int, int], None]  # (documents seen, chunks added so far)
+CITATION = re.compile(r"\[(\d{1,3})\]")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Source:
+    """A retrieved chunk as numbered in the prompt: `[number]`."""
+
+    number: int
+    hit: Hit
+
+
+@dataclasses.dataclass(slots=True)
+class AnswerStart:
+    """First event of a streamed answer: the sources packed into the prompt."""
+
+    sources: list[Source]
+
+
+@dataclasses.dataclass(slots=True)
+class Answer:
+    """A finished answer. `cited` are the source numbers the text refers to."""
+
+    question: str
+    text: str
+    finish_reason: str
+    sources: list[Source]
+    cited: list[int]
+    prompt_tokens: int
+    completion_tokens: int
+    timings_ns: dict[str, int]
+
+    def to_json(self) -> dict:
+        return {"question": self.question, "answer": self.text, "finish_reason": self.finish_reason,
+                "sources": [{"number": s.number, "source": s.hit.source, "doc_id": s.hit.doc_id,
+                             "span": [s.hit.start, s.hit.end], "score": s.hit.score,
+                             "cited": s.number in self.cited} for s in self.sources],
+                "usage": {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens},
+                "timings_ns": self.timings_ns}
 
 
 class Collection:
@@ -117,9 +155,10 @@ class Collection:
 class Engine:
     """Retrieval engine over the collections in `config.data_dir`."""
 
-    def __init__(self, config: Config | None = None, *, embedder=None) -> None:
+    def __init__(self, config: Config | None = None, *, embedder=None, generator=None) -> None:
         self.config = config or Config()
         self._embedder = embedder
+        self._generator = generator
         self._collections: dict[str, Collection] = {}
         self._lock = threading.RLock()
 
@@ -137,9 +176,23 @@ class Engine:
                                           max_batch=c.max_batch)
             return self._embedder
 
-    def warmup(self) -> None:
+    @property
+    def generator(self):
+        """The Generator, loaded on first use (retrieval alone never loads it)."""
+        with self._lock:
+            if self._generator is None:
+                from .generate import Generator
+
+                c = self.config
+                self._generator = Generator(c.gen_model_dir, variant=c.gen_variant, provider=c.provider,
+                                            threads=c.threads, context_window=c.context_window)
+            return self._generator
+
+    def warmup(self, generation: bool = False) -> None:
         kernels.warmup()
         self.embedder.warmup()
+        if generation:
+            self.generator.warmup()
 
     # ------------------------------------------------------------------ collections
     @property
@@ -416,6 +469,114 @@ class Engine:
                                 text=row.text, metadata=row.metadata))
             out.append(hits)
         return out
+
+    # ------------------------------------------------------------------ answers
+    def _render(self, question: str, context: str) -> str:
+        gen = self.generator
+        user = self.config.prompt_template.format(context=context, question=question)
+        if gen.chat_template:
+            return gen.render_chat([{"role": "system", "content": self.config.system_prompt},
+                                    {"role": "user", "content": user}])
+        return f"{self.config.system_prompt}\n\n{user}\nAnswer:"
+
+    def build_prompt(self, question: str, hits: Sequence[Hit], max_new_tokens: int) -> tuple[list[int], list[Source]]:
+        """Prompt token ids with as many top hits as fit in window - max_new_tokens, numbered [1].."""
+        gen = self.generator
+        budget = gen.window - max_new_tokens
+        base = len(gen.encode(self._render(question, "")))
+        if base > budget:
+            raise InvalidInput(f"the question takes {base} tokens with the prompt template; with max_new_tokens="
+                               f"{max_new_tokens} that exceeds the {gen.window}-token context window. "
+                               "Shorten the question or lower max_new_tokens")
+        blocks: list[str] = []
+        sources: list[Source] = []
+        used = base
+        for hit in hits:
+            label = hit.metadata.get("title") or Path(hit.source).name or hit.doc_id
+            block = f"[{len(sources) + 1}] ({label})\n{hit.text.strip()}\n\n"
+            cost = len(gen.encode(block))
+            if used + cost > budget:
+                break
+            blocks.append(block)
+            sources.append(Source(len(sources) + 1, hit))
+            used += cost
+        while True:  # token counts of pieces need not add up exactly: check the whole
+            ids = gen.encode(self._render(question, "".join(blocks) or "(no passages)\n"))
+            if len(ids) <= budget or not blocks:
+                return ids, sources
+            blocks.pop()
+            sources.pop()
+
+    def _retrieve_for_answer(self, name: str, questions: Sequence[str], k: int | None, params) -> tuple:
+        from .generate import SamplingParams
+
+        params = params or SamplingParams(max_new_tokens=self.config.max_new_tokens)
+        k = self.check_k(self.config.answer_k if k is None else k)
+        if isinstance(questions, str) or not len(questions):
+            raise InvalidInput("questions must be a non-empty list of strings")
+        for i, q in enumerate(questions):
+            self.check_query(q, i if len(questions) > 1 else None)
+        col = self._open(name)
+        self._check_model(col)
+        params.check(self.generator.window)
+        if col.store.counts()[1] == 0:
+            raise FailedPrecondition(f"collection {name!r} is empty; ingest documents before asking questions")
+        t0 = time.perf_counter_ns()
+        vectors = self.embedder.embed(list(questions))
+        t1 = time.perf_counter_ns()
+        hits = self.search_vectors(col, vectors, k)
+        t2 = time.perf_counter_ns()
+        return params, hits, t1 - t0, t2 - t1
+
+    def answer_stream(self, name: str, question: str, *, k: int | None = None, params=None,
+                      cancelled: Callable[[], bool] | None = None):
+        """Yields AnswerStart (sources), then text deltas (str), then the final Answer."""
+        from .generate import Completion
+
+        params, (hits,), embed_ns, search_ns = self._retrieve_for_answer(name, [question], k, params)
+        t0 = time.perf_counter_ns()
+        ids, sources = self.build_prompt(question, hits, params.max_new_tokens)
+        prompt_ns = time.perf_counter_ns() - t0
+        yield AnswerStart(sources)
+        for ev in self.generator.stream_ids(ids, params, cancelled=cancelled):
+            if isinstance(ev, Completion):
+                yield self._answer(question, ev, sources, embed_ns, search_ns, prompt_ns)
+            else:
+                yield ev
+
+    def answer(self, name: str, question: str, **kw) -> Answer:
+        *_, final = self.answer_stream(name, question, **kw)
+        return final
+
+    def answer_batch(self, name: str, questions: Sequence[str], *, k: int | None = None, params=None,
+                     batch_size: int = 4, progress: Callable[[int], None] | None = None) -> list[Answer]:
+        """Answers for many questions: one embedding batch, one index batch search, and
+        generation in batches of `batch_size` prompts of similar length."""
+        params, hits, embed_ns, search_ns = self._retrieve_for_answer(name, questions, k, params)
+        n = len(questions)
+        t0 = time.perf_counter_ns()
+        prompts = [self.build_prompt(q, h, params.max_new_tokens) for q, h in zip(questions, hits)]
+        prompt_ns = (time.perf_counter_ns() - t0) // n
+        order = sorted(range(n), key=lambda i: len(prompts[i][0]))
+        out: list[Answer | None] = [None] * n
+        done = 0
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            comps = self.generator.generate_ids([prompts[i][0] for i in idx], params)
+            for i, comp in zip(idx, comps):
+                out[i] = self._answer(questions[i], comp, prompts[i][1], embed_ns // n, search_ns // n, prompt_ns)
+            done += len(idx)
+            if progress:
+                progress(done)
+        return out
+
+    @staticmethod
+    def _answer(question, comp, sources, embed_ns, search_ns, prompt_ns) -> Answer:
+        cited = sorted({int(m) for m in CITATION.findall(comp.text) if 1 <= int(m) <= len(sources)})
+        return Answer(question=question, text=comp.text, finish_reason=comp.finish_reason, sources=sources,
+                      cited=cited, prompt_tokens=comp.prompt_tokens, completion_tokens=comp.completion_tokens,
+                      timings_ns={"embed": embed_ns, "search": search_ns, "prompt": prompt_ns,
+                                  "prefill": comp.prefill_ns, "decode": comp.decode_ns})
 
 
 def hit_to_json(hit: Hit) -> str:

@@ -1,0 +1,345 @@
+"""Token generation with an exported ONNX decoder (KV cache) in onnxruntime; no torch.
+
+The prompt is run once (prefill) and every later step feeds only the newest token plus
+the cached keys/values, so no token of the prompt is recomputed. Sampling and the
+repetition penalty run in Numba kernels over the logits (engine/kernels.py). Streamed text
+deltas are always whole UTF-8 characters: a byte-level BPE piece that ends inside a
+character is held back until the character completes, and the deltas concatenate exactly
+to the final text. Several prompts can be generated together (left padding, each row
+finishing on its own and leaving the batch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from . import kernels
+from .embed import make_session
+from .errors import InvalidInput, Unavailable
+
+MANIFEST = "manifest.json"
+VARIANT_FILES = {"fp32": "model.onnx", "int8": "model_int8.onnx"}
+FINISH_LENGTH = "length"
+FINISH_EOS = "eos"
+FINISH_STOP = "stop_sequence"
+FINISH_CANCELLED = "cancelled"
+MAX_STOP_SEQUENCES = 8
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """How to pick tokens. temperature 0 is greedy; top_k 0 and top_p 1 switch those off."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def check(self, window: int) -> None:
+        """Raise InvalidInput naming the first bad field."""
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
+                or not 1 <= self.max_new_tokens < window:
+            raise InvalidInput(f"max_new_tokens must be an integer in [1, {window - 1}] (the context window "
+                               f"is {window}), got {self.max_new_tokens!r}")
+        if not np.isfinite(self.temperature) or self.temperature < 0:
+            raise InvalidInput(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise InvalidInput(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise InvalidInput(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not np.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise InvalidInput(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
+            raise InvalidInput(f"seed must be a non-negative integer, got {self.seed!r}")
+        if isinstance(self.stop, str) or len(self.stop) > MAX_STOP_SEQUENCES or \
+                any(not isinstance(s, str) or not s for s in self.stop):
+            raise InvalidInput(f"stop must be a list of at most {MAX_STOP_SEQUENCES} non-empty strings")
+
+
+@dataclasses.dataclass(slots=True)
+class Completion:
+    """The result of one generation."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    token_ids: list[int]
+    prefill_ns: int = 0
+    decode_ns: int = 0
+    first_token_ns: int = 0
+
+
+class _Row:
+    """Per-sequence state: tokens, incremental detokenization, stop sequences, finish."""
+
+    def __init__(self, gen: "Generator", prompt_len: int, params: SamplingParams) -> None:
+        self.gen = gen
+        self.params = params
+        self.prompt_len = prompt_len
+        self.ids: list[int] = []
+        self.text = ""         # decoded so far (complete characters only)
+        self.emitted = 0       # chars of self.text already handed out as deltas
+        self.finish: str | None = None
+        self.rng = np.random.default_rng(params.seed)
+        self.seen = np.zeros(gen.vocab_size, dtype=np.uint8) if params.repetition_penalty != 1.0 else None
+        self.hold = max((len(s) for s in params.stop), default=1) - 1
+
+    def pick(self, logits: np.ndarray) -> int:
+        p = self.params
+        if self.seen is not None:
+            logits = logits.copy()
+            kernels.apply_repetition_penalty(logits, self.seen, np.float32(p.repetition_penalty))
+        if p.temperature <= 0:
+            return int(kernels.argmax(logits))
+        return int(kernels.sample_token(logits, p.temperature, p.top_k, p.top_p, self.rng.random()))
+
+    def push(self, token: int) -> None:
+        """Record a generated token and decide whether the row is finished."""
+        p = self.params
+        if token in self.gen.eos_ids:
+            self.finish = FINISH_EOS
+            self._refresh(final=True)
+            return
+        self.ids.append(token)
+        if self.seen is not None:
+            self.seen[token] = 1
+        self._refresh(final=False)
+        for s in p.stop:
+            at = self.text.find(s, max(0, self.emitted - len(s)))
+            if at >= 0:
+                self.text = self.text[:at]
+                self.finish = FINISH_STOP
+                return
+        if len(self.ids) >= p.max_new_tokens:
+            self.finish = FINISH_LENGTH
+            self._refresh(final=True)
+
+    def _refresh(self, final: bool) -> None:
+        full = self.gen.decode(self.ids)
+        if not final:
+            # An incomplete UTF-8 sequence decodes to U+FFFD at the end: hold it back.
+            while full.endswith("\ufffd"):
+                full = full[:-1]
+        if len(full) >= len(self.text) or final:
+            self.text = full
+
+    def delta(self) -> str:
+        """Text not handed out yet, minus what could still become a stop sequence."""
+        end = len(self.text) if self.finish else max(self.emitted, len(self.text) - self.hold)
+        out = self.text[self.emitted:end]
+        self.emitted = end
+        return out
+
+
+class Generator:
+    """Runs an exported decoder-with-past ONNX model (engine/export_lm.py)."""
+
+    def __init__(self, model_dir: str | Path, *, variant: str = "fp32", provider: str = "cpu", threads: int = 1,
+                 context_window: int = 2048) -> None:
+        from tokenizers import Tokenizer
+
+        model_dir = Path(model_dir)
+        if variant not in VARIANT_FILES:
+            raise InvalidInput(f"generator variant must be one of {sorted(VARIANT_FILES)}, got {variant!r}")
+        path = model_dir / VARIANT_FILES[variant]
+        if not (model_dir / MANIFEST).exists() or not path.exists():
+            raise Unavailable(f"generation model not found at {path}; build it with `make models` "
+                              "(python -m engine.export_lm --default)")
+        self.model_dir = model_dir
+        self.manifest = json.loads((model_dir / MANIFEST).read_text())
+        self.name: str = self.manifest["name"]
+        self.variant = variant
+        self.num_layers = int(self.manifest["num_layers"])
+        self.num_kv_heads = int(self.manifest["num_kv_heads"])
+        self.head_dim = int(self.manifest["head_dim"])
+        model_max = int(self.manifest.get("max_position_embeddings") or context_window)
+        self.window = min(context_window, model_max)
+
+        self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()
+        tok_cfg = self._json("tokenizer_config.json")
+        gen_cfg = self._json("generation_config.json")
+        self.chat_template: str | None = tok_cfg.get("chat_template")
+        if self.chat_template is None and (model_dir / "chat_template.jinja").exists():
+            self.chat_template = (model_dir / "chat_template.jinja").read_text()
+        self.bos_token = self._token_text(tok_cfg.get("bos_token"))
+        self.eos_token = self._token_text(tok_cfg.get("eos_token"))
+        eos = gen_cfg.get("eos_token_id", [])
+        eos = [eos] if isinstance(eos, int) else list(eos)
+        if self.eos_token and self.tokenizer.token_to_id(self.eos_token) is not None:
+            eos.append(self.tokenizer.token_to_id(self.eos_token))
+        self.eos_ids = frozenset(eos)
+        pad = tok_cfg.get("pad_token")
+        pad_id = self.tokenizer.token_to_id(self._token_text(pad)) if pad else None
+        self.pad_id = pad_id if pad_id is not None else (min(self.eos_ids) if self.eos_ids else 0)
+
+        self.session = make_session(path, provider, threads)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.past_names = [n for n in self.input_names if n.startswith("past_key_values")]
+        self.present_names = [n.replace("past_key_values", "present") for n in self.past_names]
+        logits_shape = self.session.get_outputs()[0].shape
+        self.vocab_size = int(logits_shape[-1]) if isinstance(logits_shape[-1], int) else \
+            self.tokenizer.get_vocab_size(with_added_tokens=True)
+        self.provider = provider
+
+    def _json(self, name: str) -> dict:
+        p = self.model_dir / name
+        return json.loads(p.read_text()) if p.exists() else {}
+
+    @staticmethod
+    def _token_text(tok) -> str | None:
+        if isinstance(tok, dict):
+            return tok.get("content")
+        return tok
+
+    # ------------------------------------------------------------------ text
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.encode(text))
+
+    def render_chat(self, messages: list[dict]) -> str:
+        """The model's chat template applied to `messages`, ready for the assistant's turn."""
+        if not self.chat_template:
+            raise Unavailable(f"model {self.name} has no chat template")
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(msg):
+            raise jinja2.TemplateError(msg)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        return env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=True, bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "")
+
+    def warmup(self) -> None:
+        kernels.warmup()
+        self.generate_ids([self.encode("Hello")], SamplingParams(max_new_tokens=2))
+
+    # ------------------------------------------------------------------ core loop
+    def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        shape = (batch, self.num_kv_heads, 0, self.head_dim)
+        return {n: np.zeros(shape, dtype=np.float32) for n in self.past_names}
+
+    def _steps(self, prompts: list[list[int]], rows: list[_Row],
+               cancelled: Callable[[], bool] | None) -> Iterator[tuple[int, list[int]]]:
+        """Drive the decoder; yields (step, indices of rows that got a token) after each step."""
+        b = len(prompts)
+        width = max(len(p) for p in prompts)
+        ids = np.full((b, width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((b, width), dtype=np.int64)
+        for i, p in enumerate(prompts):  # left padding: every row's last token is at the end
+            ids[i, width - len(p):] = p
+            mask[i, width - len(p):] = 1
+        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+        past = self._empty_past(b)
+        active = np.arange(b)
+        step = 0
+        while len(active):
+            feeds = {"input_ids": ids, "attention_mask": mask, **past}
+            if "position_ids" in self.input_names:
+                feeds["position_ids"] = positions
+            outs = self.session.run(None, feeds)
+            logits = outs[0][:, -1, :]
+            past = dict(zip(self.past_names, outs[1:1 + len(self.past_names)]))
+            got = []
+            for j, r in enumerate(active):
+                row = rows[r]
+                row.push(row.pick(logits[j]))
+                got.append(int(r))
+            step += 1
+            yield step, got
+            if cancelled is not None and cancelled():
+                for r in active:
+                    rows[r].finish = rows[r].finish or FINISH_CANCELLED
+            keep = np.array([j for j, r in enumerate(active) if rows[r].finish is None], dtype=np.int64)
+            if len(keep) < len(active):  # finished rows leave the batch and its KV cache
+                active = active[keep]
+                mask = mask[keep]
+                positions = positions[keep]
+                past = {n: np.ascontiguousarray(v[keep]) for n, v in past.items()}
+            if not len(active):
+                break
+            if mask.shape[1] + 1 > self.window:
+                for r in active:
+                    rows[r].finish = FINISH_LENGTH
+                break
+            ids = np.array([[rows[r].ids[-1]] for r in active], dtype=np.int64)
+            mask = np.concatenate([mask, np.ones((len(active), 1), dtype=np.int64)], axis=1)
+            positions = positions[:, -1:] + 1
+
+    def _check_prompts(self, prompts: list[list[int]], params: SamplingParams) -> None:
+        params.check(self.window)
+        if not prompts:
+            raise InvalidInput("no prompts given")
+        for i, p in enumerate(prompts):
+            if not p:
+                raise InvalidInput(f"prompt {i} is empty")
+            if len(p) + params.max_new_tokens > self.window:
+                raise InvalidInput(f"prompt {i} has {len(p)} tokens; with max_new_tokens={params.max_new_tokens} "
+                                   f"it exceeds the {self.window}-token context window. Shorten the prompt "
+                                   "or lower max_new_tokens")
+
+    # ------------------------------------------------------------------ public
+    def stream_ids(self, prompt: list[int], params: SamplingParams, *,
+                   cancelled: Callable[[], bool] | None = None) -> Iterator[str | Completion]:
+        """Yields text deltas (never empty, whole characters), then one Completion."""
+        self._check_prompts([prompt], params)
+        row = _Row(self, len(prompt), params)
+        t0 = time.perf_counter_ns()
+        t_first = 0
+        for step, _ in self._steps([prompt], [row], cancelled):
+            if step == 1:
+                t_first = time.perf_counter_ns()
+            d = row.delta()
+            if d:
+                yield d
+        d = row.delta()
+        if d:
+            yield d
+        t_end = time.perf_counter_ns()
+        yield Completion(text=row.text, finish_reason=row.finish or FINISH_LENGTH, prompt_tokens=len(prompt),
+                         completion_tokens=len(row.ids) + (row.finish == FINISH_EOS),
+                         token_ids=list(row.ids), prefill_ns=t_first - t0, decode_ns=t_end - t_first,
+                         first_token_ns=t_first - t0)
+
+    def stream(self, prompt: str, params: SamplingParams, **kw) -> Iterator[str | Completion]:
+        return self.stream_ids(self.encode(prompt), params, **kw)
+
+    def generate_ids(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        """Generate for several prompts at once (one batch); results in input order."""
+        self._check_prompts(prompts, params)
+        rows = [_Row(self, len(p), params) for p in prompts]
+        t0 = time.perf_counter_ns()
+        t_first = 0
+        for step, _ in self._steps(prompts, rows, None):
+            if step == 1:
+                t_first = time.perf_counter_ns()
+        t_end = time.perf_counter_ns()
+        for r in rows:
+            r.delta()
+        return [Completion(text=r.text, finish_reason=r.finish or FINISH_LENGTH, prompt_tokens=r.prompt_len,
+                           completion_tokens=len(r.ids) + (r.finish == FINISH_EOS), token_ids=list(r.ids),
+                           prefill_ns=t_first - t0, decode_ns=t_end - t_first, first_token_ns=t_first - t0)
+                for r in rows]
+
+    def generate(self, prompts: Sequence[str], params: SamplingParams) -> list[Completion]:
+        return self.generate_ids([self.encode(p) for p in prompts], params)
