@@ -67,6 +67,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-k", type=int, default=5, help="number of results (default 5)")
     s.add_argument("--json", action="store_true", help="one JSON object per hit")
 
+    s = sub.add_parser("ask", help="answer a question from a collection, streamed as it is generated")
+    s.add_argument("question", nargs="?", help="the question (or use --batch)")
+    s.add_argument("--collection", "-c", required=True)
+    s.add_argument("-k", type=int, default=None, help="chunks to retrieve (as many as fit are used)")
+    s.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    s.add_argument("--batch", metavar="QUESTIONS.jsonl",
+                   help='answer many questions: one JSON per line, {"question": ..., "id": ...} or a string')
+    s.add_argument("--out", metavar="ANSWERS.jsonl", help="where --batch writes answers (default stdout)")
+    s.add_argument("--batch-size", type=int, default=4, help="prompts generated together (default 4)")
+    s.add_argument("--max-new-tokens", type=int, default=None)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--repetition-penalty", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+    s.add_argument("--quiet", "-q", action="store_true", help="no progress line")
+
     s = sub.add_parser("collections", help="list collections with their counts and settings")
     s.add_argument("--json", action="store_true")
 
@@ -150,6 +168,8 @@ def run(args: argparse.Namespace) -> int:
                   f"in {report.seconds:.1f}s")
             ok = report.documents_added + report.documents_updated + report.documents_unchanged
             return 1 if report.failures and not ok else 0
+        if args.command == "ask":
+            return ask(engine, args)
         if args.command == "search":
             hits = engine.search(args.collection, args.query, args.k)
             if args.json:
@@ -165,6 +185,88 @@ def run(args: argparse.Namespace) -> int:
         raise AssertionError(args.command)  # argparse restricts the choices
     finally:
         engine.close()
+
+
+def read_questions(path: str) -> list[tuple[object, str]]:
+    """(id, question) pairs from a JSONL file of objects with "question" (and "id") or strings."""
+    from .errors import InvalidInput
+
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InvalidInput(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if isinstance(rec, str):
+                out.append((n, rec))
+            elif isinstance(rec, dict) and isinstance(rec.get("question"), str):
+                out.append((rec.get("id", n), rec["question"]))
+            else:
+                raise InvalidInput(f'{path}:{n}: expected a string or an object with a "question" string')
+    if not out:
+        raise InvalidInput(f"{path}: no questions")
+    return out
+
+
+def ask(engine, args: argparse.Namespace) -> int:
+    from .errors import InvalidInput
+    from .generate import SamplingParams
+    from .pipeline import Answer, AnswerStart
+
+    params = SamplingParams(max_new_tokens=args.max_new_tokens or engine.config.max_new_tokens,
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            repetition_penalty=args.repetition_penalty, seed=args.seed, stop=tuple(args.stop))
+    if args.batch:
+        if args.question:
+            raise InvalidInput("give either a question or --batch, not both")
+        items = read_questions(args.batch)
+        show = not args.quiet and sys.stderr.isatty()
+        t0 = time.perf_counter()
+
+        def progress(done: int) -> None:
+            if show:
+                dt = time.perf_counter() - t0
+                sys.stderr.write(f"\rask: {done}/{len(items)} answered, {dt:.0f}s ")
+                sys.stderr.flush()
+
+        answers = engine.answer_batch(args.collection, [q for _, q in items], k=args.k, params=params,
+                                      batch_size=args.batch_size, progress=progress)
+        if show:
+            sys.stderr.write("\n")
+        out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
+        try:
+            for (qid, _), a in zip(items, answers):
+                out.write(json.dumps({"id": qid, **a.to_json()}, ensure_ascii=False) + "\n")
+        finally:
+            if args.out:
+                out.close()
+        return 0
+    if not args.question:
+        raise InvalidInput("give a question, or --batch QUESTIONS.jsonl")
+    final = None
+    for ev in engine.answer_stream(args.collection, args.question, k=args.k, params=params):
+        if isinstance(ev, Answer):
+            final = ev
+        elif isinstance(ev, AnswerStart):
+            continue
+        elif not args.json:
+            sys.stdout.write(ev)
+            sys.stdout.flush()
+    if args.json:
+        print(json.dumps(final.to_json(), ensure_ascii=False))
+        return 0
+    print("\n")
+    print("Sources:")
+    for s in final.sources:
+        mark = "*" if s.number in final.cited else " "
+        print(f" {mark}[{s.number}] {s.hit.source} [{s.hit.start}:{s.hit.end}]  score {s.hit.score:.3f}")
+    t = final.timings_ns
+    print(f"({final.finish_reason}; {final.prompt_tokens} prompt + {final.completion_tokens} answer tokens; "
+          f"prefill {t['prefill'] / 1e9:.1f}s, decode {t['decode'] / 1e9:.1f}s)", file=sys.stderr)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

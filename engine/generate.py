@@ -29,6 +29,8 @@ FINISH_LENGTH = "length"
 FINISH_EOS = "eos"
 FINISH_STOP = "stop_sequence"
 FINISH_CANCELLED = "cancelled"
+# Set by the RAG pipeline, not the generator: no retrieved chunk was relevant enough.
+FINISH_NO_CONTEXT = "no_context"
 MAX_STOP_SEQUENCES = 8
 
 

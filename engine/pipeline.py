@@ -21,7 +21,7 @@ import numpy as np
 
 from . import kernels
 from .chunk import Chunker
-from .config import MAX_TOP_K, Config
+from .config import MAX_TOP_K, NO_ANSWER, Config
 from .errors import AlreadyExists, FailedPrecondition, InvalidInput, NotFound
 from .index import VectorIndex, check_dtype
 from .ingest import Document, Failure, check_document, iter_documents
@@ -479,6 +479,13 @@ class Engine:
                                     {"role": "user", "content": user}])
         return f"{self.config.system_prompt}\n\n{user}\nAnswer:"
 
+    def relevant(self, hits: Sequence[Hit]) -> list[Hit]:
+        """Hits good enough to show the generator (see DEFAULT_ANSWER_MIN_SCORE)."""
+        if not hits:
+            return []
+        floor = max(self.config.answer_min_score, hits[0].score * self.config.answer_min_relative)
+        return [h for h in hits if h.score >= floor]
+
     def build_prompt(self, question: str, hits: Sequence[Hit], max_new_tokens: int) -> tuple[list[int], list[Source]]:
         """Prompt token ids with as many top hits as fit in window - max_new_tokens, numbered [1].."""
         gen = self.generator
@@ -491,7 +498,7 @@ class Engine:
         blocks: list[str] = []
         sources: list[Source] = []
         used = base
-        for hit in hits:
+        for hit in self.relevant(hits):
             label = hit.metadata.get("title") or Path(hit.source).name or hit.doc_id
             block = f"[{len(sources) + 1}] ({label})\n{hit.text.strip()}\n\n"
             cost = len(gen.encode(block))
@@ -538,6 +545,10 @@ class Engine:
         ids, sources = self.build_prompt(question, hits, params.max_new_tokens)
         prompt_ns = time.perf_counter_ns() - t0
         yield AnswerStart(sources)
+        if not sources:
+            yield NO_ANSWER
+            yield self._answer(question, self._no_context(len(ids)), sources, embed_ns, search_ns, prompt_ns)
+            return
         for ev in self.generator.stream_ids(ids, params, cancelled=cancelled):
             if isinstance(ev, Completion):
                 yield self._answer(question, ev, sources, embed_ns, search_ns, prompt_ns)
@@ -557,10 +568,15 @@ class Engine:
         t0 = time.perf_counter_ns()
         prompts = [self.build_prompt(q, h, params.max_new_tokens) for q, h in zip(questions, hits)]
         prompt_ns = (time.perf_counter_ns() - t0) // n
-        order = sorted(range(n), key=lambda i: len(prompts[i][0]))
         out: list[Answer | None] = [None] * n
         done = 0
-        for start in range(0, n, batch_size):
+        for i, (ids, sources) in enumerate(prompts):
+            if not sources:
+                out[i] = self._answer(questions[i], self._no_context(len(ids)), sources, embed_ns // n,
+                                      search_ns // n, prompt_ns)
+                done += 1
+        order = sorted((i for i in range(n) if out[i] is None), key=lambda i: len(prompts[i][0]))
+        for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             comps = self.generator.generate_ids([prompts[i][0] for i in idx], params)
             for i, comp in zip(idx, comps):
@@ -569,6 +585,13 @@ class Engine:
             if progress:
                 progress(done)
         return out
+
+    @staticmethod
+    def _no_context(prompt_tokens: int):
+        from .generate import FINISH_NO_CONTEXT, Completion
+
+        return Completion(text=NO_ANSWER, finish_reason=FINISH_NO_CONTEXT, prompt_tokens=0, completion_tokens=0,
+                          token_ids=[])
 
     @staticmethod
     def _answer(question, comp, sources, embed_ns, search_ns, prompt_ns) -> Answer:
