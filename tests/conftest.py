@@ -38,6 +38,13 @@ def embedder_fp32(config) -> Embedder:
     return emb
 
 
+@pytest.fixture(scope="session")
+def generator(config):
+    from engine.generate import Generator
+
+    return Generator(config.gen_model_dir, variant="int8", threads=2, context_window=config.context_window)
+
+
 @pytest.fixture()
 def engine(tmp_path, config, embedder):
     eng = Engine(config.replace(data_dir=tmp_path / "data"), embedder=embedder)
