@@ -483,7 +483,9 @@ class Engine:
         """Hits good enough to show the generator (see DEFAULT_ANSWER_MIN_SCORE)."""
         if not hits:
             return []
-        floor = max(self.config.answer_min_score, hits[0].score * self.config.answer_min_relative)
+        floor = self.config.answer_min_score
+        if self.config.answer_min_relative > 0:
+            floor = max(floor, hits[0].score * self.config.answer_min_relative)
         return [h for h in hits if h.score >= floor]
 
     def build_prompt(self, question: str, hits: Sequence[Hit], max_new_tokens: int) -> tuple[list[int], list[Source]]:
