@@ -47,7 +47,7 @@ DEFAULT_GEN_VARIANT = "int8"
 DEFAULT_CONTEXT_WINDOW = 2048
 DEFAULT_MAX_NEW_TOKENS = 256
 # Chunks retrieved for an answer; as many as fit in the window are packed into the prompt.
-DEFAULT_ANSWER_K = 8
+DEFAULT_ANSWER_K = 5
 # Chosen among eight templates on the sample corpus with the 0.5B int8 model (answered 8 of 8
 # answerable questions, vs 5-6 for the others): the rule, with the refusal sentence verbatim,
 # in the system message; passages, question and a request to cite in the user message.

@@ -1,0 +1,144 @@
+"""How good are our RAG answers on SQuAD v1.1 dev, and is a miss retrieval's fault or the model's?
+
+    .venv/bin/python benchmarks/answer_quality.py [--n 100] [--seed 0] [--squad PATH]
+
+Ingests all 2,067 dev paragraphs (one JSONL record each) with `rag ingest`, answers a fixed
+random sample of questions with `rag ask --batch` (batched embedding + batched generation,
+the default int8 generator, greedy), and scores exact match and token F1 against the gold
+answers with the official SQuAD normalisation (citation markers like [1] removed first).
+Then the same questions are answered with only the gold paragraph as passage [1], through
+the same prompt template, which separates retrieval misses from generation misses. One JSON
+line per mode goes to bench-results/answer_quality.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import random
+import re
+import string
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from engine.config import Config  # noqa: E402
+from engine.generate import SamplingParams  # noqa: E402
+from engine.pipeline import Engine, Hit  # noqa: E402
+
+DEFAULT_SQUAD = REPO.parent / "shared" / "data" / "squad-dev-v1.1.json"
+
+
+def normalize(s: str) -> str:
+    s = re.sub(r"\[\d+\]", " ", s).lower()
+    s = "".join(ch for ch in s if ch not in set(string.punctuation))
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def f1(pred: str, gold: str) -> float:
+    p, g = normalize(pred).split(), normalize(gold).split()
+    common = collections.Counter(p) & collections.Counter(g)
+    same = sum(common.values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(p), same / len(g)
+    return 2 * precision * recall / (precision + recall)
+
+
+def score(preds: list[str], golds: list[list[str]]) -> tuple[float, float]:
+    em = sum(max(normalize(p) == normalize(g) for g in gs) for p, gs in zip(preds, golds)) / len(preds)
+    f = sum(max(f1(p, g) for g in gs) for p, gs in zip(preds, golds)) / len(preds)
+    return 100 * em, 100 * f
+
+
+def log(rec: dict) -> None:
+    out = REPO / "bench-results"
+    out.mkdir(exist_ok=True)
+    with open(out / "answer_quality.jsonl", "a") as f:
+        f.write(json.dumps({"time": time.time(), **rec}) + "\n")
+
+
+def run(args) -> None:
+    data = json.loads(Path(args.squad).read_text())["data"]
+    paragraphs, questions = [], []
+    for art in data:
+        for i, para in enumerate(art["paragraphs"]):
+            pid = f"{art['title']}-{i}"
+            paragraphs.append({"id": pid, "text": para["context"], "title": art["title"]})
+            for qa in para["qas"]:
+                questions.append({"id": qa["id"], "question": qa["question"], "pid": pid,
+                                  "answers": [a["text"] for a in qa["answers"]], "context": para["context"]})
+    sample = random.Random(args.seed).sample(questions, args.n)
+    print(f"{len(paragraphs)} paragraphs, {len(questions)} questions; sample of {len(sample)} (seed {args.seed})")
+    rag = [str(Path(sys.executable).parent / "rag")]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        corpus = tmp / "squad.jsonl"
+        corpus.write_text("".join(json.dumps(p) + "\n" for p in paragraphs))
+        qfile = tmp / "q.jsonl"
+        qfile.write_text("".join(json.dumps({"id": q["id"], "question": q["question"]}) + "\n" for q in sample))
+        data_dir = ["--data-dir", str(tmp / "data")]
+        t0 = time.perf_counter()
+        subprocess.run([*rag, *data_dir, "ingest", str(corpus), "-c", "squad", "-q"], check=True)
+        t1 = time.perf_counter()
+        afile = tmp / "a.jsonl"
+        subprocess.run([*rag, *data_dir, "ask", "--batch", str(qfile), "--out", str(afile), "-c", "squad",
+                        "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.batch_size)],
+                       check=True)
+        t2 = time.perf_counter()
+        answers = {json.loads(line)["id"]: json.loads(line) for line in afile.read_text().splitlines()}
+        preds = [answers[q["id"]]["answer"] for q in sample]
+        golds = [q["answers"] for q in sample]
+        em, f = score(preds, golds)
+        corpus_name = f"{corpus.resolve()}#"
+        retrieved = sum(any(s["doc_id"] == corpus_name + q["pid"] for s in answers[q["id"]]["sources"])
+                        for q in sample) / len(sample) * 100
+        refused = sum(p.startswith("The context does not contain") for p in preds) / len(preds) * 100
+        print(f"rag (retrieved passages)  EM {em:5.1f}  F1 {f:5.1f}  gold paragraph in prompt {retrieved:5.1f}%  "
+              f"declined {refused:4.1f}%  ({(t2 - t1) / len(sample):.2f} s/question; ingest {t1 - t0:.0f} s)")
+        log({"mode": "rag", "n": len(sample), "seed": args.seed, "em": em, "f1": f, "gold_in_prompt": retrieved,
+             "declined": refused, "s_per_question": (t2 - t1) / len(sample)})
+
+        # Gold paragraph as the only passage, same template and generator.
+        engine = Engine(Config(data_dir=tmp / "data"))
+        gen = engine.generator
+        params = SamplingParams(max_new_tokens=args.max_new_tokens)
+        t3 = time.perf_counter()
+        prompts = []
+        for q in sample:
+            hit = Hit(rank=1, score=1.0, key=-1, doc_id=q["pid"], source=q["pid"], ordinal=0, start=0,
+                      end=len(q["context"]), text=q["context"], metadata={"title": q["pid"].rsplit("-", 1)[0]})
+            ids, _ = engine.build_prompt(q["question"], [hit], params.max_new_tokens)
+            prompts.append(ids)
+        gold_preds = []
+        for i in range(0, len(prompts), args.batch_size):
+            gold_preds += [c.text for c in gen.generate_ids(prompts[i:i + args.batch_size], params)]
+        t4 = time.perf_counter()
+        em_g, f_g = score(gold_preds, golds)
+        print(f"gold paragraph given      EM {em_g:5.1f}  F1 {f_g:5.1f}  ({(t4 - t3) / len(sample):.2f} s/question)")
+        log({"mode": "gold", "n": len(sample), "seed": args.seed, "em": em_g, "f1": f_g})
+        for q, p, g in list(zip(sample, preds, gold_preds))[:args.show]:
+            print(f"  Q: {q['question']}\n     gold: {q['answers'][0]!r}\n     rag:  {p[:120]!r}\n     gold-ctx: {g[:120]!r}")
+        engine.close()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--squad", default=str(DEFAULT_SQUAD))
+    p.add_argument("--n", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--show", type=int, default=5, help="example answers to print")
+    run(p.parse_args())
+
+
+if __name__ == "__main__":
+    main()
