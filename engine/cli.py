@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--collection", "-c", required=True)
     s.add_argument("-k", type=int, default=5, help="number of results (default 5)")
     s.add_argument("--json", action="store_true", help="one JSON object per hit")
+    s.add_argument("--server", metavar="HOST:PORT", help="search through a running `rag serve`")
+    s.add_argument("--token", default=None, help="bearer token for --server (default: $RAG_AUTH_TOKEN)")
 
     s = sub.add_parser("ask", help="answer a question from a collection, streamed as it is generated")
     s.add_argument("question", nargs="?", help="the question (or use --batch)")
@@ -84,6 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
     s.add_argument("--quiet", "-q", action="store_true", help="no progress line")
+    s.add_argument("--server", metavar="HOST:PORT", help="ask a running `rag serve` instead of loading models here")
+    s.add_argument("--token", default=None, help="bearer token for --server (default: $RAG_AUTH_TOKEN)")
+
+    s = sub.add_parser("serve", help="run the gRPC server (rag.v1)")
+    s.add_argument("--address", default=None, help="HOST:PORT to bind (default 127.0.0.1:50051)")
+    s.add_argument("--auth-token", default=None,
+                   help="require 'authorization: Bearer TOKEN' (default: $RAG_AUTH_TOKEN, else no auth)")
+    s.add_argument("--tls-cert", type=Path, default=None)
+    s.add_argument("--tls-key", type=Path, default=None)
+    s.add_argument("--tls-client-ca", type=Path, default=None, help="require client certificates (mTLS)")
+    s.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    s.add_argument("--max-concurrent-generations", type=int, default=None)
+    s.add_argument("--max-queued-generations", type=int, default=None)
+    s.add_argument("--batch-window-ms", type=float, default=None, help="micro-batching window for Search/Embed")
 
     s = sub.add_parser("collections", help="list collections with their counts and settings")
     s.add_argument("--json", action="store_true")
@@ -124,6 +140,10 @@ def snippet(text: str, width: int = 160) -> str:
 def run(args: argparse.Namespace) -> int:
     from .pipeline import Engine, hit_to_json
 
+    if args.command == "serve":
+        return serve(args)
+    if getattr(args, "server", None):
+        return remote(args)
     engine = Engine(make_config(args))
     try:
         if args.command == "collections":
@@ -185,6 +205,79 @@ def run(args: argparse.Namespace) -> int:
         raise AssertionError(args.command)  # argparse restricts the choices
     finally:
         engine.close()
+
+
+def serve(args: argparse.Namespace) -> int:
+    from server.app import serve as run_server
+
+    from .config import DEFAULT_ADDRESS
+
+    kw = {}
+    for name in ("max_concurrent_generations", "max_queued_generations", "batch_window_ms", "metrics_port",
+                 "tls_cert", "tls_key", "tls_client_ca"):
+        if getattr(args, name) is not None:
+            kw[name] = getattr(args, name)
+    token = args.auth_token or os.environ.get("RAG_AUTH_TOKEN")
+    if token:
+        kw["auth_token"] = token
+    config = make_config(args).replace(**kw)
+    run_server(config, args.address or os.environ.get("RAG_ADDRESS") or DEFAULT_ADDRESS)
+    return 0
+
+
+def remote(args: argparse.Namespace) -> int:
+    """`rag ask/search --server`: the same output, computed by a running server."""
+    import grpc
+
+    from server.client import RagClient
+
+    client = RagClient(args.server, token=args.token or os.environ.get("RAG_AUTH_TOKEN"))
+    try:
+        if args.command == "search":
+            for h in client.search(args.collection, args.query, args.k):
+                if args.json:
+                    print(json.dumps({"rank": h.rank, "score": h.score, "doc_id": h.doc_id, "source": h.source,
+                                      "start": h.start, "end": h.end, "text": h.text, "metadata": dict(h.metadata)},
+                                     ensure_ascii=False))
+                else:
+                    print(f"{h.rank:>3}  {h.score:.4f}  {h.source}  [{h.start}:{h.end}]")
+                    print(f"     {snippet(h.text)}")
+            return 0
+        if args.command != "ask" or args.batch or not args.question:
+            print("error: --server supports `ask QUESTION` and `search`", file=sys.stderr)
+            return 2
+        options = {"max_new_tokens": args.max_new_tokens or 256, "temperature": args.temperature,
+                   "top_k": args.top_k, "top_p": args.top_p, "repetition_penalty": args.repetition_penalty,
+                   "stop": args.stop}
+        if args.seed is not None:
+            options["seed"] = args.seed
+        sources, done = [], None
+        for msg in client.answer(args.collection, args.question, k=args.k, **options):
+            kind = msg.WhichOneof("event")
+            if kind == "sources":
+                sources = list(msg.sources.sources)
+            elif kind == "delta" and not args.json:
+                sys.stdout.write(msg.delta.text)
+                sys.stdout.flush()
+            elif kind == "done":
+                done = msg.done
+        if args.json:
+            print(json.dumps({"question": args.question, "answer": done.text,
+                              "sources": [{"number": s.number, "source": s.hit.source, "doc_id": s.hit.doc_id,
+                                           "score": s.hit.score, "cited": s.number in done.cited} for s in sources],
+                              "usage": {"prompt_tokens": done.usage.prompt_tokens,
+                                        "completion_tokens": done.usage.completion_tokens}}, ensure_ascii=False))
+            return 0
+        print("\n\nSources:")
+        for s in sources:
+            print(f" {'*' if s.number in done.cited else ' '}[{s.number}] {s.hit.source} [{s.hit.start}:{s.hit.end}]"
+                  f"  score {s.hit.score:.3f}")
+        return 0
+    except grpc.RpcError as e:
+        print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 2
+    finally:
+        client.close()
 
 
 def read_questions(path: str) -> list[tuple[object, str]]:

@@ -62,6 +62,15 @@ DEFAULT_PROMPT_TEMPLATE = "{context}\nQuestion: {question}\nAnswer briefly and c
 DEFAULT_ANSWER_MIN_SCORE = 0.2
 DEFAULT_ANSWER_MIN_RELATIVE = 0.5
 
+# Server (server/): limits and the micro-batching window.
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+DEFAULT_MAX_CONCURRENT_GENERATIONS = 2
+DEFAULT_MAX_QUEUED_GENERATIONS = 8
+DEFAULT_BATCH_WINDOW_MS = 2.0
+DEFAULT_MAX_BATCH_REQUEST = 1024
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+DEFAULT_GRACE_S = 10.0
+
 
 def default_threads() -> int:
     """Threads for onnxruntime: every core this process may use."""
@@ -100,6 +109,18 @@ class Config:
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE
     answer_min_score: float = DEFAULT_ANSWER_MIN_SCORE
     answer_min_relative: float = DEFAULT_ANSWER_MIN_RELATIVE
+    # --- server
+    max_concurrent_generations: int = DEFAULT_MAX_CONCURRENT_GENERATIONS
+    max_queued_generations: int = DEFAULT_MAX_QUEUED_GENERATIONS
+    batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS
+    max_batch_request: int = DEFAULT_MAX_BATCH_REQUEST
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    grace_s: float = DEFAULT_GRACE_S
+    auth_token: str | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
@@ -110,13 +131,19 @@ class Config:
             raise InvalidInput(f"provider must be one of {PROVIDERS}, got {self.provider!r}")
         if self.index_dtype not in INDEX_DTYPES:
             raise InvalidInput(f"index dtype must be one of {INDEX_DTYPES}, got {self.index_dtype!r}")
+        if self.max_queued_generations < 0 or self.batch_window_ms < 0 or self.grace_s < 0:
+            raise InvalidInput("max_queued_generations, batch_window_ms and grace_s must be >= 0")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise InvalidInput("TLS needs both a certificate and a key")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise InvalidInput("a client CA (mTLS) needs the server certificate and key too")
         if self.gen_variant not in EMBED_VARIANTS:
             raise InvalidInput(f"gen_variant must be one of {EMBED_VARIANTS}, got {self.gen_variant!r}")
         if "{context}" not in self.prompt_template or "{question}" not in self.prompt_template:
             raise InvalidInput("prompt_template must contain {context} and {question}")
         for name in ("threads", "batch_max_tokens", "max_batch", "chunk_tokens", "connectivity",
                      "expansion_add", "expansion_search", "oversample", "context_window", "max_new_tokens",
-                     "answer_k"):
+                     "answer_k", "max_concurrent_generations", "max_batch_request", "max_message_bytes"):
             if getattr(self, name) < 1:
                 raise InvalidInput(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.chunk_overlap < self.chunk_tokens:

@@ -35,3 +35,7 @@ class Overloaded(RagError):
 class FailedPrecondition(RagError):
     """The request is well-formed but the state does not allow it (e.g. answering from an
     empty collection)."""
+
+
+class Unauthenticated(RagError):
+    """Missing or wrong credentials (raised by the server's auth check)."""

@@ -76,9 +76,26 @@ class IngestReport:
     chunks_removed: int = 0
     failures: list[Failure] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
+    # doc_id -> (status, chunks, error); status is added/updated/unchanged/failed
+    results: dict[str, tuple[str, int, str]] = dataclasses.field(default_factory=dict)
+
+    def fail(self, failure: Failure, doc_id: str | None = None) -> None:
+        self.failures.append(failure)
+        self.results[doc_id or failure.source] = ("failed", 0, failure.reason)
 
 
 ProgressFn = Callable[[int, int], None]  # (documents seen, chunks added so far)
+FILTER_OVERFETCH = 10
+FILTER_MIN_FETCH = 100
+
+
+def _meta_str(v) -> str | None:
+    """Metadata values compare as strings (JSON for non-strings), as the gRPC API sends them."""
+    if v is None or isinstance(v, str):
+        return v
+    return json.dumps(v, sort_keys=True, ensure_ascii=False)
+
+
 CITATION = re.compile(r"\[(\d{1,3})\]")
 
 
@@ -317,12 +334,12 @@ class Engine:
             for item in documents:
                 seen += 1
                 if isinstance(item, Failure):
-                    report.failures.append(item)
+                    report.fail(item)
                     continue
                 try:
                     check_document(item)
                 except InvalidInput as e:
-                    report.failures.append(Failure(item.source, str(e)))
+                    report.fail(Failure(item.source, str(e)), item.doc_id if isinstance(item.doc_id, str) else None)
                     continue
                 pending.append(item)
                 pending_chars += len(item.text)
@@ -351,6 +368,7 @@ class Engine:
             h = d.content_hash
             if stored.get(d.doc_id) == h:
                 report.documents_unchanged += 1
+                report.results[d.doc_id] = ("unchanged", 0, "")
             else:
                 todo.append((d, h))
         if not todo:
@@ -359,7 +377,7 @@ class Engine:
         records_in = []
         for (d, h), chunks in zip(todo, chunked):
             if not chunks:
-                report.failures.append(Failure(d.source, "no indexable text (no tokens after tokenization)"))
+                report.fail(Failure(d.source, "no indexable text (no tokens after tokenization)"), d.doc_id)
                 continue
             records_in.append((d, h, chunks))
         if not records_in:
@@ -376,11 +394,13 @@ class Engine:
         col.index.add(change.added_keys, change.added_vectors)
         col.index.generation = change.generation
         col.dirty = True
-        for d, _, _ in records_in:
+        for d, _, chunks in records_in:
             if d.doc_id in stored:
                 report.documents_updated += 1
+                report.results[d.doc_id] = ("updated", len(chunks), "")
             else:
                 report.documents_added += 1
+                report.results[d.doc_id] = ("added", len(chunks), "")
         report.chunks_added += len(change.added_keys)
         report.chunks_removed += len(change.removed_keys)
 
@@ -432,10 +452,11 @@ class Engine:
             raise InvalidInput(f"k must be an integer in [1, {MAX_TOP_K}], got {k!r}")
         return int(k)
 
-    def search(self, name: str, query: str, k: int = 5) -> list[Hit]:
-        return self.search_batch(name, [query], k)[0]
+    def search(self, name: str, query: str, k: int = 5, *, filter: dict | None = None) -> list[Hit]:
+        return self.search_batch(name, [query], k, filter=filter)[0]
 
-    def search_batch(self, name: str, queries: Sequence[str], k: int = 5) -> list[list[Hit]]:
+    def search_batch(self, name: str, queries: Sequence[str], k: int = 5, *,
+                     filter: dict | None = None) -> list[list[Hit]]:
         """Top-k hits per query: one embedding batch, one index batch search, exact rescoring."""
         k = self.check_k(k)
         if isinstance(queries, str) or not len(queries):
@@ -445,17 +466,23 @@ class Engine:
         col = self._open(name)
         self._check_model(col)
         vectors = self.embedder.embed(list(queries))
-        return self.search_vectors(col, vectors, k)
+        return self.search_vectors(col, vectors, k, filter=filter)
 
-    def search_vectors(self, col: Collection | str, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+    def search_vectors(self, col: Collection | str, vectors: np.ndarray, k: int, *,
+                       filter: dict | None = None) -> list[list[Hit]]:
+        """Top-k hits per query vector. `filter`: metadata key -> value, all must be equal;
+        applied to an over-fetched candidate list, so rare matches may give fewer than k."""
         if isinstance(col, str):
             col = self._open(col)
         vectors = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
         if vectors.shape[1] != col.settings["dim"]:
             raise InvalidInput(f"query vectors have dim {vectors.shape[1]}; collection {col.name!r} "
                                f"expects {col.settings['dim']}")
+        if filter is not None and not isinstance(filter, dict):
+            raise InvalidInput("filter must be a mapping of metadata field -> value")
+        fetch = k if not filter else min(max(k * FILTER_OVERFETCH, FILTER_MIN_FETCH), MAX_TOP_K * FILTER_OVERFETCH)
         exact = col.store.vectors() if col.quantized else None
-        keys, scores = col.index.search(vectors, k, exact_vectors=exact, oversample=self.config.oversample)
+        keys, scores = col.index.search(vectors, fetch, exact_vectors=exact, oversample=self.config.oversample)
         rows = col.store.chunks(np.unique(keys[keys >= 0]))
         out = []
         for qk, qs in zip(keys, scores):
@@ -464,6 +491,10 @@ class Engine:
                 row = rows.get(key)
                 if key < 0 or row is None:  # deleted between index search and row fetch
                     continue
+                if filter and any(_meta_str(row.metadata.get(f)) != _meta_str(v) for f, v in filter.items()):
+                    continue
+                if len(hits) == k:
+                    break
                 hits.append(Hit(rank=len(hits) + 1, score=float(score), key=key, doc_id=row.doc_id,
                                 source=row.source, ordinal=row.ordinal, start=row.start, end=row.end,
                                 text=row.text, metadata=row.metadata))

@@ -1,0 +1,194 @@
+"""Server assembly: create_server(config, address) -> (server, port), and serve()."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hmac
+import logging
+import signal
+import threading
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from engine.config import Config
+from engine.pipeline import Engine
+
+from .batcher import MicroBatcher
+from .service import Servicer
+from .stubs import pb, rpc
+
+log = logging.getLogger("rag.server")
+SERVICES = ("CollectionService", "IngestService", "RetrieveService", "AnswerService", "InfoService")
+
+
+class TokenAuth(grpc.ServerInterceptor):
+    """Requires `authorization: Bearer <token>` on every call except health checks."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+        def deny(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                          "missing or wrong bearer token; send metadata 'authorization: Bearer <token>'")
+
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+        self._deny_stream = grpc.stream_unary_rpc_method_handler(deny)
+        self._deny_server_stream = grpc.unary_stream_rpc_method_handler(deny)
+
+    def intercept_service(self, continuation, details):
+        if details.method.startswith("/grpc.health.v1.Health/"):
+            return continuation(details)
+        got = dict(details.invocation_metadata).get("authorization", "")
+        if hmac.compare_digest(got.encode(), self._expected):
+            return continuation(details)
+        handler = continuation(details)
+        if handler is None:
+            return None
+        if handler.request_streaming:
+            return self._deny_stream
+        if handler.response_streaming:
+            return self._deny_server_stream
+        return self._deny
+
+
+class Metrics:
+    """Prometheus metrics, served on config.metrics_port when set."""
+
+    def __init__(self, port: int | None, slots=None) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("rag_requests_total", "RPCs by method and status code", ["method", "code"],
+                                registry=self.registry)
+        self.latency = Histogram("rag_request_seconds", "RPC latency", ["method"], registry=self.registry)
+        self.ttft = Histogram("rag_time_to_first_token_seconds", "Answer: time to first token",
+                              registry=self.registry)
+        self.tokens = Counter("rag_generated_tokens_total", "tokens generated", registry=self.registry)
+        self.batch = Histogram("rag_microbatch_size", "requests per micro-batch",
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
+        self.queue = Gauge("rag_generation_queue_depth", "answers waiting for a slot", registry=self.registry)
+        if slots is not None:
+            self.queue.set_function(lambda: slots.waiting)
+        self.port = None
+        if port is not None:
+            server, _ = start_http_server(port, registry=self.registry)
+            self.port = server.server_port
+            self._http = server
+
+
+class MetricsInterceptor(grpc.ServerInterceptor):
+    def __init__(self, metrics: Metrics) -> None:
+        self.m = metrics
+
+    def intercept_service(self, continuation, details):
+        import time
+
+        handler = continuation(details)
+        if handler is None or handler.request_streaming or handler.response_streaming:
+            if handler is not None:
+                self.m.requests.labels(details.method, "STARTED").inc()
+            return handler
+        method, inner = details.method, handler.unary_unary
+
+        def wrapped(request, context):
+            t0 = time.perf_counter()
+            try:
+                out = inner(request, context)
+                self.m.requests.labels(method, "OK").inc()
+                return out
+            except BaseException:
+                code = context.code() if hasattr(context, "code") and context.code() else grpc.StatusCode.UNKNOWN
+                self.m.requests.labels(method, getattr(code, "name", str(code))).inc()
+                raise
+            finally:
+                self.m.latency.labels(method).observe(time.perf_counter() - t0)
+
+        return grpc.unary_unary_rpc_method_handler(wrapped, request_deserializer=handler.request_deserializer,
+                                                   response_serializer=handler.response_serializer)
+
+
+class RagServer:
+    """The running pieces, so shutdown can stop them in order."""
+
+    def __init__(self, grpc_server, engine, batcher, health_servicer, metrics, servicer) -> None:
+        self.grpc = grpc_server
+        self.engine = engine
+        self.batcher = batcher
+        self.health = health_servicer
+        self.metrics = metrics
+        self.servicer = servicer
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop accepting calls, let in-flight ones finish up to `grace` seconds, save indexes."""
+        self.health.enter_graceful_shutdown()
+        self.grpc.stop(self.engine.config.grace_s if grace is None else grace).wait()
+        self.batcher.close()
+        self.engine.close()
+
+    def wait(self) -> None:
+        self.grpc.wait_for_termination()
+
+
+def create_server(config: Config, address: str, *, engine: Engine | None = None):
+    """A started server bound to `address` (port 0 picks one) -> (RagServer, port)."""
+    engine = engine or Engine(config)
+    engine.warmup()
+    metrics = Metrics(config.metrics_port)
+    batcher = MicroBatcher(engine, window_ms=config.batch_window_ms)
+    batcher.on_batch = metrics.batch.observe
+    servicer = Servicer(engine, batcher, metrics)
+    metrics.queue.set_function(lambda: servicer.slots.waiting)
+    interceptors = [MetricsInterceptor(metrics)]
+    if config.auth_token:
+        interceptors.insert(0, TokenAuth(config.auth_token))
+    workers = config.max_concurrent_generations + config.max_queued_generations + 32
+    options = [("grpc.max_receive_message_length", config.max_message_bytes),
+               ("grpc.max_send_message_length", config.max_message_bytes),
+               ("grpc.so_reuseport", 0)]
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rag-rpc"),
+                         interceptors=interceptors, options=options,
+                         maximum_concurrent_rpcs=workers + 64)
+    rpc.add_CollectionServiceServicer_to_server(servicer, server)
+    rpc.add_IngestServiceServicer_to_server(servicer, server)
+    rpc.add_RetrieveServiceServicer_to_server(servicer, server)
+    rpc.add_AnswerServiceServicer_to_server(servicer, server)
+    rpc.add_InfoServiceServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [pb.DESCRIPTOR.services_by_name[s].full_name for s in SERVICES]
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    if config.tls_cert:
+        key = config.tls_key.read_bytes()
+        cert = config.tls_cert.read_bytes()
+        ca = config.tls_client_ca.read_bytes() if config.tls_client_ca else None
+        creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+        port = server.add_secure_port(address, creds)
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind {address}")
+    server.start()
+    for name in ["", *names]:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return RagServer(server, engine, batcher, health_servicer, metrics, servicer), port
+
+
+def serve(config: Config, address: str) -> None:
+    """Run until SIGINT/SIGTERM, then shut down gracefully."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    srv, port = create_server(config, address)
+    log.info("serving rag.v1 on %s (port %d)%s%s", address, port, " with TLS" if config.tls_cert else "",
+             f"; metrics on :{srv.metrics.port}" if srv.metrics.port else "")
+    done = threading.Event()
+
+    def on_signal(signum, frame):
+        log.info("signal %d: shutting down (grace %.0fs)", signum, config.grace_s)
+        done.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    done.wait()
+    srv.stop()
+    log.info("stopped")

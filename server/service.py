@@ -1,0 +1,344 @@
+"""Servicers of rag.v1: translate messages to engine calls and engine results to messages."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import grpc
+
+from engine.config import MAX_TOP_K
+from engine.errors import InvalidInput, Overloaded, RagError
+from engine.generate import SamplingParams
+from engine.ingest import Document, Failure, parse_bytes
+from engine.pipeline import Answer, AnswerStart
+
+from .errors import abort
+from .stubs import pb, rpc
+
+VERSION = "0.1.0"
+DTYPE_TO_PB = {"f32": pb.VECTOR_D_TYPE_F32, "f16": pb.VECTOR_D_TYPE_F16, "i8": pb.VECTOR_D_TYPE_I8}
+PB_TO_DTYPE = {v: k for k, v in DTYPE_TO_PB.items()}
+FINISH_TO_PB = {"length": pb.FINISH_REASON_LENGTH, "eos": pb.FINISH_REASON_EOS,
+                "stop_sequence": pb.FINISH_REASON_STOP_SEQUENCE, "no_context": pb.FINISH_REASON_NO_CONTEXT,
+                "cancelled": pb.FINISH_REASON_CANCELLED}
+STATUS_TO_PB = {"added": pb.DOCUMENT_STATUS_ADDED, "updated": pb.DOCUMENT_STATUS_UPDATED,
+                "unchanged": pb.DOCUMENT_STATUS_UNCHANGED, "failed": pb.DOCUMENT_STATUS_FAILED}
+
+
+def guarded(fn):
+    """Run a unary handler; typed engine errors become their status code."""
+    def wrapper(self, request, context):
+        try:
+            return fn(self, request, context)
+        except RagError as e:
+            abort(context, e)
+        except grpc.RpcError:
+            raise
+        except Exception as e:  # noqa: BLE001 - becomes INTERNAL, logged once
+            abort(context, e)
+    wrapper.__name__ = fn.__name__
+    return wrapper
+
+
+def meta_str(v) -> str:
+    return v if isinstance(v, str) else json.dumps(v, sort_keys=True, ensure_ascii=False)
+
+
+def hit_pb(h) -> "pb.Hit":
+    return pb.Hit(rank=h.rank, score=h.score, doc_id=h.doc_id, source=h.source, ordinal=h.ordinal,
+                  start=h.start, end=h.end, text=h.text, metadata={k: meta_str(v) for k, v in h.metadata.items()})
+
+
+def info_pb(i) -> "pb.CollectionInfo":
+    return pb.CollectionInfo(name=i.name, documents=i.documents, chunks=i.chunks, dims=i.dim,
+                             embedding_model=i.embed_model, dtype=DTYPE_TO_PB[i.index_dtype],
+                             connectivity=i.connectivity, expansion_add=i.expansion_add,
+                             expansion_search=i.expansion_search, chunk_tokens=i.chunk_tokens,
+                             chunk_overlap=i.chunk_overlap, disk_bytes=i.disk_bytes,
+                             index_memory_bytes=i.index_memory_bytes)
+
+
+def check_top_k(k: int) -> int:
+    if not 1 <= k <= MAX_TOP_K:
+        raise InvalidInput(f"top_k must be in [1, {MAX_TOP_K}], got {k}")
+    return k
+
+
+class GenerationSlots:
+    """At most `limit` generations at once and `queue` waiting; beyond that, Overloaded."""
+
+    def __init__(self, limit: int, queue: int) -> None:
+        self._sem = threading.BoundedSemaphore(limit)
+        self._lock = threading.Lock()
+        self.limit = limit
+        self.queue = queue
+        self.waiting = 0
+        self.running = 0
+
+    def acquire(self, context) -> None:
+        if self._sem.acquire(blocking=False):
+            with self._lock:
+                self.running += 1
+            return
+        with self._lock:
+            if self.waiting >= self.queue:
+                raise Overloaded(f"{self.running} answers are being generated and {self.waiting} are queued "
+                                 f"(limits {self.limit} and {self.queue}); retry later")
+            self.waiting += 1
+        try:
+            while True:
+                remaining = context.time_remaining()
+                if remaining is not None and remaining <= 0:
+                    context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while queued")
+                if not context.is_active():
+                    context.abort(grpc.StatusCode.CANCELLED, "cancelled while queued")
+                if self._sem.acquire(timeout=0.05 if remaining is None else min(0.05, remaining)):
+                    with self._lock:
+                        self.running += 1
+                    return
+        finally:
+            with self._lock:
+                self.waiting -= 1
+
+    def release(self) -> None:
+        with self._lock:
+            self.running -= 1
+        self._sem.release()
+
+
+class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.RetrieveServiceServicer,
+               rpc.AnswerServiceServicer, rpc.InfoServiceServicer):
+    def __init__(self, engine, batcher, metrics=None) -> None:
+        self.engine = engine
+        self.config = engine.config
+        self.batcher = batcher
+        self.metrics = metrics
+        self.slots = GenerationSlots(self.config.max_concurrent_generations, self.config.max_queued_generations)
+        self._write_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ collections
+    @guarded
+    def CreateCollection(self, request, context):
+        opt = lambda f: getattr(request, f) if request.HasField(f) else None  # noqa: E731
+        dtype = PB_TO_DTYPE.get(request.dtype) if request.dtype else None
+        if request.dtype and dtype is None:
+            raise InvalidInput(f"unknown dtype {request.dtype}")
+        info = self.engine.create_collection(request.name, index_dtype=dtype, connectivity=opt("connectivity"),
+                                             expansion_add=opt("expansion_add"),
+                                             expansion_search=opt("expansion_search"),
+                                             chunk_tokens=opt("chunk_tokens"), chunk_overlap=opt("chunk_overlap"))
+        return pb.CreateCollectionResponse(collection=info_pb(info))
+
+    @guarded
+    def ListCollections(self, request, context):
+        return pb.ListCollectionsResponse(collections=[info_pb(i) for i in self.engine.list_collections()])
+
+    @guarded
+    def DescribeCollection(self, request, context):
+        return pb.DescribeCollectionResponse(collection=info_pb(self.engine.describe(request.name)))
+
+    @guarded
+    def DropCollection(self, request, context):
+        self.engine.drop_collection(request.name)
+        return pb.DropCollectionResponse()
+
+    # ------------------------------------------------------------------ ingestion
+    def _documents(self, requests, order: list[str], state: dict):
+        for req in requests:
+            if req.collection:
+                if state.get("collection") not in (None, req.collection):
+                    raise InvalidInput("all messages of one IngestStream must name the same collection")
+                state["collection"] = req.collection
+            d = req.document
+            doc_id = d.id
+            order.append(doc_id)
+            source = d.source or doc_id
+            meta = dict(d.metadata)
+            if not doc_id.strip():
+                yield Failure(f"#{len(order)}", "document id is empty; give every document an id")
+                continue
+            kind = d.WhichOneof("content")
+            if kind == "text":
+                yield Document(doc_id=doc_id, text=d.text, source=source, metadata=meta)
+            elif kind == "data":
+                try:
+                    yield from parse_bytes(d.data, d.media_type or "text/plain", source, doc_id=doc_id, metadata=meta)
+                except InvalidInput as e:
+                    yield Failure(doc_id, str(e))
+            else:
+                yield Failure(doc_id, "document has neither text nor data")
+
+    @guarded
+    def IngestStream(self, request_iterator, context):
+        order: list[str] = []
+        state: dict = {}
+        it = iter(request_iterator)
+        first = next(it, None)
+        if first is None:
+            raise InvalidInput("the stream had no documents")
+        if not first.collection:
+            raise InvalidInput("the first IngestStreamRequest must name the collection")
+
+        def all_requests():
+            yield first
+            yield from it
+
+        t0 = time.perf_counter_ns()
+        report = self.engine.ingest(first.collection, self._documents(all_requests(), order, state))
+        results = []
+        for doc_id in order:
+            status, chunks, error = report.results.get(doc_id, report.results.get(f"#{order.index(doc_id) + 1}",
+                                                                                  ("failed", 0, "not processed")))
+            results.append(pb.DocumentResult(id=doc_id, status=STATUS_TO_PB[status], chunks=chunks, error=error))
+        self.engine.save()
+        return pb.IngestStreamResponse(results=results, chunks_added=report.chunks_added,
+                                       chunks_removed=report.chunks_removed,
+                                       ingest_time_ns=time.perf_counter_ns() - t0)
+
+    @guarded
+    def DeleteDocuments(self, request, context):
+        n = self.engine.delete_documents(request.collection, list(request.ids))
+        self.engine.save()
+        return pb.DeleteDocumentsResponse(deleted=n)
+
+    # ------------------------------------------------------------------ retrieval
+    def _check_batch(self, n: int, what: str) -> None:
+        if n == 0:
+            raise InvalidInput(f"no {what} given")
+        if n > self.config.max_batch_request:
+            raise InvalidInput(f"{n} {what} in one request; the limit is {self.config.max_batch_request}")
+
+    @guarded
+    def Embed(self, request, context):
+        texts = list(request.texts)
+        self._check_batch(len(texts), "texts")
+        t0 = time.perf_counter_ns()
+        vectors, queue_ns, embed_ns = self.batcher.embed(texts)
+        return pb.EmbedResponse(vectors=[pb.Vector(values=v.tolist()) for v in vectors], model=self.engine.embedder.name,
+                                timings=pb.Timings(queue_time_ns=max(queue_ns, 0), embed_time_ns=embed_ns,
+                                                   total_time_ns=time.perf_counter_ns() - t0))
+
+    @guarded
+    def Search(self, request, context):
+        t0 = time.perf_counter_ns()
+        hits, queue_ns, embed_ns, search_ns = self.batcher.search(
+            request.collection, request.query, check_top_k(request.top_k), dict(request.filter) or None)
+        return pb.SearchResponse(hits=[hit_pb(h) for h in hits],
+                                 timings=pb.Timings(queue_time_ns=max(queue_ns, 0), embed_time_ns=embed_ns,
+                                                    search_time_ns=search_ns,
+                                                    total_time_ns=time.perf_counter_ns() - t0))
+
+    @guarded
+    def SearchBatch(self, request, context):
+        queries = list(request.queries)
+        self._check_batch(len(queries), "queries")
+        k = check_top_k(request.top_k)
+        for i, q in enumerate(queries):
+            self.engine.check_query(q, i)
+        t0 = time.perf_counter_ns()
+        vectors = self.engine.embedder.embed(queries)
+        t1 = time.perf_counter_ns()
+        results = self.engine.search_vectors(request.collection, vectors, k, filter=dict(request.filter) or None)
+        t2 = time.perf_counter_ns()
+        return pb.SearchBatchResponse(results=[pb.HitList(hits=[hit_pb(h) for h in hits]) for hits in results],
+                                      timings=pb.Timings(embed_time_ns=t1 - t0, search_time_ns=t2 - t1,
+                                                         total_time_ns=t2 - t0))
+
+    # ------------------------------------------------------------------ answers
+    def _params(self, o) -> SamplingParams:
+        has = o.HasField
+        return SamplingParams(
+            max_new_tokens=o.max_new_tokens if has("max_new_tokens") else self.config.max_new_tokens,
+            temperature=o.temperature if has("temperature") else 0.0,
+            top_k=o.top_k if has("top_k") else 0,
+            top_p=o.top_p if has("top_p") else 1.0,
+            repetition_penalty=o.repetition_penalty if has("repetition_penalty") else 1.0,
+            seed=o.seed if has("seed") else None,
+            stop=tuple(o.stop))
+
+    @staticmethod
+    def _done(a: Answer, queue_ns: int, total_ns: int) -> "pb.AnswerDone":
+        t = a.timings_ns
+        return pb.AnswerDone(finish_reason=FINISH_TO_PB.get(a.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
+                             usage=pb.Usage(prompt_tokens=a.prompt_tokens, completion_tokens=a.completion_tokens),
+                             timings=pb.Timings(queue_time_ns=queue_ns, embed_time_ns=t["embed"],
+                                                search_time_ns=t["search"], prompt_time_ns=t["prompt"],
+                                                prefill_time_ns=t["prefill"], decode_time_ns=t["decode"],
+                                                total_time_ns=total_ns),
+                             cited=a.cited, text=a.text)
+
+    def Answer(self, request, context):
+        t0 = time.perf_counter_ns()
+        try:
+            params = self._params(request.options)
+            k = check_top_k(request.top_k) if request.HasField("top_k") else None
+            self.slots.acquire(context)
+        except RagError as e:
+            abort(context, e)
+        queue_ns = time.perf_counter_ns() - t0
+        tokens = 0
+        first_token_at = None
+        try:
+            stream = self.engine.answer_stream(request.collection, request.question, k=k, params=params,
+                                               cancelled=lambda: not context.is_active())
+            for ev in stream:
+                if not context.is_active():
+                    stream.close()  # stops the decoder: no further token steps
+                    break
+                if isinstance(ev, AnswerStart):
+                    yield pb.AnswerResponse(sources=pb.AnswerSources(sources=[
+                        pb.Source(number=s.number, hit=hit_pb(s.hit)) for s in ev.sources]))
+                elif isinstance(ev, Answer):
+                    if self.metrics:
+                        self.metrics.tokens.inc(ev.completion_tokens)
+                    yield pb.AnswerResponse(done=self._done(ev, queue_ns, time.perf_counter_ns() - t0))
+                else:
+                    tokens += 1
+                    if first_token_at is None:
+                        first_token_at = time.perf_counter_ns()
+                        if self.metrics:
+                            self.metrics.ttft.observe((first_token_at - t0) / 1e9)
+                    yield pb.AnswerResponse(delta=pb.AnswerDelta(text=ev))
+        except RagError as e:
+            abort(context, e)
+        except grpc.RpcError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            abort(context, e)
+        finally:
+            self.slots.release()
+
+    @guarded
+    def AnswerBatch(self, request, context):
+        questions = list(request.questions)
+        self._check_batch(len(questions), "questions")
+        params = self._params(request.options)
+        k = check_top_k(request.top_k) if request.HasField("top_k") else None
+        t0 = time.perf_counter_ns()
+        self.slots.acquire(context)
+        try:
+            queue_ns = time.perf_counter_ns() - t0
+            answers = self.engine.answer_batch(request.collection, questions, k=k, params=params)
+        finally:
+            self.slots.release()
+        total = time.perf_counter_ns() - t0
+        return pb.AnswerBatchResponse(answers=[
+            pb.BatchAnswer(text=a.text, sources=[pb.Source(number=s.number, hit=hit_pb(s.hit)) for s in a.sources],
+                           done=self._done(a, queue_ns, total)) for a in answers])
+
+    # ------------------------------------------------------------------ info
+    @guarded
+    def GetInfo(self, request, context):
+        c = self.config
+        emb = self.engine.embedder
+        gen_name, window = c.gen_model, c.context_window
+        if self.engine._generator is not None:
+            gen_name, window = self.engine.generator.name, self.engine.generator.window
+        return pb.GetInfoResponse(version=VERSION, embedding_model=emb.name, embedding_dims=emb.dim,
+                                  embedding_max_tokens=emb.max_length, generation_model=gen_name,
+                                  context_window=window, max_top_k=MAX_TOP_K, max_batch=c.max_batch_request,
+                                  max_message_bytes=c.max_message_bytes,
+                                  max_concurrent_generations=c.max_concurrent_generations,
+                                  execution_provider=c.provider)
