@@ -13,9 +13,21 @@ DEMO_DATA := .cache/demo-data
 DEMO_QUESTION ?= How hot should the water be for green tea?
 export PIP_CACHE_DIR := $(CURDIR)/.cache/pip
 
-.PHONY: setup models test demo bench clean distclean
+NODE_STAMP := clients/node/node_modules/.package-lock.json
+STUBS := server/_gen/rag/v1/rag_pb2.py
 
-setup: $(STAMP) models
+.PHONY: setup models test demo serve bench clean distclean
+
+setup: $(STAMP) $(STUBS) $(NODE_STAMP) models
+
+# Python stubs of proto/rag/v1 (never committed).
+$(STUBS): proto/rag/v1/rag.proto | $(STAMP)
+	$(PY) -m server.stubs
+
+# buf (proto lint) and the Node.js example client, from npm.
+$(NODE_STAMP): clients/node/package.json
+	cd clients/node && npm install --no-audit --no-fund --loglevel=error
+	touch $@
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +54,9 @@ demo: setup
 	$(RAG) --data-dir $(DEMO_DATA) search "$(DEMO_QUESTION)" --collection demo -k 3
 	$(RAG) --data-dir $(DEMO_DATA) ask "$(DEMO_QUESTION)" --collection demo
 
+serve: setup
+	$(RAG) --data-dir $(DEMO_DATA) serve --address $(or $(ADDRESS),127.0.0.1:50051)
+
 # Benchmarks need the peers (sentence-transformers, faiss, hnswlib, rank-bm25).
 $(VENV)/.bench: $(STAMP)
 	$(PY) -m pip install -qq -e '.[export,pdf,test,bench]'
@@ -52,10 +67,12 @@ bench: setup $(VENV)/.bench
 	$(PY) benchmarks/embed_throughput.py
 	$(PY) benchmarks/retrieval_quality.py
 	$(PY) benchmarks/ann.py
+	$(PY) benchmarks/generate_throughput.py
+	$(PY) benchmarks/answer_quality.py
 
 clean:
 	rm -rf $(DEMO_DATA) .pytest_cache .hypothesis bench-results
 	find . -name __pycache__ -prune -exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV) models .cache
+	rm -rf $(VENV) models .cache server/_gen clients/node/node_modules

@@ -1,0 +1,342 @@
+"""The gRPC server over loopback: every RPC, every bad input's status code, cancellation,
+concurrency, auth, TLS, health, reflection, and the Node.js client."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from engine.pipeline import Engine
+from server.app import create_server
+from server.client import RagClient
+from server.stubs import pb
+
+REPO = Path(__file__).resolve().parent.parent
+CORPUS = REPO / "examples" / "corpus"
+TEXTS = {p.name: p.read_text() for p in CORPUS.rglob("*") if p.is_file() and p.suffix in (".txt", ".md")}
+
+
+@pytest.fixture(scope="module")
+def shared_engine(tmp_path_factory, config, embedder, generator):
+    return Engine(config.replace(data_dir=tmp_path_factory.mktemp("srv"), batch_window_ms=5.0),
+                  embedder=embedder, generator=generator)
+
+
+@pytest.fixture(scope="module")
+def server(shared_engine):
+    srv, port = create_server(shared_engine.config, "127.0.0.1:0", engine=shared_engine)
+    client = RagClient(f"127.0.0.1:{port}", timeout=120)
+    client.create_collection("docs")
+    res = client.ingest("docs", [{"id": name, "text": text, "metadata": {"kind": Path(name).suffix[1:]}}
+                                 for name, text in TEXTS.items()])
+    assert all(r.status == pb.DOCUMENT_STATUS_ADDED for r in res.results)
+    yield srv, port, client
+    client.close()
+    srv.stop(0)
+
+
+def code_of(fn, *args, **kw) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as e:
+        result = fn(*args, **kw)
+        if hasattr(result, "__iter__") and not isinstance(result, (list, dict)):
+            list(result)
+    return e.value.code(), e.value.details()
+
+
+def counts(client, name="docs"):
+    d = client.describe(name)
+    return d.documents, d.chunks
+
+
+# ---------------------------------------------------------------------- happy paths
+def test_info_and_collections(server):
+    _, _, client = server
+    info = client.info()
+    assert info.embedding_model == "all-MiniLM-L6-v2" and info.embedding_dims == 384
+    assert info.max_top_k == 1000 and info.context_window == 2048
+    created = client.create_collection("tmp", dtype="i8", connectivity=8)
+    assert created.dtype == pb.VECTOR_D_TYPE_I8 and created.connectivity == 8 and created.documents == 0
+    assert {c.name for c in client.list_collections()} >= {"docs", "tmp"}
+    client.drop_collection("tmp")
+    assert "tmp" not in {c.name for c in client.list_collections()}
+
+
+def test_ingest_results_per_document(server):
+    _, _, client = server
+    client.create_collection("ing")
+    html = b"<html><head><script>x()</script></head><body><p>Kettles boil water.</p></body></html>"
+    res = client.ingest("ing", [
+        {"id": "a", "text": "Alpha document about kettles."},
+        {"id": "b", "data": html, "media_type": "text/html"},
+        {"id": "empty", "text": "   "},
+        {"id": "bin", "data": b"\x00\x01\x02", "media_type": "text/plain"},
+    ])
+    got = {r.id: (r.status, r.chunks) for r in res.results}
+    assert got["a"] == (pb.DOCUMENT_STATUS_ADDED, 1) and got["b"] == (pb.DOCUMENT_STATUS_ADDED, 1)
+    assert got["empty"][0] == got["bin"][0] == pb.DOCUMENT_STATUS_FAILED
+    assert "binary" in [r.error for r in res.results if r.id == "bin"][0]
+    again = client.ingest("ing", [{"id": "a", "text": "Alpha document about kettles."}])
+    assert again.results[0].status == pb.DOCUMENT_STATUS_UNCHANGED
+    changed = client.ingest("ing", [{"id": "a", "text": "Alpha document, now about teapots."}])
+    assert changed.results[0].status == pb.DOCUMENT_STATUS_UPDATED and changed.chunks_removed == 1
+    assert counts(client, "ing") == (2, 2)
+    assert client.delete("ing", ["a", "missing"]) == 1
+    assert counts(client, "ing") == (1, 1)
+    client.drop_collection("ing")
+
+
+def test_embed_search_and_batch_match_in_process(server, shared_engine):
+    _, _, client = server
+    vecs = client.embed(["green tea", "sourdough"])
+    assert len(vecs) == 2 and len(vecs[0]) == 384
+    assert abs(sum(x * x for x in vecs[0]) - 1) < 1e-4
+    hits = client.search("docs", "How hot for green tea?", k=3)
+    local = shared_engine.search("docs", "How hot for green tea?", 3)
+    assert [h.doc_id for h in hits] == [h.doc_id for h in local]
+    assert hits[0].doc_id == "tea.txt" and hits[0].metadata["kind"] == "txt"
+    filtered = client.search("docs", "How hot for green tea?", k=3, filter={"kind": "md"})
+    assert filtered and all(h.metadata["kind"] == "md" for h in filtered)
+    batch = client.search_batch("docs", ["green tea", "HNSW ef parameter"], k=2)
+    assert [h.doc_id for h in batch[0]] == [h.doc_id for h in shared_engine.search("docs", "green tea", 2)]
+    assert batch[1][0].doc_id == "hnsw.md"
+
+
+def test_answer_stream_then_batch(server):
+    _, _, client = server
+    kinds, deltas, done, sources = [], [], None, None
+    for msg in client.answer("docs", "How long does black tea steep?", max_new_tokens=40):
+        kind = msg.WhichOneof("event")
+        kinds.append(kind)
+        if kind == "sources":
+            sources = msg.sources.sources
+        elif kind == "delta":
+            deltas.append(msg.delta.text)
+        else:
+            done = msg.done
+    assert kinds[0] == "sources" and kinds[-1] == "done" and set(kinds[1:-1]) == {"delta"}
+    assert sources[0].hit.doc_id == "tea.txt" and sources[0].number == 1
+    assert "".join(deltas) == done.text and done.usage.completion_tokens >= 1
+    t = done.timings
+    assert t.prefill_time_ns > 0 and t.decode_time_ns > 0 and t.total_time_ns >= t.prefill_time_ns
+    answers = client.answer_batch("docs", ["How long does black tea steep?", "What does ef control?"],
+                                  max_new_tokens=40)
+    assert len(answers) == 2 and all(a.text for a in answers)
+
+
+def test_concurrent_searches_equal_in_process(server, shared_engine):
+    _, port, _ = server
+    queries = [f"question {i} about {topic}" for i, topic in
+               enumerate(["tea", "bread", "lighthouses", "planets", "HNSW", "lenses", "Venus", "starter"] * 8)]
+    expected = [[h.key for h in hits] for hits in shared_engine.search_batch("docs", queries, 3)]
+    clients = [RagClient(f"127.0.0.1:{port}", timeout=60) for _ in range(8)]
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+        futures = [pool.submit(clients[i % 8].search, "docs", q, 3) for i, q in enumerate(queries)]
+        got = [f.result() for f in futures]
+    local = [{h.key: h for h in hits} for hits in shared_engine.search_batch("docs", queries, 3)]
+    for hits, exp, loc in zip(got, expected, local):
+        assert [(h.doc_id, h.start) for h in hits] == [(loc[k].doc_id, loc[k].start) for k in exp]
+    for c in clients:
+        c.close()
+
+
+# ---------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("call, code, words", [
+    (lambda c: c.search("docs", "", 3), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+    (lambda c: c.search("docs", "tea", 0), grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
+    (lambda c: c.search("docs", "tea", 1001), grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
+    (lambda c: c.search("nope", "tea", 3), grpc.StatusCode.NOT_FOUND, "nope"),
+    (lambda c: c.search_batch("docs", [], 3), grpc.StatusCode.INVALID_ARGUMENT, "no queries"),
+    (lambda c: c.search_batch("docs", ["ok", " "], 3), grpc.StatusCode.INVALID_ARGUMENT, "query 1"),
+    (lambda c: c.embed([]), grpc.StatusCode.INVALID_ARGUMENT, "no texts"),
+    (lambda c: c.embed(["fine", ""]), grpc.StatusCode.INVALID_ARGUMENT, "text 1"),
+    (lambda c: c.create_collection("docs"), grpc.StatusCode.ALREADY_EXISTS, "already exists"),
+    (lambda c: c.create_collection("bad name"), grpc.StatusCode.INVALID_ARGUMENT, "collection name"),
+    (lambda c: c.describe("nope"), grpc.StatusCode.NOT_FOUND, "nope"),
+    (lambda c: c.ingest("nope", [{"id": "x", "text": "y"}]), grpc.StatusCode.NOT_FOUND, "nope"),
+    (lambda c: c.ingest("docs", []), grpc.StatusCode.INVALID_ARGUMENT, "no documents"),
+    (lambda c: c.answer("docs", ""), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+    (lambda c: c.answer("docs", "tea?", temperature=-1.0), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+    (lambda c: c.answer("docs", "tea?", top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+    (lambda c: c.answer("docs", "tea?", max_new_tokens=100000), grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
+    (lambda c: c.answer("nope", "tea?"), grpc.StatusCode.NOT_FOUND, "nope"),
+    (lambda c: c.search("docs", "x" * (70 * 1024 * 1024), 3), grpc.StatusCode.RESOURCE_EXHAUSTED, "message"),
+])
+def test_bad_input_status_codes_and_nothing_changes(server, call, code, words):
+    _, _, client = server
+    before = counts(client)
+    got, details = code_of(call, client)
+    assert got == code
+    assert words.lower() in details.lower()
+    assert counts(client) == before
+    assert client.search("docs", "tea", 1), "the server keeps serving"
+
+
+def test_answer_from_empty_collection_and_expired_deadline(server):
+    _, _, client = server
+    client.create_collection("empty")
+    assert code_of(client.answer, "empty", "tea?")[0] == grpc.StatusCode.FAILED_PRECONDITION
+    client.drop_collection("empty")
+    assert code_of(client.search, "docs", "tea", 3, timeout=0.000001)[0] == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+# ---------------------------------------------------------------------- cancellation and limits
+class CountingSession:
+    """Wraps the real onnxruntime session to timestamp every decoder step."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.calls: list[float] = []
+
+    def run(self, *a, **kw):
+        self.calls.append(time.perf_counter())
+        return self.inner.run(*a, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_cancel_stops_generation_and_frees_the_slot(server, shared_engine):
+    srv, _, client = server
+    gen = shared_engine.generator
+    real = gen.session
+    gen.session = counter = CountingSession(real)
+    try:
+        call = client.answer("docs", "Describe everything about tea, bread, planets and lighthouses in detail.",
+                             max_new_tokens=200)
+        seen = 0
+        for msg in call:
+            if msg.WhichOneof("event") == "delta":
+                seen += 1
+                if seen == 3:
+                    break
+        cancelled_at = time.perf_counter()
+        call.cancel()
+        time.sleep(1.5)
+        after = [t for t in counter.calls if t > cancelled_at]
+        assert len(after) <= 1, f"{len(after)} decoder steps after cancel"
+        assert srv.servicer.slots.running == 0
+    finally:
+        gen.session = real
+
+
+def test_overload_is_resource_exhausted(shared_engine):
+    cfg = shared_engine.config.replace(max_concurrent_generations=1, max_queued_generations=0)
+    eng = Engine(cfg, embedder=shared_engine.embedder, generator=shared_engine.generator)
+    srv, port = create_server(cfg, "127.0.0.1:0", engine=eng)
+    try:
+        c = RagClient(f"127.0.0.1:{port}", timeout=120)
+        first = c.answer("docs", "Tell me all about tea.", max_new_tokens=60)
+        assert next(iter(first)).WhichOneof("event") == "sources"  # holds the only slot
+        code, details = code_of(c.answer, "docs", "And bread?")
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry" in details
+        first.cancel()
+        c.close()
+    finally:
+        srv.stop(0)
+
+
+# ---------------------------------------------------------------------- security and standard services
+def test_token_auth(shared_engine):
+    cfg = shared_engine.config.replace(auth_token="s3cret")
+    eng = Engine(cfg, embedder=shared_engine.embedder, generator=shared_engine.generator)
+    srv, port = create_server(cfg, "127.0.0.1:0", engine=eng)
+    try:
+        for token in (None, "wrong"):
+            with RagClient(f"127.0.0.1:{port}", token=token, timeout=30) as c:
+                code, details = code_of(c.search, "docs", "tea", 1)
+                assert code == grpc.StatusCode.UNAUTHENTICATED and "bearer" in details.lower()
+                assert code_of(lambda: list(c.answer("docs", "tea?")))[0] == grpc.StatusCode.UNAUTHENTICATED
+        with RagClient(f"127.0.0.1:{port}", token="s3cret", timeout=30) as c:
+            assert c.search("docs", "tea", 1)
+        # health checks stay open for load balancers
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""))
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        srv.stop(0)
+
+
+def make_cert(tmp: Path, name: str, ca: tuple[Path, Path] | None = None) -> tuple[Path, Path]:
+    key, crt = tmp / f"{name}.key", tmp / f"{name}.crt"
+    if ca is None:
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", crt,
+                        "-days", "2", "-subj", f"/CN={name}", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                       check=True, capture_output=True)
+    else:
+        csr = tmp / f"{name}.csr"
+        subprocess.run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr,
+                        "-subj", f"/CN={name}"], check=True, capture_output=True)
+        ext = tmp / f"{name}.ext"
+        ext.write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+        subprocess.run(["openssl", "x509", "-req", "-in", csr, "-CA", ca[1], "-CAkey", ca[0], "-CAcreateserial",
+                        "-out", crt, "-days", "2", "-extfile", ext], check=True, capture_output=True)
+    return key, crt
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make certificates")
+def test_tls_and_mtls(tmp_path, shared_engine):
+    ca = make_cert(tmp_path, "ca")
+    skey, scrt = make_cert(tmp_path, "server", ca)
+    ckey, ccrt = make_cert(tmp_path, "client", ca)
+    cfg = shared_engine.config.replace(tls_cert=scrt, tls_key=skey, tls_client_ca=ca[1])
+    eng = Engine(cfg, embedder=shared_engine.embedder, generator=shared_engine.generator)
+    srv, port = create_server(cfg, "127.0.0.1:0", engine=eng)
+    try:
+        good = RagClient(f"localhost:{port}", root_certificates=ca[1].read_bytes(), private_key=ckey.read_bytes(),
+                         certificate_chain=ccrt.read_bytes(), timeout=30)
+        assert good.search("docs", "tea", 1)[0].doc_id == "tea.txt"
+        good.close()
+        no_client_cert = RagClient(f"localhost:{port}", root_certificates=ca[1].read_bytes(), timeout=10)
+        assert code_of(no_client_cert.search, "docs", "tea", 1)[0] == grpc.StatusCode.UNAVAILABLE
+        no_client_cert.close()
+        plaintext = RagClient(f"localhost:{port}", timeout=10)
+        assert code_of(plaintext.search, "docs", "tea", 1)[0] == grpc.StatusCode.UNAVAILABLE
+        plaintext.close()
+    finally:
+        srv.stop(0)
+
+
+def test_health_and_reflection(server):
+    _, port, _ = server
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        h = health_pb2_grpc.HealthStub(ch)
+        assert h.Check(health_pb2.HealthCheckRequest(service="rag.v1.AnswerService")).status == \
+            health_pb2.HealthCheckResponse.SERVING
+        r = reflection_pb2_grpc.ServerReflectionStub(ch)
+        resp = next(r.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        names = {s.name for s in resp.list_services_response.service}
+        assert {"rag.v1.AnswerService", "rag.v1.RetrieveService", "grpc.health.v1.Health"} <= names
+
+
+def test_proto_passes_buf_lint():
+    buf = REPO / "clients" / "node" / "node_modules" / ".bin" / "buf"
+    if not buf.exists():
+        pytest.fail("buf is missing: run `make setup` (npm install in clients/node)")
+    r = subprocess.run([buf, "lint"], cwd=REPO / "proto", capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_node_client_streams_an_answer(server):
+    _, port, _ = server
+    node = shutil.which("node")
+    if node is None or not (REPO / "clients/node/node_modules/@grpc/grpc-js").exists():
+        pytest.fail("node and clients/node/node_modules are needed: run `make setup`")
+    r = subprocess.run([node, "answer.js", f"127.0.0.1:{port}", "docs", "How hot should green tea water be?"],
+                       cwd=REPO / "clients/node", capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    last = json.loads(r.stdout.strip().splitlines()[-1])["done"]
+    assert last["finish_reason"] in ("FINISH_REASON_EOS", "FINISH_REASON_LENGTH")
+    assert last["text"] and last["text"] in r.stdout and last["sources"][0]["source"] == "tea.txt"
+    err = subprocess.run([node, "answer.js", f"127.0.0.1:{port}", "nope", "q"], cwd=REPO / "clients/node",
+                         capture_output=True, text=True, timeout=60)
+    assert err.returncode == 1 and "5" in err.stderr  # NOT_FOUND
