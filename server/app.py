@@ -13,6 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from engine.config import Config
+from engine.errors import Unavailable
 from engine.pipeline import Engine
 
 from .batcher import MicroBatcher
@@ -135,6 +136,10 @@ def create_server(config: Config, address: str, *, engine: Engine | None = None)
     """A started server bound to `address` (port 0 picks one) -> (RagServer, port)."""
     engine = engine or Engine(config)
     engine.warmup()
+    try:  # load and warm the generator now, so the first Answer does not pay for it
+        engine.generator.warmup()
+    except Unavailable as e:
+        log.warning("generation disabled: %s", e)
     metrics = Metrics(config.metrics_port)
     batcher = MicroBatcher(engine, window_ms=config.batch_window_ms)
     batcher.on_batch = metrics.batch.observe
