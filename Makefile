@@ -16,7 +16,7 @@ export PIP_CACHE_DIR := $(CURDIR)/.cache/pip
 NODE_STAMP := clients/node/node_modules/.package-lock.json
 STUBS := server/_gen/rag/v1/rag_pb2.py
 
-.PHONY: setup models test demo serve bench clean distclean
+.PHONY: setup models test demo serve soak bench clean distclean
 
 setup: $(STAMP) $(STUBS) $(NODE_STAMP) models
 
@@ -53,6 +53,10 @@ demo: setup
 	$(RAG) --data-dir $(DEMO_DATA) ingest examples/corpus --collection demo
 	$(RAG) --data-dir $(DEMO_DATA) search "$(DEMO_QUESTION)" --collection demo -k 3
 	$(RAG) --data-dir $(DEMO_DATA) ask "$(DEMO_QUESTION)" --collection demo
+
+# Long crash test: SIGKILL the server mid-ingest many times; no acknowledged document may be lost.
+soak: setup
+	RAG_CRASH_ROUNDS=$(or $(ROUNDS),50) $(PY) -m pytest tests/test_durability.py -s -q
 
 serve: setup
 	$(RAG) --data-dir $(DEMO_DATA) serve --address $(or $(ADDRESS),127.0.0.1:50051)

@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-concurrent-generations", type=int, default=None)
     s.add_argument("--max-queued-generations", type=int, default=None)
     s.add_argument("--batch-window-ms", type=float, default=None, help="micro-batching window for Search/Embed")
+    s.add_argument("--lazy-generator", action="store_true",
+                   help="load the generation model on the first Answer instead of at start")
 
     s = sub.add_parser("collections", help="list collections with their counts and settings")
     s.add_argument("--json", action="store_true")
@@ -220,6 +222,8 @@ def serve(args: argparse.Namespace) -> int:
     token = args.auth_token or os.environ.get("RAG_AUTH_TOKEN")
     if token:
         kw["auth_token"] = token
+    if args.lazy_generator:
+        kw["warm_generator"] = False
     config = make_config(args).replace(**kw)
     run_server(config, args.address or os.environ.get("RAG_ADDRESS") or DEFAULT_ADDRESS)
     return 0

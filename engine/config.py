@@ -121,6 +121,7 @@ class Config:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
     metrics_port: int | None = None
+    warm_generator: bool = True  # load the generator at server start (False: on first Answer)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))

@@ -136,10 +136,11 @@ def create_server(config: Config, address: str, *, engine: Engine | None = None)
     """A started server bound to `address` (port 0 picks one) -> (RagServer, port)."""
     engine = engine or Engine(config)
     engine.warmup()
-    try:  # load and warm the generator now, so the first Answer does not pay for it
-        engine.generator.warmup()
-    except Unavailable as e:
-        log.warning("generation disabled: %s", e)
+    if config.warm_generator:
+        try:  # load and warm the generator now, so the first Answer does not pay for it
+            engine.generator.warmup()
+        except Unavailable as e:
+            log.warning("generation disabled until the model is built: %s", e)
     metrics = Metrics(config.metrics_port)
     batcher = MicroBatcher(engine, window_ms=config.batch_window_ms)
     batcher.on_batch = metrics.batch.observe

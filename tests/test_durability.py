@@ -1,0 +1,162 @@
+"""Crash safety: SIGKILL the server while it ingests, restart, and find every acknowledged
+document; interrupt an index save and find the collection whole.
+
+RAG_CRASH_ROUNDS (default 4) sets how many kill/restart rounds run; `make soak` runs many.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from engine.ingest import Document
+from engine.pipeline import Engine
+from server.client import RagClient
+
+ROUNDS = int(os.environ.get("RAG_CRASH_ROUNDS", "4"))
+WORDS = ("river stone cloud engine lantern copper orchard violin glacier harbor meadow quartz falcon "
+         "tunnel saddle pepper marble canyon ember willow beacon thistle compass velvet garnet").split()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(data_dir: Path, port: int) -> subprocess.Popen:
+    exe = Path(sys.executable).parent / "rag"
+    proc = subprocess.Popen([exe, "--data-dir", str(data_dir), "--threads", "1", "serve", "--address",
+                             f"127.0.0.1:{port}", "--lazy-generator"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+                r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return proc
+        except grpc.RpcError:
+            time.sleep(0.2)
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
+    proc.kill()
+    raise RuntimeError("server did not start")
+
+
+def make_doc(rng: random.Random, name: str) -> dict:
+    return {"id": name, "text": f"{name}: " + " ".join(rng.choice(WORDS) for _ in range(60))}
+
+
+def check_acknowledged(client: RagClient, acked: dict[str, str]) -> None:
+    """Every acknowledged document is stored and is its own nearest neighbour."""
+    ids = sorted(acked)
+    for i in range(0, len(ids), 64):
+        part = ids[i:i + 64]
+        results = client.search_batch("c", [acked[d] for d in part], k=3)
+        for doc_id, hits in zip(part, results):
+            assert doc_id in [h.doc_id for h in hits], f"acknowledged document {doc_id} lost"
+
+
+def check_consistent(data_dir: Path, config) -> None:
+    """Store and index hold the same chunk keys; every stored document has all its chunks."""
+    eng = Engine(config.replace(data_dir=data_dir))
+    col = eng._open("c")
+    store_keys = col.store.keys()
+    np.testing.assert_array_equal(np.sort(col.index.keys()), store_keys)
+    db = sqlite3.connect(data_dir / "collections" / "c" / "store.sqlite")
+    bad = db.execute("SELECT d.doc_id FROM documents d LEFT JOIN chunks c ON c.doc_id = d.doc_id "
+                     "GROUP BY d.doc_id HAVING COUNT(c.key) != MAX(d.n_chunks)").fetchall()
+    db.close()
+    assert not bad, f"half-written documents: {bad[:5]}"
+    eng.close()
+
+
+def test_sigkill_never_loses_acknowledged_documents(tmp_path, config):
+    rng = random.Random(1234)
+    data = tmp_path / "data"
+    port = free_port()
+    acked: dict[str, str] = {}
+    kills = 0
+    proc = start(data, port)
+    RagClient(f"127.0.0.1:{port}", timeout=60).create_collection("c")
+    try:
+        for r in range(ROUNDS):
+            client = RagClient(f"127.0.0.1:{port}", timeout=60)
+            check_acknowledged(client, acked)
+            stop = threading.Event()
+
+            def ingest_loop(r=r, client=client):
+                n = 0
+                while not stop.is_set():
+                    docs = [make_doc(rng, f"r{r}-d{n + i}") for i in range(rng.randint(1, 12))]
+                    n += len(docs)
+                    try:
+                        res = client.ingest("c", docs, timeout=60)
+                    except grpc.RpcError:
+                        return  # not acknowledged: may or may not be there, never half
+                    for d, result in zip(docs, res.results):
+                        assert result.status in (1, 2, 3), result.error
+                        acked[d["id"]] = d["text"]
+
+            t = threading.Thread(target=ingest_loop)
+            t.start()
+            time.sleep(rng.uniform(0.5, 3.0))
+            proc.kill()  # SIGKILL: no shutdown hook runs
+            proc.wait()
+            kills += 1
+            stop.set()
+            t.join(timeout=60)
+            client.close()
+            proc = start(data, port)
+        client = RagClient(f"127.0.0.1:{port}", timeout=60)
+        check_acknowledged(client, acked)
+        client.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    check_consistent(data, config)
+    print(f"\ncrash test: rounds {ROUNDS}, kills {kills}, documents acknowledged {len(acked)}, lost 0")
+    assert len(acked) > 0
+
+
+def test_interrupted_index_save_leaves_collection_whole(tmp_path, config, embedder, monkeypatch):
+    eng = Engine(config.replace(data_dir=tmp_path), embedder=embedder)
+    eng.create_collection("c")
+    eng.ingest("c", [Document(f"d{i}", f"text number {i} " * 20,
+                                                                                  f"d{i}") for i in range(30)])
+    eng.save()
+    eng.ingest("c", [Document("late", "a late document " * 20,
+                                                                                  "late")])
+    real_replace = os.replace
+
+    def crash_on_index(src, dst):
+        if str(dst).endswith("index.usearch"):
+            raise OSError("simulated crash between writing the snapshot and renaming it")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_on_index)
+    with pytest.raises(OSError, match="simulated crash"):
+        eng.save()
+    monkeypatch.setattr(os, "replace", real_replace)
+    folder = tmp_path / "collections" / "c"
+    assert (folder / "index.usearch.tmp").exists(), "the half-written snapshot is left behind, unused"
+    for col in eng._collections.values():
+        col.store.close()
+    eng2 = Engine(config.replace(data_dir=tmp_path), embedder=embedder)
+    assert eng2.describe("c").chunks == 31
+    assert eng2.search("c", "a late document", 1)[0].doc_id == "late"
+    check_consistent(tmp_path, config)
+    eng2.close()
