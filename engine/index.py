@@ -40,6 +40,9 @@ class VectorIndex:
         self.ndim = ndim
         self.threads = threads
         self.generation = 0
+        self.removed = 0  # vectors removed since the graph was built: usearch keeps their memory
+        self._args = dict(ndim=ndim, metric="cos", dtype=USEARCH_DTYPES[dtype], connectivity=connectivity,
+                          expansion_add=expansion_add, expansion_search=expansion_search)
         self._index = Index(ndim=ndim, metric="cos", dtype=USEARCH_DTYPES[dtype],
                             connectivity=connectivity, expansion_add=expansion_add,
                             expansion_search=expansion_search)
@@ -70,6 +73,24 @@ class VectorIndex:
     def remove(self, keys: np.ndarray) -> None:
         if len(keys):
             self._index.remove(np.asarray(keys, dtype=np.uint64))
+            self.removed += len(keys)
+
+    @property
+    def removed_share(self) -> float:
+        total = len(self) + self.removed
+        return self.removed / total if total else 0.0
+
+    def rebuild(self, keys: np.ndarray, vectors: np.ndarray) -> None:
+        """A fresh graph over `keys` (rows of `vectors`): frees what removed vectors held."""
+        from usearch.index import Index
+
+        fresh = Index(**self._args)
+        if len(keys):
+            fresh.add(np.asarray(keys, dtype=np.uint64), np.ascontiguousarray(vectors[keys], dtype=np.float32),
+                      threads=self.threads)
+        fresh.expansion_search = self._index.expansion_search
+        self._index = fresh
+        self.removed = 0
 
     def sync(self, store_keys: np.ndarray, vectors: np.ndarray, generation: int) -> int:
         """Make the index hold exactly `store_keys` (rows of `vectors`); returns keys changed."""
@@ -89,7 +110,7 @@ class VectorIndex:
         tmp = folder / (INDEX_FILE + ".tmp")
         self._index.save(str(tmp))
         meta_tmp = folder / (INDEX_META_FILE + ".tmp")
-        meta_tmp.write_text(json.dumps({"generation": self.generation, "size": len(self)}))
+        meta_tmp.write_text(json.dumps({"generation": self.generation, "size": len(self), "removed": self.removed}))
         if fsync:
             for p in (tmp, meta_tmp):
                 fd = os.open(p, os.O_RDONLY)
@@ -115,7 +136,9 @@ class VectorIndex:
         if path.exists() and meta.exists():
             try:
                 ix._index.load(str(path))
-                ix.generation = int(json.loads(meta.read_text())["generation"])
+                saved = json.loads(meta.read_text())
+                ix.generation = int(saved["generation"])
+                ix.removed = int(saved.get("removed", 0))
                 ix._index.expansion_search = expansion_search
             except (RuntimeError, ValueError, KeyError, OSError):
                 # Unreadable: start empty; the caller resyncs from the store.

@@ -29,6 +29,9 @@ from .store import DocumentRecord, Store, fsync_dir
 
 COLLECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_QUERY_CHARS = 64 * 1024
+# When removed vectors make up this share of the index, it is rebuilt from the live ones
+# (usearch marks removed nodes but keeps their memory and graph slots).
+COMPACT_REMOVED_SHARE = 0.3
 # Documents buffered before one chunk+embed+commit round; bounds memory while ingesting.
 INGEST_BATCH_CHARS = 2_000_000
 INGEST_BATCH_DOCS = 256
@@ -158,6 +161,14 @@ class Collection:
     @property
     def quantized(self) -> bool:
         return self.index.dtype != "f32"
+
+    def maybe_compact(self) -> bool:
+        """Rebuild the index if removed vectors passed COMPACT_REMOVED_SHARE (caller holds write_lock)."""
+        if self.index.removed_share < COMPACT_REMOVED_SHARE:
+            return False
+        self.index.rebuild(self.store.keys(), self.store.vectors())
+        self.dirty = True
+        return True
 
     def save(self, fsync: bool = True) -> None:
         with self.write_lock:
@@ -394,6 +405,7 @@ class Engine:
         col.index.add(change.added_keys, change.added_vectors)
         col.index.generation = change.generation
         col.dirty = True
+        col.maybe_compact()
         for d, _, chunks in records_in:
             if d.doc_id in stored:
                 report.documents_updated += 1
@@ -421,6 +433,7 @@ class Engine:
             col.index.remove(change.removed_keys)
             col.index.generation = change.generation
             col.dirty = True
+            col.maybe_compact()
             return len(present)
 
     def save(self) -> None:

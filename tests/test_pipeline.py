@@ -203,3 +203,17 @@ def test_bad_documents_are_reported_and_nothing_is_lost(engine, corpus):
 def test_empty_collection_search(engine):
     engine.create_collection("empty")
     assert engine.search("empty", "anything", 5) == []
+
+
+def test_deleted_vectors_are_compacted_away(engine):
+    engine.create_collection("c")
+    engine.ingest("c", [Document(f"d{i}", f"document number {i} about topic {i % 7}", f"d{i}") for i in range(40)])
+    col = engine._open("c")
+    engine.delete_documents("c", [f"d{i}" for i in range(10)])
+    assert col.index.removed == 10  # 25%: below the threshold, kept
+    engine.delete_documents("c", [f"d{i}" for i in range(10, 16)])
+    assert col.index.removed == 0, "past 30% removed the index is rebuilt from live vectors"
+    assert len(col.index) == 24
+    assert sorted(col.index.keys().tolist()) == col.store.keys().tolist()
+    hits = engine.search("c", "document number 20 about topic 6", 1)
+    assert hits[0].doc_id == "d20"
