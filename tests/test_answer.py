@@ -72,7 +72,8 @@ def test_batch_answers_match_single(rag):
     test_generate.py; with different padding, int8 kernels may accumulate in a different
     order and flip a near-tie late in an answer, e.g. whether "[1]" follows the last word.)
     """
-    qs = ["Who invented the Fresnel lens?", "Which planet is the hottest?", "What is the capital of Mongolia?"]
+    qs = ["Who invented the Fresnel lens?", "Which planet is the hottest?",
+          "How do I replace the battery of a 2009 car key fob?"]
     batch = rag.answer_batch("demo", qs, params=SHORT, batch_size=3)
     single = [rag.answer("demo", q, params=SHORT) for q in qs]
     for b, s in zip(batch, single):
