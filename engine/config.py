@@ -30,7 +30,9 @@ DEFAULT_CHUNK_TOKENS = 256
 DEFAULT_CHUNK_OVERLAP = 32
 
 INDEX_DTYPES = ("f32", "f16", "i8")
-DEFAULT_INDEX_DTYPE = "f32"
+# i8 + exact f32 re-scoring: same retrieval quality as f32 on SQuAD (R@5 0.8652 vs 0.8651),
+# a 4x smaller graph, and the fastest of our dtypes at recall@10 >= 0.99 (benchmarks/ann.py).
+DEFAULT_INDEX_DTYPE = "i8"
 DEFAULT_CONNECTIVITY = 16
 DEFAULT_EXPANSION_ADD = 128
 DEFAULT_EXPANSION_SEARCH = 64
