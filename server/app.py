@@ -149,13 +149,16 @@ def create_server(config: Config, address: str, *, engine: Engine | None = None)
     interceptors = [MetricsInterceptor(metrics)]
     if config.auth_token:
         interceptors.insert(0, TokenAuth(config.auth_token))
-    workers = config.max_concurrent_generations + config.max_queued_generations + 32
+    # A Search/Embed call holds its thread while it waits for its micro-batch, so the pool
+    # must cover the concurrency we want to batch (grpc_load: 128 clients were refused
+    # with RESOURCE_EXHAUSTED when the pool and RPC limit were 42 and 106).
+    workers = config.max_concurrent_generations + config.max_queued_generations + 160
     options = [("grpc.max_receive_message_length", config.max_message_bytes),
                ("grpc.max_send_message_length", config.max_message_bytes),
                ("grpc.so_reuseport", 0)]
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rag-rpc"),
                          interceptors=interceptors, options=options,
-                         maximum_concurrent_rpcs=workers + 64)
+                         maximum_concurrent_rpcs=2 * workers)
     rpc.add_CollectionServiceServicer_to_server(servicer, server)
     rpc.add_IngestServiceServicer_to_server(servicer, server)
     rpc.add_RetrieveServiceServicer_to_server(servicer, server)
