@@ -82,7 +82,7 @@ class Embedder:
                  threads: int = 1, batch_max_tokens: int = DEFAULT_BATCH_MAX_TOKENS,
                  max_batch: int = DEFAULT_MAX_BATCH) -> None:
         """`threads`: CPU cores to use (worker threads). `batch_max_tokens` and `max_batch`
-        bound the padded batches (fp32, and CUDA); int8 on CPU runs every text alone."""
+        bound the padded batches of the CUDA provider; on CPU every text runs alone."""
         from tokenizers import Tokenizer
 
         model_dir = Path(model_dir)
@@ -130,10 +130,7 @@ class Embedder:
         """Indices into `lengths`, longest first: one text per batch on CPU (see the module
         docstring), else grouped so batch * max_len <= batch_max_tokens."""
         order = np.argsort(-lengths, kind="stable")
-        if self.provider == "cpu" and self.variant == "int8":
-            # int8 alone per text: fastest measured (5.4x sentence-transformers vs 3.1x batched),
-            # and dynamic quantization's per-batch activation scale then depends on the text
-            # only, so a text's vector does not change with what it is embedded beside.
+        if self.provider == "cpu":
             return [order[i:i + 1] for i in range(len(order))]
         out = []
         start, n = 0, len(order)
