@@ -193,7 +193,7 @@ def run(docs: list[Document], questions: list[str], gold: list[str], *, variant:
     records = []
     with tempfile.TemporaryDirectory(prefix="rag-bench-") as tmp:
         # fsync off: durability is not what this measures, and it would add disk noise.
-        config = Config(data_dir=Path(tmp), embed_variant=variant, fsync=False)
+        config = Config(data_dir=Path(tmp), embed_variant=variant, wal_fsync="off")
         memo = MemoEmbedder(Engine(config).embedder)
         engine = Engine(config, embedder=memo)
         engine.warmup()

@@ -64,6 +64,14 @@ DEFAULT_PROMPT_TEMPLATE = "{context}\nQuestion: {question}\nAnswer briefly and c
 DEFAULT_ANSWER_MIN_SCORE = 0.2
 DEFAULT_ANSWER_MIN_RELATIVE = 0.5
 
+# Durability (engine/wal.py): when the write-ahead log is synced before a write is
+# acknowledged ("batch": every commit; "interval": at most every WAL_FSYNC_INTERVAL_MS;
+# "off": left to the OS), and when a snapshot (store + index synced, log emptied) is taken.
+DEFAULT_WAL_FSYNC = "batch"
+DEFAULT_WAL_FSYNC_INTERVAL_MS = 100.0
+DEFAULT_SNAPSHOT_WAL_BYTES = 64 * 1024 * 1024
+DEFAULT_SNAPSHOT_INTERVAL_S = 300.0
+
 # Server (server/): limits and the micro-batching window.
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 DEFAULT_MAX_CONCURRENT_GENERATIONS = 2
@@ -101,7 +109,10 @@ class Config:
     expansion_add: int = DEFAULT_EXPANSION_ADD
     expansion_search: int = DEFAULT_EXPANSION_SEARCH
     oversample: int = DEFAULT_OVERSAMPLE
-    fsync: bool = True
+    wal_fsync: str = DEFAULT_WAL_FSYNC
+    wal_fsync_interval_ms: float = DEFAULT_WAL_FSYNC_INTERVAL_MS
+    snapshot_wal_bytes: int = DEFAULT_SNAPSHOT_WAL_BYTES
+    snapshot_interval_s: float = DEFAULT_SNAPSHOT_INTERVAL_S
     gen_model: str = DEFAULT_GEN_MODEL
     gen_variant: str = DEFAULT_GEN_VARIANT
     context_window: int = DEFAULT_CONTEXT_WINDOW
@@ -134,6 +145,10 @@ class Config:
             raise InvalidInput(f"provider must be one of {PROVIDERS}, got {self.provider!r}")
         if self.index_dtype not in INDEX_DTYPES:
             raise InvalidInput(f"index dtype must be one of {INDEX_DTYPES}, got {self.index_dtype!r}")
+        if self.wal_fsync not in ("batch", "interval", "off"):
+            raise InvalidInput(f"wal_fsync must be 'batch', 'interval' or 'off', got {self.wal_fsync!r}")
+        if self.wal_fsync_interval_ms < 0 or self.snapshot_interval_s < 0 or self.snapshot_wal_bytes < 1:
+            raise InvalidInput("wal_fsync_interval_ms and snapshot_interval_s must be >= 0, snapshot_wal_bytes >= 1")
         if self.max_queued_generations < 0 or self.batch_window_ms < 0 or self.grace_s < 0:
             raise InvalidInput("max_queued_generations, batch_window_ms and grace_s must be >= 0")
         if (self.tls_cert is None) != (self.tls_key is None):

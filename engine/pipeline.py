@@ -26,6 +26,8 @@ from .errors import AlreadyExists, FailedPrecondition, InvalidInput, NotFound
 from .index import VectorIndex, check_dtype
 from .ingest import Document, Failure, check_document, iter_documents
 from .store import DocumentRecord, Store, fsync_dir
+from .wal import WAL_FILE, WriteAheadLog
+from .wal import encode as wal_encode
 
 COLLECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_QUERY_CHARS = 64 * 1024
@@ -140,27 +142,67 @@ class Answer:
 
 
 class Collection:
-    """An open collection: its store and index, guarded by one write lock."""
+    """An open collection: its write-ahead log, store and index, guarded by one write lock.
+
+    A write is logged, then applied to the store, then to the index (`commit`). Opening a
+    collection replays the log past the store's last snapshot, then brings the index (a
+    snapshot of its own, tagged with the store generation) up to the store.
+    """
 
     def __init__(self, name: str, folder: Path, config: Config) -> None:
         self.name = name
         self.folder = folder
-        self.store = Store(folder, fsync=config.fsync)
+        self.config = config
+        self.store = Store(folder)
         s = self.store.settings
         self.settings = s
+        self.wal = WriteAheadLog(folder / WAL_FILE, fsync=config.wal_fsync,
+                                 interval_ms=config.wal_fsync_interval_ms)
+        self.replayed = 0
+        for rec in self.wal.records(after_seq=self.store.snapshot_seq):
+            # Records the store already holds are rewritten to the same keys: a no-op.
+            self.store.apply(rec.upserts, rec.deletes, first_key=rec.first_key, seq=rec.seq)
+            self.replayed += 1
+        # After a snapshot the log is empty; numbering goes on from what the store holds.
+        self.wal.last_seq = max(self.wal.last_seq, self.store.applied_seq)
         self.index = VectorIndex.load(folder, ndim=s["dim"], dtype=s["index_dtype"],
                                       connectivity=s["connectivity"], expansion_add=s["expansion_add"],
                                       expansion_search=s["expansion_search"], threads=config.threads)
         self.write_lock = threading.Lock()
         generation = self.store.generation
         if self.index.generation != generation or len(self.index) != self.store.counts()[1]:
-            # The index on disk is older than the store (crash before save): catch up.
+            # The index snapshot is older than the store (crash before a snapshot): catch up.
             self.index.sync(self.store.keys(), self.store.vectors(), generation)
-        self.dirty = False
+        self.dirty = self.replayed > 0
+        self.last_snapshot = time.monotonic()
 
     @property
     def quantized(self) -> bool:
         return self.index.dtype != "f32"
+
+    def commit(self, records: Sequence[DocumentRecord], deletes: Sequence[str] = ()):
+        """Log, then apply, one change; returns the store's Change. Caller holds write_lock.
+
+        The change is acknowledged (durable per config.wal_fsync) once this returns. If the
+        store cannot apply it, the log record is taken back and nothing changes.
+        """
+        self.store.check(records)
+        first_key = self.store.next_key
+        seq = self.wal.append(wal_encode(first_key, records, deletes, self.store.dim))
+        try:
+            change = self.store.apply(records, deletes, first_key=first_key, seq=seq)
+        except BaseException:
+            self.wal.undo_last(seq)
+            raise
+        self.index.remove(change.removed_keys)
+        self.index.add(change.added_keys, change.added_vectors)
+        self.index.generation = change.generation
+        self.dirty = True
+        self.maybe_compact()
+        if (self.wal.size_bytes() >= self.config.snapshot_wal_bytes
+                or time.monotonic() - self.last_snapshot >= self.config.snapshot_interval_s):
+            self._snapshot()
+        return change
 
     def maybe_compact(self) -> bool:
         """Rebuild the index if removed vectors passed COMPACT_REMOVED_SHARE (caller holds write_lock)."""
@@ -170,13 +212,24 @@ class Collection:
         self.dirty = True
         return True
 
-    def save(self, fsync: bool = True) -> None:
+    def _snapshot(self) -> None:
+        # Store first (its snapshot point makes every logged record up to it a no-op on
+        # replay), then the index, then an empty log. A crash anywhere in between recovers.
+        self.store.checkpoint()
+        if self.dirty:
+            self.index.save(self.folder)
+            self.dirty = False
+        self.wal.reset()
+        self.last_snapshot = time.monotonic()
+
+    def snapshot(self) -> None:
+        """Persist the store and index and empty the write-ahead log."""
         with self.write_lock:
-            if self.dirty:
-                self.index.save(self.folder, fsync=fsync)
-                self.dirty = False
+            if self.dirty or not self.wal.empty:
+                self._snapshot()
 
     def close(self) -> None:
+        self.wal.close()
         self.store.close()
 
 
@@ -400,12 +453,7 @@ class Engine:
             records.append(DocumentRecord(d.doc_id, d.source, h, d.metadata, len(d.text), chunks,
                                           vectors[row:row + len(chunks)]))
             row += len(chunks)
-        change = col.store.apply(records)
-        col.index.remove(change.removed_keys)
-        col.index.add(change.added_keys, change.added_vectors)
-        col.index.generation = change.generation
-        col.dirty = True
-        col.maybe_compact()
+        change = col.commit(records)
         for d, _, chunks in records_in:
             if d.doc_id in stored:
                 report.documents_updated += 1
@@ -429,19 +477,16 @@ class Engine:
             present = [d for d in dict.fromkeys(doc_ids) if col.store.has_document(d)]
             if not present:
                 return 0
-            change = col.store.apply([], deletes=present)
-            col.index.remove(change.removed_keys)
-            col.index.generation = change.generation
-            col.dirty = True
-            col.maybe_compact()
+            col.commit([], deletes=present)
             return len(present)
 
     def save(self) -> None:
-        """Persist every open collection's index (atomically)."""
+        """Snapshot every open collection: store and index synced, write-ahead log emptied.
+        Not needed for durability (the log gives that); it makes the next start quick."""
         with self._lock:
             cols = list(self._collections.values())
         for col in cols:
-            col.save(self.config.fsync)
+            col.snapshot()
 
     def close(self) -> None:
         self.save()

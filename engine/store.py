@@ -3,11 +3,15 @@
 A collection lives in one folder:
   store.sqlite   SQLite in WAL mode: settings, documents, chunk text/spans/metadata
   vectors.f32    raw float32 rows, row number = chunk key (what the rescoring kernel reads)
+  wal.log        the collection's write-ahead log (engine/wal.py)
   index.usearch  the HNSW index (engine/index.py), rebuilt from the two above if stale
 
-Every change is one SQLite transaction. New vectors are written (and fsynced) to rows past
-the committed `next_key` before that transaction commits, so a crash at any point leaves
-either the old state or the new one, never a chunk without its vector.
+Every change is one SQLite transaction that also records the log sequence number it
+applies (`applied_seq`). New vectors are written to rows past the committed `next_key`
+before that transaction commits, so a crash leaves either the old state or the new one,
+never a chunk without its vector. Durability comes from the write-ahead log: the store is
+synced only at snapshots (`checkpoint`), which record `snapshot_seq`, the point from which
+recovery replays the log.
 """
 
 from __future__ import annotations
@@ -101,17 +105,20 @@ def fsync_dir(path: Path) -> None:
 class Store:
     """SQLite + vector file of one collection. Thread-safe: one lock serialises access."""
 
-    def __init__(self, folder: Path, *, fsync: bool = True) -> None:
+    def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
         db = self.folder / STORE_FILE
         if not db.exists():
             raise NotFound(f"no store at {db}")
-        self.fsync = fsync
         self._lock = threading.RLock()
         self._db = sqlite3.connect(db, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+        # NORMAL: a commit is not synced (the write-ahead log already is); checkpoints are.
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
+        # Stores made before the write-ahead log lack these rows.
+        self._db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('applied_seq', '0')")
+        self._db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('snapshot_seq', '0')")
         self.settings = json.loads(self._meta("settings"))
         self.dim = int(self.settings["dim"])
         self._vec_path = self.folder / VECTORS_FILE
@@ -128,7 +135,8 @@ class Store:
             db.executescript(_SCHEMA)
             db.execute("BEGIN")
             for k, v in (("settings", json.dumps(settings, sort_keys=True)), ("next_key", "0"),
-                         ("generation", "0"), ("schema_version", str(SCHEMA_VERSION))):
+                         ("generation", "0"), ("schema_version", str(SCHEMA_VERSION)),
+                         ("applied_seq", "0"), ("snapshot_seq", "0")):
                 db.execute("INSERT INTO meta(key, value) VALUES (?, ?)", (k, v))
             db.execute("COMMIT")
         finally:
@@ -154,6 +162,24 @@ class Store:
     def generation(self) -> int:
         with self._lock:
             return int(self._meta("generation"))
+
+    @property
+    def next_key(self) -> int:
+        """The key the next new chunk gets (keys are never reused)."""
+        with self._lock:
+            return int(self._meta("next_key"))
+
+    @property
+    def applied_seq(self) -> int:
+        """Sequence number of the last write-ahead log record applied."""
+        with self._lock:
+            return int(self._meta("applied_seq"))
+
+    @property
+    def snapshot_seq(self) -> int:
+        """Everything up to this log record is durable in the store (see `checkpoint`)."""
+        with self._lock:
+            return int(self._meta("snapshot_seq"))
 
     def counts(self) -> tuple[int, int]:
         """(documents, chunks)."""
@@ -216,26 +242,35 @@ class Store:
         return sum(p.stat().st_size for p in self.folder.iterdir() if p.is_file())
 
     # ------------------------------------------------------------------ writes
-    def apply(self, upserts: Sequence[DocumentRecord], deletes: Sequence[str] = ()) -> Change:
-        """Replace or insert documents and delete others, all in one transaction."""
+    def check(self, upserts: Sequence[DocumentRecord]) -> None:
+        """Raise InvalidInput if a record cannot be stored (before it is logged)."""
         for rec in upserts:
             if rec.vectors.shape != (len(rec.chunks), self.dim):
                 raise InvalidInput(f"document {rec.doc_id!r}: vectors shape {rec.vectors.shape} does "
                                    f"not match {len(rec.chunks)} chunks x dim {self.dim}")
+
+    def apply(self, upserts: Sequence[DocumentRecord], deletes: Sequence[str] = (), *,
+              first_key: int | None = None, seq: int | None = None) -> Change:
+        """Replace or insert documents and delete others, all in one transaction.
+
+        New chunks get keys first_key, first_key + 1, ... (default: next_key). Replaying a
+        logged change passes the keys it was given, so applying it twice writes the same rows.
+        `seq` is the write-ahead log record this applies.
+        """
+        self.check(upserts)
         with self._lock:
             next_key = int(self._meta("next_key"))
+            first = next_key if first_key is None else int(first_key)
             n_new = sum(len(r.chunks) for r in upserts)
-            added = np.arange(next_key, next_key + n_new, dtype=np.int64)
+            added = np.arange(first, first + n_new, dtype=np.int64)
             vectors = (np.concatenate([r.vectors for r in upserts]).astype(np.float32, copy=False)
                        if n_new else np.empty((0, self.dim), np.float32))
             if n_new:
                 # Rows past next_key are invisible until the transaction below commits.
                 data = np.ascontiguousarray(vectors).tobytes()
-                written = os.pwrite(self._vec_fd, data, next_key * self.dim * 4)
+                written = os.pwrite(self._vec_fd, data, first * self.dim * 4)
                 if written != len(data):
                     raise OSError(f"short write to {self._vec_path}: {written} of {len(data)} bytes")
-                if self.fsync:
-                    os.fsync(self._vec_fd)
             removed: list[int] = []
             db = self._db
             db.execute("BEGIN IMMEDIATE")
@@ -245,7 +280,7 @@ class Store:
                     removed.extend(r[0] for r in db.execute("SELECT key FROM chunks WHERE doc_id = ?", (doc_id,)))
                     db.execute("DELETE FROM chunks WHERE doc_id = ?", (doc_id,))
                     db.execute("DELETE FROM documents WHERE doc_id = ?", (doc_id,))
-                key = next_key
+                key = first
                 for rec in upserts:
                     db.execute("INSERT INTO documents VALUES (?, ?, ?, ?, ?, ?, ?)",
                                (rec.doc_id, rec.source, rec.content_hash,
@@ -256,10 +291,30 @@ class Store:
                                     for i, c in enumerate(rec.chunks)])
                     key += len(rec.chunks)
                 generation = int(self._meta("generation")) + 1
-                db.execute("UPDATE meta SET value = ? WHERE key = 'next_key'", (str(key),))
+                db.execute("UPDATE meta SET value = ? WHERE key = 'next_key'", (str(max(key, next_key)),))
                 db.execute("UPDATE meta SET value = ? WHERE key = 'generation'", (str(generation),))
+                if seq is not None:
+                    db.execute("UPDATE meta SET value = ? WHERE key = 'applied_seq'", (str(seq),))
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
             return Change(added, vectors, np.asarray(removed, dtype=np.int64), generation)
+
+    def checkpoint(self) -> int:
+        """Make everything applied durable and record it as the snapshot point; returns it.
+
+        Order matters: vector rows are synced before the snapshot point is written, and
+        SQLite's checkpoint syncs its log, then the database, after it.
+        """
+        with self._lock:
+            os.fsync(self._vec_fd)
+            seq = int(self._meta("applied_seq"))
+            self._db.execute("UPDATE meta SET value = ? WHERE key = 'snapshot_seq'", (str(seq),))
+            busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            if busy:
+                # Cannot happen with this one connection; fall back to a synced commit.
+                self._db.execute("PRAGMA synchronous=FULL")
+                self._db.execute("UPDATE meta SET value = ? WHERE key = 'snapshot_seq'", (str(seq),))
+                self._db.execute("PRAGMA synchronous=NORMAL")
+            return seq

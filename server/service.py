@@ -192,7 +192,6 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
             status, chunks, error = report.results.get(doc_id, report.results.get(f"#{order.index(doc_id) + 1}",
                                                                                   ("failed", 0, "not processed")))
             results.append(pb.DocumentResult(id=doc_id, status=STATUS_TO_PB[status], chunks=chunks, error=error))
-        self.engine.save()
         return pb.IngestStreamResponse(results=results, chunks_added=report.chunks_added,
                                        chunks_removed=report.chunks_removed,
                                        ingest_time_ns=time.perf_counter_ns() - t0)
@@ -200,7 +199,6 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
     @guarded
     def DeleteDocuments(self, request, context):
         n = self.engine.delete_documents(request.collection, list(request.ids))
-        self.engine.save()
         return pb.DeleteDocumentsResponse(deleted=n)
 
     # ------------------------------------------------------------------ retrieval
