@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
     p.add_argument("--embed-variant", choices=["fp32", "int8"], default=None,
                    help="embedding model variant (default int8)")
+    p.add_argument("--wal-fsync", choices=["batch", "interval", "off"], default=None,
+                   help="when the write-ahead log is synced before a write is acknowledged (default batch: "
+                        "every write; interval: every --wal-fsync-interval-ms; off: left to the OS)")
+    p.add_argument("--wal-fsync-interval-ms", type=float, default=None)
+    p.add_argument("--snapshot-wal-bytes", type=int, default=None,
+                   help="snapshot a collection when its log passes this size (default 64 MiB)")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("ingest", help="add files or directory trees to a collection (created if missing)")
@@ -131,6 +137,9 @@ def make_config(args: argparse.Namespace) -> Config:
         kw["threads"] = args.threads
     if args.embed_variant:
         kw["embed_variant"] = args.embed_variant
+    for name in ("wal_fsync", "wal_fsync_interval_ms", "snapshot_wal_bytes"):
+        if getattr(args, name) is not None:
+            kw[name] = getattr(args, name)
     return Config(**kw)
 
 
