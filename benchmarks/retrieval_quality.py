@@ -1,10 +1,13 @@
-"""Does the engine's dense retrieval find the paragraph that answers a question better than BM25?
+"""Does the engine's retrieval (dense, and hybrid dense+BM25) find the paragraph that answers
+a question better than BM25?
 
 Corpus and questions: SQuAD v1.1 dev (2,067 Wikipedia paragraphs, ~10.5k questions, each
 answered by exactly one paragraph). Every paragraph is ingested as one engine.ingest.Document
 (doc_id "title/paragraph-index") through engine.pipeline.Engine into a fresh collection per
 index dtype (f32, and i8 with the engine's automatic exact rescoring). Questions are asked
-with Engine.search_batch in batches; 20 chunks are fetched and deduplicated by doc_id
+with Engine.search_batch in batches, in both search modes: `dense` (HNSW only) and
+`hybrid` (the default: the dense ranking fused with the store's FTS5 BM25 ranking by
+reciprocal rank fusion); 20 chunks are fetched and deduplicated by doc_id
 (best rank kept) into the top-10 paragraphs, because a long paragraph can span two chunks.
 
 The baseline is BM25 (rank_bm25.BM25Okapi, k1=1.5, b=0.75) over the same paragraphs with a
@@ -163,15 +166,15 @@ def run_bm25(docs: list[Document], questions: list[str], gold: list[str]) -> dic
 
 
 def run_dense(engine: Engine, memo: MemoEmbedder, name: str, questions: list[str], gold: list[str], *,
-              batch: int, fetch_k: int, embed_qps: float, latency_questions: int) -> dict:
-    """Quality and speed of one collection; question vectors are already in `memo`."""
-    engine.search_batch(name, questions[:batch], fetch_k)  # warm up (index pages, rescoring kernel)
+              batch: int, fetch_k: int, embed_qps: float, latency_questions: int, mode: str) -> dict:
+    """Quality and speed of one collection in one search mode; question vectors are already in `memo`."""
+    engine.search_batch(name, questions[:batch], fetch_k, mode=mode)  # warm up (index pages, kernels)
     ranks: list[int | None] = []
     batch_s = []
     for s in range(0, len(questions), batch):
         qs = questions[s:s + batch]
         t0 = time.perf_counter()
-        hits = engine.search_batch(name, qs, fetch_k)
+        hits = engine.search_batch(name, qs, fetch_k, mode=mode)
         batch_s.append(time.perf_counter() - t0)
         ranks.extend(gold_rank(dedupe(h, TOP_DOCS), g) for h, g in zip(hits, gold[s:s + batch]))
     search_qps = len(questions) / sum(batch_s)
@@ -181,7 +184,7 @@ def run_dense(engine: Engine, memo: MemoEmbedder, name: str, questions: list[str
     lat = []
     for q in questions[:latency_questions]:
         t0 = time.perf_counter()
-        engine.search(name, q, fetch_k)
+        engine.search(name, q, fetch_k, mode=mode)
         lat.append(time.perf_counter() - t0)
     memo.bypass = False
     p50, p99 = pct_ms(lat)
@@ -215,11 +218,12 @@ def run(docs: list[Document], questions: list[str], gold: list[str], *, variant:
               f"(chunk_tokens={info.chunk_tokens}); {len(questions)} questions embedded at {embed_qps:.0f}/s; "
               f"ingest {ingest_s[dtypes[0]]:.1f}s for the first collection (embedding included)")
         for dtype in dtypes:
-            r = run_dense(engine, memo, f"squad-{dtype}", questions, gold, batch=batch, fetch_k=fetch_k,
-                          embed_qps=embed_qps, latency_questions=latency_questions)
-            r.update(system=f"dense-{dtype}" + ("+rescore" if dtype != "f32" else ""), ingest_s=ingest_s[dtype],
-                     index_dtype=dtype, embed_qps=embed_qps)
-            records.append(r)
+            for mode in ("dense", "hybrid"):
+                r = run_dense(engine, memo, f"squad-{dtype}", questions, gold, batch=batch, fetch_k=fetch_k,
+                              embed_qps=embed_qps, latency_questions=latency_questions, mode=mode)
+                r.update(system=f"{mode}-{dtype}" + ("+rescore" if dtype != "f32" else ""),
+                         ingest_s=ingest_s[dtype], index_dtype=dtype, embed_qps=embed_qps, mode=mode)
+                records.append(r)
         engine.close()
     base_q = bm25["quality"]
     for r in records + [bm25]:

@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--collection", "-c", required=True)
     s.add_argument("-k", type=int, default=5, help="number of results (default 5)")
     s.add_argument("--json", action="store_true", help="one JSON object per hit")
+    s.add_argument("--mode", choices=["hybrid", "dense"], default=None,
+                   help="hybrid (default): dense and BM25 rankings fused; dense: HNSW only")
     s.add_argument("--server", metavar="HOST:PORT", help="search through a running `rag serve`")
     s.add_argument("--token", default=None, help="bearer token for --server (default: $RAG_AUTH_TOKEN)")
 
@@ -202,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
         if args.command == "ask":
             return ask(engine, args)
         if args.command == "search":
-            hits = engine.search(args.collection, args.query, args.k)
+            hits = engine.search(args.collection, args.query, args.k, mode=args.mode)
             if args.json:
                 for h in hits:
                     print(hit_to_json(h))
@@ -247,7 +249,7 @@ def remote(args: argparse.Namespace) -> int:
     client = RagClient(args.server, token=args.token or os.environ.get("RAG_AUTH_TOKEN"))
     try:
         if args.command == "search":
-            for h in client.search(args.collection, args.query, args.k):
+            for h in client.search(args.collection, args.query, args.k, mode=args.mode):
                 if args.json:
                     print(json.dumps({"rank": h.rank, "score": h.score, "doc_id": h.doc_id, "source": h.source,
                                       "start": h.start, "end": h.end, "text": h.text, "metadata": dict(h.metadata)},

@@ -21,7 +21,7 @@ import numpy as np
 
 from . import kernels
 from .chunk import Chunker
-from .config import MAX_TOP_K, NO_ANSWER, Config
+from .config import MAX_TOP_K, NO_ANSWER, SEARCH_MODES, Config
 from .errors import AlreadyExists, FailedPrecondition, InvalidInput, NotFound
 from .index import VectorIndex, check_dtype
 from .ingest import Document, Failure, check_document, iter_documents
@@ -510,13 +510,22 @@ class Engine:
             raise InvalidInput(f"k must be an integer in [1, {MAX_TOP_K}], got {k!r}")
         return int(k)
 
-    def search(self, name: str, query: str, k: int = 5, *, filter: dict | None = None) -> list[Hit]:
-        return self.search_batch(name, [query], k, filter=filter)[0]
+    def check_mode(self, mode: str | None) -> str:
+        mode = self.config.search_mode if mode is None else mode
+        if mode not in SEARCH_MODES:
+            raise InvalidInput(f"search mode must be one of {SEARCH_MODES}, got {mode!r}")
+        return mode
+
+    def search(self, name: str, query: str, k: int = 5, *, filter: dict | None = None,
+               mode: str | None = None) -> list[Hit]:
+        return self.search_batch(name, [query], k, filter=filter, mode=mode)[0]
 
     def search_batch(self, name: str, queries: Sequence[str], k: int = 5, *,
-                     filter: dict | None = None) -> list[list[Hit]]:
-        """Top-k hits per query: one embedding batch, one index batch search, exact rescoring."""
+                     filter: dict | None = None, mode: str | None = None) -> list[list[Hit]]:
+        """Top-k hits per query: one embedding batch, one index batch search, exact rescoring,
+        and (mode "hybrid", the default) fusion with a BM25 ranking of the same collection."""
         k = self.check_k(k)
+        mode = self.check_mode(mode)
         if isinstance(queries, str) or not len(queries):
             raise InvalidInput("queries must be a non-empty list of strings")
         for i, q in enumerate(queries):
@@ -524,23 +533,45 @@ class Engine:
         col = self._open(name)
         self._check_model(col)
         vectors = self.embedder.embed(list(queries))
-        return self.search_vectors(col, vectors, k, filter=filter)
+        return self.search_vectors(col, vectors, k, filter=filter, queries=queries, mode=mode)
 
     def search_vectors(self, col: Collection | str, vectors: np.ndarray, k: int, *,
-                       filter: dict | None = None) -> list[list[Hit]]:
+                       filter: dict | None = None, queries: Sequence[str] | None = None,
+                       mode: str | None = None) -> list[list[Hit]]:
         """Top-k hits per query vector. `filter`: metadata key -> value, all must be equal;
-        applied to an over-fetched candidate list, so rare matches may give fewer than k."""
+        applied to an over-fetched candidate list, so rare matches may give fewer than k.
+
+        With `queries` (the texts the vectors embed) and mode "hybrid", the dense ranking is
+        fused with the BM25 ranking by reciprocal rank fusion: hits come in fused order and
+        each hit's `score` stays its cosine similarity to the query.
+        """
         if isinstance(col, str):
             col = self._open(col)
+        mode = self.check_mode(mode)
         vectors = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
         if vectors.shape[1] != col.settings["dim"]:
             raise InvalidInput(f"query vectors have dim {vectors.shape[1]}; collection {col.name!r} "
                                f"expects {col.settings['dim']}")
         if filter is not None and not isinstance(filter, dict):
             raise InvalidInput("filter must be a mapping of metadata field -> value")
+        if queries is not None and len(queries) != len(vectors):
+            raise InvalidInput(f"{len(queries)} query texts for {len(vectors)} query vectors")
         fetch = k if not filter else min(max(k * FILTER_OVERFETCH, FILTER_MIN_FETCH), MAX_TOP_K * FILTER_OVERFETCH)
-        exact = col.store.vectors() if col.quantized else None
-        keys, scores = col.index.search(vectors, fetch, exact_vectors=exact, oversample=self.config.oversample)
+        hybrid = mode == "hybrid" and queries is not None and col.store.lexical
+        exact = col.store.vectors() if (col.quantized or hybrid) else None
+        depth = max(fetch, self.config.hybrid_depth) if hybrid else fetch
+        keys, scores = col.index.search(vectors, depth, exact_vectors=exact if col.quantized else None,
+                                        oversample=self.config.oversample)
+        if exact is not None:
+            # Rows added after `exact` was mapped cannot be scored yet: leave them out.
+            keys[keys >= len(exact)] = -1
+        if hybrid:
+            lexical = col.store.lexical_search(queries, depth)
+            lex = np.full((len(queries), depth), -1, np.int64)
+            for i, found in enumerate(lexical):
+                lex[i, :len(found)] = found
+            lex[lex >= len(exact)] = -1
+            keys, _, scores = kernels.rrf_fuse(keys, lex, vectors, exact, fetch, self.config.rrf_k)
         rows = col.store.chunks(np.unique(keys[keys >= 0]))
         out = []
         for qk, qs in zip(keys, scores):
@@ -573,8 +604,8 @@ class Engine:
         if not hits:
             return []
         floor = self.config.answer_min_score
-        if self.config.answer_min_relative > 0:
-            floor = max(floor, hits[0].score * self.config.answer_min_relative)
+        if self.config.answer_min_relative > 0:  # hybrid order need not put the best cosine first
+            floor = max(floor, max(h.score for h in hits) * self.config.answer_min_relative)
         return [h for h in hits if h.score >= floor]
 
     def build_prompt(self, question: str, hits: Sequence[Hit], max_new_tokens: int) -> tuple[list[int], list[Source]]:
@@ -622,7 +653,7 @@ class Engine:
         t0 = time.perf_counter_ns()
         vectors = self.embedder.embed(list(questions))
         t1 = time.perf_counter_ns()
-        hits = self.search_vectors(col, vectors, k)
+        hits = self.search_vectors(col, vectors, k, queries=questions)
         t2 = time.perf_counter_ns()
         return params, hits, t1 - t0, t2 - t1
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -55,6 +56,31 @@ CREATE TABLE IF NOT EXISTS chunks (
 );
 CREATE INDEX IF NOT EXISTS chunks_doc ON chunks(doc_id);
 """
+
+# Full-text index of chunk text for the lexical (BM25) half of hybrid search. External
+# content: the text is stored once, in `chunks`; triggers keep the index in step inside
+# the same transactions, so it can never disagree with the chunks.
+_FTS_SCHEMA = (
+    "CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(text, content='chunks', content_rowid='key', "
+    "tokenize='porter unicode61 remove_diacritics 2')",
+    "CREATE TRIGGER IF NOT EXISTS chunks_fts_insert AFTER INSERT ON chunks BEGIN "
+    "INSERT INTO chunks_fts(rowid, text) VALUES (new.key, new.text); END",
+    "CREATE TRIGGER IF NOT EXISTS chunks_fts_delete AFTER DELETE ON chunks BEGIN "
+    "INSERT INTO chunks_fts(chunks_fts, rowid, text) VALUES ('delete', old.key, old.text); END",
+)
+_WORD = re.compile(r"\w+")
+# Words too common to rank by; left out of lexical queries so they stay fast on large
+# collections (BM25 gives them almost no weight anyway).
+_STOPWORDS = frozenset("""a an and are as at be but by did do does for from had has have how i in is it its
+of on or that the their then there these this to was were what when where which who whom whose why will
+with you your""".split())
+MAX_QUERY_TERMS = 64
+
+
+def fts_query(text: str) -> str:
+    """An FTS5 query matching any of the text's words (quoted: no query syntax gets through)."""
+    words = dict.fromkeys(w for w in _WORD.findall(text.lower()) if w not in _STOPWORDS)
+    return " OR ".join(f'"{w}"' for w in list(words)[:MAX_QUERY_TERMS])
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -119,11 +145,33 @@ class Store:
         # Stores made before the write-ahead log lack these rows.
         self._db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('applied_seq', '0')")
         self._db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('snapshot_seq', '0')")
+        self.lexical = self._ensure_fts()
         self.settings = json.loads(self._meta("settings"))
         self.dim = int(self.settings["dim"])
         self._vec_path = self.folder / VECTORS_FILE
         self._vec_fd = os.open(self._vec_path, os.O_RDWR | os.O_CREAT, 0o644)
         self._mapped: np.ndarray | None = None
+
+    def _ensure_fts(self) -> bool:
+        """Create the full-text index if missing (older stores: built from the chunks once).
+        False if this SQLite lacks FTS5: search is then dense only."""
+        have = self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'chunks_fts'").fetchone()
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for stmt in _FTS_SCHEMA:
+                self._db.execute(stmt)
+            if not have:
+                self._db.execute("INSERT INTO chunks_fts(chunks_fts) VALUES ('rebuild')")
+            self._db.execute("COMMIT")
+        except sqlite3.OperationalError as e:
+            self._db.execute("ROLLBACK")
+            if "fts5" in str(e):
+                return False
+            raise
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        return True
 
     # ------------------------------------------------------------------ creation
     @staticmethod
@@ -225,6 +273,20 @@ class Store:
                      f"WHERE c.key IN ({','.join('?' * len(part))})")
                 for row in self._db.execute(q, part):
                     out[row[0]] = ChunkRow(*row[:8], json.loads(row[8]))
+        return out
+
+    def lexical_search(self, queries: Sequence[str], k: int) -> list[np.ndarray]:
+        """Chunk keys per query, best BM25 first (at most k; empty without FTS5 or words)."""
+        out = []
+        with self._lock:
+            for q in queries:
+                expr = fts_query(q) if self.lexical else ""
+                if not expr:
+                    out.append(np.empty(0, np.int64))
+                    continue
+                rows = self._db.execute("SELECT rowid FROM chunks_fts WHERE chunks_fts MATCH ? ORDER BY rank "
+                                        "LIMIT ?", (expr, int(k))).fetchall()
+                out.append(np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)))
         return out
 
     def vectors(self) -> np.ndarray:

@@ -44,11 +44,12 @@ class MicroBatcher:
             self._cv.notify()
         return fut
 
-    def search(self, collection: str, query: str, k: int, filter: dict | None):
+    def search(self, collection: str, query: str, k: int, filter: dict | None, mode: str | None = None):
         """(hits, queue_ns, embed_ns, search_ns) for one query, batched with its neighbours."""
         self.engine.check_query(query)
         k = self.engine.check_k(k)
-        return self._submit(("search", collection, query, k, filter)).result()
+        mode = self.engine.check_mode(mode)
+        return self._submit(("search", collection, query, k, filter, mode)).result()
 
     def embed(self, texts: list[str]):
         """(vectors, queue_ns, embed_ns) for a list of texts, batched with its neighbours."""
@@ -109,14 +110,15 @@ class MicroBatcher:
             if item[0] == "embed":
                 fut.set_result((vectors[rows[i]], start - batch[i][2], embed_ns))
             else:
-                key = (item[1], tuple(sorted((item[4] or {}).items())))
+                key = (item[1], tuple(sorted((item[4] or {}).items())), item[5])
                 groups[key].append(i)
-        for (collection, filt), members in groups.items():
+        for (collection, filt, mode), members in groups.items():
             k = max(batch[i][0][3] for i in members)
             t0 = time.perf_counter_ns()
             try:
                 q = np.stack([vectors[rows[i][0]] for i in members])
-                results = self.engine.search_vectors(collection, q, k, filter=dict(filt) or None)
+                results = self.engine.search_vectors(collection, q, k, filter=dict(filt) or None,
+                                                     queries=[batch[i][0][2] for i in members], mode=mode)
             except BaseException as e:  # noqa: BLE001
                 for i in members:
                     batch[i][1].set_exception(e)

@@ -9,6 +9,9 @@ import grpc
 from .stubs import pb, rpc
 
 
+MODES = {None: pb.SEARCH_MODE_UNSPECIFIED, "hybrid": pb.SEARCH_MODE_HYBRID, "dense": pb.SEARCH_MODE_DENSE}
+
+
 class RagClient:
     """Thin typed wrapper over the generated stubs. Errors surface as grpc.RpcError."""
 
@@ -82,12 +85,15 @@ class RagClient:
         return [list(v.values) for v in self.retrieve.Embed(pb.EmbedRequest(texts=texts), **self._kw()).vectors]
 
     def search(self, collection: str, query: str, k: int = 5, filter: dict | None = None,
-               timeout: float | None = None) -> list:
-        req = pb.SearchRequest(collection=collection, query=query, top_k=k, filter=filter or {})
+               timeout: float | None = None, mode: str | None = None) -> list:
+        req = pb.SearchRequest(collection=collection, query=query, top_k=k, filter=filter or {},
+                               mode=MODES[mode])
         return list(self.retrieve.Search(req, **self._kw(timeout)).hits)
 
-    def search_batch(self, collection: str, queries: list[str], k: int = 5, filter: dict | None = None) -> list:
-        req = pb.SearchBatchRequest(collection=collection, queries=queries, top_k=k, filter=filter or {})
+    def search_batch(self, collection: str, queries: list[str], k: int = 5, filter: dict | None = None,
+                     mode: str | None = None) -> list:
+        req = pb.SearchBatchRequest(collection=collection, queries=queries, top_k=k, filter=filter or {},
+                                    mode=MODES[mode])
         return [list(r.hits) for r in self.retrieve.SearchBatch(req, **self._kw()).results]
 
     def answer(self, collection: str, question: str, *, k: int | None = None, timeout: float | None = None,

@@ -23,6 +23,15 @@ PB_TO_DTYPE = {v: k for k, v in DTYPE_TO_PB.items()}
 FINISH_TO_PB = {"length": pb.FINISH_REASON_LENGTH, "eos": pb.FINISH_REASON_EOS,
                 "stop_sequence": pb.FINISH_REASON_STOP_SEQUENCE, "no_context": pb.FINISH_REASON_NO_CONTEXT,
                 "cancelled": pb.FINISH_REASON_CANCELLED}
+SEARCH_MODES_PB = {pb.SEARCH_MODE_UNSPECIFIED: None, pb.SEARCH_MODE_HYBRID: "hybrid", pb.SEARCH_MODE_DENSE: "dense"}
+
+
+def search_mode(value: int) -> str | None:
+    if value not in SEARCH_MODES_PB:
+        raise InvalidInput(f"unknown search mode {value}; use SEARCH_MODE_HYBRID or SEARCH_MODE_DENSE")
+    return SEARCH_MODES_PB[value]
+
+
 STATUS_TO_PB = {"added": pb.DOCUMENT_STATUS_ADDED, "updated": pb.DOCUMENT_STATUS_UPDATED,
                 "unchanged": pb.DOCUMENT_STATUS_UNCHANGED, "failed": pb.DOCUMENT_STATUS_FAILED}
 
@@ -222,7 +231,8 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
     def Search(self, request, context):
         t0 = time.perf_counter_ns()
         hits, queue_ns, embed_ns, search_ns = self.batcher.search(
-            request.collection, request.query, check_top_k(request.top_k), dict(request.filter) or None)
+            request.collection, request.query, check_top_k(request.top_k), dict(request.filter) or None,
+            search_mode(request.mode))
         return pb.SearchResponse(hits=[hit_pb(h) for h in hits],
                                  timings=pb.Timings(queue_time_ns=max(queue_ns, 0), embed_time_ns=embed_ns,
                                                     search_time_ns=search_ns,
@@ -238,7 +248,8 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
         t0 = time.perf_counter_ns()
         vectors = self.engine.embedder.embed(queries)
         t1 = time.perf_counter_ns()
-        results = self.engine.search_vectors(request.collection, vectors, k, filter=dict(request.filter) or None)
+        results = self.engine.search_vectors(request.collection, vectors, k, filter=dict(request.filter) or None,
+                                             queries=queries, mode=search_mode(request.mode))
         t2 = time.perf_counter_ns()
         return pb.SearchBatchResponse(results=[pb.HitList(hits=[hit_pb(h) for h in hits]) for hits in results],
                                       timings=pb.Timings(embed_time_ns=t1 - t0, search_time_ns=t2 - t1,

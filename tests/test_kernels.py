@@ -116,3 +116,48 @@ def test_rescore_topk_empty_candidates():
     v = np.eye(3, dtype=np.float32)
     rows, scores = kernels.rescore_topk(v[:1], np.full((1, 4), -1, np.int64), v, 2)
     assert rows.tolist() == [[-1, -1]] and np.isneginf(scores).all()
+
+
+def reference_rrf(dense, lexical, queries, vectors, n_out, c):
+    out = []
+    for i in range(len(dense)):
+        score: dict[int, float] = {}
+        first_seen: dict[int, int] = {}
+        for lst in (dense[i], lexical[i]):
+            for rank, r in enumerate(lst.tolist(), start=1):
+                if r < 0:
+                    continue
+                first_seen.setdefault(r, len(first_seen))
+                score[r] = score.get(r, 0.0) + 1.0 / (c + rank)
+        order = sorted(score, key=lambda r: (-score[r], first_seen[r]))[:n_out]
+        out.append([(r, score[r], float(queries[i] @ vectors[r])) for r in order])
+    return out
+
+
+@pytest.mark.parametrize("nq, a, b, n_out", [(1, 1, 1, 1), (7, 10, 3, 5), (5, 4, 9, 20), (64, 30, 30, 10)])
+def test_rrf_fuse_matches_reference(rng, nq, a, b, n_out):
+    vectors = rng.standard_normal((50, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    queries = vectors[rng.integers(0, 50, nq)] + 0.1
+    queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
+    dense = np.stack([rng.permutation(50)[:a] for _ in range(nq)]).astype(np.int64)
+    lexical = np.stack([rng.permutation(50)[:b] for _ in range(nq)]).astype(np.int64)
+    dense[::2, a // 2:] = -1  # lists shorter than their width
+    lexical[1::3, :] = -1
+    rows, fused, cosine = kernels.rrf_fuse(dense, lexical, queries, vectors, n_out, 60.0)
+    ref = reference_rrf(dense, lexical, queries, vectors, n_out, 60.0)
+    for i, want in enumerate(ref):
+        got_rows = [r for r in rows[i].tolist() if r >= 0]
+        assert got_rows == [r for r, _, _ in want]
+        np.testing.assert_allclose(fused[i, :len(want)], [s for _, s, _ in want], rtol=1e-6)
+        np.testing.assert_allclose(cosine[i, :len(want)], [x for _, _, x in want], rtol=1e-5, atol=1e-6)
+        assert (rows[i, len(want):] == -1).all() and np.isneginf(cosine[i, len(want):]).all()
+
+
+def test_rrf_fuse_rewards_agreement():
+    v = np.eye(4, dtype=np.float32)
+    dense = np.array([[0, 1, 2]], dtype=np.int64)
+    lexical = np.array([[2, 3, -1]], dtype=np.int64)
+    rows, _, _ = kernels.rrf_fuse(dense, lexical, v[:1], v, 4, 60.0)
+    # 2 is in both lists; 1 and 3 tie (rank 2 in one list each) and keep the dense order.
+    assert rows[0].tolist() == [2, 0, 1, 3]

@@ -217,3 +217,32 @@ def test_deleted_vectors_are_compacted_away(engine):
     assert sorted(col.index.keys().tolist()) == col.store.keys().tolist()
     hits = engine.search("c", "document number 20 about topic 6", 1)
     assert hits[0].doc_id == "d20"
+
+
+def test_hybrid_search_finds_exact_terms_and_keeps_cosine_scores(engine):
+    engine.create_collection("h")
+    docs = [Document(f"d{i}", text, f"d{i}.txt") for i, text in enumerate([
+        "Error code QX-7731 means the pump's pressure sensor is disconnected; reseat the cable.",
+        "Error codes are listed in the service manual; most clear after a restart of the unit.",
+        "The pump pressure is shown on the front panel in kilopascals.",
+        "Disconnected sensors show a blinking red light until they are reseated.",
+        "Restarting the unit clears transient faults such as a brief power dip.",
+    ] + [f"Filler paragraph {i} about gardens, tea and long walks by the river." for i in range(20)])]
+    engine.ingest("h", docs)
+    query = "what does QX-7731 mean"
+    hybrid = engine.search("h", query, 5)
+    dense = engine.search("h", query, 5, mode="dense")
+    assert hybrid[0].doc_id == "d0", "the exact code's chunk comes first with BM25 fused in"
+    assert [h.rank for h in hybrid] == [1, 2, 3, 4, 5]
+    # Scores stay cosine similarities (what the answer relevance gate thresholds on).
+    q = engine.embedder.embed([query])[0]
+    col = engine._open("h")
+    vecs = col.store.vectors()
+    for h in hybrid + dense:
+        assert h.score == pytest.approx(float(vecs[h.key] @ q), abs=1e-5)
+    assert [h.score for h in dense] == sorted((h.score for h in dense), reverse=True)
+    with pytest.raises(InvalidInput, match="search mode"):
+        engine.search("h", query, 5, mode="sparse")
+    # Deleted documents leave the lexical side too.
+    engine.delete_documents("h", ["d0"])
+    assert "d0" not in [h.doc_id for h in engine.search("h", query, 25)]

@@ -105,3 +105,43 @@ def test_uncommitted_vector_rows_are_invisible(tmp_path):
     assert change.added_keys.tolist() == [1, 2]
     np.testing.assert_array_equal(s.vectors()[1:], record("b", 2, seed=9).vectors)
     s.close()
+
+
+def text_record(doc_id, texts, seed=0):
+    rng = np.random.default_rng(seed)
+    chunks = [Chunk(doc_id, i, i * 100, i * 100 + len(t), 5, t) for i, t in enumerate(texts)]
+    return DocumentRecord(doc_id, f"/src/{doc_id}", f"h-{doc_id}-{seed}", {}, 100 * len(texts), chunks,
+                          rng.standard_normal((len(texts), DIM)).astype(np.float32))
+
+
+def test_lexical_search_follows_writes(store):
+    assert store.lexical
+    store.apply([text_record("a", ["the lighthouse keeper trims the lamps", "bread rises overnight"]),
+                 text_record("b", ["planets orbit the sun", "lighthouses warn passing ships"])])
+    keys = {int(k): r.doc_id for k, r in store.chunks(store.keys()).items()}
+    found = store.lexical_search(["lighthouse", "orbiting planets", "the of and"], 5)
+    assert sorted(keys[k] for k in found[0]) == ["a", "b"], "porter stemming: lighthouses ~ lighthouse"
+    assert [keys[k] for k in found[1]] == ["b"]
+    assert len(found[2]) == 0, "stopwords alone match nothing"
+    store.apply([text_record("b", ["only rivers now"], seed=1)])  # replaces b's chunks
+    store.apply([], deletes=["a"])
+    assert [len(f) for f in store.lexical_search(["lighthouse", "rivers"], 5)] == [0, 1]
+
+
+@pytest.mark.parametrize("query", ['"unbalanced', "NEAR(a b)", "col:term", "a* OR -b", "^start", "))(("])
+def test_lexical_query_syntax_is_inert(store, query):
+    store.apply([text_record("a", ["near a term start col b"])])
+    store.lexical_search([query], 3)  # no sqlite3.OperationalError: words are quoted
+
+
+def test_old_store_gets_full_text_index(tmp_path):
+    Store.initialise(tmp_path, {"dim": DIM})
+    s = Store(tmp_path)
+    s.apply([text_record("a", ["copper kettles whistle"])])
+    s.close()
+    db = sqlite3.connect(tmp_path / STORE_FILE)  # a store from before full-text search
+    db.executescript("DROP TRIGGER chunks_fts_insert; DROP TRIGGER chunks_fts_delete; DROP TABLE chunks_fts;")
+    db.close()
+    s = Store(tmp_path)
+    assert len(s.lexical_search(["kettles"], 3)[0]) == 1
+    s.close()
