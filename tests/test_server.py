@@ -109,6 +109,13 @@ def test_embed_search_and_batch_match_in_process(server, shared_engine):
     batch = client.search_batch("docs", ["green tea", "HNSW ef parameter"], k=2)
     assert [h.doc_id for h in batch[0]] == [h.doc_id for h in shared_engine.search("docs", "green tea", 2)]
     assert batch[1][0].doc_id == "hnsw.md"
+    for mode in ("dense", "hybrid"):  # the mode reaches the engine, on the micro-batched path too
+        want = [h.doc_id for h in shared_engine.search("docs", "steeping temperature", 4, mode=mode)]
+        assert [h.doc_id for h in client.search("docs", "steeping temperature", k=4, mode=mode)] == want
+        assert [h.doc_id for h in client.search_batch("docs", ["steeping temperature"], k=4, mode=mode)[0]] == want
+    code, details = code_of(client.retrieve.Search, pb.SearchRequest(collection="docs", query="tea", top_k=3,
+                                                                     mode=9))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "search mode" in details
 
 
 def test_answer_stream_then_batch(server):
