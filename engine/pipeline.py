@@ -566,7 +566,7 @@ class Engine:
             # Rows added after `exact` was mapped cannot be scored yet: leave them out.
             keys[keys >= len(exact)] = -1
         if hybrid:
-            lexical = col.store.lexical_search(queries, depth)
+            lexical = col.store.lexical_search(queries, depth, threads=self.config.threads)
             lex = np.full((len(queries), depth), -1, np.int64)
             for i, found in enumerate(lexical):
                 lex[i, :len(found)] = found

@@ -16,6 +16,7 @@ recovery replays the log.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -151,6 +152,9 @@ class Store:
         self._vec_path = self.folder / VECTORS_FILE
         self._vec_fd = os.open(self._vec_path, os.O_RDWR | os.O_CREAT, 0o644)
         self._mapped: np.ndarray | None = None
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     def _ensure_fts(self) -> bool:
         """Create the full-text index if missing (older stores: built from the chunks once).
@@ -193,6 +197,12 @@ class Store:
 
     def close(self) -> None:
         with self._lock:
+            if self._pool is not None:
+                self._pool.shutdown()
+                self._pool = None
+            for con in self._readers:
+                con.close()
+            self._readers.clear()
             self._mapped = None
             if self._db is not None:
                 self._db.close()
@@ -275,19 +285,39 @@ class Store:
                     out[row[0]] = ChunkRow(*row[:8], json.loads(row[8]))
         return out
 
-    def lexical_search(self, queries: Sequence[str], k: int) -> list[np.ndarray]:
-        """Chunk keys per query, best BM25 first (at most k; empty without FTS5 or words)."""
-        out = []
+    def _reader(self) -> sqlite3.Connection:
+        """This thread's read-only connection. Full-text queries run on these, outside the
+        store lock: SQLite releases the GIL while it works, so server threads (and the
+        workers of one batch) rank in parallel, each on the last committed state."""
+        con = getattr(self._local, "db", None)
+        if con is None:
+            con = sqlite3.connect(f"file:{self.folder / STORE_FILE}?mode=ro", uri=True, check_same_thread=False)
+            con.execute("PRAGMA query_only=1")
+            self._local.db = con
+            with self._lock:
+                self._readers.append(con)
+        return con
+
+    def _lexical_one(self, query: str, k: int) -> np.ndarray:
+        expr = fts_query(query) if self.lexical else ""
+        if not expr:
+            return np.empty(0, np.int64)
+        rows = self._reader().execute("SELECT rowid FROM chunks_fts WHERE chunks_fts MATCH ? ORDER BY rank LIMIT ?",
+                                      (expr, int(k))).fetchall()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+    def lexical_search(self, queries: Sequence[str], k: int, *, threads: int = 1) -> list[np.ndarray]:
+        """Chunk keys per query, best BM25 first (at most k; empty without FTS5 or words).
+        A batch is split over `threads` workers."""
+        if threads <= 1 or len(queries) < 2 * threads:
+            return [self._lexical_one(q, k) for q in queries]
         with self._lock:
-            for q in queries:
-                expr = fts_query(q) if self.lexical else ""
-                if not expr:
-                    out.append(np.empty(0, np.int64))
-                    continue
-                rows = self._db.execute("SELECT rowid FROM chunks_fts WHERE chunks_fts MATCH ? ORDER BY rank "
-                                        "LIMIT ?", (expr, int(k))).fetchall()
-                out.append(np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)))
-        return out
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="rag-fts")
+        step = -(-len(queries) // threads)
+        parts = self._pool.map(lambda i: [self._lexical_one(q, k) for q in queries[i:i + step]],
+                               range(0, len(queries), step))
+        return [keys for part in parts for keys in part]
 
     def vectors(self) -> np.ndarray:
         """All committed vector rows as a read-only (next_key, dim) float32 array (memory map)."""
