@@ -178,6 +178,8 @@ class VectorIndex:
         valid = np.arange(fetch)[None, :] < counts[:, None]
         keys = np.where(valid, raw_keys, -1)
         if exact_vectors is not None:
+            # A key added after the caller mapped the store's rows has no row here yet.
+            keys[keys >= len(exact_vectors)] = -1
             return kernels.rescore_topk(queries, keys, exact_vectors, k)
         scores = np.where(valid, 1.0 - raw_dist, -np.inf)
         out_keys = np.full((q, k), -1, np.int64)
