@@ -55,8 +55,11 @@ demo: setup
 	$(RAG) --data-dir $(DEMO_DATA) ask "$(DEMO_QUESTION)" --collection demo
 
 # Long crash test: SIGKILL the server mid-ingest many times; no acknowledged document may be lost.
+# Long load test: concurrent, cancelled and timed-out answers with ingests and searches for
+# LOAD_SECONDS; no unexpected error, no leaked slot, bounded memory.
 soak: setup
 	RAG_CRASH_ROUNDS=$(or $(ROUNDS),50) $(PY) -m pytest tests/test_durability.py -s -q
+	RAG_LOAD_SECONDS=$(or $(LOAD_SECONDS),600) $(PY) -m pytest tests/test_load.py -s -q
 
 serve: setup
 	$(RAG) --data-dir $(DEMO_DATA) serve --address $(or $(ADDRESS),127.0.0.1:50051)

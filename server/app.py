@@ -70,13 +70,20 @@ class Metrics:
         self.batch = Histogram("rag_microbatch_size", "requests per micro-batch",
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
         self.queue = Gauge("rag_generation_queue_depth", "answers waiting for a slot", registry=self.registry)
+        self.running = Gauge("rag_generations_running", "answers holding a generation slot",
+                             registry=self.registry)
         if slots is not None:
-            self.queue.set_function(lambda: slots.waiting)
+            self.watch(slots)
         self.port = None
         if port is not None:
             server, _ = start_http_server(port, registry=self.registry)
             self.port = server.server_port
             self._http = server
+
+    def watch(self, slots) -> None:
+        """Read the generation slots at scrape time, so a leaked slot shows as a stuck gauge."""
+        self.queue.set_function(lambda: slots.waiting)
+        self.running.set_function(lambda: slots.running)
 
 
 class MetricsInterceptor(grpc.ServerInterceptor):
@@ -145,7 +152,7 @@ def create_server(config: Config, address: str, *, engine: Engine | None = None)
     batcher = MicroBatcher(engine, window_ms=config.batch_window_ms)
     batcher.on_batch = metrics.batch.observe
     servicer = Servicer(engine, batcher, metrics)
-    metrics.queue.set_function(lambda: servicer.slots.waiting)
+    metrics.watch(servicer.slots)
     interceptors = [MetricsInterceptor(metrics)]
     if config.auth_token:
         interceptors.insert(0, TokenAuth(config.auth_token))
