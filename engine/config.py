@@ -87,6 +87,11 @@ DEFAULT_MAX_QUEUED_GENERATIONS = 8
 DEFAULT_BATCH_WINDOW_MS = 2.0
 DEFAULT_MAX_BATCH_REQUEST = 1024
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# One document's text or file bytes sent to the server. Below the message limit, with room
+# for the rest of the message, so an oversized document gets a clear per-document error
+# naming this limit rather than gRPC's generic "message larger than max".
+DEFAULT_MAX_DOCUMENT_BYTES = 32 * 1024 * 1024
+MESSAGE_HEADROOM_BYTES = 1024 * 1024
 DEFAULT_GRACE_S = 10.0
 
 
@@ -139,6 +144,7 @@ class Config:
     batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS
     max_batch_request: int = DEFAULT_MAX_BATCH_REQUEST
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES
     grace_s: float = DEFAULT_GRACE_S
     auth_token: str | None = None
     tls_cert: Path | None = None
@@ -175,10 +181,15 @@ class Config:
         if "{context}" not in self.prompt_template or "{question}" not in self.prompt_template:
             raise InvalidInput("prompt_template must contain {context} and {question}")
         for name in ("threads", "batch_max_tokens", "max_batch", "chunk_tokens", "connectivity",
-                     "expansion_add", "expansion_search", "oversample", "hybrid_depth", "context_window", "max_new_tokens",
-                     "answer_k", "max_concurrent_generations", "max_batch_request", "max_message_bytes"):
+                     "expansion_add", "expansion_search", "oversample", "hybrid_depth", "context_window",
+                     "max_new_tokens", "answer_k", "max_concurrent_generations", "max_batch_request",
+                     "max_message_bytes", "max_document_bytes"):
             if getattr(self, name) < 1:
                 raise InvalidInput(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_document_bytes + MESSAGE_HEADROOM_BYTES > self.max_message_bytes:
+            raise InvalidInput(f"max_message_bytes ({self.max_message_bytes}) must exceed max_document_bytes "
+                               f"({self.max_document_bytes}) by at least {MESSAGE_HEADROOM_BYTES}, so a message "
+                               "holding the largest allowed document is still received")
         if not 0 <= self.chunk_overlap < self.chunk_tokens:
             raise InvalidInput(
                 f"chunk_overlap must be in [0, chunk_tokens={self.chunk_tokens}), got {self.chunk_overlap}")

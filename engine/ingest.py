@@ -66,6 +66,20 @@ def check_document(doc: Document) -> None:
         raise InvalidInput(f"document {doc.doc_id!r}: metadata must be a JSON object")
 
 
+def check_document_size(doc_id: str, content: str | bytes, limit: int) -> None:
+    """Raise InvalidInput if `content` (text as UTF-8, or file bytes) is over `limit` bytes.
+
+    Meant to run before any parsing, so an oversized document costs no work.
+    """
+    n = len(content)
+    # A character takes 1 to 4 UTF-8 bytes: encode only when the bounds do not decide.
+    if isinstance(content, str) and n <= limit < 4 * n:
+        n = len(content.encode("utf-8", "surrogatepass"))
+    if n > limit:
+        raise InvalidInput(f"document {doc_id!r} is {n} bytes, over the {limit}-byte limit "
+                           "(max_document_bytes); split it into smaller documents")
+
+
 def decode_text(data: bytes, source: str) -> str:
     """Strict UTF-8 (BOM allowed); binary or other encodings are refused with a clear reason."""
     if b"\x00" in data[:8192]:

@@ -9,15 +9,17 @@ import signal
 import threading
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from engine.config import Config
-from engine.errors import Unavailable
+from engine.errors import InvalidInput, Unavailable
 from engine.pipeline import Engine
 
 from .batcher import MicroBatcher
-from .service import Servicer
+from .errors import abort
+from .service import Servicer, end_if_gone
 from .stubs import pb, rpc
 
 log = logging.getLogger("rag.server")
@@ -52,6 +54,56 @@ class TokenAuth(grpc.ServerInterceptor):
         if handler.response_streaming:
             return self._deny_server_stream
         return self._deny
+
+
+class RequestGate(grpc.ServerInterceptor):
+    """In front of every rag.v1 handler:
+    - refuses a call whose deadline already passed (or that was cancelled), say while it
+      waited for a worker thread, before any work: nothing is changed for a client that gave up.
+      (A deadline that passes mid-work cannot undo the work; gRPC's DEADLINE_EXCEEDED allows that.)
+    - parses the request bytes itself, so a malformed message (corrupt wire format, a string
+      field that is not UTF-8) is INVALID_ARGUMENT naming the expected type. Left to grpc, a
+      failing request deserializer ends the call as INTERNAL."""
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        parse = getattr(handler, "request_deserializer", None)
+        cls = getattr(parse, "__self__", None)  # the message class of its FromString
+        if not details.method.startswith("/rag.v1.") or not (isinstance(cls, type) and issubclass(cls, Message)):
+            return handler
+        name = cls.DESCRIPTOR.full_name
+
+        def parsed(data):
+            try:
+                return parse(data)
+            except DecodeError as e:
+                reason = str(e).rpartition(": ")[2] or "malformed message"
+                raise InvalidInput(f"the request could not be parsed as {name} ({reason}); send a serialized "
+                                   f"{name}, with valid UTF-8 in its string fields") from None
+
+        out = handler.response_serializer
+        if handler.request_streaming:
+            # Each message is parsed as the servicer reads it; its InvalidInput goes through
+            # the servicer's own error mapping.
+            def stream(request_iterator, context, inner=handler.stream_unary or handler.stream_stream):
+                end_if_gone(context, "before the server started")
+                return inner((parsed(b) for b in request_iterator), context)
+
+            if handler.response_streaming:
+                return grpc.stream_stream_rpc_method_handler(stream, response_serializer=out)
+            return grpc.stream_unary_rpc_method_handler(stream, response_serializer=out)
+
+        def unary(data, context, inner=handler.unary_unary or handler.unary_stream):
+            end_if_gone(context, "before the server started")
+            try:
+                request = parsed(data)
+            except InvalidInput as e:
+                abort(context, e)
+            return inner(request, context)
+
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(unary, response_serializer=out)
+        return grpc.unary_unary_rpc_method_handler(unary, response_serializer=out)
 
 
 class Metrics:
@@ -153,7 +205,7 @@ def create_server(config: Config, address: str, *, engine: Engine | None = None)
     batcher.on_batch = metrics.batch.observe
     servicer = Servicer(engine, batcher, metrics)
     metrics.watch(servicer.slots)
-    interceptors = [MetricsInterceptor(metrics)]
+    interceptors = [MetricsInterceptor(metrics), RequestGate()]
     if config.auth_token:
         interceptors.insert(0, TokenAuth(config.auth_token))
     # A Search/Embed call holds its thread while it waits for its micro-batch, so the pool

@@ -31,6 +31,10 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
 
 def abort(context: grpc.ServicerContext, exc: BaseException) -> None:
     """End the call with the status for `exc`; unexpected errors are logged once, with traceback."""
+    if context.code() is not None:
+        # context.abort() already chose the status (e.g. the deadline passed while queued) and
+        # raised a bare Exception to unwind the handler: keep that status, do not call it INTERNAL.
+        raise exc
     code = status_for(exc)
     if code is grpc.StatusCode.INTERNAL:
         log.exception("internal error", exc_info=exc)

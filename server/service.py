@@ -11,8 +11,8 @@ import grpc
 from engine.config import MAX_TOP_K
 from engine.errors import InvalidInput, Overloaded, RagError
 from engine.generate import SamplingParams
-from engine.ingest import Document, Failure, parse_bytes
-from engine.pipeline import Answer, AnswerStart
+from engine.ingest import Document, Failure, check_document_size, parse_bytes
+from engine.pipeline import MAX_QUERY_CHARS, Answer, AnswerStart
 
 from .errors import abort
 from .stubs import pb, rpc
@@ -49,6 +49,15 @@ def guarded(fn):
             abort(context, e)
     wrapper.__name__ = fn.__name__
     return wrapper
+
+
+def end_if_gone(context, when: str) -> None:
+    """Abort a call whose deadline has passed or whose client cancelled (say, while it waited
+    for a worker thread): its client already sees it as failed, so do no work and change nothing."""
+    if context.time_remaining() <= 0:
+        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"the deadline passed {when}; nothing was changed")
+    if not context.is_active():
+        context.abort(grpc.StatusCode.CANCELLED, f"the call was cancelled {when}; nothing was changed")
 
 
 def meta_str(v) -> str:
@@ -154,7 +163,7 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
         return pb.DropCollectionResponse()
 
     # ------------------------------------------------------------------ ingestion
-    def _documents(self, requests, order: list[str], state: dict):
+    def _documents(self, requests, order: list[str], state: dict, context):
         for req in requests:
             if req.collection:
                 if state.get("collection") not in (None, req.collection):
@@ -169,6 +178,12 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
                 yield Failure(f"#{len(order)}", "document id is empty; give every document an id")
                 continue
             kind = d.WhichOneof("content")
+            if kind is not None:
+                try:
+                    check_document_size(doc_id, getattr(d, kind), self.config.max_document_bytes)
+                except InvalidInput as e:
+                    yield Failure(doc_id, str(e))
+                    continue
             if kind == "text":
                 yield Document(doc_id=doc_id, text=d.text, source=source, metadata=meta)
             elif kind == "data":
@@ -178,6 +193,9 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
                     yield Failure(doc_id, str(e))
             else:
                 yield Failure(doc_id, "document has neither text nor data")
+        # A stream cut off by its deadline can end here like a finished one (grpc's request
+        # iterator may stop instead of raising): check before the engine commits what it holds.
+        end_if_gone(context, "while the stream was read")
 
     @guarded
     def IngestStream(self, request_iterator, context):
@@ -195,7 +213,7 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
             yield from it
 
         t0 = time.perf_counter_ns()
-        report = self.engine.ingest(first.collection, self._documents(all_requests(), order, state))
+        report = self.engine.ingest(first.collection, self._documents(all_requests(), order, state, context))
         results = []
         for doc_id in order:
             status, chunks, error = report.results.get(doc_id, report.results.get(f"#{order.index(doc_id) + 1}",
@@ -221,6 +239,9 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
     def Embed(self, request, context):
         texts = list(request.texts)
         self._check_batch(len(texts), "texts")
+        for i, t in enumerate(texts):
+            if len(t) > MAX_QUERY_CHARS:  # the model reads only its first few hundred tokens anyway
+                raise InvalidInput(f"text {i} is {len(t)} characters; the limit is {MAX_QUERY_CHARS}")
         t0 = time.perf_counter_ns()
         vectors, queue_ns, embed_ns = self.batcher.embed(texts)
         return pb.EmbedResponse(vectors=[pb.Vector(values=v.tolist()) for v in vectors], model=self.engine.embedder.name,
