@@ -112,3 +112,62 @@ def test_save_load_roundtrip_and_atomicity(tmp_path, rng):
     broken = VectorIndex.load(tmp_path, ndim=16, dtype="i8", connectivity=16, expansion_add=128,
                               expansion_search=128)
     assert len(broken) == 0 and broken.generation == 0
+
+
+@pytest.mark.parametrize("dtype, spiky", [("f32", False), ("i8", False), ("i8", True)])
+def test_metric_ranks_as_exact_cosine_and_survives_save_load(tmp_path, rng, dtype, spiky):
+    # f32 searches with our compiled inner product, i8 with our quantization (one scale and
+    # inner product, or per-row scales and cosine when one row is far spikier than the
+    # rest); with ef as large as the index, HNSW is exhaustive: exact search's ranking.
+    data = clustered(rng, 1000, 48)
+    if spiky:
+        data[0] = np.eye(48, dtype=np.float32)[0]
+    queries = clustered(np.random.default_rng(9), 50, 48)
+    ix = make(dtype, d=48, expansion_search=1000)
+    ix.add(np.arange(len(data)), data)
+    if dtype == "i8":
+        assert ix._i8_ip is not spiky
+    truth = exact_topk(data, queries, 10)
+    exact_scores = np.take_along_axis(queries @ data.T, truth, 1)
+    keys, scores = ix.search(queries, 10, exact_vectors=data if dtype == "i8" else None, oversample=4)
+    np.testing.assert_array_equal(keys, truth)
+    np.testing.assert_allclose(scores, exact_scores, rtol=1e-5, atol=1e-5)
+    ix.save(tmp_path)
+    loaded = VectorIndex.load(tmp_path, ndim=48, dtype=dtype, connectivity=16, expansion_add=128,
+                              expansion_search=1000)
+    if dtype == "f32":
+        # Only an inner product (ours) scales with the query's length; usearch's cosine,
+        # which load() would otherwise leave in place, does not.
+        _, doubled = loaded.search(2 * queries[:1], 1)
+        assert doubled[0, 0] == pytest.approx(2 * exact_scores[0, 0], rel=1e-4)
+    keys2, scores2 = loaded.search(queries, 10, exact_vectors=data if dtype == "i8" else None, oversample=4)
+    np.testing.assert_array_equal(keys2, truth)
+    np.testing.assert_allclose(scores2, scores, rtol=1e-6, atol=1e-6)
+    if dtype == "i8":
+        # unrescored i8 scores are cosines too (integer dot products divided by both scales)
+        assert loaded.i8_scale == ix.i8_scale and loaded._i8_ip == ix._i8_ip
+        raw_keys, raw_scores = loaded.search(queries, 10)
+        exact_raw = np.einsum("qd,qkd->qk", queries, data[raw_keys])
+        np.testing.assert_allclose(raw_scores, exact_raw, atol=0.02)
+    # adds after a load go through the same metric / quantization
+    loaded.add(np.array([5000]), queries[:1])
+    assert loaded.search(queries[:1], 1)[0][0, 0] == 5000
+
+
+@pytest.mark.parametrize("dtype", ["f32", "i8"])
+def test_loads_index_files_written_by_plain_usearch(tmp_path, rng, dtype):
+    # Files saved before the compiled metric and our i8 quantization (usearch "cos", its own
+    # f32 -> i8 cast) still load, search, and take new rows.
+    from usearch.index import Index
+
+    data = clustered(rng, 800, 32)
+    old = Index(ndim=32, metric="cos", dtype=dtype, connectivity=16, expansion_add=128, expansion_search=800)
+    old.add(np.arange(800, dtype=np.uint64), data[:800], threads=1)
+    old.save(str(tmp_path / INDEX_FILE))
+    (tmp_path / "index.json").write_text('{"generation": 5, "size": 800, "removed": 0}')
+    ix = VectorIndex.load(tmp_path, ndim=32, dtype=dtype, connectivity=16, expansion_add=128,
+                          expansion_search=800)
+    assert len(ix) == 800 and ix.generation == 5
+    queries = data[:20]
+    keys, _ = ix.search(queries, 10, exact_vectors=data if dtype == "i8" else None, oversample=4)
+    np.testing.assert_array_equal(keys, exact_topk(data, queries, 10))

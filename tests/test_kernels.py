@@ -1,6 +1,9 @@
-"""engine/kernels.py against plain-Python references: gap classes, chunk selection, rescoring."""
+"""engine/kernels.py against plain-Python references: gap classes, chunk selection, rescoring,
+int8 quantization and the f32 index metric."""
 
 from __future__ import annotations
+
+import ctypes
 
 import numpy as np
 import pytest
@@ -89,10 +92,10 @@ def test_select_chunks_prefers_paragraph_then_sentence():
     assert last[0] == 9, "then the latest word gap"
 
 
-def reference_rescore(queries, candidates, vectors, k):
+def reference_rescore(queries, candidates, counts, vectors, k):
     rows, scores = [], []
-    for q, cand in zip(queries, candidates):
-        pairs = sorted(((float(q @ vectors[c]), int(c)) for c in cand if c >= 0), reverse=True)[:k]
+    for q, cand, cnt in zip(queries, candidates, counts):
+        pairs = sorted(((float(q @ vectors[c]), int(c)) for c in cand[:cnt] if c >= 0), reverse=True)[:k]
         rows.append([c for _, c in pairs] + [-1] * (k - len(pairs)))
         scores.append([s for s, _ in pairs] + [-np.inf] * (k - len(pairs)))
     return np.array(rows, dtype=np.int64).reshape(len(queries), k), np.array(scores).reshape(len(queries), k)
@@ -105,17 +108,71 @@ def test_rescore_topk_matches_reference(rng, nq, k):
     vectors = rng.standard_normal((n, d)).astype(np.float32)
     queries = rng.standard_normal((nq, d)).astype(np.float32)
     cand = np.stack([rng.choice(n, c, replace=False) for _ in range(nq)]).astype(np.int64)
-    cand[0, -3:] = -1  # fewer candidates than asked for
-    rows, scores = kernels.rescore_topk(queries, cand, vectors, k)
-    ref_rows, ref_scores = reference_rescore(queries, cand, vectors, k)
+    counts = np.full(nq, c, dtype=np.int64)
+    cand[0, -3:] = -1  # fewer candidates than asked for, marked -1 ...
+    counts[-1] = c - 4  # ... or cut by the count (the entries past it are garbage)
+    cand[-1, c - 4:] = n + 12345
+    rows, scores = kernels.rescore_topk(queries, cand, counts, vectors, k)
+    ref_rows, ref_scores = reference_rescore(queries, cand, counts, vectors, k)
     np.testing.assert_array_equal(rows, ref_rows)
     np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)
 
 
 def test_rescore_topk_empty_candidates():
     v = np.eye(3, dtype=np.float32)
-    rows, scores = kernels.rescore_topk(v[:1], np.full((1, 4), -1, np.int64), v, 2)
+    rows, scores = kernels.rescore_topk(v[:1], np.full((1, 4), -1, np.int64), np.array([4]), v, 2)
     assert rows.tolist() == [[-1, -1]] and np.isneginf(scores).all()
+    rows, scores = kernels.rescore_topk(v[:1], np.array([[0, 1]]), np.array([0]), v, 2)
+    assert rows.tolist() == [[-1, -1]] and np.isneginf(scores).all()
+    rows, _ = kernels.rescore_topk(np.empty((0, 3), np.float32), np.empty((0, 4), np.int64),
+                                   np.empty(0, np.int64), v, 2)
+    assert rows.shape == (0, 2)
+
+
+def reference_quantize_i8(x):
+    out = np.zeros(x.shape, dtype=np.int8)
+    for i, row in enumerate(x.astype(np.float64)):
+        m = np.abs(row).max() if row.size else 0.0
+        if m > 0:
+            out[i] = np.clip(np.rint(row * (127.0 / m)), -127, 127)
+    return out
+
+
+@pytest.mark.parametrize("n, d", [(1, 1), (7, 13), (1024, 384), (0, 8), (3, 0)])
+def test_quantize_i8_matches_reference(rng, n, d):
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    if n > 1:
+        x[1] = 0.0  # an all-zero row stays zero
+    got = kernels.quantize_i8(x)
+    assert got.dtype == np.int8 and got.shape == (n, d)
+    np.testing.assert_array_equal(got, reference_quantize_i8(x))
+    if n and d:
+        # every nonzero row uses the full range, and the cosine survives quantization
+        nz = np.abs(x).max(1) > 0
+        assert (np.abs(got[nz].astype(int)).max(1) == 127).all()
+        g = got[nz].astype(np.float64)
+        xn = x[nz].astype(np.float64)
+        cos = (g * xn).sum(1) / np.linalg.norm(g, axis=1) / np.linalg.norm(xn, axis=1)
+        assert cos.min() > (0.99 if d > 1 else 1 - 1e-9)
+
+
+@pytest.mark.parametrize("n, d", [(1, 1), (7, 13), (1024, 384), (0, 8)])
+def test_scale_i8_matches_reference(rng, n, d):
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    scale = 40.0  # components beyond 127 / 40 = 3.2 clip
+    got = kernels.scale_i8(x, scale)
+    ref = np.clip(np.rint(x.astype(np.float64) * scale), -127, 127).astype(np.int8)
+    np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize("d", [1, 7, 384, 1024])
+def test_ip_distance_f32_matches_reference(rng, d):
+    a, b = rng.standard_normal((2, d)).astype(np.float32)
+    call = kernels.ip_distance_f32.ctypes  # the same C entry point usearch calls
+    pa, pb = (v.ctypes.data_as(ctypes.POINTER(ctypes.c_float)) for v in (a, b))
+    got = call(pa, pb, d)
+    assert got == pytest.approx(1.0 - float(a.astype(np.float64) @ b.astype(np.float64)), rel=1e-5, abs=1e-5)
+    assert call(pa, pb, 0) == 1.0
 
 
 def reference_rrf(dense, lexical, queries, vectors, n_out, c):
