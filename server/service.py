@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import struct
+import tempfile
 import threading
 import time
 
@@ -49,6 +52,10 @@ def guarded(fn):
             abort(context, e)
     wrapper.__name__ = fn.__name__
     return wrapper
+
+
+SPOOL_MEMORY_BYTES = 16 * 1024 * 1024
+_LEN = struct.Struct("<I")
 
 
 def end_if_gone(context, when: str) -> None:
@@ -193,9 +200,35 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
                     yield Failure(doc_id, str(e))
             else:
                 yield Failure(doc_id, "document has neither text nor data")
-        # A stream cut off by its deadline can end here like a finished one (grpc's request
-        # iterator may stop instead of raising): check before the engine commits what it holds.
-        end_if_gone(context, "while the stream was read")
+
+    def _spool(self, first, rest, context):
+        """Read the whole stream before anything is stored: a stream that turns out bad
+        (a malformed message, another collection, a passed deadline) changes nothing, however
+        many documents came first. Messages wait in a temporary file (in memory up to
+        SPOOL_MEMORY_BYTES), not all in RAM."""
+        spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES)
+        try:
+            for req in itertools.chain([first], rest):
+                if req.collection and req.collection != first.collection:
+                    raise InvalidInput("all messages of one IngestStream must name the same collection "
+                                       f"({first.collection!r}, then {req.collection!r}); nothing was stored")
+                data = req.SerializeToString()
+                spool.write(_LEN.pack(len(data)))
+                spool.write(data)
+            # A stream cut off by its deadline can end like a finished one (grpc's request
+            # iterator may stop instead of raising): check before anything is stored.
+            end_if_gone(context, "while the stream was read")
+        except BaseException:
+            spool.close()
+            raise
+        spool.seek(0)
+        return spool
+
+    @staticmethod
+    def _unspool(spool):
+        while head := spool.read(_LEN.size):
+            (n,) = _LEN.unpack(head)
+            yield pb.IngestStreamRequest.FromString(spool.read(n))
 
     @guarded
     def IngestStream(self, request_iterator, context):
@@ -207,13 +240,10 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
             raise InvalidInput("the stream had no documents")
         if not first.collection:
             raise InvalidInput("the first IngestStreamRequest must name the collection")
-
-        def all_requests():
-            yield first
-            yield from it
-
         t0 = time.perf_counter_ns()
-        report = self.engine.ingest(first.collection, self._documents(all_requests(), order, state, context))
+        with self._spool(first, it, context) as spool:
+            report = self.engine.ingest(first.collection, self._documents(self._unspool(spool), order, state,
+                                                                          context))
         results = []
         for doc_id in order:
             status, chunks, error = report.results.get(doc_id, report.results.get(f"#{order.index(doc_id) + 1}",

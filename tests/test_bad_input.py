@@ -191,6 +191,11 @@ def data_doc(data, media_type="text/plain", doc_id="bad"):
     return pb.Document(id=doc_id, data=data, media_type=media_type)
 
 
+MANY_GOOD = [pb.IngestStreamRequest(collection="docs" if i == 0 else "",
+                                   document=pb.Document(id=f"many-{i}", text=f"Good document number {i}.")
+                                   ).SerializeToString() for i in range(300)]
+
+
 # ---------------------------------------------------------------------- the table
 OK = Code.OK  # IngestStream reports a failing document in its result, not as the call's status
 INVALID, NOT_FOUND, EXISTS = Code.INVALID_ARGUMENT, Code.NOT_FOUND, Code.ALREADY_EXISTS
@@ -336,6 +341,13 @@ CASES = [
            rf"could not be parsed as rag\.v1\.{METHODS[name].input_type.name}") for name in GOOD],
     case("malformed-truncated-search", raw("Search", GOOD["Search"].SerializeToString()[:5]), INVALID,
          r"could not be parsed as rag\.v1\.SearchRequest \(wire format was corrupt\)"),
+    # More good documents than one engine commit batch (256) before the bad message: the
+    # server reads the whole stream before storing anything, so none of them is stored.
+    case("malformed-ingest-after-300-documents", raw("IngestStream", MANY_GOOD + [GARBAGE]),
+         INVALID, r"could not be parsed as rag\.v1\.IngestStreamRequest"),
+    case("ingest-switches-collection-after-300-documents", raw("IngestStream", MANY_GOOD + [
+        pb.IngestStreamRequest(collection="spare", document=text_doc("Bread.", "ok2")).SerializeToString()]),
+         INVALID, "same collection"),
     case("malformed-ingest-second-message", raw("IngestStream", [GOOD["IngestStream"].SerializeToString(), GARBAGE]),
          INVALID, r"could not be parsed as rag\.v1\.IngestStreamRequest"),
     # --- an expired deadline: every RPC, with a request that would otherwise succeed. The
