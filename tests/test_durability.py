@@ -38,13 +38,17 @@ def free_port() -> int:
 
 
 def start(data_dir: Path, port: int) -> subprocess.Popen:
+    # The server's log goes to a file: a pipe nobody reads would stall a chatty server.
+    log_path = data_dir.parent / "server.log"
+    log = open(log_path, "ab")
     exe = Path(sys.executable).parent / "rag"
     # A small log threshold makes the server snapshot every few ingests, so kills also land
     # in the middle of snapshots (counted by the crash test from the temp files left behind).
     proc = subprocess.Popen([exe, "--data-dir", str(data_dir), "--threads", "1",
                              "--snapshot-wal-bytes", str(SNAPSHOT_WAL_BYTES), "serve", "--address",
                              f"127.0.0.1:{port}", "--lazy-generator"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=log)
+    log.close()  # the child holds its own copy
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
@@ -55,7 +59,7 @@ def start(data_dir: Path, port: int) -> subprocess.Popen:
         except grpc.RpcError:
             time.sleep(0.2)
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
+            raise RuntimeError(f"server exited: {log_path.read_text(errors='replace')[-2000:]}")
     proc.kill()
     raise RuntimeError("server did not start")
 
