@@ -206,7 +206,9 @@ class Load:
                     acked = list(self.acked.items()) if rng.random() < 0.7 else []
                 doc_id, query = rng.choice(acked) if acked else ("", rng.choice(QUESTIONS))
                 try:
-                    hits = client.search("docs", query, k=5)
+                    # Dense: a document's own text is its nearest neighbour (cosine 1). Hybrid
+                    # fusion may rank word-soup neighbours above it, which says nothing about loss.
+                    hits = client.search("docs", query, k=5, mode="dense")
                 except grpc.RpcError as e:
                     self.record("unexpected", f"Search: {e.code().name}: {e.details()}")
                     continue
@@ -278,7 +280,8 @@ def test_concurrent_answers_cancellations_ingests_and_searches(tmp_path):
         assert done and text, "a fresh Answer after the load did not complete"
         for i in range(0, len(ids), 64):  # searches agree with what was acknowledged
             part = ids[i:i + 64]
-            for doc_id, hits in zip(part, client.search_batch("docs", [load.acked[d] for d in part], k=5)):
+            for doc_id, hits in zip(part, client.search_batch("docs", [load.acked[d] for d in part], k=5,
+                                                                    mode="dense")):
                 assert doc_id in [h.doc_id for h in hits], f"acknowledged document {doc_id} not found"
         assert client.describe("docs").documents == len(docs) + len(ids)
         client.close()
