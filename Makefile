@@ -16,7 +16,7 @@ export PIP_CACHE_DIR := $(CURDIR)/.cache/pip
 NODE_STAMP := clients/node/node_modules/.package-lock.json
 STUBS := server/_gen/rag/v1/rag_pb2.py
 
-.PHONY: setup models test demo serve soak bench clean distclean
+.PHONY: setup models test demo serve soak fuzz bench clean distclean
 
 setup: $(STAMP) $(STUBS) $(NODE_STAMP) models
 
@@ -60,6 +60,17 @@ demo: setup
 soak: setup
 	RAG_CRASH_ROUNDS=$(or $(ROUNDS),50) $(PY) -m pytest tests/test_durability.py -s -q
 	RAG_LOAD_SECONDS=$(or $(LOAD_SECONDS),600) $(PY) -m pytest tests/test_load.py -s -q
+
+# Coverage-guided fuzzing (atheris) of the parsers, chunk kernels and write-ahead log reader,
+# FUZZ_SECONDS each; a failing input is saved under .cache/fuzz/.
+fuzz: setup
+	$(PY) -m pip install -qq 'atheris>=2.3'
+	mkdir -p .cache/fuzz
+	for t in parsers chunk_kernels wal_reader; do \
+		$(PY) tests/fuzz_atheris.py $$t -max_total_time=$(or $(FUZZ_SECONDS),60) -artifact_prefix=.cache/fuzz/ \
+			> .cache/fuzz/$$t.log 2>&1 || { grep -v '^INFO: Instrumenting' .cache/fuzz/$$t.log | tail -40; exit 1; }; \
+		echo "$$t: $$(grep '^Done' .cache/fuzz/$$t.log)"; \
+	done
 
 serve: setup
 	$(RAG) --data-dir $(DEMO_DATA) serve --address $(or $(ADDRESS),127.0.0.1:50051)

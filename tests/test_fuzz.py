@@ -3,6 +3,7 @@ failure or InvalidInput; never a crash or a hang; chunk spans stay inside the te
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -54,3 +55,42 @@ def test_chunker_spans_inside_text(embedder, text, target, data):
     chunks = Chunker(embedder.raw_tokenizer, target=target, overlap=overlap).chunk("f", text)
     for c in chunks:
         assert 0 <= c.start < c.end <= len(text) and c.text == text[c.start:c.end]
+
+
+@given(st.integers(0, 4), st.binary(max_size=600), st.integers(0, 10_000))
+@FAST
+def test_wal_open_survives_any_tail(tmp_path_factory, n_good, tail, cut):
+    """Whatever a crash or a bad disk leaves after the last whole record, opening the log
+    keeps exactly the whole records before it, cuts the rest, and accepts new appends."""
+    import numpy as np
+
+    from engine.chunk import Chunk
+    from engine.store import DocumentRecord
+    from engine.wal import WAL_FILE, WriteAheadLog, encode
+
+    path = tmp_path_factory.mktemp("wal") / WAL_FILE
+    wal = WriteAheadLog(path)
+    for i in range(n_good):
+        rec = DocumentRecord(f"d{i}", "s", "h", {}, 3, [Chunk(f"d{i}", 0, 0, 3, 1, "abc")],
+                             np.full((1, 4), i, np.float32))
+        wal.append(encode(i, [rec], [], 4))
+    good = wal.size_bytes()
+    wal.close()
+    data = path.read_bytes()
+    # a torn copy of a real record, then arbitrary bytes
+    path.write_bytes(data + data[len(data) - (cut % max(1, good - 8)):][:cut % 97] + tail)
+    wal = WriteAheadLog(path)
+    assert wal.last_seq == n_good
+    assert [r.seq for r in wal.records()] == list(range(1, n_good + 1))
+    assert path.stat().st_size == good
+    assert wal.append(encode(n_good, [], ["x"], 4)) == n_good + 1
+    wal.close()
+
+
+@pytest.mark.parametrize("html", ["<><<<![<!<<L<\xf7", "<p>a</p><![if x", "<![ <!-- x", "<!x y<![<p>tail"])
+def test_html_malformed_marked_sections(html):
+    """Inputs atheris found: CPython's HTML parser raised AssertionError on them."""
+    text, _ = html_to_text(html)
+    assert isinstance(text, str)
+    for item in parse(html.encode(), "text/html"):
+        assert isinstance(item, (Document, Failure))
