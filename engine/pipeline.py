@@ -213,8 +213,11 @@ class Collection:
         return True
 
     def _snapshot(self) -> None:
-        # Store first (its snapshot point makes every logged record up to it a no-op on
-        # replay), then the index, then an empty log. A crash anywhere in between recovers.
+        # The log first: everything up to here must be replayable before the store frees
+        # the disk blocks of rows it no longer uses. Then the store (its snapshot point makes
+        # every logged record up to it a no-op on replay), the index, and an empty log. A
+        # crash anywhere in between recovers.
+        self.wal.sync()
         self.store.checkpoint()
         if self.dirty:
             self.index.save(self.folder)

@@ -120,6 +120,25 @@ class Change:
     generation: int
 
 
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_BLOCK = 4096
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Free the disk blocks of a file range (Linux fallocate); reads of it give zeros.
+    False where the OS or file system cannot."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fallocate = libc.fallocate
+    except (OSError, AttributeError):
+        return False
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    return fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename or create inside `path` durable."""
     fd = os.open(path, os.O_RDONLY)
@@ -331,7 +350,30 @@ class Store:
             return self._mapped[:rows]
 
     def size_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.folder.iterdir() if p.is_file())
+        """Disk space the collection's files take (allocated blocks: freed rows do not count)."""
+        return sum(p.stat().st_blocks * 512 for p in self.folder.iterdir() if p.is_file())
+
+    def reclaim(self) -> int:
+        """Free the disk blocks of vector rows no chunk uses any more (replaced or deleted
+        chunks); returns the bytes of whole blocks freed. Keys never move, so searches running
+        meanwhile stay correct: a dead row they might still read comes back as zeros and its
+        chunk is gone from the store."""
+        with self._lock:
+            n = int(self._meta("next_key"))
+            dead = np.ones(n + 1, dtype=bool)
+            dead[self.keys()] = False
+            dead[n] = False  # sentinel: every run ends
+            row = self.dim * 4
+            edges = np.flatnonzero(np.diff(np.concatenate([[False], dead]).astype(np.int8)))
+            freed = 0
+            for a, b in zip(edges[0::2].tolist(), edges[1::2].tolist()):
+                start = -(-a * row // _BLOCK) * _BLOCK
+                end = b * row // _BLOCK * _BLOCK
+                if end > start:
+                    if not punch_hole(self._vec_fd, start, end - start):
+                        return freed
+                    freed += end - start
+            return freed
 
     # ------------------------------------------------------------------ writes
     def check(self, upserts: Sequence[DocumentRecord]) -> None:
@@ -400,6 +442,7 @@ class Store:
         SQLite's checkpoint syncs its log, then the database, after it.
         """
         with self._lock:
+            self.reclaim()
             os.fsync(self._vec_fd)
             seq = int(self._meta("applied_seq"))
             self._db.execute("UPDATE meta SET value = ? WHERE key = 'snapshot_seq'", (str(seq),))
