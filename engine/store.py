@@ -76,12 +76,23 @@ _STOPWORDS = frozenset("""a an and are as at be but by did do does for from had 
 of on or that the their then there these this to was were what when where which who whom whose why will
 with you your""".split())
 MAX_QUERY_TERMS = 64
+# Query words found in more than this share of chunks are left out of the lexical query
+# (while rarer ones remain): BM25 gives them little weight, and their long posting lists
+# are most of what a query costs.
+COMMON_TERM_SHARE = 0.2
+PRUNE_MIN_CHUNKS = 1000  # below this, every query word is cheap enough to keep
 
 
-def fts_query(text: str) -> str:
-    """An FTS5 query matching any of the text's words (quoted: no query syntax gets through)."""
+def query_words(text: str) -> list[str]:
+    """The text's distinct words for a lexical query, stopwords left out."""
     words = dict.fromkeys(w for w in _WORD.findall(text.lower()) if w not in _STOPWORDS)
-    return " OR ".join(f'"{w}"' for w in list(words)[:MAX_QUERY_TERMS])
+    return list(words)[:MAX_QUERY_TERMS]
+
+
+def fts_query(text: str | list[str]) -> str:
+    """An FTS5 query matching any of the words (quoted: no query syntax gets through)."""
+    words = query_words(text) if isinstance(text, str) else text
+    return " OR ".join(f'"{w}"' for w in words)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -172,6 +183,9 @@ class Store:
         self._vec_fd = os.open(self._vec_path, os.O_RDWR | os.O_CREAT, 0o644)
         self._mapped: np.ndarray | None = None
         self._local = threading.local()
+        self._n_chunks = int(self._db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0])
+        self._df: dict[str, int] = {}
+        self._df_n = self._n_chunks
         self._readers: list[sqlite3.Connection] = []
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
@@ -317,11 +331,30 @@ class Store:
                 self._readers.append(con)
         return con
 
+    def _doc_freq(self, con: sqlite3.Connection, word: str) -> int:
+        """Chunks containing `word` (cached; the cache is dropped when the collection's size
+        has changed by a fifth, so shares stay about right)."""
+        n = self._n_chunks
+        if abs(n - self._df_n) > 0.2 * max(self._df_n, 1):
+            self._df, self._df_n = {}, n
+        df = self._df.get(word)
+        if df is None:
+            df = con.execute("SELECT count(*) FROM chunks_fts WHERE chunks_fts MATCH ?", (f'"{word}"',)).fetchone()[0]
+            self._df[word] = df
+        return df
+
     def _lexical_one(self, query: str, k: int) -> np.ndarray:
-        expr = fts_query(query) if self.lexical else ""
-        if not expr:
+        words = query_words(query) if self.lexical else []
+        if not words:
             return np.empty(0, np.int64)
-        rows = self._reader().execute("SELECT rowid FROM chunks_fts WHERE chunks_fts MATCH ? ORDER BY rank LIMIT ?",
+        con = self._reader()
+        if len(words) > 1 and self._n_chunks >= PRUNE_MIN_CHUNKS:
+            limit = COMMON_TERM_SHARE * self._n_chunks
+            df = {w: self._doc_freq(con, w) for w in words}
+            rare = [w for w in words if df[w] <= limit]
+            words = rare or sorted(words, key=df.__getitem__)[:2]
+        expr = fts_query(words)
+        rows = con.execute("SELECT rowid FROM chunks_fts WHERE chunks_fts MATCH ? ORDER BY rank LIMIT ?",
                                       (expr, int(k))).fetchall()
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 
@@ -430,6 +463,7 @@ class Store:
                 if seq is not None:
                     db.execute("UPDATE meta SET value = ? WHERE key = 'applied_seq'", (str(seq),))
                 db.execute("COMMIT")
+                self._n_chunks += n_new - len(removed)
             except BaseException:
                 db.execute("ROLLBACK")
                 raise

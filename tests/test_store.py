@@ -174,3 +174,18 @@ def test_reclaim_frees_dead_rows_and_keeps_live_ones(tmp_path):
         np.testing.assert_array_equal(s.vectors()[k], v)
     assert s.reclaim() >= 0  # again: nothing breaks
     s.close()
+
+
+def test_lexical_leaves_out_words_most_chunks_share(tmp_path, monkeypatch):
+    import engine.store as store_mod
+
+    monkeypatch.setattr(store_mod, "PRUNE_MIN_CHUNKS", 10)
+    Store.initialise(tmp_path, {"dim": DIM})
+    s = Store(tmp_path)
+    texts = [f"common filler words about item {i}" for i in range(40)] + ["a rare zeppelin item"]
+    s.apply([text_record(f"d{i}", [t], seed=i) for i, t in enumerate(texts)])
+    keys = {int(k): r.doc_id for k, r in s.chunks(s.keys()).items()}
+    found = s.lexical_search(["common zeppelin"], 5)[0]
+    assert [keys[k] for k in found] == ["d40"], "'common' (in 40 of 41 chunks) is left out"
+    assert len(s.lexical_search(["common item"], 50)[0]) == 41, "all words common: the rarest are kept"
+    s.close()
