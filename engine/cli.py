@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wal-fsync-interval-ms", type=float, default=None)
     p.add_argument("--snapshot-wal-bytes", type=int, default=None,
                    help="snapshot a collection when its log passes this size (default 64 MiB)")
+    p.add_argument("--snapshot-interval-s", type=float, default=None,
+                   help="the server snapshots collections with logged writes this often (default 300)")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("ingest", help="add files or directory trees to a collection (created if missing)")
@@ -139,7 +141,7 @@ def make_config(args: argparse.Namespace) -> Config:
         kw["threads"] = args.threads
     if args.embed_variant:
         kw["embed_variant"] = args.embed_variant
-    for name in ("wal_fsync", "wal_fsync_interval_ms", "snapshot_wal_bytes"):
+    for name in ("wal_fsync", "wal_fsync_interval_ms", "snapshot_wal_bytes", "snapshot_interval_s"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
     return Config(**kw)

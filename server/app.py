@@ -179,11 +179,26 @@ class RagServer:
         self.health = health_servicer
         self.metrics = metrics
         self.servicer = servicer
+        # Snapshots also run on a timer, so a server whose writes stop does not keep a long
+        # write-ahead log to replay at its next start.
+        self._stopping = threading.Event()
+        self._snapshots = threading.Thread(target=self._snapshot_loop, name="rag-snapshots", daemon=True)
+        self._snapshots.start()
+
+    def _snapshot_loop(self) -> None:
+        interval = self.engine.config.snapshot_interval_s
+        while interval > 0 and not self._stopping.wait(interval):
+            try:
+                self.engine.save()
+            except Exception:  # noqa: BLE001 - the log still holds every write; try again later
+                log.exception("periodic snapshot failed")
 
     def stop(self, grace: float | None = None) -> None:
-        """Stop accepting calls, let in-flight ones finish up to `grace` seconds, save indexes."""
+        """Stop accepting calls, let in-flight ones finish up to `grace` seconds, snapshot."""
         self.health.enter_graceful_shutdown()
         self.grpc.stop(self.engine.config.grace_s if grace is None else grace).wait()
+        self._stopping.set()
+        self._snapshots.join(timeout=60)
         self.batcher.close()
         self.engine.close()
 

@@ -223,3 +223,24 @@ def test_sigkill_during_snapshot(tmp_path, config, embedder, target):
     assert not col.store.has_document("a0")
     np.testing.assert_array_equal(np.sort(col.index.keys()), col.store.keys())
     eng.close()
+
+
+def test_server_snapshots_on_a_timer(tmp_path, config, embedder):
+    """A server whose writes stop still snapshots: its log is emptied without a restart."""
+    from server.app import create_server
+
+    eng = Engine(config.replace(data_dir=tmp_path, snapshot_interval_s=0.3, warm_generator=False), embedder=embedder)
+    srv, port = create_server(eng.config, "127.0.0.1:0", engine=eng)
+    try:
+        client = RagClient(f"127.0.0.1:{port}", timeout=60)
+        client.create_collection("c")
+        client.ingest("c", [{"id": "a", "text": "a document about lanterns and copper"}])
+        log = tmp_path / "collections" / "c" / "wal.log"
+        deadline = time.time() + 30
+        while log.stat().st_size > len(b"RAGWAL1\n") and time.time() < deadline:
+            time.sleep(0.1)
+        assert log.stat().st_size == len(b"RAGWAL1\n"), "the log was not emptied by a timed snapshot"
+        assert (tmp_path / "collections" / "c" / "index.usearch").exists()
+        client.close()
+    finally:
+        srv.stop(0)
