@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -19,11 +18,11 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engine.ingest import Document
 from engine.pipeline import Engine
 from server.client import RagClient
+from serverproc import free_port, start_server
 
 ROUNDS = int(os.environ.get("RAG_CRASH_ROUNDS", "4"))
 SNAPSHOT_WAL_BYTES = 96 * 1024
@@ -31,37 +30,12 @@ WORDS = ("river stone cloud engine lantern copper orchard violin glacier harbor 
          "tunnel saddle pepper marble canyon ember willow beacon thistle compass velvet garnet").split()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(data_dir: Path, port: int) -> subprocess.Popen:
-    # The server's log goes to a file: a pipe nobody reads would stall a chatty server.
-    log_path = data_dir.parent / "server.log"
-    log = open(log_path, "ab")
-    exe = Path(sys.executable).parent / "rag"
     # A small log threshold makes the server snapshot every few ingests, so kills also land
     # in the middle of snapshots (counted by the crash test from the temp files left behind).
-    proc = subprocess.Popen([exe, "--data-dir", str(data_dir), "--threads", "1",
-                             "--snapshot-wal-bytes", str(SNAPSHOT_WAL_BYTES), "serve", "--address",
-                             f"127.0.0.1:{port}", "--lazy-generator"],
-                            stdout=subprocess.DEVNULL, stderr=log)
-    log.close()  # the child holds its own copy
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-                r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if r.status == health_pb2.HealthCheckResponse.SERVING:
-                    return proc
-        except grpc.RpcError:
-            time.sleep(0.2)
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {log_path.read_text(errors='replace')[-2000:]}")
-    proc.kill()
-    raise RuntimeError("server did not start")
+    return start_server(data_dir, port, log=data_dir.parent / "server.log", timeout=120,
+                        global_args=["--threads", "1", "--snapshot-wal-bytes", str(SNAPSHOT_WAL_BYTES)],
+                        serve_args=["--lazy-generator"])
 
 
 def make_doc(rng: random.Random, name: str) -> dict:

@@ -15,9 +15,7 @@ from __future__ import annotations
 import os
 import random
 import re
-import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -25,9 +23,9 @@ from collections import Counter
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server.client import RagClient
+from serverproc import free_port, start_server
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO / "examples" / "corpus"
@@ -54,31 +52,9 @@ WORDS = ("river stone cloud engine lantern copper orchard violin glacier harbor 
 MAX_RSS_GROWTH_MB = 400
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(data_dir: Path, port: int, metrics_port: int, log: Path) -> subprocess.Popen:
-    """`rag serve` from this checkout (python -m, so a worktree's code is what runs)."""
-    with log.open("wb") as err:  # a file, not a pipe: a full pipe would block the server's logging
-        proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "--data-dir", str(data_dir), "serve",
-                                 "--address", f"127.0.0.1:{port}", "--metrics-port", str(metrics_port)],
-                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
-    deadline = time.monotonic() + 300  # loads and warms both models
-    while time.monotonic() < deadline:
-        try:
-            with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-                r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if r.status == health_pb2.HealthCheckResponse.SERVING:
-                    return proc
-        except grpc.RpcError:
-            time.sleep(0.3)
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {log.read_text()[-3000:]}")
-    proc.kill()
-    raise RuntimeError("server did not start")
+    return start_server(data_dir, port, log=log, serve_args=["--metrics-port", str(metrics_port)],
+                        timeout=300)  # loads and warms both models
 
 
 def memory_mb(pid: int) -> dict[str, float]:
