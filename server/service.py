@@ -401,4 +401,5 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
                                   context_window=window, max_top_k=MAX_TOP_K, max_batch=c.max_batch_request,
                                   max_message_bytes=c.max_message_bytes,
                                   max_concurrent_generations=c.max_concurrent_generations,
-                                  execution_provider=c.provider)
+                                  execution_provider=c.provider, max_document_bytes=c.max_document_bytes,
+                                  search_mode=c.search_mode)

@@ -64,6 +64,7 @@ def test_info_and_collections(server):
     info = client.info()
     assert info.embedding_model == "all-MiniLM-L6-v2" and info.embedding_dims == 384
     assert info.max_top_k == 1000 and info.context_window == 2048
+    assert info.max_document_bytes == 32 * 1024 * 1024 and info.search_mode == "hybrid"
     created = client.create_collection("tmp", dtype="i8", connectivity=8)
     assert created.dtype == pb.VECTOR_D_TYPE_I8 and created.connectivity == 8 and created.documents == 0
     assert {c.name for c in client.list_collections()} >= {"docs", "tmp"}
