@@ -23,7 +23,9 @@ TEXT_SUFFIXES = {".txt": "text/plain", ".text": "text/plain", ".rst": "text/plai
                  ".pdf": "application/pdf", ".jsonl": "application/jsonl"}
 MEDIA_TYPES = sorted(set(TEXT_SUFFIXES.values()))
 DEFAULT_TEXT_FIELD = "text"
-DEFAULT_MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
+# Largest file read from disk (a JSONL file holds many documents; each gRPC document has
+# its own, smaller limit: Config.max_document_bytes).
+MAX_FILE_BYTES = 64 * 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -266,7 +268,7 @@ def iter_files(paths: Iterable[str | Path]) -> Iterator[Path | Failure]:
 
 
 def iter_documents(paths: Iterable[str | Path], *, text_field: str = DEFAULT_TEXT_FIELD,
-                   max_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES) -> Iterator[Document | Failure]:
+                   max_bytes: int = MAX_FILE_BYTES) -> Iterator[Document | Failure]:
     """Documents from files and directory trees, one file in memory at a time."""
     for f in iter_files(paths):
         if isinstance(f, Failure):
