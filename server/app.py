@@ -127,10 +127,18 @@ class Metrics:
         if slots is not None:
             self.watch(slots)
         self.port = None
+        self._http = None
         if port is not None:
             server, _ = start_http_server(port, registry=self.registry)
             self.port = server.server_port
             self._http = server
+
+    def close(self) -> None:
+        """Stop serving /metrics and free its port."""
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
 
     def watch(self, slots) -> None:
         """Read the generation slots at scrape time, so a leaked slot shows as a stuck gauge."""
@@ -200,6 +208,7 @@ class RagServer:
         self._stopping.set()
         self._snapshots.join(timeout=60)
         self.batcher.close()
+        self.metrics.close()
         self.engine.close()
 
     def wait(self) -> None:

@@ -349,3 +349,27 @@ def test_node_client_streams_an_answer(server):
     err = subprocess.run([node, "answer.js", f"127.0.0.1:{port}", "nope", "q"], cwd=REPO / "clients/node",
                          capture_output=True, text=True, timeout=60)
     assert err.returncode == 1 and "5" in err.stderr  # NOT_FOUND
+
+
+def test_metrics_endpoint_counts_requests_and_closes(shared_engine):
+    import socket
+    import urllib.request
+
+    from serverproc import free_port
+
+    port = free_port()
+    eng = Engine(shared_engine.config.replace(metrics_port=port), embedder=shared_engine.embedder,
+                 generator=shared_engine.generator)
+    srv, grpc_port = create_server(eng.config, "127.0.0.1:0", engine=eng)
+    try:
+        client = RagClient(f"127.0.0.1:{grpc_port}", timeout=60)
+        client.info()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+            text = r.read().decode()
+        assert 'rag_requests_total{code="OK",method="/rag.v1.InfoService/GetInfo"} 1.0' in text
+        assert "rag_generations_running 0.0" in text and "rag_generation_queue_depth 0.0" in text
+        client.close()
+    finally:
+        srv.stop(0)
+    with socket.socket() as s:  # the metrics port is free again after stop
+        s.bind(("0.0.0.0", port))
