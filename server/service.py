@@ -61,7 +61,8 @@ _LEN = struct.Struct("<I")
 def end_if_gone(context, when: str) -> None:
     """Abort a call whose deadline has passed or whose client cancelled (say, while it waited
     for a worker thread): its client already sees it as failed, so do no work and change nothing."""
-    if context.time_remaining() <= 0:
+    remaining = context.time_remaining()  # None: no deadline
+    if remaining is not None and remaining <= 0:
         context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"the deadline passed {when}; nothing was changed")
     if not context.is_active():
         context.abort(grpc.StatusCode.CANCELLED, f"the call was cancelled {when}; nothing was changed")
@@ -170,7 +171,7 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
         return pb.DropCollectionResponse()
 
     # ------------------------------------------------------------------ ingestion
-    def _documents(self, requests, order: list[str], state: dict, context):
+    def _documents(self, requests, order: list[str], state: dict):
         for req in requests:
             if req.collection:
                 if state.get("collection") not in (None, req.collection):
@@ -242,12 +243,12 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
             raise InvalidInput("the first IngestStreamRequest must name the collection")
         t0 = time.perf_counter_ns()
         with self._spool(first, it, context) as spool:
-            report = self.engine.ingest(first.collection, self._documents(self._unspool(spool), order, state,
-                                                                          context))
+            report = self.engine.ingest(first.collection, self._documents(self._unspool(spool), order, state))
         results = []
-        for doc_id in order:
-            status, chunks, error = report.results.get(doc_id, report.results.get(f"#{order.index(doc_id) + 1}",
-                                                                                  ("failed", 0, "not processed")))
+        for i, doc_id in enumerate(order, start=1):
+            # documents without an id are reported by position ("#3")
+            status, chunks, error = report.results.get(doc_id) or report.results.get(
+                f"#{i}", ("failed", 0, "not processed"))
             results.append(pb.DocumentResult(id=doc_id, status=STATUS_TO_PB[status], chunks=chunks, error=error))
         return pb.IngestStreamResponse(results=results, chunks_added=report.chunks_added,
                                        chunks_removed=report.chunks_removed,
