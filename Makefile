@@ -83,6 +83,7 @@ $(VENV)/.bench: $(STAMP)
 bench: setup $(VENV)/.bench
 	$(PY) benchmarks/chunk_throughput.py
 	$(PY) benchmarks/embed_throughput.py
+	$(PY) benchmarks/embed_ceiling.py
 	$(PY) benchmarks/retrieval_quality.py
 	$(PY) benchmarks/ann.py
 	$(PY) benchmarks/generate_throughput.py
