@@ -1,6 +1,6 @@
 """How fast does our ONNX generator prefill and decode, against transformers `generate`?
 
-    .venv/bin/python benchmarks/generate_throughput.py [--new-tokens 64] [--batches 1,4,16]
+    .venv/bin/python benchmarks/generate_throughput.py [--new-tokens 64] [--batches 1,4,16] [--paragraphs 8]
 
 Same model (the default Qwen2.5-Coder-0.5B-Instruct: ours from models/, transformers from
 the dequantized HF folder that `make models` leaves in .cache/hf), same prompts (SQuAD dev
@@ -30,22 +30,28 @@ FALLBACK = ("The Fresnel lens, invented by Augustin-Jean Fresnel in 1822, bends 
             "of glass prisms, so a small flame can be seen more than twenty nautical miles away. ") * 8
 
 
-def prompts(gen: Generator, n: int) -> list[list[int]]:
+def prompts(gen: Generator, n: int, paragraphs: int = 1) -> list[list[int]]:
+    """n chat prompts, each `paragraphs` consecutive SQuAD paragraphs as numbered sources (a
+    RAG prompt's shape) and the first one's question."""
     items = []
+    want = n * paragraphs
     if SQUAD.exists():
         data = json.loads(SQUAD.read_text())["data"]
         for art in data:
             for para in art["paragraphs"]:
                 items.append((para["context"], para["qas"][0]["question"]))
-                if len(items) >= n:
+                if len(items) >= want:
                     break
-            if len(items) >= n:
+            if len(items) >= want:
                 break
-    while len(items) < n:
+    while len(items) < want:
         items.append((FALLBACK, "Who invented the lens and what does it do? Explain in detail."))
     out = []
-    for ctx, q in items:
-        text = gen.render_chat([{"role": "user", "content": f"{ctx}\n\nQuestion: {q}\nExplain your answer in detail."}])
+    for i in range(n):
+        group = items[i * paragraphs:(i + 1) * paragraphs]
+        ctx = group[0][0] if paragraphs == 1 else "\n\n".join(f"[{j + 1}] {c}" for j, (c, _) in enumerate(group))
+        text = gen.render_chat([{"role": "user", "content": f"{ctx}\n\nQuestion: {group[0][1]}\n"
+                                 "Explain your answer in detail."}])
         out.append(gen.encode(text))
     return out
 
@@ -128,7 +134,7 @@ def run(args) -> None:
     ours = {v: Generator(cfg.gen_model_dir, variant=v, threads=threads, context_window=4096)
             for v in args.variants.split(",")}
     first = next(iter(ours.values()))
-    ps = prompts(first, max(args.prompts, max(args.batches)))
+    ps = prompts(first, max(args.prompts, max(args.batches)), args.paragraphs)
     single = ps[:args.prompts]
     print(f"prompts: {len(single)} for latency, median prompt {statistics.median(len(p) for p in single)} tokens; "
           f"{args.new_tokens} new tokens, greedy, {threads} threads")
@@ -152,7 +158,8 @@ def run(args) -> None:
             ratio = f"  decode speedup {r['decode_speedup']:.2f}x, prefill speedup {r['prefill_speedup']:.2f}x"
         print(f"{name:<18} prefill {r['prefill_tok_s']:8.1f} tok/s  TTFT {r['ttft_ms']:8.1f} ms  "
               f"decode {r['decode_tok_s']:6.1f} tok/s{ratio}")
-        log({"system": name, "threads": threads, "new_tokens": args.new_tokens, **r})
+        log({"system": name, "threads": threads, "new_tokens": args.new_tokens, "paragraphs": args.paragraphs,
+             "prompt_tokens_median": statistics.median(len(p) for p in single), **r})
     for b in args.batches:
         line = f"batch {b:>3}:"
         for v, gen in ours.items():
@@ -175,6 +182,8 @@ def main() -> None:
     p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16])
     p.add_argument("--variants", default="int8,fp32")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--paragraphs", type=int, default=1, help="SQuAD paragraphs per prompt (8: ~1,300 tokens, "
+                   "a RAG prompt with several sources)")
     p.add_argument("--hf-max-batch", type=int, default=4, help="largest batch also run with transformers")
     p.add_argument("--no-baseline", action="store_true")
     run(p.parse_args())

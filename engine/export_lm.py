@@ -122,7 +122,12 @@ def gguf_to_hf(gguf: Path, hf_dir: Path) -> Path:
     return hf_dir
 
 
-def last_position_logits(path: Path) -> bool:
+# Graph passes applied to the exported decoder, recorded in manifest.json ("graph_passes").
+# A model folder built before a pass existed gets it from `upgrade` (make models).
+GRAPH_PASSES = ("last_position_logits", "softmax_nan_guard")
+
+
+def last_position_logits(model) -> bool:
     """Make the decoder compute logits for the last position only.
 
     optimum's export returns logits for every input position; for a 1,000-token prompt that
@@ -130,10 +135,8 @@ def last_position_logits(path: Path) -> bool:
     model's FLOPs per token), while generation needs only the last row. A Slice before
     lm_head removes both. Returns False if the graph has no MatMul producing `logits`.
     """
-    import onnx
     from onnx import TensorProto, helper
 
-    model = onnx.load(str(path), load_external_data=False)
     g = model.graph
     producer = {o: n for n in g.node for o in n.output}
     head = producer.get("logits")
@@ -156,8 +159,124 @@ def last_position_logits(path: Path) -> bool:
     for out in g.output:
         if out.name == "logits":
             out.type.tensor_type.shape.dim[1].dim_value = 1
-    onnx.save(model, str(path))  # initializers stay in the existing external data file
     return True
+
+
+def softmax_nan_guard(model) -> int:
+    """Drop the NaN guard after every attention softmax; returns how many were dropped.
+
+    The exported attention adds a mask of 0 / -inf to the scores, and because a row whose
+    keys are all masked (a left-padding position) turns into NaN, follows the softmax with
+    Where(IsNaN(p), 0, p). Both passes over the (heads x queries x keys) tensor cost about a
+    quarter of the prefill of a 1,300-token prompt. With the mask's -inf replaced by the
+    most negative finite float32, masked scores still underflow to exactly 0 after exp, so
+    every row with at least one visible key is bit-identical, and an all-masked row gets a
+    finite (ignored) average instead of NaN, which no real position ever reads: its keys
+    are masked for every real query. Only patterns that match exactly are rewritten.
+    """
+    import numpy as np
+    from onnx import numpy_helper
+
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    inits = {t.name: t for t in g.initializer}
+
+    def scalar(name: str):
+        n = producer.get(name)
+        if n is not None and n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            a = numpy_helper.to_array(n.attribute[0].t)
+        elif name in inits:
+            a = numpy_helper.to_array(inits[name])
+        else:
+            return None
+        return float(a.reshape(-1)[0]) if a.size == 1 else None
+
+    drop, rename, fills = set(), {}, set()
+    for sm in g.node:
+        if sm.op_type != "Softmax":
+            continue
+        users = consumers.get(sm.output[0], [])
+        isnan = [u for u in users if u.op_type == "IsNaN"]
+        where = [u for u in users if u.op_type == "Where"]
+        if len(users) != 2 or len(isnan) != 1 or len(where) != 1:
+            continue
+        w = where[0]
+        if list(w.input) != [isnan[0].output[0], w.input[1], sm.output[0]] or scalar(w.input[1]) != 0.0:
+            continue
+        add = producer.get(sm.input[0])
+        if add is None or add.op_type != "Add":
+            continue
+        masks = [producer.get(i) for i in add.input]
+        masks = [m for m in masks if m is not None and m.op_type == "Where"]
+        if len(masks) != 1:
+            continue
+        fill = scalar(masks[0].input[2])
+        if fill is None or not np.isneginf(fill) or len(consumers.get(masks[0].input[2], [])) != 1:
+            continue
+        fills.add(masks[0].input[2])
+        drop.update((id(isnan[0]), id(w)))
+        rename[w.output[0]] = sm.output[0]
+    if not drop:
+        return 0
+    lowest = np.finfo(np.float32).min
+    for name in fills:
+        n = producer.get(name)
+        t = n.attribute[0].t if n is not None and n.op_type == "Constant" else inits[name]
+        t.CopyFrom(numpy_helper.from_array(np.full(numpy_helper.to_array(t).shape, lowest, np.float32), t.name))
+    keep = [n for n in g.node if id(n) not in drop]
+    for n in keep:
+        for k, i in enumerate(n.input):
+            if i in rename:
+                n.input[k] = rename[i]
+    used = {i for n in keep for i in n.input} | {o.name for o in g.output}
+    keep = [n for n in keep if not (n.op_type == "Constant" and n.output[0] not in used)]
+    del g.node[:]
+    g.node.extend(keep)
+    return len(rename)
+
+
+def apply_graph_passes(path: Path, passes: tuple[str, ...] = GRAPH_PASSES) -> list[str]:
+    """Apply `passes` to the ONNX file at `path` in place (written beside it, then renamed).
+    Weights in an external data file stay where they are. Returns the passes that changed
+    the graph."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    changed = []
+    if "last_position_logits" in passes and last_position_logits(model):
+        changed.append("last_position_logits")
+    if "softmax_nan_guard" in passes and (n := softmax_nan_guard(model)):
+        changed.append("softmax_nan_guard")
+        log(f"{path.name}: dropped the NaN guard after {n} attention softmaxes")
+    if changed:
+        tmp = path.with_name(f".{path.name}.tmp")
+        # A model read without its external data is saved the same way: the initializers keep
+        # pointing at the existing data file. Embedded weights (the int8 file) are written out.
+        onnx.save(model, str(tmp))
+        os.replace(tmp, path)
+    return changed
+
+
+def upgrade(model_dir: Path) -> None:
+    """Bring a model folder built by an older export up to GRAPH_PASSES (make models)."""
+    manifest_path = model_dir / MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    done = manifest.get("graph_passes", ["last_position_logits"])
+    missing = tuple(p for p in GRAPH_PASSES if p not in done)
+    if not missing:
+        return
+    for name in manifest.get("variants", [FP32_FILE]):
+        if (model_dir / name).exists():
+            apply_graph_passes(model_dir / name, missing)
+    manifest["graph_passes"] = [*done, *missing]
+    tmp = manifest_path.with_name(".manifest.json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, manifest_path)
+    log(f"{model_dir}: applied {', '.join(missing)}")
 
 
 def quantize_int8(src: Path, dst: Path) -> None:
@@ -188,7 +307,8 @@ def export_hf(hf_dir: Path, out: Path, *, name: str | None = None, int8: bool = 
         log(f"optimum export {hf_dir} -> ONNX (text-generation-with-past)")
         main_export(str(hf_dir), output=str(tmp), task="text-generation-with-past", device="cpu",
                     do_validation=False, no_post_process=False)
-        if not last_position_logits(tmp / FP32_FILE):
+        passes = apply_graph_passes(tmp / FP32_FILE)
+        if "last_position_logits" not in passes:
             log("note: could not restrict logits to the last position; generation still works")
         for f in SIDE_FILES:
             if (hf_dir / f).exists() and not (tmp / f).exists():
@@ -202,7 +322,8 @@ def export_hf(hf_dir: Path, out: Path, *, name: str | None = None, int8: bool = 
                     "num_kv_heads": cfg.get("num_key_value_heads", cfg.get("num_attention_heads")),
                     "head_dim": cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
                     "max_position_embeddings": cfg.get("max_position_embeddings"),
-                    "variants": [FP32_FILE] + ([INT8_FILE] if int8 else [])}
+                    "variants": [FP32_FILE] + ([INT8_FILE] if int8 else []),
+                    "graph_passes": list(GRAPH_PASSES)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if out.exists():
             shutil.rmtree(out)
@@ -218,6 +339,7 @@ def build_preset(preset: str, models_dir: Path, cache_dir: Path, *, int8: bool =
     spec = PRESETS[preset]
     out = models_dir / preset
     if (out / MANIFEST).exists():
+        upgrade(out)
         log(f"{out} already built")
         return out
     wheels = fetch_wheels(spec["packages"], cache_dir / "wheels")

@@ -151,3 +151,76 @@ def test_cancellation_stops_within_one_step(generator):
                                              SamplingParams(max_new_tokens=100), cancelled=cancelled))
     assert final.finish_reason == "cancelled"
     assert len(final.token_ids) == 3
+
+
+def _masked_attention_model():
+    """Scores + Where(mask, 0, -inf) -> Softmax -> Where(IsNaN, 0, p) -> @ V: the attention
+    pattern optimum exports for Qwen2 (a graph about shapes and masking, no weights)."""
+    from onnx import TensorProto, helper
+
+    f, b = TensorProto.FLOAT, TensorProto.BOOL
+    nodes = [
+        helper.make_node("Constant", [], ["zero"], value=helper.make_tensor("z", f, [], [0.0])),
+        helper.make_node("Constant", [], ["neg_inf"], value=helper.make_tensor("n", f, [], [float("-inf")])),
+        helper.make_node("Constant", [], ["nan_zero"], value=helper.make_tensor("nz", f, [], [0.0])),
+        helper.make_node("Where", ["mask", "zero", "neg_inf"], ["bias"]),
+        helper.make_node("Add", ["scores", "bias"], ["masked"]),
+        helper.make_node("Softmax", ["masked"], ["p"], axis=-1),
+        helper.make_node("IsNaN", ["p"], ["is_nan"]),
+        helper.make_node("Where", ["is_nan", "nan_zero", "p"], ["p_clean"]),
+        helper.make_node("MatMul", ["p_clean", "v"], ["out"]),
+    ]
+    graph = helper.make_graph(nodes, "attn", [
+        helper.make_tensor_value_info("scores", f, [1, 2, 4, 4]),
+        helper.make_tensor_value_info("mask", b, [1, 1, 4, 4]),
+        helper.make_tensor_value_info("v", f, [1, 2, 4, 3]),
+    ], [helper.make_tensor_value_info("out", f, [1, 2, 4, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_softmax_nan_guard_pass_is_exact_for_visible_rows():
+    """The export drops Where(IsNaN(softmax)) (engine/export_lm.softmax_nan_guard): rows with
+    a visible key must give bit-identical results, an all-masked row (a left-padding
+    position) must stay finite, and no NaN may appear anywhere."""
+    import onnxruntime as ort
+
+    from engine.export_lm import softmax_nan_guard
+
+    def run(model, feeds):
+        return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+    rng = np.random.default_rng(7)
+    # Query 0 is a padding position that sees no key; the others see a causal window minus key 0.
+    mask = np.tril(np.ones((4, 4), dtype=bool))
+    mask[:, 0] = False
+    feeds = {"scores": rng.standard_normal((1, 2, 4, 4)).astype(np.float32) * 8,
+             "mask": mask[None, None], "v": rng.standard_normal((1, 2, 4, 3)).astype(np.float32)}
+    before = run(_masked_attention_model(), feeds)
+    model = _masked_attention_model()
+    assert softmax_nan_guard(model) == 1
+    assert [n.op_type for n in model.graph.node].count("IsNaN") == 0
+    after = run(model, feeds)
+    assert np.array_equal(before[:, :, 1:], after[:, :, 1:])
+    assert np.all(before[:, :, 0] == 0) and np.all(np.isfinite(after))
+    assert softmax_nan_guard(model) == 0  # idempotent: nothing left to match
+
+
+@pytest.mark.parametrize("variant", ["fp32", "int8"])
+def test_built_decoder_has_the_graph_passes(config, variant):
+    """`make models` applied every pass to both variants (upgrading older builds in place)."""
+    import json
+
+    import onnx
+
+    from engine.export_lm import GRAPH_PASSES
+    from engine.generate import VARIANT_FILES
+
+    manifest = json.loads((config.gen_model_dir / "manifest.json").read_text())
+    assert manifest["graph_passes"] == list(GRAPH_PASSES)
+    graph = onnx.load(str(config.gen_model_dir / VARIANT_FILES[variant]), load_external_data=False).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("Softmax") == manifest["num_layers"] and "IsNaN" not in ops
+    logits = next(o for o in graph.output if o.name == "logits")
+    assert logits.type.tensor_type.shape.dim[1].dim_value == 1
