@@ -122,6 +122,11 @@ def gguf_to_hf(gguf: Path, hf_dir: Path) -> Path:
     return hf_dir
 
 
+# Weights per int8 scale. 128 against the 32 used before, on this 2-core CPU (onnxruntime
+# 1.32, Qwen2.5-0.5B): prefill 385 vs 260 tok/s at 300 prompt tokens and 305 vs 231 at
+# 1,000; decode 31 vs 22.5 tok/s at 300. Greedy answers to 16 two-paragraph SQuAD prompts
+# matched fp32 over 40 tokens for 12 prompts, against 11 with blocks of 32.
+INT8_BLOCK_SIZE = 128
 # Graph passes applied to the exported decoder, recorded in manifest.json ("graph_passes").
 # A model folder built before a pass existed gets it from `upgrade` (make models).
 GRAPH_PASSES = ("last_position_logits", "softmax_nan_guard")
@@ -262,33 +267,43 @@ def apply_graph_passes(path: Path, passes: tuple[str, ...] = GRAPH_PASSES) -> li
 
 
 def upgrade(model_dir: Path) -> None:
-    """Bring a model folder built by an older export up to GRAPH_PASSES (make models)."""
+    """Bring a model folder built by an older export up to date in place (make models):
+    the graph passes it lacks, and the int8 copy re-quantized if its block size differs."""
     manifest_path = model_dir / MANIFEST
     manifest = json.loads(manifest_path.read_text())
     done = manifest.get("graph_passes", ["last_position_logits"])
     missing = tuple(p for p in GRAPH_PASSES if p not in done)
-    if not missing:
+    variants = manifest.get("variants", [FP32_FILE])
+    requantize = INT8_FILE in variants and manifest.get("int8_block_size", 32) != INT8_BLOCK_SIZE
+    if not missing and not requantize:
         return
-    for name in manifest.get("variants", [FP32_FILE]):
-        if (model_dir / name).exists():
+    for name in variants:
+        if missing and (model_dir / name).exists() and not (name == INT8_FILE and requantize):
             apply_graph_passes(model_dir / name, missing)
+    if requantize:
+        log(f"re-quantizing {INT8_FILE} with blocks of {INT8_BLOCK_SIZE}")
+        tmp = model_dir / f".{INT8_FILE}.tmp"
+        quantize_int8(model_dir / FP32_FILE, tmp)
+        os.replace(tmp, model_dir / INT8_FILE)
+        manifest["int8_block_size"] = INT8_BLOCK_SIZE
     manifest["graph_passes"] = [*done, *missing]
     tmp = manifest_path.with_name(".manifest.json.tmp")
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, manifest_path)
-    log(f"{model_dir}: applied {', '.join(missing)}")
+    log(f"{model_dir}: up to date ({', '.join(missing) or 'no new passes'}"
+        f"{'; int8 re-quantized' if requantize else ''})")
 
 
-def quantize_int8(src: Path, dst: Path) -> None:
-    """Weight-only int8 (MatMulNBits, blocks of 32 along K, int8 compute with per-row
-    activation blocks). Unlike dynamic quantization, whose activation scale is shared by
-    the whole batch, a row's output does not depend on the other rows in its batch, so
-    batched and one-by-one greedy decoding give the same tokens."""
+def quantize_int8(src: Path, dst: Path, block_size: int = INT8_BLOCK_SIZE) -> None:
+    """Weight-only int8 (MatMulNBits, one scale per `block_size` weights along K, int8
+    compute with per-row activation blocks). Unlike dynamic quantization, whose activation
+    scale is shared by the whole batch, a row's output does not depend on the other rows
+    in its batch, so batched and one-by-one greedy decoding give the same tokens."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     model = onnx.load(str(src))
-    cfg = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, accuracy_level=4, bits=8)
+    cfg = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=4, bits=8)
     q = MatMulNBitsQuantizer(model, algo_config=cfg)
     q.process()
     onnx.save_model(q.model.model, str(dst), save_as_external_data=False)
@@ -314,7 +329,7 @@ def export_hf(hf_dir: Path, out: Path, *, name: str | None = None, int8: bool = 
             if (hf_dir / f).exists() and not (tmp / f).exists():
                 shutil.copy(hf_dir / f, tmp / f)
         if int8:
-            log("writing int8 variant (weight-only MatMulNBits, 8 bits)")
+            log(f"writing int8 variant (weight-only MatMulNBits, 8 bits, blocks of {INT8_BLOCK_SIZE})")
             quantize_int8(tmp / FP32_FILE, tmp / INT8_FILE)
         cfg = json.loads((hf_dir / "config.json").read_text())
         manifest = {"name": name, "source": str(hf_dir), "architecture": cfg.get("model_type"),
@@ -324,6 +339,8 @@ def export_hf(hf_dir: Path, out: Path, *, name: str | None = None, int8: bool = 
                     "max_position_embeddings": cfg.get("max_position_embeddings"),
                     "variants": [FP32_FILE] + ([INT8_FILE] if int8 else []),
                     "graph_passes": list(GRAPH_PASSES)}
+        if int8:
+            manifest["int8_block_size"] = INT8_BLOCK_SIZE
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if out.exists():
             shutil.rmtree(out)

@@ -209,12 +209,13 @@ def test_softmax_nan_guard_pass_is_exact_for_visible_rows():
 
 @pytest.mark.parametrize("variant", ["fp32", "int8"])
 def test_built_decoder_has_the_graph_passes(config, variant):
-    """`make models` applied every pass to both variants (upgrading older builds in place)."""
+    """`make models` applied every pass to both variants and quantized int8 with the current
+    block size (upgrading older builds in place)."""
     import json
 
     import onnx
 
-    from engine.export_lm import GRAPH_PASSES
+    from engine.export_lm import GRAPH_PASSES, INT8_BLOCK_SIZE
     from engine.generate import VARIANT_FILES
 
     manifest = json.loads((config.gen_model_dir / "manifest.json").read_text())
@@ -224,3 +225,7 @@ def test_built_decoder_has_the_graph_passes(config, variant):
     assert ops.count("Softmax") == manifest["num_layers"] and "IsNaN" not in ops
     logits = next(o for o in graph.output if o.name == "logits")
     assert logits.type.tensor_type.shape.dim[1].dim_value == 1
+    if variant == "int8":
+        assert manifest["int8_block_size"] == INT8_BLOCK_SIZE
+        blocks = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "block_size"}
+        assert blocks == {INT8_BLOCK_SIZE}
