@@ -5,8 +5,9 @@ the cached keys/values, so no token of the prompt is recomputed. Sampling and th
 repetition penalty run in Numba kernels over the logits (engine/kernels.py). Streamed text
 deltas are always whole UTF-8 characters: a byte-level BPE piece that ends inside a
 character is held back until the character completes, and the deltas concatenate exactly
-to the final text. Several prompts can be generated together (left padding, each row
-finishing on its own and leaving the batch).
+to the final text. Several prompts can be generated together: decoding runs them as one
+batch with left padding, each row finishing on its own and leaving the batch. On CPU each
+prompt is prefilled alone and the caches are padded afterwards (_prefill_rows).
 """
 
 from __future__ import annotations
@@ -255,13 +256,19 @@ class Generator:
         past = self._empty_past(b)
         active = np.arange(b)
         step = 0
+        # On CPU a batch's prompts are prefilled one by one (see _prefill_rows).
+        row_prefill = b > 1 and self.provider == "cpu"
         while len(active):
-            feeds = {"input_ids": ids, "attention_mask": mask, **past}
-            if "position_ids" in self.input_names:
-                feeds["position_ids"] = positions
-            outs = self.session.run(None, feeds)
-            logits = outs[0][:, -1, :]
-            past = dict(zip(self.past_names, outs[1:1 + len(self.past_names)]))
+            if row_prefill:
+                logits, past = self._prefill_rows(prompts, width)
+                row_prefill = False
+            else:
+                feeds = {"input_ids": ids, "attention_mask": mask, **past}
+                if "position_ids" in self.input_names:
+                    feeds["position_ids"] = positions
+                outs = self.session.run(None, feeds)
+                logits = outs[0][:, -1, :]
+                past = dict(zip(self.past_names, outs[1:1 + len(self.past_names)]))
             got = []
             for j, r in enumerate(active):
                 row = rows[r]
@@ -287,6 +294,32 @@ class Generator:
             ids = np.array([[rows[r].ids[-1]] for r in active], dtype=np.int64)
             mask = np.concatenate([mask, np.ones((len(active), 1), dtype=np.int64)], axis=1)
             positions = positions[:, -1:] + 1
+
+    def _prefill_rows(self, prompts: list[list[int]], width: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Prefill each prompt alone, then left-pad the caches into one batch of `width`.
+
+        A padded batch spends the same work on pad positions as on tokens (a batch of 16
+        SQuAD prompts of 150-400 tokens was 21 s of a 35 s run); alone, every prompt costs
+        only its own tokens. The pad slots of the cache stay zero and are masked, and a
+        row's numbers are those of the same prompt generated alone.
+        """
+        b = len(prompts)
+        logits = None
+        past = {n: np.zeros((b, self.num_kv_heads, width, self.head_dim), dtype=np.float32)
+                for n in self.past_names}
+        for i, p in enumerate(prompts):
+            n = len(p)
+            feeds = {"input_ids": np.array([p], dtype=np.int64), "attention_mask": np.ones((1, n), dtype=np.int64),
+                     **self._empty_past(1)}
+            if "position_ids" in self.input_names:
+                feeds["position_ids"] = np.arange(n, dtype=np.int64)[None, :]
+            outs = self.session.run(None, feeds)
+            if logits is None:
+                logits = np.empty((b, outs[0].shape[-1]), dtype=outs[0].dtype)
+            logits[i] = outs[0][0, -1, :]
+            for name, value in zip(self.past_names, outs[1:1 + len(self.past_names)]):
+                past[name][i, :, width - n:, :] = value[0]
+        return logits, past
 
     def _check_prompts(self, prompts: list[list[int]], params: SamplingParams) -> None:
         params.check(self.window)
