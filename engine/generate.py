@@ -300,8 +300,8 @@ class Generator:
 
         A padded batch spends the same work on pad positions as on tokens (a batch of 16
         SQuAD prompts of 150-400 tokens was 21 s of a 35 s run); alone, every prompt costs
-        only its own tokens. The pad slots of the cache stay zero and are masked, and a
-        row's numbers are those of the same prompt generated alone.
+        only its own tokens. The pad slots of the cache stay zero and are masked, and each
+        row's prefill is exactly that of its prompt generated alone.
         """
         b = len(prompts)
         logits = None
