@@ -301,9 +301,13 @@ def quantize_int8(src: Path, dst: Path, block_size: int = INT8_BLOCK_SIZE) -> No
     compute with per-row activation blocks). Unlike dynamic quantization, whose activation
     scale is shared by the whole batch, a row's output does not depend on the other rows
     in its batch, so batched and one-by-one greedy decoding give the same tokens."""
+    import logging
+
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
+    # The quantizer logs a line per graph node (~6,000) at INFO; keep its warnings only.
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     model = onnx.load(str(src))
     cfg = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=4, bits=8)
     q = MatMulNBitsQuantizer(model, algo_config=cfg)
