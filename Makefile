@@ -82,11 +82,21 @@ $(VENV)/.bench: $(STAMP)
 	$(PY) -m pip install -qq -e '.[export,pdf,test,bench]'
 	touch $@
 
-bench: setup $(VENV)/.bench
+# The chunking and embedding benchmarks read the Python 3.11 docs' reST sources, from
+# Debian's python3.11-doc (installed here with apt-get when missing).
+BENCH_CORPUS := /usr/share/doc/python3.11/html/_sources
+$(BENCH_CORPUS):
+	@echo "benchmarks read $(BENCH_CORPUS) (Debian package python3.11-doc): installing it"
+	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get install -y -qq python3.11-doc >/dev/null || { $$SUDO apt-get update -qq && \
+		$$SUDO apt-get install -y -qq python3.11-doc >/dev/null; } || \
+		{ echo "could not install python3.11-doc; install it, or run the benchmarks with --corpus DIR"; exit 1; }
+
+bench: setup $(VENV)/.bench $(BENCH_CORPUS)
 	$(PY) benchmarks/chunk_throughput.py
 	$(PY) benchmarks/embed_throughput.py
 	$(PY) benchmarks/embed_ceiling.py
-	$(PY) benchmarks/retrieval_quality.py
+	$(PY) benchmarks/retrieval_quality.py --sample-corpus
 	$(PY) benchmarks/ann.py
 	$(PY) benchmarks/generate_throughput.py
 	$(PY) benchmarks/answer_quality.py

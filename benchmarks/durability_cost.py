@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from engine.config import Config  # noqa: E402
 from engine.embed import Embedder  # noqa: E402
-from engine.ingest import Document  # noqa: E402
+from engine.documents import Document  # noqa: E402
 from engine.pipeline import Collection, Engine  # noqa: E402
 
 SQUAD = REPO.parent / "shared" / "data" / "squad-dev-v1.1.json"

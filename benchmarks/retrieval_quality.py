@@ -2,12 +2,12 @@
 a question better than BM25?
 
 Corpus and questions: SQuAD v1.1 dev (2,067 Wikipedia paragraphs, ~10.5k questions, each
-answered by exactly one paragraph). Every paragraph is ingested as one engine.ingest.Document
+answered by exactly one paragraph). Every paragraph is ingested as one engine.documents.Document
 (doc_id "title/paragraph-index") through engine.pipeline.Engine into a fresh collection per
 index dtype (f32, and i8 with the engine's automatic exact rescoring). Questions are asked
 with Engine.search_batch in batches, in both search modes: `dense` (HNSW only) and
-`hybrid` (the default: the dense ranking fused with the store's FTS5 BM25 ranking by
-reciprocal rank fusion); 20 chunks are fetched and deduplicated by doc_id
+`hybrid` (the default: the dense ranking fused with the store's FTS5 BM25 ranking, by each
+fusion below); 20 chunks are fetched and deduplicated by doc_id
 (best rank kept) into the top-10 paragraphs, because a long paragraph can span two chunks.
 
 The baseline is BM25 (rank_bm25.BM25Okapi, k1=1.5, b=0.75) over the same paragraphs with a
@@ -21,8 +21,14 @@ per-dtype search_batch timings then measure search alone (index, rescoring, stor
 hits). `e2e` throughput combines the two; `latency` is Engine.search of one question with
 the real embedder (no cache), as a server request sees it.
 
+Hybrid mode is measured once per fusion of the two rankings (--fusions; engine/kernels.py
+`fuse`): reciprocal rank fusion, weighted RRF, and the convex combination of min-max
+normalised cosine and BM25 scores (Bruch et al. 2023), at several weights. Each fusion
+searches the same collections through a read-only engine of its own. --sample-corpus also
+ranks 12 labelled questions about examples/corpus ("Which planet is the biggest?").
+
 Run:
-  .venv/bin/python benchmarks/retrieval_quality.py                  # int8 embedder, ~3 min
+  .venv/bin/python benchmarks/retrieval_quality.py                  # int8 embedder, ~5 min
   .venv/bin/python benchmarks/retrieval_quality.py --variant both   # fp32 and int8, ~7 min
   .venv/bin/python benchmarks/retrieval_quality.py --limit-questions 1000
 Results are appended to bench-results/retrieval_quality.jsonl, one JSON line per system.
@@ -32,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import sys
 import tempfile
@@ -44,8 +49,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from engine.config import DEFAULT_EMBED_VARIANT, Config  # noqa: E402
-from engine.ingest import Document  # noqa: E402
+from engine.config import DEFAULT_EMBED_VARIANT, FUSIONS, Config  # noqa: E402
+from engine.documents import Document  # noqa: E402
 from engine.pipeline import Engine  # noqa: E402
 
 DEFAULT_SQUAD = REPO.parent / "shared" / "data" / "squad-dev-v1.1.json"
@@ -191,8 +196,24 @@ def run_dense(engine: Engine, memo: MemoEmbedder, name: str, questions: list[str
     return {"quality": metrics(ranks), "qps": e2e_qps, "search_qps": search_qps, "p50_ms": p50, "p99_ms": p99}
 
 
+def fusion_label(fusion: str, alpha: float | None) -> str:
+    return fusion if alpha is None else f"{fusion}{alpha:g}"
+
+
+def parse_fusions(text: str) -> list[tuple[str, float | None]]:
+    """"rrf,convex:0.6" -> [("rrf", None), ("convex", 0.6)]; no alpha: the Config default."""
+    out = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, _, alpha = item.partition(":")
+        if name not in FUSIONS:
+            raise SystemExit(f"unknown fusion {name!r}; use {FUSIONS}")
+        out.append((name, float(alpha) if alpha else None))
+    return out
+
+
 def run(docs: list[Document], questions: list[str], gold: list[str], *, variant: str, dtypes: list[str],
-        bm25: dict, batch: int, fetch_k: int, latency_questions: int, chunk_tokens: int | None) -> list[dict]:
+        bm25: dict, batch: int, fetch_k: int, latency_questions: int, chunk_tokens: int | None,
+        fusions: list[tuple[str, float | None]]) -> list[dict]:
     records = []
     with tempfile.TemporaryDirectory(prefix="rag-bench-") as tmp:
         # fsync off: durability is not what this measures, and it would add disk noise.
@@ -218,11 +239,22 @@ def run(docs: list[Document], questions: list[str], gold: list[str], *, variant:
               f"(chunk_tokens={info.chunk_tokens}); {len(questions)} questions embedded at {embed_qps:.0f}/s; "
               f"ingest {ingest_s[dtypes[0]]:.1f}s for the first collection (embedding included)")
         for dtype in dtypes:
-            for mode in ("dense", "hybrid"):
-                r = run_dense(engine, memo, f"squad-{dtype}", questions, gold, batch=batch, fetch_k=fetch_k,
-                              embed_qps=embed_qps, latency_questions=latency_questions, mode=mode)
-                r.update(system=f"{mode}-{dtype}" + ("+rescore" if dtype != "f32" else ""),
-                         ingest_s=ingest_s[dtype], index_dtype=dtype, embed_qps=embed_qps, mode=mode)
+            r = run_dense(engine, memo, f"squad-{dtype}", questions, gold, batch=batch, fetch_k=fetch_k,
+                          embed_qps=embed_qps, latency_questions=latency_questions, mode="dense")
+            r.update(system=f"dense-{dtype}" + ("+rescore" if dtype != "f32" else ""), ingest_s=ingest_s[dtype],
+                     index_dtype=dtype, embed_qps=embed_qps, mode="dense")
+            records.append(r)
+            # Each fusion reads the same collections through a read-only engine of its own.
+            for fusion, alpha in fusions:
+                reader = Engine(config.replace(read_only=True, fusion=fusion,
+                                               fusion_alpha=config.fusion_alpha if alpha is None else alpha),
+                                embedder=memo)
+                r = run_dense(reader, memo, f"squad-{dtype}", questions, gold, batch=batch, fetch_k=fetch_k,
+                              embed_qps=embed_qps, latency_questions=latency_questions, mode="hybrid")
+                reader.close()
+                r.update(system=f"hybrid-{fusion_label(fusion, alpha)}-{dtype}" + ("+rescore" if dtype != "f32" else ""),
+                         ingest_s=ingest_s[dtype], index_dtype=dtype, embed_qps=embed_qps, mode="hybrid",
+                         fusion=fusion, fusion_alpha=alpha)
                 records.append(r)
         engine.close()
     base_q = bm25["quality"]
@@ -235,11 +267,58 @@ def run(docs: list[Document], questions: list[str], gold: list[str], *, variant:
         ratio = (f"R@5 vs bm25 x{q['recall@5'] / base_q['recall@5']:.3f}, "
                  f"q/s vs bm25 x{r['qps'] / bm25['qps']:.2f}")
         label = r["system"] + (f" [{variant}]" if r is not bm25 else "")
-        print(f"{label:24s} {fmt_quality(q)} | {speed} | {ratio}")
+        print(f"{label:34s} {fmt_quality(q)} | {speed} | {ratio}")
         r["recall5_vs_bm25"] = q["recall@5"] / base_q["recall@5"]
         r["qps_vs_bm25"] = r["qps"] / bm25["qps"]
     for r in records:
         r["embed_variant"] = variant
+    return records
+
+
+# Labelled questions about examples/corpus: (question, the end of the doc_id that answers it).
+SAMPLE_QUESTIONS = [
+    ("Which planet is the biggest?", "#jupiter"),
+    ("Which planet is the smallest?", "#mercury"),
+    ("Which planet is the hottest?", "#venus"),
+    ("Where is the tallest volcano?", "#mars"),
+    ("What is the Great Red Spot?", "#jupiter"),
+    ("How long is a year on Mercury?", "#mercury"),
+    ("How hot should the water be for green tea?", "tea.txt"),
+    ("How long does black tea steep?", "tea.txt"),
+    ("What temperature does oolong need?", "tea.txt"),
+    ("Who invented the lens used in lighthouses?", "lighthouse.html"),
+    ("How often do I feed a sourdough starter?", "bread.md"),
+    ("How does an HNSW search find nearest neighbours?", "hnsw.md"),
+]
+
+
+def run_sample_corpus(variant: str, fusions: list[tuple[str, float | None]]) -> list[dict]:
+    """Rank of the answering document for each labelled question, per search mode and fusion."""
+    records = []
+    with tempfile.TemporaryDirectory(prefix="rag-bench-sample-") as tmp:
+        config = Config(data_dir=Path(tmp), embed_variant=variant, wal_fsync="off")
+        writer = Engine(config)
+        writer.create_collection("sample")
+        writer.ingest_paths("sample", [REPO / "examples" / "corpus"])
+        questions = [q for q, _ in SAMPLE_QUESTIONS]
+        systems = [("dense", None, None)] + [("hybrid", f, a) for f, a in fusions]
+        for mode, fusion, alpha in systems:
+            engine = writer if fusion is None else Engine(
+                config.replace(read_only=True, fusion=fusion,
+                               fusion_alpha=config.fusion_alpha if alpha is None else alpha),
+                embedder=writer.embedder)
+            ranks = []
+            for hits, (_, want) in zip(engine.search_batch("sample", questions, 10, mode=mode), SAMPLE_QUESTIONS):
+                ids = [h.doc_id for h in hits]
+                ranks.append(next((i + 1 for i, d in enumerate(dict.fromkeys(ids)) if d.endswith(want)), None))
+            if engine is not writer:
+                engine.close()
+            label = "dense" if fusion is None else f"hybrid-{fusion_label(fusion, alpha)}"
+            m = metrics(ranks)
+            print(f"sample corpus {label:24s} {fmt_quality(m)}  ranks {ranks}")
+            records.append({"system": f"sample-{label}", "quality": m, "ranks": ranks, "mode": mode,
+                            "fusion": fusion, "fusion_alpha": alpha, "embed_variant": variant})
+        writer.close()
     return records
 
 
@@ -254,6 +333,10 @@ def main() -> None:
     ap.add_argument("--fetch-k", type=int, default=20, help="chunks fetched before deduplicating to 10 docs")
     ap.add_argument("--chunk-tokens", type=int, default=None, help="chunk size (default: the Config default)")
     ap.add_argument("--latency-questions", type=int, default=200, help="single-question calls for latency")
+    ap.add_argument("--fusions", default="rrf,weighted_rrf:0.7,convex:0.5,convex:0.6,convex:0.7",
+                    help="hybrid fusions to measure, NAME[:ALPHA] comma-separated (no ALPHA: the default)")
+    ap.add_argument("--sample-corpus", action="store_true",
+                    help="also measure every fusion on the labelled questions about examples/corpus")
     args = ap.parse_args()
 
     docs, questions, gold = load_squad(args.squad)
@@ -265,9 +348,12 @@ def main() -> None:
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     records = []
     for v in variants:
+        if args.sample_corpus:
+            print(f"\n== sample corpus ({len(SAMPLE_QUESTIONS)} labelled questions about examples/corpus)")
+            records += run_sample_corpus(v, parse_fusions(args.fusions))
         records += run(docs, questions, gold, variant=v, dtypes=dtypes, bm25=bm25, batch=args.batch,
                        fetch_k=args.fetch_k, latency_questions=args.latency_questions,
-                       chunk_tokens=args.chunk_tokens)
+                       chunk_tokens=args.chunk_tokens, fusions=parse_fusions(args.fusions))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
     with RESULTS.open("a") as f:

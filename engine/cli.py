@@ -11,35 +11,29 @@ import dataclasses
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
-from .config import INDEX_DTYPES, Config
+from .config import (DEFAULT_FUSION_ALPHA, EMBED_VARIANTS, FUSIONS, INDEX_DTYPES, PROVIDERS, SEARCH_MODES,
+                     WAL_FSYNC_POLICIES, Config)
 from .errors import NotFound, RagError
 
 
 class Progress:
-    """A one-line progress report on stderr, redrawn at most 5 times a second."""
+    """A tqdm progress bar on stderr (documents read, chunks added), only on a terminal."""
 
-    def __init__(self, label: str, enabled: bool) -> None:
-        self.label = label
-        self.enabled = enabled
-        self.t0 = time.perf_counter()
-        self.last = 0.0
+    def __init__(self, label: str, enabled: bool, unit: str = "docs", total: int | None = None) -> None:
+        from tqdm import tqdm
 
-    def __call__(self, docs: int, chunks: int) -> None:
-        now = time.perf_counter()
-        if not self.enabled or now - self.last < 0.2:
-            return
-        self.last = now
-        dt = max(now - self.t0, 1e-9)
-        sys.stderr.write(f"\r{self.label}: {docs} documents, {chunks} chunks, {docs / dt:.1f} docs/s, "
-                         f"{dt:.0f}s ")
-        sys.stderr.flush()
+        self.bar = tqdm(desc=label, unit=f" {unit}", total=total, disable=not enabled, file=sys.stderr,
+                        dynamic_ncols=True, mininterval=0.2)
+
+    def __call__(self, docs: int, chunks: int | None = None) -> None:
+        self.bar.update(docs - self.bar.n)
+        if chunks is not None:
+            self.bar.set_postfix(chunks=chunks, refresh=False)
 
     def done(self) -> None:
-        if self.enabled and self.last:
-            sys.stderr.write("\n")
+        self.bar.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,11 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where collections live (default: $RAG_DATA_DIR or ./data)")
     p.add_argument("--models-dir", default=None,
                    help="where exported models live (default: $RAG_MODELS_DIR or the repo's models/)")
-    p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="onnxruntime execution provider")
+    p.add_argument("--provider", choices=PROVIDERS, default="cpu", help="onnxruntime execution provider")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
-    p.add_argument("--embed-variant", choices=["fp32", "int8"], default=None,
+    p.add_argument("--embed-variant", choices=EMBED_VARIANTS, default=None,
                    help="embedding model variant (default int8)")
-    p.add_argument("--wal-fsync", choices=["batch", "interval", "off"], default=None,
+    p.add_argument("--fusion", choices=FUSIONS, default=None,
+                   help="how hybrid search fuses the dense and BM25 rankings (default convex)")
+    p.add_argument("--fusion-alpha", type=float, default=None,
+                   help=f"weight of the dense ranking in convex and weighted_rrf fusion (default {DEFAULT_FUSION_ALPHA})")
+    p.add_argument("--wal-fsync", choices=WAL_FSYNC_POLICIES, default=None,
                    help="when the write-ahead log is synced before a write is acknowledged (default batch: "
                         "every write; interval: every --wal-fsync-interval-ms; off: left to the OS)")
     p.add_argument("--wal-fsync-interval-ms", type=float, default=None)
@@ -74,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--collection", "-c", required=True)
     s.add_argument("-k", type=int, default=5, help="number of results (default 5)")
     s.add_argument("--json", action="store_true", help="one JSON object per hit")
-    s.add_argument("--mode", choices=["hybrid", "dense"], default=None,
+    s.add_argument("--mode", choices=SEARCH_MODES, default=None,
                    help="hybrid (default): dense and BM25 rankings fused; dense: HNSW only")
     s.add_argument("--server", metavar="HOST:PORT", help="search through a running `rag serve`")
     s.add_argument("--token", default=None, help="bearer token for --server (default: $RAG_AUTH_TOKEN)")
@@ -112,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-window-ms", type=float, default=None, help="micro-batching window for Search/Embed")
     s.add_argument("--lazy-generator", action="store_true",
                    help="load the generation model on the first Answer instead of at start")
+    s.add_argument("--read-only", action="store_true",
+                   help="open collections as a reader beside their writer; refuse every write (FAILED_PRECONDITION)")
 
     s = sub.add_parser("collections", help="list collections with their counts and settings")
     s.add_argument("--json", action="store_true")
@@ -141,7 +141,8 @@ def make_config(args: argparse.Namespace) -> Config:
         kw["threads"] = args.threads
     if args.embed_variant:
         kw["embed_variant"] = args.embed_variant
-    for name in ("wal_fsync", "wal_fsync_interval_ms", "snapshot_wal_bytes", "snapshot_interval_s"):
+    for name in ("wal_fsync", "wal_fsync_interval_ms", "snapshot_wal_bytes", "snapshot_interval_s", "fusion",
+                 "fusion_alpha"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
     return Config(**kw)
@@ -152,6 +153,16 @@ def snippet(text: str, width: int = 160) -> str:
     return flat if len(flat) <= width else flat[:width - 1] + "…"
 
 
+READ_COMMANDS = ("search", "ask", "collections")
+
+
+def print_hits(hits) -> None:
+    """Hits in rank order, with the score they were ranked by and their cosine similarity."""
+    for h in hits:
+        print(f"{h.rank:>3}  score {h.score:.4f}  cosine {h.cosine:.4f}  {h.source}  [{h.start}:{h.end}]")
+        print(f"     {snippet(h.text)}")
+
+
 def run(args: argparse.Namespace) -> int:
     from .pipeline import Engine, hit_to_json
 
@@ -159,7 +170,12 @@ def run(args: argparse.Namespace) -> int:
         return serve(args)
     if getattr(args, "server", None):
         return remote(args)
-    engine = Engine(make_config(args))
+    config = make_config(args)
+    # Reading commands open collections as readers: they work beside a server (or an ingest)
+    # that writes the same collection, and never hold its writer lock.
+    if args.command in READ_COMMANDS:
+        config = config.replace(read_only=True)
+    engine = Engine(config, owner={"command": f"rag {args.command}"})
     try:
         if args.command == "collections":
             infos = engine.list_collections()
@@ -213,9 +229,7 @@ def run(args: argparse.Namespace) -> int:
                 return 0
             if not hits:
                 print("no results (the collection is empty)")
-            for h in hits:
-                print(f"{h.rank:>3}  {h.score:.4f}  {h.source}  [{h.start}:{h.end}]")
-                print(f"     {snippet(h.text)}")
+            print_hits(hits)
             return 0
         raise AssertionError(args.command)  # argparse restricts the choices
     finally:
@@ -237,6 +251,8 @@ def serve(args: argparse.Namespace) -> int:
         kw["auth_token"] = token
     if args.lazy_generator:
         kw["warm_generator"] = False
+    if args.read_only:
+        kw["read_only"] = True
     config = make_config(args).replace(**kw)
     run_server(config, args.address or os.environ.get("RAG_ADDRESS") or DEFAULT_ADDRESS)
     return 0
@@ -251,14 +267,14 @@ def remote(args: argparse.Namespace) -> int:
     client = RagClient(args.server, token=args.token or os.environ.get("RAG_AUTH_TOKEN"))
     try:
         if args.command == "search":
-            for h in client.search(args.collection, args.query, args.k, mode=args.mode):
-                if args.json:
-                    print(json.dumps({"rank": h.rank, "score": h.score, "doc_id": h.doc_id, "source": h.source,
-                                      "start": h.start, "end": h.end, "text": h.text, "metadata": dict(h.metadata)},
-                                     ensure_ascii=False))
-                else:
-                    print(f"{h.rank:>3}  {h.score:.4f}  {h.source}  [{h.start}:{h.end}]")
-                    print(f"     {snippet(h.text)}")
+            hits = client.search(args.collection, args.query, args.k, mode=args.mode)
+            if args.json:
+                for h in hits:
+                    print(json.dumps({"rank": h.rank, "score": h.score, "cosine": h.cosine, "doc_id": h.doc_id,
+                                      "source": h.source, "start": h.start, "end": h.end, "text": h.text,
+                                      "metadata": dict(h.metadata)}, ensure_ascii=False))
+            else:
+                print_hits(hits)
             return 0
         if args.command != "ask" or args.batch or not args.question:
             print("error: --server supports `ask QUESTION` and `search`", file=sys.stderr)
@@ -281,14 +297,16 @@ def remote(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"question": args.question, "answer": done.text,
                               "sources": [{"number": s.number, "source": s.hit.source, "doc_id": s.hit.doc_id,
-                                           "score": s.hit.score, "cited": s.number in done.cited} for s in sources],
+                                           "span": [s.hit.start, s.hit.end], "score": s.hit.score,
+                                           "cosine": s.hit.cosine, "cited": s.number in done.cited}
+                                          for s in sources],
                               "usage": {"prompt_tokens": done.usage.prompt_tokens,
                                         "completion_tokens": done.usage.completion_tokens}}, ensure_ascii=False))
             return 0
         print("\n\nSources:")
         for s in sources:
             print(f" {'*' if s.number in done.cited else ' '}[{s.number}] {s.hit.source} [{s.hit.start}:{s.hit.end}]"
-                  f"  score {s.hit.score:.3f}")
+                  f"  score {s.hit.score:.3f}  cosine {s.hit.cosine:.3f}")
         return 0
     except grpc.RpcError as e:
         print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
@@ -333,19 +351,10 @@ def ask(engine, args: argparse.Namespace) -> int:
         if args.question:
             raise InvalidInput("give either a question or --batch, not both")
         items = read_questions(args.batch)
-        show = not args.quiet and sys.stderr.isatty()
-        t0 = time.perf_counter()
-
-        def progress(done: int) -> None:
-            if show:
-                dt = time.perf_counter() - t0
-                sys.stderr.write(f"\rask: {done}/{len(items)} answered, {dt:.0f}s ")
-                sys.stderr.flush()
-
+        bar = Progress("ask", enabled=not args.quiet and sys.stderr.isatty(), unit="answers", total=len(items))
         answers = engine.answer_batch(args.collection, [q for _, q in items], k=args.k, params=params,
-                                      batch_size=args.batch_size, progress=progress)
-        if show:
-            sys.stderr.write("\n")
+                                      batch_size=args.batch_size, progress=bar)
+        bar.done()
         out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
         try:
             for (qid, _), a in zip(items, answers):
@@ -372,7 +381,8 @@ def ask(engine, args: argparse.Namespace) -> int:
     print("Sources:")
     for s in final.sources:
         mark = "*" if s.number in final.cited else " "
-        print(f" {mark}[{s.number}] {s.hit.source} [{s.hit.start}:{s.hit.end}]  score {s.hit.score:.3f}")
+        print(f" {mark}[{s.number}] {s.hit.source} [{s.hit.start}:{s.hit.end}]  score {s.hit.score:.3f}  "
+              f"cosine {s.hit.cosine:.3f}")
     t = final.timings_ns
     print(f"({final.finish_reason}; {final.prompt_tokens} prompt + {final.completion_tokens} answer tokens; "
           f"prefill {t['prefill'] / 1e9:.1f}s, decode {t['decode'] / 1e9:.1f}s)", file=sys.stderr)

@@ -64,17 +64,26 @@ DEFAULT_PROMPT_TEMPLATE = "{context}\nQuestion: {question}\nAnswer briefly and c
 DEFAULT_ANSWER_MIN_SCORE = 0.2
 DEFAULT_ANSWER_MIN_RELATIVE = 0.5
 
-# Search: "hybrid" fuses the dense (HNSW) ranking with a BM25 ranking (SQLite FTS5) by
-# reciprocal rank fusion, taking HYBRID_DEPTH candidates from each; "dense" is HNSW only.
-# On SQuAD v1.1 dev, hybrid recall@5 is well above either alone (benchmarks/retrieval_quality.py).
+# Search: "hybrid" fuses the dense (HNSW) ranking with a BM25 ranking (SQLite FTS5),
+# taking HYBRID_DEPTH candidates from each; "dense" is HNSW only. On SQuAD v1.1 dev, hybrid
+# recall@5 is well above either alone (benchmarks/retrieval_quality.py).
 SEARCH_MODES = ("hybrid", "dense")
 DEFAULT_SEARCH_MODE = "hybrid"
 DEFAULT_HYBRID_DEPTH = 30
+# How the two rankings are fused (engine/kernels.py fuse):
+#   "convex": alpha * dense + (1 - alpha) * bm25, each min-max normalised over the
+#             candidates (Bruch et al. 2023); a clear semantic winner stays first.
+#   "rrf": reciprocal rank fusion, sum of 1 / (rrf_k + rank) (Cormack et al. 2009).
+#   "weighted_rrf": alpha / (rrf_k + dense rank) + (1 - alpha) / (rrf_k + bm25 rank).
+FUSIONS = ("convex", "rrf", "weighted_rrf")
+DEFAULT_FUSION = "convex"
+DEFAULT_FUSION_ALPHA = 0.6
 DEFAULT_RRF_K = 60.0
 
 # Durability (engine/wal.py): when the write-ahead log is synced before a write is
 # acknowledged ("batch": every commit; "interval": at most every WAL_FSYNC_INTERVAL_MS;
 # "off": left to the OS), and when a snapshot (store + index synced, log emptied) is taken.
+WAL_FSYNC_POLICIES = ("batch", "interval", "off")
 DEFAULT_WAL_FSYNC = "batch"
 DEFAULT_WAL_FSYNC_INTERVAL_MS = 100.0
 DEFAULT_SNAPSHOT_WAL_BYTES = 64 * 1024 * 1024
@@ -108,6 +117,9 @@ class Config:
     """Engine settings. Construct with keywords; every field has a documented default."""
 
     data_dir: Path = DEFAULT_DATA_DIR
+    # Open collections only as readers: never take a writer lock, refuse every write
+    # (`rag search`, `rag serve --read-only`; engine/collection.py).
+    read_only: bool = False
     models_dir: Path = DEFAULT_MODELS_DIR
     embed_model: str = DEFAULT_EMBED_MODEL
     embed_variant: str = DEFAULT_EMBED_VARIANT
@@ -124,6 +136,8 @@ class Config:
     oversample: int = DEFAULT_OVERSAMPLE
     search_mode: str = DEFAULT_SEARCH_MODE
     hybrid_depth: int = DEFAULT_HYBRID_DEPTH
+    fusion: str = DEFAULT_FUSION
+    fusion_alpha: float = DEFAULT_FUSION_ALPHA
     rrf_k: float = DEFAULT_RRF_K
     wal_fsync: str = DEFAULT_WAL_FSYNC
     wal_fsync_interval_ms: float = DEFAULT_WAL_FSYNC_INTERVAL_MS
@@ -164,10 +178,14 @@ class Config:
             raise InvalidInput(f"index dtype must be one of {INDEX_DTYPES}, got {self.index_dtype!r}")
         if self.search_mode not in SEARCH_MODES:
             raise InvalidInput(f"search_mode must be one of {SEARCH_MODES}, got {self.search_mode!r}")
+        if self.fusion not in FUSIONS:
+            raise InvalidInput(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        if not 0.0 <= self.fusion_alpha <= 1.0:
+            raise InvalidInput(f"fusion_alpha must be in [0, 1], got {self.fusion_alpha}")
         if self.rrf_k <= 0:
             raise InvalidInput(f"rrf_k must be > 0, got {self.rrf_k}")
-        if self.wal_fsync not in ("batch", "interval", "off"):
-            raise InvalidInput(f"wal_fsync must be 'batch', 'interval' or 'off', got {self.wal_fsync!r}")
+        if self.wal_fsync not in WAL_FSYNC_POLICIES:
+            raise InvalidInput(f"wal_fsync must be one of {WAL_FSYNC_POLICIES}, got {self.wal_fsync!r}")
         if self.wal_fsync_interval_ms < 0 or self.snapshot_interval_s < 0 or self.snapshot_wal_bytes < 1:
             raise InvalidInput("wal_fsync_interval_ms and snapshot_interval_s must be >= 0, snapshot_wal_bytes >= 1")
         if self.max_queued_generations < 0 or self.batch_window_ms < 0 or self.grace_s < 0:

@@ -27,6 +27,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from .fsutil import atomic_write
+
 FP32_FILE = "model.onnx"
 INT8_FILE = "model_int8.onnx"
 MANIFEST = "manifest.json"
@@ -289,9 +291,7 @@ def upgrade(model_dir: Path) -> None:
         os.replace(tmp, model_dir / INT8_FILE)
         manifest["int8_block_size"] = INT8_BLOCK_SIZE
     manifest["graph_passes"] = [*done, *missing]
-    tmp = manifest_path.with_name(".manifest.json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, manifest_path)
+    atomic_write(manifest_path, json.dumps(manifest, indent=2))
     log(f"{model_dir}: up to date ({', '.join(missing) or 'no new passes'}"
         f"{'; int8 re-quantized' if requantize else ''})")
 

@@ -25,14 +25,13 @@ Two things make ours faster than usearch's defaults (benchmarks/ann.py):
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from . import kernels
 from .errors import InvalidInput
-from .store import fsync_dir
+from .fsutil import atomic_write, replace_file
 
 INDEX_FILE = "index.usearch"
 INDEX_META_FILE = "index.json"
@@ -169,24 +168,13 @@ class VectorIndex:
         folder = Path(folder)
         tmp = folder / (INDEX_FILE + ".tmp")
         self._index.save(str(tmp))
-        meta_tmp = folder / (INDEX_META_FILE + ".tmp")
         meta = {"generation": self.generation, "size": len(self), "removed": self.removed}
         if self.i8_scale is not None:
             meta["i8_scale"] = self.i8_scale
-        meta_tmp.write_text(json.dumps(meta))
-        if fsync:
-            for p in (tmp, meta_tmp):
-                fd = os.open(p, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
         # Index first, then the generation it holds: a crash between leaves an older
         # generation on disk, which only triggers a resync on load.
-        os.replace(tmp, folder / INDEX_FILE)
-        os.replace(meta_tmp, folder / INDEX_META_FILE)
-        if fsync:
-            fsync_dir(folder)
+        replace_file(tmp, folder / INDEX_FILE, fsync=fsync)
+        atomic_write(folder / INDEX_META_FILE, json.dumps(meta), fsync=fsync)
 
     @classmethod
     def load(cls, folder: Path, *, ndim: int, dtype: str, connectivity: int, expansion_add: int,

@@ -1,290 +1,142 @@
-"""Files -> documents: walk paths, parse .txt/.md/.html/.pdf/.jsonl, report what fails.
+"""Ingestion: documents -> chunk -> embed -> one commit per bounded batch, with a report.
 
-Parsing never touches the store; a file that cannot be read, is binary, is not UTF-8 or has
-no text becomes a `Failure` that the caller reports, and the walk goes on.
+Upsert semantics: a document whose content hash is stored already is skipped (unchanged),
+one whose hash differs is replaced (updated), a new one added. Documents are buffered in
+batches of at most INGEST_BATCH_DOCS or INGEST_BATCH_CHARS (memory stays bounded however
+long the input), each batch chunked, embedded and committed atomically through the
+collection's write-ahead log. A document that fails (no text, nothing to chunk) is
+reported and skipped; the rest go on.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import io
-import json
-import os
-import re
-from collections.abc import Iterable, Iterator
-from html.parser import HTMLParser
-from pathlib import Path
+import time
+from collections.abc import Callable, Iterable
 
+from .chunk import Chunker
+from .collection import Collection
+from .documents import Document, Failure, check_document
 from .errors import InvalidInput
+from .store import DocumentRecord
 
-TEXT_SUFFIXES = {".txt": "text/plain", ".text": "text/plain", ".rst": "text/plain", ".md": "text/markdown",
-                 ".markdown": "text/markdown", ".html": "text/html", ".htm": "text/html",
-                 ".pdf": "application/pdf", ".jsonl": "application/jsonl"}
-MEDIA_TYPES = sorted(set(TEXT_SUFFIXES.values()))
-DEFAULT_TEXT_FIELD = "text"
-# Largest file read from disk (a JSONL file holds many documents; each gRPC document has
-# its own, smaller limit: Config.max_document_bytes).
-MAX_FILE_BYTES = 64 * 1024 * 1024
+# Documents buffered before one chunk+embed+commit round; bounds memory while ingesting.
+INGEST_BATCH_CHARS = 2_000_000
+INGEST_BATCH_DOCS = 256
+
+ProgressFn = Callable[[int, int], None]  # (documents seen, chunks added so far)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Document:
-    """One text to index. `doc_id` is the upsert key; `source` is what results show."""
+@dataclasses.dataclass(slots=True)
+class IngestReport:
+    documents_added: int = 0
+    documents_updated: int = 0
+    documents_unchanged: int = 0
+    chunks_added: int = 0
+    chunks_removed: int = 0
+    failures: list[Failure] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+    # doc_id -> (status, chunks, error); status is added/updated/unchanged/failed
+    results: dict[str, tuple[str, int, str]] = dataclasses.field(default_factory=dict)
 
-    doc_id: str
-    text: str
-    source: str
-    metadata: dict = dataclasses.field(default_factory=dict)
-
-    @property
-    def content_hash(self) -> str:
-        h = hashlib.blake2b(digest_size=16)
-        h.update(self.text.encode("utf-8", "surrogatepass"))
-        h.update(b"\0")
-        h.update(json.dumps(self.metadata, sort_keys=True, ensure_ascii=False).encode())
-        return h.hexdigest()
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Failure:
-    """A file (or JSONL line) that was skipped, and why."""
-
-    source: str
-    reason: str
+    def fail(self, failure: Failure, doc_id: str | None = None) -> None:
+        self.failures.append(failure)
+        self.results[doc_id or failure.source] = ("failed", 0, failure.reason)
 
 
-def check_document(doc: Document) -> None:
-    """Raise InvalidInput if `doc` cannot be indexed (the same rules for files and API calls)."""
-    if not isinstance(doc.doc_id, str) or not doc.doc_id.strip():
-        raise InvalidInput("document id is empty; give every document a non-empty id")
-    if not isinstance(doc.text, str):
-        raise InvalidInput(f"document {doc.doc_id!r}: text must be a string")
-    if not doc.text.strip():
-        raise InvalidInput(f"document {doc.doc_id!r} has no text (empty or whitespace only)")
-    if "\x00" in doc.text:
-        raise InvalidInput(f"document {doc.doc_id!r} contains NUL characters; binary data is not text")
-    if not isinstance(doc.metadata, dict):
-        raise InvalidInput(f"document {doc.doc_id!r}: metadata must be a JSON object")
+def chunker_for(col: Collection, embedder) -> Chunker:
+    return Chunker(embedder.raw_tokenizer, target=col.settings["chunk_tokens"],
+                   overlap=col.settings["chunk_overlap"], window=embedder.max_length - embedder.special_tokens)
 
 
-def check_document_size(doc_id: str, content: str | bytes, limit: int) -> None:
-    """Raise InvalidInput if `content` (text as UTF-8, or file bytes) is over `limit` bytes.
-
-    Meant to run before any parsing, so an oversized document costs no work.
-    """
-    n = len(content)
-    # A character takes 1 to 4 UTF-8 bytes: encode only when the bounds do not decide.
-    if isinstance(content, str) and n <= limit < 4 * n:
-        n = len(content.encode("utf-8", "surrogatepass"))
-    if n > limit:
-        raise InvalidInput(f"document {doc_id!r} is {n} bytes, over the {limit}-byte limit "
-                           "(max_document_bytes); split it into smaller documents")
-
-
-def decode_text(data: bytes, source: str) -> str:
-    """Strict UTF-8 (BOM allowed); binary or other encodings are refused with a clear reason."""
-    if b"\x00" in data[:8192]:
-        raise InvalidInput(f"{source}: looks binary (NUL bytes); expected UTF-8 text")
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise InvalidInput(f"{source}: not valid UTF-8 at byte {e.start}; convert it to UTF-8 first") from None
-
-
-# ---------------------------------------------------------------------- HTML
-_BLOCK_TAGS = {"p", "div", "section", "article", "header", "footer", "main", "aside", "nav", "h1", "h2",
-               "h3", "h4", "h5", "h6", "ul", "ol", "li", "table", "tr", "blockquote", "pre", "dl", "dt",
-               "dd", "figure", "figcaption", "form", "hr", "address", "details", "summary"}
-_DROP_TAGS = {"script", "style", "noscript", "template", "svg", "head", "iframe", "object"}
-
-
-class _TextExtractor(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.parts: list[tuple[str, bool]] = []  # (text, verbatim)
-        self.title: list[str] = []
-        self._drop = 0
-        self._in_title = False
-        self._pre = 0
-
-    def handle_starttag(self, tag, attrs):
-        if tag in _DROP_TAGS:
-            self._drop += 1
-        elif tag == "title":
-            self._in_title = True
-        elif tag == "br":
-            self.parts.append(("\n", False))
-        elif tag in _BLOCK_TAGS:
-            self.parts.append(("\n\n", False))
-            if tag == "pre":
-                self._pre += 1
-
-    def handle_startendtag(self, tag, attrs):
-        if tag == "br":
-            self.parts.append(("\n", False))
-
-    def handle_endtag(self, tag):
-        if tag in _DROP_TAGS:
-            self._drop = max(0, self._drop - 1)
-        elif tag == "title":
-            self._in_title = False
-        elif tag in _BLOCK_TAGS:
-            self.parts.append(("\n\n", False))
-            if tag == "pre":
-                self._pre = max(0, self._pre - 1)
-
-    def handle_data(self, data):
-        if self._in_title:
-            self.title.append(data)
-        elif not self._drop:
-            self.parts.append((data, True) if self._pre else (re.sub(r"\s+", " ", data), False))
-
-
-def _extract(html: str) -> "_TextExtractor":
-    p = _TextExtractor()
-    p.feed(html)
-    p.close()
-    return p
-
-
-def html_to_text(html: str) -> tuple[str, str]:
-    """(text, title) of an HTML page; scripts, styles and <head> are dropped."""
-    try:
-        p = _extract(html)
-    except AssertionError:
-        # CPython before 3.13 raises AssertionError on a malformed "<![" or "<!" section
-        # (found by tests/fuzz_atheris.py); browsers show such markup as text, and so do we.
-        try:
-            p = _extract(re.sub(r"<!\[(?!CDATA\[)", "&lt;![", html))
-        except AssertionError:
-            p = _extract(html.replace("<!", "&lt;!"))
-    out: list[str] = []
-    for part, verbatim in p.parts:
-        if verbatim:
-            out.append(part)
-        elif part.startswith("\n"):  # a block break: no spaces before it, at most one blank line
-            if out:
-                out[-1] = out[-1].rstrip(" ")
-            tail = "".join(out[-2:])
-            have = len(tail) - len(tail.rstrip("\n"))
-            out.append("\n" * max(0, len(part) - have) if out else "")
-        else:
-            out.append(part.lstrip(" ") if not out or out[-1].endswith("\n") else part)
-    return "".join(out).strip(), " ".join("".join(p.title).split())
-
-
-# ---------------------------------------------------------------------- PDF
-def pdf_to_text(data: bytes, source: str) -> tuple[str, dict]:
-    try:
-        from pypdf import PdfReader
-    except ImportError:
-        raise InvalidInput(f"{source}: reading PDF needs pypdf; pip install '.[pdf]'") from None
-    try:
-        reader = PdfReader(io.BytesIO(data))
-        if reader.is_encrypted:
-            raise InvalidInput(f"{source}: PDF is encrypted; decrypt it first")
-        pages = [(page.extract_text() or "").strip() for page in reader.pages]
-    except InvalidInput:
-        raise
-    except Exception as e:  # noqa: BLE001 - a malformed PDF can fail anywhere inside pypdf
-        # (fuzzing found PdfReadError, LimitReachedError, KeyError, TypeError, ...); all of
-        # them mean the same thing to the user.
-        raise InvalidInput(f"{source}: unreadable PDF ({type(e).__name__}: {str(e)[:200]})") from None
-    meta = {"pages": len(pages)}
-    title = getattr(reader.metadata, "title", None) if reader.metadata else None
-    if title:
-        meta["title"] = str(title)
-    return "\n\n".join(p for p in pages if p), meta
-
-
-# ---------------------------------------------------------------------- JSONL
-def jsonl_documents(text: str, source: str, text_field: str) -> Iterator[Document | Failure]:
-    for line_no, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{source}:{line_no}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            yield Failure(where, f"not valid JSON ({e.msg})")
-            continue
-        if not isinstance(rec, dict):
-            yield Failure(where, "a JSONL line must be a JSON object")
-            continue
-        body = rec.pop(text_field, None)
-        if not isinstance(body, str) or not body.strip():
-            yield Failure(where, f"no non-empty string field {text_field!r}")
-            continue
-        rid = rec.get("id", line_no)
-        yield Document(doc_id=f"{source}#{rid}", text=body, source=where, metadata=rec)
-
-
-# ---------------------------------------------------------------------- dispatch
-def parse_bytes(data: bytes, media_type: str, source: str, *, doc_id: str | None = None,
-                metadata: dict | None = None, text_field: str = DEFAULT_TEXT_FIELD
-                ) -> Iterator[Document | Failure]:
-    """Documents in one file's bytes. Single-document types raise InvalidInput on failure."""
-    doc_id = doc_id or source
-    meta = dict(metadata or {})
-    if media_type == "application/jsonl":
-        yield from jsonl_documents(decode_text(data, source), source, text_field)
-        return
-    if media_type == "application/pdf":
-        text, extra = pdf_to_text(data, source)
-        meta = {**extra, **meta}
-    elif media_type == "text/html":
-        text, title = html_to_text(decode_text(data, source))
-        if title:
-            meta.setdefault("title", title)
-    elif media_type in ("text/plain", "text/markdown"):
-        text = decode_text(data, source)
-    else:
-        raise InvalidInput(f"{source}: unsupported media type {media_type!r}; use one of {MEDIA_TYPES}")
-    doc = Document(doc_id=doc_id, text=text, source=source, metadata=meta)
-    check_document(doc)
-    yield doc
-
-
-def iter_files(paths: Iterable[str | Path]) -> Iterator[Path | Failure]:
-    """Files under `paths` (sorted, hidden entries skipped) with a supported suffix."""
-    for p in paths:
-        p = Path(p)
-        if p.is_dir():
-            for root, dirs, files in os.walk(p):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                for name in sorted(files):
-                    f = Path(root) / name
-                    if not name.startswith(".") and f.suffix.lower() in TEXT_SUFFIXES:
-                        yield f
-        elif p.is_file():
-            if p.suffix.lower() in TEXT_SUFFIXES:
-                yield p
-            else:
-                yield Failure(str(p), f"unsupported file type {p.suffix!r}; supported: "
-                                      f"{' '.join(sorted(TEXT_SUFFIXES))}")
-        else:
-            yield Failure(str(p), "no such file or directory")
-
-
-def iter_documents(paths: Iterable[str | Path], *, text_field: str = DEFAULT_TEXT_FIELD,
-                   max_bytes: int = MAX_FILE_BYTES) -> Iterator[Document | Failure]:
-    """Documents from files and directory trees, one file in memory at a time."""
-    for f in iter_files(paths):
-        if isinstance(f, Failure):
-            yield f
-            continue
-        source = str(f.resolve())
-        try:
-            size = f.stat().st_size
-            if size > max_bytes:
-                yield Failure(source, f"file is {size} bytes, over the {max_bytes}-byte limit")
+def ingest(col: Collection, embedder, documents: Iterable[Document | Failure], *,
+           progress: ProgressFn | None = None) -> IngestReport:
+    """Upsert `documents` into the writer `col` (see the module docstring)."""
+    report = IngestReport()
+    t0 = time.perf_counter()
+    seen = 0
+    pending: list[Document] = []
+    pending_chars = 0
+    chunker = chunker_for(col, embedder)
+    with col.write_lock:
+        for item in documents:
+            seen += 1
+            if isinstance(item, Failure):
+                report.fail(item)
                 continue
-            data = f.read_bytes()
-        except OSError as e:
-            yield Failure(source, f"cannot read ({e.strerror})")
+            try:
+                check_document(item)
+            except InvalidInput as e:
+                report.fail(Failure(item.source, str(e)), item.doc_id if isinstance(item.doc_id, str) else None)
+                continue
+            pending.append(item)
+            pending_chars += len(item.text)
+            if pending_chars >= INGEST_BATCH_CHARS or len(pending) >= INGEST_BATCH_DOCS:
+                _batch(col, embedder, chunker, pending, report)
+                pending, pending_chars = [], 0
+                if progress:
+                    progress(seen, report.chunks_added)
+        if pending:
+            _batch(col, embedder, chunker, pending, report)
+        if progress:
+            progress(seen, report.chunks_added)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _batch(col: Collection, embedder, chunker: Chunker, docs: list[Document], report: IngestReport) -> None:
+    # Later duplicates of an id in one batch win, as if sent one after another.
+    by_id: dict[str, Document] = {}
+    for d in docs:
+        by_id.pop(d.doc_id, None)
+        by_id[d.doc_id] = d
+    docs = list(by_id.values())
+    stored = col.store.hashes([d.doc_id for d in docs])
+    todo = []
+    for d in docs:
+        h = d.content_hash
+        if stored.get(d.doc_id) == h:
+            report.documents_unchanged += 1
+            report.results[d.doc_id] = ("unchanged", 0, "")
+        else:
+            todo.append((d, h))
+    if not todo:
+        return
+    chunked = chunker.chunk_many([(d.doc_id, d.text) for d, _ in todo])
+    records_in = []
+    for (d, h), chunks in zip(todo, chunked):
+        if not chunks:
+            report.fail(Failure(d.source, "no indexable text (no tokens after tokenization)"), d.doc_id)
             continue
-        try:
-            yield from parse_bytes(data, TEXT_SUFFIXES[f.suffix.lower()], source, text_field=text_field)
-        except InvalidInput as e:
-            yield Failure(source, str(e).removeprefix(source + ": "))
+        records_in.append((d, h, chunks))
+    if not records_in:
+        return
+    texts = [c.text for _, _, chunks in records_in for c in chunks]
+    vectors = embedder.embed(texts)
+    records, row = [], 0
+    for d, h, chunks in records_in:
+        records.append(DocumentRecord(d.doc_id, d.source, h, d.metadata, len(d.text), chunks,
+                                      vectors[row:row + len(chunks)]))
+        row += len(chunks)
+    change = col.commit(records)
+    for d, _, chunks in records_in:
+        if d.doc_id in stored:
+            report.documents_updated += 1
+            report.results[d.doc_id] = ("updated", len(chunks), "")
+        else:
+            report.documents_added += 1
+            report.results[d.doc_id] = ("added", len(chunks), "")
+    report.chunks_added += len(change.added_keys)
+    report.chunks_removed += len(change.removed_keys)
+
+
+def delete(col: Collection, doc_ids) -> int:
+    """Delete documents by id; returns how many existed. Unknown ids are not an error."""
+    if isinstance(doc_ids, str):
+        raise InvalidInput("doc_ids must be a list of ids, not one string")
+    with col.write_lock:
+        present = [d for d in dict.fromkeys(doc_ids) if col.store.has_document(d)]
+        if not present:
+            return 0
+        col.commit([], deletes=present)
+        return len(present)

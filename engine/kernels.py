@@ -1,5 +1,5 @@
 """Numba kernels for the hot loops: chunk-boundary choice, the vector index's metric,
-quantization and exact rescoring, and token sampling.
+quantization and exact rescoring, hybrid-search fusion, and token sampling.
 
 Each kernel is a pure module-level `@njit` function over arrays and scalars; the Python
 wrappers in engine/chunk.py and engine/index.py cast their input once and call them.
@@ -274,15 +274,25 @@ def sample_token(logits, temperature, top_k, top_p, u):
     return cand[order[keep - 1]]
 
 
-@njit(cache=True, nogil=True)
-def rrf_fuse(dense, lexical, queries, vectors, n_out, c):
-    """Reciprocal rank fusion of two ranked candidate lists per query, then exact cosines.
+FUSE_RRF = 0
+FUSE_WEIGHTED_RRF = 1
+FUSE_CONVEX = 2
 
-    `dense` (q, a) and `lexical` (q, b) are int64 row numbers, best first, -1 padded. A row
-    scores sum(1 / (c + rank)) over the lists it is in (rank from 1; Cormack et al. 2009,
-    c = 60). Returns (rows, fused, cosine), each (q, n_out), best fused first (ties keep
-    the dense order), -1 / 0 / -inf padded. Cosine is the inner product with the unit
-    query, for callers that threshold on similarity.
+
+@njit(cache=True, nogil=True)
+def fuse(dense, lexical, lex_scores, queries, vectors, n_out, method, alpha, c):
+    """Fusion of a dense and a lexical ranked candidate list per query, with exact cosines.
+
+    `dense` (q, a) and `lexical` (q, b) are int64 row numbers, best first, -1 padded;
+    `lex_scores` (q, b) the lexical (BM25) scores beside `lexical`. Every candidate's cosine
+    is the inner product of its row in `vectors` with the unit query. A candidate scores:
+      FUSE_RRF           sum over the lists it is in of 1 / (c + rank), rank from 1
+      FUSE_WEIGHTED_RRF  alpha / (c + dense rank) + (1 - alpha) / (c + lexical rank)
+      FUSE_CONVEX        alpha * (cos - min cos) / (max cos - min cos) + (1 - alpha) * bm25 / max bm25,
+                         min and max over the query's candidates; bm25 is 0 outside the
+                         lexical list (a constant spread counts as 1 for everyone)
+    Returns (rows, fused, cosine), each (q, n_out), best fused first (ties keep the dense
+    order, then the lexical), -1 / 0 / -inf padded.
     """
     q, a = dense.shape
     b = lexical.shape[1]
@@ -291,6 +301,10 @@ def rrf_fuse(dense, lexical, queries, vectors, n_out, c):
     fused = np.zeros((q, n_out), dtype=np.float32)
     cosine = np.full((q, n_out), -np.inf, dtype=np.float32)
     cand = np.empty(a + b, dtype=np.int64)
+    dense_rank = np.empty(a + b, dtype=np.int64)
+    lex_rank = np.empty(a + b, dtype=np.int64)
+    lex = np.empty(a + b, dtype=np.float64)
+    cos = np.empty(a + b, dtype=np.float64)
     score = np.empty(a + b, dtype=np.float64)
     for i in range(q):
         m = 0
@@ -306,20 +320,51 @@ def rrf_fuse(dense, lexical, queries, vectors, n_out, c):
                         at = t
                         break
                 if at < 0:
-                    cand[m] = r
-                    score[m] = 0.0
                     at = m
+                    cand[m] = r
+                    dense_rank[m] = 0
+                    lex_rank[m] = 0
+                    lex[m] = 0.0
                     m += 1
-                score[at] += 1.0 / (c + j + 1)
+                if lst == 0:
+                    if dense_rank[at] == 0:
+                        dense_rank[at] = j + 1
+                elif lex_rank[at] == 0:
+                    lex_rank[at] = j + 1
+                    lex[at] = lex_scores[i, j]
+        if m == 0:
+            continue
+        lo = np.inf
+        hi = -np.inf
+        lex_hi = 0.0
+        for t in range(m):
+            s = np.float32(0.0)
+            r = cand[t]
+            for u in range(d):
+                s += queries[i, u] * vectors[r, u]
+            cos[t] = s
+            lo = min(lo, cos[t])
+            hi = max(hi, cos[t])
+            lex_hi = max(lex_hi, lex[t])
+        for t in range(m):
+            if method == FUSE_CONVEX:
+                dn = (cos[t] - lo) / (hi - lo) if hi > lo else 1.0
+                ln = lex[t] / lex_hi if lex_hi > 0 else 0.0
+                score[t] = alpha * dn + (1.0 - alpha) * ln
+            else:
+                wd = alpha if method == FUSE_WEIGHTED_RRF else 1.0
+                wl = 1.0 - alpha if method == FUSE_WEIGHTED_RRF else 1.0
+                score[t] = 0.0
+                if dense_rank[t] > 0:
+                    score[t] += wd / (c + dense_rank[t])
+                if lex_rank[t] > 0:
+                    score[t] += wl / (c + lex_rank[t])
         order = np.argsort(-score[:m], kind="mergesort")
         for j in range(min(n_out, m)):
-            r = cand[order[j]]
-            rows[i, j] = r
-            fused[i, j] = score[order[j]]
-            s = np.float32(0.0)
-            for t in range(d):
-                s += queries[i, t] * vectors[r, t]
-            cosine[i, j] = s
+            t = order[j]
+            rows[i, j] = cand[t]
+            fused[i, j] = score[t]
+            cosine[i, j] = cos[t]
     return rows, fused, cosine
 
 
@@ -333,7 +378,9 @@ def warmup() -> None:
     rescore_topk(v, np.array([[0, 1], [1, -1]], dtype=np.int64), np.array([2, 1], dtype=np.int64), v, 1)
     quantize_i8(v)
     scale_i8(v, 127.0)
-    rrf_fuse(np.array([[0, 1]], dtype=np.int64), np.array([[1, -1]], dtype=np.int64), v[:1], v, 2, 60.0)
+    for method in (FUSE_RRF, FUSE_WEIGHTED_RRF, FUSE_CONVEX):
+        fuse(np.array([[0, 1]], dtype=np.int64), np.array([[1, -1]], dtype=np.int64),
+             np.array([[2.0, 0.0]], dtype=np.float32), v[:1], v, 2, method, 0.5, 60.0)
     logits = np.array([0.5, 2.0, -1.0], dtype=np.float32)
     apply_repetition_penalty(logits, np.array([1, 0, 1], dtype=np.uint8), 1.2)
     sample_token(logits, 0.7, 2, 0.9, 0.5)

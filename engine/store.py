@@ -2,9 +2,11 @@
 
 A collection lives in one folder:
   store.sqlite   SQLite in WAL mode: settings, documents, chunk text/spans/metadata
-  vectors.f32    raw float32 rows, row number = chunk key (what the rescoring kernel reads)
+  vectors.f32    raw float32 rows, row number = chunk key (engine/vectors.py)
   wal.log        the collection's write-ahead log (engine/wal.py)
   index.usearch  the HNSW index (engine/index.py), rebuilt from the two above if stale
+  writer.lock    held by the one process that may write the collection (engine/lock.py)
+The store's FTS5 full-text index of chunk text lives in store.sqlite (engine/lexical.py).
 
 Every change is one SQLite transaction that also records the log sequence number it
 applies (`applied_seq`). New vectors are written to rows past the committed `next_key`
@@ -16,11 +18,8 @@ recovery replays the log.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import json
-import os
-import re
 import sqlite3
 import threading
 import time
@@ -30,9 +29,10 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InvalidInput, NotFound
+from .lexical import LexicalIndex, ensure_fts, has_fts
+from .vectors import VectorFile
 
 STORE_FILE = "store.sqlite"
-VECTORS_FILE = "vectors.f32"
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -57,43 +57,6 @@ CREATE TABLE IF NOT EXISTS chunks (
 );
 CREATE INDEX IF NOT EXISTS chunks_doc ON chunks(doc_id);
 """
-
-# Full-text index of chunk text for the lexical (BM25) half of hybrid search. External
-# content: the text is stored once, in `chunks`; triggers keep the index in step inside
-# the same transactions, so it can never disagree with the chunks.
-_FTS_SCHEMA = (
-    "CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(text, content='chunks', content_rowid='key', "
-    "tokenize='porter unicode61 remove_diacritics 2')",
-    "CREATE TRIGGER IF NOT EXISTS chunks_fts_insert AFTER INSERT ON chunks BEGIN "
-    "INSERT INTO chunks_fts(rowid, text) VALUES (new.key, new.text); END",
-    "CREATE TRIGGER IF NOT EXISTS chunks_fts_delete AFTER DELETE ON chunks BEGIN "
-    "INSERT INTO chunks_fts(chunks_fts, rowid, text) VALUES ('delete', old.key, old.text); END",
-)
-_WORD = re.compile(r"\w+")
-# Words too common to rank by; left out of lexical queries so they stay fast on large
-# collections (BM25 gives them almost no weight anyway).
-_STOPWORDS = frozenset("""a an and are as at be but by did do does for from had has have how i in is it its
-of on or that the their then there these this to was were what when where which who whom whose why will
-with you your""".split())
-MAX_QUERY_TERMS = 64
-# Query words found in more than this share of chunks are left out of the lexical query
-# (while rarer ones remain): BM25 gives them little weight, and their long posting lists
-# are most of what a query costs.
-COMMON_TERM_SHARE = 0.2
-PRUNE_MIN_CHUNKS = 1000  # below this, every query word is cheap enough to keep
-
-
-def query_words(text: str) -> list[str]:
-    """The text's distinct words for a lexical query, stopwords left out."""
-    words = dict.fromkeys(w for w in _WORD.findall(text.lower()) if w not in _STOPWORDS)
-    return list(words)[:MAX_QUERY_TERMS]
-
-
-def fts_query(text: str | list[str]) -> str:
-    """An FTS5 query matching any of the words (quoted: no query syntax gets through)."""
-    words = query_words(text) if isinstance(text, str) else text
-    return " OR ".join(f'"{w}"' for w in words)
-
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class DocumentRecord:
@@ -131,84 +94,36 @@ class Change:
     generation: int
 
 
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_BLOCK = 4096
-
-
-def punch_hole(fd: int, offset: int, length: int) -> bool:
-    """Free the disk blocks of a file range (Linux fallocate); reads of it give zeros.
-    False where the OS or file system cannot."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        fallocate = libc.fallocate
-    except (OSError, AttributeError):
-        return False
-    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-    return fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or create inside `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Store:
     """SQLite + vector file of one collection. Thread-safe: one lock serialises access."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, *, read_only: bool = False) -> None:
+        """`read_only`: a reader beside another process's writer (engine/lock.py). It writes
+        nothing, not even the schema upgrades a writer makes on open."""
         self.folder = Path(folder)
+        self.read_only = read_only
         db = self.folder / STORE_FILE
         if not db.exists():
             raise NotFound(f"no store at {db}")
         self._lock = threading.RLock()
         self._db = sqlite3.connect(db, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL: a commit is not synced (the write-ahead log already is); checkpoints are.
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        # Stores made before the write-ahead log lack these rows.
-        self._db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('applied_seq', '0')")
-        self._db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('snapshot_seq', '0')")
-        self.lexical = self._ensure_fts()
+        if read_only:
+            self._db.execute("PRAGMA query_only=1")
+            self.lexical = has_fts(self._db)
+        else:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL: a commit is not synced (the write-ahead log already is); checkpoints are.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            # Stores made before the write-ahead log lack these rows.
+            self._db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('applied_seq', '0')")
+            self._db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('snapshot_seq', '0')")
+            self.lexical = ensure_fts(self._db)
         self.settings = json.loads(self._meta("settings"))
         self.dim = int(self.settings["dim"])
-        self._vec_path = self.folder / VECTORS_FILE
-        self._vec_fd = os.open(self._vec_path, os.O_RDWR | os.O_CREAT, 0o644)
-        self._mapped: np.ndarray | None = None
-        self._local = threading.local()
+        self.vector_file = VectorFile(self.folder, self.dim, read_only=read_only)
         self._n_chunks = int(self._db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0])
-        self._df: dict[str, int] = {}
-        self._df_n = self._n_chunks
-        self._readers: list[sqlite3.Connection] = []
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-
-    def _ensure_fts(self) -> bool:
-        """Create the full-text index if missing (older stores: built from the chunks once).
-        False if this SQLite lacks FTS5: search is then dense only."""
-        have = self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'chunks_fts'").fetchone()
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            for stmt in _FTS_SCHEMA:
-                self._db.execute(stmt)
-            if not have:
-                self._db.execute("INSERT INTO chunks_fts(chunks_fts) VALUES ('rebuild')")
-            self._db.execute("COMMIT")
-        except sqlite3.OperationalError as e:
-            self._db.execute("ROLLBACK")
-            if "fts5" in str(e):
-                return False
-            raise
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        return True
+        self.fts = LexicalIndex(db, lambda: self._n_chunks, enabled=self.lexical)
 
     # ------------------------------------------------------------------ creation
     @staticmethod
@@ -226,23 +141,15 @@ class Store:
             db.execute("COMMIT")
         finally:
             db.close()
-        (Path(folder) / VECTORS_FILE).touch()
+        VectorFile.create(folder)
 
     def close(self) -> None:
         with self._lock:
-            if self._pool is not None:
-                self._pool.shutdown()
-                self._pool = None
-            for con in self._readers:
-                con.close()
-            self._readers.clear()
-            self._mapped = None
+            self.fts.close()
+            self.vector_file.close()
             if self._db is not None:
                 self._db.close()
                 self._db = None
-            if self._vec_fd >= 0:
-                os.close(self._vec_fd)
-                self._vec_fd = -1
 
     # ------------------------------------------------------------------ meta
     def _meta(self, key: str) -> str:
@@ -277,6 +184,7 @@ class Store:
         with self._lock:
             d = self._db.execute("SELECT COUNT(*) FROM documents").fetchone()[0]
             c = self._db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
+            self._n_chunks = int(c)  # a reader's count follows the writer's commits here
             return int(d), int(c)
 
     # ------------------------------------------------------------------ reads
@@ -318,69 +226,14 @@ class Store:
                     out[row[0]] = ChunkRow(*row[:8], json.loads(row[8]))
         return out
 
-    def _reader(self) -> sqlite3.Connection:
-        """This thread's read-only connection. Full-text queries run on these, outside the
-        store lock: SQLite releases the GIL while it works, so server threads (and the
-        workers of one batch) rank in parallel, each on the last committed state."""
-        con = getattr(self._local, "db", None)
-        if con is None:
-            con = sqlite3.connect(f"file:{self.folder / STORE_FILE}?mode=ro", uri=True, check_same_thread=False)
-            con.execute("PRAGMA query_only=1")
-            self._local.db = con
-            with self._lock:
-                self._readers.append(con)
-        return con
-
-    def _doc_freq(self, con: sqlite3.Connection, word: str) -> int:
-        """Chunks containing `word` (cached; the cache is dropped when the collection's size
-        has changed by a fifth, so shares stay about right)."""
-        n = self._n_chunks
-        if abs(n - self._df_n) > 0.2 * max(self._df_n, 1):
-            self._df, self._df_n = {}, n
-        df = self._df.get(word)
-        if df is None:
-            df = con.execute("SELECT count(*) FROM chunks_fts WHERE chunks_fts MATCH ?", (f'"{word}"',)).fetchone()[0]
-            self._df[word] = df
-        return df
-
-    def _lexical_one(self, query: str, k: int) -> np.ndarray:
-        words = query_words(query) if self.lexical else []
-        if not words:
-            return np.empty(0, np.int64)
-        con = self._reader()
-        if len(words) > 1 and self._n_chunks >= PRUNE_MIN_CHUNKS:
-            limit = COMMON_TERM_SHARE * self._n_chunks
-            df = {w: self._doc_freq(con, w) for w in words}
-            rare = [w for w in words if df[w] <= limit]
-            words = rare or sorted(words, key=df.__getitem__)[:2]
-        expr = fts_query(words)
-        rows = con.execute("SELECT rowid FROM chunks_fts WHERE chunks_fts MATCH ? ORDER BY rank LIMIT ?",
-                                      (expr, int(k))).fetchall()
-        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-
     def lexical_search(self, queries: Sequence[str], k: int, *, threads: int = 1) -> list[np.ndarray]:
-        """Chunk keys per query, best BM25 first (at most k; empty without FTS5 or words).
-        A batch is split over `threads` workers."""
-        if threads <= 1 or len(queries) < 2 * threads:
-            return [self._lexical_one(q, k) for q in queries]
-        with self._lock:
-            if self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="rag-fts")
-        step = -(-len(queries) // threads)
-        parts = self._pool.map(lambda i: [self._lexical_one(q, k) for q in queries[i:i + step]],
-                               range(0, len(queries), step))
-        return [keys for part in parts for keys in part]
+        """Chunk keys per query, best BM25 first (engine/lexical.py)."""
+        return [keys for keys, _ in self.fts.search(queries, k, threads=threads)]
 
     def vectors(self) -> np.ndarray:
         """All committed vector rows as a read-only (next_key, dim) float32 array (memory map)."""
         with self._lock:
-            rows = int(self._meta("next_key"))
-            if self._mapped is None or self._mapped.shape[0] < rows:
-                if rows == 0:
-                    return np.empty((0, self.dim), dtype=np.float32)
-                mm = np.memmap(self._vec_path, dtype=np.float32, mode="r", shape=(rows, self.dim))
-                self._mapped = np.asarray(mm)
-            return self._mapped[:rows]
+            return self.vector_file.rows(int(self._meta("next_key")))
 
     def size_bytes(self) -> int:
         """Disk space the collection's files take (allocated blocks: freed rows do not count)."""
@@ -388,25 +241,9 @@ class Store:
 
     def reclaim(self) -> int:
         """Free the disk blocks of vector rows no chunk uses any more (replaced or deleted
-        chunks); returns the bytes of whole blocks freed. Keys never move, so searches running
-        meanwhile stay correct: a dead row they might still read comes back as zeros and its
-        chunk is gone from the store."""
+        chunks); returns the bytes of whole blocks freed (engine/vectors.py)."""
         with self._lock:
-            n = int(self._meta("next_key"))
-            dead = np.ones(n + 1, dtype=bool)
-            dead[self.keys()] = False
-            dead[n] = False  # sentinel: every run ends
-            row = self.dim * 4
-            edges = np.flatnonzero(np.diff(np.concatenate([[False], dead]).astype(np.int8)))
-            freed = 0
-            for a, b in zip(edges[0::2].tolist(), edges[1::2].tolist()):
-                start = -(-a * row // _BLOCK) * _BLOCK
-                end = b * row // _BLOCK * _BLOCK
-                if end > start:
-                    if not punch_hole(self._vec_fd, start, end - start):
-                        return freed
-                    freed += end - start
-            return freed
+            return self.vector_file.reclaim(int(self._meta("next_key")), self.keys())
 
     # ------------------------------------------------------------------ writes
     def check(self, upserts: Sequence[DocumentRecord]) -> None:
@@ -434,10 +271,7 @@ class Store:
                        if n_new else np.empty((0, self.dim), np.float32))
             if n_new:
                 # Rows past next_key are invisible until the transaction below commits.
-                data = np.ascontiguousarray(vectors).tobytes()
-                written = os.pwrite(self._vec_fd, data, first * self.dim * 4)
-                if written != len(data):
-                    raise OSError(f"short write to {self._vec_path}: {written} of {len(data)} bytes")
+                self.vector_file.write(first, vectors)
             removed: list[int] = []
             db = self._db
             db.execute("BEGIN IMMEDIATE")
@@ -477,7 +311,7 @@ class Store:
         """
         with self._lock:
             self.reclaim()
-            os.fsync(self._vec_fd)
+            self.vector_file.sync()
             seq = int(self._meta("applied_seq"))
             self._db.execute("UPDATE meta SET value = ? WHERE key = 'snapshot_seq'", (str(seq),))
             busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()

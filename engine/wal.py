@@ -38,7 +38,8 @@ import numpy as np
 
 from .chunk import Chunk
 from .errors import InvalidInput
-from .store import fsync_dir
+from .config import WAL_FSYNC_POLICIES as FSYNC_POLICIES
+from .fsutil import fsync_dir, temp_path
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,6 @@ MAX_RECORD_BYTES = 1 << 31  # a batch is bounded far below this (engine/pipeline
 #   batch     every commit (one ingest batch or delete): nothing acknowledged is lost, even on power loss
 #   interval  at most every `interval_ms`: a power loss may lose that window; a process crash loses nothing
 #   off       left to the OS: a process crash loses nothing, a power loss may lose recent writes
-FSYNC_POLICIES = ("batch", "interval", "off")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -236,8 +236,8 @@ class WriteAheadLog:
         """Start an empty log (after a snapshot holds everything in it). Atomic: a crash leaves
         either the old log, whose records the snapshot makes no-ops, or the empty one."""
         with self._lock:
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            self._write_empty(tmp)
+            tmp = temp_path(self.path)
+            self._write_empty(tmp)  # synced
             os.replace(tmp, self.path)
             fsync_dir(self.path.parent)
             os.close(self._fd)

@@ -7,6 +7,7 @@ import hmac
 import logging
 import signal
 import threading
+import time
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -147,34 +148,62 @@ class Metrics:
 
 
 class MetricsInterceptor(grpc.ServerInterceptor):
+    """Counts every RPC by method and final status code, and times it to its end: unary
+    calls when they return, streaming ones when their last message is sent (or the call
+    fails or is cancelled)."""
+
     def __init__(self, metrics: Metrics) -> None:
         self.m = metrics
 
+    def _record(self, method: str, context, t0: float, error: BaseException | None) -> None:
+        if error is None:
+            code = context.code() or grpc.StatusCode.OK
+        elif isinstance(error, GeneratorExit):  # the client went away mid-stream
+            code = grpc.StatusCode.CANCELLED
+        else:
+            code = context.code() or grpc.StatusCode.UNKNOWN
+        self.m.requests.labels(method, getattr(code, "name", str(code))).inc()
+        self.m.latency.labels(method).observe(time.perf_counter() - t0)
+
     def intercept_service(self, continuation, details):
-        import time
-
         handler = continuation(details)
-        if handler is None or handler.request_streaming or handler.response_streaming:
-            if handler is not None:
-                self.m.requests.labels(details.method, "STARTED").inc()
-            return handler
-        method, inner = details.method, handler.unary_unary
+        if handler is None:
+            return None
+        method = details.method
+        record = self._record
 
-        def wrapped(request, context):
+        if handler.response_streaming:
+            inner = handler.unary_stream or handler.stream_stream
+
+            def streaming(request, context):
+                t0 = time.perf_counter()
+                try:
+                    yield from inner(request, context)
+                except BaseException as e:
+                    record(method, context, t0, e)
+                    raise
+                record(method, context, t0, None)
+
+            make = grpc.stream_stream_rpc_method_handler if handler.request_streaming \
+                else grpc.unary_stream_rpc_method_handler
+            return make(streaming, request_deserializer=handler.request_deserializer,
+                        response_serializer=handler.response_serializer)
+
+        inner = handler.stream_unary or handler.unary_unary
+
+        def unary(request, context):
             t0 = time.perf_counter()
             try:
                 out = inner(request, context)
-                self.m.requests.labels(method, "OK").inc()
-                return out
-            except BaseException:
-                code = context.code() if hasattr(context, "code") and context.code() else grpc.StatusCode.UNKNOWN
-                self.m.requests.labels(method, getattr(code, "name", str(code))).inc()
+            except BaseException as e:
+                record(method, context, t0, e)
                 raise
-            finally:
-                self.m.latency.labels(method).observe(time.perf_counter() - t0)
+            record(method, context, t0, None)
+            return out
 
-        return grpc.unary_unary_rpc_method_handler(wrapped, request_deserializer=handler.request_deserializer,
-                                                   response_serializer=handler.response_serializer)
+        make = grpc.stream_unary_rpc_method_handler if handler.request_streaming else grpc.unary_unary_rpc_method_handler
+        return make(unary, request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)
 
 
 class RagServer:
@@ -261,6 +290,8 @@ def create_server(config: Config, address: str, *, engine: Engine | None = None)
         port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind {address}")
+    # A second writer of one of our collections is told to come through this address.
+    engine.collections.owner = {"command": "rag serve", "address": f"{address.rpartition(':')[0]}:{port}"}
     server.start()
     for name in ["", *names]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

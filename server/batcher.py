@@ -3,7 +3,8 @@
 Each usearch search and each ONNX run holds the GIL or the cores for its whole call, so
 many small concurrent calls are slower than one batched call. Requests that arrive within
 `window_ms` of the first one in an empty queue are answered together: one embedding batch
-for all their texts, then one index batch search per collection.
+for all their texts, then one index batch search per collection, through the same
+engine search (engine/search.py) that every other caller uses.
 """
 
 from __future__ import annotations
@@ -117,8 +118,8 @@ class MicroBatcher:
             t0 = time.perf_counter_ns()
             try:
                 q = np.stack([vectors[rows[i][0]] for i in members])
-                results = self.engine.search_vectors(collection, q, k, filter=dict(filt) or None,
-                                                     queries=[batch[i][0][2] for i in members], mode=mode)
+                results = self.engine.searcher.search(collection, [batch[i][0][2] for i in members], k,
+                                                      filter=dict(filt) or None, mode=mode, vectors=q).hits
             except BaseException as e:  # noqa: BLE001
                 for i in members:
                     batch[i][1].set_exception(e)

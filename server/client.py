@@ -49,7 +49,7 @@ class RagClient:
         return self.info_stub.GetInfo(pb.GetInfoRequest(), **self._kw())
 
     def create_collection(self, name: str, dtype: str = "f32", **settings) -> "pb.CollectionInfo":
-        from .service import DTYPE_TO_PB
+        from .convert import DTYPE_TO_PB
 
         req = pb.CreateCollectionRequest(name=name, dtype=DTYPE_TO_PB[dtype], **settings)
         return self.collections.CreateCollection(req, **self._kw()).collection

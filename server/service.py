@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import itertools
-import json
 import struct
 import tempfile
 import threading
@@ -11,47 +12,43 @@ import time
 
 import grpc
 
+from engine.documents import Document, Failure, check_document_size, parse_bytes
 from engine.config import MAX_TOP_K
-from engine.errors import InvalidInput, Overloaded, RagError
-from engine.generate import SamplingParams
-from engine.ingest import Document, Failure, check_document_size, parse_bytes
-from engine.pipeline import MAX_QUERY_CHARS, Answer, AnswerStart
+from engine.errors import InvalidInput, Overloaded
+from engine.rag import Answer, AnswerStart
+from engine.search import MAX_QUERY_CHARS
 
+from .convert import (PB_TO_DTYPE, STATUS_TO_PB, answer_done_pb, check_top_k, hit_pb, info_pb, sampling_params,
+                      search_mode, sources_pb)
 from .errors import abort
 from .stubs import pb, rpc
 
 VERSION = "0.1.0"
-DTYPE_TO_PB = {"f32": pb.VECTOR_D_TYPE_F32, "f16": pb.VECTOR_D_TYPE_F16, "i8": pb.VECTOR_D_TYPE_I8}
-PB_TO_DTYPE = {v: k for k, v in DTYPE_TO_PB.items()}
-FINISH_TO_PB = {"length": pb.FINISH_REASON_LENGTH, "eos": pb.FINISH_REASON_EOS,
-                "stop_sequence": pb.FINISH_REASON_STOP_SEQUENCE, "no_context": pb.FINISH_REASON_NO_CONTEXT,
-                "cancelled": pb.FINISH_REASON_CANCELLED}
-SEARCH_MODES_PB = {pb.SEARCH_MODE_UNSPECIFIED: None, pb.SEARCH_MODE_HYBRID: "hybrid", pb.SEARCH_MODE_DENSE: "dense"}
-
-
-def search_mode(value: int) -> str | None:
-    if value not in SEARCH_MODES_PB:
-        raise InvalidInput(f"unknown search mode {value}; use SEARCH_MODE_HYBRID or SEARCH_MODE_DENSE")
-    return SEARCH_MODES_PB[value]
-
-
-STATUS_TO_PB = {"added": pb.DOCUMENT_STATUS_ADDED, "updated": pb.DOCUMENT_STATUS_UPDATED,
-                "unchanged": pb.DOCUMENT_STATUS_UNCHANGED, "failed": pb.DOCUMENT_STATUS_FAILED}
 
 
 def guarded(fn):
-    """Run a unary handler; typed engine errors become their status code."""
-    def wrapper(self, request, context):
+    """Run a handler; typed engine errors become their status code (server/errors.py).
+    Works for unary handlers and for server-streaming ones (generators) alike."""
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def stream(self, request, context):
+            try:
+                yield from fn(self, request, context)
+            except grpc.RpcError:
+                raise
+            except Exception as e:  # noqa: BLE001 - typed errors map to codes; others are INTERNAL, logged once
+                abort(context, e)
+        return stream
+
+    @functools.wraps(fn)
+    def unary(self, request, context):
         try:
             return fn(self, request, context)
-        except RagError as e:
-            abort(context, e)
         except grpc.RpcError:
             raise
-        except Exception as e:  # noqa: BLE001 - becomes INTERNAL, logged once
+        except Exception as e:  # noqa: BLE001
             abort(context, e)
-    wrapper.__name__ = fn.__name__
-    return wrapper
+    return unary
 
 
 SPOOL_MEMORY_BYTES = 16 * 1024 * 1024
@@ -66,30 +63,6 @@ def end_if_gone(context, when: str) -> None:
         context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"the deadline passed {when}; nothing was changed")
     if not context.is_active():
         context.abort(grpc.StatusCode.CANCELLED, f"the call was cancelled {when}; nothing was changed")
-
-
-def meta_str(v) -> str:
-    return v if isinstance(v, str) else json.dumps(v, sort_keys=True, ensure_ascii=False)
-
-
-def hit_pb(h) -> "pb.Hit":
-    return pb.Hit(rank=h.rank, score=h.score, doc_id=h.doc_id, source=h.source, ordinal=h.ordinal,
-                  start=h.start, end=h.end, text=h.text, metadata={k: meta_str(v) for k, v in h.metadata.items()})
-
-
-def info_pb(i) -> "pb.CollectionInfo":
-    return pb.CollectionInfo(name=i.name, documents=i.documents, chunks=i.chunks, dims=i.dim,
-                             embedding_model=i.embed_model, dtype=DTYPE_TO_PB[i.index_dtype],
-                             connectivity=i.connectivity, expansion_add=i.expansion_add,
-                             expansion_search=i.expansion_search, chunk_tokens=i.chunk_tokens,
-                             chunk_overlap=i.chunk_overlap, disk_bytes=i.disk_bytes,
-                             index_memory_bytes=i.index_memory_bytes)
-
-
-def check_top_k(k: int) -> int:
-    if not 1 <= k <= MAX_TOP_K:
-        raise InvalidInput(f"top_k must be in [1, {MAX_TOP_K}], got {k}")
-    return k
 
 
 class GenerationSlots:
@@ -294,80 +267,44 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
     def SearchBatch(self, request, context):
         queries = list(request.queries)
         self._check_batch(len(queries), "queries")
-        k = check_top_k(request.top_k)
-        for i, q in enumerate(queries):
-            self.engine.check_query(q, i)
         t0 = time.perf_counter_ns()
-        vectors = self.engine.embedder.embed(queries)
-        t1 = time.perf_counter_ns()
-        results = self.engine.search_vectors(request.collection, vectors, k, filter=dict(request.filter) or None,
-                                             queries=queries, mode=search_mode(request.mode))
-        t2 = time.perf_counter_ns()
-        return pb.SearchBatchResponse(results=[pb.HitList(hits=[hit_pb(h) for h in hits]) for hits in results],
-                                      timings=pb.Timings(embed_time_ns=t1 - t0, search_time_ns=t2 - t1,
-                                                         total_time_ns=t2 - t0))
+        found = self.engine.searcher.search(request.collection, queries, check_top_k(request.top_k),
+                                            filter=dict(request.filter) or None, mode=search_mode(request.mode))
+        return pb.SearchBatchResponse(results=[pb.HitList(hits=[hit_pb(h) for h in hits]) for hits in found.hits],
+                                      timings=pb.Timings(embed_time_ns=found.embed_ns, search_time_ns=found.search_ns,
+                                                         total_time_ns=time.perf_counter_ns() - t0))
 
     # ------------------------------------------------------------------ answers
-    def _params(self, o) -> SamplingParams:
-        has = o.HasField
-        return SamplingParams(
-            max_new_tokens=o.max_new_tokens if has("max_new_tokens") else self.config.max_new_tokens,
-            temperature=o.temperature if has("temperature") else 0.0,
-            top_k=o.top_k if has("top_k") else 0,
-            top_p=o.top_p if has("top_p") else 1.0,
-            repetition_penalty=o.repetition_penalty if has("repetition_penalty") else 1.0,
-            seed=o.seed if has("seed") else None,
-            stop=tuple(o.stop))
-
-    @staticmethod
-    def _done(a: Answer, queue_ns: int, total_ns: int) -> "pb.AnswerDone":
-        t = a.timings_ns
-        return pb.AnswerDone(finish_reason=FINISH_TO_PB.get(a.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
-                             usage=pb.Usage(prompt_tokens=a.prompt_tokens, completion_tokens=a.completion_tokens),
-                             timings=pb.Timings(queue_time_ns=queue_ns, embed_time_ns=t["embed"],
-                                                search_time_ns=t["search"], prompt_time_ns=t["prompt"],
-                                                prefill_time_ns=t["prefill"], decode_time_ns=t["decode"],
-                                                total_time_ns=total_ns),
-                             cited=a.cited, text=a.text)
-
+    @guarded
     def Answer(self, request, context):
         t0 = time.perf_counter_ns()
+        params = sampling_params(request.options, self.config.max_new_tokens)
+        k = check_top_k(request.top_k) if request.HasField("top_k") else None
+        self.slots.acquire(context)
         try:
-            params = self._params(request.options)
-            k = check_top_k(request.top_k) if request.HasField("top_k") else None
-            self.slots.acquire(context)
-        except RagError as e:
-            abort(context, e)
-        queue_ns = time.perf_counter_ns() - t0
-        tokens = 0
-        first_token_at = None
-        try:
+            queue_ns = time.perf_counter_ns() - t0
+            first_token_at = None
             stream = self.engine.answer_stream(request.collection, request.question, k=k, params=params,
                                                cancelled=lambda: not context.is_active())
-            for ev in stream:
-                if not context.is_active():
-                    stream.close()  # stops the decoder: no further token steps
-                    break
-                if isinstance(ev, AnswerStart):
-                    yield pb.AnswerResponse(sources=pb.AnswerSources(sources=[
-                        pb.Source(number=s.number, hit=hit_pb(s.hit)) for s in ev.sources]))
-                elif isinstance(ev, Answer):
-                    if self.metrics:
-                        self.metrics.tokens.inc(ev.completion_tokens)
-                    yield pb.AnswerResponse(done=self._done(ev, queue_ns, time.perf_counter_ns() - t0))
-                else:
-                    tokens += 1
-                    if first_token_at is None:
-                        first_token_at = time.perf_counter_ns()
+            try:
+                for ev in stream:
+                    if not context.is_active():
+                        break  # closing the stream (below) stops the decoder: no further token steps
+                    if isinstance(ev, AnswerStart):
+                        yield pb.AnswerResponse(sources=pb.AnswerSources(sources=sources_pb(ev.sources)))
+                    elif isinstance(ev, Answer):
                         if self.metrics:
-                            self.metrics.ttft.observe((first_token_at - t0) / 1e9)
-                    yield pb.AnswerResponse(delta=pb.AnswerDelta(text=ev))
-        except RagError as e:
-            abort(context, e)
-        except grpc.RpcError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            abort(context, e)
+                            self.metrics.tokens.inc(ev.completion_tokens)
+                        done = answer_done_pb(ev, queue_ns, time.perf_counter_ns() - t0)
+                        yield pb.AnswerResponse(done=done)
+                    else:
+                        if first_token_at is None:
+                            first_token_at = time.perf_counter_ns()
+                            if self.metrics:
+                                self.metrics.ttft.observe((first_token_at - t0) / 1e9)
+                        yield pb.AnswerResponse(delta=pb.AnswerDelta(text=ev))
+            finally:
+                stream.close()
         finally:
             self.slots.release()
 
@@ -375,7 +312,7 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
     def AnswerBatch(self, request, context):
         questions = list(request.questions)
         self._check_batch(len(questions), "questions")
-        params = self._params(request.options)
+        params = sampling_params(request.options, self.config.max_new_tokens)
         k = check_top_k(request.top_k) if request.HasField("top_k") else None
         t0 = time.perf_counter_ns()
         self.slots.acquire(context)
@@ -386,8 +323,8 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
             self.slots.release()
         total = time.perf_counter_ns() - t0
         return pb.AnswerBatchResponse(answers=[
-            pb.BatchAnswer(text=a.text, sources=[pb.Source(number=s.number, hit=hit_pb(s.hit)) for s in a.sources],
-                           done=self._done(a, queue_ns, total)) for a in answers])
+            pb.BatchAnswer(text=a.text, sources=sources_pb(a.sources), done=answer_done_pb(a, queue_ns, total))
+            for a in answers])
 
     # ------------------------------------------------------------------ info
     @guarded
@@ -395,7 +332,7 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
         c = self.config
         emb = self.engine.embedder
         gen_name, window = c.gen_model, c.context_window
-        if self.engine._generator is not None:
+        if self.engine.generator_loaded:
             gen_name, window = self.engine.generator.name, self.engine.generator.window
         return pb.GetInfoResponse(version=VERSION, embedding_model=emb.name, embedding_dims=emb.dim,
                                   embedding_max_tokens=emb.max_length, generation_model=gen_name,

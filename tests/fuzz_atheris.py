@@ -27,7 +27,7 @@ from engine import chunk, kernels  # noqa: F401
 from engine.errors import InvalidInput
 
 with atheris.instrument_imports(include=["engine", "pypdf", "html", "json"]):
-    from engine.ingest import MEDIA_TYPES, Document, Failure, parse_bytes
+    from engine.documents import MEDIA_TYPES, Document, Failure, parse_bytes
     from engine.wal import FILE_MAGIC, WriteAheadLog
 
 

@@ -272,13 +272,13 @@ CASES = [
     case("searchbatch-too-many-queries", search_batch(["tea"] * 1025), INVALID, "1025 queries .* limit is 1024"),
     case("embed-too-many-texts", embed(["tea"] * 1025), INVALID, "1025 texts .* limit is 1024"),
     case("answerbatch-too-many-questions", answer_batch(["tea?"] * 1025), INVALID, "limit is 1024"),
-    # --- vectors: no RPC takes vectors, the engine's search_vectors does
+    # --- vectors: no RPC takes vectors, the engine's search_batch does
     case("engine-query-vector-wrong-dim",
-         engine_call(lambda e: e.search_vectors("docs", np.ones((1, 383), np.float32), 3)),
-         INVALID, "dim 383.*expects 384"),
+         engine_call(lambda e: e.search_batch("docs", ["tea"], 3, vectors=np.ones((1, 383), np.float32))),
+         INVALID, r"shape \(1, 383\).*expects \(1, 384\)"),
     case("engine-query-vectors-wrong-dim-batch",
-         engine_call(lambda e: e.search_vectors("docs", np.ones((2, 768), np.float32), 3)),
-         INVALID, "dim 768.*expects 384"),
+         engine_call(lambda e: e.search_batch("docs", ["tea", "pot"], 3, vectors=np.ones((2, 768), np.float32))),
+         INVALID, r"shape \(2, 768\).*expects \(2, 384\)"),
     # --- unknown and duplicate collections
     case("search-unknown-collection", search(collection="nope"), NOT_FOUND, "'nope' does not exist"),
     case("searchbatch-unknown-collection", search_batch(["tea"], collection="nope"), NOT_FOUND, "'nope'"),
@@ -383,10 +383,11 @@ def collection_digest(engine: Engine, name: str) -> tuple:
         docs = con.execute("SELECT COUNT(*) FROM documents").fetchone()[0]
     finally:
         con.close()
-    h.update(np.ascontiguousarray(engine._open(name).store.vectors()[keys], dtype=np.float32).tobytes())
+    h.update(np.ascontiguousarray(engine.collections.get(name).store.vectors()[keys], dtype=np.float32).tobytes())
     probe = np.zeros((1, engine.embedder.dim), np.float32)
     probe[0, 0] = 1.0
-    hits = engine.search_vectors(name, probe, max(1, min(10, len(keys))))[0] if len(keys) else []
+    hits = (engine.search_batch(name, ["probe"], max(1, min(10, len(keys))), mode="dense", vectors=probe)[0]
+            if len(keys) else [])
     return docs, len(keys), h.hexdigest(), [(hit.key, round(hit.score, 5)) for hit in hits]
 
 

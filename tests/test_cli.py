@@ -29,12 +29,17 @@ def test_quick_start_as_a_console_script(tmp_path):
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "8 added" in r.stdout
-    r = subprocess.run([exe, "search", "How do I feed a sourdough starter?", "--collection", "notes", "-k", "2"],
+    r = subprocess.run([exe, "search", "How do I feed a sourdough starter?", "--collection", "notes", "-k", "3"],
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0].split()[0] == "1" and lines[0].split()[2].endswith("bread.md")
+    rank, _, score, _, cosine, source = lines[0].split()[:6]
+    assert rank == "1" and source.endswith("bread.md")
     assert "[" in lines[0] and "starter" in lines[1]
+    # hits print in descending order of the score shown (the fused score), cosine beside it
+    scores = [float(line.split()[2]) for line in lines[0::2]]
+    assert len(scores) == 3 and scores == sorted(scores, reverse=True), r.stdout
+    assert all(-1.0 <= float(line.split()[4]) <= 1.0 for line in lines[0::2])
     assert (tmp_path / "data" / "collections" / "notes").is_dir()
 
 

@@ -19,7 +19,7 @@ import grpc
 import numpy as np
 import pytest
 
-from engine.ingest import Document
+from engine.documents import Document
 from engine.pipeline import Engine
 from server.client import RagClient
 from serverproc import free_port, start_server
@@ -57,7 +57,7 @@ def check_acknowledged(client: RagClient, acked: dict[str, str]) -> None:
 def check_consistent(data_dir: Path, config) -> None:
     """Store and index hold the same chunk keys; every stored document has all its chunks."""
     eng = Engine(config.replace(data_dir=data_dir))
-    col = eng._open("c")
+    col = eng.collections.get("c")
     store_keys = col.store.keys()
     np.testing.assert_array_equal(np.sort(col.index.keys()), store_keys)
     db = sqlite3.connect(data_dir / "collections" / "c" / "store.sqlite")
@@ -141,8 +141,9 @@ def test_interrupted_index_save_leaves_collection_whole(tmp_path, config, embedd
     monkeypatch.setattr(os, "replace", real_replace)
     folder = tmp_path / "collections" / "c"
     assert (folder / "index.usearch.tmp").exists(), "the half-written snapshot is left behind, unused"
-    for col in eng._collections.values():
+    for col in eng.collections.opened():
         col.store.close()
+        col.lock.release()  # the process "died": the OS drops its lock
     eng2 = Engine(config.replace(data_dir=tmp_path), embedder=embedder)
     assert eng2.describe("c").chunks == 31
     assert eng2.search("c", "a late document", 1)[0].doc_id == "late"
@@ -154,7 +155,7 @@ KILL_CHILD = r'''
 import os, signal, sys
 from pathlib import Path
 from engine.config import Config
-from engine.ingest import Document
+from engine.documents import Document
 from engine.pipeline import Engine
 
 data, target = Path(sys.argv[1]), sys.argv[2]
@@ -193,7 +194,7 @@ def test_sigkill_during_snapshot(tmp_path, config, embedder, target):
     for i in (0, 7, 14):
         hits = eng.search("c", f"second batch document {i} about glaciers " * 8, 5)
         assert f"b{i}" in [h.doc_id for h in hits]
-    col = eng._open("c")
+    col = eng.collections.get("c")
     assert not col.store.has_document("a0")
     np.testing.assert_array_equal(np.sort(col.index.keys()), col.store.keys())
     eng.close()

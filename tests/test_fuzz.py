@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from engine.chunk import Chunker
 from engine.errors import InvalidInput
-from engine.ingest import MEDIA_TYPES, Document, Failure, html_to_text, parse_bytes
+from engine.documents import MEDIA_TYPES, Document, Failure, html_to_text, parse_bytes
 from pdf_maker import make_pdf
 
 FAST = settings(max_examples=200, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -175,46 +175,95 @@ def test_ip_distance_f32_matches_reference(rng, d):
     assert call(pa, pb, 0) == 1.0
 
 
-def reference_rrf(dense, lexical, queries, vectors, n_out, c):
+def reference_fuse(dense, lexical, lex_scores, queries, vectors, n_out, method, alpha, c):
+    """Plain-Python fusion (kernels.fuse's docstring), in float64."""
     out = []
     for i in range(len(dense)):
-        score: dict[int, float] = {}
-        first_seen: dict[int, int] = {}
-        for lst in (dense[i], lexical[i]):
-            for rank, r in enumerate(lst.tolist(), start=1):
+        ranks: dict[int, list] = {}  # row -> [dense rank, lexical rank, bm25]
+        for lst, (rows, scores) in enumerate(((dense[i], None), (lexical[i], lex_scores[i]))):
+            for rank, r in enumerate(rows.tolist(), start=1):
                 if r < 0:
                     continue
-                first_seen.setdefault(r, len(first_seen))
-                score[r] = score.get(r, 0.0) + 1.0 / (c + rank)
+                entry = ranks.setdefault(r, [0, 0, 0.0])
+                if entry[lst] == 0:
+                    entry[lst] = rank
+                    if lst == 1:
+                        entry[2] = float(scores[rank - 1])
+        cos = {r: float(queries[i].astype(np.float64) @ vectors[r].astype(np.float64)) for r in ranks}
+        score = {}
+        for r, (dr, lr, bm) in ranks.items():
+            if method == kernels.FUSE_CONVEX:
+                lo, hi = min(cos.values()), max(cos.values())
+                top = max(e[2] for e in ranks.values())
+                dn = (cos[r] - lo) / (hi - lo) if hi > lo else 1.0
+                score[r] = alpha * dn + (1 - alpha) * (bm / top if top > 0 else 0.0)
+            else:
+                wd, wl = (alpha, 1 - alpha) if method == kernels.FUSE_WEIGHTED_RRF else (1.0, 1.0)
+                score[r] = (wd / (c + dr) if dr else 0.0) + (wl / (c + lr) if lr else 0.0)
+        first_seen = {r: n for n, r in enumerate(ranks)}
         order = sorted(score, key=lambda r: (-score[r], first_seen[r]))[:n_out]
-        out.append([(r, score[r], float(queries[i] @ vectors[r])) for r in order])
+        out.append([(r, score[r], cos[r]) for r in order])
     return out
 
 
+METHODS = [kernels.FUSE_RRF, kernels.FUSE_WEIGHTED_RRF, kernels.FUSE_CONVEX]
+
+
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("nq, a, b, n_out", [(1, 1, 1, 1), (7, 10, 3, 5), (5, 4, 9, 20), (64, 30, 30, 10)])
-def test_rrf_fuse_matches_reference(rng, nq, a, b, n_out):
+def test_fuse_matches_reference(rng, method, nq, a, b, n_out):
     vectors = rng.standard_normal((50, 16)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     queries = vectors[rng.integers(0, 50, nq)] + 0.1
     queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
     dense = np.stack([rng.permutation(50)[:a] for _ in range(nq)]).astype(np.int64)
     lexical = np.stack([rng.permutation(50)[:b] for _ in range(nq)]).astype(np.int64)
+    lex_scores = -np.sort(-rng.uniform(0.5, 12.0, (nq, b)), axis=1).astype(np.float32)
     dense[::2, a // 2:] = -1  # lists shorter than their width
     lexical[1::3, :] = -1
-    rows, fused, cosine = kernels.rrf_fuse(dense, lexical, queries, vectors, n_out, 60.0)
-    ref = reference_rrf(dense, lexical, queries, vectors, n_out, 60.0)
+    rows, fused, cosine = kernels.fuse(dense, lexical, lex_scores, queries, vectors, n_out, method, 0.7, 60.0)
+    ref = reference_fuse(dense, lexical, lex_scores, queries, vectors, n_out, method, 0.7, 60.0)
     for i, want in enumerate(ref):
         got_rows = [r for r in rows[i].tolist() if r >= 0]
-        assert got_rows == [r for r, _, _ in want]
-        np.testing.assert_allclose(fused[i, :len(want)], [s for _, s, _ in want], rtol=1e-6)
+        # near-ties may order differently in float32 vs float64: compare scores, then rows
+        np.testing.assert_allclose(fused[i, :len(want)], [s for _, s, _ in want], rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(cosine[i, :len(want)], [x for _, _, x in want], rtol=1e-5, atol=1e-6)
+        assert len(got_rows) == len(want)
         assert (rows[i, len(want):] == -1).all() and np.isneginf(cosine[i, len(want):]).all()
+        assert sorted(got_rows) == sorted(r for r, _, _ in want) or len(want) == n_out
 
 
-def test_rrf_fuse_rewards_agreement():
+def test_fuse_empty_lists_and_one_candidate():
+    v = np.eye(3, dtype=np.float32)
+    none = np.full((1, 2), -1, np.int64)
+    for method in METHODS:
+        rows, fused, cosine = kernels.fuse(none, none, np.zeros((1, 2), np.float32), v[:1], v, 3, method, 0.5, 60.0)
+        assert (rows == -1).all() and np.isneginf(cosine).all()
+    rows, fused, _ = kernels.fuse(np.array([[2, -1]]), none, np.zeros((1, 2), np.float32), v[:1], v, 2,
+                                  kernels.FUSE_CONVEX, 0.6, 60.0)
+    assert rows[0].tolist() == [2, -1] and fused[0, 0] == pytest.approx(0.6)  # one cosine: spread 0 counts as 1
+
+
+def test_rrf_rewards_agreement():
     v = np.eye(4, dtype=np.float32)
     dense = np.array([[0, 1, 2]], dtype=np.int64)
     lexical = np.array([[2, 3, -1]], dtype=np.int64)
-    rows, _, _ = kernels.rrf_fuse(dense, lexical, v[:1], v, 4, 60.0)
+    rows, _, _ = kernels.fuse(dense, lexical, np.array([[3.0, 2.0, 0.0]], np.float32), v[:1], v, 4,
+                              kernels.FUSE_RRF, 0.5, 60.0)
     # 2 is in both lists; 1 and 3 tie (rank 2 in one list each) and keep the dense order.
     assert rows[0].tolist() == [2, 0, 1, 3]
+
+
+def test_convex_keeps_a_clear_dense_winner():
+    """RRF gives rank 1 in BM25 the weight of rank 1 in dense, whatever the margins; the
+    convex combination keeps a semantic winner far ahead of the rest first."""
+    v = np.array([[1, 0], [0.9, 0.436], [0.2, 0.98], [0.1, 0.995]], dtype=np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    query = v[:1]
+    dense = np.array([[0, 1, 2, 3]])   # cosines 1.0, 0.9, 0.2, 0.1
+    lexical = np.array([[2, 1, 3, 0]])  # a shared word ranks 2 first by a hair, 0 last
+    bm25 = np.array([[1.05, 1.0, 1.0, 0.95]], np.float32)
+    rrf, _, _ = kernels.fuse(dense, lexical, bm25, query, v, 4, kernels.FUSE_RRF, 0.5, 60.0)
+    convex, _, _ = kernels.fuse(dense, lexical, bm25, query, v, 4, kernels.FUSE_CONVEX, 0.6, 60.0)
+    assert rrf[0, 0] != 0  # rank 3 + rank 1 (row 2) beats rank 1 + rank 4
+    assert convex[0, 0] == 0

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from engine.errors import AlreadyExists, InvalidInput, NotFound
-from engine.ingest import Document
+from engine.documents import Document
 from engine.pipeline import Engine
 
 CORPUS = Path(__file__).resolve().parent.parent / "examples" / "corpus"
@@ -24,7 +24,7 @@ def corpus(tmp_path):
 
 def snapshot(engine, name):
     """Everything a failed call must leave untouched."""
-    col = engine._open(name)
+    col = engine.collections.get(name)
     keys = col.store.keys()
     rows = col.store.chunks(keys)
     return (col.store.counts(), col.store.generation, keys.tolist(),
@@ -157,8 +157,9 @@ def test_reopen_and_recover_unsaved_index(tmp_path, config, embedder, corpus):
     extra.write_text("Oolong tea leaves are rolled and partly oxidised before drying.")
     e2.ingest_paths("c", [extra])
     expected = [h.key for h in e2.search("c", "steeping oolong", 5)]
-    for col in e2._collections.values():
+    for col in e2.collections.opened():
         col.store.close()
+        col.lock.release()  # the process "died": the OS drops its lock
     e3 = Engine(config.replace(data_dir=data), embedder=embedder)
     assert e3.describe("c").documents == 9
     assert [h.key for h in e3.search("c", "steeping oolong", 5)] == expected
@@ -209,7 +210,7 @@ def test_empty_collection_search(engine):
 def test_deleted_vectors_are_compacted_away(engine):
     engine.create_collection("c")
     engine.ingest("c", [Document(f"d{i}", f"document number {i} about topic {i % 7}", f"d{i}") for i in range(40)])
-    col = engine._open("c")
+    col = engine.collections.get("c")
     engine.delete_documents("c", [f"d{i}" for i in range(10)])
     assert col.index.removed == 10  # 25%: below the threshold, kept
     engine.delete_documents("c", [f"d{i}" for i in range(10, 16)])
@@ -220,7 +221,7 @@ def test_deleted_vectors_are_compacted_away(engine):
     assert hits[0].doc_id == "d20"
 
 
-def test_hybrid_search_finds_exact_terms_and_keeps_cosine_scores(engine):
+def test_hybrid_search_finds_exact_terms_and_reports_both_scores(engine):
     engine.create_collection("h")
     docs = [Document(f"d{i}", text, f"d{i}.txt") for i, text in enumerate([
         "Error code QX-7731 means the pump's pressure sensor is disconnected; reseat the cable.",
@@ -235,13 +236,18 @@ def test_hybrid_search_finds_exact_terms_and_keeps_cosine_scores(engine):
     dense = engine.search("h", query, 5, mode="dense")
     assert hybrid[0].doc_id == "d0", "the exact code's chunk comes first with BM25 fused in"
     assert [h.rank for h in hybrid] == [1, 2, 3, 4, 5]
-    # Scores stay cosine similarities (what the answer relevance gate thresholds on).
+    # Every hit carries its cosine similarity (what the answer relevance gate thresholds
+    # on) and the score it was ranked by: fused in hybrid mode, the cosine in dense mode.
     q = engine.embedder.embed([query])[0]
-    col = engine._open("h")
+    col = engine.collections.get("h")
     vecs = col.store.vectors()
     for h in hybrid + dense:
-        assert h.score == pytest.approx(float(vecs[h.key] @ q), abs=1e-5)
-    assert [h.score for h in dense] == sorted((h.score for h in dense), reverse=True)
+        assert h.cosine == pytest.approx(float(vecs[h.key] @ q), abs=1e-5)
+    for h in dense:
+        assert h.score == h.cosine
+    for hits in (hybrid, dense):
+        assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    assert all(0.0 <= h.score <= 1.0 for h in hybrid)  # convex fusion of normalised scores
     with pytest.raises(InvalidInput, match="search mode"):
         engine.search("h", query, 5, mode="sparse")
     # Deleted documents leave the lexical side too.

@@ -7,7 +7,6 @@ import concurrent.futures
 import json
 import shutil
 import subprocess
-import threading
 import time
 from pathlib import Path
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sqlite3
 
 import numpy as np
@@ -164,7 +163,7 @@ def test_reclaim_frees_dead_rows_and_keeps_live_ones(tmp_path):
     s.apply([], deletes=["b"])
     live_before = {k: np.array(s.vectors()[k]) for k in s.keys().tolist()}
     vec_file = tmp_path / "vectors.f32"
-    os.fsync(s._vec_fd)
+    s.vector_file.sync()
     used_before = vec_file.stat().st_blocks * 512
     freed = s.reclaim()
     assert freed >= 240 * dim * 4, f"freed only {freed} bytes of 250 dead rows"
@@ -177,7 +176,7 @@ def test_reclaim_frees_dead_rows_and_keeps_live_ones(tmp_path):
 
 
 def test_lexical_leaves_out_words_most_chunks_share(tmp_path, monkeypatch):
-    import engine.store as store_mod
+    import engine.lexical as store_mod
 
     monkeypatch.setattr(store_mod, "PRUNE_MIN_CHUNKS", 10)
     Store.initialise(tmp_path, {"dim": DIM})

@@ -11,7 +11,7 @@ import pytest
 
 from engine.chunk import Chunk
 from engine.errors import InvalidInput
-from engine.ingest import Document
+from engine.documents import Document
 from engine.pipeline import Engine
 from engine.store import DocumentRecord
 from engine.wal import FILE_MAGIC, WAL_FILE, WriteAheadLog, encode
@@ -105,7 +105,7 @@ def docs(prefix: str, n: int) -> list[Document]:
 
 
 def keys_agree(eng: Engine, name: str) -> None:
-    col = eng._open(name)
+    col = eng.collections.get(name)
     np.testing.assert_array_equal(np.sort(col.index.keys()), col.store.keys())
 
 
@@ -128,9 +128,10 @@ def test_replay_restores_writes_the_store_lost(tmp_path, config, embedder):
     assert eng.delete_documents("c", ["old5", "old6"]) == 2
     want = {h.doc_id for h in eng.search("c", "new document 4 archive", 3)}
     # Simulated power loss: nothing after the snapshot reached the store files.
-    for col in eng._collections.values():
+    for col in eng.collections.opened():
         col.wal.close()
         col.store.close()
+        col.lock.release()  # the process "died": the OS drops its lock
     for f in backup.iterdir():
         shutil.copy2(f, folder / f.name)
     for f in ("store.sqlite-wal", "store.sqlite-shm"):
@@ -138,17 +139,17 @@ def test_replay_restores_writes_the_store_lost(tmp_path, config, embedder):
 
     eng2 = Engine(cfg, embedder=embedder)
     info = eng2.describe("c")
-    assert eng2._open("c").replayed == 3
+    assert eng2.collections.get("c").replayed == 3
     assert info.documents == 12 + 7 - 2
     assert {h.doc_id for h in eng2.search("c", "new document 4 archive", 3)} == want
     assert eng2.search("c", "rewritten text about lighthouses", 1)[0].doc_id == "old3"
-    col = eng2._open("c")
+    col = eng2.collections.get("c")
     assert not col.store.has_document("old5") and not col.store.has_document("old6")
     keys_agree(eng2, "c")
     eng2.close()
     # Replaying again (the log is emptied by close's snapshot) changes nothing.
     eng3 = Engine(cfg, embedder=embedder)
-    assert eng3.describe("c").documents == 17 and eng3._open("c").replayed == 0
+    assert eng3.describe("c").documents == 17 and eng3.collections.get("c").replayed == 0
     eng3.close()
 
 
@@ -161,14 +162,15 @@ def test_replay_is_idempotent_over_an_up_to_date_store(tmp_path, config, embedde
     eng.ingest("c", docs("a", 5))
     eng.ingest("c", docs("b", 5))
     eng.delete_documents("c", ["a1"])
-    col = eng._open("c")
+    col = eng.collections.get("c")
     keys, vecs = col.store.keys(), np.array(col.store.vectors())
     next_key = col.store.next_key
-    for c in eng._collections.values():  # crash: no snapshot
+    for c in eng.collections.opened():  # crash: no snapshot
         c.wal.close()
         c.store.close()
+        c.lock.release()  # the process "died": the OS drops its lock
     eng2 = Engine(cfg, embedder=embedder)
-    col2 = eng2._open("c")
+    col2 = eng2.collections.get("c")
     assert col2.replayed == 3
     np.testing.assert_array_equal(col2.store.keys(), keys)
     assert col2.store.next_key == next_key
@@ -182,14 +184,15 @@ def test_torn_record_in_a_collection_log(tmp_path, config, embedder):
     eng = Engine(cfg, embedder=embedder)
     eng.create_collection("c")
     eng.ingest("c", docs("a", 4))
-    for c in eng._collections.values():
+    for c in eng.collections.opened():
         c.wal.close()
         c.store.close()
+        c.lock.release()  # the process "died": the OS drops its lock
     with open(tmp_path / "collections" / "c" / WAL_FILE, "ab") as f:
         f.write(b"RWR1\x05\x00\x00\x00")  # a crash in the middle of the next record's header
     eng2 = Engine(cfg, embedder=embedder)
     assert eng2.describe("c").documents == 4
-    assert eng2._open("c").wal.dropped_bytes == 8
+    assert eng2.collections.get("c").wal.dropped_bytes == 8
     eng2.ingest("c", docs("b", 2))
     assert eng2.describe("c").documents == 6
     keys_agree(eng2, "c")
@@ -201,7 +204,7 @@ def test_failed_apply_takes_its_log_record_back(tmp_path, config, embedder, monk
     eng = Engine(cfg, embedder=embedder)
     eng.create_collection("c")
     eng.ingest("c", docs("a", 3))
-    col = eng._open("c")
+    col = eng.collections.get("c")
     seq = col.wal.last_seq
 
     def disk_full(*a, **kw):
@@ -212,9 +215,10 @@ def test_failed_apply_takes_its_log_record_back(tmp_path, config, embedder, monk
         eng.ingest("c", docs("b", 2))
     monkeypatch.undo()
     assert col.wal.last_seq == seq
-    for c in eng._collections.values():
+    for c in eng.collections.opened():
         c.wal.close()
         c.store.close()
+        c.lock.release()  # the process "died": the OS drops its lock
     eng2 = Engine(cfg, embedder=embedder)
     assert eng2.describe("c").documents == 3, "the failed write is not replayed"
     eng2.close()

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from engine.errors import InvalidInput
-from engine.ingest import Document, Failure, html_to_text, iter_documents, parse_bytes
+from engine.documents import Document, Failure, html_to_text, iter_documents, parse_bytes
 from pdf_maker import make_pdf
 
 

@@ -1,0 +1,290 @@
+"""Files -> documents: walk paths, parse .txt/.md/.html/.pdf/.jsonl, report what fails.
+
+Parsing never touches the store; a file that cannot be read, is binary, is not UTF-8 or has
+no text becomes a `Failure` that the caller reports, and the walk goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator
+from html.parser import HTMLParser
+from pathlib import Path
+
+from .errors import InvalidInput
+
+TEXT_SUFFIXES = {".txt": "text/plain", ".text": "text/plain", ".rst": "text/plain", ".md": "text/markdown",
+                 ".markdown": "text/markdown", ".html": "text/html", ".htm": "text/html",
+                 ".pdf": "application/pdf", ".jsonl": "application/jsonl"}
+MEDIA_TYPES = sorted(set(TEXT_SUFFIXES.values()))
+DEFAULT_TEXT_FIELD = "text"
+# Largest file read from disk (a JSONL file holds many documents; each gRPC document has
+# its own, smaller limit: Config.max_document_bytes).
+MAX_FILE_BYTES = 64 * 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Document:
+    """One text to index. `doc_id` is the upsert key; `source` is what results show."""
+
+    doc_id: str
+    text: str
+    source: str
+    metadata: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def content_hash(self) -> str:
+        h = hashlib.blake2b(digest_size=16)
+        h.update(self.text.encode("utf-8", "surrogatepass"))
+        h.update(b"\0")
+        h.update(json.dumps(self.metadata, sort_keys=True, ensure_ascii=False).encode())
+        return h.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Failure:
+    """A file (or JSONL line) that was skipped, and why."""
+
+    source: str
+    reason: str
+
+
+def check_document(doc: Document) -> None:
+    """Raise InvalidInput if `doc` cannot be indexed (the same rules for files and API calls)."""
+    if not isinstance(doc.doc_id, str) or not doc.doc_id.strip():
+        raise InvalidInput("document id is empty; give every document a non-empty id")
+    if not isinstance(doc.text, str):
+        raise InvalidInput(f"document {doc.doc_id!r}: text must be a string")
+    if not doc.text.strip():
+        raise InvalidInput(f"document {doc.doc_id!r} has no text (empty or whitespace only)")
+    if "\x00" in doc.text:
+        raise InvalidInput(f"document {doc.doc_id!r} contains NUL characters; binary data is not text")
+    if not isinstance(doc.metadata, dict):
+        raise InvalidInput(f"document {doc.doc_id!r}: metadata must be a JSON object")
+
+
+def check_document_size(doc_id: str, content: str | bytes, limit: int) -> None:
+    """Raise InvalidInput if `content` (text as UTF-8, or file bytes) is over `limit` bytes.
+
+    Meant to run before any parsing, so an oversized document costs no work.
+    """
+    n = len(content)
+    # A character takes 1 to 4 UTF-8 bytes: encode only when the bounds do not decide.
+    if isinstance(content, str) and n <= limit < 4 * n:
+        n = len(content.encode("utf-8", "surrogatepass"))
+    if n > limit:
+        raise InvalidInput(f"document {doc_id!r} is {n} bytes, over the {limit}-byte limit "
+                           "(max_document_bytes); split it into smaller documents")
+
+
+def decode_text(data: bytes, source: str) -> str:
+    """Strict UTF-8 (BOM allowed); binary or other encodings are refused with a clear reason."""
+    if b"\x00" in data[:8192]:
+        raise InvalidInput(f"{source}: looks binary (NUL bytes); expected UTF-8 text")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InvalidInput(f"{source}: not valid UTF-8 at byte {e.start}; convert it to UTF-8 first") from None
+
+
+# ---------------------------------------------------------------------- HTML
+_BLOCK_TAGS = {"p", "div", "section", "article", "header", "footer", "main", "aside", "nav", "h1", "h2",
+               "h3", "h4", "h5", "h6", "ul", "ol", "li", "table", "tr", "blockquote", "pre", "dl", "dt",
+               "dd", "figure", "figcaption", "form", "hr", "address", "details", "summary"}
+_DROP_TAGS = {"script", "style", "noscript", "template", "svg", "head", "iframe", "object"}
+
+
+class _TextExtractor(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[tuple[str, bool]] = []  # (text, verbatim)
+        self.title: list[str] = []
+        self._drop = 0
+        self._in_title = False
+        self._pre = 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag in _DROP_TAGS:
+            self._drop += 1
+        elif tag == "title":
+            self._in_title = True
+        elif tag == "br":
+            self.parts.append(("\n", False))
+        elif tag in _BLOCK_TAGS:
+            self.parts.append(("\n\n", False))
+            if tag == "pre":
+                self._pre += 1
+
+    def handle_startendtag(self, tag, attrs):
+        if tag == "br":
+            self.parts.append(("\n", False))
+
+    def handle_endtag(self, tag):
+        if tag in _DROP_TAGS:
+            self._drop = max(0, self._drop - 1)
+        elif tag == "title":
+            self._in_title = False
+        elif tag in _BLOCK_TAGS:
+            self.parts.append(("\n\n", False))
+            if tag == "pre":
+                self._pre = max(0, self._pre - 1)
+
+    def handle_data(self, data):
+        if self._in_title:
+            self.title.append(data)
+        elif not self._drop:
+            self.parts.append((data, True) if self._pre else (re.sub(r"\s+", " ", data), False))
+
+
+def _extract(html: str) -> "_TextExtractor":
+    p = _TextExtractor()
+    p.feed(html)
+    p.close()
+    return p
+
+
+def html_to_text(html: str) -> tuple[str, str]:
+    """(text, title) of an HTML page; scripts, styles and <head> are dropped."""
+    try:
+        p = _extract(html)
+    except AssertionError:
+        # CPython before 3.13 raises AssertionError on a malformed "<![" or "<!" section
+        # (found by tests/fuzz_atheris.py); browsers show such markup as text, and so do we.
+        try:
+            p = _extract(re.sub(r"<!\[(?!CDATA\[)", "&lt;![", html))
+        except AssertionError:
+            p = _extract(html.replace("<!", "&lt;!"))
+    out: list[str] = []
+    for part, verbatim in p.parts:
+        if verbatim:
+            out.append(part)
+        elif part.startswith("\n"):  # a block break: no spaces before it, at most one blank line
+            if out:
+                out[-1] = out[-1].rstrip(" ")
+            tail = "".join(out[-2:])
+            have = len(tail) - len(tail.rstrip("\n"))
+            out.append("\n" * max(0, len(part) - have) if out else "")
+        else:
+            out.append(part.lstrip(" ") if not out or out[-1].endswith("\n") else part)
+    return "".join(out).strip(), " ".join("".join(p.title).split())
+
+
+# ---------------------------------------------------------------------- PDF
+def pdf_to_text(data: bytes, source: str) -> tuple[str, dict]:
+    try:
+        from pypdf import PdfReader
+    except ImportError:
+        raise InvalidInput(f"{source}: reading PDF needs pypdf; pip install '.[pdf]'") from None
+    try:
+        reader = PdfReader(io.BytesIO(data))
+        if reader.is_encrypted:
+            raise InvalidInput(f"{source}: PDF is encrypted; decrypt it first")
+        pages = [(page.extract_text() or "").strip() for page in reader.pages]
+    except InvalidInput:
+        raise
+    except Exception as e:  # noqa: BLE001 - a malformed PDF can fail anywhere inside pypdf
+        # (fuzzing found PdfReadError, LimitReachedError, KeyError, TypeError, ...); all of
+        # them mean the same thing to the user.
+        raise InvalidInput(f"{source}: unreadable PDF ({type(e).__name__}: {str(e)[:200]})") from None
+    meta = {"pages": len(pages)}
+    title = getattr(reader.metadata, "title", None) if reader.metadata else None
+    if title:
+        meta["title"] = str(title)
+    return "\n\n".join(p for p in pages if p), meta
+
+
+# ---------------------------------------------------------------------- JSONL
+def jsonl_documents(text: str, source: str, text_field: str) -> Iterator[Document | Failure]:
+    for line_no, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{source}:{line_no}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield Failure(where, f"not valid JSON ({e.msg})")
+            continue
+        if not isinstance(rec, dict):
+            yield Failure(where, "a JSONL line must be a JSON object")
+            continue
+        body = rec.pop(text_field, None)
+        if not isinstance(body, str) or not body.strip():
+            yield Failure(where, f"no non-empty string field {text_field!r}")
+            continue
+        rid = rec.get("id", line_no)
+        yield Document(doc_id=f"{source}#{rid}", text=body, source=where, metadata=rec)
+
+
+# ---------------------------------------------------------------------- dispatch
+def parse_bytes(data: bytes, media_type: str, source: str, *, doc_id: str | None = None,
+                metadata: dict | None = None, text_field: str = DEFAULT_TEXT_FIELD
+                ) -> Iterator[Document | Failure]:
+    """Documents in one file's bytes. Single-document types raise InvalidInput on failure."""
+    doc_id = doc_id or source
+    meta = dict(metadata or {})
+    if media_type == "application/jsonl":
+        yield from jsonl_documents(decode_text(data, source), source, text_field)
+        return
+    if media_type == "application/pdf":
+        text, extra = pdf_to_text(data, source)
+        meta = {**extra, **meta}
+    elif media_type == "text/html":
+        text, title = html_to_text(decode_text(data, source))
+        if title:
+            meta.setdefault("title", title)
+    elif media_type in ("text/plain", "text/markdown"):
+        text = decode_text(data, source)
+    else:
+        raise InvalidInput(f"{source}: unsupported media type {media_type!r}; use one of {MEDIA_TYPES}")
+    doc = Document(doc_id=doc_id, text=text, source=source, metadata=meta)
+    check_document(doc)
+    yield doc
+
+
+def iter_files(paths: Iterable[str | Path]) -> Iterator[Path | Failure]:
+    """Files under `paths` (sorted, hidden entries skipped) with a supported suffix."""
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            for root, dirs, files in os.walk(p):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for name in sorted(files):
+                    f = Path(root) / name
+                    if not name.startswith(".") and f.suffix.lower() in TEXT_SUFFIXES:
+                        yield f
+        elif p.is_file():
+            if p.suffix.lower() in TEXT_SUFFIXES:
+                yield p
+            else:
+                yield Failure(str(p), f"unsupported file type {p.suffix!r}; supported: "
+                                      f"{' '.join(sorted(TEXT_SUFFIXES))}")
+        else:
+            yield Failure(str(p), "no such file or directory")
+
+
+def iter_documents(paths: Iterable[str | Path], *, text_field: str = DEFAULT_TEXT_FIELD,
+                   max_bytes: int = MAX_FILE_BYTES) -> Iterator[Document | Failure]:
+    """Documents from files and directory trees, one file in memory at a time."""
+    for f in iter_files(paths):
+        if isinstance(f, Failure):
+            yield f
+            continue
+        source = str(f.resolve())
+        try:
+            size = f.stat().st_size
+            if size > max_bytes:
+                yield Failure(source, f"file is {size} bytes, over the {max_bytes}-byte limit")
+                continue
+            data = f.read_bytes()
+        except OSError as e:
+            yield Failure(source, f"cannot read ({e.strerror})")
+            continue
+        try:
+            yield from parse_bytes(data, TEXT_SUFFIXES[f.suffix.lower()], source, text_field=text_field)
+        except InvalidInput as e:
+            yield Failure(source, str(e).removeprefix(source + ": "))

@@ -1,0 +1,196 @@
+"""Search: the one path from question texts to ranked hits.
+
+`Searcher.search` is what `rag search`, `Engine.search_batch`, the server's Search and
+SearchBatch RPCs (through the micro-batcher, which hands in the vectors it embedded for a
+whole batch) and answers all call: request validation, the check that the collection was
+built with the loaded embedding model, filter over-fetch, the dense (HNSW) ranking, the
+lexical (BM25) ranking and their fusion (engine/kernels.py `fuse`), then the hits.
+
+Every hit carries the score it was ranked by (`score`: the fused score in hybrid mode, the
+cosine similarity in dense mode) and its cosine similarity (`cosine`), which is what the
+answer relevance gate thresholds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from . import kernels
+from .collection import Collection, Collections
+from .config import MAX_TOP_K, SEARCH_MODES, Config
+from .errors import FailedPrecondition, InvalidInput
+
+MAX_QUERY_CHARS = 64 * 1024
+FILTER_OVERFETCH = 10
+FILTER_MIN_FETCH = 100
+FUSION_METHOD = {"convex": kernels.FUSE_CONVEX, "rrf": kernels.FUSE_RRF, "weighted_rrf": kernels.FUSE_WEIGHTED_RRF}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Hit:
+    """One search result. `start:end` is the chunk's character span in its document.
+
+    `score` is what the hits are ranked by (descending): the fused score in hybrid mode,
+    the cosine similarity in dense mode. `cosine` is always the cosine similarity.
+    """
+
+    rank: int
+    score: float
+    key: int
+    doc_id: str
+    source: str
+    ordinal: int
+    start: int
+    end: int
+    text: str
+    metadata: dict
+    cosine: float
+
+
+@dataclasses.dataclass(slots=True)
+class SearchResult:
+    hits: list[list[Hit]]
+    embed_ns: int
+    search_ns: int
+
+
+def hit_to_json(hit: Hit) -> str:
+    return json.dumps(dataclasses.asdict(hit), ensure_ascii=False)
+
+
+def _meta_str(v) -> str | None:
+    """Metadata values compare as strings (JSON for non-strings), as the gRPC API sends them."""
+    if v is None or isinstance(v, str):
+        return v
+    return json.dumps(v, sort_keys=True, ensure_ascii=False)
+
+
+def check_query(query: str, i: int | None = None) -> None:
+    label = "query" if i is None else f"query {i}"
+    if not isinstance(query, str):
+        raise InvalidInput(f"{label} must be a string, got {type(query).__name__}")
+    if not query.strip():
+        raise InvalidInput(f"{label} is empty; send the question text")
+    if len(query) > MAX_QUERY_CHARS:
+        raise InvalidInput(f"{label} is {len(query)} characters; the limit is {MAX_QUERY_CHARS}")
+
+
+def check_queries(queries: Sequence[str], what: str = "queries") -> list[str]:
+    if isinstance(queries, str) or not len(queries):
+        raise InvalidInput(f"{what} must be a non-empty list of strings")
+    for i, q in enumerate(queries):
+        check_query(q, i if len(queries) > 1 else None)
+    return list(queries)
+
+
+def check_k(k) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_TOP_K:
+        raise InvalidInput(f"k must be an integer in [1, {MAX_TOP_K}], got {k!r}")
+    return int(k)
+
+
+def check_filter(filter) -> dict | None:
+    if filter is not None and not isinstance(filter, dict):
+        raise InvalidInput("filter must be a mapping of metadata field -> value")
+    return filter or None
+
+
+class Searcher:
+    """Runs searches over `collections` with the embedder `embedder()` returns (loaded lazily)."""
+
+    def __init__(self, config: Config, collections: Collections, embedder: Callable[[], object]) -> None:
+        self.config = config
+        self.collections = collections
+        self._embedder = embedder
+
+    def check_mode(self, mode: str | None) -> str:
+        mode = self.config.search_mode if mode is None else mode
+        if mode not in SEARCH_MODES:
+            raise InvalidInput(f"search mode must be one of {SEARCH_MODES}, got {mode!r}")
+        return mode
+
+    def check_model(self, col: Collection) -> None:
+        """The collection's vectors come from the loaded model, or its state is at fault."""
+        emb = self._embedder()
+        if col.settings["embed_model"] != emb.name or col.settings["dim"] != emb.dim:
+            raise FailedPrecondition(
+                f"collection {col.name!r} was built with {col.settings['embed_model']} (dim {col.settings['dim']}) "
+                f"but this engine runs {emb.name} (dim {emb.dim}); search it with the model it was built with, "
+                "or re-ingest its documents into a new collection")
+
+    def open(self, name: str) -> Collection:
+        """The collection to search, checked against the loaded model and up to date."""
+        col = self.collections.get(name)
+        self.check_model(col)
+        col.refresh()
+        return col
+
+    def search(self, name: str, queries: Sequence[str], k: int, *, filter: dict | None = None,
+               mode: str | None = None, vectors: np.ndarray | None = None) -> SearchResult:
+        """Top-k hits per query. `vectors`: the queries' embeddings, if the caller already has
+        them (the micro-batcher embeds many requests at once); otherwise they are embedded here.
+
+        `filter`: metadata key -> value, all must be equal; applied to an over-fetched
+        candidate list, so rare matches may give fewer than k.
+        """
+        k = check_k(k)
+        mode = self.check_mode(mode)
+        queries = check_queries(queries)
+        filter = check_filter(filter)
+        col = self.open(name)
+        t0 = time.perf_counter_ns()
+        if vectors is None:
+            vectors = self._embedder().embed(queries)
+        vectors = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
+        if vectors.shape != (len(queries), col.settings["dim"]):
+            raise InvalidInput(f"query vectors have shape {vectors.shape}; collection {col.name!r} expects "
+                               f"({len(queries)}, {col.settings['dim']})")
+        t1 = time.perf_counter_ns()
+        hits = self._rank(col, queries, vectors, k, filter, mode)
+        return SearchResult(hits, t1 - t0, time.perf_counter_ns() - t1)
+
+    def _rank(self, col: Collection, queries: list[str], vectors: np.ndarray, k: int,
+              filter: dict | None, mode: str) -> list[list[Hit]]:
+        c = self.config
+        fetch = k if not filter else min(max(k * FILTER_OVERFETCH, FILTER_MIN_FETCH), MAX_TOP_K * FILTER_OVERFETCH)
+        hybrid = mode == "hybrid" and col.store.lexical
+        exact = col.store.vectors() if (col.quantized or hybrid) else None
+        depth = max(fetch, c.hybrid_depth) if hybrid else fetch
+        keys, scores = col.index.search(vectors, depth, exact_vectors=exact if col.quantized else None,
+                                        oversample=c.oversample)
+        cosines = scores
+        if exact is not None:
+            # Rows added after `exact` was mapped cannot be scored yet: leave them out.
+            keys[keys >= len(exact)] = -1
+        if hybrid:
+            found = col.store.fts.search(queries, depth, threads=c.threads)
+            lex = np.full((len(queries), depth), -1, np.int64)
+            lex_scores = np.zeros((len(queries), depth), np.float32)
+            for i, (fk, fs) in enumerate(found):
+                lex[i, :len(fk)] = fk
+                lex_scores[i, :len(fs)] = fs
+            lex[lex >= len(exact)] = -1
+            keys, scores, cosines = kernels.fuse(keys, lex, lex_scores, vectors, exact, fetch,
+                                                 FUSION_METHOD[c.fusion], c.fusion_alpha, c.rrf_k)
+        rows = col.store.chunks(np.unique(keys[keys >= 0]))
+        out = []
+        for qk, qs, qc in zip(keys, scores, cosines):
+            hits = []
+            for key, score, cos in zip(qk.tolist(), qs.tolist(), qc.tolist()):
+                row = rows.get(key)
+                if key < 0 or row is None:  # deleted between index search and row fetch
+                    continue
+                if filter and any(_meta_str(row.metadata.get(f)) != _meta_str(v) for f, v in filter.items()):
+                    continue
+                if len(hits) == k:
+                    break
+                hits.append(Hit(rank=len(hits) + 1, score=float(score), key=key, doc_id=row.doc_id,
+                                source=row.source, ordinal=row.ordinal, start=row.start, end=row.end,
+                                text=row.text, metadata=row.metadata, cosine=float(cos)))
+            out.append(hits)
+        return out

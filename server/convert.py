@@ -1,0 +1,83 @@
+"""Conversions between rag.v1 messages and engine values, in both directions.
+
+The servicers (server/service.py) stay a list of RPCs: each reads its request through
+these functions, calls the engine, and builds its response with them.
+"""
+
+from __future__ import annotations
+
+import json
+
+from engine.config import MAX_TOP_K
+from engine.errors import InvalidInput
+from engine.generate import SamplingParams
+
+from .stubs import pb
+
+DTYPE_TO_PB = {"f32": pb.VECTOR_D_TYPE_F32, "f16": pb.VECTOR_D_TYPE_F16, "i8": pb.VECTOR_D_TYPE_I8}
+PB_TO_DTYPE = {v: k for k, v in DTYPE_TO_PB.items()}
+FINISH_TO_PB = {"length": pb.FINISH_REASON_LENGTH, "eos": pb.FINISH_REASON_EOS,
+                "stop_sequence": pb.FINISH_REASON_STOP_SEQUENCE, "no_context": pb.FINISH_REASON_NO_CONTEXT,
+                "cancelled": pb.FINISH_REASON_CANCELLED}
+SEARCH_MODES_PB = {pb.SEARCH_MODE_UNSPECIFIED: None, pb.SEARCH_MODE_HYBRID: "hybrid", pb.SEARCH_MODE_DENSE: "dense"}
+STATUS_TO_PB = {"added": pb.DOCUMENT_STATUS_ADDED, "updated": pb.DOCUMENT_STATUS_UPDATED,
+                "unchanged": pb.DOCUMENT_STATUS_UNCHANGED, "failed": pb.DOCUMENT_STATUS_FAILED}
+
+
+def search_mode(value: int) -> str | None:
+    if value not in SEARCH_MODES_PB:
+        raise InvalidInput(f"unknown search mode {value}; use SEARCH_MODE_HYBRID or SEARCH_MODE_DENSE")
+    return SEARCH_MODES_PB[value]
+
+
+def check_top_k(k: int) -> int:
+    if not 1 <= k <= MAX_TOP_K:
+        raise InvalidInput(f"top_k must be in [1, {MAX_TOP_K}], got {k}")
+    return k
+
+
+def meta_str(v) -> str:
+    return v if isinstance(v, str) else json.dumps(v, sort_keys=True, ensure_ascii=False)
+
+
+def hit_pb(h) -> "pb.Hit":
+    return pb.Hit(rank=h.rank, score=h.score, cosine=h.cosine, doc_id=h.doc_id, source=h.source,
+                  ordinal=h.ordinal, start=h.start, end=h.end, text=h.text,
+                  metadata={k: meta_str(v) for k, v in h.metadata.items()})
+
+
+def sources_pb(sources) -> list:
+    return [pb.Source(number=s.number, hit=hit_pb(s.hit)) for s in sources]
+
+
+def info_pb(i) -> "pb.CollectionInfo":
+    return pb.CollectionInfo(name=i.name, documents=i.documents, chunks=i.chunks, dims=i.dim,
+                             embedding_model=i.embed_model, dtype=DTYPE_TO_PB[i.index_dtype],
+                             connectivity=i.connectivity, expansion_add=i.expansion_add,
+                             expansion_search=i.expansion_search, chunk_tokens=i.chunk_tokens,
+                             chunk_overlap=i.chunk_overlap, disk_bytes=i.disk_bytes,
+                             index_memory_bytes=i.index_memory_bytes)
+
+
+def sampling_params(o, default_max_new_tokens: int) -> SamplingParams:
+    """GenerationOptions -> SamplingParams; unset fields take the engine's defaults."""
+    has = o.HasField
+    return SamplingParams(
+        max_new_tokens=o.max_new_tokens if has("max_new_tokens") else default_max_new_tokens,
+        temperature=o.temperature if has("temperature") else 0.0,
+        top_k=o.top_k if has("top_k") else 0,
+        top_p=o.top_p if has("top_p") else 1.0,
+        repetition_penalty=o.repetition_penalty if has("repetition_penalty") else 1.0,
+        seed=o.seed if has("seed") else None,
+        stop=tuple(o.stop))
+
+
+def answer_done_pb(a, queue_ns: int, total_ns: int) -> "pb.AnswerDone":
+    t = a.timings_ns
+    return pb.AnswerDone(finish_reason=FINISH_TO_PB.get(a.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
+                         usage=pb.Usage(prompt_tokens=a.prompt_tokens, completion_tokens=a.completion_tokens),
+                         timings=pb.Timings(queue_time_ns=queue_ns, embed_time_ns=t["embed"],
+                                            search_time_ns=t["search"], prompt_time_ns=t["prompt"],
+                                            prefill_time_ns=t["prefill"], decode_time_ns=t["decode"],
+                                            total_time_ns=total_ns),
+                         cited=a.cited, text=a.text)
