@@ -72,12 +72,16 @@ DEFAULT_SEARCH_MODE = "hybrid"
 DEFAULT_HYBRID_DEPTH = 30
 # How the two rankings are fused (engine/kernels.py fuse):
 #   "convex": alpha * dense + (1 - alpha) * bm25, each min-max normalised over the
-#             candidates (Bruch et al. 2023); a clear semantic winner stays first.
+#             candidates (Bruch et al. 2023); a clear semantic winner stays first. On SQuAD
+#             dev (10,565 questions, i8 index) alpha 0.5 gives R@1 0.810 / R@5 0.955 /
+#             nDCG@10 0.898 against RRF's 0.731 / 0.937 / 0.857; alpha 0.4 ties it (within
+#             0.0013 everywhere) and SQuAD's questions share their paragraph's rare words,
+#             which favours BM25, so the even weight is the default.
 #   "rrf": reciprocal rank fusion, sum of 1 / (rrf_k + rank) (Cormack et al. 2009).
 #   "weighted_rrf": alpha / (rrf_k + dense rank) + (1 - alpha) / (rrf_k + bm25 rank).
 FUSIONS = ("convex", "rrf", "weighted_rrf")
 DEFAULT_FUSION = "convex"
-DEFAULT_FUSION_ALPHA = 0.6
+DEFAULT_FUSION_ALPHA = 0.5
 DEFAULT_RRF_K = 60.0
 
 # Durability (engine/wal.py): when the write-ahead log is synced before a write is

@@ -15,6 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from engine.errors import FailedPrecondition
 from engine.pipeline import Engine
 from server.app import create_server
 from server.client import RagClient
@@ -350,6 +351,33 @@ def test_node_client_streams_an_answer(server):
     assert err.returncode == 1 and "5" in err.stderr  # NOT_FOUND
 
 
+def test_collection_of_another_model_fails_the_same_everywhere(server, shared_engine):
+    """A collection whose vectors come from another embedding model of the same dimension
+    is the collection's fault, not the request's: FAILED_PRECONDITION in process and over
+    every RPC that reads or writes it, and nothing changes."""
+    srv, port, client = server
+    settings = dict(shared_engine.collections.get("docs").settings)
+    shared_engine.collections.create("othermodel", {**settings, "embed_model": "bge-small-en-v1.5"})
+    calls = {
+        "Search": lambda: client.search("othermodel", "tea", 3),
+        "Search dense": lambda: client.search("othermodel", "tea", 3, mode="dense"),
+        "SearchBatch": lambda: client.search_batch("othermodel", ["tea", "lens"], 3),
+        "Answer": lambda: list(client.answer("othermodel", "How hot for tea?", max_new_tokens=4)),
+        "IngestStream": lambda: client.ingest("othermodel", [{"id": "x", "text": "Some text."}]),
+    }
+    for name, call in calls.items():
+        code, details = code_of(call)
+        assert code == grpc.StatusCode.FAILED_PRECONDITION, (name, code, details)
+        assert "built with bge-small-en-v1.5 (dim 384) but this engine runs all-MiniLM-L6-v2" in details, name
+    for call in (lambda: shared_engine.search("othermodel", "tea", 3),
+                 lambda: shared_engine.search_batch("othermodel", ["tea"], 3, mode="dense"),
+                 lambda: shared_engine.answer("othermodel", "How hot for tea?")):
+        with pytest.raises(FailedPrecondition, match="built with bge-small-en-v1.5"):
+            call()
+    assert counts(client, "othermodel") == (0, 0)
+    client.drop_collection("othermodel")
+
+
 def test_metrics_endpoint_counts_requests_and_closes(shared_engine):
     import socket
     import urllib.request
@@ -367,6 +395,20 @@ def test_metrics_endpoint_counts_requests_and_closes(shared_engine):
             text = r.read().decode()
         assert 'rag_requests_total{code="OK",method="/rag.v1.InfoService/GetInfo"} 1.0' in text
         assert "rag_generations_running 0.0" in text and "rag_generation_queue_depth 0.0" in text
+        # streaming RPCs are recorded when they end, with their final code and duration
+        client.create_collection("metered")
+        client.ingest("metered", [{"id": "t", "text": "Green tea wants water at 70 to 80 degrees."}])
+        list(client.answer("metered", "How hot for green tea?", max_new_tokens=4))
+        with pytest.raises(grpc.RpcError):
+            list(client.answer("nope", "How hot for green tea?", max_new_tokens=4))
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+            text = r.read().decode()
+        for code, method in (("OK", "IngestService/IngestStream"), ("OK", "AnswerService/Answer"),
+                             ("NOT_FOUND", "AnswerService/Answer")):
+            assert f'rag_requests_total{{code="{code}",method="/rag.v1.{method}"}} 1.0' in text, text
+        assert 'rag_request_seconds_count{method="/rag.v1.AnswerService/Answer"} 2.0' in text
+        assert 'rag_request_seconds_count{method="/rag.v1.IngestService/IngestStream"} 1.0' in text
+        assert "STARTED" not in text
         client.close()
     finally:
         srv.stop(0)
