@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", metavar="QUESTIONS.jsonl",
                    help='answer many questions: one JSON per line, {"question": ..., "id": ...} or a string')
     s.add_argument("--out", metavar="ANSWERS.jsonl", help="where --batch writes answers (default stdout)")
-    s.add_argument("--batch-size", type=int, default=4, help="prompts generated together (default 4)")
+    s.add_argument("--batch-size", type=int, default=None,
+                   help="answers decoded together by the scheduler (default 8: config max_concurrent_generations)")
     s.add_argument("--max-new-tokens", type=int, default=None)
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     s.add_argument("--top-k", type=int, default=0)
@@ -105,8 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-key", type=Path, default=None)
     s.add_argument("--tls-client-ca", type=Path, default=None, help="require client certificates (mTLS)")
     s.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
-    s.add_argument("--max-concurrent-generations", type=int, default=None)
-    s.add_argument("--max-queued-generations", type=int, default=None)
+    s.add_argument("--max-concurrent-generations", type=int, default=None,
+                   help="answers decoded together in one batch by the scheduler (default 8)")
+    s.add_argument("--max-queued-generations", type=int, default=None,
+                   help="answers waiting for a row before RESOURCE_EXHAUSTED (default 64)")
+    s.add_argument("--kv-budget-tokens", type=int, default=None,
+                   help="KV cache token slots of the batch: rows x longest prompt + max_new_tokens (default 16384)")
+    s.add_argument("--prefill-chunk", type=int, default=None,
+                   help="prompt tokens prefilled between two decode steps (default 256)")
+    s.add_argument("--prefix-cache-mb", type=float, default=None,
+                   help="memory for the KV of shared prompt prefixes (default 256; 0 = off)")
     s.add_argument("--batch-window-ms", type=float, default=None, help="micro-batching window for Search/Embed")
     s.add_argument("--lazy-generator", action="store_true",
                    help="load the generation model on the first Answer instead of at start")
@@ -175,6 +184,8 @@ def run(args: argparse.Namespace) -> int:
     # that writes the same collection, and never hold its writer lock.
     if args.command in READ_COMMANDS:
         config = config.replace(read_only=True)
+    if args.command == "ask" and args.batch_size:
+        config = config.replace(max_concurrent_generations=args.batch_size)
     engine = Engine(config, owner={"command": f"rag {args.command}"})
     try:
         if args.command == "collections":
@@ -242,7 +253,8 @@ def serve(args: argparse.Namespace) -> int:
     from .config import DEFAULT_ADDRESS
 
     kw = {}
-    for name in ("max_concurrent_generations", "max_queued_generations", "batch_window_ms", "metrics_port",
+    for name in ("max_concurrent_generations", "max_queued_generations", "kv_budget_tokens", "prefill_chunk",
+                 "prefix_cache_mb", "batch_window_ms", "metrics_port",
                  "tls_cert", "tls_key", "tls_client_ca"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
@@ -301,12 +313,17 @@ def remote(args: argparse.Namespace) -> int:
                                            "cosine": s.hit.cosine, "cited": s.number in done.cited}
                                           for s in sources],
                               "usage": {"prompt_tokens": done.usage.prompt_tokens,
-                                        "completion_tokens": done.usage.completion_tokens}}, ensure_ascii=False))
+                                        "completion_tokens": done.usage.completion_tokens,
+                                        "cached_tokens": done.usage.cached_tokens}}, ensure_ascii=False))
             return 0
         print("\n\nSources:")
         for s in sources:
             print(f" {'*' if s.number in done.cited else ' '}[{s.number}] {s.hit.source} [{s.hit.start}:{s.hit.end}]"
                   f"  score {s.hit.score:.3f}  cosine {s.hit.cosine:.3f}")
+        u, t = done.usage, done.timings
+        print(f"({u.prompt_tokens} prompt tokens, {u.cached_tokens} of them cached, + {u.completion_tokens} answer "
+              f"tokens; queue {t.queue_time_ns / 1e9:.1f}s, prefill {t.prefill_time_ns / 1e9:.1f}s, "
+              f"decode {t.decode_time_ns / 1e9:.1f}s)", file=sys.stderr)
         return 0
     except grpc.RpcError as e:
         print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
@@ -353,7 +370,7 @@ def ask(engine, args: argparse.Namespace) -> int:
         items = read_questions(args.batch)
         bar = Progress("ask", enabled=not args.quiet and sys.stderr.isatty(), unit="answers", total=len(items))
         answers = engine.answer_batch(args.collection, [q for _, q in items], k=args.k, params=params,
-                                      batch_size=args.batch_size, progress=bar)
+                                      progress=bar)
         bar.done()
         out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
         try:
@@ -384,8 +401,9 @@ def ask(engine, args: argparse.Namespace) -> int:
         print(f" {mark}[{s.number}] {s.hit.source} [{s.hit.start}:{s.hit.end}]  score {s.hit.score:.3f}  "
               f"cosine {s.hit.cosine:.3f}")
     t = final.timings_ns
-    print(f"({final.finish_reason}; {final.prompt_tokens} prompt + {final.completion_tokens} answer tokens; "
-          f"prefill {t['prefill'] / 1e9:.1f}s, decode {t['decode'] / 1e9:.1f}s)", file=sys.stderr)
+    print(f"({final.finish_reason}; {final.prompt_tokens} prompt tokens, {final.cached_tokens} of them cached, "
+          f"+ {final.completion_tokens} answer tokens; prefill {t['prefill'] / 1e9:.1f}s, "
+          f"decode {t['decode'] / 1e9:.1f}s)", file=sys.stderr)
     return 0
 
 

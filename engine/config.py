@@ -93,10 +93,22 @@ DEFAULT_WAL_FSYNC_INTERVAL_MS = 100.0
 DEFAULT_SNAPSHOT_WAL_BYTES = 64 * 1024 * 1024
 DEFAULT_SNAPSHOT_INTERVAL_S = 300.0
 
+# Generation scheduler (engine/scheduler.py): one loop owns the decoder; at most
+# MAX_CONCURRENT_GENERATIONS rows decode together (one batched step for all of them) and
+# MAX_QUEUED_GENERATIONS more wait, beyond that Overloaded. The rows' KV cache may take
+# KV_BUDGET_TOKENS token slots (rows x the longest row's prompt + max_new_tokens; ~24 KB a
+# token for the 0.5B model, so 16384 is ~400 MB). A newcomer is prefilled PREFILL_CHUNK
+# tokens between decode steps. Full blocks of PREFIX_BLOCK_TOKENS prompt tokens are kept in
+# a prefix KV cache of PREFIX_CACHE_MB (0: off) and reused by prompts that start the same.
+DEFAULT_MAX_CONCURRENT_GENERATIONS = 8
+DEFAULT_MAX_QUEUED_GENERATIONS = 64
+DEFAULT_KV_BUDGET_TOKENS = 16384
+DEFAULT_PREFILL_CHUNK = 256
+DEFAULT_PREFIX_BLOCK_TOKENS = 32
+DEFAULT_PREFIX_CACHE_MB = 256.0
+
 # Server (server/): limits and the micro-batching window.
 DEFAULT_ADDRESS = "127.0.0.1:50051"
-DEFAULT_MAX_CONCURRENT_GENERATIONS = 2
-DEFAULT_MAX_QUEUED_GENERATIONS = 8
 DEFAULT_BATCH_WINDOW_MS = 2.0
 DEFAULT_MAX_BATCH_REQUEST = 1024
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -159,6 +171,10 @@ class Config:
     # --- server
     max_concurrent_generations: int = DEFAULT_MAX_CONCURRENT_GENERATIONS
     max_queued_generations: int = DEFAULT_MAX_QUEUED_GENERATIONS
+    kv_budget_tokens: int = DEFAULT_KV_BUDGET_TOKENS
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    prefix_block_tokens: int = DEFAULT_PREFIX_BLOCK_TOKENS
+    prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB
     batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS
     max_batch_request: int = DEFAULT_MAX_BATCH_REQUEST
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
@@ -205,9 +221,15 @@ class Config:
         for name in ("threads", "batch_max_tokens", "max_batch", "chunk_tokens", "connectivity",
                      "expansion_add", "expansion_search", "oversample", "hybrid_depth", "context_window",
                      "max_new_tokens", "answer_k", "max_concurrent_generations", "max_batch_request",
+                     "kv_budget_tokens", "prefill_chunk", "prefix_block_tokens",
                      "max_message_bytes", "max_document_bytes"):
             if getattr(self, name) < 1:
                 raise InvalidInput(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.prefill_chunk % self.prefix_block_tokens:
+            raise InvalidInput(f"prefill_chunk ({self.prefill_chunk}) must be a multiple of prefix_block_tokens "
+                               f"({self.prefix_block_tokens})")
+        if self.prefix_cache_mb < 0:
+            raise InvalidInput(f"prefix_cache_mb must be >= 0 (0 = off), got {self.prefix_cache_mb}")
         if self.max_document_bytes + MESSAGE_HEADROOM_BYTES > self.max_message_bytes:
             raise InvalidInput(f"max_message_bytes ({self.max_message_bytes}) must exceed max_document_bytes "
                                f"({self.max_document_bytes}) by at least {MESSAGE_HEADROOM_BYTES}, so a message "

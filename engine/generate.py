@@ -80,6 +80,8 @@ class Completion:
     prefill_ns: int = 0
     decode_ns: int = 0
     first_token_ns: int = 0
+    queue_ns: int = 0  # waiting for a place in the scheduler's batch (engine/scheduler.py)
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 class _Row:

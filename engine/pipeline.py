@@ -46,10 +46,11 @@ class Engine:
         self.config = config or Config()
         self._embedder = embedder
         self._generator = generator
+        self._scheduler = None
         self._lock = threading.RLock()
         self.collections = Collections(self.config, owner=owner)
         self.searcher = Searcher(self.config, self.collections, lambda: self.embedder)
-        self.answerer = Answerer(self.config, self.searcher, lambda: self.generator)
+        self.answerer = Answerer(self.config, self.searcher, lambda: self.generator, lambda: self.scheduler)
 
     # ------------------------------------------------------------------ models
     @property
@@ -80,6 +81,25 @@ class Engine:
     @property
     def generator_loaded(self) -> bool:
         return self._generator is not None
+
+    @property
+    def scheduler(self):
+        """The generation scheduler (engine/scheduler.py): every answer goes through it."""
+        with self._lock:
+            if self._scheduler is None:
+                from .scheduler import Scheduler
+
+                c = self.config
+                self._scheduler = Scheduler(self.generator, max_rows=c.max_concurrent_generations,
+                                            max_queue=c.max_queued_generations, kv_budget_tokens=c.kv_budget_tokens,
+                                            prefill_chunk=c.prefill_chunk, block_tokens=c.prefix_block_tokens,
+                                            prefix_cache_mb=c.prefix_cache_mb)
+            return self._scheduler
+
+    def generation_load(self) -> tuple[int, int]:
+        """(answers being generated, answers queued); (0, 0) before the first answer."""
+        s = self._scheduler
+        return (s.running, s.waiting) if s is not None else (0, 0)
 
     def warmup(self, generation: bool = False) -> None:
         kernels.warmup()
@@ -156,6 +176,10 @@ class Engine:
             col.snapshot()
 
     def close(self) -> None:
+        with self._lock:
+            scheduler, self._scheduler = self._scheduler, None
+        if scheduler is not None:
+            scheduler.close()
         self.save()
         self.collections.close()
 
@@ -186,14 +210,17 @@ class Engine:
         return self.answerer.build_prompt(question, hits, max_new_tokens)
 
     def answer_stream(self, name: str, question: str, *, k: int | None = None, params=None,
-                      cancelled: Callable[[], bool] | None = None):
-        """Yields AnswerStart (sources), then text deltas (str), then the final Answer."""
-        return self.answerer.stream(name, question, k=k, params=params, cancelled=cancelled)
+                      cancelled: Callable[[], bool] | None = None, deadline: float | None = None):
+        """Yields AnswerStart (sources), then text deltas (str), then the final Answer.
+        `deadline` (time.monotonic()) and `cancelled()` stop generation at the next step."""
+        return self.answerer.stream(name, question, k=k, params=params, cancelled=cancelled, deadline=deadline)
 
     def answer(self, name: str, question: str, **kw) -> Answer:
         *_, final = self.answer_stream(name, question, **kw)
         return final
 
     def answer_batch(self, name: str, questions: Sequence[str], *, k: int | None = None, params=None,
-                     batch_size: int = 4, progress: Callable[[int], None] | None = None) -> list[Answer]:
-        return self.answerer.batch(name, questions, k=k, params=params, batch_size=batch_size, progress=progress)
+                     progress: Callable[[int], None] | None = None) -> list[Answer]:
+        """Answers for many questions, batched by the scheduler (up to
+        config.max_concurrent_generations rows at a time); results in input order."""
+        return self.answerer.batch(name, questions, k=k, params=params, progress=progress)

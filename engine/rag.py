@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .config import NO_ANSWER, Config
-from .errors import FailedPrecondition, InvalidInput
+from .errors import FailedPrecondition, InvalidInput, Overloaded
 from .search import Hit, Searcher, check_k, check_queries
 
 CITATION = re.compile(r"\[(\d{1,3})\]")
@@ -49,23 +49,27 @@ class Answer:
     prompt_tokens: int
     completion_tokens: int
     timings_ns: dict[str, int]
+    cached_tokens: int = 0  # prompt tokens whose KV came from the scheduler's prefix cache
 
     def to_json(self) -> dict:
         return {"question": self.question, "answer": self.text, "finish_reason": self.finish_reason,
                 "sources": [{"number": s.number, "source": s.hit.source, "doc_id": s.hit.doc_id,
                              "span": [s.hit.start, s.hit.end], "score": s.hit.score, "cosine": s.hit.cosine,
                              "cited": s.number in self.cited} for s in self.sources],
-                "usage": {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens},
+                "usage": {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                          "cached_tokens": self.cached_tokens},
                 "timings_ns": self.timings_ns}
 
 
 class Answerer:
     """Prompt packing and generation over `searcher`, with the generator `generator()` loads."""
 
-    def __init__(self, config: Config, searcher: Searcher, generator: Callable[[], object]) -> None:
+    def __init__(self, config: Config, searcher: Searcher, generator: Callable[[], object],
+                 scheduler: Callable[[], object]) -> None:
         self.config = config
         self.searcher = searcher
         self._generator = generator
+        self._scheduler = scheduler
 
     def render(self, question: str, context: str) -> str:
         gen = self._generator()
@@ -127,29 +131,35 @@ class Answerer:
         return params, found.hits, found.embed_ns, found.search_ns
 
     def stream(self, name: str, question: str, *, k: int | None = None, params=None,
-               cancelled: Callable[[], bool] | None = None):
-        """Yields AnswerStart (sources), then text deltas (str), then the final Answer."""
+               cancelled: Callable[[], bool] | None = None, deadline: float | None = None):
+        """Yields AnswerStart (sources), then text deltas (str), then the final Answer.
+        Generation runs in the scheduler, batched with every other answer in flight."""
         from .generate import Completion
 
         params, (hits,), embed_ns, search_ns = self.retrieve(name, [question], k, params)
         t0 = time.perf_counter_ns()
         ids, sources = self.build_prompt(question, hits, params.max_new_tokens)
         prompt_ns = time.perf_counter_ns() - t0
-        yield AnswerStart(sources)
         if not sources:
+            yield AnswerStart(sources)
             yield NO_ANSWER
             yield self._answer(question, self._no_context(), sources, embed_ns, search_ns, prompt_ns)
             return
-        for ev in self._generator().stream_ids(ids, params, cancelled=cancelled):
-            if isinstance(ev, Completion):
-                yield self._answer(question, ev, sources, embed_ns, search_ns, prompt_ns)
-            else:
-                yield ev
+        ticket = self._scheduler().submit(ids, params, cancelled=cancelled, deadline=deadline)
+        try:
+            yield AnswerStart(sources)
+            for ev in ticket:
+                if isinstance(ev, Completion):
+                    yield self._answer(question, ev, sources, embed_ns, search_ns, prompt_ns)
+                else:
+                    yield ev
+        finally:
+            ticket.cancel()  # a caller that stops reading frees its row at the next step
 
     def batch(self, name: str, questions: Sequence[str], *, k: int | None = None, params=None,
-              batch_size: int = 4, progress: Callable[[int], None] | None = None) -> list[Answer]:
-        """Answers for many questions: one embedding batch, one index batch search, and
-        generation in batches of `batch_size` prompts of similar length."""
+              progress: Callable[[int], None] | None = None) -> list[Answer]:
+        """Answers for many questions: one embedding batch, one index batch search, and every
+        prompt submitted to the scheduler, which decodes up to its row limit together."""
         params, hits, embed_ns, search_ns = self.retrieve(name, questions, k, params)
         n = len(questions)
         t0 = time.perf_counter_ns()
@@ -162,15 +172,29 @@ class Answerer:
                 out[i] = self._answer(questions[i], self._no_context(), sources, embed_ns // n,
                                       search_ns // n, prompt_ns)
                 done += 1
-        order = sorted((i for i in range(n) if out[i] is None), key=lambda i: len(prompts[i][0]))
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            comps = self._generator().generate_ids([prompts[i][0] for i in idx], params)
-            for i, comp in zip(idx, comps):
+        todo = [i for i in range(n) if out[i] is None]
+        scheduler = self._scheduler()
+        tickets: dict[int, object] = {}
+        try:
+            pending = list(todo)
+            while pending or tickets:
+                while pending:  # submit while the scheduler's queue has room
+                    try:
+                        tickets[pending[0]] = scheduler.submit(prompts[pending[0]][0], params)
+                    except Overloaded:
+                        break
+                    pending.pop(0)
+                i = next(iter(tickets))
+                comp = tickets.pop(i).result()
                 out[i] = self._answer(questions[i], comp, prompts[i][1], embed_ns // n, search_ns // n, prompt_ns)
-            done += len(idx)
-            if progress:
-                progress(done)
+                done += 1
+                if progress:
+                    progress(done)
+        finally:
+            for t in tickets.values():
+                t.cancel()
+        if progress:
+            progress(done)
         return out
 
     @staticmethod
@@ -185,5 +209,6 @@ class Answerer:
         cited = sorted({int(m) for m in CITATION.findall(comp.text) if 1 <= int(m) <= len(sources)})
         return Answer(question=question, text=comp.text, finish_reason=comp.finish_reason, sources=sources,
                       cited=cited, prompt_tokens=comp.prompt_tokens, completion_tokens=comp.completion_tokens,
+                      cached_tokens=comp.cached_tokens,
                       timings_ns={"embed": embed_ns, "search": search_ns, "prompt": prompt_ns,
-                                  "prefill": comp.prefill_ns, "decode": comp.decode_ns})
+                                  "queue": comp.queue_ns, "prefill": comp.prefill_ns, "decode": comp.decode_ns})

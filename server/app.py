@@ -110,7 +110,7 @@ class RequestGate(grpc.ServerInterceptor):
 class Metrics:
     """Prometheus metrics, served on config.metrics_port when set."""
 
-    def __init__(self, port: int | None, slots=None) -> None:
+    def __init__(self, port: int | None, engine=None) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
         self.registry = CollectorRegistry()
@@ -122,11 +122,12 @@ class Metrics:
         self.tokens = Counter("rag_generated_tokens_total", "tokens generated", registry=self.registry)
         self.batch = Histogram("rag_microbatch_size", "requests per micro-batch",
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
-        self.queue = Gauge("rag_generation_queue_depth", "answers waiting for a slot", registry=self.registry)
-        self.running = Gauge("rag_generations_running", "answers holding a generation slot",
+        self.queue = Gauge("rag_generation_queue_depth", "answers waiting for a row in the scheduler's batch",
+                           registry=self.registry)
+        self.running = Gauge("rag_generations_running", "answers in the scheduler's batch (prefilling or decoding)",
                              registry=self.registry)
-        if slots is not None:
-            self.watch(slots)
+        if engine is not None:
+            self.watch(engine)
         self.port = None
         self._http = None
         if port is not None:
@@ -141,10 +142,10 @@ class Metrics:
             self._http.server_close()
             self._http = None
 
-    def watch(self, slots) -> None:
-        """Read the generation slots at scrape time, so a leaked slot shows as a stuck gauge."""
-        self.queue.set_function(lambda: slots.waiting)
-        self.running.set_function(lambda: slots.running)
+    def watch(self, engine) -> None:
+        """Read the scheduler's rows at scrape time, so a leaked row shows as a stuck gauge."""
+        self.queue.set_function(lambda: engine.generation_load()[1])
+        self.running.set_function(lambda: engine.generation_load()[0])
 
 
 class MetricsInterceptor(grpc.ServerInterceptor):
@@ -251,13 +252,14 @@ def create_server(config: Config, address: str, *, engine: Engine | None = None)
     if config.warm_generator:
         try:  # load and warm the generator now, so the first Answer does not pay for it
             engine.generator.warmup()
+            engine.scheduler  # noqa: B018 - start the generation loop now
         except Unavailable as e:
             log.warning("generation disabled until the model is built: %s", e)
     metrics = Metrics(config.metrics_port)
     batcher = MicroBatcher(engine, window_ms=config.batch_window_ms)
     batcher.on_batch = metrics.batch.observe
     servicer = Servicer(engine, batcher, metrics)
-    metrics.watch(servicer.slots)
+    metrics.watch(engine)
     interceptors = [MetricsInterceptor(metrics), RequestGate()]
     if config.auth_token:
         interceptors.insert(0, TokenAuth(config.auth_token))

@@ -72,11 +72,12 @@ def sampling_params(o, default_max_new_tokens: int) -> SamplingParams:
         stop=tuple(o.stop))
 
 
-def answer_done_pb(a, queue_ns: int, total_ns: int) -> "pb.AnswerDone":
+def answer_done_pb(a, total_ns: int) -> "pb.AnswerDone":
     t = a.timings_ns
     return pb.AnswerDone(finish_reason=FINISH_TO_PB.get(a.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
-                         usage=pb.Usage(prompt_tokens=a.prompt_tokens, completion_tokens=a.completion_tokens),
-                         timings=pb.Timings(queue_time_ns=queue_ns, embed_time_ns=t["embed"],
+                         usage=pb.Usage(prompt_tokens=a.prompt_tokens, completion_tokens=a.completion_tokens,
+                                        cached_tokens=a.cached_tokens),
+                         timings=pb.Timings(queue_time_ns=t.get("queue", 0), embed_time_ns=t["embed"],
                                             search_time_ns=t["search"], prompt_time_ns=t["prompt"],
                                             prefill_time_ns=t["prefill"], decode_time_ns=t["decode"],
                                             total_time_ns=total_ns),

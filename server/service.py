@@ -14,7 +14,7 @@ import grpc
 
 from engine.documents import Document, Failure, check_document_size, parse_bytes
 from engine.config import MAX_TOP_K
-from engine.errors import InvalidInput, Overloaded
+from engine.errors import InvalidInput
 from engine.rag import Answer, AnswerStart
 from engine.search import MAX_QUERY_CHARS
 
@@ -65,48 +65,6 @@ def end_if_gone(context, when: str) -> None:
         context.abort(grpc.StatusCode.CANCELLED, f"the call was cancelled {when}; nothing was changed")
 
 
-class GenerationSlots:
-    """At most `limit` generations at once and `queue` waiting; beyond that, Overloaded."""
-
-    def __init__(self, limit: int, queue: int) -> None:
-        self._sem = threading.BoundedSemaphore(limit)
-        self._lock = threading.Lock()
-        self.limit = limit
-        self.queue = queue
-        self.waiting = 0
-        self.running = 0
-
-    def acquire(self, context) -> None:
-        if self._sem.acquire(blocking=False):
-            with self._lock:
-                self.running += 1
-            return
-        with self._lock:
-            if self.waiting >= self.queue:
-                raise Overloaded(f"{self.running} answers are being generated and {self.waiting} are queued "
-                                 f"(limits {self.limit} and {self.queue}); retry later")
-            self.waiting += 1
-        try:
-            while True:
-                remaining = context.time_remaining()
-                if remaining is not None and remaining <= 0:
-                    context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while queued")
-                if not context.is_active():
-                    context.abort(grpc.StatusCode.CANCELLED, "cancelled while queued")
-                if self._sem.acquire(timeout=0.05 if remaining is None else min(0.05, remaining)):
-                    with self._lock:
-                        self.running += 1
-                    return
-        finally:
-            with self._lock:
-                self.waiting -= 1
-
-    def release(self) -> None:
-        with self._lock:
-            self.running -= 1
-        self._sem.release()
-
-
 class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.RetrieveServiceServicer,
                rpc.AnswerServiceServicer, rpc.InfoServiceServicer):
     def __init__(self, engine, batcher, metrics=None) -> None:
@@ -114,7 +72,6 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
         self.config = engine.config
         self.batcher = batcher
         self.metrics = metrics
-        self.slots = GenerationSlots(self.config.max_concurrent_generations, self.config.max_queued_generations)
         self._write_lock = threading.Lock()
 
     # ------------------------------------------------------------------ collections
@@ -280,33 +237,31 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
         t0 = time.perf_counter_ns()
         params = sampling_params(request.options, self.config.max_new_tokens)
         k = check_top_k(request.top_k) if request.HasField("top_k") else None
-        self.slots.acquire(context)
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        first_token_at = None
+        # The scheduler (engine/scheduler.py) batches this answer with every other one; it
+        # leaves the batch at the next step once the client cancels or the deadline passes.
+        stream = self.engine.answer_stream(request.collection, request.question, k=k, params=params,
+                                           cancelled=lambda: not context.is_active(), deadline=deadline)
         try:
-            queue_ns = time.perf_counter_ns() - t0
-            first_token_at = None
-            stream = self.engine.answer_stream(request.collection, request.question, k=k, params=params,
-                                               cancelled=lambda: not context.is_active())
-            try:
-                for ev in stream:
-                    if not context.is_active():
-                        break  # closing the stream (below) stops the decoder: no further token steps
-                    if isinstance(ev, AnswerStart):
-                        yield pb.AnswerResponse(sources=pb.AnswerSources(sources=sources_pb(ev.sources)))
-                    elif isinstance(ev, Answer):
+            for ev in stream:
+                if not context.is_active():
+                    break  # closing the stream (below) frees the row
+                if isinstance(ev, AnswerStart):
+                    yield pb.AnswerResponse(sources=pb.AnswerSources(sources=sources_pb(ev.sources)))
+                elif isinstance(ev, Answer):
+                    if self.metrics:
+                        self.metrics.tokens.inc(ev.completion_tokens)
+                    yield pb.AnswerResponse(done=answer_done_pb(ev, time.perf_counter_ns() - t0))
+                else:
+                    if first_token_at is None:
+                        first_token_at = time.perf_counter_ns()
                         if self.metrics:
-                            self.metrics.tokens.inc(ev.completion_tokens)
-                        done = answer_done_pb(ev, queue_ns, time.perf_counter_ns() - t0)
-                        yield pb.AnswerResponse(done=done)
-                    else:
-                        if first_token_at is None:
-                            first_token_at = time.perf_counter_ns()
-                            if self.metrics:
-                                self.metrics.ttft.observe((first_token_at - t0) / 1e9)
-                        yield pb.AnswerResponse(delta=pb.AnswerDelta(text=ev))
-            finally:
-                stream.close()
+                            self.metrics.ttft.observe((first_token_at - t0) / 1e9)
+                    yield pb.AnswerResponse(delta=pb.AnswerDelta(text=ev))
         finally:
-            self.slots.release()
+            stream.close()
 
     @guarded
     def AnswerBatch(self, request, context):
@@ -315,15 +270,12 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
         params = sampling_params(request.options, self.config.max_new_tokens)
         k = check_top_k(request.top_k) if request.HasField("top_k") else None
         t0 = time.perf_counter_ns()
-        self.slots.acquire(context)
-        try:
-            queue_ns = time.perf_counter_ns() - t0
-            answers = self.engine.answer_batch(request.collection, questions, k=k, params=params)
-        finally:
-            self.slots.release()
+        answers = self.engine.answer_batch(request.collection, questions, k=k, params=params)
         total = time.perf_counter_ns() - t0
+        if self.metrics:
+            self.metrics.tokens.inc(sum(a.completion_tokens for a in answers))
         return pb.AnswerBatchResponse(answers=[
-            pb.BatchAnswer(text=a.text, sources=sources_pb(a.sources), done=answer_done_pb(a, queue_ns, total))
+            pb.BatchAnswer(text=a.text, sources=sources_pb(a.sources), done=answer_done_pb(a, total))
             for a in answers])
 
     # ------------------------------------------------------------------ info

@@ -40,7 +40,7 @@ def test_stream_order_sources_then_text_then_final(rag):
     assert [s.number for s in sources] == list(range(1, len(sources) + 1))
     assert final.sources == sources and set(final.cited) <= {s.number for s in sources}
     assert final.prompt_tokens + SHORT.max_new_tokens <= rag.generator.window
-    assert set(final.timings_ns) == {"embed", "search", "prompt", "prefill", "decode"}
+    assert set(final.timings_ns) == {"embed", "search", "prompt", "queue", "prefill", "decode"}
     assert all(v >= 0 for v in final.timings_ns.values()) and final.timings_ns["prefill"] > 0
 
 
@@ -74,7 +74,7 @@ def test_batch_answers_match_single(rag):
     """
     qs = ["Who invented the Fresnel lens?", "Which planet is the hottest?",
           "How do I replace the battery of a 2009 car key fob?"]
-    batch = rag.answer_batch("demo", qs, params=SHORT, batch_size=3)
+    batch = rag.answer_batch("demo", qs, params=SHORT)
     single = [rag.answer("demo", q, params=SHORT) for q in qs]
     for b, s in zip(batch, single):
         assert [x.hit.key for x in b.sources] == [x.hit.key for x in s.sources]

@@ -1,9 +1,9 @@
 """Load and cancellation: the real server in a subprocess takes many concurrent Answer streams
 (some cancelled by the client after a few tokens or at a random moment, some with short
-deadlines, more than the generation slots and queue hold) while other clients ingest and
+deadlines, more than the scheduler's rows and queue hold) while other clients ingest and
 search, for a bounded time.
 
-Afterwards: no unexpected status code, every generation slot free again (read from the
+Afterwards: no unexpected status code, every scheduler row free again (read from the
 Prometheus gauges), a fresh Answer completes, every acknowledged document is found, and the
 server's resident memory grew by a bounded amount.
 
@@ -30,7 +30,7 @@ from serverproc import free_port, start_server
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO / "examples" / "corpus"
 LOAD_SECONDS = float(os.environ.get("RAG_LOAD_SECONDS", "30"))
-# More callers than the server's slots + queue (2 + 8 by default), so some are refused.
+# More callers than the server's scheduler rows + queue (4 + 8 here), so some are refused.
 ANSWER_THREADS = 16
 INGEST_THREADS = 2
 SEARCH_THREADS = 3
@@ -53,8 +53,9 @@ MAX_RSS_GROWTH_MB = 400
 
 
 def start(data_dir: Path, port: int, metrics_port: int, log: Path) -> subprocess.Popen:
-    return start_server(data_dir, port, log=log, serve_args=["--metrics-port", str(metrics_port)],
-                        timeout=300)  # loads and warms both models
+    return start_server(data_dir, port, log=log, timeout=300,  # loads and warms both models
+                        serve_args=["--metrics-port", str(metrics_port), "--max-concurrent-generations", "4",
+                                    "--max-queued-generations", "8", "--prefix-cache-mb", "64"])
 
 
 def memory_mb(pid: int) -> dict[str, float]:
@@ -236,7 +237,7 @@ def test_concurrent_answers_cancellations_ingests_and_searches(tmp_path):
         load = Load(address, seed=1234)
         load.run(LOAD_SECONDS)
 
-        # Every slot comes back: cancelled and timed-out streams release theirs.
+        # Every row comes back: cancelled and timed-out streams leave the scheduler's batch.
         deadline = time.monotonic() + 120
         free = {"rag_generations_running": 0, "rag_generation_queue_depth": 0}
         while (g := gauges(metrics_port)) != free and time.monotonic() < deadline:
@@ -247,7 +248,7 @@ def test_concurrent_answers_cancellations_ingests_and_searches(tmp_path):
               f"cancelled {o['cancelled']}, deadline {o['deadline']}, rejected {o['rejected']}, "
               f"unexpected {o['unexpected']}, ingests acked {len(ids)}, searches {load.searches}, "
               f"RSS before {before['VmRSS']:.0f} MB, after {after['VmRSS']:.0f} MB, peak {after['VmHWM']:.0f} MB")
-        assert g == free, f"generation slots not freed after the load: {g}"
+        assert g == free, f"scheduler rows not freed after the load: {g}"
         assert not load.unexpected, f"{len(load.unexpected)} unexpected errors, e.g. {load.unexpected[:5]}"
         assert o["started"] == o["completed"] + o["cancelled"] + o["deadline"] + o["rejected"]
         assert after["VmRSS"] - before["VmRSS"] < MAX_RSS_GROWTH_MB, (before, after)

@@ -1,0 +1,459 @@
+"""The generation scheduler: one loop owns the decoder and serves every caller from a queue.
+
+Every answer (a gRPC `Answer` stream, `AnswerBatch`, `rag ask`, the Python API) is a request
+submitted here; callers read its events (text deltas, then one Completion) from a ticket.
+One thread runs the model, so concurrent answers never fight over the cores; each step it:
+  1. retires finished, cancelled and past-deadline rows (their KV leaves the batch);
+  2. admits waiting requests while the row limit (`max_rows`) and the KV budget
+     (`kv_budget_tokens`: rows x the longest row's prompt + max_new_tokens) allow;
+  3. runs one prefill chunk (`prefill_chunk` tokens) of the oldest newcomer, so streams
+     already decoding keep a steady pace while a long prompt joins (chunked prefill);
+     a newcomer whose prompt is done joins the running batch with its first token;
+  4. runs one batched decode step over every active row and hands each row's text delta
+     to its caller.
+
+Rows join and leave a running batch: the batch KV cache is left-padded to its longest row,
+each row has its own attention mask and positions, a newcomer's cache (prefilled alone) is
+padded into it, leaving rows are cut out, and columns that became padding for every row
+are trimmed.
+
+Prefix cache: prompts are prefilled in blocks of `block_tokens` aligned from position 0,
+and each full block's KV is kept in an LRU cache keyed by a hash of all tokens up to its
+end, under a memory budget. A prompt whose leading blocks are cached skips their prefill
+(the static head of every RAG prompt, a repeated question). Prefill always runs the same
+block-aligned chunks whether blocks come from the cache or not, so a cache hit gives
+exactly the KV a cold prefill computes. `Completion.cached_tokens` says how many prompt
+tokens came from the cache.
+
+A full queue raises Overloaded (RESOURCE_EXHAUSTED); a request that cannot fit the context
+window is refused before it is queued (InvalidInput naming the numbers); a failure inside a
+step fails the requests in that step and the loop keeps serving.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+
+from .config import (DEFAULT_KV_BUDGET_TOKENS, DEFAULT_MAX_CONCURRENT_GENERATIONS, DEFAULT_MAX_QUEUED_GENERATIONS,
+                     DEFAULT_PREFILL_CHUNK, DEFAULT_PREFIX_BLOCK_TOKENS, DEFAULT_PREFIX_CACHE_MB)
+from .errors import InvalidInput, Overloaded, Unavailable
+from .generate import FINISH_CANCELLED, FINISH_EOS, FINISH_LENGTH, Completion, Generator, SamplingParams, _Row
+
+log = logging.getLogger("rag.scheduler")
+
+_DONE = object()
+
+
+class PrefixCache:
+    """KV blocks of prompt prefixes: key = hash of every token up to the block's end."""
+
+    def __init__(self, budget_bytes: int, block_tokens: int) -> None:
+        self.budget = budget_bytes
+        self.block = block_tokens
+        self._blocks: collections.OrderedDict[bytes, tuple[list[np.ndarray], bool]] = collections.OrderedDict()
+        self.bytes = 0
+        self.hits = 0
+        self.lookups = 0
+        self._lock = threading.Lock()
+
+    def keys(self, ids: Sequence[int]) -> list[bytes]:
+        """Chain hashes of the prompt's full blocks."""
+        out, h = [], b""
+        arr = np.asarray(ids, dtype=np.int64)
+        for j in range(len(ids) // self.block):
+            h = hashlib.blake2b(h + arr[j * self.block:(j + 1) * self.block].tobytes(), digest_size=16).digest()
+            out.append(h)
+        return out
+
+    def lookup(self, keys: list[bytes]) -> list[list[np.ndarray]]:
+        """The cached blocks of the longest cached run of leading `keys`."""
+        found = []
+        with self._lock:
+            self.lookups += 1
+            for k in keys:
+                entry = self._blocks.get(k)
+                if entry is None:
+                    break
+                self._blocks.move_to_end(k)
+                found.append(entry[0])
+            if found:
+                self.hits += 1
+        return found
+
+    def put(self, key: bytes, kv: list[np.ndarray], *, pinned: bool = False) -> None:
+        size = sum(a.nbytes for a in kv)
+        if size > self.budget:
+            return
+        with self._lock:
+            if key in self._blocks:
+                self._blocks.move_to_end(key)
+                if pinned:
+                    self._blocks[key] = (self._blocks[key][0], True)
+                return
+            self._blocks[key] = (kv, pinned)
+            self.bytes += size
+            for k in list(self._blocks):
+                if self.bytes <= self.budget:
+                    break
+                blocks, pin = self._blocks[k]
+                if pin or k == key:
+                    continue
+                del self._blocks[k]
+                self.bytes -= sum(a.nbytes for a in blocks)
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+
+class Ticket:
+    """A submitted request: iterate for its events (text deltas, then one Completion)."""
+
+    def __init__(self, scheduler: "Scheduler", prompt: list[int], params: SamplingParams,
+                 cancelled: Callable[[], bool] | None, deadline: float | None) -> None:
+        self.scheduler = scheduler
+        self.prompt = prompt
+        self.params = params
+        self._cancelled = cancelled
+        self.deadline = deadline
+        self.events: queue.SimpleQueue = queue.SimpleQueue()
+        self.row = _Row(scheduler.generator, len(prompt), params)
+        self.gone = False
+        self.kv: list[np.ndarray] | None = None  # own cache while prefilling
+        self.done_tokens = 0  # prompt tokens whose KV exists
+        self.cached_tokens = 0
+        self.block_keys: list[bytes] = []
+        self.t_submit = time.perf_counter_ns()
+        self.t_admit = 0
+        self.t_first = 0
+        self.completion: Completion | None = None
+        self._result: Completion | None = None
+
+    def cancel(self) -> None:
+        """Leave at the next step (the caller stopped reading)."""
+        self.gone = True
+
+    def should_stop(self) -> bool:
+        if self.gone:
+            return True
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return True
+        if self._cancelled is not None:
+            try:
+                return bool(self._cancelled())
+            except Exception:  # noqa: BLE001 - a broken callback means nobody listens
+                return True
+        return False
+
+    def __iter__(self) -> Iterator[str | Completion]:
+        while True:
+            ev = self.events.get()
+            if ev is _DONE:
+                return
+            if isinstance(ev, BaseException):
+                raise ev
+            yield ev
+
+    def result(self) -> Completion:
+        """Wait for the Completion (raises what failed the request); the deltas are dropped."""
+        if self._result is None:
+            for ev in self:
+                if isinstance(ev, Completion):
+                    self._result = ev
+        return self._result
+
+
+class Scheduler:
+    """Continuous batching over one Generator (see the module docstring)."""
+
+    def __init__(self, generator: Generator, *, max_rows: int = DEFAULT_MAX_CONCURRENT_GENERATIONS,
+                 max_queue: int = DEFAULT_MAX_QUEUED_GENERATIONS, kv_budget_tokens: int = DEFAULT_KV_BUDGET_TOKENS,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, block_tokens: int = DEFAULT_PREFIX_BLOCK_TOKENS,
+                 prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB) -> None:
+        if prefill_chunk % block_tokens:
+            raise InvalidInput(f"prefill_chunk ({prefill_chunk}) must be a multiple of block_tokens ({block_tokens})")
+        self.generator = generator
+        self.max_rows = max_rows
+        self.max_queue = max_queue
+        self.kv_budget = kv_budget_tokens
+        self.chunk = prefill_chunk
+        self.cache = PrefixCache(int(prefix_cache_mb * 2**20), block_tokens) if prefix_cache_mb > 0 else None
+        self.block = block_tokens
+        g = generator
+        self._positional = "position_ids" in g.input_names
+        self._waiting: collections.deque[Ticket] = collections.deque()
+        self._prefilling: list[Ticket] = []
+        self._active: list[Ticket] = []
+        # batch state of the active rows
+        self._past: list[np.ndarray] = []
+        self._mask = np.zeros((0, 0), np.int64)
+        self._positions = np.zeros(0, np.int64)
+        self._cv = threading.Condition()
+        self._stop = False
+        self.steps = 0
+        self.rows_stepped = 0
+        self._thread = threading.Thread(target=self._loop, name="rag-scheduler", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ callers
+    def submit(self, prompt: list[int], params: SamplingParams, *, cancelled: Callable[[], bool] | None = None,
+               deadline: float | None = None) -> Ticket:
+        """Queue one prompt; raises InvalidInput if it cannot fit, Overloaded if the queue is full."""
+        self.generator._check_prompts([prompt], params)
+        if len(prompt) + params.max_new_tokens > self.kv_budget:
+            raise InvalidInput(f"the prompt ({len(prompt)} tokens) plus max_new_tokens ({params.max_new_tokens}) "
+                               f"exceeds the scheduler's KV budget of {self.kv_budget} tokens")
+        t = Ticket(self, list(prompt), params, cancelled, deadline)
+        with self._cv:
+            if self._stop:
+                raise Unavailable("the generation scheduler is shut down")
+            if len(self._active) + len(self._prefilling) + len(self._waiting) >= self.max_rows + self.max_queue:
+                raise Overloaded(f"{len(self._active) + len(self._prefilling)} answers are being generated and "
+                                 f"{len(self._waiting)} are queued (limits {self.max_rows} and {self.max_queue}); "
+                                 "retry later")
+            self._waiting.append(t)
+            self._cv.notify()
+        return t
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        """All prompts through the scheduler (they batch with each other and with anything
+        already running); results in input order."""
+        for p in prompts:
+            self.generator._check_prompts([p], params)
+        tickets = []
+        try:
+            for p in prompts:
+                while True:
+                    try:
+                        tickets.append(self.submit(p, params))
+                        break
+                    except Overloaded:  # our own batch fills the queue: wait for room
+                        time.sleep(0.01)
+            return [t.result() for t in tickets]
+        finally:
+            for t in tickets:
+                t.cancel()
+
+    @property
+    def running(self) -> int:
+        return len(self._active) + len(self._prefilling)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def close(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        self._thread.join(timeout=30)
+
+    # ------------------------------------------------------------------ loop
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._waiting or self._prefilling or self._active or self._stop):
+                    self._cv.wait()
+                if self._stop:
+                    pending = [*self._waiting, *self._prefilling, *self._active]
+                    self._waiting.clear()
+                    self._prefilling.clear()
+                    self._active.clear()
+                    break
+                self._admit()
+            self._retire_stopped()
+            if self._prefilling:
+                t = self._prefilling[0]
+                try:
+                    self._prefill_chunk(t)
+                except Exception as e:  # noqa: BLE001 - fail this request, keep serving
+                    log.exception("prefill failed")
+                    self._prefilling.remove(t)
+                    self._fail(t, e)
+            if self._active:
+                try:
+                    self._decode_step()
+                except Exception as e:  # noqa: BLE001 - fail the rows of this step, keep serving
+                    log.exception("decode step failed")
+                    rows, self._active = self._active, []
+                    self._reset_batch()
+                    for t in rows:
+                        self._fail(t, e)
+        for t in pending:
+            self._fail(t, Unavailable("the generation scheduler was shut down"))
+
+    def _need(self, t: Ticket) -> int:
+        return len(t.prompt) + t.params.max_new_tokens
+
+    def _admit(self) -> None:
+        """Waiting -> prefilling while the row limit and the KV budget allow (caller holds _cv)."""
+        while self._waiting:
+            t = self._waiting[0]
+            if t.should_stop():
+                self._waiting.popleft()
+                self._finish(t, FINISH_CANCELLED)
+                continue
+            rows = [*self._active, *self._prefilling]
+            if len(rows) >= self.max_rows:
+                return
+            widest = max([self._need(t), *(self._need(r) for r in rows)])
+            if (len(rows) + 1) * widest > self.kv_budget and rows:
+                return
+            self._waiting.popleft()
+            t.t_admit = time.perf_counter_ns()
+            self._start_prefill(t)
+            self._prefilling.append(t)
+
+    def _retire_stopped(self) -> None:
+        for t in [t for t in self._prefilling if t.should_stop()]:
+            self._prefilling.remove(t)
+            self._finish(t, FINISH_CANCELLED)
+        gone = [i for i, t in enumerate(self._active) if t.should_stop()]
+        if gone:
+            for i in gone:
+                self._finish(self._active[i], FINISH_CANCELLED)
+            self._keep([i for i in range(len(self._active)) if i not in set(gone)])
+
+    # ------------------------------------------------------------------ prefill
+    def _start_prefill(self, t: Ticket) -> None:
+        g = self.generator
+        t.kv = [np.zeros((1, g.num_kv_heads, 0, g.head_dim), np.float32) for _ in g.past_names]
+        if self.cache is None:
+            return
+        t.block_keys = self.cache.keys(t.prompt)
+        found = self.cache.lookup(t.block_keys)
+        while found and len(found) * self.block >= len(t.prompt):
+            found.pop()  # the last prompt token must run: its logits pick the first answer token
+        if found:
+            t.kv = [np.concatenate([b[i] for b in found], axis=2) for i in range(len(g.past_names))]
+            t.done_tokens = t.cached_tokens = len(found) * self.block
+
+    def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list[np.ndarray]):
+        g = self.generator
+        feeds = {"input_ids": ids, "attention_mask": mask, **dict(zip(g.past_names, past))}
+        if self._positional:
+            feeds["position_ids"] = positions
+        outs = g.session.run(None, feeds)
+        return outs[0][:, -1, :], outs[1:1 + len(g.past_names)]
+
+    def _prefill_chunk(self, t: Ticket) -> None:
+        """One chunk of `t`'s prompt; on the last, its first token and a place in the batch."""
+        a = t.done_tokens
+        b = min(len(t.prompt), a + self.chunk)
+        ids = np.array([t.prompt[a:b]], np.int64)
+        logits, t.kv = self._run(ids, np.ones((1, b), np.int64), np.arange(a, b, dtype=np.int64)[None], t.kv)
+        t.done_tokens = b
+        if self.cache is not None:
+            for j in range(a // self.block, b // self.block):
+                self.cache.put(t.block_keys[j], [np.ascontiguousarray(v[:, :, j * self.block:(j + 1) * self.block])
+                                                 for v in t.kv])
+        if b < len(t.prompt):
+            return
+        self._prefilling.remove(t)
+        t.row.push(t.row.pick(logits[0]))
+        t.t_first = time.perf_counter_ns()
+        self._emit(t)
+        if t.row.finish is not None:
+            self._finish(t, t.row.finish)
+            return
+        self._join(t)
+
+    # ------------------------------------------------------------------ batch
+    def _reset_batch(self) -> None:
+        self._past = []
+        self._mask = np.zeros((0, 0), np.int64)
+        self._positions = np.zeros(0, np.int64)
+
+    def _join(self, t: Ticket) -> None:
+        """Pad the newcomer's cache (or the batch's) on the left and stack it into the batch."""
+        kv, n = t.kv, t.kv[0].shape[2]
+        t.kv = None
+        if not self._active:
+            self._past = kv
+            self._mask = np.ones((1, n), np.int64)
+            self._positions = np.array([n], np.int64)
+            self._active = [t]
+            return
+        w = self._mask.shape[1]
+        if n > w:
+            pad = n - w
+            self._past = [np.pad(v, ((0, 0), (0, 0), (pad, 0), (0, 0))) for v in self._past]
+            self._mask = np.pad(self._mask, ((0, 0), (pad, 0)))
+            w = n
+        self._past = [np.concatenate([v, np.pad(k, ((0, 0), (0, 0), (w - n, 0), (0, 0)))], axis=0)
+                      for v, k in zip(self._past, kv)]
+        row_mask = np.zeros((1, w), np.int64)
+        row_mask[0, w - n:] = 1
+        self._mask = np.concatenate([self._mask, row_mask])
+        self._positions = np.concatenate([self._positions, [n]])
+        self._active.append(t)
+
+    def _keep(self, keep: list[int]) -> None:
+        """Cut the rows not in `keep` out of the batch, and the columns that are padding for all."""
+        self._active = [self._active[i] for i in keep]
+        if not keep:
+            self._reset_batch()
+            return
+        idx = np.asarray(keep)
+        mask = self._mask[idx]
+        first = int(np.argmax(mask.any(axis=0)))  # leading columns no remaining row uses
+        self._mask = np.ascontiguousarray(mask[:, first:])
+        self._past = [np.ascontiguousarray(v[idx, :, first:]) for v in self._past]
+        self._positions = self._positions[idx]
+
+    def _decode_step(self) -> None:
+        rows = self._active
+        ids = np.array([[t.row.ids[-1]] for t in rows], np.int64)
+        mask = np.concatenate([self._mask, np.ones((len(rows), 1), np.int64)], axis=1)
+        logits, self._past = self._run(ids, mask, self._positions[:, None], self._past)
+        self._mask = mask
+        self._positions = self._positions + 1
+        self.steps += 1
+        self.rows_stepped += len(rows)
+        keep = []
+        for i, t in enumerate(rows):
+            t.row.push(t.row.pick(logits[i]))
+            if t.row.finish is None and mask.shape[1] + 1 > self.generator.window:
+                t.row.finish = FINISH_LENGTH
+            self._emit(t)
+            if t.row.finish is not None:
+                self._finish(t, t.row.finish)
+            else:
+                keep.append(i)
+        if len(keep) < len(rows):
+            self._keep(keep)
+
+    # ------------------------------------------------------------------ events
+    def _emit(self, t: Ticket) -> None:
+        d = t.row.delta()
+        if d:
+            t.events.put(d)
+
+    def _finish(self, t: Ticket, reason: str) -> None:
+        row = t.row
+        row.finish = row.finish or reason
+        d = row.delta()
+        if d:
+            t.events.put(d)
+        now = time.perf_counter_ns()
+        first = t.t_first or now
+        admit = t.t_admit or now
+        t.completion = Completion(text=row.text, finish_reason=row.finish, prompt_tokens=len(t.prompt),
+                                  completion_tokens=len(row.ids) + (row.finish == FINISH_EOS),
+                                  token_ids=list(row.ids), prefill_ns=first - admit, decode_ns=now - first,
+                                  first_token_ns=first - t.t_submit, queue_ns=admit - t.t_submit,
+                                  cached_tokens=t.cached_tokens)
+        t.events.put(t.completion)
+        t.events.put(_DONE)
+
+    @staticmethod
+    def _fail(t: Ticket, e: BaseException) -> None:
+        t.events.put(e)
+        t.events.put(_DONE)

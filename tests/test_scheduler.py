@@ -1,0 +1,209 @@
+"""The generation scheduler (engine/scheduler.py) over the real default decoder: continuous
+batching gives every request the tokens it gets alone, whatever joins or leaves the batch;
+the prefix cache skips prefill without changing a token; limits and faults are clean."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from engine.errors import InvalidInput, Overloaded
+from engine.generate import FINISH_CANCELLED, Completion, SamplingParams
+from engine.scheduler import Scheduler
+
+TEXTS = [
+    "Green tea is best brewed with water between 70 and 80 degrees Celsius.",
+    "Mercury is the smallest planet and the closest to the Sun; a year there lasts 88 Earth days. "
+    "Venus has a thick carbon dioxide atmosphere that traps heat.",
+    "A sourdough starter is a culture of wild yeast and lactic acid bacteria kept alive with regular "
+    "feedings of flour and water. Feed it equal weights of flour and water once a day when it lives at "
+    "room temperature, or once a week when it lives in the fridge.",
+    "The Fresnel lens bends light with rings of prisms.",
+    "Hierarchical Navigable Small World graphs answer nearest-neighbour queries without comparing the "
+    "query to every stored vector.",
+]
+
+
+@pytest.fixture()
+def prompts(generator):
+    return [generator.encode(generator.render_chat([{"role": "user", "content": f"Summarise: {t}"}]))
+            for t in TEXTS]
+
+
+@pytest.fixture()
+def make(generator):
+    made = []
+
+    def factory(**kw):
+        kw.setdefault("prefill_chunk", 64)
+        kw.setdefault("block_tokens", 16)
+        s = Scheduler(generator, **kw)
+        made.append(s)
+        return s
+
+    yield factory
+    for s in made:
+        s.close()
+
+
+def alone(scheduler, prompts, params):
+    return [scheduler.submit(p, params).result() for p in prompts]
+
+
+def test_alone_equals_the_generator(generator, prompts, make):
+    params = SamplingParams(max_new_tokens=12)
+    s = make(prefix_cache_mb=0)
+    for p in prompts[:2]:
+        want = next(ev for ev in generator.stream_ids(p, params) if isinstance(ev, Completion))
+        got = s.submit(p, params).result()
+        assert got.token_ids == want.token_ids and got.text == want.text
+        assert got.finish_reason == want.finish_reason and got.cached_tokens == 0
+
+
+def test_busy_batch_gives_every_request_its_alone_tokens(prompts, make):
+    """Staggered arrivals, different prompt and answer lengths, a cancellation and a
+    deadline mid-batch: every finished request has exactly the tokens it had alone."""
+    lengths = [14, 6, 20, 10, 16]
+    ref_sched = make(prefix_cache_mb=0, max_rows=1)
+    ref = [ref_sched.submit(p, SamplingParams(max_new_tokens=n)).result() for p, n in zip(prompts, lengths)]
+    s = make(prefix_cache_mb=0, max_rows=4)
+    results: dict[int, Completion] = {}
+    deltas: dict[int, str] = {}
+
+    def consume(i, ticket, cancel_after=None):
+        text = ""
+        for ev in ticket:
+            if isinstance(ev, Completion):
+                results[i] = ev
+            else:
+                text += ev
+                if cancel_after is not None and len(text) >= cancel_after:
+                    ticket.cancel()
+        deltas[i] = text
+
+    threads = []
+
+    def start(i, **kw):
+        t = threading.Thread(target=consume, args=(i, s.submit(prompts[i], SamplingParams(max_new_tokens=lengths[i])),),
+                             kwargs=kw)
+        t.start()
+        threads.append(t)
+
+    start(0)
+    time.sleep(0.3)  # 0 is decoding when the others arrive
+    start(1)
+    start(2)
+    cancelled = s.submit(prompts[3], SamplingParams(max_new_tokens=200))
+    threads.append(threading.Thread(target=consume, args=(3, cancelled), kwargs={"cancel_after": 1}))
+    threads[-1].start()
+    start(4)  # waits for a row (max_rows 4), joins when one leaves
+    expired = s.submit(prompts[1], SamplingParams(max_new_tokens=50), deadline=time.monotonic() - 1)
+    for t in threads:
+        t.join(timeout=300)
+    for i in (0, 1, 2, 4):
+        assert results[i].token_ids == ref[i].token_ids, f"request {i} changed in the busy batch"
+        assert deltas[i] == results[i].text == ref[i].text
+    assert results[3].finish_reason == FINISH_CANCELLED and len(results[3].token_ids) < 200
+    assert expired.result().finish_reason == FINISH_CANCELLED and not expired.result().token_ids
+    assert s.steps < sum(lengths), "rows shared decode steps"
+    deadline = time.monotonic() + 30
+    while s.running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (s.running, s.waiting) == (0, 0)
+    assert s._past == [] and s._mask.shape == (0, 0), "the batch's KV cache is freed when it empties"
+
+
+def test_leaving_rows_trim_the_padding(prompts, make):
+    s = make(prefix_cache_mb=0, max_rows=2)
+    long, short = prompts[2], prompts[0]
+    widths = []
+    a = s.submit(long, SamplingParams(max_new_tokens=4))
+    b = s.submit(short, SamplingParams(max_new_tokens=30))
+    a.result()
+    for ev in b:
+        widths.append(s._mask.shape[1])
+    assert len(long) > len(short) + 10
+    assert min(widths) < len(long), "once the long row left, its padding columns were trimmed"
+
+
+def test_prefix_cache_skips_prefill_and_keeps_every_token(generator, prompts, make):
+    s = make(prefix_cache_mb=64)
+    params = SamplingParams(max_new_tokens=10)
+    cold = s.submit(prompts[2], params).result()
+    warm = s.submit(prompts[2], params).result()
+    assert cold.cached_tokens == 0
+    assert warm.cached_tokens == (len(prompts[2]) - 1) // 16 * 16 > 0
+    assert warm.token_ids == cold.token_ids
+    # another prompt with the same chat-template head reuses its full blocks
+    other = s.submit(prompts[4], params).result()
+    head = next(i for i, (x, y) in enumerate(zip(prompts[2], prompts[4])) if x != y)
+    assert other.cached_tokens == head // 16 * 16
+    assert other.token_ids == s.submit(prompts[4], params).result().token_ids
+    off = make(prefix_cache_mb=0)
+    assert off.submit(prompts[4], params).result().token_ids == other.token_ids
+
+
+def test_prefix_cache_evicts_least_recently_used_within_budget(generator, prompts, make):
+    block_bytes = 2 * generator.num_layers * generator.num_kv_heads * 16 * generator.head_dim * 4
+    s = make(prefix_cache_mb=6 * block_bytes / 2**20)  # room for six blocks
+    for p in prompts:
+        s.submit(p, SamplingParams(max_new_tokens=1)).result()
+    assert len(s.cache) <= 6 and s.cache.bytes <= s.cache.budget
+
+
+def test_limits_are_checked_before_queueing(generator, prompts, make):
+    s = make(max_rows=1, max_queue=1)
+    with pytest.raises(InvalidInput, match="context window"):
+        s.submit(list(range(100, 100 + generator.window)), SamplingParams(max_new_tokens=8))
+    with pytest.raises(InvalidInput, match="KV budget of 64 tokens"):
+        make(kv_budget_tokens=64).submit(prompts[2], SamplingParams(max_new_tokens=8))
+    first = s.submit(prompts[0], SamplingParams(max_new_tokens=40))
+    second = s.submit(prompts[1], SamplingParams(max_new_tokens=4))
+    with pytest.raises(Overloaded, match="retry later"):
+        s.submit(prompts[3], SamplingParams(max_new_tokens=4))
+    first.cancel()
+    assert second.result().token_ids
+    assert s.submit(prompts[3], SamplingParams(max_new_tokens=2)).result().token_ids  # room again
+
+
+class FailOnce:
+    """The real session, except that one run raises (a fault inside a step)."""
+
+    def __init__(self, inner, fail_at: int):
+        self.inner, self.calls, self.fail_at = inner, 0, fail_at
+
+    def run(self, *a, **kw):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("injected onnxruntime failure")
+        return self.inner.run(*a, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_a_failed_step_fails_its_requests_and_the_loop_serves_on(generator, prompts, make):
+    s = make(prefix_cache_mb=0)
+    params = SamplingParams(max_new_tokens=6)
+    want = s.submit(prompts[0], params).result()
+    real = generator.session
+    generator.session = FailOnce(real, fail_at=3)  # a decode step of the next request
+    try:
+        with pytest.raises(RuntimeError, match="injected"):
+            s.submit(prompts[0], params).result()
+    finally:
+        generator.session = real
+    assert s.submit(prompts[0], params).result().token_ids == want.token_ids
+    assert (s.running, s.waiting) == (0, 0)
+
+
+def test_many_rows_decode_in_one_step(prompts, make):
+    s = make(prefix_cache_mb=0, max_rows=8)
+    tickets = [s.submit(p, SamplingParams(max_new_tokens=8)) for p in prompts]
+    comps = [t.result() for t in tickets]
+    assert all(c.completion_tokens >= 1 for c in comps)
+    assert s.rows_stepped / max(s.steps, 1) > 2, "decode steps carried several rows"
+    assert np.isfinite([c.decode_ns for c in comps]).all()
