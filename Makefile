@@ -35,7 +35,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -qq -e '.[export,pdf,test]'
 	touch $@
 
+# The generator's execution plan for this CPU (which weights prefill, which decode;
+# engine/plan.py): measured once per CPU model (~30 s) and recorded in its manifest.
 models: $(EMBED_MANIFEST) $(GEN_MANIFEST)
+	$(PY) -m engine.plan --measure --if-missing --model-dir $(dir $(GEN_MANIFEST))
 
 $(EMBED_MANIFEST): engine/export.py | $(STAMP)
 	$(PY) -m engine.export --default --models-dir models

@@ -84,30 +84,33 @@ def run(args) -> None:
         corpus.write_text("".join(json.dumps(p) + "\n" for p in paragraphs))
         qfile = tmp / "q.jsonl"
         qfile.write_text("".join(json.dumps({"id": q["id"], "question": q["question"]}) + "\n" for q in sample))
-        data_dir = ["--data-dir", str(tmp / "data")]
-        t0 = time.perf_counter()
-        subprocess.run([*rag, *data_dir, "ingest", str(corpus), "-c", "squad", "-q"], check=True)
-        t1 = time.perf_counter()
-        afile = tmp / "a.jsonl"
-        subprocess.run([*rag, *data_dir, "ask", "--batch", str(qfile), "--out", str(afile), "-c", "squad",
-                        "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.batch_size)],
-                       check=True)
-        t2 = time.perf_counter()
-        answers = {json.loads(line)["id"]: json.loads(line) for line in afile.read_text().splitlines()}
-        preds = [answers[q["id"]]["answer"] for q in sample]
+        preds = [""] * len(sample)
         golds = [q["answers"] for q in sample]
-        em, f = score(preds, golds)
-        corpus_name = f"{corpus.resolve()}#"
-        retrieved = sum(any(s["doc_id"] == corpus_name + q["pid"] for s in answers[q["id"]]["sources"])
-                        for q in sample) / len(sample) * 100
-        refused = sum(p.startswith("The context does not contain") for p in preds) / len(preds) * 100
-        print(f"rag (retrieved passages)  EM {em:5.1f}  F1 {f:5.1f}  gold paragraph in prompt {retrieved:5.1f}%  "
-              f"declined {refused:4.1f}%  ({(t2 - t1) / len(sample):.2f} s/question; ingest {t1 - t0:.0f} s)")
-        log({"mode": "rag", "n": len(sample), "seed": args.seed, "em": em, "f1": f, "gold_in_prompt": retrieved,
-             "declined": refused, "s_per_question": (t2 - t1) / len(sample)})
+        if not args.skip_rag:
+            data_dir = ["--data-dir", str(tmp / "data")]
+            t0 = time.perf_counter()
+            subprocess.run([*rag, *data_dir, "ingest", str(corpus), "-c", "squad", "-q"], check=True)
+            t1 = time.perf_counter()
+            afile = tmp / "a.jsonl"
+            subprocess.run([*rag, *data_dir, "ask", "--batch", str(qfile), "--out", str(afile), "-c", "squad",
+                            "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.batch_size)],
+                           check=True)
+            t2 = time.perf_counter()
+            answers = {json.loads(line)["id"]: json.loads(line) for line in afile.read_text().splitlines()}
+            preds = [answers[q["id"]]["answer"] for q in sample]
+            golds = [q["answers"] for q in sample]
+            em, f = score(preds, golds)
+            corpus_name = f"{corpus.resolve()}#"
+            retrieved = sum(any(s["doc_id"] == corpus_name + q["pid"] for s in answers[q["id"]]["sources"])
+                            for q in sample) / len(sample) * 100
+            refused = sum(p.startswith("The context does not contain") for p in preds) / len(preds) * 100
+            print(f"rag (retrieved passages)  EM {em:5.1f}  F1 {f:5.1f}  gold paragraph in prompt {retrieved:5.1f}%  "
+                  f"declined {refused:4.1f}%  ({(t2 - t1) / len(sample):.2f} s/question; ingest {t1 - t0:.0f} s)")
+            log({"mode": "rag", "n": len(sample), "seed": args.seed, "em": em, "f1": f, "gold_in_prompt": retrieved,
+                 "declined": refused, "s_per_question": (t2 - t1) / len(sample)})
 
         # Gold paragraph as the only passage, same template and generator.
-        engine = Engine(Config(data_dir=tmp / "data"))
+        engine = Engine(Config(data_dir=tmp / "data", gen_prefill_variant=args.prefill_variant))
         gen = engine.generator
         params = SamplingParams(max_new_tokens=args.max_new_tokens)
         t3 = time.perf_counter()
@@ -117,6 +120,10 @@ def run(args) -> None:
                       end=len(q["context"]), text=q["context"], metadata={"title": q["pid"].rsplit("-", 1)[0]})
             ids, _ = engine.build_prompt(q["question"], [hit], params.max_new_tokens)
             prompts.append(ids)
+        if args.plans:  # the engine's own plan is one of them
+            compare_plans(engine, prompts, golds, params, args)
+            engine.close()
+            return
         gold_preds = []
         for i in range(0, len(prompts), args.batch_size):
             gold_preds += [c.text for c in gen.generate_ids(prompts[i:i + args.batch_size], params)]
@@ -129,6 +136,37 @@ def run(args) -> None:
         engine.close()
 
 
+def compare_plans(engine, prompts, golds, params, args) -> None:
+    """Gold-paragraph answers from each execution plan (prefill weights > decode weights,
+    engine/plan.py): F1/EM, and greedy agreement with fp32 (same answer; shared token prefix)."""
+    from engine.generate import Generator
+
+    outs = {}
+    for plan in args.plans.split(","):
+        prefill, _, decode = plan.partition(">")
+        gen = Generator(engine.config.gen_model_dir, variant=decode or prefill, prefill_variant=prefill, threads=2)
+        t0 = time.perf_counter()
+        comps = []
+        for i in range(0, len(prompts), args.batch_size):
+            comps += gen.generate_ids(prompts[i:i + args.batch_size], params)
+        outs[plan] = (comps, (time.perf_counter() - t0) / len(prompts))
+        del gen
+    ref = outs.get("fp32") or outs.get("fp32>fp32")
+    for plan, (comps, spq) in outs.items():
+        em, f = score([c.text for c in comps], golds)
+        rec = {"mode": "gold-plan", "plan": plan, "n": len(prompts), "seed": args.seed, "em": em, "f1": f,
+               "s_per_question": spq}
+        line = f"gold, plan {plan:10s} EM {em:5.1f}  F1 {f:5.1f}  ({spq:.2f} s/question)"
+        if ref is not None:
+            same = sum(a.token_ids == b.token_ids for a, b in zip(comps, ref[0])) / len(comps)
+            prefix = [next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y),
+                           min(len(a.token_ids), len(b.token_ids))) for a, b in zip(comps, ref[0])]
+            rec.update(same_as_fp32=same, mean_shared_prefix_tokens=sum(prefix) / len(prefix))
+            line += f"  same answer as fp32 {same * 100:5.1f}%, shared prefix {rec['mean_shared_prefix_tokens']:.1f} tokens"
+        print(line, flush=True)
+        log(rec)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--squad", default=str(DEFAULT_SQUAD))
@@ -137,6 +175,11 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--show", type=int, default=5, help="example answers to print")
+    p.add_argument("--plans", default="",
+                   help='also answer the gold-paragraph prompts with each plan, PREFILL>DECODE comma-separated, '
+                        'e.g. "fp32,int8,fp32>int8" (engine/plan.py)')
+    p.add_argument("--prefill-variant", default="auto", help="the generator's prefill weights (default: the plan)")
+    p.add_argument("--skip-rag", action="store_true", help="only the gold-paragraph modes (no ingest, no rag ask)")
     run(p.parse_args())
 
 

@@ -13,8 +13,8 @@ import os
 import sys
 from pathlib import Path
 
-from .config import (DEFAULT_FUSION_ALPHA, EMBED_VARIANTS, FUSIONS, INDEX_DTYPES, PROVIDERS, SEARCH_MODES,
-                     WAL_FSYNC_POLICIES, Config)
+from .config import (DEFAULT_FUSION_ALPHA, EMBED_VARIANTS, FUSIONS, GEN_PREFILL_VARIANTS, INDEX_DTYPES, PROVIDERS,
+                     SEARCH_MODES, WAL_FSYNC_POLICIES, Config)
 from .errors import NotFound, RagError
 
 
@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
     p.add_argument("--embed-variant", choices=EMBED_VARIANTS, default=None,
                    help="embedding model variant (default int8)")
+    p.add_argument("--gen-variant", choices=EMBED_VARIANTS, default=None,
+                   help="generator weights that decode (default int8)")
+    p.add_argument("--gen-prefill-variant", choices=GEN_PREFILL_VARIANTS, default=None,
+                   help="generator weights that prefill prompts (default auto: this machine's plan, see rag info)")
     p.add_argument("--fusion", choices=FUSIONS, default=None,
                    help="how hybrid search fuses the dense and BM25 rankings (default convex)")
     p.add_argument("--fusion-alpha", type=float, default=None,
@@ -113,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kv-budget-tokens", type=int, default=None,
                    help="KV cache token slots of the batch: rows x longest prompt + max_new_tokens (default 16384)")
     s.add_argument("--prefill-chunk", type=int, default=None,
-                   help="prompt tokens prefilled between two decode steps (default 256)")
+                   help="most prompt tokens prefilled at once (default 256)")
+    s.add_argument("--prefill-stall-ms", type=float, default=None,
+                   help="while answers decode, a newcomer's prefill chunk takes about this long (default 250)")
     s.add_argument("--prefix-cache-mb", type=float, default=None,
                    help="memory for the KV of shared prompt prefixes (default 256; 0 = off)")
     s.add_argument("--batch-window-ms", type=float, default=None, help="micro-batching window for Search/Embed")
@@ -121,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load the generation model on the first Answer instead of at start")
     s.add_argument("--read-only", action="store_true",
                    help="open collections as a reader beside their writer; refuse every write (FAILED_PRECONDITION)")
+
+    s = sub.add_parser("info", help="models, this machine's CPU and the generator's execution plan")
+    s.add_argument("--json", action="store_true")
 
     s = sub.add_parser("collections", help="list collections with their counts and settings")
     s.add_argument("--json", action="store_true")
@@ -151,7 +160,7 @@ def make_config(args: argparse.Namespace) -> Config:
     if args.embed_variant:
         kw["embed_variant"] = args.embed_variant
     for name in ("wal_fsync", "wal_fsync_interval_ms", "snapshot_wal_bytes", "snapshot_interval_s", "fusion",
-                 "fusion_alpha"):
+                 "fusion_alpha", "gen_variant", "gen_prefill_variant"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
     return Config(**kw)
@@ -162,7 +171,7 @@ def snippet(text: str, width: int = 160) -> str:
     return flat if len(flat) <= width else flat[:width - 1] + "…"
 
 
-READ_COMMANDS = ("search", "ask", "collections")
+READ_COMMANDS = ("search", "ask", "collections", "info")
 
 
 def print_hits(hits) -> None:
@@ -199,6 +208,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{i.name}\t{i.documents} docs\t{i.chunks} chunks\t{i.index_dtype}\tdim {i.dim}\t"
                       f"{i.embed_model}\t{i.disk_bytes / 1e6:.1f} MB")
             return 0
+        if args.command == "info":
+            return show_info(engine, args)
         if args.command == "create":
             info = engine.create_collection(args.name, index_dtype=args.dtype, connectivity=args.connectivity,
                                             expansion_add=args.expansion_add,
@@ -254,7 +265,7 @@ def serve(args: argparse.Namespace) -> int:
 
     kw = {}
     for name in ("max_concurrent_generations", "max_queued_generations", "kv_budget_tokens", "prefill_chunk",
-                 "prefix_cache_mb", "batch_window_ms", "metrics_port",
+                 "prefill_stall_ms", "prefix_cache_mb", "batch_window_ms", "metrics_port",
                  "tls_cert", "tls_key", "tls_client_ca"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
@@ -330,6 +341,32 @@ def remote(args: argparse.Namespace) -> int:
         return 2
     finally:
         client.close()
+
+
+def show_info(engine, args: argparse.Namespace) -> int:
+    """`rag info`: what this machine runs, without loading the generator (its plan is on disk)."""
+    from .plan import cpu_key, resolve
+
+    c = engine.config
+    plan = resolve(c.gen_model_dir, decode=c.gen_variant, prefill=c.gen_prefill_variant)
+    out = {"embedding_model": c.embed_model, "embedding_variant": c.embed_variant,
+           "generation_model": c.gen_model, "cpu": cpu_key(), "execution_plan": plan.describe(),
+           "prefill_variant": plan.prefill, "decode_variant": plan.decode, "plan_source": plan.source,
+           "measured_rates": plan.rates, "provider": c.provider, "threads": c.threads,
+           "search_mode": c.search_mode, "fusion": c.fusion, "fusion_alpha": c.fusion_alpha,
+           "max_concurrent_generations": c.max_concurrent_generations,
+           "max_queued_generations": c.max_queued_generations, "kv_budget_tokens": c.kv_budget_tokens,
+           "prefix_cache_mb": c.prefix_cache_mb}
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    for k, v in out.items():
+        if k == "measured_rates":
+            for variant, r in v.items():
+                print(f"{'  ' + variant:>26}: prefill {r['prefill']:.0f} tok/s, decode {r['decode']:.1f} tok/s")
+            continue
+        print(f"{k:>26}: {v}")
+    return 0
 
 
 def read_questions(path: str) -> list[tuple[object, str]]:

@@ -44,6 +44,11 @@ DEFAULT_GEN_MODEL = "qwen2.5-coder-0.5b-instruct"
 # int8 decodes ~6x faster than fp32 on CPU (memory bound: 1 GB vs 2.5 GB read per token);
 # benchmarks/answer_quality.py compares their answers.
 DEFAULT_GEN_VARIANT = "int8"
+# The weights that prefill prompts: "auto" follows the machine's plan (engine/plan.py:
+# measured by `make models` per CPU, else by CPU features: fp32 without 8-bit dot-product
+# instructions, where int8 prefills slower), or "fp32" / "int8" to force one.
+GEN_PREFILL_VARIANTS = ("auto", "fp32", "int8")
+DEFAULT_GEN_PREFILL_VARIANT = "auto"
 # Prompt + answer tokens. The model takes 32k, but prefill cost grows with it on a CPU;
 # 2048 holds ~6 chunks of 256 embedding tokens plus a 256-token answer.
 DEFAULT_CONTEXT_WINDOW = 2048
@@ -97,14 +102,17 @@ DEFAULT_SNAPSHOT_INTERVAL_S = 300.0
 # MAX_CONCURRENT_GENERATIONS rows decode together (one batched step for all of them) and
 # MAX_QUEUED_GENERATIONS more wait, beyond that Overloaded. The rows' KV cache may take
 # KV_BUDGET_TOKENS token slots (rows x the longest row's prompt + max_new_tokens; ~24 KB a
-# token for the 0.5B model, so 16384 is ~400 MB). A newcomer is prefilled PREFILL_CHUNK
-# tokens between decode steps. Full blocks of PREFIX_BLOCK_TOKENS prompt tokens are kept in
-# a prefix KV cache of PREFIX_CACHE_MB (0: off) and reused by prompts that start the same.
+# token for the 0.5B model, so 16384 is ~400 MB). A newcomer is prefilled in chunks between
+# decode steps: while rows decode, each chunk is sized to stall them about PREFILL_STALL_MS
+# (their inter-token latency while someone joins); with nobody decoding, PREFILL_CHUNK
+# tokens at once. Full blocks of PREFIX_BLOCK_TOKENS prompt tokens are kept in a prefix KV
+# cache of PREFIX_CACHE_MB (0: off) and reused by prompts that start the same.
 DEFAULT_MAX_CONCURRENT_GENERATIONS = 8
 DEFAULT_MAX_QUEUED_GENERATIONS = 64
 DEFAULT_KV_BUDGET_TOKENS = 16384
 DEFAULT_PREFILL_CHUNK = 256
-DEFAULT_PREFIX_BLOCK_TOKENS = 32
+DEFAULT_PREFILL_STALL_MS = 250.0
+DEFAULT_PREFIX_BLOCK_TOKENS = 16
 DEFAULT_PREFIX_CACHE_MB = 256.0
 
 # Server (server/): limits and the micro-batching window.
@@ -161,6 +169,7 @@ class Config:
     snapshot_interval_s: float = DEFAULT_SNAPSHOT_INTERVAL_S
     gen_model: str = DEFAULT_GEN_MODEL
     gen_variant: str = DEFAULT_GEN_VARIANT
+    gen_prefill_variant: str = DEFAULT_GEN_PREFILL_VARIANT
     context_window: int = DEFAULT_CONTEXT_WINDOW
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     answer_k: int = DEFAULT_ANSWER_K
@@ -173,6 +182,7 @@ class Config:
     max_queued_generations: int = DEFAULT_MAX_QUEUED_GENERATIONS
     kv_budget_tokens: int = DEFAULT_KV_BUDGET_TOKENS
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    prefill_stall_ms: float = DEFAULT_PREFILL_STALL_MS
     prefix_block_tokens: int = DEFAULT_PREFIX_BLOCK_TOKENS
     prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB
     batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS
@@ -216,6 +226,9 @@ class Config:
             raise InvalidInput("a client CA (mTLS) needs the server certificate and key too")
         if self.gen_variant not in EMBED_VARIANTS:
             raise InvalidInput(f"gen_variant must be one of {EMBED_VARIANTS}, got {self.gen_variant!r}")
+        if self.gen_prefill_variant not in GEN_PREFILL_VARIANTS:
+            raise InvalidInput(f"gen_prefill_variant must be one of {GEN_PREFILL_VARIANTS}, "
+                               f"got {self.gen_prefill_variant!r}")
         if "{context}" not in self.prompt_template or "{question}" not in self.prompt_template:
             raise InvalidInput("prompt_template must contain {context} and {question}")
         for name in ("threads", "batch_max_tokens", "max_batch", "chunk_tokens", "connectivity",
@@ -228,6 +241,8 @@ class Config:
         if self.prefill_chunk % self.prefix_block_tokens:
             raise InvalidInput(f"prefill_chunk ({self.prefill_chunk}) must be a multiple of prefix_block_tokens "
                                f"({self.prefix_block_tokens})")
+        if self.prefill_stall_ms <= 0:
+            raise InvalidInput(f"prefill_stall_ms must be > 0, got {self.prefill_stall_ms}")
         if self.prefix_cache_mb < 0:
             raise InvalidInput(f"prefix_cache_mb must be >= 0 (0 = off), got {self.prefix_cache_mb}")
         if self.max_document_bytes + MESSAGE_HEADROOM_BYTES > self.max_message_bytes:

@@ -46,6 +46,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # run to max_new_tokens (benchmarks of fixed-length answers)
 
     def check(self, window: int) -> None:
         """Raise InvalidInput naming the first bad field."""
@@ -61,6 +62,8 @@ class SamplingParams:
             raise InvalidInput(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not np.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
             raise InvalidInput(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise InvalidInput(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
             raise InvalidInput(f"seed must be a non-negative integer, got {self.seed!r}")
         if isinstance(self.stop, str) or len(self.stop) > MAX_STOP_SEQUENCES or \
@@ -111,7 +114,7 @@ class _Row:
     def push(self, token: int) -> None:
         """Record a generated token and decide whether the row is finished."""
         p = self.params
-        if token in self.gen.eos_ids:
+        if token in self.gen.eos_ids and not p.ignore_eos:
             self.finish = FINISH_EOS
             self._refresh(final=True)
             return
@@ -150,16 +153,22 @@ class Generator:
     """Runs an exported decoder-with-past ONNX model (engine/export_lm.py)."""
 
     def __init__(self, model_dir: str | Path, *, variant: str = "fp32", provider: str = "cpu", threads: int = 1,
-                 context_window: int = 2048) -> None:
+                 context_window: int = 2048, prefill_variant: str | None = None) -> None:
+        """`variant`: the weights that decode; `prefill_variant` (default: the same): the
+        weights that prefill prompts, when another variant is faster at it on this machine
+        (engine/plan.py). Both are the same graph, so they share the KV cache layout."""
         from tokenizers import Tokenizer
 
         model_dir = Path(model_dir)
-        if variant not in VARIANT_FILES:
-            raise InvalidInput(f"generator variant must be one of {sorted(VARIANT_FILES)}, got {variant!r}")
+        prefill_variant = prefill_variant or variant
+        for v in (variant, prefill_variant):
+            if v not in VARIANT_FILES:
+                raise InvalidInput(f"generator variant must be one of {sorted(VARIANT_FILES)}, got {v!r}")
+            path = model_dir / VARIANT_FILES[v]
+            if not (model_dir / MANIFEST).exists() or not path.exists():
+                raise Unavailable(f"generation model not found at {path}; build it with `make models` "
+                                  "(python -m engine.export_lm --default)")
         path = model_dir / VARIANT_FILES[variant]
-        if not (model_dir / MANIFEST).exists() or not path.exists():
-            raise Unavailable(f"generation model not found at {path}; build it with `make models` "
-                              "(python -m engine.export_lm --default)")
         self.model_dir = model_dir
         self.manifest = json.loads((model_dir / MANIFEST).read_text())
         self.name: str = self.manifest["name"]
@@ -190,6 +199,9 @@ class Generator:
         self.pad_id = pad_id if pad_id is not None else (min(self.eos_ids) if self.eos_ids else 0)
 
         self.session = make_session(path, provider, threads)
+        self.prefill_variant = prefill_variant
+        self._prefill_session = None if prefill_variant == variant else \
+            make_session(model_dir / VARIANT_FILES[prefill_variant], provider, threads)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.past_names = [n for n in self.input_names if n.startswith("past_key_values")]
@@ -198,6 +210,11 @@ class Generator:
         self.vocab_size = int(logits_shape[-1]) if isinstance(logits_shape[-1], int) else \
             self.tokenizer.get_vocab_size(with_added_tokens=True)
         self.provider = provider
+
+    @property
+    def prefill_session(self):
+        """The session that prefills prompts: the decode session unless the plan says otherwise."""
+        return self._prefill_session or self.session
 
     def _json(self, name: str) -> dict:
         p = self.model_dir / name
@@ -268,7 +285,7 @@ class Generator:
                 feeds = {"input_ids": ids, "attention_mask": mask, **past}
                 if "position_ids" in self.input_names:
                     feeds["position_ids"] = positions
-                outs = self.session.run(None, feeds)
+                outs = (self.prefill_session if step == 0 else self.session).run(None, feeds)
                 logits = outs[0][:, -1, :]
                 past = dict(zip(self.past_names, outs[1:1 + len(self.past_names)]))
             got = []
@@ -315,7 +332,7 @@ class Generator:
                      **self._empty_past(1)}
             if "position_ids" in self.input_names:
                 feeds["position_ids"] = np.arange(n, dtype=np.int64)[None, :]
-            outs = self.session.run(None, feeds)
+            outs = self.prefill_session.run(None, feeds)
             if logits is None:
                 logits = np.empty((b, outs[0].shape[-1]), dtype=outs[0].dtype)
             logits[i] = outs[0][0, -1, :]

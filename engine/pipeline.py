@@ -47,6 +47,7 @@ class Engine:
         self._embedder = embedder
         self._generator = generator
         self._scheduler = None
+        self.plan = None  # the generator's execution plan (engine/plan.py), once it is loaded
         self._lock = threading.RLock()
         self.collections = Collections(self.config, owner=owner)
         self.searcher = Searcher(self.config, self.collections, lambda: self.embedder)
@@ -72,10 +73,14 @@ class Engine:
         with self._lock:
             if self._generator is None:
                 from .generate import Generator
+                from .plan import resolve
 
                 c = self.config
+                self.plan = resolve(c.gen_model_dir, decode=c.gen_variant, prefill=c.gen_prefill_variant) \
+                    if c.provider == "cpu" else None
                 self._generator = Generator(c.gen_model_dir, variant=c.gen_variant, provider=c.provider,
-                                            threads=c.threads, context_window=c.context_window)
+                                            threads=c.threads, context_window=c.context_window,
+                                            prefill_variant=self.plan.prefill if self.plan else None)
             return self._generator
 
     @property
@@ -93,7 +98,7 @@ class Engine:
                 self._scheduler = Scheduler(self.generator, max_rows=c.max_concurrent_generations,
                                             max_queue=c.max_queued_generations, kv_budget_tokens=c.kv_budget_tokens,
                                             prefill_chunk=c.prefill_chunk, block_tokens=c.prefix_block_tokens,
-                                            prefix_cache_mb=c.prefix_cache_mb)
+                                            prefix_cache_mb=c.prefix_cache_mb, prefill_stall_ms=c.prefill_stall_ms)
             return self._scheduler
 
     def generation_load(self) -> tuple[int, int]:

@@ -6,9 +6,11 @@ One thread runs the model, so concurrent answers never fight over the cores; eac
   1. retires finished, cancelled and past-deadline rows (their KV leaves the batch);
   2. admits waiting requests while the row limit (`max_rows`) and the KV budget
      (`kv_budget_tokens`: rows x the longest row's prompt + max_new_tokens) allow;
-  3. runs one prefill chunk (`prefill_chunk` tokens) of the oldest newcomer, so streams
-     already decoding keep a steady pace while a long prompt joins (chunked prefill);
-     a newcomer whose prompt is done joins the running batch with its first token;
+  3. runs one prefill chunk of the oldest newcomer, so streams already decoding keep a
+     steady pace while a long prompt joins (chunked prefill): while rows decode, a chunk is
+     sized to take about `prefill_stall_ms` at the measured prefill rate (at least one
+     block); with nobody decoding, `prefill_chunk` tokens. A newcomer whose prompt is done
+     joins the running batch with its first token;
   4. runs one batched decode step over every active row and hands each row's text delta
      to its caller.
 
@@ -43,7 +45,8 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 
 from .config import (DEFAULT_KV_BUDGET_TOKENS, DEFAULT_MAX_CONCURRENT_GENERATIONS, DEFAULT_MAX_QUEUED_GENERATIONS,
-                     DEFAULT_PREFILL_CHUNK, DEFAULT_PREFIX_BLOCK_TOKENS, DEFAULT_PREFIX_CACHE_MB)
+                     DEFAULT_PREFILL_CHUNK, DEFAULT_PREFILL_STALL_MS, DEFAULT_PREFIX_BLOCK_TOKENS,
+                     DEFAULT_PREFIX_CACHE_MB)
 from .errors import InvalidInput, Overloaded, Unavailable
 from .generate import FINISH_CANCELLED, FINISH_EOS, FINISH_LENGTH, Completion, Generator, SamplingParams, _Row
 
@@ -176,7 +179,8 @@ class Scheduler:
     def __init__(self, generator: Generator, *, max_rows: int = DEFAULT_MAX_CONCURRENT_GENERATIONS,
                  max_queue: int = DEFAULT_MAX_QUEUED_GENERATIONS, kv_budget_tokens: int = DEFAULT_KV_BUDGET_TOKENS,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, block_tokens: int = DEFAULT_PREFIX_BLOCK_TOKENS,
-                 prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB) -> None:
+                 prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
+                 prefill_stall_ms: float = DEFAULT_PREFILL_STALL_MS) -> None:
         if prefill_chunk % block_tokens:
             raise InvalidInput(f"prefill_chunk ({prefill_chunk}) must be a multiple of block_tokens ({block_tokens})")
         self.generator = generator
@@ -184,6 +188,8 @@ class Scheduler:
         self.max_queue = max_queue
         self.kv_budget = kv_budget_tokens
         self.chunk = prefill_chunk
+        self.stall_s = prefill_stall_ms / 1000.0
+        self.prefill_rate = 0.0  # tokens/s of recent prefill chunks (0: none measured yet)
         self.cache = PrefixCache(int(prefix_cache_mb * 2**20), block_tokens) if prefix_cache_mb > 0 else None
         self.block = block_tokens
         g = generator
@@ -335,20 +341,30 @@ class Scheduler:
             t.kv = [np.concatenate([b[i] for b in found], axis=2) for i in range(len(g.past_names))]
             t.done_tokens = t.cached_tokens = len(found) * self.block
 
-    def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list[np.ndarray]):
+    def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list[np.ndarray], *,
+             prefill: bool = False):
         g = self.generator
         feeds = {"input_ids": ids, "attention_mask": mask, **dict(zip(g.past_names, past))}
         if self._positional:
             feeds["position_ids"] = positions
-        outs = g.session.run(None, feeds)
+        # the machine's plan may prefill on other weights than it decodes on (engine/plan.py)
+        outs = (g.prefill_session if prefill else g.session).run(None, feeds)
         return outs[0][:, -1, :], outs[1:1 + len(g.past_names)]
 
     def _prefill_chunk(self, t: Ticket) -> None:
         """One chunk of `t`'s prompt; on the last, its first token and a place in the batch."""
         a = t.done_tokens
-        b = min(len(t.prompt), a + self.chunk)
+        size = self.chunk
+        if self._active:  # rows are waiting for their next token: keep the stall short
+            fit = int(self.prefill_rate * self.stall_s) // self.block * self.block
+            size = min(self.chunk, max(self.block, fit))
+        b = min(len(t.prompt), a + size)
         ids = np.array([t.prompt[a:b]], np.int64)
-        logits, t.kv = self._run(ids, np.ones((1, b), np.int64), np.arange(a, b, dtype=np.int64)[None], t.kv)
+        t0 = time.perf_counter()
+        logits, t.kv = self._run(ids, np.ones((1, b), np.int64), np.arange(a, b, dtype=np.int64)[None], t.kv,
+                                 prefill=True)
+        rate = (b - a) / max(time.perf_counter() - t0, 1e-6)
+        self.prefill_rate = rate if not self.prefill_rate else 0.7 * self.prefill_rate + 0.3 * rate
         t.done_tokens = b
         if self.cache is not None:
             for j in range(a // self.block, b // self.block):

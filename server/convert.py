@@ -69,7 +69,8 @@ def sampling_params(o, default_max_new_tokens: int) -> SamplingParams:
         top_p=o.top_p if has("top_p") else 1.0,
         repetition_penalty=o.repetition_penalty if has("repetition_penalty") else 1.0,
         seed=o.seed if has("seed") else None,
-        stop=tuple(o.stop))
+        stop=tuple(o.stop),
+        ignore_eos=o.ignore_eos)
 
 
 def answer_done_pb(a, total_ns: int) -> "pb.AnswerDone":

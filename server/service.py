@@ -15,6 +15,7 @@ import grpc
 from engine.documents import Document, Failure, check_document_size, parse_bytes
 from engine.config import MAX_TOP_K
 from engine.errors import InvalidInput
+from engine.plan import cpu_key
 from engine.rag import Answer, AnswerStart
 from engine.search import MAX_QUERY_CHARS
 
@@ -292,4 +293,6 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
                                   max_message_bytes=c.max_message_bytes,
                                   max_concurrent_generations=c.max_concurrent_generations,
                                   execution_provider=c.provider, max_document_bytes=c.max_document_bytes,
-                                  search_mode=c.search_mode)
+                                  search_mode=c.search_mode, cpu=cpu_key(),
+                                  execution_plan=self.engine.plan.describe() if self.engine.plan else "",
+                                  max_queued_generations=c.max_queued_generations, fusion=c.fusion)

@@ -1,0 +1,191 @@
+"""How many answers does the server deliver to concurrent clients, and how fast does each one flow?
+
+    .venv/bin/python benchmarks/serve_answers.py                       # both regimes, c = 1,2,4,8,16
+    .venv/bin/python benchmarks/serve_answers.py --regimes rag --concurrency 1,8 --seconds 40
+
+The real server (server.app.create_server, gRPC over loopback) answers SQuAD v1.1 dev
+questions over `--docs` of its paragraphs, from `c` client threads that each ask one
+question after another for `--seconds`. Two regimes, because a RAG request is mostly prompt:
+  decode  top_k 1 (prompts of ~150-300 tokens), 128 new tokens (ignore_eos): decode-bound;
+  rag     top_k as configured (5; prompts of ~500-1,000 tokens), 32 new tokens: prefill-bound.
+Per (regime, c): TTFT p50/p95, inter-token p50/p99 (gaps between streamed deltas),
+aggregate generated tokens/s, served prompt tokens/s, answers/s, prompt tokens served from
+the prefix cache. The in-run baseline is the same server with the scheduler at one row
+(`max_concurrent_generations=1`: answers run one at a time, as a server without continuous
+batching does); ratios `ours / one-at-a-time` are printed. Also measured in process: the
+single-stream prefill rate at the rag prompt size (served prompt tokens/s at c=8 should be
+>= 0.9x of it), and a repeated question's TTFT against its cold TTFT (prefix cache).
+One JSON line per measurement goes to bench-results/serve_answers.jsonl, with the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import grpc  # noqa: E402
+from _common import SQUAD, cpu_name, log_jsonl, pct, squad_paragraphs  # noqa: E402
+
+from engine.config import Config  # noqa: E402
+from engine.documents import Document  # noqa: E402
+from engine.generate import Completion, SamplingParams  # noqa: E402
+from engine.pipeline import Engine  # noqa: E402
+from server.app import create_server  # noqa: E402
+from server.client import RagClient  # noqa: E402
+
+# decode: answers run to max_new_tokens (ignore_eos), so the regime stays decode-bound
+REGIMES = {"decode": {"top_k": 1, "max_new_tokens": 128, "ignore_eos": True},
+           "rag": {"top_k": None, "max_new_tokens": 32, "ignore_eos": False}}
+
+
+def one_stream(client: RagClient, question: str, top_k: int | None, max_new: int, ignore_eos: bool) -> dict:
+    t0 = time.perf_counter()
+    stamps, done = [], None
+    for msg in client.answer("squad", question, k=top_k, max_new_tokens=max_new, ignore_eos=ignore_eos, timeout=600):
+        kind = msg.WhichOneof("event")
+        if kind == "delta":
+            stamps.append(time.perf_counter())
+        elif kind == "done":
+            done = msg.done
+    end = time.perf_counter()
+    return {"ttft": (stamps[0] - t0) if stamps else end - t0, "gaps": [b - a for a, b in zip(stamps, stamps[1:])],
+            "tokens": done.usage.completion_tokens, "prompt": done.usage.prompt_tokens,
+            "cached": done.usage.cached_tokens, "seconds": end - t0}
+
+
+def drive(port: int, questions: list[str], c: int, seconds: float, regime: str) -> dict:
+    """c clients, each asking the next question as soon as its last answer is done."""
+    cfg = REGIMES[regime]
+    results, errors = [], []
+    lock = threading.Lock()
+    stop_at = time.perf_counter() + seconds
+    next_q = [0]
+
+    def client_loop() -> None:
+        client = RagClient(f"127.0.0.1:{port}", timeout=600)
+        try:
+            while time.perf_counter() < stop_at:
+                with lock:
+                    q = questions[next_q[0] % len(questions)]
+                    next_q[0] += 1
+                try:
+                    r = one_stream(client, q, cfg["top_k"], cfg["max_new_tokens"], cfg["ignore_eos"])
+                except grpc.RpcError as e:
+                    with lock:
+                        errors.append(e.code().name)
+                    continue
+                with lock:
+                    results.append(r)
+        finally:
+            client.close()
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client_loop) for _ in range(c)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0  # includes finishing the answers in flight at stop_at
+    gaps = [g for r in results for g in r["gaps"]]
+    return {"answers": len(results), "errors": errors, "wall_s": wall,
+            "answers_per_s": len(results) / wall,
+            "gen_tok_per_s": sum(r["tokens"] for r in results) / wall,
+            "prompt_tok_per_s": sum(r["prompt"] for r in results) / wall,
+            "prompt_tokens_p50": pct([r["prompt"] for r in results], 50),
+            "cached_tokens": sum(r["cached"] for r in results),
+            "prompt_tokens": sum(r["prompt"] for r in results),
+            "ttft_p50_s": pct([r["ttft"] for r in results], 50), "ttft_p95_s": pct([r["ttft"] for r in results], 95),
+            "itl_p50_ms": pct(gaps, 50) * 1e3, "itl_p99_ms": pct(gaps, 99) * 1e3}
+
+
+def single_stream_prefill(engine: Engine, question: str) -> dict:
+    """In process, no server: the prefill rate of one RAG prompt alone, and a repeated
+    question's TTFT against its cold one (the second run reads its prefix from the cache)."""
+    params = SamplingParams(max_new_tokens=1)
+    hits = engine.search("squad", question, engine.config.answer_k)
+    ids, _ = engine.build_prompt(question, hits, 32)
+    t0 = time.perf_counter()
+    next(ev for ev in engine.generator.stream_ids(ids, params) if isinstance(ev, Completion))
+    alone = time.perf_counter() - t0
+    cold = engine.scheduler.submit(ids, params).result()
+    warm = engine.scheduler.submit(ids, params).result()
+    return {"prompt_tokens": len(ids), "prefill_tok_per_s": len(ids) / alone,
+            "cold_ttft_s": cold.first_token_ns / 1e9, "warm_ttft_s": warm.first_token_ns / 1e9,
+            "warm_cached_tokens": warm.cached_tokens, "repeat_speedup": cold.first_token_ns / warm.first_token_ns}
+
+
+def run(args) -> None:
+    paragraphs = squad_paragraphs(args.squad, limit=args.docs)
+    questions = [q for p in paragraphs for q, _ in p["questions"]]
+    # a fixed shuffle, so consecutive clients do not ask about the same paragraph
+    questions = [questions[(i * 7919) % len(questions)] for i in range(len(questions))]
+    print(f"CPU: {cpu_name()}; {len(paragraphs)} SQuAD paragraphs, {len(questions)} questions; "
+          f"{args.seconds:.0f}s per measurement", flush=True)
+    with tempfile.TemporaryDirectory(prefix="rag-serve-bench-") as tmp:
+        base = Config(data_dir=Path(tmp), wal_fsync="off", max_queued_generations=64,
+                      max_concurrent_generations=max(args.concurrency), **({"gen_variant": args.variant}
+                                                                           if args.variant else {}))
+        writer = Engine(base)
+        writer.create_collection("squad")
+        writer.ingest("squad", [Document(p["id"], p["text"], f"squad/{p['id']}", {"title": p["title"]})
+                                for p in paragraphs])
+        writer.warmup(generation=True)
+        systems = {"ours": base, "one-at-a-time": base.replace(max_concurrent_generations=1)}
+        single = single_stream_prefill(writer, questions[0])
+        log_jsonl("serve_answers", {"system": "in-process", "regime": "rag", **single})
+        summary = {}
+        for regime in args.regimes:
+            for name, cfg in systems.items():
+                engine = Engine(cfg, embedder=writer.embedder, generator=writer.generator)
+                srv, port = create_server(cfg, "127.0.0.1:0", engine=engine)
+                try:
+                    drive(port, questions[-50:], 1, min(10.0, args.seconds), regime)  # warm-up, not reported
+                    for c in args.concurrency:
+                        r = drive(port, questions, c, args.seconds, regime)
+                        summary[(regime, name, c)] = r
+                        log_jsonl("serve_answers", {"system": name, "regime": regime, "concurrency": c, **r})
+                finally:
+                    srv.stop(0)
+        writer.close()
+    print("\nregime  c   system          answers/s  gen tok/s  prompt tok/s  TTFT p50/p95 s   ITL p50/p99 ms  cached")
+    for (regime, name, c), r in summary.items():
+        print(f"{regime:7s} {c:<3d} {name:15s} {r['answers_per_s']:9.3f} {r['gen_tok_per_s']:10.1f} "
+              f"{r['prompt_tok_per_s']:13.1f}  {r['ttft_p50_s']:6.2f}/{r['ttft_p95_s']:6.2f}  "
+              f"{r['itl_p50_ms']:7.1f}/{r['itl_p99_ms']:7.1f}  {r['cached_tokens']}/{r['prompt_tokens']}")
+    for regime in args.regimes:
+        for c in args.concurrency:
+            ours, base_r = summary[(regime, "ours", c)], summary[(regime, "one-at-a-time", c)]
+            one = summary[(regime, "ours", min(args.concurrency))]
+            print(f"{regime} c={c}: gen tok/s ours/one-at-a-time x{ours['gen_tok_per_s'] / base_r['gen_tok_per_s']:.2f}, "
+                  f"ours c={c}/c={min(args.concurrency)} x{ours['gen_tok_per_s'] / one['gen_tok_per_s']:.2f}, "
+                  f"ITL p99 c={c}/c={min(args.concurrency)} x{ours['itl_p99_ms'] / one['itl_p99_ms']:.2f}, "
+                  f"served prompt tok/s / in-process prefill x{ours['prompt_tok_per_s'] / single['prefill_tok_per_s']:.2f}")
+    print(f"repeated question TTFT: cold {single['cold_ttft_s']:.2f}s, warm {single['warm_ttft_s']:.2f}s "
+          f"(x{single['repeat_speedup']:.1f}; {single['warm_cached_tokens']} of {single['prompt_tokens']} prompt tokens "
+          "from the prefix cache)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--squad", type=Path, default=SQUAD)
+    ap.add_argument("--docs", type=int, default=300, help="SQuAD paragraphs ingested")
+    ap.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16])
+    ap.add_argument("--seconds", type=float, default=40.0, help="per (regime, system, concurrency)")
+    ap.add_argument("--regimes", type=lambda s: s.split(","), default=list(REGIMES))
+    ap.add_argument("--variant", choices=("fp32", "int8"), default=None, help="generator variant (default: config)")
+    args = ap.parse_args()
+    if not args.squad.exists():
+        raise SystemExit(f"{args.squad} not found; pass --squad PATH to SQuAD v1.1 dev JSON")
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Per-machine execution plan of the generator: which weights prefill, which decode.
+
+The two phases stress a CPU differently. Decode reads every weight once per step for one
+token per row, so fewer bytes per weight win everywhere measured (int8 MatMulNBits decodes
+~2x faster than fp32 on AVX2 and on AVX-512). Prefill multiplies whole prompts by the
+weights, so it runs at the CPU's arithmetic speed, and int8 arithmetic is only fast with
+8-bit dot-product instructions (AVX-512 VNNI, AVX-VNNI, AMX): on an AVX2-only AMD EPYC, int8
+prefilled an 850-token prompt at 96 tokens/s against fp32's 156, while on an avx512_vnni
+machine int8 won. So the plan is chosen per machine:
+  - `measure` times both phases on each built variant (a 512-token prompt and 16 decode
+    steps) and records the fastest per phase in the model's manifest.json under the CPU's
+    model name and features (`make models` does this once per CPU);
+  - without a measurement for this CPU, `rule` decides from the CPU's features.
+A prefill on fp32 weights and a decode on int8 weights share one KV cache layout (the
+same graph, quantized), so the decoder continues from the fp32 prefill's keys and values.
+Users override either phase (Config.gen_variant for decode, Config.gen_prefill_variant).
+
+    .venv/bin/python -m engine.plan [--measure] [--model-dir models/qwen2.5-coder-0.5b-instruct]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import time
+from pathlib import Path
+
+from .fsutil import atomic_write
+
+MANIFEST = "manifest.json"
+FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_tile")
+INT8_DOT = ("avx512_vnni", "avx_vnni", "amx_int8")
+MEASURE_PROMPT_TOKENS = 512
+MEASURE_DECODE_STEPS = 16
+
+
+def cpu_features() -> tuple[str, list[str]]:
+    """(CPU model name, the vector features among FEATURES it has)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() in ("flags", "Features"):
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    return model, [f for f in FEATURES if f in flags]
+
+
+def cpu_key() -> str:
+    model, feats = cpu_features()
+    return f"{model} [{' '.join(feats) or 'no avx2'}]"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Plan:
+    prefill: str
+    decode: str
+    source: str  # "measured", "rule" or "config"
+    cpu: str
+    rates: dict = dataclasses.field(default_factory=dict)  # variant -> {"prefill": tok/s, "decode": tok/s}
+
+    def describe(self) -> str:
+        how = {"measured": "measured on", "rule": "chosen by CPU features for", "config": "set by config on"}[self.source]
+        return f"prefill {self.prefill}, decode {self.decode} ({how} {self.cpu})"
+
+
+def rule(variants: list[str], cpu: str | None = None) -> Plan:
+    """The plan from CPU features alone (no measurement for this CPU yet)."""
+    _, feats = cpu_features()
+    decode = "int8" if "int8" in variants else variants[0]
+    prefill = "int8" if ("int8" in variants and any(f in feats for f in INT8_DOT)) else \
+        ("fp32" if "fp32" in variants else decode)
+    return Plan(prefill, decode, "rule", cpu or cpu_key())
+
+
+def recorded(model_dir: Path) -> Plan | None:
+    """The plan measured on this CPU, if `measure` recorded one."""
+    try:
+        manifest = json.loads((Path(model_dir) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    entry = manifest.get("execution_plans", {}).get(cpu_key())
+    if not entry:
+        return None
+    return Plan(entry["prefill"], entry["decode"], "measured", cpu_key(), entry.get("rates", {}))
+
+
+def built_variants(model_dir: Path) -> list[str]:
+    from .generate import VARIANT_FILES
+
+    return [v for v, f in VARIANT_FILES.items() if (Path(model_dir) / f).exists()]
+
+
+def resolve(model_dir: Path, *, decode: str, prefill: str = "auto") -> Plan:
+    """The plan to run: the configured phases, with "auto" filled in from this machine's plan."""
+    if prefill != "auto":
+        return Plan(prefill, decode, "config", cpu_key())
+    plan = recorded(model_dir) or rule(built_variants(model_dir))
+    if plan.decode != decode:  # the decode weights are configured; only prefill is automatic here
+        return Plan(plan.prefill, decode, plan.source, plan.cpu, plan.rates)
+    return plan
+
+
+def measure(model_dir: Path, threads: int, *, log=print) -> Plan:
+    """Time prefill and decode of every built variant here; record and return the fastest per phase."""
+    import numpy as np
+
+    from .generate import Completion, Generator, SamplingParams
+
+    model_dir = Path(model_dir)
+    rates: dict[str, dict[str, float]] = {}
+    for variant in built_variants(model_dir):
+        gen = Generator(model_dir, variant=variant, threads=threads)
+        rng = np.random.default_rng(0)
+        prompt = [int(x) for x in rng.integers(1000, 20000, MEASURE_PROMPT_TOKENS)]
+        gen.generate_ids([prompt[:32]], SamplingParams(max_new_tokens=2))  # warm up
+        t0 = time.perf_counter()
+        comp = next(ev for ev in gen.stream_ids(prompt, SamplingParams(max_new_tokens=MEASURE_DECODE_STEPS + 1))
+                    if isinstance(ev, Completion))
+        t1 = time.perf_counter()
+        steps = max(comp.completion_tokens - 1, 1)
+        rates[variant] = {"prefill": len(prompt) / (comp.first_token_ns / 1e9),
+                          "decode": steps / max(t1 - t0 - comp.first_token_ns / 1e9, 1e-9)}
+        log(f"[plan] {variant}: prefill {rates[variant]['prefill']:.0f} tok/s at {len(prompt)} tokens, "
+            f"decode {rates[variant]['decode']:.1f} tok/s")
+        del gen
+    plan = Plan(max(rates, key=lambda v: rates[v]["prefill"]), max(rates, key=lambda v: rates[v]["decode"]),
+                "measured", cpu_key(), rates)
+    path = model_dir / MANIFEST
+    manifest = json.loads(path.read_text())
+    manifest.setdefault("execution_plans", {})[plan.cpu] = {
+        "prefill": plan.prefill, "decode": plan.decode, "rates": rates, "threads": threads,
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    atomic_write(path, json.dumps(manifest, indent=2))
+    log(f"[plan] {plan.describe()}; recorded in {path}")
+    return plan
+
+
+def main() -> None:
+    from .config import DEFAULT_GEN_MODEL, DEFAULT_MODELS_DIR, default_threads
+
+    ap = argparse.ArgumentParser(description="the generator's per-machine execution plan")
+    ap.add_argument("--model-dir", type=Path, default=DEFAULT_MODELS_DIR / DEFAULT_GEN_MODEL)
+    ap.add_argument("--measure", action="store_true", help="measure here and record it (even if recorded)")
+    ap.add_argument("--if-missing", action="store_true", help="with --measure: only if this CPU has no plan yet")
+    ap.add_argument("--threads", type=int, default=default_threads())
+    args = ap.parse_args()
+    if args.measure and not (args.if_missing and recorded(args.model_dir)):
+        measure(args.model_dir, args.threads)
+    plan = recorded(args.model_dir) or rule(built_variants(args.model_dir))
+    print(plan.describe())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""The generator's per-machine execution plan (engine/plan.py): measured by `make models` for
+this CPU, a rule from CPU features otherwise, overridable; a prefill on one variant's
+weights and a decode on another's, alone or in the scheduler's batch."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from engine.generate import Completion, Generator, SamplingParams
+from engine.plan import INT8_DOT, Plan, built_variants, cpu_features, cpu_key, recorded, resolve, rule
+from engine.scheduler import Scheduler
+
+
+@pytest.fixture(scope="module")
+def mixed(config):
+    """fp32 prefill, int8 decode: the plan of CPUs without 8-bit dot-product instructions."""
+    return Generator(config.gen_model_dir, variant="int8", prefill_variant="fp32", threads=2,
+                     context_window=config.context_window)
+
+
+def test_make_models_recorded_a_measured_plan_for_this_cpu(config):
+    plan = recorded(config.gen_model_dir)
+    assert plan is not None, "make models measures the plan of a CPU it has not seen (engine.plan --measure)"
+    assert plan.source == "measured" and plan.cpu == cpu_key()
+    variants = built_variants(config.gen_model_dir)
+    assert {plan.prefill, plan.decode} <= set(variants) and set(plan.rates) == set(variants)
+    for r in plan.rates.values():
+        assert r["prefill"] > 0 and r["decode"] > 0
+    assert plan.prefill == max(plan.rates, key=lambda v: plan.rates[v]["prefill"])
+    manifest = json.loads((config.gen_model_dir / "manifest.json").read_text())
+    assert manifest["execution_plans"][cpu_key()]["decode"] == plan.decode
+
+
+def test_rule_follows_cpu_features(config):
+    _, feats = cpu_features()
+    plan = rule(["fp32", "int8"])
+    assert plan.decode == "int8"
+    assert plan.prefill == ("int8" if any(f in feats for f in INT8_DOT) else "fp32")
+    assert rule(["fp32"]) == Plan("fp32", "fp32", "rule", cpu_key())
+    assert "chosen by CPU features" in plan.describe()
+
+
+def test_config_overrides_the_plan(config):
+    assert resolve(config.gen_model_dir, decode="int8", prefill="int8") == Plan("int8", "int8", "config", cpu_key())
+    auto = resolve(config.gen_model_dir, decode="fp32")
+    assert auto.decode == "fp32" and auto.source in ("measured", "rule")
+
+
+def test_mixed_plan_prefills_on_fp32_and_decodes_on_int8(mixed, generator):
+    assert mixed.prefill_variant == "fp32" and mixed.prefill_session is not mixed.session
+    prompt = mixed.encode(mixed.render_chat([{"role": "user", "content": "Name three colours of tea."}]))
+    params = SamplingParams(max_new_tokens=12)
+    comp = next(ev for ev in mixed.stream_ids(prompt, params) if isinstance(ev, Completion))
+    assert comp.completion_tokens >= 1 and comp.text.strip()
+    # the same tokens through the scheduler, alone and beside other rows
+    s = Scheduler(mixed, prefix_cache_mb=0, prefill_chunk=64, block_tokens=16)
+    try:
+        assert s.submit(prompt, params).result().token_ids == comp.token_ids
+        other = mixed.encode(mixed.render_chat([{"role": "user", "content": "Why is the sky blue? " * 4}]))
+        tickets = [s.submit(other, SamplingParams(max_new_tokens=20)), s.submit(prompt, params)]
+        assert tickets[1].result().token_ids == comp.token_ids
+        tickets[0].result()
+    finally:
+        s.close()
