@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prefill-chunk", type=int, default=None,
                    help="most prompt tokens prefilled at once (default 256)")
     s.add_argument("--prefill-stall-ms", type=float, default=None,
-                   help="while answers decode, a newcomer's prefill chunk takes about this long (default 250)")
+                   help="while answers decode, a newcomer's prefill chunk takes about this long (default 500)")
     s.add_argument("--prefix-cache-mb", type=float, default=None,
                    help="memory for the KV of shared prompt prefixes (default 256; 0 = off)")
     s.add_argument("--batch-window-ms", type=float, default=None, help="micro-batching window for Search/Embed")

@@ -47,7 +47,7 @@ class Engine:
         self._embedder = embedder
         self._generator = generator
         self._scheduler = None
-        self.plan = None  # the generator's execution plan (engine/plan.py), once it is loaded
+        self._plan = None  # the generator's execution plan (engine/plan.py), once it is loaded
         self._lock = threading.RLock()
         self.collections = Collections(self.config, owner=owner)
         self.searcher = Searcher(self.config, self.collections, lambda: self.embedder)
@@ -76,16 +76,27 @@ class Engine:
                 from .plan import resolve
 
                 c = self.config
-                self.plan = resolve(c.gen_model_dir, decode=c.gen_variant, prefill=c.gen_prefill_variant) \
+                plan = resolve(c.gen_model_dir, decode=c.gen_variant, prefill=c.gen_prefill_variant) \
                     if c.provider == "cpu" else None
                 self._generator = Generator(c.gen_model_dir, variant=c.gen_variant, provider=c.provider,
                                             threads=c.threads, context_window=c.context_window,
-                                            prefill_variant=self.plan.prefill if self.plan else None)
+                                            prefill_variant=plan.prefill if plan else None)
+                self._plan = plan
             return self._generator
 
     @property
     def generator_loaded(self) -> bool:
         return self._generator is not None
+
+    @property
+    def execution_plan(self):
+        """Which weights prefill and which decode (engine/plan.py); None before the generator loads."""
+        if self._plan is None and self._generator is not None:
+            from .plan import Plan, cpu_key
+
+            g = self._generator
+            self._plan = Plan(g.prefill_variant, g.variant, "config", cpu_key())
+        return self._plan
 
     @property
     def scheduler(self):

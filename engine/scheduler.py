@@ -8,8 +8,8 @@ One thread runs the model, so concurrent answers never fight over the cores; eac
      (`kv_budget_tokens`: rows x the longest row's prompt + max_new_tokens) allow;
   3. runs one prefill chunk of the oldest newcomer, so streams already decoding keep a
      steady pace while a long prompt joins (chunked prefill): while rows decode, a chunk is
-     sized to take about `prefill_stall_ms` at the measured prefill rate (at least one
-     block); with nobody decoding, `prefill_chunk` tokens. A newcomer whose prompt is done
+     sized to take about `prefill_stall_ms`, steered by how long the last ones took (at
+     least one block); with nobody decoding, `prefill_chunk` tokens. A newcomer whose prompt is done
      joins the running batch with its first token;
   4. runs one batched decode step over every active row and hands each row's text delta
      to its caller.
@@ -189,7 +189,8 @@ class Scheduler:
         self.kv_budget = kv_budget_tokens
         self.chunk = prefill_chunk
         self.stall_s = prefill_stall_ms / 1000.0
-        self.prefill_rate = 0.0  # tokens/s of recent prefill chunks (0: none measured yet)
+        self.prefill_rate = 0.0  # tokens/s of the last prefill chunk
+        self._stall_chunk = float(max(block_tokens, prefill_chunk // 4))  # tokens that take ~stall_s
         self.cache = PrefixCache(int(prefix_cache_mb * 2**20), block_tokens) if prefix_cache_mb > 0 else None
         self.block = block_tokens
         g = generator
@@ -354,17 +355,21 @@ class Scheduler:
     def _prefill_chunk(self, t: Ticket) -> None:
         """One chunk of `t`'s prompt; on the last, its first token and a place in the batch."""
         a = t.done_tokens
+        stalling = bool(self._active)  # rows wait for their next token while this chunk runs
         size = self.chunk
-        if self._active:  # rows are waiting for their next token: keep the stall short
-            fit = int(self.prefill_rate * self.stall_s) // self.block * self.block
-            size = min(self.chunk, max(self.block, fit))
+        if stalling:
+            size = min(self.chunk, max(self.block, int(self._stall_chunk) // self.block * self.block))
         b = min(len(t.prompt), a + size)
         ids = np.array([t.prompt[a:b]], np.int64)
         t0 = time.perf_counter()
         logits, t.kv = self._run(ids, np.ones((1, b), np.int64), np.arange(a, b, dtype=np.int64)[None], t.kv,
                                  prefill=True)
-        rate = (b - a) / max(time.perf_counter() - t0, 1e-6)
-        self.prefill_rate = rate if not self.prefill_rate else 0.7 * self.prefill_rate + 0.3 * rate
+        took = max(time.perf_counter() - t0, 1e-6)
+        self.prefill_rate = (b - a) / took
+        if stalling and b - a == size:
+            # A chunk's time is not proportional to its size (each run reads every weight once,
+            # which is most of a small chunk's cost), so steer by what the last one took.
+            self._stall_chunk = 0.5 * self._stall_chunk + 0.5 * size * self.stall_s / took
         t.done_tokens = b
         if self.cache is not None:
             for j in range(a // self.block, b // self.block):

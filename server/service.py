@@ -285,6 +285,7 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
         c = self.config
         emb = self.engine.embedder
         gen_name, window = c.gen_model, c.context_window
+        plan = self.engine.execution_plan
         if self.engine.generator_loaded:
             gen_name, window = self.engine.generator.name, self.engine.generator.window
         return pb.GetInfoResponse(version=VERSION, embedding_model=emb.name, embedding_dims=emb.dim,
@@ -294,5 +295,5 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
                                   max_concurrent_generations=c.max_concurrent_generations,
                                   execution_provider=c.provider, max_document_bytes=c.max_document_bytes,
                                   search_mode=c.search_mode, cpu=cpu_key(),
-                                  execution_plan=self.engine.plan.describe() if self.engine.plan else "",
+                                  execution_plan=plan.describe() if plan else "",
                                   max_queued_generations=c.max_queued_generations, fusion=c.fusion)

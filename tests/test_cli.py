@@ -86,3 +86,15 @@ def test_ingest_reports_skipped_files(tmp_path, capsys):
     # nothing usable at all: exit 1
     code, out, err = rag(capsys, "--data-dir", str(tmp_path / "d"), "ingest", str(bad / "bin.txt"), "-c", "c")
     assert code == 1
+
+
+def test_info_names_the_cpu_and_the_execution_plan(tmp_path, capsys):
+    from engine.plan import cpu_key
+
+    code, out, _ = rag(capsys, "--data-dir", str(tmp_path), "info", "--json")
+    info = json.loads(out)
+    assert code == 0 and info["cpu"] == cpu_key()
+    assert info["execution_plan"].startswith(f"prefill {info['prefill_variant']}, decode {info['decode_variant']}")
+    assert info["decode_variant"] == "int8" and info["plan_source"] in ("measured", "rule")
+    code, out, _ = rag(capsys, "--data-dir", str(tmp_path), "--gen-prefill-variant", "int8", "info")
+    assert code == 0 and "prefill int8, decode int8 (set by config" in out

@@ -65,6 +65,9 @@ def test_info_and_collections(server):
     assert info.embedding_model == "all-MiniLM-L6-v2" and info.embedding_dims == 384
     assert info.max_top_k == 1000 and info.context_window == 2048
     assert info.max_document_bytes == 32 * 1024 * 1024 and info.search_mode == "hybrid"
+    assert info.fusion == "convex" and info.max_queued_generations == 64 and info.cpu
+    # the fixture's generator is int8 throughout (the tests' generator); a served plan names both phases
+    assert info.execution_plan.startswith("prefill int8, decode int8")
     created = client.create_collection("tmp", dtype="i8", connectivity=8)
     assert created.dtype == pb.VECTOR_D_TYPE_I8 and created.connectivity == 8 and created.documents == 0
     assert {c.name for c in client.list_collections()} >= {"docs", "tmp"}
