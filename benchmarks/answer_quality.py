@@ -116,7 +116,7 @@ def run(args) -> None:
         t3 = time.perf_counter()
         prompts = []
         for q in sample:
-            hit = Hit(rank=1, score=1.0, key=-1, doc_id=q["pid"], source=q["pid"], ordinal=0, start=0,
+            hit = Hit(rank=1, score=1.0, cosine=1.0, key=-1, doc_id=q["pid"], source=q["pid"], ordinal=0, start=0,
                       end=len(q["context"]), text=q["context"], metadata={"title": q["pid"].rsplit("-", 1)[0]})
             ids, _ = engine.build_prompt(q["question"], [hit], params.max_new_tokens)
             prompts.append(ids)

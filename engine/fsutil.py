@@ -12,8 +12,8 @@ import os
 from pathlib import Path
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename or create inside `path` durable."""
+def fsync_path(path: Path) -> None:
+    """fsync a file (its data) or a folder (a rename or create inside it) by name."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -21,12 +21,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+fsync_dir = fsync_path  # the name callers use for folders
 
 
 def temp_path(path: Path) -> Path:
@@ -38,7 +33,7 @@ def temp_path(path: Path) -> Path:
 def replace_file(tmp: Path, path: Path, *, fsync: bool = True) -> None:
     """Rename the finished `tmp` over `path` (synced first, and the folder after, if `fsync`)."""
     if fsync:
-        fsync_file(tmp)
+        fsync_path(tmp)
     os.replace(tmp, path)
     if fsync:
         fsync_dir(Path(path).parent)
