@@ -229,25 +229,6 @@ class Scheduler:
             self._cv.notify()
         return t
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
-        """All prompts through the scheduler (they batch with each other and with anything
-        already running); results in input order."""
-        for p in prompts:
-            self.generator._check_prompts([p], params)
-        tickets = []
-        try:
-            for p in prompts:
-                while True:
-                    try:
-                        tickets.append(self.submit(p, params))
-                        break
-                    except Overloaded:  # our own batch fills the queue: wait for room
-                        time.sleep(0.01)
-            return [t.result() for t in tickets]
-        finally:
-            for t in tickets:
-                t.cancel()
-
     @property
     def running(self) -> int:
         return len(self._active) + len(self._prefilling)
