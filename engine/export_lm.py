@@ -177,6 +177,27 @@ def last_position_logits(model) -> bool:
     return True
 
 
+def _graph_index(g):
+    """(producer of each value, its consumers, initializers by name, const(name) -> array or
+    None) of an ONNX graph: what the graph passes below match their patterns with."""
+    from onnx import numpy_helper
+
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    inits = {t.name: t for t in g.initializer}
+
+    def const(name: str):
+        n = producer.get(name)
+        if n is not None and n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            return numpy_helper.to_array(n.attribute[0].t)
+        return numpy_helper.to_array(inits[name]) if name in inits else None
+
+    return producer, consumers, inits, const
+
+
 def softmax_nan_guard(model) -> int:
     """Drop the NaN guard after every attention softmax; returns how many were dropped.
 
@@ -193,22 +214,11 @@ def softmax_nan_guard(model) -> int:
     from onnx import numpy_helper
 
     g = model.graph
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    inits = {t.name: t for t in g.initializer}
+    producer, consumers, inits, const = _graph_index(g)
 
     def scalar(name: str):
-        n = producer.get(name)
-        if n is not None and n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            a = numpy_helper.to_array(n.attribute[0].t)
-        elif name in inits:
-            a = numpy_helper.to_array(inits[name])
-        else:
-            return None
-        return float(a.reshape(-1)[0]) if a.size == 1 else None
+        a = const(name)
+        return float(a.reshape(-1)[0]) if a is not None and a.size == 1 else None
 
     drop, rename, fills = set(), {}, set()
     for sm in g.node:
@@ -271,18 +281,7 @@ def grouped_attention(model, kv_heads: int, heads: int) -> int:
     from onnx import helper, numpy_helper
 
     g = model.graph
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    inits = {t.name: t for t in g.initializer}
-
-    def const(name: str):
-        n = producer.get(name)
-        if n is not None and n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            return numpy_helper.to_array(n.attribute[0].t)
-        return numpy_helper.to_array(inits[name]) if name in inits else None
+    producer, consumers, _, const = _graph_index(g)
 
     shapes = {}
 

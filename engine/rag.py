@@ -127,7 +127,7 @@ class Answerer:
         params.check(self._generator().window)
         if col.store.counts()[1] == 0:
             raise FailedPrecondition(f"collection {name!r} is empty; ingest documents before asking questions")
-        found = self.searcher.search(name, questions, k)
+        found = self.searcher.search_open(col, questions, k, filter=None, mode=self.searcher.check_mode(None))
         return params, found.hits, found.embed_ns, found.search_ns
 
     def stream(self, name: str, question: str, *, k: int | None = None, params=None,

@@ -142,7 +142,12 @@ class Searcher:
         mode = self.check_mode(mode)
         queries = check_queries(queries)
         filter = check_filter(filter)
-        col = self.open(name)
+        return self.search_open(self.open(name), queries, k, filter=filter, mode=mode, vectors=vectors)
+
+    def search_open(self, col: Collection, queries: list[str], k: int, *, filter: dict | None, mode: str,
+                    vectors: np.ndarray | None = None) -> SearchResult:
+        """`search` on a collection `open` returned, with checked arguments (answers open the
+        collection first, to check it is not empty, and do not open it twice)."""
         t0 = time.perf_counter_ns()
         if vectors is None:
             vectors = self._embedder().embed(queries)
