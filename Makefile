@@ -16,7 +16,7 @@ export PIP_CACHE_DIR := $(CURDIR)/.cache/pip
 NODE_STAMP := clients/node/node_modules/.package-lock.json
 STUBS := server/_gen/rag/v1/rag_pb2.py
 
-.PHONY: setup models test demo serve soak fuzz bench clean distclean
+.PHONY: setup models test demo serve soak fuzz bench peers clean distclean
 
 setup: $(STAMP) $(STUBS) $(NODE_STAMP) models
 
@@ -103,6 +103,30 @@ bench: setup $(VENV)/.bench $(BENCH_CORPUS)
 	$(PY) benchmarks/ann.py
 	$(PY) benchmarks/generate_throughput.py
 	$(PY) benchmarks/answer_quality.py
+
+# The single-stream peers of `benchmarks/serve_answers.py --peers`, each in its own virtual
+# environment under .cache/peers (their dependencies clash with ours): llama-cpp-python
+# built from source (~10 minutes on 2 cores; it loads the GGUF `make models` assembled) and
+# onnxruntime-genai 0.18 with its model builder (which needs transformers 5), and that
+# builder's int4 CPU build of the HF folder `make models` produced.
+PEERS := .cache/peers
+GENAI_MODEL := .cache/genai/qwen2.5-coder-0.5b-instruct-int4
+peers: models $(PEERS)/llama/.installed $(GENAI_MODEL)/genai_config.json
+
+$(PEERS)/llama/.installed:
+	test -x $(PEERS)/llama/bin/python || $(PYTHON) -m venv $(PEERS)/llama
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(PEERS)/llama/bin/pip install -q --no-binary llama-cpp-python llama-cpp-python==0.3.36
+	touch $@
+
+$(PEERS)/genai/.installed:
+	test -x $(PEERS)/genai/bin/python || $(PYTHON) -m venv $(PEERS)/genai
+	$(PEERS)/genai/bin/pip install -q onnxruntime-genai==0.18.0 'transformers>=5' torch==2.13.0 onnx onnx-ir
+	touch $@
+
+$(GENAI_MODEL)/genai_config.json: | $(PEERS)/genai/.installed
+	$(PEERS)/genai/bin/python -m onnxruntime_genai.models.builder -m qwen2.5-coder-0.5b-instruct \
+		-i .cache/hf/qwen2.5-coder-0.5b-instruct -o $(GENAI_MODEL) -p int4 -e cpu -c .cache/genai/build
+	cp -n .cache/hf/qwen2.5-coder-0.5b-instruct/tokenizer.json $(GENAI_MODEL)/  # the builder leaves it out
 
 clean:
 	rm -rf $(DEMO_DATA) .pytest_cache .hypothesis bench-results

@@ -65,6 +65,68 @@ def log(rec: dict) -> None:
         f.write(json.dumps({"time": time.time(), **rec}) + "\n")
 
 
+def contains(pred: str, golds: list[str]) -> bool:
+    p = f" {normalize(pred)} "
+    return any(f" {normalize(g)} " in p for g in golds if normalize(g))
+
+
+def rag_pass(args, rag: list[str], tmp: Path, mode: str, paragraphs: list[dict], sample: list[dict],
+             qfile: Path) -> list[str]:
+    """Ingest `paragraphs`, answer `sample` with `rag ask --batch`, print and log the scores."""
+    from engine.support import degenerate as is_degenerate
+
+    corpus = tmp / f"{mode}.jsonl"
+    corpus.write_text("".join(json.dumps(p) + "\n" for p in paragraphs))
+    data_dir = ["--data-dir", str(tmp / mode)]
+    t0 = time.perf_counter()
+    subprocess.run([*rag, *data_dir, "ingest", str(corpus), "-c", "squad", "-q"], check=True)
+    t1 = time.perf_counter()
+    afile = tmp / f"{mode}-answers.jsonl"
+    subprocess.run([*rag, *data_dir, "ask", "--batch", str(qfile), "--out", str(afile), "-c", "squad",
+                    "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.batch_size)], check=True)
+    t2 = time.perf_counter()
+    answers = {json.loads(line)["id"]: json.loads(line) for line in afile.read_text().splitlines()}
+    got = [answers[q["id"]] for q in sample]
+    preds = [a["answer"] for a in got]
+    golds = [q["answers"] for q in sample]
+    n = len(sample)
+    em, f = score(preds, golds)
+    corpus_name = f"{corpus.resolve()}#"
+    retrieved = sum(any(s["doc_id"] == corpus_name + q["pid"] for s in a["sources"]) for q, a in zip(sample, got))
+    declined = sum(p.startswith("The context does not contain") for p in preds)
+    answered = [a for a in got if not a["answer"].startswith("The context does not contain")]
+    returned_degenerate = sum(is_degenerate(a["answer"], [s["label"] for s in a["sources"]]) is not None
+                              for a in answered)
+    first_degenerate = sum(bool(a["degenerate"]) for a in got)
+    extracted = sum(a["extracted"] for a in got)
+    cited = sum(any(s["cited"] for s in a["sources"]) for a in answered)
+    gold_sentences = [x for q, a in zip(sample, got) for x in a["support"]
+                      if contains(a["answer"][slice(*x["answer_span"])], q["answers"])]
+    sentences = [x for a in answered for x in a["support"]]
+    flagged = sum(any(not x["supported"] for x in a["support"]) for a in answered)
+    prompt_tokens = sorted(a["usage"]["prompt_tokens"] // (1 + a["retries"]) for a in got)
+    prefill = sorted(a["timings_ns"]["prefill"] / 1e9 / (1 + a["retries"]) for a in got)
+    rec = {"mode": mode, "n": n, "seed": args.seed, "em": em, "f1": f,
+           "contains_gold": sum(contains(p, g) for p, g in zip(preds, golds)) / n,
+           "gold_in_prompt": retrieved / n, "declined": declined / n,
+           "degenerate_returned": returned_degenerate / n, "degenerate_first": first_degenerate / n,
+           "extracted": extracted / n, "citation_rate": cited / max(len(answered), 1),
+           "gold_sentences_supported": sum(x["supported"] for x in gold_sentences) / max(len(gold_sentences), 1),
+           "gold_sentences": len(gold_sentences), "sentences_supported": sum(x["supported"] for x in sentences)
+           / max(len(sentences), 1), "answers_flagged": flagged / max(len(answered), 1),
+           "prompt_tokens_p50": prompt_tokens[n // 2], "prefill_s_p50": prefill[n // 2],
+           "s_per_question": (t2 - t1) / n, "ingest_s": t1 - t0}
+    print(f"{mode:17s} EM {em:5.1f}  F1 {f:5.1f}  contains-gold {rec['contains_gold']:.2f}  gold paragraph in prompt "
+          f"{rec['gold_in_prompt']:.2f}  declined {rec['declined']:.2f}  degenerate {rec['degenerate_returned']:.2f} "
+          f"(first try {rec['degenerate_first']:.2f}, extracted {rec['extracted']:.2f})  cited "
+          f"{rec['citation_rate']:.2f}\n{'':17s} gold-span sentences supported {rec['gold_sentences_supported']:.2f} "
+          f"(of {len(gold_sentences)}), answers with an unsupported sentence {rec['answers_flagged']:.2f}, "
+          f"median prompt {rec['prompt_tokens_p50']} tokens, prefill {rec['prefill_s_p50']:.2f} s, "
+          f"{rec['s_per_question']:.2f} s/question (ingest {t1 - t0:.0f} s)", flush=True)
+    log(rec)
+    return preds
+
+
 def run(args) -> None:
     data = json.loads(Path(args.squad).read_text())["data"]
     paragraphs, questions = [], []
@@ -87,27 +149,12 @@ def run(args) -> None:
         preds = [""] * len(sample)
         golds = [q["answers"] for q in sample]
         if not args.skip_rag:
-            data_dir = ["--data-dir", str(tmp / "data")]
-            t0 = time.perf_counter()
-            subprocess.run([*rag, *data_dir, "ingest", str(corpus), "-c", "squad", "-q"], check=True)
-            t1 = time.perf_counter()
-            afile = tmp / "a.jsonl"
-            subprocess.run([*rag, *data_dir, "ask", "--batch", str(qfile), "--out", str(afile), "-c", "squad",
-                            "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.batch_size)],
-                           check=True)
-            t2 = time.perf_counter()
-            answers = {json.loads(line)["id"]: json.loads(line) for line in afile.read_text().splitlines()}
-            preds = [answers[q["id"]]["answer"] for q in sample]
-            golds = [q["answers"] for q in sample]
-            em, f = score(preds, golds)
-            corpus_name = f"{corpus.resolve()}#"
-            retrieved = sum(any(s["doc_id"] == corpus_name + q["pid"] for s in answers[q["id"]]["sources"])
-                            for q in sample) / len(sample) * 100
-            refused = sum(p.startswith("The context does not contain") for p in preds) / len(preds) * 100
-            print(f"rag (retrieved passages)  EM {em:5.1f}  F1 {f:5.1f}  gold paragraph in prompt {retrieved:5.1f}%  "
-                  f"declined {refused:4.1f}%  ({(t2 - t1) / len(sample):.2f} s/question; ingest {t1 - t0:.0f} s)")
-            log({"mode": "rag", "n": len(sample), "seed": args.seed, "em": em, "f1": f, "gold_in_prompt": retrieved,
-                 "declined": refused, "s_per_question": (t2 - t1) / len(sample)})
+            preds = rag_pass(args, rag, tmp, "rag", paragraphs, sample, qfile)
+        if args.gold_removed and not args.skip_rag:
+            # the same questions over a collection without their gold paragraphs: answers should
+            # decline, or have their sentences flagged as unsupported
+            gone = {q["pid"] for q in sample}
+            rag_pass(args, rag, tmp, "rag-gold-removed", [p for p in paragraphs if p["id"] not in gone], sample, qfile)
 
         # Gold paragraph as the only passage, same template and generator.
         engine = Engine(Config(data_dir=tmp / "data", gen_prefill_variant=args.prefill_variant))
@@ -180,6 +227,8 @@ def main() -> None:
                         'e.g. "fp32,int8,fp32>int8" (engine/plan.py)')
     p.add_argument("--prefill-variant", default="auto", help="the generator's prefill weights (default: the plan)")
     p.add_argument("--skip-rag", action="store_true", help="only the gold-paragraph modes (no ingest, no rag ask)")
+    p.add_argument("--gold-removed", action="store_true",
+                   help="also answer the questions over the corpus without their gold paragraphs (support flags)")
     run(p.parse_args())
 
 

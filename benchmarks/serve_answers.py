@@ -15,12 +15,21 @@ the prefix cache. The in-run baseline is the same server with the scheduler at o
 batching does); ratios `ours / one-at-a-time` are printed. Also measured in process: the
 single-stream prefill rate at the rag prompt size (served prompt tokens/s at c=8 should be
 >= 0.9x of it), and a repeated question's TTFT against its cold TTFT (prefix cache).
+With --peers, a single-stream section: the same RAG prompts (as text, chat template
+included), one at a time, same threads, greedy, through ours (the machine's execution plan),
+llama.cpp (llama-cpp-python built from source, on the GGUF that `make models` assembles) and
+onnxruntime-genai (its int4 build of the HF folder `make models` produced); each peer runs in
+its own virtual environment (`make peers`) through benchmarks/_peer_lm.py. Prefill tok/s
+(prompt tokens / time to first token) and decode tok/s, with ratios ours / peer.
 One JSON line per measurement goes to bench-results/serve_answers.jsonl, with the CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -126,6 +135,70 @@ def single_stream_prefill(engine: Engine, question: str) -> dict:
             "warm_cached_tokens": warm.cached_tokens, "repeat_speedup": cold.first_token_ns / warm.first_token_ns}
 
 
+PEERS = {  # name -> (python of its virtual environment, model it loads), as `make peers` builds them
+    "llama.cpp": (REPO / ".cache/peers/llama/bin/python",
+                  REPO / ".cache/gguf/qwen2.5-coder-0.5b-instruct/qwen2.5-coder-0.5b-instruct.gguf"),
+    "onnxruntime-genai int4": (REPO / ".cache/peers/genai/bin/python",
+                               REPO / ".cache/genai/qwen2.5-coder-0.5b-instruct-int4"),
+}
+
+
+def single_stream_peers(engine: Engine, questions: list[str], args) -> dict:
+    """Ours and each peer, one prompt at a time, on the same RAG prompt texts."""
+    gen = engine.generator
+    prompts = []
+    for q in questions[:args.peer_prompts]:
+        ids, _ = engine.build_prompt(q, engine.search("squad", q, engine.config.answer_k), args.peer_new_tokens)
+        prompts.append(ids)
+    texts = [gen.tokenizer.decode(ids, skip_special_tokens=False) for ids in prompts]
+    params = SamplingParams(max_new_tokens=args.peer_new_tokens)
+    rows = []
+    for ids in prompts:
+        t0 = time.perf_counter()
+        stamps = []
+        for ev in gen.stream_ids(ids, params):
+            if not isinstance(ev, Completion):
+                stamps.append(time.perf_counter())
+        rows.append({"prompt_tokens": len(ids), "prefill_s": stamps[0] - t0,
+                     "decode_tok_per_s": (ev.completion_tokens - 1) / (stamps[-1] - stamps[0])
+                     if len(stamps) > 1 else float("nan")})
+    plan = engine.execution_plan
+    results = {f"ours ({plan.prefill} prefill, {plan.decode} decode)": rows}
+    threads = engine.config.threads
+    for name, (python, model) in PEERS.items():
+        if not python.exists() or not model.exists():
+            print(f"peer {name}: not set up ({python if not python.exists() else model} missing); `make peers`")
+            continue
+        job = {"peer": "llama" if name == "llama.cpp" else "genai", "model": str(model), "threads": threads,
+               "new_tokens": args.peer_new_tokens, "prompts": texts}
+        proc = subprocess.run([str(python), str(REPO / "benchmarks/_peer_lm.py")], input=json.dumps(job),
+                              capture_output=True, text=True, timeout=3600)
+        if proc.returncode:
+            print(f"peer {name} failed:\n{proc.stderr[-2000:]}")
+            continue
+        results[name] = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    summary = {}
+    for name, rs in results.items():
+        tokens = sum(r["prompt_tokens"] for r in rs)
+        summary[name] = {"prompts": len(rs), "prompt_tokens_mean": tokens / len(rs),
+                         "prefill_tok_per_s": tokens / sum(r["prefill_s"] for r in rs),
+                         "ttft_p50_s": pct([r["prefill_s"] for r in rs], 50),
+                         "decode_tok_per_s": statistics.median(r["decode_tok_per_s"] for r in rs)}
+        log_jsonl("serve_answers", {"system": name, "regime": "single-stream", "threads": threads, **summary[name]})
+    return summary
+
+
+def print_peers(summary: dict) -> None:
+    print("\nsingle stream (same prompts, one at a time)   prompt tok  prefill tok/s  TTFT p50 s  decode tok/s")
+    for name, r in summary.items():
+        print(f"{name:45s} {r['prompt_tokens_mean']:10.0f} {r['prefill_tok_per_s']:14.1f} {r['ttft_p50_s']:11.2f} "
+              f"{r['decode_tok_per_s']:13.1f}")
+    ours = next(iter(summary.values()))
+    for name, r in list(summary.items())[1:]:
+        print(f"ours / {name}: prefill x{ours['prefill_tok_per_s'] / r['prefill_tok_per_s']:.2f}, "
+              f"decode x{ours['decode_tok_per_s'] / r['decode_tok_per_s']:.2f}")
+
+
 def run(args) -> None:
     paragraphs = squad_paragraphs(args.squad, limit=args.docs)
     questions = [q for p in paragraphs for q, _ in p["questions"]]
@@ -145,6 +218,7 @@ def run(args) -> None:
         systems = {"ours": base, "one-at-a-time": base.replace(max_concurrent_generations=1)}
         single = single_stream_prefill(writer, questions[0])
         log_jsonl("serve_answers", {"system": "in-process", "regime": "rag", **single})
+        peers = single_stream_peers(writer, questions[len(questions) // 2:], args) if args.peers else {}
         summary = {}
         for regime in args.regimes:
             for name, cfg in systems.items():
@@ -172,6 +246,8 @@ def run(args) -> None:
                   f"ours c={c}/c={min(args.concurrency)} x{ours['gen_tok_per_s'] / one['gen_tok_per_s']:.2f}, "
                   f"ITL p99 c={c}/c={min(args.concurrency)} x{ours['itl_p99_ms'] / one['itl_p99_ms']:.2f}, "
                   f"served prompt tok/s / in-process prefill x{ours['prompt_tok_per_s'] / single['prefill_tok_per_s']:.2f}")
+    if peers:
+        print_peers(peers)
     print(f"repeated question TTFT: cold {single['cold_ttft_s']:.2f}s, warm {single['warm_ttft_s']:.2f}s "
           f"(x{single['repeat_speedup']:.1f}; {single['warm_cached_tokens']} of {single['prompt_tokens']} prompt tokens "
           "from the prefix cache)")
@@ -183,8 +259,14 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=300, help="SQuAD paragraphs ingested")
     ap.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16])
     ap.add_argument("--seconds", type=float, default=40.0, help="per (regime, system, concurrency)")
-    ap.add_argument("--regimes", type=lambda s: s.split(","), default=list(REGIMES))
-    ap.add_argument("--variant", choices=("fp32", "int8"), default=None, help="generator variant (default: config)")
+    ap.add_argument("--regimes", type=lambda s: [x for x in s.split(",") if x], default=list(REGIMES),
+                    help="comma-separated (\"\" with --peers: the single-stream section only)")
+    ap.add_argument("--variant", choices=("fp32", "int8", "int4"), default=None,
+                    help="generator weights that decode (default: the machine's plan)")
+    ap.add_argument("--peers", action="store_true",
+                    help="also the single-stream section against llama.cpp and onnxruntime-genai (make peers)")
+    ap.add_argument("--peer-prompts", type=int, default=8, help="prompts in the single-stream section")
+    ap.add_argument("--peer-new-tokens", type=int, default=32)
     args = ap.parse_args()
     if not args.squad.exists():
         raise SystemExit(f"{args.squad} not found; pass --squad PATH to SQuAD v1.1 dev JSON")

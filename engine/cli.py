@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import (DEFAULT_FUSION_ALPHA, EMBED_VARIANTS, FUSIONS, GEN_PREFILL_VARIANTS, INDEX_DTYPES, PROVIDERS,
+from .config import (DEFAULT_FUSION_ALPHA, EMBED_VARIANTS, FUSIONS, GEN_PREFILL_VARIANTS, GEN_VARIANTS, INDEX_DTYPES, PROVIDERS,
                      SEARCH_MODES, WAL_FSYNC_POLICIES, Config)
 from .errors import NotFound, RagError
 
@@ -46,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
     p.add_argument("--embed-variant", choices=EMBED_VARIANTS, default=None,
                    help="embedding model variant (default int8)")
-    p.add_argument("--gen-variant", choices=EMBED_VARIANTS, default=None,
-                   help="generator weights that decode (default int8)")
+    p.add_argument("--gen-variant", choices=GEN_VARIANTS, default=None,
+                   help="generator weights that decode (default auto: this machine's plan, see rag info)")
     p.add_argument("--gen-prefill-variant", choices=GEN_PREFILL_VARIANTS, default=None,
                    help="generator weights that prefill prompts (default auto: this machine's plan, see rag info)")
     p.add_argument("--fusion", choices=FUSIONS, default=None,
@@ -432,6 +432,19 @@ def ask(engine, args: argparse.Namespace) -> int:
         print(json.dumps(final.to_json(), ensure_ascii=False))
         return 0
     print("\n")
+    if final.extracted:
+        print(f"(extracted: the generated answer was {final.degenerate.replace('_', '-')} twice, so this is the "
+              "source sentence closest to the question)")
+    elif final.retries:
+        print(f"(generated again: the first answer was {final.degenerate.replace('_', '-')})")
+    if final.support:
+        print("Support:")
+        for x in final.support:
+            mark = "  supported  " if x.supported else "  UNSUPPORTED"
+            said = final.text[x.answer_start:x.answer_end]
+            where = f"[{x.source}] {next((s.hit.source for s in final.sources if s.number == x.source), x.doc_id)}"
+            print(f"{mark} {said!r}\n      by {where} [{x.start}:{x.end}] (cosine {x.score:.2f}, "
+                  f"words {x.overlap:.0%}): {x.text!r}")
     print("Sources:")
     for s in final.sources:
         mark = "*" if s.number in final.cited else " "

@@ -41,13 +41,15 @@ DEFAULT_OVERSAMPLE = 4
 MAX_TOP_K = 1000
 
 DEFAULT_GEN_MODEL = "qwen2.5-coder-0.5b-instruct"
-# int8 decodes ~6x faster than fp32 on CPU (memory bound: 1 GB vs 2.5 GB read per token);
-# benchmarks/answer_quality.py compares their answers.
-DEFAULT_GEN_VARIANT = "int8"
-# The weights that prefill prompts: "auto" follows the machine's plan (engine/plan.py:
-# measured by `make models` per CPU, else by CPU features: fp32 without 8-bit dot-product
-# instructions, where int8 prefills slower), or "fp32" / "int8" to force one.
-GEN_PREFILL_VARIANTS = ("auto", "fp32", "int8")
+# The generator's weights: fp32, and weight-only int8 and int4 copies (engine/export_lm.py).
+GEN_WEIGHTS = ("fp32", "int8", "int4")
+# Which weights decode and which prefill: "auto" follows the machine's plan (engine/plan.py:
+# measured by `make models` per CPU, else chosen by CPU features), or a name to force one.
+# Decode reads every weight once per token, so fewer bytes win; prefill is arithmetic-bound,
+# and on CPUs without 8-bit dot-product instructions fp32 prefills fastest.
+GEN_VARIANTS = ("auto", *GEN_WEIGHTS)
+DEFAULT_GEN_VARIANT = "auto"
+GEN_PREFILL_VARIANTS = GEN_VARIANTS
 DEFAULT_GEN_PREFILL_VARIANT = "auto"
 # Prompt + answer tokens. The model takes 32k, but prefill cost grows with it on a CPU;
 # 2048 holds ~6 chunks of 256 embedding tokens plus a 256-token answer.
@@ -62,6 +64,16 @@ NO_ANSWER = "The context does not contain the answer."
 DEFAULT_SYSTEM_PROMPT = ("You are a helpful assistant. Answer using only the passages the user gives you. "
                          f"When the passages do not contain the answer, reply: {NO_ANSWER}")
 DEFAULT_PROMPT_TEMPLATE = "{context}\nQuestion: {question}\nAnswer briefly and cite the passage numbers like [1]."
+# An answer that is empty, only citations, or a passage's header (engine/support.py) is
+# generated once more with this line after the user message (the passages stay first, so
+# the prefix cache serves their KV), else the best-matching source sentence is returned,
+# marked as extracted.
+DEFAULT_RETRY_INSTRUCTION = ("Reply with the words from the passage that answer the question, in one short "
+                             "sentence, then the passage number like [1]. Never reply with only a number.")
+# An answer sentence is supported when its best source sentence reaches this cosine
+# similarity (MiniLM scale) or holds this share of its content words.
+DEFAULT_SUPPORT_MIN_SCORE = 0.6
+DEFAULT_SUPPORT_MIN_OVERLAP = 0.5
 # Chunks scoring below this cosine similarity (MiniLM scale), or below this share of the
 # best chunk's score, are not put in the prompt. If none is left, the answer is NO_ANSWER
 # without running the generator: a small model given unrelated passages answers from
@@ -177,6 +189,9 @@ class Config:
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE
     answer_min_score: float = DEFAULT_ANSWER_MIN_SCORE
     answer_min_relative: float = DEFAULT_ANSWER_MIN_RELATIVE
+    retry_instruction: str = DEFAULT_RETRY_INSTRUCTION
+    support_min_score: float = DEFAULT_SUPPORT_MIN_SCORE
+    support_min_overlap: float = DEFAULT_SUPPORT_MIN_OVERLAP
     # --- server
     max_concurrent_generations: int = DEFAULT_MAX_CONCURRENT_GENERATIONS
     max_queued_generations: int = DEFAULT_MAX_QUEUED_GENERATIONS
@@ -224,11 +239,13 @@ class Config:
             raise InvalidInput("TLS needs both a certificate and a key")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise InvalidInput("a client CA (mTLS) needs the server certificate and key too")
-        if self.gen_variant not in EMBED_VARIANTS:
-            raise InvalidInput(f"gen_variant must be one of {EMBED_VARIANTS}, got {self.gen_variant!r}")
+        if self.gen_variant not in GEN_VARIANTS:
+            raise InvalidInput(f"gen_variant must be one of {GEN_VARIANTS}, got {self.gen_variant!r}")
         if self.gen_prefill_variant not in GEN_PREFILL_VARIANTS:
             raise InvalidInput(f"gen_prefill_variant must be one of {GEN_PREFILL_VARIANTS}, "
                                f"got {self.gen_prefill_variant!r}")
+        if not (0.0 <= self.support_min_score <= 1.0 and 0.0 <= self.support_min_overlap <= 1.0):
+            raise InvalidInput("support_min_score and support_min_overlap must be in [0, 1]")
         if "{context}" not in self.prompt_template or "{question}" not in self.prompt_template:
             raise InvalidInput("prompt_template must contain {context} and {question}")
         for name in ("threads", "batch_max_tokens", "max_batch", "chunk_tokens", "connectivity",

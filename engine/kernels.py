@@ -71,6 +71,64 @@ def gap_classes(codepoints, starts, ends):
     return out
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _closes(c):
+    # ) ] } " ' and the typographic quotes, which may follow a sentence's final mark
+    return c == 41 or c == 93 or c == 125 or c == 34 or c == 39 or c == 0x2019 or c == 0x201D
+
+
+@njit(cache=True, nogil=True)
+def sentence_spans(codepoints):
+    """(starts, ends) char spans of the sentences of a text, by the chunker's rule: a
+    sentence ends at whitespace after . ! ? (closing brackets, quotes and citation markers
+    like [2] may follow the mark) or at a line break. Spans exclude surrounding whitespace."""
+    n = codepoints.shape[0]
+    starts = np.empty(n // 2 + 1, dtype=np.int64)
+    ends = np.empty(n // 2 + 1, dtype=np.int64)
+    count = 0
+    start = -1  # first char of the open sentence
+    last = -1   # last non-space char seen
+    i = 0
+    while i < n:
+        c = codepoints[i]
+        if not _is_space(c):
+            if start < 0:
+                start = i
+            last = i
+            i += 1
+            continue
+        newline = False
+        j = i
+        while j < n and _is_space(codepoints[j]):
+            if codepoints[j] == 10 or codepoints[j] == 13:
+                newline = True
+            j += 1
+        if start >= 0:
+            k = last
+            while k > start:  # step back over closing marks and citation markers like [2]
+                if codepoints[k] == 93:
+                    m = k - 1
+                    while m > start and 48 <= codepoints[m] <= 57:
+                        m -= 1
+                    if m < k - 1 and codepoints[m] == 91:
+                        k = m - 1
+                        continue
+                if not _closes(codepoints[k]):
+                    break
+                k -= 1
+            if newline or _ends_sentence(codepoints[k]):
+                starts[count] = start
+                ends[count] = last + 1
+                count += 1
+                start = -1
+        i = j
+    if start >= 0:
+        starts[count] = start
+        ends[count] = last + 1
+        count += 1
+    return starts[:count].copy(), ends[:count].copy()
+
+
 @njit(cache=True, nogil=True)
 def select_chunks(classes, target, overlap):
     """Token ranges [first, last] of chunks of at most `target` tokens.

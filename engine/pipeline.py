@@ -51,7 +51,8 @@ class Engine:
         self._lock = threading.RLock()
         self.collections = Collections(self.config, owner=owner)
         self.searcher = Searcher(self.config, self.collections, lambda: self.embedder)
-        self.answerer = Answerer(self.config, self.searcher, lambda: self.generator, lambda: self.scheduler)
+        self.answerer = Answerer(self.config, self.searcher, lambda: self.generator, lambda: self.scheduler,
+                                 lambda: self.embedder)
 
     # ------------------------------------------------------------------ models
     @property
@@ -76,11 +77,11 @@ class Engine:
                 from .plan import resolve
 
                 c = self.config
-                plan = resolve(c.gen_model_dir, decode=c.gen_variant, prefill=c.gen_prefill_variant) \
-                    if c.provider == "cpu" else None
-                self._generator = Generator(c.gen_model_dir, variant=c.gen_variant, provider=c.provider,
+                plan = resolve(c.gen_model_dir, decode=c.gen_variant, prefill=c.gen_prefill_variant,
+                               provider=c.provider)
+                self._generator = Generator(c.gen_model_dir, variant=plan.decode, provider=c.provider,
                                             threads=c.threads, context_window=c.context_window,
-                                            prefill_variant=plan.prefill if plan else None)
+                                            prefill_variant=plan.prefill)
                 self._plan = plan
             return self._generator
 

@@ -14,6 +14,7 @@ machine int8 won. So the plan is chosen per machine:
 A prefill on fp32 weights and a decode on int8 weights share one KV cache layout (the
 same graph, quantized), so the decoder continues from the fp32 prefill's keys and values.
 Users override either phase (Config.gen_variant for decode, Config.gen_prefill_variant).
+The variants: fp32, int8 and int4 (weight-only MatMulNBits; engine/export_lm.py).
 
     .venv/bin/python -m engine.plan [--measure] [--model-dir models/qwen2.5-coder-0.5b-instruct]
 """
@@ -32,6 +33,11 @@ from .fsutil import atomic_write
 MANIFEST = "manifest.json"
 FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_tile")
 INT8_DOT = ("avx512_vnni", "avx_vnni", "amx_int8")
+# The variants "auto" chooses from, fewest bytes per weight first (decode reads every weight
+# once per token). int4 decodes fastest but only when asked for: its greedy answers agreed
+# with fp32's on 38% of 60 gold-paragraph SQuAD prompts (int8: 92%) at F1 27.2 against
+# fp32's 30.6 (benchmarks/answer_quality.py --plans; README "Execution plan").
+AUTO_VARIANTS = ("int8", "fp32")
 MEASURE_PROMPT_TOKENS = 512
 MEASURE_DECODE_STEPS = 16
 
@@ -71,11 +77,12 @@ class Plan:
 
 
 def rule(variants: list[str], cpu: str | None = None) -> Plan:
-    """The plan from CPU features alone (no measurement for this CPU yet)."""
+    """The plan from CPU features alone (no measurement for this CPU yet): decode on the
+    fewest bytes per weight; prefill on the quantized weights only with 8-bit dot-product
+    instructions, else on fp32."""
     _, feats = cpu_features()
-    decode = "int8" if "int8" in variants else variants[0]
-    prefill = "int8" if ("int8" in variants and any(f in feats for f in INT8_DOT)) else \
-        ("fp32" if "fp32" in variants else decode)
+    decode = next((v for v in AUTO_VARIANTS if v in variants), variants[0])
+    prefill = decode if any(f in feats for f in INT8_DOT) else ("fp32" if "fp32" in variants else decode)
     return Plan(prefill, decode, "rule", cpu or cpu_key())
 
 
@@ -97,18 +104,20 @@ def built_variants(model_dir: Path) -> list[str]:
     return [v for v, f in VARIANT_FILES.items() if (Path(model_dir) / f).exists()]
 
 
-def resolve(model_dir: Path, *, decode: str, prefill: str = "auto") -> Plan:
-    """The plan to run: the configured phases, with "auto" filled in from this machine's plan."""
-    if prefill != "auto":
-        return Plan(prefill, decode, "config", cpu_key())
+def resolve(model_dir: Path, *, decode: str = "auto", prefill: str = "auto", provider: str = "cpu") -> Plan:
+    """The plan to run: the configured phases, with "auto" filled in from this machine's plan
+    (on a GPU, which no CPU measurement describes: int8 decodes, and prefills too)."""
+    if provider != "cpu":
+        decode = "int8" if decode == "auto" else decode
+        return Plan(decode if prefill == "auto" else prefill, decode, "config", provider)
     plan = recorded(model_dir) or rule(built_variants(model_dir))
-    if plan.decode != decode:  # the decode weights are configured; only prefill is automatic here
-        return Plan(plan.prefill, decode, plan.source, plan.cpu, plan.rates)
-    return plan
+    chosen = (plan.prefill if prefill == "auto" else prefill, plan.decode if decode == "auto" else decode)
+    return plan if chosen == (plan.prefill, plan.decode) else Plan(*chosen, "config", plan.cpu, plan.rates)
 
 
 def measure(model_dir: Path, threads: int, *, log=print) -> Plan:
-    """Time prefill and decode of every built variant here; record and return the fastest per phase."""
+    """Time prefill and decode of every built variant here; record them, and the fastest of
+    AUTO_VARIANTS per phase as the plan."""
     import numpy as np
 
     from .generate import Completion, Generator, SamplingParams
@@ -130,7 +139,8 @@ def measure(model_dir: Path, threads: int, *, log=print) -> Plan:
         log(f"[plan] {variant}: prefill {rates[variant]['prefill']:.0f} tok/s at {len(prompt)} tokens, "
             f"decode {rates[variant]['decode']:.1f} tok/s")
         del gen
-    plan = Plan(max(rates, key=lambda v: rates[v]["prefill"]), max(rates, key=lambda v: rates[v]["decode"]),
+    auto = [v for v in rates if v in AUTO_VARIANTS] or list(rates)
+    plan = Plan(max(auto, key=lambda v: rates[v]["prefill"]), max(auto, key=lambda v: rates[v]["decode"]),
                 "measured", cpu_key(), rates)
     path = model_dir / MANIFEST
     manifest = json.loads(path.read_text())

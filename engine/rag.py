@@ -13,11 +13,11 @@ import dataclasses
 import re
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from .config import NO_ANSWER, Config
 from .errors import FailedPrecondition, InvalidInput, Overloaded
 from .search import Hit, Searcher, check_k, check_queries
+from .support import Supporter, degenerate, may_become_degenerate, source_label
 
 CITATION = re.compile(r"\[(\d{1,3})\]")
 
@@ -50,10 +50,21 @@ class Answer:
     completion_tokens: int
     timings_ns: dict[str, int]
     cached_tokens: int = 0  # prompt tokens whose KV came from the scheduler's prefix cache
+    support: list = dataclasses.field(default_factory=list)  # SentenceSupport per answer sentence
+    degenerate: str = ""  # why the first generation was not returned ("" when it was)
+    retries: int = 0  # generations after the first (with the stricter instruction)
+    extracted: bool = False  # the text is a source sentence, not generated
+
+    @property
+    def unsupported(self) -> list:
+        return [s for s in self.support if not s.supported]
 
     def to_json(self) -> dict:
         return {"question": self.question, "answer": self.text, "finish_reason": self.finish_reason,
-                "sources": [{"number": s.number, "source": s.hit.source, "doc_id": s.hit.doc_id,
+                "extracted": self.extracted, "degenerate": self.degenerate, "retries": self.retries,
+                "support": [s.to_json() for s in self.support],
+                "sources": [{"number": s.number, "label": source_label(s.hit), "source": s.hit.source,
+                             "doc_id": s.hit.doc_id,
                              "span": [s.hit.start, s.hit.end], "score": s.hit.score, "cosine": s.hit.cosine,
                              "cited": s.number in self.cited} for s in self.sources],
                 "usage": {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
@@ -65,15 +76,26 @@ class Answerer:
     """Prompt packing and generation over `searcher`, with the generator `generator()` loads."""
 
     def __init__(self, config: Config, searcher: Searcher, generator: Callable[[], object],
-                 scheduler: Callable[[], object]) -> None:
+                 scheduler: Callable[[], object], embedder: Callable[[], object]) -> None:
         self.config = config
         self.searcher = searcher
         self._generator = generator
         self._scheduler = scheduler
+        self._embedder = embedder
+        self._supporter: Supporter | None = None
 
-    def render(self, question: str, context: str) -> str:
+    @property
+    def supporter(self) -> Supporter:
+        if self._supporter is None:
+            self._supporter = Supporter(self._embedder(), min_score=self.config.support_min_score,
+                                        min_overlap=self.config.support_min_overlap)
+        return self._supporter
+
+    def render(self, question: str, context: str, *, strict: bool = False) -> str:
         gen = self._generator()
         user = self.config.prompt_template.format(context=context, question=question)
+        if strict:  # the retry of a degenerate answer
+            user += "\n" + self.config.retry_instruction
         if gen.chat_template:
             return gen.render_chat([{"role": "system", "content": self.config.system_prompt},
                                     {"role": "user", "content": user}])
@@ -88,11 +110,13 @@ class Answerer:
             floor = max(floor, max(h.cosine for h in hits) * self.config.answer_min_relative)
         return [h for h in hits if h.cosine >= floor]
 
-    def build_prompt(self, question: str, hits: Sequence[Hit], max_new_tokens: int) -> tuple[list[int], list[Source]]:
-        """Prompt token ids with as many top hits as fit in window - max_new_tokens, numbered [1].."""
+    def build_prompt(self, question: str, hits: Sequence[Hit], max_new_tokens: int, *,
+                     strict: bool = False) -> tuple[list[int], list[Source]]:
+        """Prompt token ids with as many top hits as fit in window - max_new_tokens, numbered [1]..
+        `strict`: with the retry instruction (the same passages first)."""
         gen = self._generator()
         budget = gen.window - max_new_tokens
-        base = len(gen.encode(self.render(question, "")))
+        base = len(gen.encode(self.render(question, "", strict=strict)))
         if base > budget:
             raise InvalidInput(f"the question takes {base} tokens with the prompt template; with max_new_tokens="
                                f"{max_new_tokens} that exceeds the {gen.window}-token context window. "
@@ -101,7 +125,7 @@ class Answerer:
         sources: list[Source] = []
         used = base
         for hit in self.relevant(hits):
-            label = hit.metadata.get("title") or Path(hit.source).name or hit.doc_id
+            label = source_label(hit)
             block = f"[{len(sources) + 1}] ({label})\n{hit.text.strip()}\n\n"
             cost = len(gen.encode(block))
             if used + cost > budget:
@@ -110,7 +134,7 @@ class Answerer:
             sources.append(Source(len(sources) + 1, hit))
             used += cost
         while True:  # token counts of pieces need not add up exactly: check the whole
-            ids = gen.encode(self.render(question, "".join(blocks) or "(no passages)\n"))
+            ids = gen.encode(self.render(question, "".join(blocks) or "(no passages)\n", strict=strict))
             if len(ids) <= budget or not blocks:
                 return ids, sources
             blocks.pop()
@@ -134,7 +158,7 @@ class Answerer:
                cancelled: Callable[[], bool] | None = None, deadline: float | None = None):
         """Yields AnswerStart (sources), then text deltas (str), then the final Answer.
         Generation runs in the scheduler, batched with every other answer in flight."""
-        from .generate import Completion
+        from .generate import FINISH_CANCELLED, Completion
 
         params, (hits,), embed_ns, search_ns = self.retrieve(name, [question], k, params)
         t0 = time.perf_counter_ns()
@@ -143,23 +167,51 @@ class Answerer:
         if not sources:
             yield AnswerStart(sources)
             yield NO_ANSWER
-            yield self._answer(question, self._no_context(), sources, embed_ns, search_ns, prompt_ns)
+            yield self._finish(question, [self._no_context()], sources, embed_ns, search_ns, prompt_ns)
             return
-        ticket = self._scheduler().submit(ids, params, cancelled=cancelled, deadline=deadline)
-        try:
-            yield AnswerStart(sources)
-            for ev in ticket:
-                if isinstance(ev, Completion):
-                    yield self._answer(question, ev, sources, embed_ns, search_ns, prompt_ns)
-                else:
-                    yield ev
-        finally:
-            ticket.cancel()  # a caller that stops reading frees its row at the next step
+        yield AnswerStart(sources)
+        labels = [source_label(s.hit) for s in sources]
+        comps, why = [], ""
+        for attempt in range(2):
+            if attempt:  # the first answer was degenerate: once more, with the stricter instruction
+                ids, again = self.build_prompt(question, [s.hit for s in sources], params.max_new_tokens, strict=True)
+                if len(again) != len(sources):  # the longer prompt no longer holds every passage
+                    break
+            ticket = self._scheduler().submit(ids, self._retry_params(params) if attempt else params,
+                                              cancelled=cancelled, deadline=deadline)
+            held, shown = "", False
+            try:
+                for ev in ticket:
+                    if isinstance(ev, Completion):
+                        comps.append(ev)
+                    elif shown:
+                        yield ev
+                    else:  # held back while the answer could still be degenerate
+                        held += ev
+                        if not may_become_degenerate(held, labels):
+                            shown = True
+                            yield held
+            finally:
+                ticket.cancel()  # a caller that stops reading frees its row at the next step
+            if shown or comps[-1].finish_reason == FINISH_CANCELLED:
+                break
+            reason = degenerate(comps[-1].text, labels)
+            if reason is None:
+                if held:
+                    yield held
+                break
+            why = why or reason
+        answer = self._finish(question, comps, sources, embed_ns, search_ns, prompt_ns, why)
+        if answer.extracted:
+            yield answer.text
+        yield answer
 
     def batch(self, name: str, questions: Sequence[str], *, k: int | None = None, params=None,
               progress: Callable[[int], None] | None = None) -> list[Answer]:
         """Answers for many questions: one embedding batch, one index batch search, and every
         prompt submitted to the scheduler, which decodes up to its row limit together."""
+        from .generate import FINISH_CANCELLED
+
         params, hits, embed_ns, search_ns = self.retrieve(name, questions, k, params)
         n = len(questions)
         t0 = time.perf_counter_ns()
@@ -169,33 +221,83 @@ class Answerer:
         done = 0
         for i, (ids, sources) in enumerate(prompts):
             if not sources:
-                out[i] = self._answer(questions[i], self._no_context(), sources, embed_ns // n,
-                                      search_ns // n, prompt_ns)
+                out[i] = self._finish(questions[i], [self._no_context()], sources, embed_ns // n, search_ns // n,
+                                      prompt_ns)
                 done += 1
         todo = [i for i in range(n) if out[i] is None]
+        comps: dict[int, list] = {i: [] for i in todo}
+        why: dict[int, str] = {}
+        this_round = {i: prompts[i][0] for i in todo}
+        for attempt in range(2):  # the second round: degenerate answers, with the stricter instruction
+            retry = {}
+            for i, comp in self._generate_all(this_round, self._retry_params(params) if attempt else params):
+                comps[i].append(comp)
+                sources = prompts[i][1]
+                labels = [source_label(s.hit) for s in sources]
+                reason = degenerate(comp.text, labels) if comp.finish_reason != FINISH_CANCELLED else None
+                if reason and not attempt:
+                    why[i] = reason
+                    ids, again = self.build_prompt(questions[i], [s.hit for s in sources], params.max_new_tokens,
+                                                   strict=True)
+                    if len(again) == len(sources):
+                        retry[i] = ids
+                        continue
+                out[i] = self._finish(questions[i], comps[i], sources, embed_ns // n, search_ns // n, prompt_ns,
+                                      why.get(i, ""))
+                done += 1
+                if progress:
+                    progress(done)
+            this_round = retry
+        if progress:
+            progress(done)
+        return out
+
+    def _retry_params(self, params):
+        """The retry may not start with a citation marker or end at once (EOS first)."""
+        gen = self._generator()
+        return dataclasses.replace(params, suppress_first=tuple(sorted(gen.citation_token_ids | gen.eos_ids)))
+
+    def _generate_all(self, prompts: dict, params):
+        """Yields (i, Completion) for prompts {i: ids}, submitted to the scheduler as fast as its
+        queue takes them; whatever is still running when the caller stops is cancelled."""
         scheduler = self._scheduler()
         tickets: dict[int, object] = {}
+        pending = list(prompts)
         try:
-            pending = list(todo)
             while pending or tickets:
                 while pending:  # submit while the scheduler's queue has room
                     try:
-                        tickets[pending[0]] = scheduler.submit(prompts[pending[0]][0], params)
+                        tickets[pending[0]] = scheduler.submit(prompts[pending[0]], params)
                     except Overloaded:
                         break
                     pending.pop(0)
                 i = next(iter(tickets))
-                comp = tickets.pop(i).result()
-                out[i] = self._answer(questions[i], comp, prompts[i][1], embed_ns // n, search_ns // n, prompt_ns)
-                done += 1
-                if progress:
-                    progress(done)
+                yield i, tickets.pop(i).result()
         finally:
             for t in tickets.values():
                 t.cancel()
-        if progress:
-            progress(done)
-        return out
+
+    def _finish(self, question, comps, sources, embed_ns, search_ns, prompt_ns, why: str = "") -> Answer:
+        """The Answer from its generations (usually one; two after a degenerate first answer),
+        extracted from the sources if the last is still degenerate, with per-sentence support."""
+        from .generate import FINISH_CANCELLED
+
+        last = comps[-1]
+        text, extracted = last.text, False
+        if why and last.finish_reason != FINISH_CANCELLED and \
+                degenerate(text, [source_label(s.hit) for s in sources]) is not None:
+            best = self.supporter.best_sentence(question, sources)
+            text, extracted = (f"{best[3]} [{best[0]}]", True) if best else (NO_ANSWER, False)
+        support = self.supporter.support(text, sources) if sources and not text.startswith(NO_ANSWER) else []
+        cited = sorted({int(m) for m in CITATION.findall(text) if 1 <= int(m) <= len(sources)})
+        return Answer(question=question, text=text, finish_reason=last.finish_reason, sources=sources, cited=cited,
+                      prompt_tokens=sum(c.prompt_tokens for c in comps),
+                      completion_tokens=sum(c.completion_tokens for c in comps),
+                      cached_tokens=sum(c.cached_tokens for c in comps), support=support, degenerate=why,
+                      retries=len(comps) - 1, extracted=extracted,
+                      timings_ns={"embed": embed_ns, "search": search_ns, "prompt": prompt_ns,
+                                  "queue": sum(c.queue_ns for c in comps), "prefill": sum(c.prefill_ns for c in comps),
+                                  "decode": sum(c.decode_ns for c in comps)})
 
     @staticmethod
     def _no_context():
@@ -203,12 +305,3 @@ class Answerer:
 
         return Completion(text=NO_ANSWER, finish_reason=FINISH_NO_CONTEXT, prompt_tokens=0, completion_tokens=0,
                           token_ids=[])
-
-    @staticmethod
-    def _answer(question, comp, sources, embed_ns, search_ns, prompt_ns) -> Answer:
-        cited = sorted({int(m) for m in CITATION.findall(comp.text) if 1 <= int(m) <= len(sources)})
-        return Answer(question=question, text=comp.text, finish_reason=comp.finish_reason, sources=sources,
-                      cited=cited, prompt_tokens=comp.prompt_tokens, completion_tokens=comp.completion_tokens,
-                      cached_tokens=comp.cached_tokens,
-                      timings_ns={"embed": embed_ns, "search": search_ns, "prompt": prompt_ns,
-                                  "queue": comp.queue_ns, "prefill": comp.prefill_ns, "decode": comp.decode_ns})

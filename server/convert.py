@@ -82,4 +82,11 @@ def answer_done_pb(a, total_ns: int) -> "pb.AnswerDone":
                                             search_time_ns=t["search"], prompt_time_ns=t["prompt"],
                                             prefill_time_ns=t["prefill"], decode_time_ns=t["decode"],
                                             total_time_ns=total_ns),
-                         cited=a.cited, text=a.text)
+                         cited=a.cited, text=a.text, support=[support_pb(x) for x in a.support],
+                         extracted=a.extracted, degenerate=a.degenerate, retries=a.retries)
+
+
+def support_pb(x) -> "pb.SentenceSupport":
+    return pb.SentenceSupport(answer_start=x.answer_start, answer_end=x.answer_end, supported=x.supported,
+                              score=x.score, overlap=x.overlap, source=x.source, doc_id=x.doc_id, start=x.start,
+                              end=x.end, text=x.text)

@@ -207,28 +207,70 @@ def test_softmax_nan_guard_pass_is_exact_for_visible_rows():
     assert softmax_nan_guard(model) == 0  # idempotent: nothing left to match
 
 
-@pytest.mark.parametrize("variant", ["fp32", "int8"])
+@pytest.mark.parametrize("variant", ["fp32", "int8", "int4"])
 def test_built_decoder_has_the_graph_passes(config, variant):
-    """`make models` applied every pass to both variants and quantized int8 with the current
-    block size (upgrading older builds in place)."""
+    """`make models` applied every pass to every variant and quantized int8 and int4 with the
+    current bits and block sizes (upgrading older builds in place)."""
     import json
 
     import onnx
 
-    from engine.export_lm import GRAPH_PASSES, INT8_BLOCK_SIZE
+    from engine.export_lm import GRAPH_PASSES, QUANTIZED, block_key
     from engine.generate import VARIANT_FILES
 
     manifest = json.loads((config.gen_model_dir / "manifest.json").read_text())
     assert manifest["graph_passes"] == list(GRAPH_PASSES)
-    graph = onnx.load(str(config.gen_model_dir / VARIANT_FILES[variant]), load_external_data=False).graph
+    file = VARIANT_FILES[variant]
+    assert file in manifest["variants"]
+    graph = onnx.load(str(config.gen_model_dir / file), load_external_data=False).graph
     ops = [n.op_type for n in graph.node]
     assert ops.count("Softmax") == manifest["num_layers"] and "IsNaN" not in ops
     logits = next(o for o in graph.output if o.name == "logits")
     assert logits.type.tensor_type.shape.dim[1].dim_value == 1
-    if variant == "int8":
-        assert manifest["int8_block_size"] == INT8_BLOCK_SIZE
-        blocks = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "block_size"}
-        assert blocks == {INT8_BLOCK_SIZE}
+    if file in QUANTIZED:
+        bits, block = QUANTIZED[file]
+        assert manifest[block_key(file)] == block
+        attrs = {(a.name, a.i) for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+                 if a.name in ("bits", "block_size")}
+        assert attrs == {("bits", bits), ("block_size", block)}
+        # every projection and the output head are quantized, only the embedding stays fp32
+        weights = {i.name for i in graph.initializer}
+        assert not [n.name for n in graph.node if n.op_type == "MatMul" and weights.intersection(n.input)]
+        assert f"/lm_head/MatMul_Q{bits}" in {n.name for n in graph.node}
+
+
+def test_a_graph_over_2gib_is_saved_with_external_data(tmp_path):
+    """The 1.5B preset's quantized graph is over 2 GiB (its fp32 embeddings), more than one
+    protobuf can hold: save_onnx writes the weights to a data file beside it, and
+    onnxruntime runs the result. A real 2.1 GiB initializer, not a lowered limit."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from engine.export_lm import PROTOBUF_LIMIT, save_onnx
+
+    rows = PROTOBUF_LIMIT // (4 * 64) + 1024  # a [rows, 64] fp32 table just over the limit
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["out"])], "big",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [None])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [None, 64])],
+        [numpy_helper.from_array(np.zeros((1, 64), np.float32), "table")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    # filled in place: protobuf cannot copy a message over 2 GiB, as make_model would
+    table = np.zeros((rows, 64), np.float32)
+    table[-1] = np.arange(64)
+    init = model.graph.initializer[0]
+    init.dims[:] = [rows, 64]
+    init.raw_data = table.tobytes()
+    del table
+    assert len(init.raw_data) > PROTOBUF_LIMIT
+    save_onnx(model, tmp_path / "model_int8.onnx")
+    del model
+    assert (tmp_path / "model_int8.onnx").stat().st_size < 1 << 20
+    assert (tmp_path / "model_int8.onnx_data").stat().st_size > PROTOBUF_LIMIT
+    sess = ort.InferenceSession(str(tmp_path / "model_int8.onnx"), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {"ids": np.array([rows - 1, 0], np.int64)})[0]
+    assert np.array_equal(out[0], np.arange(64, dtype=np.float32)) and not out[1].any()
 
 
 def test_grouped_attention_pass_removes_every_kv_copy(config):

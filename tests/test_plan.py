@@ -9,7 +9,7 @@ import json
 import pytest
 
 from engine.generate import Completion, Generator, SamplingParams
-from engine.plan import INT8_DOT, Plan, built_variants, cpu_features, cpu_key, recorded, resolve, rule
+from engine.plan import AUTO_VARIANTS, INT8_DOT, Plan, built_variants, cpu_features, cpu_key, recorded, resolve, rule
 from engine.scheduler import Scheduler
 
 
@@ -28,15 +28,17 @@ def test_make_models_recorded_a_measured_plan_for_this_cpu(config):
     assert {plan.prefill, plan.decode} <= set(variants) and set(plan.rates) == set(variants)
     for r in plan.rates.values():
         assert r["prefill"] > 0 and r["decode"] > 0
-    assert plan.prefill == max(plan.rates, key=lambda v: plan.rates[v]["prefill"])
+    auto = [v for v in plan.rates if v in AUTO_VARIANTS]
+    assert plan.prefill == max(auto, key=lambda v: plan.rates[v]["prefill"])
+    assert plan.decode == max(auto, key=lambda v: plan.rates[v]["decode"]) and "int4" in plan.rates
     manifest = json.loads((config.gen_model_dir / "manifest.json").read_text())
     assert manifest["execution_plans"][cpu_key()]["decode"] == plan.decode
 
 
 def test_rule_follows_cpu_features(config):
     _, feats = cpu_features()
-    plan = rule(["fp32", "int8"])
-    assert plan.decode == "int8"
+    plan = rule(["fp32", "int8", "int4"])
+    assert plan.decode == "int8"  # int4 only when configured
     assert plan.prefill == ("int8" if any(f in feats for f in INT8_DOT) else "fp32")
     assert rule(["fp32"]) == Plan("fp32", "fp32", "rule", cpu_key())
     assert "chosen by CPU features" in plan.describe()
@@ -44,8 +46,9 @@ def test_rule_follows_cpu_features(config):
 
 def test_config_overrides_the_plan(config):
     assert resolve(config.gen_model_dir, decode="int8", prefill="int8") == Plan("int8", "int8", "config", cpu_key())
-    auto = resolve(config.gen_model_dir, decode="fp32")
-    assert auto.decode == "fp32" and auto.source in ("measured", "rule")
+    auto = resolve(config.gen_model_dir, decode="int4")
+    assert auto.decode == "int4" and auto.source == "config" and auto.prefill == resolve(config.gen_model_dir).prefill
+    assert resolve(config.gen_model_dir, provider="cuda") == Plan("int8", "int8", "config", "cuda")
 
 
 def test_mixed_plan_prefills_on_fp32_and_decodes_on_int8(mixed, generator):
@@ -61,6 +64,24 @@ def test_mixed_plan_prefills_on_fp32_and_decodes_on_int8(mixed, generator):
         other = mixed.encode(mixed.render_chat([{"role": "user", "content": "Why is the sky blue? " * 4}]))
         tickets = [s.submit(other, SamplingParams(max_new_tokens=20)), s.submit(prompt, params)]
         assert tickets[1].result().token_ids == comp.token_ids
+        tickets[0].result()
+    finally:
+        s.close()
+
+
+def test_int4_decodes_when_configured(config):
+    """The opt-in 4-bit weights (never chosen by "auto"): a sensible answer, and the same
+    tokens alone and beside another row in the scheduler."""
+    gen = Generator(config.gen_model_dir, variant="int4", threads=2, context_window=config.context_window)
+    prompt = gen.encode(gen.render_chat([{"role": "user", "content": "What is the capital of France? One word."}]))
+    params = SamplingParams(max_new_tokens=8)
+    alone = gen.generate_ids([prompt], params)[0]
+    assert "Paris" in alone.text
+    s = Scheduler(gen, prefix_cache_mb=0, prefill_chunk=64, block_tokens=16)
+    try:
+        other = gen.encode(gen.render_chat([{"role": "user", "content": "Why is the sky blue? " * 3}]))
+        tickets = [s.submit(other, SamplingParams(max_new_tokens=16)), s.submit(prompt, params)]
+        assert tickets[1].result().token_ids == alone.token_ids
         tickets[0].result()
     finally:
         s.close()

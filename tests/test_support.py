@@ -1,0 +1,159 @@
+"""Answer checks (engine/support.py, engine/rag.py): sentences, degenerate answers and their
+retry / extraction, and per-sentence support with spans into the source documents."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from engine import kernels
+from engine.chunk import codepoints
+from engine.cli import main
+from engine.documents import Document
+from engine.generate import FINISH_EOS, Completion, SamplingParams
+from engine.pipeline import Answer, Engine
+from engine.rag import Source
+from engine.search import Hit
+from engine.support import Supporter, degenerate, may_become_degenerate, sentence_spans
+
+REFUND = "Refund policy: you can return any item within 30 days of purchase for a full refund."
+TEA = ("Green tea is best brewed with water at 70 to 80 degrees Celsius. Boiling water makes it bitter. "
+       "Steep it for two to three minutes.")
+SHORT = SamplingParams(max_new_tokens=48)
+
+
+def reference_spans(text: str) -> list[tuple[int, int]]:
+    """Plain-Python statement of the rule: split at whitespace that contains a line break or
+    follows . ! ? (past closing marks and [n] markers); trim whitespace."""
+    out, start, i, n = [], None, 0, len(text)
+    space = set(" \t\n\r\x0b\x0c")
+    while i < n:
+        if text[i] not in space:
+            start = i if start is None else start
+            i += 1
+            continue
+        j = i
+        while j < n and text[j] in space:
+            j += 1
+        if start is not None:
+            body = re.sub(r"(\[\d+\]|[)\]}\"'\u2019\u201d])+$", "", text[start:i])
+            if "\n" in text[i:j] or "\r" in text[i:j] or (body and body[-1] in ".!?"):
+                out.append((start, i))
+                start = None
+        i = j
+    if start is not None:
+        out.append((start, len(text.rstrip(" \t\n\r\x0b\x0c"))))
+    return out
+
+
+@given(st.lists(st.sampled_from(["Tea", "is", "hot.", "Why?", "(yes.)", "[2].", "ok.[3]", " ", "  ", "\n", "A.B.",
+                                 '"Fine!"', "x"]), max_size=30))
+def test_sentence_spans_follow_the_rule(parts):
+    text = " ".join(parts)
+    starts, ends = kernels.sentence_spans(codepoints(text))
+    assert list(zip(starts.tolist(), ends.tolist())) == reference_spans(text)
+
+
+def test_sentence_spans_keep_citations_with_their_sentence():
+    text = "Denver won [1]. They scored 24 points.[2] [3]\nNew line"
+    assert [text[a:b] for a, b in sentence_spans(text)] == ["Denver won [1].", "They scored 24 points.[2] [3]",
+                                                            "New line"]
+
+
+def test_degenerate_answers_are_named():
+    sources = ["Refund policy"]
+    assert degenerate("", sources) == "empty" and degenerate("  \n", sources) == "empty"
+    assert degenerate("[1]", sources) == "citation_only" and degenerate("[1] [1].", sources) == "citation_only"
+    assert degenerate("[1] (Refund policy)", sources) == "header_copy"
+    assert degenerate("Refund_policy", sources) == "header_copy"
+    assert degenerate("30 days [1]", sources) is None
+    assert degenerate("The context does not contain the answer.", sources) is None
+
+
+def test_a_stream_holds_back_what_could_still_be_degenerate():
+    sources = ["Refund policy"]
+    for prefix in ("", " ", "[", "[1", "[1]", "[1] (", "[1] (Refund", "Refund pol"):
+        assert may_become_degenerate(prefix, sources), prefix
+    for prefix in ("30", "You can", "[1] 30", "Refund policy says"):
+        assert not may_become_degenerate(prefix, sources), prefix
+
+
+def test_support_pairs_each_sentence_with_its_source_sentence(embedder):
+    doc = "Intro line.\n" + TEA
+    hit_start = len("Intro line.\n")
+    src = Source(1, Hit(rank=1, score=1.0, cosine=1.0, key=7, doc_id="tea", source="tea.txt", ordinal=0,
+                        start=hit_start, end=len(doc), text=TEA, metadata={}))
+    s = Supporter(embedder, min_score=0.6, min_overlap=0.5)
+    answer = "Brew green tea at 70 to 80 degrees Celsius [1]. The moon is made of green cheese."
+    first, second = s.support(answer, [src])
+    assert answer[first.answer_start:first.answer_end] == "Brew green tea at 70 to 80 degrees Celsius [1]."
+    assert first.supported and first.source == 1 and first.doc_id == "tea"
+    assert doc[first.start:first.end] == first.text == "Green tea is best brewed with water at 70 to 80 degrees Celsius."
+    assert first.overlap >= 0.5 and 0 < first.score <= 1.0001
+    assert answer[second.answer_start:second.answer_end] == "The moon is made of green cheese."
+    assert not second.supported and second.score < 0.6 and second.overlap < 0.5
+    assert s.support("[1]", [src]) == []  # nothing to support
+    number, hit, (a, b), text = s.best_sentence("How long should tea steep?", [src])
+    assert number == 1 and doc[a:b] == text == "Steep it for two to three minutes."
+
+
+@pytest.fixture()
+def refund(tmp_path, config, embedder, generator):
+    eng = Engine(config.replace(data_dir=tmp_path / "data"), embedder=embedder, generator=generator)
+    eng.create_collection("c")
+    eng.ingest("c", [Document("refund", REFUND, "policy.txt", {})])
+    yield eng
+    eng.close()
+
+
+def test_refund_question_answers_30_days_with_a_citation(refund):
+    """The default prompt once answered this with "[1]" alone: a degenerate answer is never
+    returned; the stream never shows it either (its deltas add up to the final text)."""
+    q = "How many days do I have to return an item?"
+    events = list(refund.answer_stream("c", q, params=SHORT))
+    final = events[-1]
+    assert isinstance(final, Answer)
+    assert "".join(e for e in events if isinstance(e, str)) == final.text
+    for a in (final, refund.answer_batch("c", [q, q], params=SHORT)[1]):
+        assert "30 days" in a.text and a.cited == [1], a.text
+        assert degenerate(a.text, [s.hit.source for s in a.sources]) is None
+        assert a.support and all(x.supported for x in a.support) and a.support[0].source == 1
+        assert REFUND[a.support[0].start:a.support[0].end] == a.support[0].text
+    if final.retries:  # the first generation was degenerate and said so
+        assert final.degenerate in ("empty", "citation_only", "header_copy")
+
+
+def test_twice_degenerate_answers_are_extracted(refund):
+    """When the retry is degenerate too, the answer is the source sentence closest to the
+    question, marked as extracted (two generations' real Completions, as the scheduler gives)."""
+    q = "How many days do I have to return an item?"
+    (hits,) = refund.search_batch("c", [q], 5)
+    ids, sources = refund.build_prompt(q, hits, 48)
+    comps = [Completion(text=t, finish_reason=FINISH_EOS, prompt_tokens=len(ids), completion_tokens=2, token_ids=[])
+             for t in ("[1]", "[1] [1]")]
+    a = refund.answerer._finish(q, comps, sources, 0, 0, 0, "citation_only")
+    assert a.extracted and a.retries == 1 and a.degenerate == "citation_only"
+    assert a.text == f"{REFUND} [1]" and a.cited == [1]
+    assert a.completion_tokens == 4 and a.support[0].supported
+    as_json = a.to_json()
+    assert as_json["extracted"] and as_json["support"][0]["span"] == [0, len(REFUND)]
+
+
+def test_cli_ask_marks_support(tmp_path, capsys):
+    (tmp_path / "policy.txt").write_text(REFUND)
+    data = ["--data-dir", str(tmp_path / "d")]
+    assert main([*data, "ingest", str(tmp_path / "policy.txt"), "-c", "c", "-q"]) == 0
+    capsys.readouterr()
+    assert main([*data, "ask", "How many days do I have to return an item?", "-c", "c",
+                 "--max-new-tokens", "48"]) == 0
+    out = capsys.readouterr().out
+    assert "30 days" in out and "Support:" in out and "supported" in out and "[0:" in out
+    assert main([*data, "ask", "How many days do I have to return an item?", "-c", "c", "--json",
+                 "--max-new-tokens", "48"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["support"] and got["support"][0]["supported"] and got["support"][0]["source"] == 1
+    assert REFUND[slice(*got["support"][0]["span"])] == got["support"][0]["text"]
