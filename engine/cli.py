@@ -348,7 +348,7 @@ def show_info(engine, args: argparse.Namespace) -> int:
     from .plan import cpu_key, resolve
 
     c = engine.config
-    plan = resolve(c.gen_model_dir, decode=c.gen_variant, prefill=c.gen_prefill_variant)
+    plan = resolve(c.gen_model_dir, decode=c.gen_variant, prefill=c.gen_prefill_variant, provider=c.provider)
     out = {"embedding_model": c.embed_model, "embedding_variant": c.embed_variant,
            "generation_model": c.gen_model, "cpu": cpu_key(), "execution_plan": plan.describe(),
            "prefill_variant": plan.prefill, "decode_variant": plan.decode, "plan_source": plan.source,

@@ -144,12 +144,13 @@ QUANTIZED = {INT8_FILE: (8, INT8_BLOCK_SIZE), INT4_FILE: (4, INT4_BLOCK_SIZE)}
 PROTOBUF_LIMIT = 2**31 - 1
 # Graph passes applied to the exported decoder, recorded in manifest.json ("graph_passes").
 # A model folder built before a pass existed gets it from `upgrade` (make models).
-GRAPH_PASSES = ("last_position_logits", "softmax_nan_guard")
-# Measured, not applied by default: grouped_attention decodes a batch of 8 1.4x faster, but
-# its P @ V reduction over the (left-padded) keys runs as a GEMM whose blocking follows the
-# padded length, so a row in a padded batch no longer rounds exactly as it does alone, and
-# greedy output of one request could change with the batch it joined (the scheduler
-# promises it does not). `apply_graph_passes(path, ("grouped_attention",))` applies it.
+GRAPH_PASSES = ("last_position_logits", "softmax_nan_guard", "grouped_keys")
+# Measured, not applied by default: grouped_attention (keys and values) decodes a batch of 8
+# 1.4x faster, but its P @ V reduction over the (left-padded) keys then runs as a GEMM with
+# group rows, whose blocking follows the padded length, so a row in a padded batch no longer
+# rounds exactly as it does alone, and greedy output could change with the batch it joined.
+# grouped_keys (the default) rewrites only Q @ K^T, a reduction over the head dimension that
+# padding never touches. `apply_graph_passes(path, ("grouped_attention",))` applies the full one.
 OPTIONAL_PASSES = ("grouped_attention",)
 
 
@@ -275,9 +276,9 @@ def softmax_nan_guard(model) -> int:
     return len(rename)
 
 
-def grouped_attention(model, kv_heads: int, heads: int, *, values: bool = True) -> int:
-    """Attend to the kv_heads keys and values directly instead of copying them to every
-    query head; returns how many Expand copies were removed.
+def grouped_attention(model, kv_heads: int, heads: int, *, with_values: bool = True) -> int:
+    """Attend to the kv_heads keys (and, `with_values`, values) directly instead of copying
+    them to every query head; returns how many Expand copies were removed.
 
     The exported grouped-query attention repeats K and V from kv_heads to heads (Unsqueeze,
     Expand, Reshape) before its two MatMuls: at every decode step that copies the whole
@@ -334,7 +335,7 @@ def grouped_attention(model, kv_heads: int, heads: int, *, values: bool = True) 
             mm = mms[0]
             sh.input[0] = present
             tr.input[0] = present
-        elif values and kinds == ["MatMul"] and r_users[0].input[1] == reshape.output[0]:  # values
+        elif with_values and kinds == ["MatMul"] and r_users[0].input[1] == reshape.output[0]:  # values
             mm = r_users[0]
             mm.input[1] = present
         else:
@@ -382,13 +383,17 @@ def apply_graph_passes(path: Path, passes: tuple[str, ...] = GRAPH_PASSES) -> li
         changed.append("softmax_nan_guard")
         log(f"{path.name}: dropped the NaN guard after {n} attention softmaxes")
     cfg_path = path.parent / "config.json"
-    if "grouped_attention" in passes and cfg_path.exists():
+    for name in ("grouped_attention", "grouped_keys"):
+        if name not in passes or not cfg_path.exists():
+            continue
         cfg = json.loads(cfg_path.read_text())
         heads = cfg.get("num_attention_heads")
         kv_heads = cfg.get("num_key_value_heads", heads)
-        if heads and kv_heads and heads != kv_heads and (n := grouped_attention(model, kv_heads, heads)):
-            changed.append("grouped_attention")
-            log(f"{path.name}: {n} K/V head copies (Expand) replaced by grouped MatMuls")
+        if heads and kv_heads and heads != kv_heads and \
+                (n := grouped_attention(model, kv_heads, heads, with_values=name == "grouped_attention")):
+            changed.append(name)
+            log(f"{path.name}: {n} {'K/V' if name == 'grouped_attention' else 'K'} head copies (Expand) "
+                "replaced by grouped MatMuls")
     if changed:
         tmp = path.with_name(f".{path.name}.tmp")
         # A model read without its external data is saved the same way: the initializers keep

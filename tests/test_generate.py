@@ -274,10 +274,10 @@ def test_a_graph_over_2gib_is_saved_with_external_data(tmp_path):
 
 
 def test_grouped_attention_pass_removes_every_kv_copy(config):
-    """The optional pass (engine/export_lm.grouped_attention, off by default) on the real fp32
-    graph, weights left on disk: one rewrite for K and one for V in every layer, no Expand
-    left in any attention block, and nothing else touched. (Its numerics were measured
-    against fp32 and int8 once, see README "Models"; it is not in GRAPH_PASSES.)"""
+    """The passes on the real fp32 graph, weights left on disk: make models applied
+    grouped_keys (one Expand copy fewer per layer: the keys'), and the optional full pass
+    (engine/export_lm.grouped_attention, off by default: see GRAPH_PASSES) removes the values'
+    too, leaving no Expand in any attention block and nothing else touched."""
     import json
 
     import onnx
@@ -285,11 +285,14 @@ def test_grouped_attention_pass_removes_every_kv_copy(config):
     from engine.export_lm import GRAPH_PASSES, OPTIONAL_PASSES, grouped_attention
 
     assert "grouped_attention" in OPTIONAL_PASSES and "grouped_attention" not in GRAPH_PASSES
+    assert "grouped_keys" in GRAPH_PASSES
     cfg = json.loads((config.gen_model_dir / "config.json").read_text())
     model = onnx.load(str(config.gen_model_dir / "model.onnx"), load_external_data=False)
+    expands = [x for x in model.graph.node if x.op_type == "Expand" and "self_attn" in x.name]
+    assert len(expands) == cfg["num_hidden_layers"], "make models left one copy per layer: the values'"
     before = [n.op_type for n in model.graph.node]
     n = grouped_attention(model, cfg["num_key_value_heads"], cfg["num_attention_heads"])
-    assert n == 2 * cfg["num_hidden_layers"]
+    assert n == cfg["num_hidden_layers"]
     assert not [x for x in model.graph.node if x.op_type == "Expand" and "self_attn" in x.name]
     after = [x.op_type for x in model.graph.node]
     assert after.count("MatMul") == before.count("MatMul") and after.count("Softmax") == before.count("Softmax")
