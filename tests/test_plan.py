@@ -45,7 +45,8 @@ def test_rule_follows_cpu_features(config):
 
 
 def test_config_overrides_the_plan(config):
-    assert resolve(config.gen_model_dir, decode="int8", prefill="int8") == Plan("int8", "int8", "config", cpu_key())
+    forced = resolve(config.gen_model_dir, decode="int8", prefill="int8")
+    assert (forced.prefill, forced.decode, forced.source, forced.cpu) == ("int8", "int8", "config", cpu_key())
     auto = resolve(config.gen_model_dir, decode="int4")
     assert auto.decode == "int4" and auto.source == "config" and auto.prefill == resolve(config.gen_model_dir).prefill
     assert resolve(config.gen_model_dir, provider="cuda") == Plan("int8", "int8", "config", "cuda")

@@ -139,9 +139,18 @@ def test_answer_stream_then_batch(server):
     assert "".join(deltas) == done.text and done.usage.completion_tokens >= 1
     t = done.timings
     assert t.prefill_time_ns > 0 and t.decode_time_ns > 0 and t.total_time_ns >= t.prefill_time_ns
+    # per-sentence support: spans into the answer and into a source document it names
+    assert done.support and not done.extracted
+    for x in done.support:
+        assert 0 <= x.answer_start < x.answer_end <= len(done.text) and x.text
+        if x.source:
+            hit = next(s.hit for s in sources if s.number == x.source)
+            assert x.doc_id == hit.doc_id and hit.start <= x.start < x.end <= hit.end
+            assert hit.text[x.start - hit.start:x.end - hit.start] == x.text
     answers = client.answer_batch("docs", ["How long does black tea steep?", "What does ef control?"],
                                   max_new_tokens=40)
     assert len(answers) == 2 and all(a.text for a in answers)
+    assert all(a.done.text == a.text and len(a.done.support) >= 1 for a in answers)
 
 
 def test_concurrent_searches_equal_in_process(server, shared_engine):
