@@ -127,6 +127,42 @@ def rag_pass(args, rag: list[str], tmp: Path, mode: str, paragraphs: list[dict],
     return preds
 
 
+def packing_sweep(args, paragraphs: list[dict], sample: list[dict], tmp: Path) -> None:
+    """Context packing (Config.context_budget_tokens), retrieval only: for k x budget x
+    neighbours, how often a gold answer is inside the prompt's passages, and the median
+    prompt size. No generation, so the whole sweep takes minutes."""
+    from engine.documents import Document
+    from engine.rag import Answerer
+
+    engine = Engine(Config(data_dir=tmp / "packing"))
+    engine.create_collection("squad")
+    engine.ingest("squad", [Document(p["id"], p["text"], p["id"], {"title": p["title"]}) for p in paragraphs])
+    questions = [q["question"] for q in sample]
+    hits = engine.search_batch("squad", questions, 5)
+    supporter = engine.answerer.supporter
+    print(f"{'k':>2} {'budget':>6} {'nb':>2}  gold in prompt  median prompt tokens  p90", flush=True)
+    for k in (2, 3, 5):
+        for budget in (None, 150, 250, 350, 450):
+            for nb in ((1,) if budget is None else (0, 1, 2)):
+                cfg = engine.config.replace(context_budget_tokens=budget, context_neighbours=nb)
+                ans = Answerer(cfg, engine.searcher, lambda: engine.generator, lambda: engine.scheduler,
+                               lambda: engine.embedder)
+                ans._supporter = supporter  # one sentence cache for the whole sweep
+                found, sizes = 0, []
+                for q, h in zip(sample, hits):
+                    ids, sources = ans.build_prompt(q["question"], h[:k], args.max_new_tokens)
+                    found += any(contains(s.hit.text, q["answers"]) for s in sources)
+                    sizes.append(len(ids))
+                sizes.sort()
+                rec = {"mode": "packing", "n": len(sample), "seed": args.seed, "k": k, "budget": budget,
+                       "neighbours": nb, "gold_in_prompt": found / len(sample),
+                       "prompt_tokens_p50": sizes[len(sizes) // 2], "prompt_tokens_p90": sizes[9 * len(sizes) // 10]}
+                print(f"{k:>2} {str(budget):>6} {nb:>2}  {rec['gold_in_prompt']:14.3f}  {rec['prompt_tokens_p50']:20d}  "
+                      f"{rec['prompt_tokens_p90']}", flush=True)
+                log(rec)
+    engine.close()
+
+
 def run(args) -> None:
     data = json.loads(Path(args.squad).read_text())["data"]
     paragraphs, questions = [], []
@@ -148,6 +184,9 @@ def run(args) -> None:
         qfile.write_text("".join(json.dumps({"id": q["id"], "question": q["question"]}) + "\n" for q in sample))
         preds = [""] * len(sample)
         golds = [q["answers"] for q in sample]
+        if args.packing:
+            packing_sweep(args, paragraphs, sample, tmp)
+            return
         if not args.skip_rag:
             preds = rag_pass(args, rag, tmp, "rag", paragraphs, sample, qfile)
         if args.gold_removed and not args.skip_rag:
@@ -227,6 +266,8 @@ def main() -> None:
                         'e.g. "fp32,int8,fp32>int8" (engine/plan.py)')
     p.add_argument("--prefill-variant", default="auto", help="the generator's prefill weights (default: the plan)")
     p.add_argument("--skip-rag", action="store_true", help="only the gold-paragraph modes (no ingest, no rag ask)")
+    p.add_argument("--packing", action="store_true",
+                   help="only the context-packing sweep (k x budget x neighbours; retrieval, no generation)")
     p.add_argument("--gold-removed", action="store_true",
                    help="also answer the questions over the corpus without their gold paragraphs (support flags)")
     run(p.parse_args())

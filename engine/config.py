@@ -57,6 +57,11 @@ DEFAULT_CONTEXT_WINDOW = 2048
 DEFAULT_MAX_NEW_TOKENS = 256
 # Chunks retrieved for an answer; as many as fit in the window are packed into the prompt.
 DEFAULT_ANSWER_K = 5
+# Context packing (engine/support.py Supporter.pack): with a budget, the prompt gets the
+# retrieved chunks' sentences closest to the question, each with this many neighbours
+# either side, up to this many tokens of passage text, instead of whole chunks. None: off.
+DEFAULT_CONTEXT_BUDGET_TOKENS = None
+DEFAULT_CONTEXT_NEIGHBOURS = 1
 # Chosen among eight templates on the sample corpus with the 0.5B int8 model (answered 8 of 8
 # answerable questions, vs 5-6 for the others): the rule, with the refusal sentence verbatim,
 # in the system message; passages, question and a request to cite in the user message.
@@ -190,6 +195,8 @@ class Config:
     answer_min_score: float = DEFAULT_ANSWER_MIN_SCORE
     answer_min_relative: float = DEFAULT_ANSWER_MIN_RELATIVE
     retry_instruction: str = DEFAULT_RETRY_INSTRUCTION
+    context_budget_tokens: int | None = DEFAULT_CONTEXT_BUDGET_TOKENS
+    context_neighbours: int = DEFAULT_CONTEXT_NEIGHBOURS
     support_min_score: float = DEFAULT_SUPPORT_MIN_SCORE
     support_min_overlap: float = DEFAULT_SUPPORT_MIN_OVERLAP
     # --- server
@@ -244,6 +251,14 @@ class Config:
         if self.gen_prefill_variant not in GEN_PREFILL_VARIANTS:
             raise InvalidInput(f"gen_prefill_variant must be one of {GEN_PREFILL_VARIANTS}, "
                                f"got {self.gen_prefill_variant!r}")
+        if self.context_budget_tokens is not None and (
+                isinstance(self.context_budget_tokens, bool) or not isinstance(self.context_budget_tokens, int)
+                or self.context_budget_tokens < 16):
+            raise InvalidInput(f"context_budget_tokens must be an integer >= 16 or None (off), "
+                               f"got {self.context_budget_tokens!r}")
+        if isinstance(self.context_neighbours, bool) or not isinstance(self.context_neighbours, int) \
+                or not 0 <= self.context_neighbours <= 8:
+            raise InvalidInput(f"context_neighbours must be an integer in [0, 8], got {self.context_neighbours!r}")
         if not (0.0 <= self.support_min_score <= 1.0 and 0.0 <= self.support_min_overlap <= 1.0):
             raise InvalidInput("support_min_score and support_min_overlap must be in [0, 1]")
         if "{context}" not in self.prompt_template or "{question}" not in self.prompt_template:

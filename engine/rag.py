@@ -113,7 +113,9 @@ class Answerer:
     def build_prompt(self, question: str, hits: Sequence[Hit], max_new_tokens: int, *,
                      strict: bool = False) -> tuple[list[int], list[Source]]:
         """Prompt token ids with as many top hits as fit in window - max_new_tokens, numbered [1]..
-        `strict`: with the retry instruction (the same passages first)."""
+        With Config.context_budget_tokens, the hits are first narrowed to their sentences
+        closest to the question (Supporter.pack), each block a source of its own.
+        `strict`: with the retry instruction, over the same (already packed) passages."""
         gen = self._generator()
         budget = gen.window - max_new_tokens
         base = len(gen.encode(self.render(question, "", strict=strict)))
@@ -124,7 +126,11 @@ class Answerer:
         blocks: list[str] = []
         sources: list[Source] = []
         used = base
-        for hit in self.relevant(hits):
+        hits = self.relevant(hits)
+        if self.config.context_budget_tokens and hits and not strict:
+            hits = self.supporter.pack(question, hits, self.config.context_budget_tokens, gen.count_tokens,
+                                       self.config.context_neighbours)
+        for hit in hits:
             label = source_label(hit)
             block = f"[{len(sources) + 1}] ({label})\n{hit.text.strip()}\n\n"
             cost = len(gen.encode(block))

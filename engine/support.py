@@ -11,6 +11,10 @@
     sentence's content words found in it, and a flag when neither reaches its threshold.
   - `Supporter.best_sentence(question, sources)`: the source sentence closest to the
     question (the extractive fallback).
+  - `Supporter.pack(question, hits, budget, count_tokens)`: context packing. The sentences
+    of the retrieved chunks closest to the question, each with its neighbours, up to a
+    token budget, as blocks of consecutive sentences in document order, each block a hit
+    of its own whose start:end is its exact span in the source document.
 
 Sentences are split by the chunker's rule (engine/kernels.sentence_spans).
 """
@@ -169,6 +173,43 @@ class Supporter:
             out.append(SentenceSupport(a, b, score >= self.min_score or share >= self.min_overlap, score, share,
                                        number, hit.doc_id, hit.start + x, hit.start + y, hit.text[x:y]))
         return out
+
+    def pack(self, question: str, hits: Sequence, budget: int, count_tokens, neighbours: int = 1) -> list:
+        """Blocks (hits narrowed to runs of sentences) that fit `budget` tokens of context:
+        sentences taken best first by cosine with the question, each with `neighbours`
+        sentences either side from the same chunk; blocks ordered by their chunk's rank,
+        then by position in the chunk."""
+        from .rag import Source
+
+        items, vectors = self._source_sentences([Source(i + 1, h) for i, h in enumerate(hits)])
+        if not items:
+            return []
+        q = self.embedder.embed([question])[0]
+        cost: dict[int, int] = {}
+        chosen: set[int] = set()
+        used = 0
+        for j in np.argsort(-(vectors @ q), kind="stable").tolist():
+            group = [k for k in range(j - neighbours, j + neighbours + 1)
+                     if 0 <= k < len(items) and items[k][0] == items[j][0] and k not in chosen]
+            for k in group:
+                if k not in cost:
+                    _, hit, (a, b) = items[k]
+                    cost[k] = count_tokens(hit.text[a:b]) + 1
+            add = sum(cost[k] for k in group)
+            if used + add <= budget:
+                chosen.update(group)
+                used += add
+        blocks = []
+        for number, hit in enumerate(hits, 1):
+            run: list[int] = []
+            for k in [k for k in sorted(chosen) if items[k][0] == number] + [-1]:
+                if run and (k != run[-1] + 1):
+                    a, b = items[run[0]][2][0], items[run[-1]][2][1]
+                    blocks.append(dataclasses.replace(hit, start=hit.start + a, end=hit.start + b, text=hit.text[a:b]))
+                    run = []
+                if k >= 0:
+                    run.append(k)
+        return blocks
 
     def best_sentence(self, question: str, sources: Sequence):
         """(source number, hit, (start, end) in the document, text) of the source sentence

@@ -243,7 +243,6 @@ def test_a_graph_over_2gib_is_saved_with_external_data(tmp_path):
     """The 1.5B preset's quantized graph is over 2 GiB (its fp32 embeddings), more than one
     protobuf can hold: save_onnx writes the weights to a data file beside it, and
     onnxruntime runs the result. A real 2.1 GiB initializer, not a lowered limit."""
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 

@@ -157,3 +157,36 @@ def test_cli_ask_marks_support(tmp_path, capsys):
     got = json.loads(capsys.readouterr().out)
     assert got["support"] and got["support"][0]["supported"] and got["support"][0]["source"] == 1
     assert REFUND[slice(*got["support"][0]["span"])] == got["support"][0]["text"]
+
+
+def test_pack_keeps_the_closest_sentences_with_exact_spans(embedder, generator):
+    doc = "Intro line.\n" + TEA + " Oolong sits between green and black tea. Pu-erh is aged for years."
+    start = len("Intro line.\n")
+    hit = Hit(rank=1, score=1.0, cosine=1.0, key=9, doc_id="tea", source="tea.txt", ordinal=0, start=start,
+              end=len(doc), text=doc[start:], metadata={})
+    s = Supporter(embedder, min_score=0.6, min_overlap=0.5)
+    blocks = s.pack("How long should I steep the tea?", [hit], 12, generator.count_tokens, neighbours=0)
+    assert [b.text for b in blocks] == ["Steep it for two to three minutes."]
+    assert doc[blocks[0].start:blocks[0].end] == blocks[0].text and blocks[0].doc_id == "tea"
+    wide = s.pack("How long should I steep the tea?", [hit], 60, generator.count_tokens, neighbours=1)
+    assert any("Steep it for two to three minutes." in b.text for b in wide)
+    assert sum(generator.count_tokens(b.text) for b in wide) <= 60
+    for b in wide:  # consecutive sentences become one block, in document order
+        assert doc[b.start:b.end] == b.text and hit.start <= b.start < b.end <= hit.end
+    assert [b.start for b in wide] == sorted(b.start for b in wide)
+    assert s.pack("tea?", [], 100, generator.count_tokens) == []
+
+
+def test_a_context_budget_packs_sentences_into_the_prompt(refund, config):
+    eng = Engine(refund.config.replace(context_budget_tokens=40), embedder=refund.embedder,
+                 generator=refund.generator)
+    try:
+        (hits,) = eng.search_batch("c", ["How many days do I have to return an item?"], 5)
+        ids, sources = eng.build_prompt("How many days do I have to return an item?", hits, 48)
+        assert [s.hit.text for s in sources] == [REFUND] and sources[0].hit.start == 0
+        a = eng.answer("c", "How many days do I have to return an item?", params=SHORT)
+        assert "30" in a.text and a.cited == [1]
+    finally:
+        eng.close()
+    with pytest.raises(Exception, match="context_budget_tokens"):
+        config.replace(context_budget_tokens=3)
