@@ -77,13 +77,14 @@ def rag_pass(args, rag: list[str], tmp: Path, mode: str, paragraphs: list[dict],
 
     corpus = tmp / f"{mode}.jsonl"
     corpus.write_text("".join(json.dumps(p) + "\n" for p in paragraphs))
-    data_dir = ["--data-dir", str(tmp / mode)]
+    data_dir = ["--data-dir", str(tmp / mode), *args.rag_global]
     t0 = time.perf_counter()
     subprocess.run([*rag, *data_dir, "ingest", str(corpus), "-c", "squad", "-q"], check=True)
     t1 = time.perf_counter()
     afile = tmp / f"{mode}-answers.jsonl"
     subprocess.run([*rag, *data_dir, "ask", "--batch", str(qfile), "--out", str(afile), "-c", "squad",
-                    "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.batch_size)], check=True)
+                    "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.batch_size),
+                    *args.ask_args], check=True)
     t2 = time.perf_counter()
     answers = {json.loads(line)["id"]: json.loads(line) for line in afile.read_text().splitlines()}
     got = [answers[q["id"]] for q in sample]
@@ -106,7 +107,7 @@ def rag_pass(args, rag: list[str], tmp: Path, mode: str, paragraphs: list[dict],
     flagged = sum(any(not x["supported"] for x in a["support"]) for a in answered)
     prompt_tokens = sorted(a["usage"]["prompt_tokens"] // (1 + a["retries"]) for a in got)
     prefill = sorted(a["timings_ns"]["prefill"] / 1e9 / (1 + a["retries"]) for a in got)
-    rec = {"mode": mode, "n": n, "seed": args.seed, "em": em, "f1": f,
+    rec = {"mode": mode, "n": n, "seed": args.seed, "rag_args": args.rag_global + args.ask_args, "em": em, "f1": f,
            "contains_gold": sum(contains(p, g) for p, g in zip(preds, golds)) / n,
            "gold_in_prompt": retrieved / n, "declined": declined / n,
            "degenerate_returned": returned_degenerate / n, "degenerate_first": first_degenerate / n,
@@ -116,6 +117,8 @@ def rag_pass(args, rag: list[str], tmp: Path, mode: str, paragraphs: list[dict],
            / max(len(sentences), 1), "answers_flagged": flagged / max(len(answered), 1),
            "prompt_tokens_p50": prompt_tokens[n // 2], "prefill_s_p50": prefill[n // 2],
            "s_per_question": (t2 - t1) / n, "ingest_s": t1 - t0}
+    if rec["rag_args"]:
+        print(f"{mode} with {' '.join(rec['rag_args'])}:")
     print(f"{mode:17s} EM {em:5.1f}  F1 {f:5.1f}  contains-gold {rec['contains_gold']:.2f}  gold paragraph in prompt "
           f"{rec['gold_in_prompt']:.2f}  declined {rec['declined']:.2f}  degenerate {rec['degenerate_returned']:.2f} "
           f"(first try {rec['degenerate_first']:.2f}, extracted {rec['extracted']:.2f})  cited "
@@ -266,6 +269,9 @@ def main() -> None:
                         'e.g. "fp32,int8,fp32>int8" (engine/plan.py)')
     p.add_argument("--prefill-variant", default="auto", help="the generator's prefill weights (default: the plan)")
     p.add_argument("--skip-rag", action="store_true", help="only the gold-paragraph modes (no ingest, no rag ask)")
+    p.add_argument("--rag-global", type=lambda x: x.split(), default=[],
+                   help='extra global `rag` options for the rag modes, e.g. "--context-budget-tokens 350"')
+    p.add_argument("--ask-args", type=lambda x: x.split(), default=[], help='extra `rag ask` options, e.g. "-k 3"')
     p.add_argument("--packing", action="store_true",
                    help="only the context-packing sweep (k x budget x neighbours; retrieval, no generation)")
     p.add_argument("--gold-removed", action="store_true",

@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how hybrid search fuses the dense and BM25 rankings (default convex)")
     p.add_argument("--fusion-alpha", type=float, default=None,
                    help=f"weight of the dense ranking in convex and weighted_rrf fusion (default {DEFAULT_FUSION_ALPHA})")
+    p.add_argument("--context-budget-tokens", type=int, default=None,
+                   help="pack only the retrieved chunks' sentences closest to the question, up to this many "
+                        "tokens of passages (default: whole chunks)")
     p.add_argument("--wal-fsync", choices=WAL_FSYNC_POLICIES, default=None,
                    help="when the write-ahead log is synced before a write is acknowledged (default batch: "
                         "every write; interval: every --wal-fsync-interval-ms; off: left to the OS)")
@@ -160,7 +163,7 @@ def make_config(args: argparse.Namespace) -> Config:
     if args.embed_variant:
         kw["embed_variant"] = args.embed_variant
     for name in ("wal_fsync", "wal_fsync_interval_ms", "snapshot_wal_bytes", "snapshot_interval_s", "fusion",
-                 "fusion_alpha", "gen_variant", "gen_prefill_variant"):
+                 "fusion_alpha", "gen_variant", "gen_prefill_variant", "context_budget_tokens"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
     return Config(**kw)

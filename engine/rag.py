@@ -275,6 +275,8 @@ class Answerer:
                     try:
                         tickets[pending[0]] = scheduler.submit(prompts[pending[0]], params)
                     except Overloaded:
+                        if not tickets:  # the queue is full of other requests: nothing to wait for
+                            raise
                         break
                     pending.pop(0)
                 i = next(iter(tickets))
