@@ -198,6 +198,8 @@ def run(args) -> None:
             gone = {q["pid"] for q in sample}
             rag_pass(args, rag, tmp, "rag-gold-removed", [p for p in paragraphs if p["id"] not in gone], sample, qfile)
 
+        if args.skip_gold:
+            return
         # Gold paragraph as the only passage, same template and generator.
         engine = Engine(Config(data_dir=tmp / "data", gen_prefill_variant=args.prefill_variant))
         gen = engine.generator
@@ -272,6 +274,7 @@ def main() -> None:
     p.add_argument("--rag-global", type=lambda x: x.split(), default=[],
                    help='extra global `rag` options for the rag modes, e.g. "--context-budget-tokens 350"')
     p.add_argument("--ask-args", type=lambda x: x.split(), default=[], help='extra `rag ask` options, e.g. "-k 3"')
+    p.add_argument("--skip-gold", action="store_true", help="only the rag modes (no gold-paragraph mode)")
     p.add_argument("--packing", action="store_true",
                    help="only the context-packing sweep (k x budget x neighbours; retrieval, no generation)")
     p.add_argument("--gold-removed", action="store_true",
