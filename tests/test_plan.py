@@ -59,12 +59,18 @@ def test_mixed_plan_prefills_on_fp32_and_decodes_on_int8(mixed, generator):
     comp = next(ev for ev in mixed.stream_ids(prompt, params) if isinstance(ev, Completion))
     assert comp.completion_tokens >= 1 and comp.text.strip()
     # the same tokens through the scheduler, alone and beside other rows
-    s = Scheduler(mixed, prefix_cache_mb=0, prefill_chunk=64, block_tokens=16)
+    assert_same_in_a_batch(mixed, prompt, params, comp.token_ids, repeats=4, other_tokens=20, alone_too=True)
+
+
+def assert_same_in_a_batch(gen, prompt, params, want, *, repeats, other_tokens, alone_too=False):
+    """`prompt` gives the tokens `want` in the scheduler beside another row (and alone first)."""
+    s = Scheduler(gen, prefix_cache_mb=0, prefill_chunk=64, block_tokens=16)
     try:
-        assert s.submit(prompt, params).result().token_ids == comp.token_ids
-        other = mixed.encode(mixed.render_chat([{"role": "user", "content": "Why is the sky blue? " * 4}]))
-        tickets = [s.submit(other, SamplingParams(max_new_tokens=20)), s.submit(prompt, params)]
-        assert tickets[1].result().token_ids == comp.token_ids
+        if alone_too:
+            assert s.submit(prompt, params).result().token_ids == want
+        other = gen.encode(gen.render_chat([{"role": "user", "content": "Why is the sky blue? " * repeats}]))
+        tickets = [s.submit(other, SamplingParams(max_new_tokens=other_tokens)), s.submit(prompt, params)]
+        assert tickets[1].result().token_ids == want
         tickets[0].result()
     finally:
         s.close()
@@ -78,11 +84,4 @@ def test_int4_decodes_when_configured(config):
     params = SamplingParams(max_new_tokens=8)
     alone = gen.generate_ids([prompt], params)[0]
     assert "Paris" in alone.text
-    s = Scheduler(gen, prefix_cache_mb=0, prefill_chunk=64, block_tokens=16)
-    try:
-        other = gen.encode(gen.render_chat([{"role": "user", "content": "Why is the sky blue? " * 3}]))
-        tickets = [s.submit(other, SamplingParams(max_new_tokens=16)), s.submit(prompt, params)]
-        assert tickets[1].result().token_ids == alone.token_ids
-        tickets[0].result()
-    finally:
-        s.close()
+    assert_same_in_a_batch(gen, prompt, params, alone.token_ids, repeats=3, other_tokens=16)
