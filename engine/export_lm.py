@@ -144,14 +144,15 @@ QUANTIZED = {INT8_FILE: (8, INT8_BLOCK_SIZE), INT4_FILE: (4, INT4_BLOCK_SIZE)}
 PROTOBUF_LIMIT = 2**31 - 1
 # Graph passes applied to the exported decoder, recorded in manifest.json ("graph_passes").
 # A model folder built before a pass existed gets it from `upgrade` (make models).
-GRAPH_PASSES = ("last_position_logits", "softmax_nan_guard", "grouped_keys")
-# Measured, not applied by default: grouped_attention (keys and values) decodes a batch of 8
-# 1.4x faster, but its P @ V reduction over the (left-padded) keys then runs as a GEMM with
-# group rows, whose blocking follows the padded length, so a row in a padded batch no longer
-# rounds exactly as it does alone, and greedy output could change with the batch it joined.
-# grouped_keys (the default) rewrites only Q @ K^T, a reduction over the head dimension that
-# padding never touches. `apply_graph_passes(path, ("grouped_attention",))` applies the full one.
-OPTIONAL_PASSES = ("grouped_attention",)
+# Applied in this order. gqa_attention replaces each layer's attention block with onnxruntime's
+# fused GroupQueryAttention over a right-padded cache (every row reads only its own keys, so
+# a row decodes exactly as it does alone); it matches the block in the form grouped_keys
+# leaves it. softmax_nan_guard, applied by folders built before gqa_attention existed,
+# rewrote nodes that gqa_attention now removes.
+GRAPH_PASSES = ("last_position_logits", "grouped_keys", "gqa_attention")
+# manifest "kv_layout" once gqa_attention rewrote the graph: row b's keys are cache columns
+# [0, len_b), new keys written at len_b (what engine/generate.py requires).
+KV_LAYOUT_RIGHT = "right"
 
 
 def last_position_logits(model) -> bool:
@@ -208,72 +209,6 @@ def _graph_index(g):
         return numpy_helper.to_array(inits[name]) if name in inits else None
 
     return producer, consumers, inits, const
-
-
-def softmax_nan_guard(model) -> int:
-    """Drop the NaN guard after every attention softmax; returns how many were dropped.
-
-    The exported attention adds a mask of 0 / -inf to the scores, and because a row whose
-    keys are all masked (a left-padding position) turns into NaN, follows the softmax with
-    Where(IsNaN(p), 0, p). Both passes over the (heads x queries x keys) tensor cost about a
-    quarter of the prefill of a 1,300-token prompt. With the mask's -inf replaced by the
-    most negative finite float32, masked scores still underflow to exactly 0 after exp, so
-    every row with at least one visible key is bit-identical, and an all-masked row gets a
-    finite (ignored) average instead of NaN, which no real position ever reads: its keys
-    are masked for every real query. Only patterns that match exactly are rewritten.
-    """
-    import numpy as np
-    from onnx import numpy_helper
-
-    g = model.graph
-    producer, consumers, inits, const = _graph_index(g)
-
-    def scalar(name: str):
-        a = const(name)
-        return float(a.reshape(-1)[0]) if a is not None and a.size == 1 else None
-
-    drop, rename, fills = set(), {}, set()
-    for sm in g.node:
-        if sm.op_type != "Softmax":
-            continue
-        users = consumers.get(sm.output[0], [])
-        isnan = [u for u in users if u.op_type == "IsNaN"]
-        where = [u for u in users if u.op_type == "Where"]
-        if len(users) != 2 or len(isnan) != 1 or len(where) != 1:
-            continue
-        w = where[0]
-        if list(w.input) != [isnan[0].output[0], w.input[1], sm.output[0]] or scalar(w.input[1]) != 0.0:
-            continue
-        add = producer.get(sm.input[0])
-        if add is None or add.op_type != "Add":
-            continue
-        masks = [producer.get(i) for i in add.input]
-        masks = [m for m in masks if m is not None and m.op_type == "Where"]
-        if len(masks) != 1:
-            continue
-        fill = scalar(masks[0].input[2])
-        if fill is None or not np.isneginf(fill) or len(consumers.get(masks[0].input[2], [])) != 1:
-            continue
-        fills.add(masks[0].input[2])
-        drop.update((id(isnan[0]), id(w)))
-        rename[w.output[0]] = sm.output[0]
-    if not drop:
-        return 0
-    lowest = np.finfo(np.float32).min
-    for name in fills:
-        n = producer.get(name)
-        t = n.attribute[0].t if n is not None and n.op_type == "Constant" else inits[name]
-        t.CopyFrom(numpy_helper.from_array(np.full(numpy_helper.to_array(t).shape, lowest, np.float32), t.name))
-    keep = [n for n in g.node if id(n) not in drop]
-    for n in keep:
-        for k, i in enumerate(n.input):
-            if i in rename:
-                n.input[k] = rename[i]
-    used = {i for n in keep for i in n.input} | {o.name for o in g.output}
-    keep = [n for n in keep if not (n.op_type == "Constant" and n.output[0] not in used)]
-    del g.node[:]
-    g.node.extend(keep)
-    return len(rename)
 
 
 def grouped_attention(model, kv_heads: int, heads: int, *, with_values: bool = True) -> int:
@@ -356,7 +291,106 @@ def grouped_attention(model, kv_heads: int, heads: int, *, with_values: bool = T
         nodes += before.get(id(n), [])
         nodes.append(n)
         nodes += after.get(id(n), [])
-    # drop what no longer feeds anything (the Expand copies and their shape arithmetic)
+    _drop_unused(g, nodes)  # the Expand copies and their shape arithmetic
+    return count
+
+
+def gqa_attention(model, kv_heads: int, heads: int) -> int:
+    """Replace every layer's attention block by onnxruntime's fused GroupQueryAttention over
+    each row's own keys; returns how many layers were rewritten.
+
+    The exported attention concatenates the new keys and values after the whole past, masks
+    with attention_mask and reduces softmax and P @ V over every column of the batch's
+    cache. A row in a padded batch then sums its keys in other groupings than it does alone,
+    so greedy output could change with the batch it joined (seen at 554-token prompts), and
+    every step copies the cache. GroupQueryAttention (com.microsoft) reads row b's first
+    seqlens_k[b] + 1 keys only, writes its new keys at that row's own length (right-padded
+    cache), and reads the kv_heads heads without copying them to every query head. Its
+    seqlens_k and total length come from attention_mask (mask sum - 1 and the mask's width),
+    so the graph's inputs and outputs keep their names and shapes; only the meaning of the
+    cache layout changes: row b's keys are columns [0, len_b) (engine/generate.py, and the
+    scheduler, pad on the right). Rotary embeddings stay the export's (position_ids). Runs
+    after grouped_keys, whose single form of Q @ K^T it matches; layers that do not match
+    exactly are left alone and not counted.
+    """
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = model.graph
+    producer, consumers, _, _ = _graph_index(g)
+    if any(n.op_type == "GroupQueryAttention" for n in g.node):
+        return 0
+    insert: dict[str, list] = {}  # value -> new nodes to insert before its first consumer
+    dead: list = []
+    for kcat in g.node:
+        out = kcat.output[0] if kcat.output else ""
+        if kcat.op_type != "Concat" or not (out.startswith("present.") and out.endswith(".key")):
+            continue
+        layer = out[len("present."):-len(".key")]
+        vcat = producer.get(f"present.{layer}.value")
+        if vcat is None or vcat.op_type != "Concat" or len(kcat.input) != 2 or len(vcat.input) != 2:
+            continue
+        # Q @ K^T as grouped_keys leaves it: present.key -> Transpose -> Mul(scale) -> MatMul input 1,
+        # whose input 0 is Reshape(Mul(Q_rotated, scale))
+        tr = [u for u in consumers.get(out, []) if u.op_type == "Transpose"]
+        mk = consumers.get(tr[0].output[0], []) if len(tr) == 1 else []
+        mm = consumers.get(mk[0].output[0], []) if len(mk) == 1 and mk[0].op_type == "Mul" else []
+        if len(mm) != 1 or mm[0].op_type != "MatMul" or mm[0].input[1] != mk[0].output[0]:
+            continue
+        q = producer.get(mm[0].input[0])
+        if q is not None and q.op_type == "Reshape":
+            q = producer.get(q.input[0])
+        if q is None or q.op_type != "Mul":
+            continue
+        # ... -> Softmax -> ... -> Transpose -> Reshape (b, q, heads * d): the block's output
+        node, seen = mm[0], []
+        while len(consumers.get(node.output[0], [])) == 1 and len(seen) < 12:
+            node = consumers[node.output[0]][0]
+            seen.append(node.op_type)
+            if node.op_type == "Reshape" and "Transpose" in seen:
+                break
+        if seen.count("Softmax") != 1 or node.op_type != "Reshape" or "Transpose" not in seen:
+            continue
+        t = f"/model/layers.{layer}/self_attn/gqa"
+        flat = []
+        for name, src in (("q", q.input[0]), ("k", kcat.input[1]), ("v", vcat.input[1])):
+            flat += [helper.make_node("Transpose", [src], [f"{t}/{name}_bshd"], perm=[0, 2, 1, 3], name=f"{t}/{name}_t"),
+                     helper.make_node("Reshape", [f"{t}/{name}_bshd", "gqa_flat"], [f"{t}/{name}"], name=f"{t}/{name}_r")]
+        attn = node.output[0]
+        flat.append(helper.make_node(
+            "GroupQueryAttention", [f"{t}/q", f"{t}/k", f"{t}/v", kcat.input[0], vcat.input[0], "gqa_seqlens_k",
+                                    "gqa_total_length"],
+            [attn, f"present.{layer}.key", f"present.{layer}.value"], domain="com.microsoft", num_heads=heads,
+            kv_num_heads=kv_heads, name=f"{t}/GroupQueryAttention"))
+        insert[attn] = flat
+        dead += [kcat, vcat, node]
+    if not insert:
+        return 0
+    for n in dead:  # their outputs now come from GroupQueryAttention
+        n.output[0] = n.output[0] + "_replaced"
+    g.initializer.extend([numpy_helper.from_array(np.array([1], np.int64), "gqa_axis_1"),
+                          numpy_helper.from_array(np.array(1, np.int64), "gqa_one"),
+                          numpy_helper.from_array(np.array([0, 0, -1], np.int64), "gqa_flat")])
+    nodes = [  # per row: seqlens_k = (keys it has) - 1; total = the mask's width
+        helper.make_node("ReduceSum", ["attention_mask", "gqa_axis_1"], ["gqa_lengths"], keepdims=0, name="/gqa/lengths"),
+        helper.make_node("Sub", ["gqa_lengths", "gqa_one"], ["gqa_seqlens_k_64"], name="/gqa/seqlens"),
+        helper.make_node("Cast", ["gqa_seqlens_k_64"], ["gqa_seqlens_k"], to=TensorProto.INT32, name="/gqa/seqlens_32"),
+        helper.make_node("Shape", ["attention_mask"], ["gqa_width"], start=1, end=2, name="/gqa/width"),
+        helper.make_node("Squeeze", ["gqa_width"], ["gqa_total_64"], name="/gqa/total"),
+        helper.make_node("Cast", ["gqa_total_64"], ["gqa_total_length"], to=TensorProto.INT32, name="/gqa/total_32"),
+    ]
+    for n in g.node:
+        for i in n.input:
+            nodes += insert.pop(i, [])
+        nodes.append(n)
+    _drop_unused(g, nodes)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return len(dead) // 3
+
+
+def _drop_unused(g, nodes: list) -> None:
+    """Set g's nodes to `nodes` minus every node whose outputs feed nothing (repeatedly)."""
     outputs = {o.name for o in g.output}
     while True:
         used = outputs | {i for n in nodes for i in n.input}
@@ -366,7 +400,11 @@ def grouped_attention(model, kv_heads: int, heads: int, *, with_values: bool = T
         nodes = keep
     del g.node[:]
     g.node.extend(nodes)
-    return count
+    names = {i for n in nodes for i in n.input}
+    keep_init = [t for t in g.initializer if t.name in names]
+    if len(keep_init) < len(g.initializer):
+        del g.initializer[:]
+        g.initializer.extend(keep_init)
 
 
 def apply_graph_passes(path: Path, passes: tuple[str, ...] = GRAPH_PASSES) -> list[str]:
@@ -379,21 +417,17 @@ def apply_graph_passes(path: Path, passes: tuple[str, ...] = GRAPH_PASSES) -> li
     changed = []
     if "last_position_logits" in passes and last_position_logits(model):
         changed.append("last_position_logits")
-    if "softmax_nan_guard" in passes and (n := softmax_nan_guard(model)):
-        changed.append("softmax_nan_guard")
-        log(f"{path.name}: dropped the NaN guard after {n} attention softmaxes")
     cfg_path = path.parent / "config.json"
-    for name in ("grouped_attention", "grouped_keys"):
-        if name not in passes or not cfg_path.exists():
-            continue
-        cfg = json.loads(cfg_path.read_text())
-        heads = cfg.get("num_attention_heads")
-        kv_heads = cfg.get("num_key_value_heads", heads)
-        if heads and kv_heads and heads != kv_heads and \
-                (n := grouped_attention(model, kv_heads, heads, with_values=name == "grouped_attention")):
-            changed.append(name)
-            log(f"{path.name}: {n} {'K/V' if name == 'grouped_attention' else 'K'} head copies (Expand) "
-                "replaced by grouped MatMuls")
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    heads = cfg.get("num_attention_heads")
+    kv_heads = cfg.get("num_key_value_heads", heads)
+    if "grouped_keys" in passes and heads and kv_heads and heads != kv_heads and \
+            (n := grouped_attention(model, kv_heads, heads, with_values=False)):
+        changed.append("grouped_keys")
+        log(f"{path.name}: {n} key head copies (Expand) replaced by grouped MatMuls")
+    if "gqa_attention" in passes and heads and kv_heads and (n := gqa_attention(model, kv_heads, heads)):
+        changed.append("gqa_attention")
+        log(f"{path.name}: {n} attention blocks replaced by GroupQueryAttention")
     if changed:
         tmp = path.with_name(f".{path.name}.tmp")
         # A model read without its external data is saved the same way: the initializers keep
@@ -419,7 +453,9 @@ def upgrade(model_dir: Path) -> None:
         return
     for name in variants:
         if missing and (model_dir / name).exists() and name not in stale:
-            apply_graph_passes(model_dir / name, missing)
+            changed = apply_graph_passes(model_dir / name, missing)
+            if name == FP32_FILE and "gqa_attention" in changed:
+                manifest["kv_layout"] = KV_LAYOUT_RIGHT
     if missing and (model_dir / FP32_FILE).exists():
         manifest["graph_passes"] = [*done, *missing]
     for f in stale:
@@ -507,6 +543,8 @@ def export_hf(hf_dir: Path, out: Path, *, name: str | None = None, quantize: boo
         passes = apply_graph_passes(tmp / FP32_FILE)
         if "last_position_logits" not in passes:
             log("note: could not restrict logits to the last position; generation still works")
+        if "gqa_attention" not in passes:
+            log("note: the attention blocks did not match gqa_attention; engine/generate.py will refuse this model")
         for f, (bits, block) in QUANTIZED.items() if quantize else ():
             log(f"writing {f} (weight-only MatMulNBits, {bits} bits, blocks of {block})")
             quantize_weights(tmp / FP32_FILE, tmp / f, bits, block)
@@ -517,7 +555,8 @@ def export_hf(hf_dir: Path, out: Path, *, name: str | None = None, quantize: boo
                     "head_dim": cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
                     "max_position_embeddings": cfg.get("max_position_embeddings"),
                     "variants": [FP32_FILE, *(QUANTIZED if quantize else ())],
-                    "graph_passes": list(GRAPH_PASSES), "quantized": quantize}
+                    "graph_passes": list(GRAPH_PASSES), "quantized": quantize,
+                    "kv_layout": KV_LAYOUT_RIGHT if "gqa_attention" in passes else "left"}
         manifest.update({block_key(f): block for f, (_, block) in QUANTIZED.items() if quantize})
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if out.exists():

@@ -5,9 +5,10 @@ the cached keys/values, so no token of the prompt is recomputed. Sampling and th
 repetition penalty run in Numba kernels over the logits (engine/kernels.py). Streamed text
 deltas are always whole UTF-8 characters: a byte-level BPE piece that ends inside a
 character is held back until the character completes, and the deltas concatenate exactly
-to the final text. Several prompts can be generated together: decoding runs them as one
-batch with left padding, each row finishing on its own and leaving the batch. On CPU each
-prompt is prefilled alone and the caches are padded afterwards (_prefill_rows).
+to the final text. Several prompts can be generated together: each prompt is prefilled
+alone, and decoding runs them as one batch whose KV cache is right-padded, each row reading
+only its own keys (the decoder's GroupQueryAttention, engine/export_lm.gqa_attention), so a
+row's tokens do not depend on the batch it is in; each row finishes on its own and leaves.
 """
 
 from __future__ import annotations
@@ -181,6 +182,12 @@ class Generator:
         self.manifest = json.loads((model_dir / MANIFEST).read_text())
         self.name: str = self.manifest["name"]
         self.variant = variant
+        if self.manifest.get("kv_layout") != "right":
+            hint = ("its attention blocks did not match engine/export_lm.gqa_attention, so rows of a batch "
+                    "cannot attend to their own keys only") if "gqa_attention" in self.manifest.get(
+                "graph_passes", []) else "run `make models` to upgrade it in place (about a minute)"
+            raise Unavailable(f"generation model at {model_dir} was built before per-row attention "
+                              f"(graph pass gqa_attention): {hint}")
         self.num_layers = int(self.manifest["num_layers"])
         self.num_kv_heads = int(self.manifest["num_kv_heads"])
         self.head_dim = int(self.manifest["head_dim"])
@@ -276,37 +283,18 @@ class Generator:
         self.generate_ids([self.encode("Hello")], SamplingParams(max_new_tokens=2))
 
     # ------------------------------------------------------------------ core loop
-    def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
+    def _empty_past(self, batch: int) -> list[np.ndarray]:
         shape = (batch, self.num_kv_heads, 0, self.head_dim)
-        return {n: np.zeros(shape, dtype=np.float32) for n in self.past_names}
+        return [np.zeros(shape, dtype=np.float32) for _ in self.past_names]
 
     def _steps(self, prompts: list[list[int]], rows: list[_Row],
                cancelled: Callable[[], bool] | None) -> Iterator[tuple[int, list[int]]]:
         """Drive the decoder; yields (step, indices of rows that got a token) after each step."""
-        b = len(prompts)
-        width = max(len(p) for p in prompts)
-        ids = np.full((b, width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((b, width), dtype=np.int64)
-        for i, p in enumerate(prompts):  # left padding: every row's last token is at the end
-            ids[i, width - len(p):] = p
-            mask[i, width - len(p):] = 1
-        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-        past = self._empty_past(b)
-        active = np.arange(b)
+        logits, past = self._prefill_rows(prompts)
+        lengths = np.array([len(p) for p in prompts], dtype=np.int64)  # keys each row has
+        active = np.arange(len(prompts))
         step = 0
-        # On CPU a batch's prompts are prefilled one by one (see _prefill_rows).
-        row_prefill = b > 1 and self.provider == "cpu"
-        while len(active):
-            if row_prefill:
-                logits, past = self._prefill_rows(prompts, width)
-                row_prefill = False
-            else:
-                feeds = {"input_ids": ids, "attention_mask": mask, **past}
-                if "position_ids" in self.input_names:
-                    feeds["position_ids"] = positions
-                outs = (self.prefill_session if step == 0 else self.session).run(None, feeds)
-                logits = outs[0][:, -1, :]
-                past = dict(zip(self.past_names, outs[1:1 + len(self.past_names)]))
+        while True:
             got = []
             for j, r in enumerate(active):
                 row = rows[r]
@@ -319,44 +307,68 @@ class Generator:
                     rows[r].finish = rows[r].finish or FINISH_CANCELLED
             keep = np.array([j for j, r in enumerate(active) if rows[r].finish is None], dtype=np.int64)
             if len(keep) < len(active):  # finished rows leave the batch and its KV cache
-                active = active[keep]
-                mask = mask[keep]
-                positions = positions[keep]
-                past = {n: np.ascontiguousarray(v[keep]) for n, v in past.items()}
+                active, lengths = active[keep], lengths[keep]
+                width = int(lengths.max()) if len(keep) else 0  # columns past every row's keys go too
+                past = [np.ascontiguousarray(v[keep, :, :width]) for v in past]
             if not len(active):
                 break
-            if mask.shape[1] + 1 > self.window:
+            if int(lengths.max()) + 1 > self.window:
                 for r in active:
                     rows[r].finish = FINISH_LENGTH
                 break
             ids = np.array([[rows[r].ids[-1]] for r in active], dtype=np.int64)
-            mask = np.concatenate([mask, np.ones((len(active), 1), dtype=np.int64)], axis=1)
-            positions = positions[:, -1:] + 1
+            logits, past = self.decode_step(ids, lengths, past)
+            lengths = lengths + 1
 
-    def _prefill_rows(self, prompts: list[list[int]], width: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Prefill each prompt alone, then left-pad the caches into one batch of `width`.
+    def prefill(self, tokens: Sequence[int], past: list[np.ndarray] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Run `tokens` after the one-row cache `past` (None: from the start) on the prefill
+        weights. Returns (the last position's logits (vocab,), the cache extended by them)."""
+        past = past if past is not None else self._empty_past(1)
+        start, n = past[0].shape[2], len(tokens)
+        feeds = {"input_ids": np.array([tokens], dtype=np.int64),
+                 "attention_mask": np.ones((1, start + n), dtype=np.int64), **dict(zip(self.past_names, past))}
+        if "position_ids" in self.input_names:
+            feeds["position_ids"] = np.arange(start, start + n, dtype=np.int64)[None, :]
+        # the machine's plan may prefill on other weights than it decodes on (engine/plan.py)
+        outs = self.prefill_session.run(None, feeds)
+        return outs[0][0, -1, :], outs[1:1 + len(self.past_names)]
+
+    def decode_step(self, ids: np.ndarray, lengths: np.ndarray,
+                    past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One decode step over a batch whose cache is right-padded: row b has lengths[b] keys
+        (columns [0, lengths[b]) of every past tensor, in past_names order) and gets
+        ids[b, 0] at position lengths[b]. Returns (logits (b, vocab), present): the cache one
+        column wider, row b's new keys at column lengths[b] (engine/export_lm.gqa_attention)."""
+        width = past[0].shape[2]
+        mask = (np.arange(width + 1)[None, :] <= lengths[:, None]).astype(np.int64)
+        feeds = {"input_ids": ids, "attention_mask": mask, **dict(zip(self.past_names, past))}
+        if "position_ids" in self.input_names:
+            feeds["position_ids"] = lengths[:, None]
+        outs = self.session.run(None, feeds)
+        return outs[0][:, -1, :], outs[1:1 + len(self.past_names)]
+
+    def _prefill_rows(self, prompts: list[list[int]]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Prefill each prompt alone, then stack the caches right-padded into one batch.
 
         A padded batch spends the same work on pad positions as on tokens (a batch of 16
         SQuAD prompts of 150-400 tokens was 21 s of a 35 s run); alone, every prompt costs
-        only its own tokens. The pad slots of the cache stay zero and are masked, and each
-        row's prefill is exactly that of its prompt generated alone.
+        only its own tokens, and each row's prefill is exactly that of its prompt generated
+        alone. The pad columns are never read (each row attends to its own keys only).
         """
-        b = len(prompts)
+        if len(prompts) == 1:
+            logits, past = self.prefill(prompts[0])
+            return logits[None], past
+        width = max(len(p) for p in prompts)
+        past = [np.zeros((len(prompts), self.num_kv_heads, width, self.head_dim), dtype=np.float32)
+                for _ in self.past_names]
         logits = None
-        past = {n: np.zeros((b, self.num_kv_heads, width, self.head_dim), dtype=np.float32)
-                for n in self.past_names}
         for i, p in enumerate(prompts):
-            n = len(p)
-            feeds = {"input_ids": np.array([p], dtype=np.int64), "attention_mask": np.ones((1, n), dtype=np.int64),
-                     **self._empty_past(1)}
-            if "position_ids" in self.input_names:
-                feeds["position_ids"] = np.arange(n, dtype=np.int64)[None, :]
-            outs = self.prefill_session.run(None, feeds)
+            row_logits, row_past = self.prefill(p)
             if logits is None:
-                logits = np.empty((b, outs[0].shape[-1]), dtype=outs[0].dtype)
-            logits[i] = outs[0][0, -1, :]
-            for name, value in zip(self.past_names, outs[1:1 + len(self.past_names)]):
-                past[name][i, :, width - n:, :] = value[0]
+                logits = np.empty((len(prompts), row_logits.shape[0]), dtype=row_logits.dtype)
+            logits[i] = row_logits
+            for whole, value in zip(past, row_past):
+                whole[i, :, :len(p), :] = value[0]
         return logits, past
 
     def _check_prompts(self, prompts: list[list[int]], params: SamplingParams) -> None:

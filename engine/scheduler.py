@@ -14,10 +14,11 @@ One thread runs the model, so concurrent answers never fight over the cores; eac
   4. runs one batched decode step over every active row and hands each row's text delta
      to its caller.
 
-Rows join and leave a running batch: the batch KV cache is left-padded to its longest row,
-each row has its own attention mask and positions, a newcomer's cache (prefilled alone) is
-padded into it, leaving rows are cut out, and columns that became padding for every row
-are trimmed.
+Rows join and leave a running batch: the batch KV cache is right-padded to its longest row
+(row b's keys are columns [0, len_b), its next key goes to column len_b), a newcomer's cache
+(prefilled alone) is stacked into it, leaving rows are cut out, and columns past every row's
+keys are trimmed. Each row attends to its own keys only (GroupQueryAttention,
+engine/export_lm.gqa_attention), so a greedy row gets the same tokens alone or in any batch.
 
 Prefix cache: prompts are prefilled in blocks of `block_tokens` aligned from position 0,
 and each full block's KV is kept in an LRU cache keyed by a hash of all tokens up to its
@@ -194,14 +195,12 @@ class Scheduler:
         self.cache = PrefixCache(int(prefix_cache_mb * 2**20), block_tokens) if prefix_cache_mb > 0 else None
         self.block = block_tokens
         g = generator
-        self._positional = "position_ids" in g.input_names
         self._waiting: collections.deque[Ticket] = collections.deque()
         self._prefilling: list[Ticket] = []
         self._active: list[Ticket] = []
-        # batch state of the active rows
+        # batch state of the active rows: right-padded cache, keys per row
         self._past: list[np.ndarray] = []
-        self._mask = np.zeros((0, 0), np.int64)
-        self._positions = np.zeros(0, np.int64)
+        self._lengths = np.zeros(0, np.int64)
         self._cv = threading.Condition()
         self._stop = False
         self.steps = 0
@@ -311,8 +310,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------ prefill
     def _start_prefill(self, t: Ticket) -> None:
-        g = self.generator
-        t.kv = [np.zeros((1, g.num_kv_heads, 0, g.head_dim), np.float32) for _ in g.past_names]
+        t.kv = None  # generator.prefill starts an empty cache
         if self.cache is None:
             return
         t.block_keys = self.cache.keys(t.prompt)
@@ -320,18 +318,8 @@ class Scheduler:
         while found and len(found) * self.block >= len(t.prompt):
             found.pop()  # the last prompt token must run: its logits pick the first answer token
         if found:
-            t.kv = [np.concatenate([b[i] for b in found], axis=2) for i in range(len(g.past_names))]
+            t.kv = [np.concatenate([b[i] for b in found], axis=2) for i in range(len(found[0]))]
             t.done_tokens = t.cached_tokens = len(found) * self.block
-
-    def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list[np.ndarray], *,
-             prefill: bool = False):
-        g = self.generator
-        feeds = {"input_ids": ids, "attention_mask": mask, **dict(zip(g.past_names, past))}
-        if self._positional:
-            feeds["position_ids"] = positions
-        # the machine's plan may prefill on other weights than it decodes on (engine/plan.py)
-        outs = (g.prefill_session if prefill else g.session).run(None, feeds)
-        return outs[0][:, -1, :], outs[1:1 + len(g.past_names)]
 
     def _prefill_chunk(self, t: Ticket) -> None:
         """One chunk of `t`'s prompt; on the last, its first token and a place in the batch."""
@@ -341,10 +329,8 @@ class Scheduler:
         if stalling:
             size = min(self.chunk, max(self.block, int(self._stall_chunk) // self.block * self.block))
         b = min(len(t.prompt), a + size)
-        ids = np.array([t.prompt[a:b]], np.int64)
         t0 = time.perf_counter()
-        logits, t.kv = self._run(ids, np.ones((1, b), np.int64), np.arange(a, b, dtype=np.int64)[None], t.kv,
-                                 prefill=True)
+        logits, t.kv = self.generator.prefill(t.prompt[a:b], t.kv)
         took = max(time.perf_counter() - t0, 1e-6)
         self.prefill_rate = (b - a) / took
         if stalling and b - a == size:
@@ -359,7 +345,7 @@ class Scheduler:
         if b < len(t.prompt):
             return
         self._prefilling.remove(t)
-        t.row.push(t.row.pick(logits[0]))
+        t.row.push(t.row.pick(logits))
         t.t_first = time.perf_counter_ns()
         self._emit(t)
         if t.row.finish is not None:
@@ -370,59 +356,49 @@ class Scheduler:
     # ------------------------------------------------------------------ batch
     def _reset_batch(self) -> None:
         self._past = []
-        self._mask = np.zeros((0, 0), np.int64)
-        self._positions = np.zeros(0, np.int64)
+        self._lengths = np.zeros(0, np.int64)
 
     def _join(self, t: Ticket) -> None:
-        """Pad the newcomer's cache (or the batch's) on the left and stack it into the batch."""
+        """Stack the newcomer's cache into the batch, padding it (or the batch) on the right."""
         kv, n = t.kv, t.kv[0].shape[2]
         t.kv = None
         if not self._active:
             self._past = kv
-            self._mask = np.ones((1, n), np.int64)
-            self._positions = np.array([n], np.int64)
+            self._lengths = np.array([n], np.int64)
             self._active = [t]
             return
-        w = self._mask.shape[1]
+        w = self._past[0].shape[2]
         if n > w:
-            pad = n - w
-            self._past = [np.pad(v, ((0, 0), (0, 0), (pad, 0), (0, 0))) for v in self._past]
-            self._mask = np.pad(self._mask, ((0, 0), (pad, 0)))
+            self._past = [np.pad(v, ((0, 0), (0, 0), (0, n - w), (0, 0))) for v in self._past]
             w = n
-        self._past = [np.concatenate([v, np.pad(k, ((0, 0), (0, 0), (w - n, 0), (0, 0)))], axis=0)
+        self._past = [np.concatenate([v, np.pad(k, ((0, 0), (0, 0), (0, w - n), (0, 0)))], axis=0)
                       for v, k in zip(self._past, kv)]
-        row_mask = np.zeros((1, w), np.int64)
-        row_mask[0, w - n:] = 1
-        self._mask = np.concatenate([self._mask, row_mask])
-        self._positions = np.concatenate([self._positions, [n]])
+        self._lengths = np.concatenate([self._lengths, [n]])
         self._active.append(t)
 
     def _keep(self, keep: list[int]) -> None:
-        """Cut the rows not in `keep` out of the batch, and the columns that are padding for all."""
+        """Cut the rows not in `keep` out of the batch, and the columns past every kept row's keys."""
         self._active = [self._active[i] for i in keep]
         if not keep:
             self._reset_batch()
             return
         idx = np.asarray(keep)
-        mask = self._mask[idx]
-        first = int(np.argmax(mask.any(axis=0)))  # leading columns no remaining row uses
-        self._mask = np.ascontiguousarray(mask[:, first:])
-        self._past = [np.ascontiguousarray(v[idx, :, first:]) for v in self._past]
-        self._positions = self._positions[idx]
+        self._lengths = self._lengths[idx]
+        width = int(self._lengths.max())
+        self._past = [np.ascontiguousarray(v[idx, :, :width]) for v in self._past]
 
     def _decode_step(self) -> None:
         rows = self._active
         ids = np.array([[t.row.ids[-1]] for t in rows], np.int64)
-        mask = np.concatenate([self._mask, np.ones((len(rows), 1), np.int64)], axis=1)
-        logits, self._past = self._run(ids, mask, self._positions[:, None], self._past)
-        self._mask = mask
-        self._positions = self._positions + 1
+        logits, present = self.generator.decode_step(ids, self._lengths, self._past)
+        self._past = present
+        self._lengths = self._lengths + 1
         self.steps += 1
         self.rows_stepped += len(rows)
         keep = []
         for i, t in enumerate(rows):
             t.row.push(t.row.pick(logits[i]))
-            if t.row.finish is None and mask.shape[1] + 1 > self.generator.window:
+            if t.row.finish is None and self._lengths[i] + 1 > self.generator.window:
                 t.row.finish = FINISH_LENGTH
             self._emit(t)
             if t.row.finish is not None:

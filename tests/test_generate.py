@@ -153,60 +153,6 @@ def test_cancellation_stops_within_one_step(generator):
     assert len(final.token_ids) == 3
 
 
-def _masked_attention_model():
-    """Scores + Where(mask, 0, -inf) -> Softmax -> Where(IsNaN, 0, p) -> @ V: the attention
-    pattern optimum exports for Qwen2 (a graph about shapes and masking, no weights)."""
-    from onnx import TensorProto, helper
-
-    f, b = TensorProto.FLOAT, TensorProto.BOOL
-    nodes = [
-        helper.make_node("Constant", [], ["zero"], value=helper.make_tensor("z", f, [], [0.0])),
-        helper.make_node("Constant", [], ["neg_inf"], value=helper.make_tensor("n", f, [], [float("-inf")])),
-        helper.make_node("Constant", [], ["nan_zero"], value=helper.make_tensor("nz", f, [], [0.0])),
-        helper.make_node("Where", ["mask", "zero", "neg_inf"], ["bias"]),
-        helper.make_node("Add", ["scores", "bias"], ["masked"]),
-        helper.make_node("Softmax", ["masked"], ["p"], axis=-1),
-        helper.make_node("IsNaN", ["p"], ["is_nan"]),
-        helper.make_node("Where", ["is_nan", "nan_zero", "p"], ["p_clean"]),
-        helper.make_node("MatMul", ["p_clean", "v"], ["out"]),
-    ]
-    graph = helper.make_graph(nodes, "attn", [
-        helper.make_tensor_value_info("scores", f, [1, 2, 4, 4]),
-        helper.make_tensor_value_info("mask", b, [1, 1, 4, 4]),
-        helper.make_tensor_value_info("v", f, [1, 2, 4, 3]),
-    ], [helper.make_tensor_value_info("out", f, [1, 2, 4, 3])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
-
-
-def test_softmax_nan_guard_pass_is_exact_for_visible_rows():
-    """The export drops Where(IsNaN(softmax)) (engine/export_lm.softmax_nan_guard): rows with
-    a visible key must give bit-identical results, an all-masked row (a left-padding
-    position) must stay finite, and no NaN may appear anywhere."""
-    import onnxruntime as ort
-
-    from engine.export_lm import softmax_nan_guard
-
-    def run(model, feeds):
-        return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-
-    rng = np.random.default_rng(7)
-    # Query 0 is a padding position that sees no key; the others see a causal window minus key 0.
-    mask = np.tril(np.ones((4, 4), dtype=bool))
-    mask[:, 0] = False
-    feeds = {"scores": rng.standard_normal((1, 2, 4, 4)).astype(np.float32) * 8,
-             "mask": mask[None, None], "v": rng.standard_normal((1, 2, 4, 3)).astype(np.float32)}
-    before = run(_masked_attention_model(), feeds)
-    model = _masked_attention_model()
-    assert softmax_nan_guard(model) == 1
-    assert [n.op_type for n in model.graph.node].count("IsNaN") == 0
-    after = run(model, feeds)
-    assert np.array_equal(before[:, :, 1:], after[:, :, 1:])
-    assert np.all(before[:, :, 0] == 0) and np.all(np.isfinite(after))
-    assert softmax_nan_guard(model) == 0  # idempotent: nothing left to match
-
-
 @pytest.mark.parametrize("variant", ["fp32", "int8", "int4"])
 def test_built_decoder_has_the_graph_passes(config, variant):
     """`make models` applied every pass to every variant and quantized int8 and int4 with the
@@ -219,12 +165,15 @@ def test_built_decoder_has_the_graph_passes(config, variant):
     from engine.generate import VARIANT_FILES
 
     manifest = json.loads((config.gen_model_dir / "manifest.json").read_text())
-    assert manifest["graph_passes"] == list(GRAPH_PASSES)
+    assert set(GRAPH_PASSES) <= set(manifest["graph_passes"]) and manifest["kv_layout"] == "right"
     file = VARIANT_FILES[variant]
     assert file in manifest["variants"]
     graph = onnx.load(str(config.gen_model_dir / file), load_external_data=False).graph
     ops = [n.op_type for n in graph.node]
-    assert ops.count("Softmax") == manifest["num_layers"] and "IsNaN" not in ops
+    assert ops.count("GroupQueryAttention") == manifest["num_layers"]
+    left = [n.name for n in graph.node if n.op_type in ("Softmax", "Expand", "IsNaN", "MatMul") and "self_attn/" in n.name
+            and "_proj/" not in n.name]
+    assert not left, f"nothing of the exported attention is left: {left[:3]}"
     logits = next(o for o in graph.output if o.name == "logits")
     assert logits.type.tensor_type.shape.dim[1].dim_value == 1
     if file in QUANTIZED:
@@ -272,27 +221,28 @@ def test_a_graph_over_2gib_is_saved_with_external_data(tmp_path):
     assert np.array_equal(out[0], np.arange(64, dtype=np.float32)) and not out[1].any()
 
 
-def test_grouped_attention_pass_removes_every_kv_copy(config):
-    """The passes on the real fp32 graph, weights left on disk: make models applied
-    grouped_keys (one Expand copy fewer per layer: the keys'), and the optional full pass
-    (engine/export_lm.grouped_attention, off by default: see GRAPH_PASSES) removes the values'
-    too, leaving no Expand in any attention block and nothing else touched."""
+def test_gqa_pass_rewrites_the_exported_attention_exactly(tmp_path, config):
+    """The built graph (engine/export_lm.gqa_attention): one GroupQueryAttention per layer
+    reading that layer's past and writing its present, the interface unchanged, the pass
+    idempotent. That the rewritten graph computes what the model does is checked against
+    transformers above (test_greedy_is_token_identical_to_transformers) and batch by batch in
+    tests/test_scheduler.py."""
     import json
 
     import onnx
 
-    from engine.export_lm import GRAPH_PASSES, OPTIONAL_PASSES, grouped_attention
+    from engine.export_lm import gqa_attention
 
-    assert "grouped_attention" in OPTIONAL_PASSES and "grouped_attention" not in GRAPH_PASSES
-    assert "grouped_keys" in GRAPH_PASSES
     cfg = json.loads((config.gen_model_dir / "config.json").read_text())
     model = onnx.load(str(config.gen_model_dir / "model.onnx"), load_external_data=False)
-    expands = [x for x in model.graph.node if x.op_type == "Expand" and "self_attn" in x.name]
-    assert len(expands) == cfg["num_hidden_layers"], "make models left one copy per layer: the values'"
-    before = [n.op_type for n in model.graph.node]
-    n = grouped_attention(model, cfg["num_key_value_heads"], cfg["num_attention_heads"])
-    assert n == cfg["num_hidden_layers"]
-    assert not [x for x in model.graph.node if x.op_type == "Expand" and "self_attn" in x.name]
-    after = [x.op_type for x in model.graph.node]
-    assert after.count("MatMul") == before.count("MatMul") and after.count("Softmax") == before.count("Softmax")
-    assert grouped_attention(model, cfg["num_key_value_heads"], cfg["num_attention_heads"]) == 0  # idempotent
+    g = model.graph
+    assert [i.name for i in g.input][:3] == ["input_ids", "attention_mask", "position_ids"]
+    nodes = [n for n in g.node if n.op_type == "GroupQueryAttention"]
+    assert len(nodes) == cfg["num_hidden_layers"]
+    for layer, n in enumerate(nodes):
+        assert list(n.input[3:7]) == [f"past_key_values.{layer}.key", f"past_key_values.{layer}.value",
+                                      "gqa_seqlens_k", "gqa_total_length"]
+        assert list(n.output[1:]) == [f"present.{layer}.key", f"present.{layer}.value"]
+        attrs = {a.name: a.i for a in n.attribute}
+        assert attrs["num_heads"] == cfg["num_attention_heads"] and attrs["kv_num_heads"] == cfg["num_key_value_heads"]
+    assert gqa_attention(model, cfg["num_key_value_heads"], cfg["num_attention_heads"]) == 0  # idempotent
