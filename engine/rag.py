@@ -192,9 +192,9 @@ class Answerer:
                         comps.append(ev)
                     elif shown:
                         yield ev
-                    else:  # held back while the answer could still be degenerate
+                    else:  # held back while the answer could still be degenerate (or overruled)
                         held += ev
-                        if not may_become_degenerate(held, labels):
+                        if not may_become_degenerate(held, labels) and not (why and _may_decline(held)):
                             shown = True
                             yield held
             finally:
@@ -203,7 +203,7 @@ class Answerer:
                 break
             reason = degenerate(comps[-1].text, labels)
             if reason is None:
-                if held:
+                if held and not _overruled(why, held, labels):
                     yield held
                 break
             why = why or reason
@@ -292,8 +292,7 @@ class Answerer:
 
         last = comps[-1]
         text, extracted = last.text, False
-        if why and last.finish_reason != FINISH_CANCELLED and \
-                degenerate(text, [source_label(s.hit) for s in sources]) is not None:
+        if last.finish_reason != FINISH_CANCELLED and _overruled(why, text, [source_label(s.hit) for s in sources]):
             best = self.supporter.best_sentence(question, sources)
             text, extracted = (f"{best[3]} [{best[0]}]", True) if best else (NO_ANSWER, False)
         support = self.supporter.support(text, sources) if sources and not text.startswith(NO_ANSWER) else []
@@ -313,3 +312,19 @@ class Answerer:
 
         return Completion(text=NO_ANSWER, finish_reason=FINISH_NO_CONTEXT, prompt_tokens=0, completion_tokens=0,
                           token_ids=[])
+
+
+def _may_decline(text: str) -> bool:
+    """Could `text` (a prefix of the answer) still be, or is it, the refusal NO_ANSWER?"""
+    t = text.strip()
+    return NO_ANSWER.startswith(t) or t.startswith(NO_ANSWER)
+
+
+def _overruled(why: str, text: str, labels: list[str]) -> bool:
+    """Is the retry of a degenerate first answer (`why`) unusable, so that the answer is
+    extracted from the sources? When it is degenerate too, or when it declines although
+    the first answer cited a passage: the model pointed at the passage holding the answer
+    and then failed to word it (the refund example, int8 weights, 0.5B model)."""
+    if not why:
+        return False
+    return degenerate(text, labels) is not None or (why == "citation_only" and text.strip().startswith(NO_ANSWER))

@@ -226,9 +226,9 @@ def test_long_rag_prompts_keep_their_alone_tokens_in_a_busy_batch(generator, mak
                rag_prompt([1, 2, 0, 2], "How long is a year on Mercury?")]
     lengths = sorted(len(p) for p in prompts)
     assert lengths[0] > 200 and lengths[-1] > 550, lengths
-    params = SamplingParams(max_new_tokens=16)
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
     ref = alone(make(prefix_cache_mb=0, max_rows=1), prompts, params)
-    s = make(prefix_cache_mb=0, max_rows=4, prefill_chunk=128)
+    s = make(prefix_cache_mb=0, max_rows=4, prefill_chunk=128, prefill_stall_ms=60_000)  # 128-token chunks
     tickets = []
     for p in prompts:  # each arrives while the earlier ones decode
         tickets.append(s.submit(p, params))
