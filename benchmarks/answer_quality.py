@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from engine.config import Config  # noqa: E402
+from engine.config import DEFAULT_PROMPT_TEMPLATE, DEFAULT_SYSTEM_PROMPT, NO_ANSWER, Config  # noqa: E402
 from engine.generate import SamplingParams  # noqa: E402
 from engine.pipeline import Engine, Hit  # noqa: E402
 
@@ -73,8 +73,6 @@ def contains(pred: str, golds: list[str]) -> bool:
 def rag_pass(args, rag: list[str], tmp: Path, mode: str, paragraphs: list[dict], sample: list[dict],
              qfile: Path) -> list[str]:
     """Ingest `paragraphs`, answer `sample` with `rag ask --batch`, print and log the scores."""
-    from engine.support import degenerate as is_degenerate
-
     corpus = tmp / f"{mode}.jsonl"
     corpus.write_text("".join(json.dumps(p) + "\n" for p in paragraphs))
     data_dir = ["--data-dir", str(tmp / mode), *args.rag_global]
@@ -88,46 +86,106 @@ def rag_pass(args, rag: list[str], tmp: Path, mode: str, paragraphs: list[dict],
     t2 = time.perf_counter()
     answers = {json.loads(line)["id"]: json.loads(line) for line in afile.read_text().splitlines()}
     got = [answers[q["id"]] for q in sample]
+    corpus_name = f"{corpus.resolve()}#"
+    rec = {"mode": mode, "seed": args.seed, "rag_args": args.rag_global + args.ask_args,
+           **answer_scores(sample, got, lambda pid: corpus_name + pid), "s_per_question": (t2 - t1) / len(sample),
+           "ingest_s": t1 - t0}
+    preds = [a["answer"] for a in got]
+    if rec["rag_args"]:
+        print(f"{mode} with {' '.join(rec['rag_args'])}:")
+    print_scores(mode, rec)
+    print(f"{'':17s} {rec['s_per_question']:.2f} s/question (ingest {t1 - t0:.0f} s)", flush=True)
+    log(rec)
+    return preds
+
+
+def answer_scores(sample: list[dict], got: list[dict], doc_id) -> dict:
+    """The table's columns for answers `got` (Answer.to_json() dicts) to `sample`; doc_id(pid)
+    is the collection's id of a SQuAD paragraph."""
+    from engine.support import degenerate as is_degenerate
+
     preds = [a["answer"] for a in got]
     golds = [q["answers"] for q in sample]
     n = len(sample)
     em, f = score(preds, golds)
-    corpus_name = f"{corpus.resolve()}#"
-    retrieved = sum(any(s["doc_id"] == corpus_name + q["pid"] for s in a["sources"]) for q, a in zip(sample, got))
+    retrieved = sum(any(s["doc_id"] == doc_id(q["pid"]) for s in a["sources"]) for q, a in zip(sample, got))
     declined = sum(p.startswith("The context does not contain") for p in preds)
     answered = [a for a in got if not a["answer"].startswith("The context does not contain")]
     returned_degenerate = sum(is_degenerate(a["answer"], [s["label"] for s in a["sources"]]) is not None
                               for a in answered)
-    first_degenerate = sum(bool(a["degenerate"]) for a in got)
-    extracted = sum(a["extracted"] for a in got)
-    cited = sum(any(s["cited"] for s in a["sources"]) for a in answered)
     gold_sentences = [x for q, a in zip(sample, got) for x in a["support"]
                       if contains(a["answer"][slice(*x["answer_span"])], q["answers"])]
     sentences = [x for a in answered for x in a["support"]]
-    flagged = sum(any(not x["supported"] for x in a["support"]) for a in answered)
     prompt_tokens = sorted(a["usage"]["prompt_tokens"] // (1 + a["retries"]) for a in got)
     prefill = sorted(a["timings_ns"]["prefill"] / 1e9 / (1 + a["retries"]) for a in got)
-    rec = {"mode": mode, "n": n, "seed": args.seed, "rag_args": args.rag_global + args.ask_args, "em": em, "f1": f,
-           "contains_gold": sum(contains(p, g) for p, g in zip(preds, golds)) / n,
-           "gold_in_prompt": retrieved / n, "declined": declined / n,
-           "degenerate_returned": returned_degenerate / n, "degenerate_first": first_degenerate / n,
-           "extracted": extracted / n, "citation_rate": cited / max(len(answered), 1),
-           "gold_sentences_supported": sum(x["supported"] for x in gold_sentences) / max(len(gold_sentences), 1),
-           "gold_sentences": len(gold_sentences), "sentences_supported": sum(x["supported"] for x in sentences)
-           / max(len(sentences), 1), "answers_flagged": flagged / max(len(answered), 1),
-           "prompt_tokens_p50": prompt_tokens[n // 2], "prefill_s_p50": prefill[n // 2],
-           "s_per_question": (t2 - t1) / n, "ingest_s": t1 - t0}
-    if rec["rag_args"]:
-        print(f"{mode} with {' '.join(rec['rag_args'])}:")
-    print(f"{mode:17s} EM {em:5.1f}  F1 {f:5.1f}  contains-gold {rec['contains_gold']:.2f}  gold paragraph in prompt "
+    return {"n": n, "em": em, "f1": f, "contains_gold": sum(contains(p, g) for p, g in zip(preds, golds)) / n,
+            "gold_in_prompt": retrieved / n, "declined": declined / n, "degenerate_returned": returned_degenerate / n,
+            "degenerate_first": sum(bool(a["degenerate"]) for a in got) / n,
+            "extracted": sum(a["extracted"] for a in got) / n,
+            "citation_rate": sum(any(s["cited"] for s in a["sources"]) for a in answered) / max(len(answered), 1),
+            "gold_sentences_supported": sum(x["supported"] for x in gold_sentences) / max(len(gold_sentences), 1),
+            "gold_sentences": len(gold_sentences),
+            "sentences_supported": sum(x["supported"] for x in sentences) / max(len(sentences), 1),
+            "answers_flagged": sum(any(not x["supported"] for x in a["support"]) for a in answered)
+            / max(len(answered), 1),
+            "prompt_tokens_p50": prompt_tokens[n // 2], "prefill_s_p50": prefill[n // 2]}
+
+
+def print_scores(mode: str, rec: dict) -> None:
+    print(f"{mode:17s} EM {rec['em']:5.1f}  F1 {rec['f1']:5.1f}  contains-gold {rec['contains_gold']:.2f}  gold paragraph in prompt "
           f"{rec['gold_in_prompt']:.2f}  declined {rec['declined']:.2f}  degenerate {rec['degenerate_returned']:.2f} "
           f"(first try {rec['degenerate_first']:.2f}, extracted {rec['extracted']:.2f})  cited "
           f"{rec['citation_rate']:.2f}\n{'':17s} gold-span sentences supported {rec['gold_sentences_supported']:.2f} "
-          f"(of {len(gold_sentences)}), answers with an unsupported sentence {rec['answers_flagged']:.2f}, "
-          f"median prompt {rec['prompt_tokens_p50']} tokens, prefill {rec['prefill_s_p50']:.2f} s, "
-          f"{rec['s_per_question']:.2f} s/question (ingest {t1 - t0:.0f} s)", flush=True)
-    log(rec)
-    return preds
+          f"(of {rec['gold_sentences']}), answers with an unsupported sentence {rec['answers_flagged']:.2f}, "
+          f"median prompt {rec['prompt_tokens_p50']} tokens, prefill {rec['prefill_s_p50']:.2f} s", flush=True)
+
+
+CITE = "cite the passage numbers like [1]"
+# Prompt variants for --prompts: (system prompt, user template). "default" is Config's.
+PROMPTS = {
+    "default": (DEFAULT_SYSTEM_PROMPT, DEFAULT_PROMPT_TEMPLATE),
+    "question-first": (DEFAULT_SYSTEM_PROMPT, "Question: {question}\n\n{context}\nAnswer the question briefly and "
+                       f"{CITE}."),
+    "one-sentence": (DEFAULT_SYSTEM_PROMPT, "{context}\nQuestion: {question}\nAnswer in one sentence in the "
+                     f"passage's own words and {CITE}."),
+    "short-phrase": (DEFAULT_SYSTEM_PROMPT, "{context}\nQuestion: {question}\nReply with the shortest phrase from the "
+                     "passages that answers the question, then the passage number, like: in 1912 [2]"),
+    "terse-system": ("Answer from the numbered passages only and cite them like [1]. If they do not contain the "
+                     f"answer, reply: {NO_ANSWER}", DEFAULT_PROMPT_TEMPLATE),
+}
+
+
+def prompt_sweep(args, paragraphs: list[dict], sample: list[dict], tmp: Path) -> None:
+    """The same questions through the real answer path (Answerer.batch: retrieval, packing,
+    the retry of degenerate answers, support) with each prompt in --prompts, in one process
+    over one ingest: the table README "Checked answers" keeps."""
+    from engine.documents import Document
+    from engine.rag import Answerer
+
+    # no prefix cache: a later prompt would reuse the passages an earlier one prefilled
+    engine = Engine(Config(data_dir=tmp / "prompts", gen_prefill_variant=args.prefill_variant, prefix_cache_mb=0))
+    engine.create_collection("squad")
+    engine.ingest("squad", [Document(p["id"], p["text"], p["id"], {"title": p["title"]}) for p in paragraphs])
+    questions = [q["question"] for q in sample]
+    params = SamplingParams(max_new_tokens=args.max_new_tokens)
+    budget = args.budget or None
+    print(f"k {args.k}, context budget {budget or 'off (whole chunks)'}, neighbours {args.neighbours}; "
+          f"plan {engine.generator.prefill_variant} > {engine.generator.variant}", flush=True)
+    for name in args.prompts.split(","):
+        system, template = PROMPTS[name]
+        cfg = engine.config.replace(system_prompt=system, prompt_template=template, context_budget_tokens=budget,
+                                    context_neighbours=args.neighbours)
+        ans = Answerer(cfg, engine.searcher, lambda: engine.generator, lambda: engine.scheduler,
+                       lambda: engine.embedder)
+        t0 = time.perf_counter()
+        got = [a.to_json() for a in ans.batch("squad", questions, k=args.k, params=params)]
+        rec = {"mode": "prompt", "prompt": name, "k": args.k, "budget": budget, "neighbours": args.neighbours,
+               "seed": args.seed, **answer_scores(sample, got, lambda pid: pid),
+               "s_per_question": (time.perf_counter() - t0) / len(sample)}
+        print_scores(f"prompt {name}", rec)
+        print(f"{'':17s} {rec['s_per_question']:.2f} s/question", flush=True)
+        log(rec)
+    engine.close()
 
 
 def packing_sweep(args, paragraphs: list[dict], sample: list[dict], tmp: Path) -> None:
@@ -189,6 +247,9 @@ def run(args) -> None:
         golds = [q["answers"] for q in sample]
         if args.packing:
             packing_sweep(args, paragraphs, sample, tmp)
+            return
+        if args.prompts:
+            prompt_sweep(args, paragraphs, sample, tmp)
             return
         if not args.skip_rag:
             preds = rag_pass(args, rag, tmp, "rag", paragraphs, sample, qfile)
@@ -275,6 +336,10 @@ def main() -> None:
                    help='extra global `rag` options for the rag modes, e.g. "--context-budget-tokens 350"')
     p.add_argument("--ask-args", type=lambda x: x.split(), default=[], help='extra `rag ask` options, e.g. "-k 3"')
     p.add_argument("--skip-gold", action="store_true", help="only the rag modes (no gold-paragraph mode)")
+    p.add_argument("--prompts", default="", help=f"compare prompts in process: a comma list of {', '.join(PROMPTS)}")
+    p.add_argument("--k", type=int, default=3, help="passages per question with --prompts")
+    p.add_argument("--budget", type=int, default=350, help="context budget with --prompts (0: whole chunks)")
+    p.add_argument("--neighbours", type=int, default=2, help="context neighbours with --prompts")
     p.add_argument("--packing", action="store_true",
                    help="only the context-packing sweep (k x budget x neighbours; retrieval, no generation)")
     p.add_argument("--gold-removed", action="store_true",
