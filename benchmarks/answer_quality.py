@@ -202,9 +202,9 @@ def packing_sweep(args, paragraphs: list[dict], sample: list[dict], tmp: Path) -
     hits = engine.search_batch("squad", questions, 5)
     supporter = engine.answerer.supporter
     print(f"{'k':>2} {'budget':>6} {'nb':>2}  gold in prompt  median prompt tokens  p90", flush=True)
-    for k in (2, 3, 5):
-        for budget in (None, 150, 250, 350, 450):
-            for nb in ((1,) if budget is None else (0, 1, 2)):
+    for k in args.ks:
+        for budget in args.budgets:
+            for nb in ((1,) if budget is None else args.nbs):
                 cfg = engine.config.replace(context_budget_tokens=budget, context_neighbours=nb)
                 ans = Answerer(cfg, engine.searcher, lambda: engine.generator, lambda: engine.scheduler,
                                lambda: engine.embedder)
@@ -340,6 +340,11 @@ def main() -> None:
     p.add_argument("--k", type=int, default=3, help="passages per question with --prompts")
     p.add_argument("--budget", type=int, default=350, help="context budget with --prompts (0: whole chunks)")
     p.add_argument("--neighbours", type=int, default=2, help="context neighbours with --prompts")
+    ints = lambda x: [int(v) for v in x.split(",")]  # noqa: E731
+    p.add_argument("--ks", type=ints, default=[2, 3, 5], help="passages per question, with --packing")
+    p.add_argument("--budgets", type=lambda x: [int(v) or None for v in x.split(",")], default=[None, 150, 250, 350, 450],
+                   help="context budgets with --packing (0: whole chunks)")
+    p.add_argument("--nbs", type=ints, default=[0, 1, 2], help="neighbours with --packing")
     p.add_argument("--packing", action="store_true",
                    help="only the context-packing sweep (k x budget x neighbours; retrieval, no generation)")
     p.add_argument("--gold-removed", action="store_true",

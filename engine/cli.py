@@ -13,8 +13,8 @@ import os
 import sys
 from pathlib import Path
 
-from .config import (DEFAULT_FUSION_ALPHA, EMBED_VARIANTS, FUSIONS, GEN_PREFILL_VARIANTS, GEN_VARIANTS, INDEX_DTYPES, PROVIDERS,
-                     SEARCH_MODES, WAL_FSYNC_POLICIES, Config)
+from .config import (DEFAULT_CONTEXT_BUDGET_TOKENS, DEFAULT_FUSION_ALPHA, EMBED_VARIANTS, FUSIONS, GEN_PREFILL_VARIANTS,
+                     GEN_VARIANTS, INDEX_DTYPES, PROVIDERS, SEARCH_MODES, WAL_FSYNC_POLICIES, Config)
 from .errors import NotFound, RagError
 
 
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"weight of the dense ranking in convex and weighted_rrf fusion (default {DEFAULT_FUSION_ALPHA})")
     p.add_argument("--context-budget-tokens", type=int, default=None,
                    help="pack only the retrieved chunks' sentences closest to the question, up to this many "
-                        "tokens of passages (default: whole chunks)")
+                        f"tokens of passages; 0: whole chunks (default {DEFAULT_CONTEXT_BUDGET_TOKENS or 0})")
     p.add_argument("--wal-fsync", choices=WAL_FSYNC_POLICIES, default=None,
                    help="when the write-ahead log is synced before a write is acknowledged (default batch: "
                         "every write; interval: every --wal-fsync-interval-ms; off: left to the OS)")

@@ -256,8 +256,8 @@ class Config:
                                f"got {self.gen_prefill_variant!r}")
         if self.context_budget_tokens is not None and (
                 isinstance(self.context_budget_tokens, bool) or not isinstance(self.context_budget_tokens, int)
-                or self.context_budget_tokens < 16):
-            raise InvalidInput(f"context_budget_tokens must be an integer >= 16 or None (off), "
+                or 0 < self.context_budget_tokens < 16 or self.context_budget_tokens < 0):
+            raise InvalidInput(f"context_budget_tokens must be an integer >= 16, or 0 or None (off: whole chunks), "
                                f"got {self.context_budget_tokens!r}")
         if isinstance(self.context_neighbours, bool) or not isinstance(self.context_neighbours, int) \
                 or not 0 <= self.context_neighbours <= 8:

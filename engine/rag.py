@@ -273,7 +273,7 @@ class Answerer:
             while pending or tickets:
                 while pending:  # submit while the scheduler's queue has room
                     try:
-                        tickets[pending[0]] = scheduler.submit(prompts[pending[0]], params)
+                        tickets[pending[0]] = scheduler.submit(prompts[pending[0]], params, streamed=False)
                     except Overloaded:
                         if not tickets:  # the queue is full of other requests: nothing to wait for
                             raise

@@ -7,10 +7,11 @@ One thread runs the model, so concurrent answers never fight over the cores; eac
   2. admits waiting requests while the row limit (`max_rows`) and the KV budget
      (`kv_budget_tokens`: rows x the longest row's prompt + max_new_tokens) allow;
   3. runs one prefill chunk of the oldest newcomer, so streams already decoding keep a
-     steady pace while a long prompt joins (chunked prefill): while rows decode, a chunk is
-     sized to take about `prefill_stall_ms`, steered by how long the last ones took (at
-     least one block); with nobody decoding, `prefill_chunk` tokens. A newcomer whose prompt is done
-     joins the running batch with its first token;
+     steady pace while a long prompt joins (chunked prefill): while streamed rows decode, a
+     chunk is sized to take about `prefill_stall_ms`, steered by how long the last ones took
+     (at least one block); with no stream decoding (nobody, or only batch requests, which
+     want throughput and not a steady pace), `prefill_chunk` tokens. A newcomer whose
+     prompt is done joins the running batch with its first token;
   4. runs one batched decode step over every active row and hands each row's text delta
      to its caller.
 
@@ -121,12 +122,13 @@ class Ticket:
     """A submitted request: iterate for its events (text deltas, then one Completion)."""
 
     def __init__(self, scheduler: "Scheduler", prompt: list[int], params: SamplingParams,
-                 cancelled: Callable[[], bool] | None, deadline: float | None) -> None:
+                 cancelled: Callable[[], bool] | None, deadline: float | None, streamed: bool = True) -> None:
         self.scheduler = scheduler
         self.prompt = prompt
         self.params = params
         self._cancelled = cancelled
         self.deadline = deadline
+        self.streamed = streamed  # a caller reading tokens as they come (not a batch request)
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         self.row = _Row(scheduler.generator, len(prompt), params)
         self.gone = False
@@ -205,18 +207,20 @@ class Scheduler:
         self._stop = False
         self.steps = 0
         self.rows_stepped = 0
+        self.prefill_runs = 0
         self._thread = threading.Thread(target=self._loop, name="rag-scheduler", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------------ callers
     def submit(self, prompt: list[int], params: SamplingParams, *, cancelled: Callable[[], bool] | None = None,
-               deadline: float | None = None) -> Ticket:
-        """Queue one prompt; raises InvalidInput if it cannot fit, Overloaded if the queue is full."""
+               deadline: float | None = None, streamed: bool = True) -> Ticket:
+        """Queue one prompt; raises InvalidInput if it cannot fit, Overloaded if the queue is full.
+        `streamed` False: a batch request, whose rows a newcomer's prefill may stall."""
         self.generator._check_prompts([prompt], params)
         if len(prompt) + params.max_new_tokens > self.kv_budget:
             raise InvalidInput(f"the prompt ({len(prompt)} tokens) plus max_new_tokens ({params.max_new_tokens}) "
                                f"exceeds the scheduler's KV budget of {self.kv_budget} tokens")
-        t = Ticket(self, list(prompt), params, cancelled, deadline)
+        t = Ticket(self, list(prompt), params, cancelled, deadline, streamed)
         with self._cv:
             if self._stop:
                 raise Unavailable("the generation scheduler is shut down")
@@ -324,7 +328,7 @@ class Scheduler:
     def _prefill_chunk(self, t: Ticket) -> None:
         """One chunk of `t`'s prompt; on the last, its first token and a place in the batch."""
         a = t.done_tokens
-        stalling = bool(self._active)  # rows wait for their next token while this chunk runs
+        stalling = any(r.streamed for r in self._active)  # streams wait for their next token meanwhile
         size = self.chunk
         if stalling:
             size = min(self.chunk, max(self.block, int(self._stall_chunk) // self.block * self.block))
@@ -332,6 +336,7 @@ class Scheduler:
         t0 = time.perf_counter()
         logits, t.kv = self.generator.prefill(t.prompt[a:b], t.kv)
         took = max(time.perf_counter() - t0, 1e-6)
+        self.prefill_runs += 1
         self.prefill_rate = (b - a) / took
         if stalling and b - a == size:
             # A chunk's time is not proportional to its size (each run reads every weight once,

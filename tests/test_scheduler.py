@@ -239,3 +239,26 @@ def test_long_rag_prompts_keep_their_alone_tokens_in_a_busy_batch(generator, mak
     for i, (g, r) in enumerate(zip(got, ref)):
         assert g.token_ids == r.token_ids, f"prompt {i} ({len(prompts[i])} tokens) changed in the busy batch"
     assert s.rows_stepped > s.steps, "the rows shared decode steps"
+
+
+@pytest.mark.parametrize("streamed", [True, False])
+def test_only_streams_make_a_newcomer_prefill_in_small_chunks(prompts, make, streamed):
+    """A newcomer's prefill is cut into chunks that stall the decoding rows ~prefill_stall_ms
+    only when one of them is a stream; batch requests (AnswerBatch, `rag ask --batch`) want
+    throughput, so it runs in prefill_chunk pieces. The tokens are the same either way."""
+    long = prompts[2] * 3
+    s = make(prefix_cache_mb=0, max_rows=2, prefill_chunk=128, prefill_stall_ms=1)  # a stall of one block
+    first = s.submit(prompts[0], SamplingParams(max_new_tokens=400, ignore_eos=True), streamed=streamed)
+    deadline = time.monotonic() + 60
+    while not s._active and time.monotonic() < deadline:
+        time.sleep(0.01)
+    runs = s.prefill_runs
+    second = s.submit(long, SamplingParams(max_new_tokens=4), streamed=False).result()
+    first.cancel()
+    chunks = s.prefill_runs - runs
+    full = -(-len(long) // 128)
+    if streamed:
+        assert chunks > full, "the stream's next tokens waited one small chunk at a time"
+    else:
+        assert chunks == full, "next to batch rows the newcomer ran in prefill_chunk pieces"
+    assert second.token_ids == s.submit(long, SamplingParams(max_new_tokens=4)).result().token_ids
