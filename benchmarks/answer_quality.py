@@ -141,13 +141,13 @@ def print_scores(mode: str, rec: dict) -> None:
 
 
 CITE = "cite the passage numbers like [1]"
-# Prompt variants for --prompts: (system prompt, user template). "default" is Config's.
+# Prompt variants for --prompts: (system prompt, user template). "one-sentence" is Config's
+# default, chosen by this table (README "Checked answers"); "brief" was the default before.
 PROMPTS = {
-    "default": (DEFAULT_SYSTEM_PROMPT, DEFAULT_PROMPT_TEMPLATE),
+    "brief": (DEFAULT_SYSTEM_PROMPT, f"{{context}}\nQuestion: {{question}}\nAnswer briefly and {CITE}."),
+    "one-sentence": (DEFAULT_SYSTEM_PROMPT, DEFAULT_PROMPT_TEMPLATE),
     "question-first": (DEFAULT_SYSTEM_PROMPT, "Question: {question}\n\n{context}\nAnswer the question briefly and "
                        f"{CITE}."),
-    "one-sentence": (DEFAULT_SYSTEM_PROMPT, "{context}\nQuestion: {question}\nAnswer in one sentence in the "
-                     f"passage's own words and {CITE}."),
     "short-phrase": (DEFAULT_SYSTEM_PROMPT, "{context}\nQuestion: {question}\nReply with the shortest phrase from the "
                      "passages that answers the question, then the passage number, like: in 1912 [2]"),
     "terse-system": ("Answer from the numbered passages only and cite them like [1]. If they do not contain the "

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from .config import NO_ANSWER, Config
 from .errors import FailedPrecondition, InvalidInput, Overloaded
 from .search import Hit, Searcher, check_k, check_queries
-from .support import Supporter, degenerate, may_become_degenerate, source_label
+from .support import Supporter, copied_header, degenerate, may_become_degenerate, source_label, without_header
 
 CITATION = re.compile(r"\[(\d{1,3})\]")
 
@@ -177,7 +177,7 @@ class Answerer:
             return
         yield AnswerStart(sources)
         labels = [source_label(s.hit) for s in sources]
-        comps, why = [], ""
+        comps, why, sent = [], "", ""
         for attempt in range(2):
             if attempt:  # the first answer was degenerate: once more, with the stricter instruction
                 ids, again = self.build_prompt(question, [s.hit for s in sources], params.max_new_tokens, strict=True)
@@ -191,25 +191,28 @@ class Answerer:
                     if isinstance(ev, Completion):
                         comps.append(ev)
                     elif shown:
+                        sent += ev
                         yield ev
                     else:  # held back while the answer could still be degenerate (or overruled)
                         held += ev
                         if not may_become_degenerate(held, labels) and not (why and _may_decline(held)):
                             shown = True
-                            yield held
+                            head = copied_header(held, labels)  # shown without it (support.without_header)
+                            sent = held[head[0]:] if head else held
+                            yield sent
             finally:
                 ticket.cancel()  # a caller that stops reading frees its row at the next step
             if shown or comps[-1].finish_reason == FINISH_CANCELLED:
                 break
             reason = degenerate(comps[-1].text, labels)
             if reason is None:
-                if held and not _overruled(why, held, labels):
-                    yield held
                 break
             why = why or reason
         answer = self._finish(question, comps, sources, embed_ns, search_ns, prompt_ns, why)
-        if answer.extracted:
-            yield answer.text
+        # what was held back, extracted, or cited at the end: the deltas add up to answer.text
+        rest = answer.text[len(sent):] if answer.text.startswith(sent) else answer.text
+        if rest:
+            yield rest
         yield answer
 
     def batch(self, name: str, questions: Sequence[str], *, k: int | None = None, params=None,
@@ -292,7 +295,9 @@ class Answerer:
 
         last = comps[-1]
         text, extracted = last.text, False
-        if last.finish_reason != FINISH_CANCELLED and _overruled(why, text, [source_label(s.hit) for s in sources]):
+        labels = [source_label(s.hit) for s in sources]
+        text = without_header(text, labels)
+        if last.finish_reason != FINISH_CANCELLED and _overruled(why, text, labels):
             best = self.supporter.best_sentence(question, sources)
             text, extracted = (f"{best[3]} [{best[0]}]", True) if best else (NO_ANSWER, False)
         support = self.supporter.support(text, sources) if sources and not text.startswith(NO_ANSWER) else []

@@ -102,6 +102,30 @@ def degenerate(text: str, labels: Sequence[str]) -> str | None:
     return None
 
 
+HEADER = re.compile(r"\s*\[(\d{1,3})\]\s*\(([^)\n]*)\)\s*")  # "[n] (label)", as the prompt numbers passages
+
+
+def copied_header(text: str, labels: Sequence[str]) -> tuple[int, int] | None:
+    """(length, n) of a copy of passage n's header "[n] (label)" that `text` starts with."""
+    m = HEADER.match(text)
+    if m and 1 <= int(m.group(1)) <= len(labels) and m.group(2).strip() == labels[int(m.group(1)) - 1]:
+        return m.end(), int(m.group(1))
+    return None
+
+
+def without_header(text: str, labels: Sequence[str]) -> str:
+    """An answer that opens with a copy of its passage's header ("[1] (policy.txt) Refund
+    ...", the 0.5B model quoting the passage) without it, citing the passage at the end
+    instead. Text that is only a header is left to degenerate()."""
+    h = copied_header(text, labels)
+    rest = text[h[0]:] if h else ""
+    if h is None or not WORD.search(CITATION.sub(" ", rest)):
+        return text
+    if f"[{h[1]}]" in rest:
+        return rest
+    return rest + ("" if rest[-1:].isspace() else " ") + f"[{h[1]}]"
+
+
 def may_become_degenerate(prefix: str, labels: Sequence[str]) -> bool:
     """Whether an answer that starts with `prefix` can still end up degenerate: it has no
     word yet, or it is still a passage header's beginning. A stream holds its text back

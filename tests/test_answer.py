@@ -50,7 +50,8 @@ def test_unrelated_question_says_context_lacks_it(rag):
 
 
 def test_prompt_packs_only_what_fits(tmp_path, config, embedder, generator):
-    eng = Engine(config.replace(data_dir=tmp_path / "d", answer_min_score=-1.0, answer_min_relative=0.0),
+    eng = Engine(config.replace(data_dir=tmp_path / "d", answer_min_score=-1.0, answer_min_relative=0.0,
+                                context_budget_tokens=0),  # whole chunks: what fits the window
                  embedder=embedder, generator=generator)
     eng.create_collection("demo")
     eng.ingest_paths("demo", [CORPUS])

@@ -190,3 +190,19 @@ def test_a_context_budget_packs_sentences_into_the_prompt(refund, config):
         eng.close()
     with pytest.raises(Exception, match="context_budget_tokens"):
         config.replace(context_budget_tokens=3)
+
+
+def test_a_copied_passage_header_is_dropped_and_cited_at_the_end():
+    """The default prompt asks for the passage's own words, and the 0.5B model sometimes
+    quotes the header too ("[1] (policy.txt) Refund ..."): the answer drops it and cites the
+    passage at the end; a header alone stays degenerate."""
+    from engine.support import copied_header, without_header
+
+    labels = ["policy.txt", "tea.txt"]
+    assert without_header(f"[1] (policy.txt) {REFUND}", labels) == f"{REFUND} [1]"
+    assert without_header("[2] (tea.txt)\nSteep it for three minutes [2].", labels) == "Steep it for three minutes [2]."
+    assert without_header("[1] (tea.txt) Steep it.", labels) == "[1] (tea.txt) Steep it."  # not passage 1's header
+    assert without_header("[1] (policy.txt)", labels) == "[1] (policy.txt)"
+    assert degenerate(without_header("[1] (policy.txt)", labels), labels) is not None
+    assert copied_header("[1] (policy.txt) Refund", labels) == (len("[1] (policy.txt) "), 1)
+    assert without_header("30 days [1]", labels) == "30 days [1]"
