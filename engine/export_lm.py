@@ -344,8 +344,13 @@ def gqa_attention(model, kv_heads: int, heads: int) -> int:
             continue
         # ... -> Softmax -> ... -> Transpose -> Reshape (b, q, heads * d): the block's output
         node, seen = mm[0], []
-        while len(consumers.get(node.output[0], [])) == 1 and len(seen) < 12:
-            node = consumers[node.output[0]][0]
+        while len(seen) < 12:
+            users = consumers.get(node.output[0], [])
+            if node.op_type == "Softmax" and sorted(u.op_type for u in users) == ["IsNaN", "Where"]:
+                users = [u for u in users if u.op_type == "Where"]  # the export's NaN guard, if still there
+            if len(users) != 1:
+                break
+            node = users[0]
             seen.append(node.op_type)
             if node.op_type == "Reshape" and "Transpose" in seen:
                 break
