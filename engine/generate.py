@@ -182,12 +182,12 @@ class Generator:
         self.manifest = json.loads((model_dir / MANIFEST).read_text())
         self.name: str = self.manifest["name"]
         self.variant = variant
-        if self.manifest.get("kv_layout") != "right":
-            hint = ("its attention blocks did not match engine/export_lm.gqa_attention, so rows of a batch "
-                    "cannot attend to their own keys only") if "gqa_attention" in self.manifest.get(
-                "graph_passes", []) else "run `make models` to upgrade it in place (about a minute)"
-            raise Unavailable(f"generation model at {model_dir} was built before per-row attention "
-                              f"(graph pass gqa_attention): {hint}")
+        if self.manifest.get("kv_layout") != "right":  # batched rows need their own keys only
+            if "gqa_attention" in self.manifest.get("graph_passes", []):
+                raise Unavailable(f"generation model at {model_dir}: its attention blocks did not match the "
+                                  "gqa_attention graph pass (engine/export_lm.py), which batched decoding needs")
+            raise Unavailable(f"generation model at {model_dir} was built before the gqa_attention graph pass; "
+                              "run `make models` to upgrade it in place (about a minute)")
         self.num_layers = int(self.manifest["num_layers"])
         self.num_kv_heads = int(self.manifest["num_kv_heads"])
         self.head_dim = int(self.manifest["head_dim"])
