@@ -7,7 +7,8 @@ The real server (server.app.create_server, gRPC over loopback) answers SQuAD v1.
 questions over `--docs` of its paragraphs, from `c` client threads that each ask one
 question after another for `--seconds`. Two regimes, because a RAG request is mostly prompt:
   decode  top_k 1 (prompts of ~150-300 tokens), 128 new tokens (ignore_eos): decode-bound;
-  rag     top_k as configured (5; prompts of ~500-1,000 tokens), 32 new tokens: prefill-bound.
+  rag     top_k and packing as configured (default k 3 with 350-token packing: prompts of
+          ~400-450 tokens; k 5 with whole chunks gave ~700-1,000), 32 new tokens: prefill-bound.
 Per (regime, c): TTFT p50/p95, inter-token p50/p99 (gaps between streamed deltas),
 aggregate generated tokens/s, served prompt tokens/s, answers/s, prompt tokens served from
 the prefix cache. The in-run baseline is the same server with the scheduler at one row
