@@ -155,17 +155,25 @@ PROMPTS = {
 }
 
 
+def squad_engine(config: Config, paragraphs: list[dict]) -> Engine:
+    """An in-process engine with every paragraph ingested into collection "squad" (doc id = pid)."""
+    from engine.documents import Document
+
+    engine = Engine(config)
+    engine.create_collection("squad")
+    engine.ingest("squad", [Document(p["id"], p["text"], p["id"], {"title": p["title"]}) for p in paragraphs])
+    return engine
+
+
 def prompt_sweep(args, paragraphs: list[dict], sample: list[dict], tmp: Path) -> None:
     """The same questions through the real answer path (Answerer.batch: retrieval, packing,
     the retry of degenerate answers, support) with each prompt in --prompts, in one process
     over one ingest: the table README "Checked answers" keeps."""
-    from engine.documents import Document
     from engine.rag import Answerer
 
     # no prefix cache: a later prompt would reuse the passages an earlier one prefilled
-    engine = Engine(Config(data_dir=tmp / "prompts", gen_prefill_variant=args.prefill_variant, prefix_cache_mb=0))
-    engine.create_collection("squad")
-    engine.ingest("squad", [Document(p["id"], p["text"], p["id"], {"title": p["title"]}) for p in paragraphs])
+    engine = squad_engine(Config(data_dir=tmp / "prompts", gen_prefill_variant=args.prefill_variant,
+                                 prefix_cache_mb=0), paragraphs)
     questions = [q["question"] for q in sample]
     params = SamplingParams(max_new_tokens=args.max_new_tokens)
     budget = args.budget or None
@@ -192,12 +200,9 @@ def packing_sweep(args, paragraphs: list[dict], sample: list[dict], tmp: Path) -
     """Context packing (Config.context_budget_tokens), retrieval only: for k x budget x
     neighbours, how often a gold answer is inside the prompt's passages, and the median
     prompt size. No generation, so the whole sweep takes minutes."""
-    from engine.documents import Document
     from engine.rag import Answerer
 
-    engine = Engine(Config(data_dir=tmp / "packing"))
-    engine.create_collection("squad")
-    engine.ingest("squad", [Document(p["id"], p["text"], p["id"], {"title": p["title"]}) for p in paragraphs])
+    engine = squad_engine(Config(data_dir=tmp / "packing"), paragraphs)
     questions = [q["question"] for q in sample]
     hits = engine.search_batch("squad", questions, 5)
     supporter = engine.answerer.supporter
