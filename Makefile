@@ -16,9 +16,18 @@ export PIP_CACHE_DIR := $(CURDIR)/.cache/pip
 NODE_STAMP := clients/node/node_modules/.package-lock.json
 STUBS := server/_gen/rag/v1/rag_pb2.py
 
-.PHONY: setup models test demo serve soak fuzz bench peers clean distclean
+RAY_STAMP := $(VENV)/.ray-installed
+
+.PHONY: setup models test demo serve soak fuzz bench peers ray clean distclean
 
 setup: $(STAMP) $(STUBS) $(NODE_STAMP) models
+
+# The optional `ray` extra (rag ingest/ask/search --ray; tests/test_ray.py runs once it is here).
+ray: $(RAY_STAMP)
+
+$(RAY_STAMP): pyproject.toml | $(STAMP)
+	$(PY) -m pip install -qq -e '.[ray]'
+	touch $@
 
 # Python stubs of proto/rag/v1 (never committed).
 $(STUBS): proto/rag/v1/rag.proto | $(STAMP)

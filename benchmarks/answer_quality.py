@@ -177,22 +177,26 @@ def prompt_sweep(args, paragraphs: list[dict], sample: list[dict], tmp: Path) ->
     questions = [q["question"] for q in sample]
     params = SamplingParams(max_new_tokens=args.max_new_tokens)
     budget = args.budget or None
-    print(f"k {args.k}, context budget {budget or 'off (whole chunks)'}, neighbours {args.neighbours}; "
-          f"plan {engine.generator.prefill_variant} > {engine.generator.variant}", flush=True)
-    for name in args.prompts.split(","):
-        system, template = PROMPTS[name]
-        cfg = engine.config.replace(system_prompt=system, prompt_template=template, context_budget_tokens=budget,
-                                    context_neighbours=args.neighbours)
-        ans = Answerer(cfg, engine.searcher, lambda: engine.generator, lambda: engine.scheduler,
-                       lambda: engine.embedder)
-        t0 = time.perf_counter()
-        got = [a.to_json() for a in ans.batch("squad", questions, k=args.k, params=params)]
-        rec = {"mode": "prompt", "prompt": name, "k": args.k, "budget": budget, "neighbours": args.neighbours,
-               "seed": args.seed, **answer_scores(sample, got, lambda pid: pid),
-               "s_per_question": (time.perf_counter() - t0) / len(sample)}
-        print_scores(f"prompt {name}", rec)
-        print(f"{'':17s} {rec['s_per_question']:.2f} s/question", flush=True)
-        log(rec)
+    for model in (args.gen_models.split(",") if args.gen_models else [engine.config.gen_model]):
+        # another generator over the same ingest (a reader of the collection)
+        eng = engine if model == engine.config.gen_model else Engine(engine.config.replace(gen_model=model))
+        print(f"{model}: k {args.k}, context budget {budget or 'off (whole chunks)'}, neighbours {args.neighbours}; "
+              f"plan {eng.generator.prefill_variant} > {eng.generator.variant}", flush=True)
+        for name in args.prompts.split(","):
+            system, template = PROMPTS[name]
+            cfg = eng.config.replace(system_prompt=system, prompt_template=template, context_budget_tokens=budget,
+                                     context_neighbours=args.neighbours)
+            ans = Answerer(cfg, eng.searcher, lambda: eng.generator, lambda: eng.scheduler, lambda: eng.embedder)
+            t0 = time.perf_counter()
+            got = [a.to_json() for a in ans.batch("squad", questions, k=args.k, params=params)]
+            rec = {"mode": "prompt", "gen_model": model, "plan": f"{eng.generator.prefill_variant}>{eng.generator.variant}",
+                   "prompt": name, "k": args.k, "budget": budget, "neighbours": args.neighbours, "seed": args.seed,
+                   **answer_scores(sample, got, lambda pid: pid), "s_per_question": (time.perf_counter() - t0) / len(sample)}
+            print_scores(f"prompt {name}", rec)
+            print(f"{'':17s} {rec['s_per_question']:.2f} s/question", flush=True)
+            log(rec)
+        if eng is not engine:
+            eng.close()
     engine.close()
 
 
@@ -342,6 +346,9 @@ def main() -> None:
     p.add_argument("--ask-args", type=lambda x: x.split(), default=[], help='extra `rag ask` options, e.g. "-k 3"')
     p.add_argument("--skip-gold", action="store_true", help="only the rag modes (no gold-paragraph mode)")
     p.add_argument("--prompts", default="", help=f"compare prompts in process: a comma list of {', '.join(PROMPTS)}")
+    p.add_argument("--gen-models", default="",
+                   help="with --prompts: generation models (folders in models/) to compare on the same questions, "
+                        "comma-separated, e.g. qwen2.5-coder-0.5b-instruct,qwen2.5-coder-1.5b-instruct")
     p.add_argument("--k", type=int, default=3, help="passages per question with --prompts")
     p.add_argument("--budget", type=int, default=350, help="context budget with --prompts (0: whole chunks)")
     p.add_argument("--neighbours", type=int, default=2, help="context neighbours with --prompts")

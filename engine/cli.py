@@ -13,9 +13,9 @@ import os
 import sys
 from pathlib import Path
 
-from .config import (DEFAULT_CONTEXT_BUDGET_TOKENS, DEFAULT_FUSION_ALPHA, EMBED_VARIANTS, FUSIONS, GEN_PREFILL_VARIANTS,
+from .config import (DEFAULT_CONTEXT_BUDGET_TOKENS, DEFAULT_FUSION_ALPHA, DEFAULT_GEN_MODEL, EMBED_VARIANTS, FUSIONS, GEN_PREFILL_VARIANTS,
                      GEN_VARIANTS, INDEX_DTYPES, PROVIDERS, SEARCH_MODES, WAL_FSYNC_POLICIES, Config)
-from .errors import NotFound, RagError
+from .errors import InvalidInput, NotFound, RagError
 
 
 class Progress:
@@ -36,12 +36,28 @@ class Progress:
         self.bar.close()
 
 
+SERVER_HELP = ("{verb} through a running `rag serve`; several addresses (read-only replicas) are used in turn "
+               "(gRPC round_robin)")
+
+
+def add_ray_args(s: argparse.ArgumentParser, what: str) -> None:
+    s.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help=f"{what}. ADDRESS: a running cluster (HOST:PORT, ray://HOST:PORT or auto); none: a local "
+                        "Ray started for this run. Needs pip install -e '.[ray]'")
+    s.add_argument("--ray-actors", type=int, default=None,
+                   help="Ray actors doing the work (default: the cluster's CPUs / --ray-actor-threads)")
+    s.add_argument("--ray-actor-threads", type=int, default=1, help="onnxruntime threads of each actor (default 1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rag", description="Retrieval-augmented generation engine.")
     p.add_argument("--data-dir", default=None,
                    help="where collections live (default: $RAG_DATA_DIR or ./data)")
     p.add_argument("--models-dir", default=None,
                    help="where exported models live (default: $RAG_MODELS_DIR or the repo's models/)")
+    p.add_argument("--gen-model", default=None,
+                   help=f"generation model: a folder in the models dir (default {DEFAULT_GEN_MODEL}; "
+                        "python -m engine.export_lm --preset ... builds others)")
     p.add_argument("--provider", choices=PROVIDERS, default="cpu", help="onnxruntime execution provider")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
     p.add_argument("--embed-variant", choices=EMBED_VARIANTS, default=None,
@@ -73,16 +89,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
     s.add_argument("--dtype", choices=INDEX_DTYPES, default=None, help="vector dtype for a new collection")
     s.add_argument("--quiet", "-q", action="store_true", help="no progress line")
+    add_ray_args(s, "parse and chunk in Ray tasks and embed in a pool of Ray actors; this process commits")
 
     s = sub.add_parser("search", help="print the chunks nearest to a question")
-    s.add_argument("query")
+    s.add_argument("query", nargs="?", help="the query (or use --batch)")
     s.add_argument("--collection", "-c", required=True)
     s.add_argument("-k", type=int, default=5, help="number of results (default 5)")
     s.add_argument("--json", action="store_true", help="one JSON object per hit")
     s.add_argument("--mode", choices=SEARCH_MODES, default=None,
                    help="hybrid (default): dense and BM25 rankings fused; dense: HNSW only")
-    s.add_argument("--server", metavar="HOST:PORT", help="search through a running `rag serve`")
+    s.add_argument("--batch", metavar="QUERIES.jsonl",
+                   help='search many queries: one JSON per line, {"query": ..., "id": ...} or a string')
+    s.add_argument("--out", metavar="HITS.jsonl", help="where --batch writes results (default stdout)")
+    s.add_argument("--server", metavar="HOST:PORT[,HOST:PORT...]", help=SERVER_HELP.format(verb="search"))
     s.add_argument("--token", default=None, help="bearer token for --server (default: $RAG_AUTH_TOKEN)")
+    add_ray_args(s, "with --batch: search shards of the queries on Ray actors (collections on a shared filesystem)")
 
     s = sub.add_parser("ask", help="answer a question from a collection, streamed as it is generated")
     s.add_argument("question", nargs="?", help="the question (or use --batch)")
@@ -102,8 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
     s.add_argument("--quiet", "-q", action="store_true", help="no progress line")
-    s.add_argument("--server", metavar="HOST:PORT", help="ask a running `rag serve` instead of loading models here")
+    s.add_argument("--server", metavar="HOST:PORT[,HOST:PORT...]", help=SERVER_HELP.format(verb="ask"))
     s.add_argument("--token", default=None, help="bearer token for --server (default: $RAG_AUTH_TOKEN)")
+    add_ray_args(s, "with --batch: answer shards of the questions on Ray actors (collections on a shared filesystem)")
 
     s = sub.add_parser("serve", help="run the gRPC server (rag.v1)")
     s.add_argument("--address", default=None, help="HOST:PORT to bind (default 127.0.0.1:50051)")
@@ -163,7 +185,7 @@ def make_config(args: argparse.Namespace) -> Config:
     if args.embed_variant:
         kw["embed_variant"] = args.embed_variant
     for name in ("wal_fsync", "wal_fsync_interval_ms", "snapshot_wal_bytes", "snapshot_interval_s", "fusion",
-                 "fusion_alpha", "gen_variant", "gen_prefill_variant", "context_budget_tokens"):
+                 "fusion_alpha", "gen_model", "gen_variant", "gen_prefill_variant", "context_budget_tokens"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
     return Config(**kw)
@@ -198,6 +220,14 @@ def run(args: argparse.Namespace) -> int:
         config = config.replace(read_only=True)
     if args.command == "ask" and args.batch_size:
         config = config.replace(max_concurrent_generations=args.batch_size)
+    distributed = None
+    if getattr(args, "ray", None):
+        if args.command in ("ask", "search") and not args.batch:
+            raise InvalidInput(f"--ray works with `rag {args.command} --batch`; a single "
+                               f"{'question' if args.command == 'ask' else 'query'} runs here")
+        from . import distributed
+
+        distributed.connect(None if args.ray == "local" else args.ray)  # before anything is read
     engine = Engine(config, owner={"command": f"rag {args.command}"})
     try:
         if args.command == "collections":
@@ -234,7 +264,12 @@ def run(args: argparse.Namespace) -> int:
                 engine.create_collection(args.collection, index_dtype=args.dtype)
                 print(f"created collection {args.collection}", file=sys.stderr)
             bar = Progress(f"ingest {args.collection}", enabled=not args.quiet and sys.stderr.isatty())
-            report = engine.ingest_paths(args.collection, args.paths, text_field=args.text_field, progress=bar)
+            if args.ray:
+                report = distributed.ingest(engine, args.collection, args.paths, text_field=args.text_field,
+                                            actors=args.ray_actors, actor_threads=args.ray_actor_threads,
+                                            progress=bar)
+            else:
+                report = engine.ingest_paths(args.collection, args.paths, text_field=args.text_field, progress=bar)
             bar.done()
             for f in report.failures:
                 print(f"skipped {f.source}: {f.reason}", file=sys.stderr)
@@ -246,7 +281,11 @@ def run(args: argparse.Namespace) -> int:
             return 1 if report.failures and not ok else 0
         if args.command == "ask":
             return ask(engine, args)
+        if args.command == "search" and args.batch:
+            return search_batch(engine, args)
         if args.command == "search":
+            if args.query is None:
+                raise InvalidInput("give a query, or --batch QUERIES.jsonl")
             hits = engine.search(args.collection, args.query, args.k, mode=args.mode)
             if args.json:
                 for h in hits:
@@ -259,6 +298,8 @@ def run(args: argparse.Namespace) -> int:
         raise AssertionError(args.command)  # argparse restricts the choices
     finally:
         engine.close()
+        if distributed is not None:
+            distributed.shutdown()
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -290,9 +331,13 @@ def remote(args: argparse.Namespace) -> int:
 
     from server.client import RagClient
 
+    if args.batch or args.ray:
+        raise InvalidInput("--server answers one question or query at a time; --batch and --ray run here")
     client = RagClient(args.server, token=args.token or os.environ.get("RAG_AUTH_TOKEN"))
     try:
         if args.command == "search":
+            if args.query is None:
+                raise InvalidInput("give a query")
             hits = client.search(args.collection, args.query, args.k, mode=args.mode)
             if args.json:
                 for h in hits:
@@ -372,10 +417,8 @@ def show_info(engine, args: argparse.Namespace) -> int:
     return 0
 
 
-def read_questions(path: str) -> list[tuple[object, str]]:
-    """(id, question) pairs from a JSONL file of objects with "question" (and "id") or strings."""
-    from .errors import InvalidInput
-
+def read_questions(path: str, field: str = "question") -> list[tuple[object, str]]:
+    """(id, text) pairs from a JSONL file of objects with `field` (and "id") or strings."""
     out = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -387,17 +430,52 @@ def read_questions(path: str) -> list[tuple[object, str]]:
                 raise InvalidInput(f"{path}:{n}: not valid JSON ({e.msg})") from None
             if isinstance(rec, str):
                 out.append((n, rec))
-            elif isinstance(rec, dict) and isinstance(rec.get("question"), str):
-                out.append((rec.get("id", n), rec["question"]))
+            elif isinstance(rec, dict) and isinstance(rec.get(field), str):
+                out.append((rec.get("id", n), rec[field]))
             else:
-                raise InvalidInput(f'{path}:{n}: expected a string or an object with a "question" string')
+                raise InvalidInput(f'{path}:{n}: expected a string or an object with a "{field}" string')
     if not out:
-        raise InvalidInput(f"{path}: no questions")
+        raise InvalidInput(f"{path}: no {field}s")
     return out
 
 
+def write_lines(path: str | None, lines) -> None:
+    """JSON lines to `path` (written to a temporary name, renamed when complete) or stdout."""
+    if not path:
+        for line in lines:
+            sys.stdout.write(line + "\n")
+        return
+    tmp = Path(f"{path}.partial")
+    with open(tmp, "w", encoding="utf-8") as out:
+        for line in lines:
+            out.write(line + "\n")
+    os.replace(tmp, path)
+
+
+def search_batch(engine, args: argparse.Namespace) -> int:
+    """`rag search --batch`: one JSON line per query, in input order, here or on Ray actors."""
+    from . import distributed
+
+    if args.query:
+        raise InvalidInput("give either a query or --batch, not both")
+    items = read_questions(args.batch, "query")
+    for i, (_, q) in enumerate(items):
+        engine.check_query(q, i)
+    engine.check_k(args.k)
+    engine.describe(args.collection)  # NotFound here, not in a worker
+    texts = [q for _, q in items]
+    options = {"k": args.k, "mode": engine.check_mode(args.mode)}
+    if args.ray:
+        results = distributed.map_readers(engine.config, args.collection, "search", texts, options,
+                                          actors=args.ray_actors, actor_threads=args.ray_actor_threads)
+    else:
+        results = distributed.run_shard(engine, args.collection, "search", texts, options)
+    write_lines(args.out, (json.dumps({"id": qid, **json.loads(r)}, ensure_ascii=False)
+                           for (qid, _), r in zip(items, results)))
+    return 0
+
+
 def ask(engine, args: argparse.Namespace) -> int:
-    from .errors import InvalidInput
     from .generate import SamplingParams
     from .pipeline import Answer, AnswerStart
 
@@ -409,16 +487,22 @@ def ask(engine, args: argparse.Namespace) -> int:
             raise InvalidInput("give either a question or --batch, not both")
         items = read_questions(args.batch)
         bar = Progress("ask", enabled=not args.quiet and sys.stderr.isatty(), unit="answers", total=len(items))
-        answers = engine.answer_batch(args.collection, [q for _, q in items], k=args.k, params=params,
-                                      progress=bar)
+        texts = [q for _, q in items]
+        if args.ray:
+            from . import distributed
+
+            for i, q in enumerate(texts):
+                engine.check_query(q, i)
+            engine.describe(args.collection)  # NotFound here, not in a worker
+            results = list(distributed.map_readers(engine.config, args.collection, "answer", texts,
+                                                   {"k": args.k, "params": params}, actors=args.ray_actors,
+                                                   actor_threads=args.ray_actor_threads, progress=bar))
+        else:
+            results = [json.dumps(a.to_json(), ensure_ascii=False)
+                       for a in engine.answer_batch(args.collection, texts, k=args.k, params=params, progress=bar)]
         bar.done()
-        out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
-        try:
-            for (qid, _), a in zip(items, answers):
-                out.write(json.dumps({"id": qid, **a.to_json()}, ensure_ascii=False) + "\n")
-        finally:
-            if args.out:
-                out.close()
+        write_lines(args.out, (json.dumps({"id": qid, **json.loads(r)}, ensure_ascii=False)
+                               for (qid, _), r in zip(items, results)))
         return 0
     if not args.question:
         raise InvalidInput("give a question, or --batch QUESTIONS.jsonl")

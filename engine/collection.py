@@ -28,7 +28,7 @@ from .config import Config
 from .errors import AlreadyExists, FailedPrecondition, InvalidInput, NotFound
 from .fsutil import fsync_dir
 from .index import VectorIndex
-from .lock import WriterBusy, WriterLock
+from .lock import WriterBusy, WriterLock, read_holder
 from .store import STORE_FILE, DocumentRecord, Store
 from .wal import WAL_FILE, WriteAheadLog
 from .wal import encode as wal_encode
@@ -219,6 +219,18 @@ class Collection:
                 self.lock.release()
 
 
+def read_only_refusal(name: str, holder: dict) -> str:
+    """Why a read-only engine refuses to change collection `name`, naming its writer if any."""
+    head = f"this engine is read-only (a replica); collection {name!r} cannot be changed here"
+    if not holder.get("pid"):
+        return f"{head}, and no process writes it now: write with `rag ingest` or a `rag serve` without --read-only"
+    who = f"{holder.get('command') or 'another process'} (pid {holder['pid']}"
+    who += f" on host {holder['host']})" if holder.get("host") else ")"
+    if holder.get("address"):
+        return f"{head}; its writer is {who}: send writes to {holder['address']}"
+    return f"{head}; its writer is {who}"
+
+
 class Collections:
     """The collections under `config.data_dir/collections`, each opened once per engine.
 
@@ -253,8 +265,7 @@ class Collections:
                 raise NotFound(f"collection {name!r} does not exist; create it first "
                                "(rag ingest creates it, or use create_collection)")
             if write and self.read_only:
-                raise FailedPrecondition(f"this engine is read-only; collection {name!r} cannot be changed "
-                                         "here (start it without --read-only, or write through its writer)")
+                raise FailedPrecondition(read_only_refusal(name, read_holder(folder)))
             lock = None if self.read_only else WriterLock.try_acquire(folder, self.owner)
             if lock is None and write:
                 lock = WriterLock.acquire(folder, name, self.owner)  # WriterBusy naming the holder

@@ -52,6 +52,7 @@ class Failure:
 
     source: str
     reason: str
+    doc_id: str | None = None  # the document's id, when the failure is one document's own
 
 
 def check_document(doc: Document) -> None:
@@ -273,18 +274,25 @@ def iter_documents(paths: Iterable[str | Path], *, text_field: str = DEFAULT_TEX
     for f in iter_files(paths):
         if isinstance(f, Failure):
             yield f
-            continue
-        source = str(f.resolve())
-        try:
-            size = f.stat().st_size
-            if size > max_bytes:
-                yield Failure(source, f"file is {size} bytes, over the {max_bytes}-byte limit")
-                continue
-            data = f.read_bytes()
-        except OSError as e:
-            yield Failure(source, f"cannot read ({e.strerror})")
-            continue
-        try:
-            yield from parse_bytes(data, TEXT_SUFFIXES[f.suffix.lower()], source, text_field=text_field)
-        except InvalidInput as e:
-            yield Failure(source, str(e).removeprefix(source + ": "))
+        else:
+            yield from read_file(f, text_field=text_field, max_bytes=max_bytes)
+
+
+def read_file(f: str | Path, *, text_field: str = DEFAULT_TEXT_FIELD,
+              max_bytes: int = MAX_FILE_BYTES) -> Iterator[Document | Failure]:
+    """The documents of one file that `iter_files` listed (or the Failure why there are none)."""
+    f = Path(f)
+    source = str(f.resolve())
+    try:
+        size = f.stat().st_size
+        if size > max_bytes:
+            yield Failure(source, f"file is {size} bytes, over the {max_bytes}-byte limit")
+            return
+        data = f.read_bytes()
+    except OSError as e:
+        yield Failure(source, f"cannot read ({e.strerror})")
+        return
+    try:
+        yield from parse_bytes(data, TEXT_SUFFIXES[f.suffix.lower()], source, text_field=text_field)
+    except InvalidInput as e:
+        yield Failure(source, str(e).removeprefix(source + ": "))

@@ -75,6 +75,34 @@ def make_session(path: Path, provider: str, threads: int, *, disabled_optimizers
                                 disabled_optimizers=list(disabled_optimizers))
 
 
+class Tokenizers:
+    """A model's tokenizer.json, twice: for embedding and for the chunker (engine/chunk.py).
+
+    Light enough for a worker that only chunks (engine/distributed.py): no onnxruntime.
+    """
+
+    def __init__(self, model_dir: str | Path, max_length: int | None = None) -> None:
+        from tokenizers import Tokenizer
+
+        model_dir = Path(model_dir)
+        if max_length is None:
+            try:
+                max_length = int(json.loads((model_dir / MANIFEST).read_text())["max_length"])
+            except (OSError, ValueError, KeyError):
+                raise Unavailable(f"embedding model not found at {model_dir}; build it with `make models`") from None
+        self.max_length = max_length
+        self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        # The shipped tokenizer.json pads to a fixed 128 and truncates at 128: undo both.
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(max_length)
+        # The chunker's: no truncation, no special tokens.
+        self.raw_tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        self.raw_tokenizer.no_padding()
+        self.raw_tokenizer.no_truncation()
+        # [CLS] ... [SEP]: tokens a single text costs beyond its own.
+        self.special_tokens = len(self.tokenizer.encode("").ids)
+
+
 class Embedder:
     """Embeds texts into L2-normalised float32 vectors with an exported ONNX encoder."""
 
@@ -83,8 +111,6 @@ class Embedder:
                  max_batch: int = DEFAULT_MAX_BATCH) -> None:
         """`threads`: CPU cores to use (worker threads). `batch_max_tokens` and `max_batch`
         bound the padded batches of the CUDA provider; on CPU every text runs alone."""
-        from tokenizers import Tokenizer
-
         model_dir = Path(model_dir)
         manifest_path = model_dir / MANIFEST
         if variant not in VARIANT_FILES:
@@ -103,18 +129,10 @@ class Embedder:
         self.batch_max_tokens = max(batch_max_tokens, self.max_length)
         self.max_batch = max(1, max_batch)
 
-        self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-        # The shipped tokenizer.json pads to a fixed 128 and truncates at 128: undo both.
-        self.tokenizer.no_padding()
-        self.tokenizer.enable_truncation(self.max_length)
-        # A second tokenizer for the chunker: no truncation, no special tokens.
-        self.raw_tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-        self.raw_tokenizer.no_padding()
-        self.raw_tokenizer.no_truncation()
+        toks = Tokenizers(model_dir, self.max_length)
+        self.tokenizer, self.raw_tokenizer, self.special_tokens = toks.tokenizer, toks.raw_tokenizer, toks.special_tokens
         pad = self.tokenizer.token_to_id("[PAD]")
         self.pad_id = 0 if pad is None else pad
-        # [CLS] ... [SEP]: tokens a single text costs beyond its own.
-        self.special_tokens = len(self.tokenizer.encode("").ids)
 
         # CPU: one single-threaded session run by `threads` workers (see the module docstring).
         # CUDA: one stream does the work; a second caller would only queue behind it.

@@ -6,6 +6,10 @@ batches of at most INGEST_BATCH_DOCS or INGEST_BATCH_CHARS (memory stays bounded
 long the input), each batch chunked, embedded and committed atomically through the
 collection's write-ahead log. A document that fails (no text, nothing to chunk) is
 reported and skipped; the rest go on.
+
+The documents may also arrive `Prepared`: parsed, chunked and embedded elsewhere (Ray
+workers, engine/distributed.py). They go through the same batches, the same upsert
+decisions and the same commits; only the chunk+embed step is skipped for them.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ import dataclasses
 import time
 from collections.abc import Callable, Iterable
 
-from .chunk import Chunker
+import numpy as np
+
+from .chunk import Chunk, Chunker
 from .collection import Collection
 from .documents import Document, Failure, check_document
 from .errors import InvalidInput
@@ -44,49 +50,92 @@ class IngestReport:
         self.results[doc_id or failure.source] = ("failed", 0, failure.reason)
 
 
+@dataclasses.dataclass(slots=True)
+class Prepared:
+    """A document parsed, chunked and embedded by a worker; the writer only commits it.
+
+    `chunks` is None when the worker found the stored hash equal and did no work; should the
+    writer see otherwise (an earlier input changed the same id), `reload()` gives the
+    Document back and it is chunked and embedded here.
+    """
+
+    doc_id: str
+    source: str
+    content_hash: str
+    metadata: dict
+    n_chars: int
+    chunks: list[Chunk] | None
+    vectors: np.ndarray | None
+    reload: Callable[[], Document]
+
+
 def chunker_for(col: Collection, embedder) -> Chunker:
     return Chunker(embedder.raw_tokenizer, target=col.settings["chunk_tokens"],
                    overlap=col.settings["chunk_overlap"], window=embedder.max_length - embedder.special_tokens)
 
 
-def ingest(col: Collection, embedder, documents: Iterable[Document | Failure], *,
+def ingest(col: Collection, embedder: Callable[[], object], documents: Iterable[Document | Prepared | Failure], *,
            progress: ProgressFn | None = None) -> IngestReport:
-    """Upsert `documents` into the writer `col` (see the module docstring)."""
+    """Upsert `documents` into the writer `col` (see the module docstring). `embedder()`
+    gives the embedding model; it is asked for only if a document needs embedding here."""
     report = IngestReport()
     t0 = time.perf_counter()
     seen = 0
-    pending: list[Document] = []
+    pending: list[Document | Prepared] = []
     pending_chars = 0
-    chunker = chunker_for(col, embedder)
+    local = _Local(col, embedder)
     with col.write_lock:
         for item in documents:
             seen += 1
             if isinstance(item, Failure):
-                report.fail(item)
+                report.fail(item, item.doc_id)
                 continue
-            try:
-                check_document(item)
-            except InvalidInput as e:
-                report.fail(Failure(item.source, str(e)), item.doc_id if isinstance(item.doc_id, str) else None)
-                continue
+            if isinstance(item, Document):
+                try:
+                    check_document(item)
+                except InvalidInput as e:
+                    report.fail(Failure(item.source, str(e)), item.doc_id if isinstance(item.doc_id, str) else None)
+                    continue
             pending.append(item)
-            pending_chars += len(item.text)
+            pending_chars += len(item.text) if isinstance(item, Document) else item.n_chars
             if pending_chars >= INGEST_BATCH_CHARS or len(pending) >= INGEST_BATCH_DOCS:
-                _batch(col, embedder, chunker, pending, report)
+                _batch(col, local, pending, report)
                 pending, pending_chars = [], 0
                 if progress:
                     progress(seen, report.chunks_added)
         if pending:
-            _batch(col, embedder, chunker, pending, report)
+            _batch(col, local, pending, report)
         if progress:
             progress(seen, report.chunks_added)
     report.seconds = time.perf_counter() - t0
     return report
 
 
-def _batch(col: Collection, embedder, chunker: Chunker, docs: list[Document], report: IngestReport) -> None:
+class _Local:
+    """Chunking and embedding in this process, set up on first use."""
+
+    def __init__(self, col: Collection, embedder: Callable[[], object]) -> None:
+        self.col = col
+        self._embedder = embedder
+        self._chunker: Chunker | None = None
+
+    def chunk_embed(self, docs: list[Document]) -> list[tuple[list[Chunk], np.ndarray]]:
+        embedder = self._embedder()
+        if self._chunker is None:
+            self._chunker = chunker_for(self.col, embedder)
+        chunked = self._chunker.chunk_many([(d.doc_id, d.text) for d in docs])
+        texts = [c.text for chunks in chunked for c in chunks]
+        vectors = embedder.embed(texts) if texts else np.zeros((0, self.col.settings["dim"]), np.float32)
+        out, row = [], 0
+        for chunks in chunked:
+            out.append((chunks, vectors[row:row + len(chunks)]))
+            row += len(chunks)
+        return out
+
+
+def _batch(col: Collection, local: _Local, docs: list[Document | Prepared], report: IngestReport) -> None:
     # Later duplicates of an id in one batch win, as if sent one after another.
-    by_id: dict[str, Document] = {}
+    by_id: dict[str, Document | Prepared] = {}
     for d in docs:
         by_id.pop(d.doc_id, None)
         by_id[d.doc_id] = d
@@ -99,27 +148,25 @@ def _batch(col: Collection, embedder, chunker: Chunker, docs: list[Document], re
             report.documents_unchanged += 1
             report.results[d.doc_id] = ("unchanged", 0, "")
         else:
-            todo.append((d, h))
+            todo.append((d.reload() if isinstance(d, Prepared) and d.chunks is None else d, h))
     if not todo:
         return
-    chunked = chunker.chunk_many([(d.doc_id, d.text) for d, _ in todo])
+    here = [d for d, _ in todo if isinstance(d, Document)]
+    done = iter(local.chunk_embed(here) if here else ())
     records_in = []
-    for (d, h), chunks in zip(todo, chunked):
+    for d, h in todo:
+        chunks, vectors = next(done) if isinstance(d, Document) else (d.chunks, d.vectors)
         if not chunks:
             report.fail(Failure(d.source, "no indexable text (no tokens after tokenization)"), d.doc_id)
             continue
-        records_in.append((d, h, chunks))
+        records_in.append((d, h, chunks, vectors))
     if not records_in:
         return
-    texts = [c.text for _, _, chunks in records_in for c in chunks]
-    vectors = embedder.embed(texts)
-    records, row = [], 0
-    for d, h, chunks in records_in:
-        records.append(DocumentRecord(d.doc_id, d.source, h, d.metadata, len(d.text), chunks,
-                                      vectors[row:row + len(chunks)]))
-        row += len(chunks)
+    records = [DocumentRecord(d.doc_id, d.source, h, d.metadata,
+                              len(d.text) if isinstance(d, Document) else d.n_chars, chunks, vectors)
+               for d, h, chunks, vectors in records_in]
     change = col.commit(records)
-    for d, _, chunks in records_in:
+    for d, _, chunks, _ in records_in:
         if d.doc_id in stored:
             report.documents_updated += 1
             report.results[d.doc_id] = ("updated", len(chunks), "")

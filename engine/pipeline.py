@@ -176,7 +176,7 @@ class Engine:
     def ingest(self, name: str, documents: Iterable[Document | Failure], *,
                progress: ProgressFn | None = None) -> IngestReport:
         """Upsert documents (engine/ingest.py): unchanged ones skipped, changed ones replaced."""
-        return ingestion.ingest(self._writer(name), self.embedder, documents, progress=progress)
+        return ingestion.ingest(self._writer(name), lambda: self.embedder, documents, progress=progress)
 
     def ingest_paths(self, name: str, paths: Sequence[str | Path], *, text_field: str = "text",
                      progress: ProgressFn | None = None) -> IngestReport:

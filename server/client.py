@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import json
+import socket
+from collections.abc import Iterable, Iterator, Sequence
 
 import grpc
+
+from engine.errors import InvalidInput
 
 from .stubs import pb, rpc
 
@@ -12,19 +16,69 @@ from .stubs import pb, rpc
 MODES = {None: pb.SEARCH_MODE_UNSPECIFIED, "hybrid": pb.SEARCH_MODE_HYBRID, "dense": pb.SEARCH_MODE_DENSE}
 
 
-class RagClient:
-    """Thin typed wrapper over the generated stubs. Errors surface as grpc.RpcError."""
+# Calls go to every reachable server of the target in turn (one server: no difference).
+ROUND_ROBIN = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 
-    def __init__(self, address: str, *, token: str | None = None, root_certificates: bytes | None = None,
-                 private_key: bytes | None = None, certificate_chain: bytes | None = None,
-                 timeout: float | None = None, max_message_bytes: int = 64 * 1024 * 1024) -> None:
+
+def channel_target(address: str | Sequence[str]) -> str:
+    """A gRPC target for one address or several (read-only replicas).
+
+    One string is used as given: "HOST:PORT", or any gRPC target such as
+    "dns:///replicas.internal:50051" (every A record is a replica) or
+    "ipv4:10.0.0.1:50051,10.0.0.2:50051". Several "HOST:PORT" strings (or one with commas)
+    are resolved here into one "ipv4:" (or "ipv6:") target listing them all.
+    """
+    if isinstance(address, str):
+        parts = [address] if _has_scheme(address) else [a.strip() for a in address.split(",")]
+    else:
+        parts = [str(a).strip() for a in address]
+    if len(parts) == 1:
+        return parts[0]
+    v4, v6 = [], []
+    for hp in parts:
+        host, sep, port = hp.rpartition(":")
+        if not sep or not port.isdigit() or not host:
+            raise InvalidInput(f"server address {hp!r} is not HOST:PORT")
+        try:
+            infos = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+        except socket.gaierror as e:
+            raise InvalidInput(f"cannot resolve server {hp!r}: {e.strerror}") from None
+        fam = {i[0] for i in infos}
+        if socket.AF_INET in fam:
+            v4.append(f"{next(i[4][0] for i in infos if i[0] == socket.AF_INET)}:{port}")
+        if socket.AF_INET6 in fam:
+            v6.append(f"[{next(i[4][0] for i in infos if i[0] == socket.AF_INET6)}]:{port}")
+    if len(v4) == len(parts):
+        return "ipv4:" + ",".join(v4)
+    if len(v6) == len(parts):
+        return "ipv6:" + ",".join(v6)
+    raise InvalidInput(f"servers {parts} mix IPv4-only and IPv6-only hosts; give one family")
+
+
+def _has_scheme(address: str) -> bool:
+    return address.split(",", 1)[0].startswith(("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:"))
+
+
+class RagClient:
+    """Thin typed wrapper over the generated stubs. Errors surface as grpc.RpcError.
+
+    `address`: one server, or several (a list, or "HOST:PORT,HOST:PORT") that calls are
+    spread over with gRPC's round_robin policy; servers that are down are skipped.
+    """
+
+    def __init__(self, address: str | Sequence[str], *, token: str | None = None,
+                 root_certificates: bytes | None = None, private_key: bytes | None = None,
+                 certificate_chain: bytes | None = None, timeout: float | None = None,
+                 max_message_bytes: int = 64 * 1024 * 1024) -> None:
         options = [("grpc.max_receive_message_length", max_message_bytes),
-                   ("grpc.max_send_message_length", max_message_bytes)]
+                   ("grpc.max_send_message_length", max_message_bytes),
+                   ("grpc.service_config", ROUND_ROBIN)]
+        target = channel_target(address)
         if root_certificates is not None:
             creds = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
-            self.channel = grpc.secure_channel(address, creds, options=options)
+            self.channel = grpc.secure_channel(target, creds, options=options)
         else:
-            self.channel = grpc.insecure_channel(address, options=options)
+            self.channel = grpc.insecure_channel(target, options=options)
         self.metadata = [("authorization", f"Bearer {token}")] if token else []
         self.timeout = timeout
         self.collections = rpc.CollectionServiceStub(self.channel)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import inspect
 import itertools
+import os
+import socket
 import struct
 import tempfile
 import threading
@@ -296,4 +298,5 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
                                   execution_provider=c.provider, max_document_bytes=c.max_document_bytes,
                                   search_mode=c.search_mode, cpu=cpu_key(),
                                   execution_plan=plan.describe() if plan else "",
-                                  max_queued_generations=c.max_queued_generations, fusion=c.fusion)
+                                  max_queued_generations=c.max_queued_generations, fusion=c.fusion,
+                                  read_only=c.read_only, server_id=f"{socket.gethostname()} pid {os.getpid()}")

@@ -1,0 +1,350 @@
+"""Scale-out on Ray: ingest, batch answers and batch search over a Ray cluster.
+
+Ray is an optional extra (`pip install -e '.[ray]'`); only `--ray` imports this module.
+
+Ingest (`rag ingest ... --ray [ADDRESS]`) is a Ray Data pipeline whose one writer is the
+driver:
+  listing (driver, names only) -> read, parse, hash check, chunk (Ray tasks, tokenizer
+  only) -> embed (an actor pool: `map_batches` with a callable class, each actor one
+  onnxruntime session with its threads) -> the driver, in input order, which commits
+  through engine/ingest.py exactly as a single-process ingest does: the same batches,
+  upsert decisions (content hash), report and write-ahead log. Workers write nothing, so
+  an actor that dies costs only its batch, which Ray Data retries on a restarted actor
+  (`max_restarts=-1`); nothing half-written is ever visible.
+
+A worker skips chunking and embedding a document whose stored hash equals its own (the
+nightly re-ingest of an unchanged corpus costs the parse only). If the writer finds the
+hash changed meanwhile (an earlier input with the same id), it embeds that one itself.
+
+Batch answers and batch search: actors open the collection read-only (a shared
+filesystem) and answer shards of the questions with the batched generator; the driver
+writes the results in input order. Greedy answers equal the single-process ones: the
+scheduler's rows are batch-invariant (tests/test_scheduler.py).
+
+Every node needs this package (the same virtual environment) and the same data and
+models paths (a shared filesystem); the driver checks the address before it reads a file.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import logging
+import os
+import socket
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from . import ingest as ingestion
+from .chunk import Chunk, Chunker
+from .config import Config
+from .documents import Document, Failure, check_document, iter_files, read_file
+from .errors import InvalidInput, RagError, Unavailable
+from .ingest import IngestReport, Prepared, ProgressFn
+
+INSTALL_HINT = "install the extra: pip install -e '.[ray]'"
+# Documents per embedding-actor call, and questions per answering-actor call (times the
+# scheduler's rows): small enough to spread over actors, large enough to batch.
+EMBED_BATCH_DOCS = 64
+ANSWER_SHARD_ROWS = 2
+CONNECT_TIMEOUT_S = 5.0
+
+
+# ------------------------------------------------------------------ the cluster
+def connect(address: str | None = None, *, num_cpus: int | None = None):
+    """The `ray` module, connected: to `address` ("HOST:PORT", "ray://HOST:PORT", "auto"),
+    or to a local Ray started for this run when `address` is None. A cluster that cannot be
+    reached is an Unavailable error before anything is read."""
+    try:
+        import ray
+    except ImportError:
+        raise Unavailable(f"--ray needs Ray, which is not installed here; {INSTALL_HINT}") from None
+    local = address in (None, "", "local")
+    if not local:
+        _check_reachable(address)
+        _use_token_if_found()
+    if ray.is_initialized():
+        if local or address in ("auto", ray.get_runtime_context().gcs_address):
+            return ray
+        ray.shutdown()  # connected elsewhere (a Python caller switching clusters)
+    kw = ({"address": "local", "num_cpus": num_cpus, "include_dashboard": False} if local
+          else {"address": address})
+    try:
+        ray.init(log_to_driver=False, configure_logging=False, **kw)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise Unavailable(f"cannot connect to the Ray cluster at {address!r}: {e}") from None
+    for name in ("ray", "ray.data"):  # the CLI prints its own progress and report
+        logging.getLogger(name).setLevel(logging.WARNING)
+    return ray
+
+
+def _use_token_if_found() -> None:
+    """Token auth, as Ray's CLI and ray.init("auto") turn it on when a token is where Ray looks
+    (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token) and RAY_AUTH_MODE is unset; an
+    explicit address does not by itself. A token sent to a cluster without auth is ignored
+    (checked with Ray 2.60)."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available)
+    except ImportError:  # another Ray version: its own rules apply
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+def _check_reachable(address: str) -> None:
+    if address == "auto":
+        return
+    hostport = address.removeprefix("ray://")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        raise InvalidInput(f"Ray address {address!r} is not HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        raise Unavailable(f"cannot reach a Ray cluster at {address!r} ({e.strerror or e}); start one with "
+                          "`ray start --head` there, or leave out the address to run a local Ray") from None
+
+
+def cluster_cpus(ray) -> int:
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def _data_context(ray):
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # results come back in input order
+    ctx.enable_progress_bars = False  # the driver shows its own
+    return ctx
+
+
+# ------------------------------------------------------------------ ingest
+def ingest(engine, name: str, paths: Sequence[str | Path], *, text_field: str = "text",
+           actors: int | None = None, actor_threads: int = 1, progress: ProgressFn | None = None,
+           address: str | None = None) -> IngestReport:
+    """Upsert files into collection `name` of `engine` (its writer) with Ray doing the work;
+    the same result and report as `engine.ingest_paths` (see the module docstring)."""
+    ray = connect(address)
+    col = engine._writer(name)
+    config = engine.config
+    actors = actors or max(1, cluster_cpus(ray) // max(1, actor_threads))
+    if actors < 1 or actor_threads < 1:
+        raise InvalidInput(f"need at least one embedding actor with one thread, got {actors} x {actor_threads}")
+    items = []
+    for i, f in enumerate(iter_files(paths)):  # names only: the workers read the files
+        items.append({"order": i, "path": f.source if isinstance(f, Failure) else str(f),
+                      "failure": f.reason if isinstance(f, Failure) else ""})
+    if not items:
+        return ingestion.ingest(col, lambda: engine.embedder, (), progress=progress)
+    _data_context(ray)
+    settings = {"folder": str(col.folder), "model_dir": str(config.embed_model_dir), "text_field": text_field,
+                "chunk_tokens": col.settings["chunk_tokens"], "chunk_overlap": col.settings["chunk_overlap"]}
+    ds = (ray.data.from_items(items, override_num_blocks=min(len(items), 4096))
+          .flat_map(_parse_chunk, fn_kwargs=settings, num_cpus=0)
+          .map_batches(_EmbedChunks, fn_constructor_kwargs={"config": config.replace(threads=actor_threads)},
+                       batch_size=EMBED_BATCH_DOCS, batch_format="numpy",
+                       compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=actor_threads))
+    dim = col.settings["dim"]
+
+    def rows() -> Iterator[Document | Prepared | Failure]:
+        seen = 0
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            out = list(_items(batch, dim, text_field))
+            seen += len(out)
+            yield from out
+            if progress:
+                progress(seen, None)
+
+    try:
+        return ingestion.ingest(col, lambda: engine.embedder, rows())
+    except RagError:
+        raise
+    except Exception as e:  # a Ray task that failed for good (retries exhausted)
+        raise _unwrap(e, "ingest") from e
+
+
+def _parse_chunk(item: dict, *, folder: str, model_dir: str, text_field: str, chunk_tokens: int,
+                 chunk_overlap: int) -> list[dict]:
+    """One listed file -> one row per document (or failure): read, parse, hash, chunk."""
+    from .store import Store
+
+    if item["failure"]:
+        return [_row(item["order"], 0, "failure", source=item["path"], reason=item["failure"])]
+    docs = list(read_file(item["path"], text_field=text_field))
+    ok = [d for d in docs if isinstance(d, Document)]
+    stored = {}
+    if ok:
+        store = Store(Path(folder), read_only=True)
+        try:
+            stored = store.hashes([d.doc_id for d in ok if isinstance(d.doc_id, str)])
+        finally:
+            store.close()
+    chunker = _chunker(model_dir, chunk_tokens, chunk_overlap)
+    out, todo = [], []
+    for j, d in enumerate(docs):
+        if isinstance(d, Failure):
+            out.append(_row(item["order"], j, "failure", source=d.source, reason=d.reason, doc_id=d.doc_id or ""))
+            continue
+        try:
+            check_document(d)
+        except InvalidInput as e:
+            out.append(_row(item["order"], j, "failure", source=d.source, reason=str(e),
+                            doc_id=d.doc_id if isinstance(d.doc_id, str) else ""))
+            continue
+        h = d.content_hash
+        meta = json.dumps(d.metadata, ensure_ascii=False)
+        kind = "unchanged" if stored.get(d.doc_id) == h else "doc"
+        out.append(_row(item["order"], j, kind, source=d.source, doc_id=d.doc_id, hash=h, metadata=meta,
+                        n_chars=len(d.text), path=item["path"]))
+        if kind == "doc":
+            todo.append((len(out) - 1, d))
+    for (row, _), chunks in zip(todo, chunker.chunk_many([(d.doc_id, d.text) for _, d in todo])):
+        out[row]["chunks"] = json.dumps([[c.ordinal, c.start, c.end, c.n_tokens, c.text] for c in chunks],
+                                        ensure_ascii=False)
+    return out
+
+
+def _row(order: int, j: int, kind: str, *, source: str, reason: str = "", doc_id: str = "", hash: str = "",
+         metadata: str = "{}", n_chars: int = 0, chunks: str = "[]", path: str = "") -> dict:
+    # Every row has every column: Ray Data blocks need one schema.
+    return {"order": order, "j": j, "kind": kind, "source": source, "reason": reason, "doc_id": doc_id,
+            "hash": hash, "metadata": metadata, "n_chars": n_chars, "chunks": chunks, "path": path}
+
+
+@functools.lru_cache(maxsize=4)
+def _chunker(model_dir: str, chunk_tokens: int, chunk_overlap: int) -> Chunker:
+    # Cached per worker process: a Ray worker runs many tasks.
+    from .embed import Tokenizers
+
+    t = Tokenizers(model_dir)
+    return Chunker(t.raw_tokenizer, target=chunk_tokens, overlap=chunk_overlap, window=t.max_length - t.special_tokens)
+
+
+class _EmbedChunks:
+    """An embedding actor: one onnxruntime session (config.threads threads) for its life."""
+
+    def __init__(self, config: Config) -> None:
+        from .embed import Embedder
+
+        c = config
+        self.embedder = Embedder(c.embed_model_dir, variant=c.embed_variant, provider=c.provider, threads=c.threads,
+                                 batch_max_tokens=c.batch_max_tokens, max_batch=c.max_batch)
+
+    def __call__(self, batch: dict) -> dict:
+        chunks = [json.loads(c) for c in batch["chunks"]]
+        texts = [c[4] for doc in chunks for c in doc]
+        vectors = self.embedder.embed(texts) if texts else np.zeros((0, self.embedder.dim), np.float32)
+        out, row = [], 0
+        for doc in chunks:
+            out.append(np.ascontiguousarray(vectors[row:row + len(doc)], dtype=np.float32).tobytes())
+            row += len(doc)
+        batch["vectors"] = np.array(out, dtype=object)
+        return batch
+
+
+def _items(batch: dict, dim: int, text_field: str) -> Iterator[Document | Prepared | Failure]:
+    """Rows back from the actors -> what engine/ingest.py commits."""
+    for i in range(len(batch["kind"])):
+        kind, source, doc_id = str(batch["kind"][i]), str(batch["source"][i]), str(batch["doc_id"][i])
+        if kind == "failure":
+            yield Failure(source, str(batch["reason"][i]), doc_id or None)
+            continue
+        if kind == "unchanged":
+            chunks, vectors = None, None
+        else:
+            chunks = [Chunk(doc_id, o, s, e, n, t) for o, s, e, n, t in json.loads(batch["chunks"][i])]
+            vectors = np.frombuffer(batch["vectors"][i], dtype=np.float32).reshape(len(chunks), dim)
+        yield Prepared(doc_id, source, str(batch["hash"][i]), json.loads(batch["metadata"][i]),
+                       int(batch["n_chars"][i]), chunks, vectors,
+                       functools.partial(_reload, str(batch["path"][i]), int(batch["j"][i]), text_field))
+
+
+def _reload(path: str, j: int, text_field: str) -> Document:
+    doc = next(itertools.islice(read_file(path, text_field=text_field), j, None), None)
+    if not isinstance(doc, Document):
+        raise Unavailable(f"{path} changed while it was being ingested; ingest it again")
+    return doc
+
+
+# ------------------------------------------------------------------ batch answers and search
+class _Reader:
+    """An actor with a read-only engine over the shared data dir: answers or searches shards."""
+
+    def __init__(self, config: Config, name: str, kind: str, options: dict) -> None:
+        from .pipeline import Engine
+
+        self.engine = Engine(config.replace(read_only=True), owner={"command": "rag (Ray actor)"})
+        self.name, self.kind, self.options = name, kind, options
+
+    def __call__(self, batch: dict) -> dict:
+        batch["result"] = np.array(run_shard(self.engine, self.name, self.kind, list(batch["text"]), self.options),
+                                   dtype=object)
+        return batch
+
+
+def run_shard(engine, name: str, kind: str, texts: list[str], options: dict) -> list[str]:
+    """One shard of a batch: JSON per input, the same in one process and on Ray actors."""
+    if kind == "answer":
+        answers = engine.answer_batch(name, texts, k=options.get("k"), params=options.get("params"))
+        return [json.dumps(a.to_json(), ensure_ascii=False) for a in answers]
+    from dataclasses import asdict
+
+    hits = engine.search_batch(name, texts, options.get("k") or 5, mode=options.get("mode"))
+    return [json.dumps({"query": q, "hits": [asdict(h) for h in hs]}, ensure_ascii=False)
+            for q, hs in zip(texts, hits)]
+
+
+def map_readers(config: Config, name: str, kind: str, texts: Sequence[str], options: dict, *,
+                actors: int | None = None, actor_threads: int = 1, address: str | None = None,
+                progress: Callable[[int], None] | None = None) -> Iterator[str]:
+    """run_shard over `texts` on Ray actors; yields one JSON string per text, in input order."""
+    ray = connect(address)
+    if kind not in ("answer", "search"):
+        raise InvalidInput(f"unknown batch kind {kind!r}")
+    actors = actors or max(1, cluster_cpus(ray) // max(1, actor_threads))
+    _data_context(ray)
+    shard = max(1, config.max_concurrent_generations * ANSWER_SHARD_ROWS) if kind == "answer" else 256
+    ds = (ray.data.from_items([{"i": i, "text": t} for i, t in enumerate(texts)],
+                              override_num_blocks=max(1, min(len(texts) // shard + 1, 4096)))
+          .map_batches(_Reader, fn_constructor_kwargs={"config": config.replace(threads=actor_threads), "name": name,
+                                                       "kind": kind, "options": options},
+                       batch_size=shard, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
+                       num_cpus=actor_threads))
+    done = 0
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for r in batch["result"]:
+                yield str(r)
+            done += len(batch["result"])
+            if progress:
+                progress(done)
+    except RagError:
+        raise
+    except Exception as e:
+        raise _unwrap(e, kind) from e
+
+
+def _unwrap(e: Exception, what: str) -> Exception:
+    """A RagError raised in an actor (an unknown collection, say) as itself; else Unavailable."""
+    cause = getattr(e, "cause", None)
+    seen = 0
+    while cause is not None and seen < 8:
+        if isinstance(cause, RagError):
+            return cause
+        cause, seen = getattr(cause, "cause", None) or cause.__cause__, seen + 1
+    return Unavailable(f"the Ray {what} failed: {type(e).__name__}: {e}")
+
+
+def shutdown() -> None:
+    try:
+        import ray
+    except ImportError:
+        return
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+__all__ = ["connect", "ingest", "map_readers", "run_shard", "shutdown"]
