@@ -110,8 +110,11 @@ def _check_reachable(address: str) -> None:
                           "`ray start --head` there, or leave out the address to run a local Ray") from None
 
 
-def cluster_cpus(ray) -> int:
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+def pool_size(ray, actors: int | None, actor_threads: int) -> int:
+    """Actors to start: `actors`, or as many as the cluster's CPUs hold at `actor_threads` each."""
+    if actor_threads < 1 or (actors is not None and actors < 1):
+        raise InvalidInput(f"--ray-actors and --ray-actor-threads must be at least 1, got {actors} and {actor_threads}")
+    return actors or max(1, int(ray.cluster_resources().get("CPU", 1)) // actor_threads)
 
 
 def _data_context(ray):
@@ -130,9 +133,7 @@ def ingest(engine, name: str, paths: Sequence[str | Path], *, text_field: str = 
     ray = connect(address)
     col = engine._writer(name)
     config = engine.config
-    actors = actors or max(1, cluster_cpus(ray) // max(1, actor_threads))
-    if actors < 1 or actor_threads < 1:
-        raise InvalidInput(f"need at least one embedding actor with one thread, got {actors} x {actor_threads}")
+    actors = pool_size(ray, actors, actor_threads)
     items = []
     for i, f in enumerate(iter_files(paths)):  # names only: the workers read the files
         items.append({"order": i, "path": f.source if isinstance(f, Failure) else str(f),
@@ -304,7 +305,7 @@ def map_readers(config: Config, name: str, kind: str, texts: Sequence[str], opti
     ray = connect(address)
     if kind not in ("answer", "search"):
         raise InvalidInput(f"unknown batch kind {kind!r}")
-    actors = actors or max(1, cluster_cpus(ray) // max(1, actor_threads))
+    actors = pool_size(ray, actors, actor_threads)
     _data_context(ray)
     shard = max(1, config.max_concurrent_generations * ANSWER_SHARD_ROWS) if kind == "answer" else 256
     ds = (ray.data.from_items([{"i": i, "text": t} for i, t in enumerate(texts)],
