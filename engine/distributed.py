@@ -51,6 +51,7 @@ INSTALL_HINT = "install the extra: pip install -e '.[ray]'"
 EMBED_BATCH_DOCS = 64
 ANSWER_SHARD_ROWS = 2
 CONNECT_TIMEOUT_S = 5.0
+PARSE_CPUS = 4
 
 
 # ------------------------------------------------------------------ the cluster
@@ -110,6 +111,13 @@ def _check_reachable(address: str) -> None:
                           "`ray start --head` there, or leave out the address to run a local Ray") from None
 
 
+def parse_tasks(ray) -> int:
+    """Parse-and-chunk tasks at once: they take no CPU reservation (the embedding actors hold
+    the cores), so they are capped, one per PARSE_CPUS cores; an uncapped pool starts a Python
+    worker per file, which on 2 cores cost more than the embedding itself."""
+    return max(1, int(ray.cluster_resources().get("CPU", 1)) // PARSE_CPUS)
+
+
 def pool_size(ray, actors: int | None, actor_threads: int) -> int:
     """Actors to start: `actors`, or as many as the cluster's CPUs hold at `actor_threads` each."""
     if actor_threads < 1 or (actors is not None and actors < 1):
@@ -144,7 +152,8 @@ def ingest(engine, name: str, paths: Sequence[str | Path], *, text_field: str = 
     settings = {"folder": str(col.folder), "model_dir": str(config.embed_model_dir), "text_field": text_field,
                 "chunk_tokens": col.settings["chunk_tokens"], "chunk_overlap": col.settings["chunk_overlap"]}
     ds = (ray.data.from_items(items, override_num_blocks=min(len(items), 4096))
-          .flat_map(_parse_chunk, fn_kwargs=settings, num_cpus=0)
+          .flat_map(_parse_chunk, fn_kwargs=settings, num_cpus=0,
+                    compute=ray.data.TaskPoolStrategy(size=parse_tasks(ray)))
           .map_batches(_EmbedChunks, fn_constructor_kwargs={"config": config.replace(threads=actor_threads)},
                        batch_size=EMBED_BATCH_DOCS, batch_format="numpy",
                        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=actor_threads))
