@@ -26,14 +26,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import SQUAD, cpu_name, log_jsonl  # noqa: E402
 from engine import distributed  # noqa: E402
 from engine.config import Config  # noqa: E402
 from engine.ingest import Prepared, ingest as commit_prepared  # noqa: E402
 from engine.pipeline import Engine  # noqa: E402
-
-DEFAULT_SQUAD = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "squad-dev-v1.1.json"
-
 
 def write_corpus(squad: Path, n: int, files: int, out: Path) -> list[Path]:
     paras = [{"id": f"{a['title']}-{i}", "title": a["title"], "text": p["context"]}
@@ -50,12 +49,12 @@ def write_corpus(squad: Path, n: int, files: int, out: Path) -> list[Path]:
 
 
 def log(rec: dict) -> None:
-    print(json.dumps(rec), flush=True)
+    log_jsonl("ray_ingest", rec)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--squad", type=Path, default=DEFAULT_SQUAD)
+    ap.add_argument("--squad", type=Path, default=SQUAD)
     ap.add_argument("--docs", type=int, default=1000)
     ap.add_argument("--files", type=int, default=16)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
@@ -63,15 +62,15 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="ray-ingest-"))
     paths = write_corpus(a.squad, a.docs, a.files, tmp / "corpus")
     base = Config(data_dir=tmp / "data", threads=a.threads)
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    cpu = cpu_name()
     print(f"{a.docs} SQuAD paragraphs in {a.files} JSONL files; {a.threads} threads; CPU {cpu}", flush=True)
 
     def run(label: str, collection: str, fn) -> dict:
         t0 = time.perf_counter()
         report = fn(collection)
         s = time.perf_counter() - t0
-        rec = {"bench": "ray_ingest", "mode": label, "docs": report.documents_added, "chunks": report.chunks_added,
-               "seconds": round(s, 2), "docs_per_s": round(report.documents_added / s, 1), "cpu": cpu}
+        rec = {"mode": label, "docs": report.documents_added, "chunks": report.chunks_added,
+               "seconds": round(s, 2), "docs_per_s": round(report.documents_added / s, 1)}
         log(rec)
         return rec
 
@@ -86,7 +85,7 @@ def main() -> None:
         t0 = time.perf_counter()
         distributed.connect(None, num_cpus=a.threads)
         startup = time.perf_counter() - t0
-        log({"bench": "ray_ingest", "mode": "ray start (local)", "seconds": round(startup, 2)})
+        log({"mode": "ray start (local)", "seconds": round(startup, 2)})
         for actors, threads in ((1, 1), (1, a.threads), (a.threads, 1)):
             key = f"ray_{actors}x{threads}"
             results[key] = run(f"ray, {actors} actor(s) x {threads} thread(s)", key,
@@ -127,7 +126,7 @@ def main() -> None:
         for total in (1_000_000, 10_000_000):
             print(f"  {nodes:>2} node(s) x {cores} cores: {total:>10,} docs in {total / rate / 3600:6.1f} h "
                   f"({'writer-bound' if rate == writer else 'embedding-bound'})")
-    log({"bench": "ray_ingest", "mode": "plan", "per_actor_core_docs_per_s": per_core, "writer_docs_per_s": writer,
+    log({"mode": "plan", "per_actor_core_docs_per_s": per_core, "writer_docs_per_s": writer,
          "ray_startup_s": round(startup, 2)})
 
 
