@@ -77,8 +77,6 @@ def connect(address: str | None = None, *, num_cpus: int | None = None):
         ray.init(log_to_driver=False, configure_logging=False, **kw)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise Unavailable(f"cannot connect to the Ray cluster at {address!r}: {e}") from None
-    for name in ("ray", "ray.data"):  # the CLI prints its own progress and report
-        logging.getLogger(name).setLevel(logging.WARNING)
     return ray
 
 
@@ -128,7 +126,10 @@ def pool_size(ray, actors: int | None, actor_threads: int) -> int:
 def _data_context(ray):
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # results come back in input order
-    ctx.enable_progress_bars = False  # the driver shows its own
+    ctx.enable_progress_bars = False  # the driver shows its own, and its report
+    # Ray Data configures its loggers when it is imported; its full logs stay in the Ray
+    # session's folder (/tmp/ray/session_*/logs/ray-data).
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
     return ctx
 
 
