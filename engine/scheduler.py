@@ -15,10 +15,10 @@ One thread runs the model, so concurrent answers never fight over the cores; eac
   4. runs one batched decode step over every active row and hands each row's text delta
      to its caller.
 
-Rows join and leave a running batch: the batch KV cache is right-padded to its longest row
-(row b's keys are columns [0, len_b), its next key goes to column len_b), a newcomer's cache
-(prefilled alone) is stacked into it, leaving rows are cut out, and columns past every row's
-keys are trimmed. Each row attends to its own keys only (GroupQueryAttention,
+Rows join and leave a running batch: the batch KV cache (generate.KVBatch) is right-padded
+(row b's keys are columns [0, len_b), its next key goes to column len_b, in place), a
+newcomer's cache (prefilled alone) is copied into the next free row with room for its new
+tokens, and leaving rows are cut out by moving later rows down. Each row attends to its own keys only (GroupQueryAttention,
 engine/export_lm.gqa_attention), so a greedy row gets the same tokens alone or in any batch.
 
 Prefix cache: prompts are prefilled in blocks of `block_tokens` aligned from position 0,
@@ -50,7 +50,7 @@ from .config import (DEFAULT_KV_BUDGET_TOKENS, DEFAULT_MAX_CONCURRENT_GENERATION
                      DEFAULT_PREFILL_CHUNK, DEFAULT_PREFILL_STALL_MS, DEFAULT_PREFIX_BLOCK_TOKENS,
                      DEFAULT_PREFIX_CACHE_MB)
 from .errors import InvalidInput, Overloaded, Unavailable
-from .generate import FINISH_CANCELLED, FINISH_EOS, FINISH_LENGTH, Completion, Generator, SamplingParams, _Row
+from .generate import FINISH_CANCELLED, FINISH_EOS, FINISH_LENGTH, Completion, Generator, KVBatch, SamplingParams, _Row
 
 log = logging.getLogger("rag.scheduler")
 
@@ -200,9 +200,7 @@ class Scheduler:
         self._waiting: collections.deque[Ticket] = collections.deque()
         self._prefilling: list[Ticket] = []
         self._active: list[Ticket] = []
-        # batch state of the active rows: right-padded cache, keys per row
-        self._past: list[np.ndarray] = []
-        self._lengths = np.zeros(0, np.int64)
+        self._batch = KVBatch(generator)  # the active rows' right-padded cache, updated in place
         self._cv = threading.Condition()
         self._stop = False
         self.steps = 0
@@ -360,50 +358,29 @@ class Scheduler:
 
     # ------------------------------------------------------------------ batch
     def _reset_batch(self) -> None:
-        self._past = []
-        self._lengths = np.zeros(0, np.int64)
+        self._batch.clear()
 
     def _join(self, t: Ticket) -> None:
-        """Stack the newcomer's cache into the batch, padding it (or the batch) on the right."""
-        kv, n = t.kv, t.kv[0].shape[2]
-        t.kv = None
-        if not self._active:
-            self._past = kv
-            self._lengths = np.array([n], np.int64)
-            self._active = [t]
-            return
-        w = self._past[0].shape[2]
-        if n > w:
-            self._past = [np.pad(v, ((0, 0), (0, 0), (0, n - w), (0, 0))) for v in self._past]
-            w = n
-        self._past = [np.concatenate([v, np.pad(k, ((0, 0), (0, 0), (0, w - n), (0, 0)))], axis=0)
-                      for v, k in zip(self._past, kv)]
-        self._lengths = np.concatenate([self._lengths, [n]])
+        """Copy the newcomer's cache into the batch, with room for its new tokens."""
+        kv, t.kv = t.kv, None
+        self._batch.add(kv, min(self._need(t), self.generator.window))
         self._active.append(t)
 
     def _keep(self, keep: list[int]) -> None:
-        """Cut the rows not in `keep` out of the batch, and the columns past every kept row's keys."""
+        """Cut the rows not in `keep` out of the batch."""
         self._active = [self._active[i] for i in keep]
-        if not keep:
-            self._reset_batch()
-            return
-        idx = np.asarray(keep)
-        self._lengths = self._lengths[idx]
-        width = int(self._lengths.max())
-        self._past = [np.ascontiguousarray(v[idx, :, :width]) for v in self._past]
+        self._batch.keep(keep)
 
     def _decode_step(self) -> None:
         rows = self._active
-        ids = np.array([[t.row.ids[-1]] for t in rows], np.int64)
-        logits, present = self.generator.decode_step(ids, self._lengths, self._past)
-        self._past = present
-        self._lengths = self._lengths + 1
+        logits = self._batch.step(np.array([[t.row.ids[-1]] for t in rows], np.int64))
+        lengths = self._batch.lengths
         self.steps += 1
         self.rows_stepped += len(rows)
         keep = []
         for i, t in enumerate(rows):
             t.row.push(t.row.pick(logits[i]))
-            if t.row.finish is None and self._lengths[i] + 1 > self.generator.window:
+            if t.row.finish is None and lengths[i] + 1 > self.generator.window:
                 t.row.finish = FINISH_LENGTH
             self._emit(t)
             if t.row.finish is not None:

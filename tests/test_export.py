@@ -214,3 +214,17 @@ def test_cls_pooling_manifest_is_honoured(tmp_path):
     assert cosines(ours, ref).min() >= 0.9999
     mean = Embedder(MODEL_DIR, variant="fp32", threads=2).embed(texts)
     assert cosines(ours, mean).max() < 0.999, "CLS and mean pooling differ"
+
+
+def test_generator_build_refuses_a_disk_too_small(tmp_path, monkeypatch):
+    """A full disk used to fail `make models` halfway with an OSError from the exporter; the
+    build now checks first and says how much space each folder needs."""
+    from engine import export_lm
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(export_lm.shutil, "disk_usage", lambda p: real(p)._replace(free=2 * 10**9))
+    with pytest.raises(SystemExit, match=r"needs about 8\.\d GB free .* only 2\.0 GB are free"):
+        export_lm.build_preset(export_lm.DEFAULT_PRESET, tmp_path / "models", tmp_path / "cache")
+    assert not (tmp_path / "models").exists() and not (tmp_path / "cache").exists(), "nothing was started"
+    monkeypatch.setattr(export_lm.shutil, "disk_usage", lambda p: real(p)._replace(free=10**12))
+    export_lm.check_disk(export_lm.DEFAULT_PRESET, tmp_path / "models", tmp_path / "cache")  # room: no refusal

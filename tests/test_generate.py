@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from engine.errors import InvalidInput
-from engine.generate import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Completion, Generator, SamplingParams
+from engine.generate import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Completion, Generator, KVBatch, SamplingParams
 
 REPO = Path(__file__).resolve().parent.parent
 HF_DIR = REPO / ".cache" / "hf" / "qwen2.5-coder-0.5b-instruct"  # written by `make models`
@@ -246,3 +246,30 @@ def test_gqa_pass_rewrites_the_exported_attention_exactly(tmp_path, config):
         attrs = {a.name: a.i for a in n.attribute}
         assert attrs["num_heads"] == cfg["num_attention_heads"] and attrs["kv_num_heads"] == cfg["num_key_value_heads"]
     assert gqa_attention(model, cfg["num_key_value_heads"], cfg["num_attention_heads"]) == 0  # idempotent
+
+
+def test_kv_batch_decodes_in_place_and_one_row_equals_a_wide_batch(generator):
+    """KVBatch writes each step's keys into the buffers it reads, and a row's logits do not
+    depend on how many rows share the step, even where one row alone would take other
+    kernels (Generator.row_multiple)."""
+    a = generator.encode(chat(generator, "What is 2 + 2?"))
+    b = generator.encode("The capital of Italy is")
+    kv = {len(a): generator.prefill(a)[1], len(b): generator.prefill(b)[1]}
+    alone, wide = KVBatch(generator), KVBatch(generator)
+    alone.add(kv[len(a)], len(a) + 8)
+    for p in (a, b, a):
+        wide.add(kv[len(p)], len(p) + 8)
+    bufs = list(alone.bufs)
+    token = [[generator.encode(" The")[0]]]
+    for _ in range(4):
+        one = alone.step(np.array(token, np.int64))
+        many = wide.step(np.array(token * 3, np.int64))
+        assert np.array_equal(one[0], many[0]) and np.array_equal(one[0], many[2])
+        token = [[int(one[0].argmax())]]
+    assert all(x is y for x, y in zip(bufs, alone.bufs)), "the steps wrote into the same buffers"
+    assert list(alone.lengths) == [len(a) + 4] and list(wide.lengths) == [len(a) + 4, len(b) + 4, len(a) + 4]
+    wide.keep([2])
+    assert list(wide.lengths) == [len(a) + 4]
+    assert np.array_equal(wide.step(np.array(token, np.int64))[0], alone.step(np.array(token, np.int64))[0])
+    wide.keep([])
+    assert wide.bufs == [] and len(wide) == 0

@@ -45,8 +45,12 @@ def test_rule_follows_cpu_features(config):
 
 
 def test_config_overrides_the_plan(config):
-    forced = resolve(config.gen_model_dir, decode="int8", prefill="int8")
-    assert (forced.prefill, forced.decode, forced.source, forced.cpu) == ("int8", "int8", "config", cpu_key())
+    base = resolve(config.gen_model_dir)
+    other = "fp32" if base.prefill != "fp32" else "int8"  # a prefill this machine's plan did not choose
+    forced = resolve(config.gen_model_dir, decode=base.decode, prefill=other)
+    assert (forced.prefill, forced.decode, forced.source, forced.cpu) == (other, base.decode, "config", cpu_key())
+    same = resolve(config.gen_model_dir, decode=base.decode, prefill=base.prefill)
+    assert same == base, "asking for what the plan chose overrides nothing"
     auto = resolve(config.gen_model_dir, decode="int4")
     assert auto.decode == "int4" and auto.source == "config" and auto.prefill == resolve(config.gen_model_dir).prefill
     assert resolve(config.gen_model_dir, provider="cuda") == Plan("int8", "int8", "config", "cuda")

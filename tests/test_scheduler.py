@@ -113,22 +113,22 @@ def test_busy_batch_gives_every_request_its_alone_tokens(prompts, make):
     while s.running and time.monotonic() < deadline:
         time.sleep(0.05)
     assert (s.running, s.waiting) == (0, 0)
-    assert s._past == [] and len(s._lengths) == 0, "the batch's KV cache is freed when it empties"
+    assert s._batch.bufs == [] and len(s._batch) == 0, "the batch's KV cache is freed when it empties"
 
 
-def test_leaving_rows_trim_the_padding(prompts, make):
+def test_a_leaving_row_gives_its_columns_back(prompts, make):
     s = make(prefix_cache_mb=0, max_rows=2)
     long, short = prompts[2], prompts[0]
-    widths = []
-    a = s.submit(long, SamplingParams(max_new_tokens=4))
-    b = s.submit(short, SamplingParams(max_new_tokens=30))
-    a.result()
-    for ev in b:
-        past = s._past  # the loop replaces the list each step; read it once
-        if past:
-            widths.append(past[0].shape[2])
-    assert len(long) > len(short) + 10
-    assert min(widths) < len(long), "once the long row left, its padding columns were trimmed"
+    wide = s.submit(long, SamplingParams(max_new_tokens=400))  # reserves room for 400 new keys
+    narrow = s.submit(short, SamplingParams(max_new_tokens=30))
+    columns = []
+    for i, ev in enumerate(narrow):
+        columns.append(s._batch.columns)
+        if i == 2:
+            wide.cancel()
+    assert wide.result().finish_reason == FINISH_CANCELLED
+    assert max(columns) >= len(long) + 400, "a row's reservation covers its prompt and new tokens"
+    assert columns[-2] < len(short) + 30 + 64, "once the wide row left, the batch gave its columns back"
 
 
 def test_prefix_cache_skips_prefill_and_keeps_every_token(generator, prompts, make):
@@ -177,11 +177,17 @@ class FailOnce:
     def __init__(self, inner, fail_at: int):
         self.inner, self.calls, self.fail_at = inner, 0, fail_at
 
-    def run(self, *a, **kw):
+    def _call(self, method, *a, **kw):
         self.calls += 1
         if self.calls == self.fail_at:
             raise RuntimeError("injected onnxruntime failure")
-        return self.inner.run(*a, **kw)
+        return method(*a, **kw)
+
+    def run(self, *a, **kw):  # prefill
+        return self._call(self.inner.run, *a, **kw)
+
+    def run_with_iobinding(self, *a, **kw):  # a decode step (generate.KVBatch)
+        return self._call(self.inner.run_with_iobinding, *a, **kw)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)

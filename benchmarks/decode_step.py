@@ -1,0 +1,96 @@
+"""What does one batched decode step cost, with the KV cache copied each step or updated in place?
+
+    .venv/bin/python benchmarks/decode_step.py                  # rows 1,4,8,16 x keys 256,800
+    .venv/bin/python benchmarks/decode_step.py --variant fp32 --rows 8 --keys 400
+
+Baseline: `session.run` with the batch's cache as the past inputs, as the engine did before
+KVBatch; onnxruntime returns each present output one column wider, so GroupQueryAttention
+copies every row's keys and values into it every step. Ours: engine.generate.KVBatch, which
+binds the same buffers as past and present (IO binding) so the new keys are written in place.
+Both run the same decoder on the same random cache (rows of `--keys` keys each), in this
+process, alternating; each prints ms per step, tokens/s and the ratio, and whether the logits
+of the two are identical. Where Generator.row_multiple is 2 (int8 on an AVX-512 VNNI / AMX
+Xeon), ours pads an odd row count with a padding row, which the baseline did not: there its
+single row took another kernel, so its logits differ, and ours costs one more row. One JSON line per (rows, keys) to bench-results/decode_step.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import cpu_name, log_jsonl  # noqa: E402
+
+from engine.config import Config  # noqa: E402
+from engine.generate import Generator, KVBatch  # noqa: E402
+
+
+def copying_step(g: Generator, ids: np.ndarray, lengths: np.ndarray, past: list[np.ndarray]):
+    """The baseline: plain session.run; present comes back one column wider (a copy)."""
+    width = past[0].shape[2]
+    feeds = {"input_ids": ids, "attention_mask": (np.arange(width + 1)[None, :] <= lengths[:, None]).astype(np.int64),
+             **dict(zip(g.past_names, past))}
+    if "position_ids" in g.input_names:
+        feeds["position_ids"] = lengths[:, None]
+    outs = g.session.run(None, feeds)
+    return outs[0][:, -1, :], outs[1:1 + len(g.past_names)]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--variant", choices=("fp32", "int8", "int4"), default="int8")
+    ap.add_argument("--rows", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 8, 16])
+    ap.add_argument("--keys", type=lambda s: [int(x) for x in s.split(",")], default=[256, 800])
+    ap.add_argument("--steps", type=int, default=16, help="timed steps per system and shape")
+    ap.add_argument("--threads", type=int, default=Config().threads)
+    a = ap.parse_args()
+
+    cfg = Config()
+    g = Generator(cfg.gen_model_dir, variant=a.variant, threads=a.threads)
+    print(f"CPU: {cpu_name()}; {g.name} {a.variant}, {a.threads} threads, {a.steps} steps each")
+    rng = np.random.default_rng(0)
+    for rows in a.rows:
+        for keys in a.keys:
+            kv = [(rng.standard_normal((rows, g.num_kv_heads, keys, g.head_dim)) * 0.5).astype(np.float32)
+                  for _ in g.past_names]
+            lengths = np.full(rows, keys, np.int64)
+            ids = rng.integers(0, 1000, size=(rows, 1)).astype(np.int64)
+            batch = KVBatch(g)
+            for b in range(rows):
+                batch.add([v[b:b + 1] for v in kv], keys + a.steps + 2)
+            want, _ = copying_step(g, ids, lengths, kv)  # also a warm-up of each path
+            got = batch.step(ids).copy()
+            same = bool(np.array_equal(want, got))
+            base_s = ours_s = 0.0
+            past = kv
+            for _ in range(a.steps):  # alternate, so both see the same machine
+                t = time.perf_counter()
+                _, past = copying_step(g, ids, lengths, kv)
+                base_s += time.perf_counter() - t
+                t = time.perf_counter()
+                batch.step(ids)
+                ours_s += time.perf_counter() - t
+            base_ms, ours_ms = 1000 * base_s / a.steps, 1000 * ours_s / a.steps
+            rec = {"variant": a.variant, "threads": a.threads, "rows": rows, "keys": keys,
+                   "copying_ms": base_ms, "in_place_ms": ours_ms, "copying_tok_per_s": rows * 1000 / base_ms,
+                   "in_place_tok_per_s": rows * 1000 / ours_ms, "ratio": base_ms / ours_ms,
+                   "identical_logits": same, "padded_rows": -(-rows // g.row_multiple) * g.row_multiple - rows}
+            print(f"rows {rows:2d} keys {keys:4d}: copying {base_ms:6.1f} ms ({rec['copying_tok_per_s']:6.1f} tok/s)"
+                  f"  in place {ours_ms:6.1f} ms ({rec['in_place_tok_per_s']:6.1f} tok/s)  ratio {rec['ratio']:.2f}x"
+                  f"  logits identical: {same}" + (f"  (ours + {rec['padded_rows']} padding row)" if rec["padded_rows"] else ""),
+                  flush=True)
+            log_jsonl("decode_step", rec)
+            del past
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
