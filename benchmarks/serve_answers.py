@@ -209,14 +209,16 @@ def run(args) -> None:
           f"{args.seconds:.0f}s per measurement", flush=True)
     with tempfile.TemporaryDirectory(prefix="rag-serve-bench-") as tmp:
         base = Config(data_dir=Path(tmp), wal_fsync="off", max_queued_generations=64,
-                      max_concurrent_generations=max(args.concurrency), **({"gen_variant": args.variant}
-                                                                           if args.variant else {}))
+                      max_concurrent_generations=max(args.concurrency),
+                      **({"gen_variant": args.variant} if args.variant else {}),
+                      **({"prefill_stall_ms": args.prefill_stall_ms} if args.prefill_stall_ms else {}))
         writer = Engine(base)
         writer.create_collection("squad")
         writer.ingest("squad", [Document(p["id"], p["text"], f"squad/{p['id']}", {"title": p["title"]})
                                 for p in paragraphs])
         writer.warmup(generation=True)
         systems = {"ours": base, "one-at-a-time": base.replace(max_concurrent_generations=1)}
+        systems = {k: v for k, v in systems.items() if k in args.systems}
         single = single_stream_prefill(writer, questions[0])
         log_jsonl("serve_answers", {"system": "in-process", "regime": "rag", **single})
         peers = single_stream_peers(writer, questions[len(questions) // 2:], args) if args.peers else {}
@@ -241,9 +243,12 @@ def run(args) -> None:
               f"{r['itl_p50_ms']:7.1f}/{r['itl_p99_ms']:7.1f}  {r['cached_tokens']}/{r['prompt_tokens']}")
     for regime in args.regimes:
         for c in args.concurrency:
-            ours, base_r = summary[(regime, "ours", c)], summary[(regime, "one-at-a-time", c)]
-            one = summary[(regime, "ours", min(args.concurrency))]
-            print(f"{regime} c={c}: gen tok/s ours/one-at-a-time x{ours['gen_tok_per_s'] / base_r['gen_tok_per_s']:.2f}, "
+            ours, base_r = summary.get((regime, "ours", c)), summary.get((regime, "one-at-a-time", c))
+            one = summary.get((regime, "ours", min(args.concurrency)))
+            if ours is None or one is None:
+                continue
+            vs = f"x{ours['gen_tok_per_s'] / base_r['gen_tok_per_s']:.2f}" if base_r else "(not run)"
+            print(f"{regime} c={c}: gen tok/s ours/one-at-a-time {vs}, "
                   f"ours c={c}/c={min(args.concurrency)} x{ours['gen_tok_per_s'] / one['gen_tok_per_s']:.2f}, "
                   f"ITL p99 c={c}/c={min(args.concurrency)} x{ours['itl_p99_ms'] / one['itl_p99_ms']:.2f}, "
                   f"served prompt tok/s / in-process prefill x{ours['prompt_tok_per_s'] / single['prefill_tok_per_s']:.2f}")
@@ -264,6 +269,10 @@ def main() -> None:
                     help="comma-separated (\"\" with --peers: the single-stream section only)")
     ap.add_argument("--variant", choices=("fp32", "int8", "int4"), default=None,
                     help="generator weights that decode (default: the machine's plan)")
+    ap.add_argument("--prefill-stall-ms", type=float, default=None,
+                    help="the scheduler's prefill stall target (default: the engine's)")
+    ap.add_argument("--systems", type=lambda s: [x for x in s.split(",") if x], default=["ours", "one-at-a-time"],
+                    help="which of ours,one-at-a-time to run (the ratios need both)")
     ap.add_argument("--peers", action="store_true",
                     help="also the single-stream section against llama.cpp and onnxruntime-genai (make peers)")
     ap.add_argument("--peer-prompts", type=int, default=8, help="prompts in the single-stream section")

@@ -8,8 +8,10 @@ One thread runs the model, so concurrent answers never fight over the cores; eac
      (`kv_budget_tokens`: rows x the longest row's prompt + max_new_tokens) allow;
   3. runs one prefill chunk of the oldest newcomer, so streams already decoding keep a
      steady pace while a long prompt joins (chunked prefill): while streamed rows decode, a
-     chunk is sized to take about `prefill_stall_ms`, steered by how long the last ones took
-     (at least one block); with no stream decoding (nobody, or only batch requests, which
+     chunk is the smaller of what takes about `prefill_stall_ms` (steered by how long the
+     last ones took) and the size that reaches PREFILL_EFFICIENCY of the full chunk rate on
+     this machine (measured when the loop starts, see _calibrate), at least one block; so
+     streams wait no longer than prefill needs to stay efficient; with no stream decoding (nobody, or only batch requests, which
      want throughput and not a steady pace), `prefill_chunk` tokens. A newcomer whose
      prompt is done joins the running batch with its first token;
   4. runs one batched decode step over every active row and hands each row's text delta
@@ -55,6 +57,12 @@ from .generate import FINISH_CANCELLED, FINISH_EOS, FINISH_LENGTH, Completion, G
 log = logging.getLogger("rag.scheduler")
 
 _DONE = object()
+
+
+# While streams decode, a prefill chunk is no larger than the size that reaches this share of
+# the prefill rate of a long chunk here (a chunk's time is about a + b * tokens: `a` is one
+# pass over the weights, which a small chunk pays in full).
+PREFILL_EFFICIENCY = 0.8
 
 
 class PrefixCache:
@@ -194,6 +202,8 @@ class Scheduler:
         self.stall_s = prefill_stall_ms / 1000.0
         self.prefill_rate = 0.0  # tokens/s of the last prefill chunk
         self._stall_chunk = float(max(block_tokens, prefill_chunk // 4))  # tokens that take ~stall_s
+        self.efficient_chunk = prefill_chunk  # set by _calibrate when the loop starts
+        self.chunk_cost: tuple[float, float] | None = None  # (a s, b s/token), measured
         self.cache = PrefixCache(int(prefix_cache_mb * 2**20), block_tokens) if prefix_cache_mb > 0 else None
         self.block = block_tokens
         g = generator
@@ -245,7 +255,36 @@ class Scheduler:
         self._thread.join(timeout=30)
 
     # ------------------------------------------------------------------ loop
+    def _calibrate(self) -> None:
+        """Time two prefill sizes on random tokens (the best of two runs each) and fit
+        t(n) = a + b n; chunks that stall streams stop at n = a e / (b (1 - e)) tokens, which
+        run at PREFILL_EFFICIENCY e of the long-chunk rate 1/b."""
+        small, large = self.block, max(4 * self.block, min(self.chunk, 8 * self.block))
+        rng = np.random.default_rng(0)
+        tokens = [int(x) for x in rng.integers(1000, 20000, small + large)]
+        times = {}
+        for n in (small, large):
+            best = float("inf")
+            for _ in range(2):
+                t0 = time.perf_counter()
+                self.generator.prefill(tokens[:n])
+                best = min(best, time.perf_counter() - t0)
+            times[n] = best
+        b = max((times[large] - times[small]) / (large - small), 1e-6)
+        a = max(times[small] - b * small, 0.0)
+        self.chunk_cost = (a, b)
+        _ = self.generator.row_multiple  # measured once, here rather than in the first request's step
+        e = PREFILL_EFFICIENCY
+        n = a * e / (b * (1 - e))
+        self.efficient_chunk = int(min(self.chunk, max(self.block, -(-n // self.block) * self.block)))
+        log.info("prefill chunk cost %.1f ms + %.2f ms/token: chunks beside decoding streams up to %d tokens",
+                 a * 1000, b * 1000, self.efficient_chunk)
+
     def _loop(self) -> None:
+        try:
+            self._calibrate()
+        except Exception:  # noqa: BLE001 - serve with the stall steering alone
+            log.exception("prefill calibration failed")
         while True:
             with self._cv:
                 while not (self._waiting or self._prefilling or self._active or self._stop):
@@ -329,7 +368,8 @@ class Scheduler:
         stalling = any(r.streamed for r in self._active)  # streams wait for their next token meanwhile
         size = self.chunk
         if stalling:
-            size = min(self.chunk, max(self.block, int(self._stall_chunk) // self.block * self.block))
+            size = min(self.chunk, self.efficient_chunk,
+                       max(self.block, int(self._stall_chunk) // self.block * self.block))
         b = min(len(t.prompt), a + size)
         t0 = time.perf_counter()
         logits, t.kv = self.generator.prefill(t.prompt[a:b], t.kv)
