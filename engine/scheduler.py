@@ -9,10 +9,11 @@ One thread runs the model, so concurrent answers never fight over the cores; eac
   3. runs one prefill chunk of the oldest newcomer, so streams already decoding keep a
      steady pace while a long prompt joins (chunked prefill): while streamed rows decode, a
      chunk is the smaller of what takes about `prefill_stall_ms` (steered by how long the
-     last ones took) and the size that reaches PREFILL_EFFICIENCY of the full chunk rate on
-     this machine (measured when the loop starts, see _calibrate), at least one block; so
-     streams wait no longer than prefill needs to stay efficient; with no stream decoding (nobody, or only batch requests, which
-     want throughput and not a steady pace), `prefill_chunk` tokens. A newcomer whose
+     last ones took) and the size that reaches PREFILL_EFFICIENCY of the long-chunk rate on
+     this machine (measured when the loop starts, see _calibrate), at least one block, so
+     streams wait no longer than prefill needs to stay efficient; with no stream decoding
+     (nobody, or only batch requests, which want throughput and not a steady pace),
+     `prefill_chunk` tokens. A newcomer whose
      prompt is done joins the running batch with its first token;
   4. runs one batched decode step over every active row and hands each row's text delta
      to its caller.
@@ -20,8 +21,10 @@ One thread runs the model, so concurrent answers never fight over the cores; eac
 Rows join and leave a running batch: the batch KV cache (generate.KVBatch) is right-padded
 (row b's keys are columns [0, len_b), its next key goes to column len_b, in place), a
 newcomer's cache (prefilled alone) is copied into the next free row with room for its new
-tokens, and leaving rows are cut out by moving later rows down. Each row attends to its own keys only (GroupQueryAttention,
-engine/export_lm.gqa_attention), so a greedy row gets the same tokens alone or in any batch.
+tokens, and leaving rows are cut out by moving later rows down. Each row attends to its own
+keys only (GroupQueryAttention, engine/export_lm.gqa_attention), and a step pads its row
+count where the CPU's kernels depend on a row's place in the run (Generator.row_multiple),
+so a greedy row gets the same tokens alone or in any batch.
 
 Prefix cache: prompts are prefilled in blocks of `block_tokens` aligned from position 0,
 and each full block's KV is kept in an LRU cache keyed by a hash of all tokens up to its
