@@ -147,7 +147,9 @@ def test_answer_stream_then_batch(server):
             hit = next(s.hit for s in sources if s.number == x.source)
             assert x.doc_id == hit.doc_id and hit.start <= x.start < x.end <= hit.end
             assert hit.text[x.start - hit.start:x.end - hit.start] == x.text
-    answers = client.answer_batch("docs", ["How long does black tea steep?", "What does ef control?"],
+    # a question well above the relevance floor (bare "What does ef control?" scores a cosine of
+    # 0.18 on an AVX-512 VNNI machine, under the 0.2 floor: a no-context answer, without support)
+    answers = client.answer_batch("docs", ["How long does black tea steep?", "What does ef control in an HNSW search?"],
                                   max_new_tokens=40)
     assert len(answers) == 2 and all(a.text for a in answers)
     assert all(a.done.text == a.text and len(a.done.support) >= 1 for a in answers)
