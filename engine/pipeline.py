@@ -113,6 +113,12 @@ class Engine:
                                             prefix_cache_mb=c.prefix_cache_mb, prefill_stall_ms=c.prefill_stall_ms)
             return self._scheduler
 
+    @property
+    def scheduler_description(self) -> str:
+        """What the scheduler measured on this machine (Scheduler.describe); "" before it starts."""
+        s = self._scheduler
+        return s.describe() if s is not None else ""
+
     def generation_load(self) -> tuple[int, int]:
         """(answers being generated, answers queued); (0, 0) before the first answer."""
         s = self._scheduler

@@ -243,6 +243,16 @@ class Scheduler:
             self._cv.notify()
         return t
 
+    def describe(self) -> str:
+        """e.g. "prefill chunks beside streams: up to 48 tokens (27.6 ms + 2.31 ms/token here);
+        decode steps padded to a multiple of 2 rows" ("measuring" until the loop has)."""
+        if self.chunk_cost is None:
+            return "measuring the prefill chunk cost"
+        a, b = self.chunk_cost
+        rows = self.generator.row_multiple
+        return (f"prefill chunks beside streams: up to {self.efficient_chunk} tokens ({a * 1000:.1f} ms + "
+                f"{b * 1000:.2f} ms/token here); decode steps padded to a multiple of {rows} row{'s' if rows > 1 else ''}")
+
     @property
     def running(self) -> int:
         return len(self._active) + len(self._prefilling)
@@ -275,11 +285,11 @@ class Scheduler:
             times[n] = best
         b = max((times[large] - times[small]) / (large - small), 1e-6)
         a = max(times[small] - b * small, 0.0)
-        self.chunk_cost = (a, b)
         _ = self.generator.row_multiple  # measured once, here rather than in the first request's step
         e = PREFILL_EFFICIENCY
         n = a * e / (b * (1 - e))
         self.efficient_chunk = int(min(self.chunk, max(self.block, -(-n // self.block) * self.block)))
+        self.chunk_cost = (a, b)  # last: describe() reads a finished calibration
         log.info("prefill chunk cost %.1f ms + %.2f ms/token: chunks beside decoding streams up to %d tokens",
                  a * 1000, b * 1000, self.efficient_chunk)
 

@@ -299,4 +299,5 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
                                   search_mode=c.search_mode, cpu=cpu_key(),
                                   execution_plan=plan.describe() if plan else "",
                                   max_queued_generations=c.max_queued_generations, fusion=c.fusion,
-                                  read_only=c.read_only, server_id=f"{socket.gethostname()} pid {os.getpid()}")
+                                  read_only=c.read_only, server_id=f"{socket.gethostname()} pid {os.getpid()}",
+                                  scheduler=self.engine.scheduler_description)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -153,6 +154,9 @@ def test_answer_stream_then_batch(server):
                                   max_new_tokens=40)
     assert len(answers) == 2 and all(a.text for a in answers)
     assert all(a.done.text == a.text and len(a.done.support) >= 1 for a in answers)
+    # GetInfo says what the scheduler measured when it started (before the first answer ran)
+    assert re.fullmatch(r"prefill chunks beside streams: up to \d+ tokens \([\d.]+ ms \+ [\d.]+ ms/token here\); "
+                        r"decode steps padded to a multiple of (1 row|[248] rows)", client.info().scheduler)
 
 
 def test_concurrent_searches_equal_in_process(server, shared_engine):
