@@ -122,9 +122,14 @@ PEERS := .cache/peers
 GENAI_MODEL := .cache/genai/qwen2.5-coder-0.5b-instruct-int4
 peers: models $(PEERS)/llama/.installed $(GENAI_MODEL)/genai_config.json
 
+# ggml's AMX matrix multiply (0.3.36, built -march=native) segfaults on the first prompt of
+# more than a few tokens on an AMX Xeon here; explicit -mno-amx-* win over -march=native, so
+# it builds with the AVX-512 VNNI kernels instead (no effect where the CPU has no AMX).
+LLAMA_NO_AMX := -DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' \
+	-DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'
 $(PEERS)/llama/.installed:
 	test -x $(PEERS)/llama/bin/python || $(PYTHON) -m venv $(PEERS)/llama
-	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(PEERS)/llama/bin/pip install -q --no-binary llama-cpp-python llama-cpp-python==0.3.36
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF $(LLAMA_NO_AMX)" $(PEERS)/llama/bin/pip install -q --no-binary llama-cpp-python llama-cpp-python==0.3.36
 	touch $@
 
 $(PEERS)/genai/.installed:
