@@ -194,10 +194,6 @@ class KVBatch:
         bufs = self.bufs  # one read: another thread may look while the loop replaces it
         return bufs[0].shape[2] if bufs else 0
 
-    @property
-    def nbytes(self) -> int:
-        return sum(b.nbytes for b in self.bufs)
-
     def _resize(self, rows: int, cols: int) -> None:
         """New buffers of rows x cols (rounded up), holding the active rows' keys."""
         r = -(-cols // self.COLUMN_ROUNDING) * self.COLUMN_ROUNDING
