@@ -154,7 +154,10 @@ PROTOBUF_LIMIT = 2**31 - 1
 # a row decodes exactly as it does alone); it matches the block in the form grouped_keys
 # leaves it. softmax_nan_guard, applied by folders built before gqa_attention existed,
 # rewrote nodes that gqa_attention now removes.
-GRAPH_PASSES = ("last_position_logits", "grouped_keys", "gqa_attention")
+# fused_qkv_rotary rewrites weights (packs Q, K and V): it runs on the fp32 graph only, and an
+# upgrade re-quantizes the int8 and int4 copies from the result.
+GRAPH_PASSES = ("last_position_logits", "grouped_keys", "gqa_attention", "fused_qkv_rotary")
+WEIGHT_PASSES = ("fused_qkv_rotary",)
 # manifest "kv_layout" once gqa_attention rewrote the graph: row b's keys are cache columns
 # [0, len_b), new keys written at len_b (what engine/generate.py requires).
 KV_LAYOUT_RIGHT = "right"
@@ -193,6 +196,7 @@ def last_position_logits(model) -> bool:
         if out.name == "logits":
             out.type.tensor_type.shape.dim[1].dim_value = 1
     return True
+
 
 
 def _graph_index(g):
@@ -399,6 +403,106 @@ def gqa_attention(model, kv_heads: int, heads: int) -> int:
     return len(dead) // 3
 
 
+def fused_qkv_rotary(model, kv_heads: int, heads: int, max_positions: int) -> int:
+    """Feed every GroupQueryAttention the packed Q|K|V projection and let it apply the rotary
+    embedding itself; returns how many layers were rewritten.
+
+    After gqa_attention each layer still runs three projections (three MatMuls, three bias
+    Adds), reshapes and transposes Q and K to heads, rotates them in small nodes (Slice, Neg,
+    Concat, Mul, Add, and the Shape/Gather/Unsqueeze arithmetic of their shapes) and
+    transposes all three back for the fused op: ~35 nodes per layer, whose fixed cost in a
+    one-token decode step is a large part of the step (profiled in the README). Here one
+    MatMul multiplies by [Wq | Wk | Wv] (one Add adds the three biases), GroupQueryAttention
+    takes the packed result as its `query` (key and value empty) and rotates Q and K itself
+    (do_rotary, rotate-half layout) at the graph's position_ids, from cos/sin tables of
+    `max_positions` rows computed from the export's own inverse frequencies and attention
+    scaling. What fed only the old inputs (the model-level rotary subgraph included) is
+    removed. Needs the weights: `model` loaded with its external data.
+    """
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    producer, consumers, inits, const = _graph_index(g)
+    if any(n.op_type == "GroupQueryAttention" and not n.input[1] for n in g.node):
+        return 0  # already packed
+    # The export's rotary tables: cos/sin(position * inv_freq) * attention_scaling, halves duplicated.
+    cos = [n for n in g.node if n.op_type == "Cos"]
+    sin = [n for n in g.node if n.op_type == "Sin"]
+    if len(cos) != 1 or len(sin) != 1 or cos[0].input[0] != sin[0].input[0]:
+        return 0
+    cat = producer.get(cos[0].input[0])
+    tr = producer.get(cat.input[0]) if cat is not None and cat.op_type == "Concat" else None
+    mm = producer.get(tr.input[0]) if tr is not None and tr.op_type == "Transpose" else None
+    if mm is None or mm.op_type != "MatMul":
+        return 0
+    node, inv_freq = producer.get(mm.input[0]), None
+    for _ in range(4):  # Cast <- Cast <- Expand(inv_freq (1, d/2, 1), ...)
+        if node is None:
+            break
+        if node.op_type == "Expand":
+            inv_freq = const(node.input[0])
+            break
+        node = producer.get(node.input[0]) if node.input else None
+    scale = [const(u.input[1]) for u in consumers.get(cos[0].output[0], []) if u.op_type == "Mul"]
+    if inv_freq is None or len(scale) != 1 or scale[0] is None or scale[0].size != 1:
+        return 0
+    inv_freq = inv_freq.astype(np.float32).reshape(-1)
+    angles = np.arange(max_positions, dtype=np.float32)[:, None] * inv_freq[None, :]
+    scale = np.float32(scale[0].reshape(-1)[0])
+
+    def projection(value):
+        """The MatMul (2-D weight initializer) and bias Add (or None) that `value` is
+        computed from, following first inputs through reshapes, transposes and rotation."""
+        bias = None
+        for _ in range(12):
+            n = producer.get(value)
+            if n is None:
+                break
+            if n.op_type == "MatMul" and n.input[1] in inits and len(inits[n.input[1]].dims) == 2:
+                return n, bias
+            consts = [i for i in n.input if i in inits]
+            bias = n if n.op_type == "Add" and len(consts) == 1 else None
+            value = next(i for i in n.input if i not in inits) if bias else n.input[0]
+        return None, None
+
+    insert: dict[str, list] = {}  # q projection's name -> the packed projection replacing it
+    for gqa in g.node:
+        if gqa.op_type != "GroupQueryAttention" or len(gqa.input) != 7:
+            continue
+        (mq, bq), (mk, bk), (mv, bv) = (projection(v) for v in gqa.input[:3])
+        if None in (mq, mk, mv) or len({m.input[0] for m in (mq, mk, mv)}) != 1 or \
+                len({b is None for b in (bq, bk, bv)}) != 1:
+            continue
+        w = [numpy_helper.to_array(inits[m.input[1]]) for m in (mq, mk, mv)]
+        head = w[0].shape[1] // heads
+        if [x.shape[1] for x in w] != [heads * head, kv_heads * head, kv_heads * head] or 2 * inv_freq.size != head:
+            continue
+        t = gqa.name.rsplit("/", 1)[0].removesuffix("/gqa") + "/qkv_proj"
+        packed = [numpy_helper.from_array(np.concatenate(w, axis=1), f"{t}.weight")]
+        new = [helper.make_node("MatMul", [mq.input[0], packed[0].name], [f"{t}/MatMul_output_0"], name=f"{t}/MatMul")]
+        if bq is not None:
+            bias = np.concatenate([numpy_helper.to_array(inits[i]) for b in (bq, bk, bv) for i in b.input if i in inits])
+            packed.append(numpy_helper.from_array(bias, f"{t}.bias"))
+            new.append(helper.make_node("Add", [new[0].output[0], packed[1].name], [f"{t}/Add_output_0"], name=f"{t}/Add"))
+        g.initializer.extend(packed)
+        insert[mq.name] = new
+        rest = list(gqa.input[3:7])
+        del gqa.input[:]
+        gqa.input.extend([new[-1].output[0], "", "", *rest, "gqa_cos_cache", "gqa_sin_cache", "position_ids"])
+        gqa.attribute.extend([helper.make_attribute("do_rotary", 1), helper.make_attribute("rotary_interleaved", 0)])
+    if not insert:
+        return 0
+    g.initializer.extend([numpy_helper.from_array(np.cos(angles) * scale, "gqa_cos_cache"),
+                          numpy_helper.from_array(np.sin(angles) * scale, "gqa_sin_cache")])
+    nodes = []
+    for n in g.node:
+        nodes += insert.pop(n.name, [])
+        nodes.append(n)
+    _drop_unused(g, nodes)
+    return len([n for n in g.node if n.op_type == "GroupQueryAttention" and not n.input[1]])
+
+
 def _drop_unused(g, nodes: list) -> None:
     """Set g's nodes to `nodes` minus every node whose outputs feed nothing (repeatedly)."""
     outputs = {o.name for o in g.output}
@@ -419,11 +523,18 @@ def _drop_unused(g, nodes: list) -> None:
 
 def apply_graph_passes(path: Path, passes: tuple[str, ...] = GRAPH_PASSES) -> list[str]:
     """Apply `passes` to the ONNX file at `path` in place (written beside it, then renamed).
-    Weights in an external data file stay where they are. Returns the passes that changed
-    the graph."""
+    Returns the passes that changed the graph. Weights in an external data file stay where
+    they are, unless a pass rewrites weights (WEIGHT_PASSES): then the model is read whole and
+    written with a new data file, the graph renamed over the old one last and the old data
+    file removed after it, so a crash leaves the old model or the new one, never a mix."""
     import onnx
+    from onnx.external_data_helper import load_external_data_for_model
 
     model = onnx.load(str(path), load_external_data=False)
+    old_data = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+    weights = any(p in WEIGHT_PASSES for p in passes)
+    if weights and old_data:
+        load_external_data_for_model(model, str(path.parent))
     changed = []
     if "last_position_logits" in passes and last_position_logits(model):
         changed.append("last_position_logits")
@@ -438,8 +549,20 @@ def apply_graph_passes(path: Path, passes: tuple[str, ...] = GRAPH_PASSES) -> li
     if "gqa_attention" in passes and heads and kv_heads and (n := gqa_attention(model, kv_heads, heads)):
         changed.append("gqa_attention")
         log(f"{path.name}: {n} attention blocks replaced by GroupQueryAttention")
-    if changed:
-        tmp = path.with_name(f".{path.name}.tmp")
+    if "fused_qkv_rotary" in passes and heads and kv_heads and \
+            (n := fused_qkv_rotary(model, kv_heads, heads, int(cfg.get("max_position_embeddings") or 32768))):
+        changed.append("fused_qkv_rotary")
+        log(f"{path.name}: {n} layers project Q, K and V in one MatMul and rotate inside GroupQueryAttention")
+    if not changed:
+        return changed
+    tmp = path.with_name(f".{path.name}.tmp")
+    if weights and old_data:
+        data = next(n for n in (f"{path.name}_data", f"{path.name}_data.1") if n not in old_data)
+        save_onnx(model, tmp, data_name=data)
+        os.replace(tmp, path)
+        for name in old_data - {data}:
+            (path.parent / name).unlink(missing_ok=True)
+    else:
         # A model read without its external data is saved the same way: the initializers keep
         # pointing at the existing data file. Embedded weights (the int8 file) are written out.
         onnx.save(model, str(tmp))
@@ -457,8 +580,9 @@ def upgrade(model_dir: Path) -> None:
     missing = tuple(p for p in GRAPH_PASSES if p not in done)
     variants = manifest.get("variants", [FP32_FILE])
     quantized = manifest.get("quantized", INT8_FILE in variants)  # built with --no-quant: stays so
+    requantize = any(p in WEIGHT_PASSES for p in missing)  # the copies are made again from the new fp32 graph
     stale = [f for f, (bits, block) in QUANTIZED.items() if quantized and
-             (f not in variants or not (model_dir / f).exists() or manifest.get(block_key(f), 32) != block)]
+             (requantize or f not in variants or not (model_dir / f).exists() or manifest.get(block_key(f), 32) != block)]
     if not missing and not stale:
         return
     for name in variants:
@@ -515,13 +639,13 @@ def quantize_weights(src: Path, dst: Path, bits: int, block_size: int) -> None:
     save_onnx(q.model.model, Path(dst))
 
 
-def save_onnx(model, dst: Path) -> None:
+def save_onnx(model, dst: Path, *, data_name: str | None = None) -> None:
     """Save `model` at `dst`: one file when it fits a protobuf, else the graph there and every
-    initializer over 1 KiB in `dst.name + "_data"` (onnx external data, loaded by onnxruntime
-    from the same folder)."""
+    initializer over 1 KiB in `data_name` (default `dst.name + "_data"`) beside it (onnx
+    external data, loaded by onnxruntime from the same folder)."""
     import onnx
 
-    data = dst.with_name(dst.name + "_data")
+    data = dst.with_name(data_name or dst.name + "_data")
     if data.exists():
         data.unlink()  # external data is appended to, never overwritten
     # protobuf cannot even measure a message over 2 GiB (ByteSize raises); count the weights

@@ -222,16 +222,17 @@ def test_a_graph_over_2gib_is_saved_with_external_data(tmp_path):
 
 
 def test_gqa_pass_rewrites_the_exported_attention_exactly(tmp_path, config):
-    """The built graph (engine/export_lm.gqa_attention): one GroupQueryAttention per layer
-    reading that layer's past and writing its present, the interface unchanged, the pass
-    idempotent. That the rewritten graph computes what the model does is checked against
-    transformers above (test_greedy_is_token_identical_to_transformers) and batch by batch in
-    tests/test_scheduler.py."""
+    """The built graph (engine/export_lm.gqa_attention, then fused_qkv_rotary): one
+    GroupQueryAttention per layer taking the packed Q|K|V projection, rotating it at the
+    graph's position_ids, reading that layer's past and writing its present; the interface
+    unchanged, both passes idempotent. That the rewritten graph computes what the model does
+    is checked against transformers above (test_greedy_is_token_identical_to_transformers)
+    and batch by batch in tests/test_scheduler.py."""
     import json
 
     import onnx
 
-    from engine.export_lm import gqa_attention
+    from engine.export_lm import fused_qkv_rotary, gqa_attention
 
     cfg = json.loads((config.gen_model_dir / "config.json").read_text())
     model = onnx.load(str(config.gen_model_dir / "model.onnx"), load_external_data=False)
@@ -239,13 +240,23 @@ def test_gqa_pass_rewrites_the_exported_attention_exactly(tmp_path, config):
     assert [i.name for i in g.input][:3] == ["input_ids", "attention_mask", "position_ids"]
     nodes = [n for n in g.node if n.op_type == "GroupQueryAttention"]
     assert len(nodes) == cfg["num_hidden_layers"]
+    producer = {o: n for n in g.node for o in n.output}
     for layer, n in enumerate(nodes):
-        assert list(n.input[3:7]) == [f"past_key_values.{layer}.key", f"past_key_values.{layer}.value",
-                                      "gqa_seqlens_k", "gqa_total_length"]
+        # fused_qkv_rotary: the packed projection as query, key and value empty, rotated inside
+        assert list(n.input[1:]) == ["", "", f"past_key_values.{layer}.key", f"past_key_values.{layer}.value",
+                                     "gqa_seqlens_k", "gqa_total_length", "gqa_cos_cache", "gqa_sin_cache",
+                                     "position_ids"]
+        assert producer[n.input[0]].name == f"/model/layers.{layer}/self_attn/qkv_proj/Add"
         assert list(n.output[1:]) == [f"present.{layer}.key", f"present.{layer}.value"]
         attrs = {a.name: a.i for a in n.attribute}
         assert attrs["num_heads"] == cfg["num_attention_heads"] and attrs["kv_num_heads"] == cfg["num_key_value_heads"]
+        assert attrs["do_rotary"] == 1 and attrs["rotary_interleaved"] == 0
+    ops = {n.op_type for n in g.node}
+    assert not ops & {"Cos", "Sin", "Neg", "Transpose"}, "the export's rotation and head reshapes are gone"
+    # per layer qkv, o, gate, up and down; then lm_head
+    assert len([n for n in g.node if n.op_type == "MatMul"]) == 5 * cfg["num_hidden_layers"] + 1
     assert gqa_attention(model, cfg["num_key_value_heads"], cfg["num_attention_heads"]) == 0  # idempotent
+    assert fused_qkv_rotary(model, cfg["num_key_value_heads"], cfg["num_attention_heads"], 64) == 0
 
 
 def test_kv_batch_decodes_in_place_and_one_row_equals_a_wide_batch(generator):
