@@ -423,7 +423,7 @@ def fused_qkv_rotary(model, kv_heads: int, heads: int, max_positions: int) -> in
     from onnx import helper, numpy_helper
 
     g = model.graph
-    producer, consumers, inits, const = _graph_index(g)
+    producer, consumers, _, const = _graph_index(g)
     if any(n.op_type == "GroupQueryAttention" and not n.input[1] for n in g.node):
         return 0  # already packed
     # The export's rotary tables: cos/sin(position * inv_freq) * attention_scaling, halves duplicated.
@@ -451,30 +451,37 @@ def fused_qkv_rotary(model, kv_heads: int, heads: int, max_positions: int) -> in
     angles = np.arange(max_positions, dtype=np.float32)[:, None] * inv_freq[None, :]
     scale = np.float32(scale[0].reshape(-1)[0])
 
+    def constant(name):
+        """`name`'s value if it is a constant: an initializer, a Constant, or an Identity of
+        one (the exporter shares equal initializers, e.g. two all-zero biases, that way)."""
+        n = producer.get(name)
+        return constant(n.input[0]) if n is not None and n.op_type == "Identity" else const(name)
+
     def projection(value):
-        """The MatMul (2-D weight initializer) and bias Add (or None) that `value` is
-        computed from, following first inputs through reshapes, transposes and rotation."""
+        """The MatMul (2-D constant weight) and its bias Add (or None) that `value` is
+        computed from, following first inputs through reshapes, transposes and rotation;
+        with the weight and bias arrays."""
         bias = None
         for _ in range(12):
             n = producer.get(value)
             if n is None:
                 break
-            if n.op_type == "MatMul" and n.input[1] in inits and len(inits[n.input[1]].dims) == 2:
-                return n, bias
-            consts = [i for i in n.input if i in inits]
-            bias = n if n.op_type == "Add" and len(consts) == 1 else None
-            value = next(i for i in n.input if i not in inits) if bias else n.input[0]
-        return None, None
+            if n.op_type == "MatMul" and (w := constant(n.input[1])) is not None and w.ndim == 2:
+                return n, w, bias
+            consts = [c for i in n.input if (c := constant(i)) is not None]
+            bias = consts[0] if n.op_type == "Add" and len(consts) == 1 and consts[0].ndim == 1 else None
+            value = next(i for i in n.input if constant(i) is None) if bias is not None else n.input[0]
+        return None, None, None
 
     insert: dict[str, list] = {}  # q projection's name -> the packed projection replacing it
     for gqa in g.node:
         if gqa.op_type != "GroupQueryAttention" or len(gqa.input) != 7:
             continue
-        (mq, bq), (mk, bk), (mv, bv) = (projection(v) for v in gqa.input[:3])
+        (mq, wq, bq), (mk, wk, bk), (mv, wv, bv) = (projection(v) for v in gqa.input[:3])
         if None in (mq, mk, mv) or len({m.input[0] for m in (mq, mk, mv)}) != 1 or \
                 len({b is None for b in (bq, bk, bv)}) != 1:
             continue
-        w = [numpy_helper.to_array(inits[m.input[1]]) for m in (mq, mk, mv)]
+        w = [wq, wk, wv]
         head = w[0].shape[1] // heads
         if [x.shape[1] for x in w] != [heads * head, kv_heads * head, kv_heads * head] or 2 * inv_freq.size != head:
             continue
@@ -482,7 +489,7 @@ def fused_qkv_rotary(model, kv_heads: int, heads: int, max_positions: int) -> in
         packed = [numpy_helper.from_array(np.concatenate(w, axis=1), f"{t}.weight")]
         new = [helper.make_node("MatMul", [mq.input[0], packed[0].name], [f"{t}/MatMul_output_0"], name=f"{t}/MatMul")]
         if bq is not None:
-            bias = np.concatenate([numpy_helper.to_array(inits[i]) for b in (bq, bk, bv) for i in b.input if i in inits])
+            bias = np.concatenate([bq, bk, bv])
             packed.append(numpy_helper.from_array(bias, f"{t}.bias"))
             new.append(helper.make_node("Add", [new[0].output[0], packed[1].name], [f"{t}/Add_output_0"], name=f"{t}/Add"))
         g.initializer.extend(packed)

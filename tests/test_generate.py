@@ -284,3 +284,92 @@ def test_kv_batch_decodes_in_place_and_one_row_equals_a_wide_batch(generator):
     assert np.array_equal(wide.step(np.array(token, np.int64))[0], alone.step(np.array(token, np.int64))[0])
     wide.keep([])
     assert wide.bufs == [] and len(wide) == 0
+
+
+def _tiny_qwen2(path: Path) -> Path:
+    """A randomly initialised two-layer Qwen2 HF folder (the default model's architecture at
+    a few hundred KB), for graph-pass tests that need a fresh export; the tokenizer files
+    come from the built model."""
+    torch = pytest.importorskip("torch")
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      rope_theta=10000.0, tie_word_embeddings=True)
+    Qwen2ForCausalLM(cfg).eval().save_pretrained(path)
+    return path
+
+
+def _logits_after(model_file: Path, prompt: list[int], steps: list[int]) -> list[np.ndarray]:
+    """Prefill `prompt` in one run, then decode `steps` one token at a time (plain
+    session.run): the logits of every run."""
+    import onnxruntime as ort
+
+    s = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+    past_names = [i.name for i in s.get_inputs() if i.name.startswith("past_key_values")]
+    heads_dim = next(i.shape for i in s.get_inputs() if i.name.startswith("past_key_values"))[1:4:2]
+    past = [np.zeros((1, heads_dim[0], 0, heads_dim[1]), np.float32) for _ in past_names]
+    out, pos = [], 0
+    for ids in [prompt, *([t] for t in steps)]:
+        feeds = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, pos + len(ids)), np.int64),
+                 "position_ids": np.arange(pos, pos + len(ids), dtype=np.int64)[None, :], **dict(zip(past_names, past))}
+        res = s.run(None, feeds)
+        out.append(res[0][0, -1])
+        past, pos = res[1:], pos + len(ids)
+    return out
+
+
+def test_fused_qkv_rotary_computes_what_the_unfused_graph_does_and_upgrades_a_folder(tmp_path):
+    """export_lm.fused_qkv_rotary on a fresh export: logits of a prefill and 6 decode steps
+    within float rounding of the same export without it, and `upgrade` of a folder built
+    before it (fp32 weights in an external data file, as the 0.5B model's are) rewrites the
+    fp32 graph with a new data file, removes the old one and re-quantizes int8 and int4."""
+    import json
+    import shutil
+
+    import onnx
+
+    from engine import export_lm
+
+    hf = _tiny_qwen2(tmp_path / "hf")
+    built = export_lm.export_hf(hf, tmp_path / "built")
+    manifest = json.loads((built / "manifest.json").read_text())
+    assert manifest["graph_passes"] == list(export_lm.GRAPH_PASSES)
+    ops = [n.op_type for n in onnx.load(str(built / "model.onnx")).graph.node]
+    assert "Cos" not in ops and ops.count("GroupQueryAttention") == 2
+
+    # the same export as a folder built before the pass: fp32 weights in a data file
+    from optimum.exporters.onnx import main_export
+
+    old, fresh = tmp_path / "old", tmp_path / "fresh"
+    shutil.copytree(built, old)
+
+    main_export(str(hf), output=str(fresh), task="text-generation-with-past", device="cpu", do_validation=False)
+    shutil.copy(hf / "config.json", fresh / "config.json")
+    before = tuple(p for p in export_lm.GRAPH_PASSES if p != "fused_qkv_rotary")
+    assert export_lm.apply_graph_passes(fresh / "model.onnx", before) == list(before)
+    model = onnx.load(str(fresh / "model.onnx"))
+    onnx.save_model(model, str(old / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx_data", size_threshold=1024)
+    for f in (export_lm.INT8_FILE, export_lm.INT4_FILE):
+        (old / f).unlink()
+        export_lm.quantize_weights(old / "model.onnx", old / f, *export_lm.QUANTIZED[f])
+    manifest["graph_passes"] = list(before)
+    (old / "manifest.json").write_text(json.dumps(manifest))
+
+    prompt, steps = [5, 17, 99, 240, 3, 77, 120, 8, 301, 42], [11, 400, 7, 250, 33, 9]
+    want = _logits_after(old / "model.onnx", prompt, steps)
+    export_lm.upgrade(old)
+    got = _logits_after(old / "model.onnx", prompt, steps)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(want, got)) < 1e-4
+    fresh_build = _logits_after(built / "model.onnx", prompt, steps)  # the same graph, built fused
+    assert max(float(np.abs(a - b).max()) for a, b in zip(got, fresh_build)) < 1e-5
+    assert json.loads((old / "manifest.json").read_text())["graph_passes"] == list(export_lm.GRAPH_PASSES)
+    # rewritten whole: this small graph now holds its weights, and the old data file is gone
+    # (the 0.5B model's go to a new data file, model.onnx_data.1: save_onnx past 2 GiB)
+    assert not (old / "model.onnx_data").exists() and not (old / "model.onnx_data.1").exists()
+    for f in (export_lm.INT8_FILE, export_lm.INT4_FILE):
+        ops = [n.op_type for n in onnx.load(str(old / f)).graph.node]
+        # qkv, o, gate, up and down per layer (this tiny model's tied lm_head stays a MatMul)
+        assert ops.count("MatMulNBits") == 5 * 2 and "Cos" not in ops
