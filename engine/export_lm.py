@@ -198,7 +198,6 @@ def last_position_logits(model) -> bool:
     return True
 
 
-
 def _graph_index(g):
     """(producer of each value, its consumers, initializers by name, const(name) -> array or
     None) of an ONNX graph: what the graph passes below match their patterns with."""
