@@ -317,9 +317,9 @@ def gqa_attention(model, kv_heads: int, heads: int) -> int:
     seqlens_k and total length come from attention_mask (mask sum - 1 and the mask's width),
     so the graph's inputs and outputs keep their names and shapes; only the meaning of the
     cache layout changes: row b's keys are columns [0, len_b) (engine/generate.py, and the
-    scheduler, pad on the right). Rotary embeddings stay the export's (position_ids). Runs
-    after grouped_keys, whose single form of Q @ K^T it matches; layers that do not match
-    exactly are left alone and not counted.
+    scheduler, pad on the right). Rotary embeddings stay the export's (position_ids) until
+    fused_qkv_rotary moves them inside. Runs after grouped_keys, whose single form of
+    Q @ K^T it matches; layers that do not match exactly are left alone and not counted.
     """
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
