@@ -564,7 +564,18 @@ def apply_graph_passes(path: Path, passes: tuple[str, ...] = GRAPH_PASSES) -> li
     tmp = path.with_name(f".{path.name}.tmp")
     if weights and old_data:
         data = next(n for n in (f"{path.name}_data", f"{path.name}_data.1") if n not in old_data)
-        save_onnx(model, tmp, data_name=data)
+        need = sum((path.parent / n).stat().st_size for n in old_data if (path.parent / n).exists()) + (256 << 20)
+        free = shutil.disk_usage(path.parent).free
+        if free < need:
+            raise SystemExit(f"export_lm: rewriting {path} needs about {need / 1e9:.1f} GB free beside it (the new "
+                             f"weights are written before the old ones are removed), and {free / 1e9:.1f} GB are "
+                             "free there; free some space and run `make models` again (the model is unchanged)")
+        try:
+            save_onnx(model, tmp, data_name=data)
+        except BaseException:
+            for leftover in (tmp, path.parent / data):
+                leftover.unlink(missing_ok=True)
+            raise
         os.replace(tmp, path)
         for name in old_data - {data}:
             (path.parent / name).unlink(missing_ok=True)

@@ -320,7 +320,7 @@ def _logits_after(model_file: Path, prompt: list[int], steps: list[int]) -> list
     return out
 
 
-def test_fused_qkv_rotary_computes_what_the_unfused_graph_does_and_upgrades_a_folder(tmp_path):
+def test_fused_qkv_rotary_computes_what_the_unfused_graph_does_and_upgrades_a_folder(tmp_path, monkeypatch):
     """export_lm.fused_qkv_rotary on a fresh export: logits of a prefill and 6 decode steps
     within float rounding of the same export without it, and `upgrade` of a folder built
     before it (fp32 weights in an external data file, as the 0.5B model's are) rewrites the
@@ -360,6 +360,13 @@ def test_fused_qkv_rotary_computes_what_the_unfused_graph_does_and_upgrades_a_fo
 
     prompt, steps = [5, 17, 99, 240, 3, 77, 120, 8, 301, 42], [11, 400, 7, 250, 33, 9]
     want = _logits_after(old / "model.onnx", prompt, steps)
+    # a disk without room for the new weights beside the old: refused, nothing changed
+    files = {f.name: f.read_bytes() for f in old.iterdir()}
+    with monkeypatch.context() as m:
+        m.setattr(export_lm.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20))
+        with pytest.raises(SystemExit, match="needs about .* GB free beside it"):
+            export_lm.upgrade(old)
+    assert {f.name: f.read_bytes() for f in old.iterdir()} == files
     export_lm.upgrade(old)
     got = _logits_after(old / "model.onnx", prompt, steps)
     assert max(float(np.abs(a - b).max()) for a, b in zip(want, got)) < 1e-4
