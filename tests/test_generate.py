@@ -288,8 +288,7 @@ def test_kv_batch_decodes_in_place_and_one_row_equals_a_wide_batch(generator):
 
 def _tiny_qwen2(path: Path) -> Path:
     """A randomly initialised two-layer Qwen2 HF folder (the default model's architecture at
-    a few hundred KB), for graph-pass tests that need a fresh export; the tokenizer files
-    come from the built model."""
+    a few hundred KB, no tokenizer), for graph-pass tests that need a fresh export."""
     torch = pytest.importorskip("torch")
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
