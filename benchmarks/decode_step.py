@@ -9,9 +9,10 @@ copies every row's keys and values into it every step. Ours: engine.generate.KVB
 binds the same buffers as past and present (IO binding) so the new keys are written in place.
 Both run the same decoder on the same random cache (rows of `--keys` keys each), in this
 process, alternating; each prints ms per step, tokens/s and the ratio, and whether the logits
-of the two are identical. Where Generator.row_multiple is 2 (int8 on an AVX-512 VNNI / AMX
-Xeon), ours pads an odd row count with a padding row, which the baseline did not: there its
-single row took another kernel, so its logits differ, and ours costs one more row. One JSON line per (rows, keys) to bench-results/decode_step.jsonl.
+of the two are identical. Where Generator.row_padding pads (int8 on an AVX-512 VNNI / AMX
+Xeon: odd row counts; int4 on the AVX2 EPYC: one row), ours carries a padding row, which
+the baseline did not: there its row took another kernel, so its logits differ, and ours
+costs one more row. One JSON line per (rows, keys) to bench-results/decode_step.jsonl.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def main() -> int:
             rec = {"variant": a.variant, "threads": a.threads, "rows": rows, "keys": keys,
                    "copying_ms": base_ms, "in_place_ms": ours_ms, "copying_tok_per_s": rows * 1000 / base_ms,
                    "in_place_tok_per_s": rows * 1000 / ours_ms, "ratio": base_ms / ours_ms,
-                   "identical_logits": same, "padded_rows": -(-rows // g.row_multiple) * g.row_multiple - rows}
+                   "identical_logits": same, "padded_rows": g.padded_rows(rows) - rows}
             print(f"rows {rows:2d} keys {keys:4d}: copying {base_ms:6.1f} ms ({rec['copying_tok_per_s']:6.1f} tok/s)"
                   f"  in place {ours_ms:6.1f} ms ({rec['in_place_tok_per_s']:6.1f} tok/s)  ratio {rec['ratio']:.2f}x"
                   f"  logits identical: {same}" + (f"  (ours + {rec['padded_rows']} padding row)" if rec["padded_rows"] else ""),

@@ -163,6 +163,17 @@ class _Row:
         return out
 
 
+def padding_rule(exact: dict[int, bool]) -> tuple[int, int] | None:
+    """Of the rules (k, m) "run n rows as max(m, ceil(n / k) * k)", the one that pads fewest
+    rows over n = 1..8 while every run it makes is one of the `exact` row counts (count ->
+    whether all its rows equal the reference); None if no rule keeps every run exact."""
+    def padded(rule: tuple[int, int], n: int) -> int:
+        return max(rule[1], -(-n // rule[0]) * rule[0])
+
+    rules = [(k, m) for k in (1, 2, 4, 8) for m in range(1, 9) if all(exact[padded((k, m), n)] for n in range(1, 9))]
+    return min(rules, key=lambda r: (sum(padded(r, n) - n for n in range(1, 9)), r), default=None)
+
+
 class KVBatch:
     """The keys and values of a decode batch, updated in place.
 
@@ -214,8 +225,8 @@ class KVBatch:
         b = len(self)
         have = self.bufs[0].shape[0] if self.bufs else 0
         if b + 1 > have or reserve > self.columns:
-            k = self.gen.row_multiple  # room for a step's padding rows too
-            self._resize(-(-max(b + 1, 2 * have) // k) * k, max(reserve, self.columns))
+            # room for a step's padding rows too
+            self._resize(self.gen.padded_rows(max(b + 1, 2 * have)), max(reserve, self.columns))
         for buf, v in zip(self.bufs, kv):
             buf[b, :, :n] = v[0]
         self.lengths = np.append(self.lengths, n)
@@ -246,7 +257,7 @@ class KVBatch:
     def step(self, ids: np.ndarray) -> np.ndarray:
         """One decode step: row b gets ids[b, 0] at position lengths[b]; returns logits (rows, vocab)."""
         g, n = self.gen, len(self)
-        rows = -(-n // g.row_multiple) * g.row_multiple  # padding rows: see Generator.row_multiple
+        rows = g.padded_rows(n)  # padding rows: see Generator.row_padding
         if rows > self.bufs[0].shape[0] or int(self.lengths.max()) + 1 > self.columns:
             self._resize(max(rows, self.bufs[0].shape[0]), max(self.columns, int(self.lengths.max()) + 1))
         cols = self.columns
@@ -440,7 +451,7 @@ class Generator:
         """Run `tokens` after the one-row cache `past` (None: from the start) on the prefill
         weights. Returns (the last position's logits (vocab,), the cache extended by them).
 
-        The kernels that run a token may depend on its row within the run (see row_multiple);
+        The kernels that run a token may depend on its row within the run (see row_padding);
         callers that split a prompt into chunks start every chunk at a multiple of 16
         positions, so each token keeps its row parity and chunked equals one-shot prefill."""
         past = past if past is not None else self._empty_past(1)
@@ -454,17 +465,19 @@ class Generator:
         return outs[0][0, -1, :], outs[1:1 + len(self.past_names)]
 
     @functools.cached_property
-    def row_multiple(self) -> int:
-        """The row count a decode step is padded up to a multiple of (1 on most CPUs).
+    def row_padding(self) -> tuple[int, int]:
+        """(k, m): a decode step over n rows runs max(m, ceil(n / k) * k) of them ((1, 1), no
+        padding, on most CPUs).
 
         On an AVX-512 VNNI / AMX Xeon, int8 MatMulNBits computes rows in pairs and a last,
-        odd row with a single-row kernel whose logits differ (by up to 0.47 here): a row
+        odd row with a single-row kernel whose logits differ (by up to 0.47 there): a row
         alone, or third of three, got other logits than the same row in a pair, so a request's
-        greedy tokens depended on the batch it decoded in. Measured once per generator, on a
-        small random cache: steps of 1 to 8 identical rows; the smallest k (1, 2, 4, 8) for
-        which every row of every run of a multiple of k rows is identical. A step over a row
-        count not a multiple of k carries padding rows (one key of their own, never read by
-        the real rows), so every real row takes the same kernels in any batch.
+        greedy tokens depended on the batch it decoded in (k = 2). On the AVX2 EPYC, int4's
+        one-row kernel alone differs (by up to 0.19) and any 2 to 8 rows agree (m = 2).
+        Measured once per generator, on a small random cache: steps of 1 to 8 identical rows;
+        of the rules under which every row of every padded run is identical, the one that
+        pads fewest rows over 1 to 8. The padding rows have one key of their own, never read
+        by the real rows, so every real row takes the same kernels in any batch.
         """
         rng = np.random.default_rng(0)
         past = [(rng.standard_normal((1, self.num_kv_heads, 8, self.head_dim)) * 0.5).astype(np.float32)
@@ -479,12 +492,27 @@ class Generator:
 
         outs = {rows: run(rows) for rows in range(1, 9)}
         ref = outs[8][0]
-        for k in (1, 2, 4, 8):
-            if all(np.array_equal(r, ref) for rows in range(k, 9, k) for r in outs[rows]):
-                return k
-        log.warning("the decoder's rows depend on their batch on this CPU even in runs of 8 rows; "
-                    "batched greedy output may differ from a request decoded alone")
-        return 1
+        rule = padding_rule({rows: all(np.array_equal(r, ref) for r in out) for rows, out in outs.items()})
+        if rule is None:
+            log.warning("the decoder's rows depend on their batch on this CPU even in runs of 8 rows; "
+                        "batched greedy output may differ from a request decoded alone")
+            return 1, 1
+        return rule
+
+    def padded_rows(self, n: int) -> int:
+        """The rows a decode step over n rows runs (see row_padding)."""
+        k, m = self.row_padding
+        return max(m, -(-n // k) * k)
+
+    def describe_padding(self) -> str:
+        k, m = self.row_padding
+        if (k, m) == (1, 1):
+            return "decode steps not padded"
+        if m <= k:
+            return f"decode steps padded to a multiple of {k} rows"
+        if k == 1:
+            return f"decode steps of fewer than {m} rows padded to {m}"
+        return f"decode steps padded to a multiple of {k} rows, at least {m}"
 
     def _check_prompts(self, prompts: list[list[int]], params: SamplingParams) -> None:
         params.check(self.window)

@@ -23,7 +23,7 @@ Rows join and leave a running batch: the batch KV cache (generate.KVBatch) is ri
 newcomer's cache (prefilled alone) is copied into the next free row with room for its new
 tokens, and leaving rows are cut out by moving later rows down. Each row attends to its own
 keys only (GroupQueryAttention, engine/export_lm.gqa_attention), and a step pads its row
-count where the CPU's kernels depend on a row's place in the run (Generator.row_multiple),
+count where the CPU's kernels depend on a row's place in the run (Generator.row_padding),
 so a greedy row gets the same tokens alone or in any batch.
 
 Prefix cache: prompts are prefilled in blocks of `block_tokens` aligned from position 0,
@@ -249,9 +249,8 @@ class Scheduler:
         if self.chunk_cost is None:
             return "measuring the prefill chunk cost"
         a, b = self.chunk_cost
-        rows = self.generator.row_multiple
         return (f"prefill chunks beside streams: up to {self.efficient_chunk} tokens ({a * 1000:.1f} ms + "
-                f"{b * 1000:.2f} ms/token here); decode steps padded to a multiple of {rows} row{'s' if rows > 1 else ''}")
+                f"{b * 1000:.2f} ms/token here); {self.generator.describe_padding()}")
 
     @property
     def running(self) -> int:
@@ -285,7 +284,7 @@ class Scheduler:
             times[n] = best
         b = max((times[large] - times[small]) / (large - small), 1e-6)
         a = max(times[small] - b * small, 0.0)
-        _ = self.generator.row_multiple  # measured once, here rather than in the first request's step
+        _ = self.generator.row_padding  # measured once, here rather than in the first request's step
         e = PREFILL_EFFICIENCY
         n = a * e / (b * (1 - e))
         self.efficient_chunk = int(min(self.chunk, max(self.block, -(-n // self.block) * self.block)))

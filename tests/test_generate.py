@@ -262,7 +262,7 @@ def test_gqa_pass_rewrites_the_exported_attention_exactly(tmp_path, config):
 def test_kv_batch_decodes_in_place_and_one_row_equals_a_wide_batch(generator):
     """KVBatch writes each step's keys into the buffers it reads, and a row's logits do not
     depend on how many rows share the step, even where one row alone would take other
-    kernels (Generator.row_multiple)."""
+    kernels (Generator.row_padding)."""
     a = generator.encode(chat(generator, "What is 2 + 2?"))
     b = generator.encode("The capital of Italy is")
     kv = {len(a): generator.prefill(a)[1], len(b): generator.prefill(b)[1]}
@@ -379,3 +379,17 @@ def test_fused_qkv_rotary_computes_what_the_unfused_graph_does_and_upgrades_a_fo
         ops = [n.op_type for n in onnx.load(str(old / f)).graph.node]
         # qkv, o, gate, up and down per layer (this tiny model's tied lm_head stays a MatMul)
         assert ops.count("MatMulNBits") == 5 * 2 and "Cos" not in ops
+
+
+def test_padding_rule_pads_fewest_rows_that_keep_every_run_exact():
+    """Generator.row_padding's choice, on the patterns measured: none needed; int8 on the AMX
+    Xeon (an odd last row takes another kernel); int4 on the AVX2 EPYC (only one row does);
+    nothing exact."""
+    from engine.generate import padding_rule
+
+    assert padding_rule({n: True for n in range(1, 9)}) == (1, 1)
+    assert padding_rule({n: n % 2 == 0 for n in range(1, 9)}) == (2, 1)
+    assert padding_rule({n: n > 1 for n in range(1, 9)}) == (1, 2)
+    k, m = padding_rule({n: n == 8 for n in range(1, 9)})
+    assert [max(m, -(-n // k) * k) for n in range(1, 9)] == [8] * 8
+    assert padding_rule({n: False for n in range(1, 9)}) is None
