@@ -212,6 +212,8 @@ def _graph_index(g):
 
     def const(name: str):
         n = producer.get(name)
+        if n is not None and n.op_type == "Identity":  # how the exporter shares equal initializers
+            return const(n.input[0])
         if n is not None and n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
             return numpy_helper.to_array(n.attribute[0].t)
         return numpy_helper.to_array(inits[name]) if name in inits else None
@@ -450,12 +452,6 @@ def fused_qkv_rotary(model, kv_heads: int, heads: int, max_positions: int) -> in
     angles = np.arange(max_positions, dtype=np.float32)[:, None] * inv_freq[None, :]
     scale = np.float32(scale[0].reshape(-1)[0])
 
-    def constant(name):
-        """`name`'s value if it is a constant: an initializer, a Constant, or an Identity of
-        one (the exporter shares equal initializers, e.g. two all-zero biases, that way)."""
-        n = producer.get(name)
-        return constant(n.input[0]) if n is not None and n.op_type == "Identity" else const(name)
-
     def projection(value):
         """The MatMul (2-D constant weight) and its bias Add (or None) that `value` is
         computed from, following first inputs through reshapes, transposes and rotation;
@@ -465,11 +461,11 @@ def fused_qkv_rotary(model, kv_heads: int, heads: int, max_positions: int) -> in
             n = producer.get(value)
             if n is None:
                 break
-            if n.op_type == "MatMul" and (w := constant(n.input[1])) is not None and w.ndim == 2:
+            if n.op_type == "MatMul" and (w := const(n.input[1])) is not None and w.ndim == 2:
                 return n, w, bias
-            consts = [c for i in n.input if (c := constant(i)) is not None]
+            consts = [c for i in n.input if (c := const(i)) is not None]
             bias = consts[0] if n.op_type == "Add" and len(consts) == 1 and consts[0].ndim == 1 else None
-            value = next(i for i in n.input if constant(i) is None) if bias is not None else n.input[0]
+            value = next(i for i in n.input if const(i) is None) if bias is not None else n.input[0]
         return None, None, None
 
     insert: dict[str, list] = {}  # q projection's name -> the packed projection replacing it

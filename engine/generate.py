@@ -163,13 +163,15 @@ class _Row:
         return out
 
 
-def padding_rule(exact: dict[int, bool]) -> tuple[int, int] | None:
-    """Of the rules (k, m) "run n rows as max(m, ceil(n / k) * k)", the one that pads fewest
-    rows over n = 1..8 while every run it makes is one of the `exact` row counts (count ->
-    whether all its rows equal the reference); None if no rule keeps every run exact."""
-    def padded(rule: tuple[int, int], n: int) -> int:
-        return max(rule[1], -(-n // rule[0]) * rule[0])
+def padded(rule: tuple[int, int], n: int) -> int:
+    """The rows a step over n rows runs under the padding rule (k, m): max(m, ceil(n / k) * k)."""
+    return max(rule[1], -(-n // rule[0]) * rule[0])
 
+
+def padding_rule(exact: dict[int, bool]) -> tuple[int, int] | None:
+    """Of the rules (k, m) (see `padded`), the one that pads fewest rows over n = 1..8 while
+    every run it makes is one of the `exact` row counts (count -> whether all its rows equal
+    the reference); None if no rule keeps every run exact."""
     rules = [(k, m) for k in (1, 2, 4, 8) for m in range(1, 9) if all(exact[padded((k, m), n)] for n in range(1, 9))]
     return min(rules, key=lambda r: (sum(padded(r, n) - n for n in range(1, 9)), r), default=None)
 
@@ -501,8 +503,7 @@ class Generator:
 
     def padded_rows(self, n: int) -> int:
         """The rows a decode step over n rows runs (see row_padding)."""
-        k, m = self.row_padding
-        return max(m, -(-n // k) * k)
+        return padded(self.row_padding, n)
 
     def describe_padding(self) -> str:
         k, m = self.row_padding
