@@ -161,7 +161,7 @@ def test_built_decoder_has_the_graph_passes(config, variant):
 
     import onnx
 
-    from engine.export_lm import GRAPH_PASSES, QUANTIZED, block_key
+    from engine.export_lm import GRAPH_PASSES, QUANT_RECIPES, QUANTIZED, block_key, recipe_key
     from engine.generate import VARIANT_FILES
 
     manifest = json.loads((config.gen_model_dir / "manifest.json").read_text())
@@ -178,14 +178,63 @@ def test_built_decoder_has_the_graph_passes(config, variant):
     assert logits.type.tensor_type.shape.dim[1].dim_value == 1
     if file in QUANTIZED:
         bits, block = QUANTIZED[file]
-        assert manifest[block_key(file)] == block
-        attrs = {(a.name, a.i) for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute
-                 if a.name in ("bits", "block_size")}
-        assert attrs == {("bits", bits), ("block_size", block)}
+        assert manifest[block_key(file)] == block and manifest[recipe_key(file)] == QUANT_RECIPES[file]
+        attrs = {n.name: {a.name: a.i for a in n.attribute} for n in graph.node if n.op_type == "MatMulNBits"}
+        head = attrs.pop(next(name for name in attrs if name.startswith("/lm_head/")))
+        assert {(a["bits"], a["block_size"]) for a in attrs.values()} == {(bits, block)}
+        # int4 keeps the output head in 8 bits (QUANT_RECIPES), with a zero point per block
+        assert (head["bits"], head["block_size"]) == ((8, 32) if bits == 4 else (bits, block))
+        with_zero_points = {len([i for i in n.input if i]) == 4 for n in graph.node if n.op_type == "MatMulNBits"
+                            and not n.name.startswith("/lm_head/")}
+        assert with_zero_points == {bits == 4}
         # every projection and the output head are quantized, only the embedding stays fp32
         weights = {i.name for i in graph.initializer}
         assert not [n.name for n in graph.node if n.op_type == "MatMul" and weights.intersection(n.input)]
-        assert f"/lm_head/MatMul_Q{bits}" in {n.name for n in graph.node}
+
+
+def test_int4_blocks_are_what_onnxruntime_computes_and_beat_round_to_nearest():
+    """int4_blocks' packing (nibble order, zero points two per byte, an odd block count) is the
+    layout MatMulNBits reads: onnxruntime's product equals x @ the dequantized weight (up to
+    its int8 activations), and the searched blocks err less than onnxruntime's symmetric
+    round-to-nearest on the same weight. Random weights: a test of the layout and the math."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    from engine.export_lm import int4_blocks
+
+    rng = np.random.default_rng(0)
+    k, n = 96, 40  # three blocks of 32: an odd count, so the last zero-point byte is half used
+    w = (rng.standard_normal((k, n)) * 0.05 + 0.01).astype(np.float32)
+    packed, scales, zero_points, deq = int4_blocks(w)
+    assert packed.shape == (n, 3, 16) and scales.shape == (n, 3) and zero_points.shape == (n, 2)
+
+    def product(x, inputs, **attrs):
+        names = ["B", "scales", "zero_points"][:len(inputs)]
+        node = helper.make_node("MatMulNBits", ["x", *names], ["y"], domain="com.microsoft", K=k, N=n, **attrs)
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])],
+                                  [numpy_helper.from_array(a, nm) for a, nm in zip(inputs, names)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+        return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    x = rng.standard_normal((5, k)).astype(np.float32)
+    exact = product(x, [packed, scales, zero_points], bits=4, block_size=32, accuracy_level=0)
+    np.testing.assert_allclose(exact, x @ deq, rtol=1e-4, atol=1e-5)
+    int8_compute = product(x, [packed, scales, zero_points], bits=4, block_size=32, accuracy_level=4)
+    assert np.abs(int8_compute - x @ deq).max() < 0.02 * np.abs(x @ deq).max()
+
+    # onnxruntime's symmetric round-to-nearest of the same weight
+    matmul = helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")
+    graph = helper.make_graph([matmul], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])], [numpy_helper.from_array(w, "w")])
+    q = MatMulNBitsQuantizer(helper.make_model(graph), algo_config=DefaultWeightOnlyQuantConfig(
+        block_size=32, is_symmetric=True, accuracy_level=0, bits=4))
+    q.process()
+    inits = {t.name: numpy_helper.to_array(t) for t in q.model.model.graph.initializer}
+    rtn = product(np.eye(k, dtype=np.float32), [inits["w_Q4"], inits["w_scales"]], bits=4, block_size=32, accuracy_level=0)
+    assert np.linalg.norm(deq - w) < 0.9 * np.linalg.norm(rtn - w)
 
 
 def test_a_graph_over_2gib_is_saved_with_external_data(tmp_path):
