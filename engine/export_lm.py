@@ -138,18 +138,19 @@ def gguf_to_hf(gguf: Path, hf_dir: Path) -> Path:
 # with the gold paragraph (100 questions): 28.6, against 30.5 for blocks of 32 and 29.9
 # for fp32, a spread within this sample's noise.
 INT8_BLOCK_SIZE = 128
-# 4-bit weights (MatMulNBits, a scale and a zero point per 32 weights, int8 compute; the
-# output head in 8 bits): about 60% of int8's bytes per decode step. Speed and answer quality
+# 4-bit weights (MatMulNBits, a scale and a zero point per 32 weights, int8 compute): about
+# 60% of int8's bytes per decode step. Speed and answer quality
 # per CPU: README, "Execution plan" (engine.plan --measure, answer_quality.py --plans).
 INT4_BLOCK_SIZE = 32
 # The quantized copies of the fp32 graph: file -> (bits, weights per scale).
 QUANTIZED = {INT8_FILE: (8, INT8_BLOCK_SIZE), INT4_FILE: (4, INT4_BLOCK_SIZE)}
 # How each copy's weights are chosen, recorded in the manifest ("int4_recipe"); a folder whose
 # copy was made by another recipe gets it re-made by `upgrade`. "rtn-symmetric": onnxruntime's
-# round-to-nearest, one scale per block. "asymmetric-search": int4_blocks below, with the
-# output head (lm_head) in 8 bits. On the 2-core AVX-512 VNNI EPYC (answer_quality.py
-# --skip-rag --n 60 --plans, the gold paragraph as passage): fp32 F1 27.8; int4 by
-# rtn-symmetric 21.7, 16.7% the same answer as fp32; by asymmetric-search 27.0, 38.3%.
+# round-to-nearest, one scale per block. "asymmetric-search": int4_blocks below. On the
+# 2-core AVX-512 VNNI EPYC (answer_quality.py --skip-rag --plans, the gold paragraph as
+# passage, 60 questions): fp32 F1 27.8; int4 by rtn-symmetric 21.7, 16.7% the same answer
+# as fp32; by asymmetric-search 28.2, 36.7% (with the output head in 8 bits instead: 27.0,
+# 38.3%, and it decoded ~1.2x slower, so the head is 4-bit too).
 QUANT_RECIPES = {INT8_FILE: "rtn-symmetric", INT4_FILE: "asymmetric-search"}
 # Shrink factors tried for a block's low and high end (int4_blocks): 6 x 6 candidates.
 INT4_SEARCH = tuple(0.8 + 0.04 * i for i in range(6))
@@ -692,23 +693,17 @@ def int4_blocks(w, block_size: int = INT4_BLOCK_SIZE, shrink=INT4_SEARCH):
     return packed, s_all, zero_points, deq
 
 
-def quantize_int4(model, block_size: int = INT4_BLOCK_SIZE, *, keep_8bit=("lm_head",)):
-    """Every MatMul with a constant 2-D weight becomes a 4-bit MatMulNBits (int4_blocks, int8
-    compute), except those whose name contains one of `keep_8bit`: the output head, whose
-    errors go straight into the logits, gets onnxruntime's symmetric 8-bit blocks of 32."""
+def quantize_int4(model, block_size: int = INT4_BLOCK_SIZE):
+    """Every MatMul with a constant 2-D weight, the output head included, becomes a 4-bit
+    MatMulNBits with a zero point per block (int4_blocks) and int8 compute."""
     import onnx
     from onnx import helper, numpy_helper
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     inits = {t.name: t for t in model.graph.initializer}
-    nodes, replaced, eight = [], set(), []
+    nodes, replaced = [], set()
     for node in model.graph.node:
         weight = inits.get(node.input[1]) if node.op_type == "MatMul" else None
         if weight is None or len(weight.dims) != 2:
-            nodes.append(node)
-            continue
-        if any(s in node.name for s in keep_8bit):
-            eight.append(node.name)
             nodes.append(node)
             continue
         k, n = weight.dims
@@ -725,11 +720,6 @@ def quantize_int4(model, block_size: int = INT4_BLOCK_SIZE, *, keep_8bit=("lm_he
     model.graph.initializer.extend(kept)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-    if eight:
-        q = MatMulNBitsQuantizer(model, nodes_to_include=eight, algo_config=DefaultWeightOnlyQuantConfig(
-            block_size=32, is_symmetric=True, accuracy_level=4, bits=8))
-        q.process()
-        model = q.model.model
     return model
 
 

@@ -179,17 +179,16 @@ def test_built_decoder_has_the_graph_passes(config, variant):
     if file in QUANTIZED:
         bits, block = QUANTIZED[file]
         assert manifest[block_key(file)] == block and manifest[recipe_key(file)] == QUANT_RECIPES[file]
-        attrs = {n.name: {a.name: a.i for a in n.attribute} for n in graph.node if n.op_type == "MatMulNBits"}
-        head = attrs.pop(next(name for name in attrs if name.startswith("/lm_head/")))
-        assert {(a["bits"], a["block_size"]) for a in attrs.values()} == {(bits, block)}
-        # int4 keeps the output head in 8 bits (QUANT_RECIPES), with a zero point per block
-        assert (head["bits"], head["block_size"]) == ((8, 32) if bits == 4 else (bits, block))
-        with_zero_points = {len([i for i in n.input if i]) == 4 for n in graph.node if n.op_type == "MatMulNBits"
-                            and not n.name.startswith("/lm_head/")}
+        attrs = {(a.name, a.i) for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+                 if a.name in ("bits", "block_size")}
+        assert attrs == {("bits", bits), ("block_size", block)}
+        # int4's recipe (asymmetric-search) gives every block a zero point, int8's none
+        with_zero_points = {len([i for i in n.input if i]) == 4 for n in graph.node if n.op_type == "MatMulNBits"}
         assert with_zero_points == {bits == 4}
         # every projection and the output head are quantized, only the embedding stays fp32
         weights = {i.name for i in graph.initializer}
         assert not [n.name for n in graph.node if n.op_type == "MatMul" and weights.intersection(n.input)]
+        assert f"/lm_head/MatMul_Q{bits}" in {n.name for n in graph.node}
 
 
 def test_int4_blocks_are_what_onnxruntime_computes_and_beat_round_to_nearest():
