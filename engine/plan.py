@@ -38,8 +38,10 @@ INT8_DOT = ("avx512_vnni", "avx_vnni", "amx_int8")
 # recipe became searched asymmetric blocks (engine/export_lm.py QUANT_RECIPES): gold-
 # paragraph SQuAD F1 (benchmarks/answer_quality.py --plans, AVX-512 VNNI EPYC) 28.2 against
 # int8's 27.1 and fp32's 27.8 (60 questions), 25.6 against 24.8 and 26.6 (100 others); it
-# gives fp32's very answer less often (37% / 24%; int8 85% / 85%; an int8 prefill before an
-# int4 decode 63% / 58%). The round-to-nearest int4 before it had F1 21.7 and was never chosen.
+# gives fp32's very answer less often (37% / 24%; int8 85% / 85%). An int8 prefill before an
+# int4 decode, the plan there: F1 24.6 / 24.8, 63% / 58% the same (differences of 2-3 F1 are
+# within these samples' noise; README "Answers per plan"). The round-to-nearest int4 before
+# it had F1 21.7 and was never chosen.
 AUTO_VARIANTS = ("int4", "int8", "fp32")
 # Without a measurement for this CPU (`rule`), decode on int8: int4 decodes slower than int8
 # where its one-row kernel needs a padding row (the AVX2 EPYC) and faster elsewhere.
