@@ -724,8 +724,9 @@ def quantize_int4(model, block_size: int = INT4_BLOCK_SIZE):
 
 
 def quantize_weights(src: Path, dst: Path, bits: int, block_size: int) -> None:
-    """Weight-only `bits`-bit copy (MatMulNBits, symmetric, one scale per `block_size` weights
-    along K, int8 compute with per-row activation blocks). Unlike dynamic quantization, whose
+    """Weight-only `bits`-bit copy (MatMulNBits, one scale per `block_size` weights along K,
+    int8 compute with per-row activation blocks; 8 bits: onnxruntime's symmetric round-to-
+    nearest, 4 bits: int4_blocks with zero points, see QUANT_RECIPES). Unlike dynamic quantization, whose
     activation scale is shared by the whole batch, a row's output does not depend on the other
     rows in its batch, so batched and one-by-one greedy decoding give the same tokens. A graph
     over 2 GiB (the 1.5B model's embeddings stay fp32) is saved with its weights in

@@ -86,8 +86,8 @@ class Plan:
 
 
 def rule(variants: list[str], cpu: str | None = None) -> Plan:
-    """The plan from CPU features alone (no measurement for this CPU yet): decode on the
-    fewest bytes per weight; prefill on the quantized weights only with 8-bit dot-product
+    """The plan from CPU features alone (no measurement for this CPU yet): decode on int8
+    (RULE_DECODE); prefill on the quantized weights only with 8-bit dot-product
     instructions, else on fp32."""
     _, feats = cpu_features()
     decode = next((v for v in RULE_DECODE if v in variants), variants[0])
