@@ -700,6 +700,10 @@ def quantize_int4(model, block_size: int = INT4_BLOCK_SIZE):
     from onnx import helper, numpy_helper
 
     inits = {t.name: t for t in model.graph.initializer}
+    uses: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
     nodes, replaced = [], set()
     for node in model.graph.node:
         weight = inits.get(node.input[1]) if node.op_type == "MatMul" else None
@@ -710,14 +714,17 @@ def quantize_int4(model, block_size: int = INT4_BLOCK_SIZE):
         packed, scales, zero_points, _ = int4_blocks(numpy_helper.to_array(weight), block_size)
         names = [f"{weight.name}_Q4", f"{weight.name}_scales", f"{weight.name}_zero_points"]
         model.graph.initializer.extend(numpy_helper.from_array(a, nm) for a, nm in zip((packed, scales, zero_points), names))
-        replaced.add(weight.name)
+        uses[weight.name] -= 1
+        if not uses[weight.name]:  # its fp32 bytes go now, so fp32 and int4 weights never coexist whole
+            replaced.add(weight.name)
+            weight.ClearField("raw_data")
         nodes.append(helper.make_node("MatMulNBits", [node.input[0], *names], list(node.output), name=node.name + "_Q4",
                                       domain="com.microsoft", K=k, N=n, bits=4, block_size=block_size, accuracy_level=4))
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    kept = [t for t in model.graph.initializer if t.name not in replaced]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
+    for i in reversed(range(len(model.graph.initializer))):  # in place: extend() would copy the rest
+        if model.graph.initializer[i].name in replaced:
+            del model.graph.initializer[i]
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     return model
