@@ -61,11 +61,16 @@ def make_providers(provider: str) -> list:
     raise InvalidInput(f"unknown provider {provider!r}; use 'cpu' or 'cuda'")
 
 
-def make_session(path: Path, provider: str, threads: int, *, disabled_optimizers: Sequence[str] = ()):
-    """An onnxruntime InferenceSession with our thread and optimisation settings."""
+def make_session(path: Path, provider: str, threads: int, *, disabled_optimizers: Sequence[str] = (),
+                 spinning: bool = True):
+    """An onnxruntime InferenceSession with our thread and optimisation settings. `spinning`
+    False: idle intra-op threads sleep instead of spinning (slower one-token steps, but
+    another session's threads get the cores; benchmarks/prefill_overlap.py)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1

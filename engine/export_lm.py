@@ -668,6 +668,7 @@ def int4_blocks(w, block_size: int = INT4_BLOCK_SIZE, shrink=INT4_SEARCH):
     z_all = np.empty((n, kb), np.uint8)
     for c0 in range(0, n, 512):  # column chunks bound the search's memory
         x = w[:, c0:c0 + 512].T.reshape(-1, kb, block_size)
+        sl = slice(c0, c0 + x.shape[0])
         lo, hi = x.min(-1), x.max(-1)
         best = np.full(lo.shape, np.inf, np.float32)
         for f in shrink:
@@ -682,7 +683,6 @@ def int4_blocks(w, block_size: int = INT4_BLOCK_SIZE, shrink=INT4_SEARCH):
                 err = ((scale[..., None] * d - x) ** 2).sum(-1)
                 better = err < best
                 best = np.where(better, err, best)
-                sl = slice(c0, c0 + x.shape[0])
                 s_all[sl] = np.where(better, scale, s_all[sl])
                 z_all[sl] = np.where(better, z, z_all[sl])
                 q_all[sl] = np.where(better[..., None], q, q_all[sl])
