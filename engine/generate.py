@@ -122,7 +122,9 @@ class _Row:
             logits = logits.copy()
             kernels.apply_repetition_penalty(logits, self.seen, np.float32(p.repetition_penalty))
         if p.temperature <= 0:
-            return int(kernels.argmax(logits))
+            # numpy's vectorised argmax: ~10 us over a 152k vocabulary, against ~400 us for
+            # the scalar loop it replaced (once per row per step); both pick the first maximum
+            return int(np.argmax(logits))
         return int(kernels.sample_token(logits, p.temperature, p.top_k, p.top_p, self.rng.random()))
 
     def push(self, token: int) -> None:
