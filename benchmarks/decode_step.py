@@ -47,7 +47,7 @@ def copying_step(g: Generator, ids: np.ndarray, lengths: np.ndarray, past: list[
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--variant", choices=("fp32", "int8", "int4"), default="int8")
+    ap.add_argument("--variant", choices=("fp32", "int8", "int4", "w8a8"), default="int8")
     ap.add_argument("--rows", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 8, 16])
     ap.add_argument("--keys", type=lambda s: [int(x) for x in s.split(",")], default=[256, 800])
     ap.add_argument("--steps", type=int, default=16, help="timed steps per system and shape")

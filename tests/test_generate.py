@@ -153,10 +153,10 @@ def test_cancellation_stops_within_one_step(generator):
     assert len(final.token_ids) == 3
 
 
-@pytest.mark.parametrize("variant", ["fp32", "int8", "int4"])
+@pytest.mark.parametrize("variant", ["fp32", "int8", "int4", "w8a8"])
 def test_built_decoder_has_the_graph_passes(config, variant):
-    """`make models` applied every pass to every variant and quantized int8 and int4 with the
-    current bits and block sizes (upgrading older builds in place)."""
+    """`make models` applied every pass to every variant and quantized int8, int4 and w8a8
+    with the current bits, block sizes and recipes (upgrading older builds in place)."""
     import json
 
     import onnx
@@ -176,19 +176,25 @@ def test_built_decoder_has_the_graph_passes(config, variant):
     assert not left, f"nothing of the exported attention is left: {left[:3]}"
     logits = next(o for o in graph.output if o.name == "logits")
     assert logits.type.tensor_type.shape.dim[1].dim_value == 1
-    if file in QUANTIZED:
-        bits, block = QUANTIZED[file]
-        assert manifest[block_key(file)] == block and manifest[recipe_key(file)] == QUANT_RECIPES[file]
-        attrs = {(a.name, a.i) for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute
-                 if a.name in ("bits", "block_size")}
-        assert attrs == {("bits", bits), ("block_size", block)}
-        # int4's recipe (asymmetric-search) gives every block a zero point, int8's none
-        with_zero_points = {len([i for i in n.input if i]) == 4 for n in graph.node if n.op_type == "MatMulNBits"}
-        assert with_zero_points == {bits == 4}
-        # every projection and the output head are quantized, only the embedding stays fp32
-        weights = {i.name for i in graph.initializer}
-        assert not [n.name for n in graph.node if n.op_type == "MatMul" and weights.intersection(n.input)]
-        assert f"/lm_head/MatMul_Q{bits}" in {n.name for n in graph.node}
+    if file not in QUANTIZED:
+        return
+    # every projection and the output head are quantized, only the embedding stays fp32
+    weights = {i.name for i in graph.initializer}
+    assert not [n.name for n in graph.node if n.op_type == "MatMul" and weights.intersection(n.input)]
+    bits, block = QUANTIZED[file]
+    assert manifest[block_key(file)] == block and manifest[recipe_key(file)] == QUANT_RECIPES[file]
+    if block == 0:  # w8a8: integer products of per-row 8-bit activations, 4 quantized inputs a layer
+        assert ops.count("MatMulIntegerToFloat") == 5 * manifest["num_layers"] + 1
+        assert ops.count("QuantizeLinear") == 4 * manifest["num_layers"] + 1
+        assert "/lm_head/MatMul_W8A8" in {n.name for n in graph.node} and "MatMulNBits" not in ops
+        return
+    attrs = {(a.name, a.i) for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+             if a.name in ("bits", "block_size")}
+    assert attrs == {("bits", bits), ("block_size", block)}
+    # int4's recipe (asymmetric-search) gives every block a zero point, int8's none
+    with_zero_points = {len([i for i in n.input if i]) == 4 for n in graph.node if n.op_type == "MatMulNBits"}
+    assert with_zero_points == {bits == 4}
+    assert f"/lm_head/MatMul_Q{bits}" in {n.name for n in graph.node}
 
 
 def test_int4_blocks_are_what_onnxruntime_computes_and_beat_round_to_nearest():
@@ -423,10 +429,11 @@ def test_fused_qkv_rotary_computes_what_the_unfused_graph_does_and_upgrades_a_fo
     # rewritten whole: this small graph now holds its weights, and the old data file is gone
     # (the 0.5B model's go to a new data file, model.onnx_data.1: save_onnx past 2 GiB)
     assert not (old / "model.onnx_data").exists() and not (old / "model.onnx_data.1").exists()
-    for f in (export_lm.INT8_FILE, export_lm.INT4_FILE):
+    for f in (export_lm.INT8_FILE, export_lm.INT4_FILE, export_lm.W8A8_FILE):
         ops = [n.op_type for n in onnx.load(str(old / f)).graph.node]
         # qkv, o, gate, up and down per layer (this tiny model's tied lm_head stays a MatMul)
-        assert ops.count("MatMulNBits") == 5 * 2 and "Cos" not in ops
+        op = "MatMulIntegerToFloat" if f == export_lm.W8A8_FILE else "MatMulNBits"
+        assert ops.count(op) == 5 * 2 and "Cos" not in ops
 
 
 def test_padding_rule_pads_fewest_rows_that_keep_every_run_exact():

@@ -9,7 +9,9 @@ import json
 import pytest
 
 from engine.generate import Completion, Generator, SamplingParams
-from engine.plan import AUTO_VARIANTS, INT8_DOT, Plan, built_variants, cpu_features, cpu_key, recorded, resolve, rule
+from engine import plan as plan_module
+from engine.plan import (AUTO_VARIANTS, INT8_DOT, Plan, built_variants, cpu_features, cpu_key, eligible, recorded, resolve,
+                         rule)
 from engine.scheduler import Scheduler
 
 
@@ -28,7 +30,7 @@ def test_make_models_recorded_a_measured_plan_for_this_cpu(config):
     assert {plan.prefill, plan.decode} <= set(variants) and set(plan.rates) == set(variants)
     for r in plan.rates.values():
         assert r["prefill"] > 0 and r["decode"] > 0
-    auto = [v for v in plan.rates if v in AUTO_VARIANTS]
+    auto = eligible(plan.rates)
     assert plan.prefill == max(auto, key=lambda v: plan.rates[v]["prefill"])
     assert plan.decode == max(auto, key=lambda v: plan.rates[v]["decode"]) and "int4" in plan.rates
     manifest = json.loads((config.gen_model_dir / "manifest.json").read_text())
@@ -37,11 +39,25 @@ def test_make_models_recorded_a_measured_plan_for_this_cpu(config):
 
 def test_rule_follows_cpu_features(config):
     _, feats = cpu_features()
+    dot = any(f in feats for f in INT8_DOT)
     plan = rule(["fp32", "int8", "int4"])
     assert plan.decode == "int8"  # int4 only when measured faster here, or configured
-    assert plan.prefill == ("int8" if any(f in feats for f in INT8_DOT) else "fp32")
+    assert plan.prefill == ("int8" if dot else "fp32")
+    assert rule(["fp32", "int8", "int4", "w8a8"]).prefill == ("w8a8" if dot else "fp32")
     assert rule(["fp32"]) == Plan("fp32", "fp32", "rule", cpu_key())
     assert "chosen by CPU features" in plan.describe()
+
+
+def test_w8a8_is_chosen_only_with_8_bit_dot_products(monkeypatch):
+    """Without VNNI / AMX onnxruntime's u8 x s8 kernels saturate 16-bit pair sums: there w8a8
+    is measured but no plan takes it, by rule or by measurement."""
+    everything = ["fp32", "int8", "int4", "w8a8"]
+    monkeypatch.setattr(plan_module, "cpu_features", lambda: ("AVX2 CPU", ["avx2"]))
+    assert eligible(everything) == ["fp32", "int8", "int4"]
+    assert rule(everything).prefill == "fp32"
+    monkeypatch.setattr(plan_module, "cpu_features", lambda: ("AMX CPU", ["avx2", "avx512f", "avx512_vnni", "amx_int8"]))
+    assert eligible(everything) == everything and rule(everything).prefill == "w8a8"
+    assert set(AUTO_VARIANTS) == set(everything)
 
 
 def test_config_overrides_the_plan(config):
@@ -86,6 +102,28 @@ def test_int4_decodes_when_configured(config):
     answer, and the same tokens alone and beside another row in the scheduler."""
     gen = Generator(config.gen_model_dir, variant="int4", threads=2, context_window=config.context_window)
     prompt = gen.encode(gen.render_chat([{"role": "user", "content": "What is the capital of France? One word."}]))
+    params = SamplingParams(max_new_tokens=8)
+    alone = gen.generate_ids([prompt], params)[0]
+    assert "Paris" in alone.text
+    assert_same_in_a_batch(gen, prompt, params, alone.token_ids, repeats=3, other_tokens=16)
+
+
+def test_w8a8_prefill_is_exact_in_chunks_and_hands_over_to_the_decoder(config):
+    """8-bit activations scaled per row: a token's keys and values are the same whether its
+    prompt is prefilled at once or in chunks (what the prefix cache and chunked prefill rely
+    on), and a w8a8 prefill before an int4 decode answers sensibly, with the same tokens alone
+    and beside another row in the scheduler."""
+    import numpy as np
+
+    gen = Generator(config.gen_model_dir, variant="int4", prefill_variant="w8a8", threads=2,
+                    context_window=config.context_window)
+    prompt = gen.encode(gen.render_chat([{"role": "user", "content": "What is the capital of France? One word."}]))
+    whole_logits, whole = gen.prefill(prompt)
+    _, head = gen.prefill(prompt[:16])
+    _, mid = gen.prefill(prompt[16:32], head)
+    tail_logits, chunked = gen.prefill(prompt[32:], mid)
+    assert all(np.array_equal(a, b) for a, b in zip(whole, chunked))
+    assert np.array_equal(whole_logits, tail_logits)
     params = SamplingParams(max_new_tokens=8)
     alone = gen.generate_ids([prompt], params)[0]
     assert "Paris" in alone.text
