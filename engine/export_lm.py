@@ -11,8 +11,8 @@ size and sha256 or the build stops. transformers loads the GGUF (weights dequant
 fp32), saves an ordinary Hugging Face folder, and optimum exports it as a decoder with past
 key values (task text-generation-with-past). Weight-only int8 and int4 copies (onnxruntime
 MatMulNBits) and a w8a8 copy (8-bit weights and activations, onnxruntime's integer GEMM) are
-written beside it; engine/plan.py picks per machine which of them prefills and which decodes. engine/generate.py needs only onnxruntime and
-tokenizers.
+written beside it; engine/plan.py picks per machine which of them prefills and which
+decodes. engine/generate.py needs only onnxruntime and tokenizers.
 """
 
 from __future__ import annotations
@@ -750,6 +750,7 @@ def quantize_w8a8(model):
     output is the same in any batch or prefill chunk (integer accumulation is exact). MatMuls
     reading the same input (gate and up) share one quantization of it."""
     import numpy as np
+    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     inits = {t.name: t for t in model.graph.initializer}
@@ -762,6 +763,7 @@ def quantize_w8a8(model):
               "w8a8/axes": np.array([-1], np.int64), "w8a8/flat": np.array([-1], np.int64)}
     model.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
     quantized_inputs: dict[str, tuple[str, str]] = {}  # activation -> (uint8 rows, row scales)
+    quantized_weights: set[str] = set()  # a weight two MatMuls read is quantized once
     nodes, replaced = [], set()
     for node in model.graph.node:
         weight = inits.get(node.input[1]) if node.op_type == "MatMul" else None
@@ -788,12 +790,15 @@ def quantize_w8a8(model):
                       helper.make_node("Reshape", [q + "/q2d", q + "/xshape"], [q + "/u8"])]
             quantized_inputs[x] = (q + "/u8", q + "/scale")
         xq, xs = quantized_inputs[x]
-        w = numpy_helper.to_array(weight)
-        w_scale = (np.abs(w).max(axis=0) / 127).astype(np.float32)
-        w_scale[w_scale == 0] = 1.0
-        wq = np.clip(np.rint(w / w_scale), -127, 127).astype(np.int8)
         names = [f"{weight.name}_W8", f"{weight.name}_w8_scale"]
-        model.graph.initializer.extend([numpy_helper.from_array(wq, names[0]), numpy_helper.from_array(w_scale, names[1])])
+        if weight.name not in quantized_weights:
+            quantized_weights.add(weight.name)
+            w = numpy_helper.to_array(weight)
+            w_scale = (np.abs(w).max(axis=0) / 127).astype(np.float32)
+            w_scale[w_scale == 0] = 1.0
+            wq = np.clip(np.rint(w / w_scale), -127, 127).astype(np.int8)
+            model.graph.initializer.extend([numpy_helper.from_array(wq, names[0]),
+                                            numpy_helper.from_array(w_scale, names[1])])
         uses[weight.name] -= 1
         if not uses[weight.name]:  # its fp32 bytes go now (as in quantize_int4)
             replaced.add(weight.name)
@@ -806,6 +811,8 @@ def quantize_w8a8(model):
     for i in reversed(range(len(model.graph.initializer))):
         if model.graph.initializer[i].name in replaced:
             del model.graph.initializer[i]
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     return model
 
 

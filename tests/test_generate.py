@@ -197,6 +197,49 @@ def test_built_decoder_has_the_graph_passes(config, variant):
     assert f"/lm_head/MatMul_Q{bits}" in {n.name for n in graph.node}
 
 
+def test_w8a8_computes_the_quantized_product_row_by_row():
+    """quantize_w8a8 on a two-MatMul graph over [batch, seq, K] activations (both MatMuls read
+    one input, so it is quantized once): onnxruntime's result equals the numpy product of the
+    per-row 8-bit activations and per-column 8-bit weights (integer sums: exact up to the
+    float scales), is close to the fp32 product, an all-zero row gives zeros, and every row
+    computes the same alone as inside the batch. Random weights: a test of the math."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from engine.export_lm import quantize_w8a8
+
+    rng = np.random.default_rng(0)
+    k, n = 64, 48
+    w1, w2 = (rng.standard_normal((2, k, n)) * 0.05).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["y1"], name="a"), helper.make_node("MatMul", ["x", "w2"], ["y2"], name="b")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, k])],
+        [helper.make_tensor_value_info(y, TensorProto.FLOAT, [None, None, n]) for y in ("y1", "y2")],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    model = quantize_w8a8(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    ops = [nd.op_type for nd in model.graph.node]
+    assert ops.count("QuantizeLinear") == 1 and ops.count("MatMulIntegerToFloat") == 2 and "MatMul" not in ops
+    assert not {"w1", "w2"} & {t.name for t in model.graph.initializer}
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    x = rng.standard_normal((2, 3, k)).astype(np.float32) * np.array([1, 10, 0.1], np.float32)[None, :, None]
+    x[1, 2] = 0
+    y1, y2 = session.run(None, {"x": x})
+    for w, y in ((w1, y1), (w2, y2)):
+        ws = np.abs(w).max(0) / 127
+        wq = np.clip(np.rint(w / ws), -127, 127)
+        xs = np.maximum(np.abs(x).max(-1, keepdims=True) / 127, 1e-30)
+        xq = np.clip(np.rint(x / xs), -127, 127)
+        np.testing.assert_allclose(y, (xq @ wq) * ws * xs, rtol=1e-5, atol=1e-6)
+        assert np.abs(y - x @ w).max() < 0.02 * np.abs(x @ w).max()
+    assert not y1[1, 2].any()
+    for b in range(2):
+        for t in range(3):
+            alone = session.run(None, {"x": x[b:b + 1, t:t + 1]})[0]
+            assert np.array_equal(alone[0, 0], y1[b, t])
+
+
 def test_int4_blocks_are_what_onnxruntime_computes_and_beat_round_to_nearest():
     """int4_blocks' packing (nibble order, zero points two per byte, an odd block count) is the
     layout MatMulNBits reads: onnxruntime's product equals x @ the dequantized weight (up to
