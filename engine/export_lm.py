@@ -703,33 +703,30 @@ def int4_blocks(w, block_size: int = INT4_BLOCK_SIZE, shrink=INT4_SEARCH):
     return packed, s_all, zero_points, deq
 
 
-def quantize_int4(model, block_size: int = INT4_BLOCK_SIZE):
-    """Every MatMul with a constant 2-D weight, the output head included, becomes a 4-bit
-    MatMulNBits with a zero point per block (int4_blocks) and int8 compute."""
+def _rewrite_weight_matmuls(model, rewrite):
+    """Replace every MatMul by a constant 2-D weight with the nodes `rewrite(node, weight,
+    first)` returns (`first`: the weight's first MatMul, when the rewrite adds the quantized
+    initializers that later ones share). Each fp32 weight's bytes go once its last MatMul is
+    rewritten, so fp32 and quantized weights never coexist whole."""
     import onnx
-    from onnx import helper, numpy_helper
 
     inits = {t.name: t for t in model.graph.initializer}
     uses: dict[str, int] = {}
     for node in model.graph.node:
         for name in node.input:
             uses[name] = uses.get(name, 0) + 1
-    nodes, replaced = [], set()
+    nodes, seen, replaced = [], set(), set()
     for node in model.graph.node:
         weight = inits.get(node.input[1]) if node.op_type == "MatMul" else None
         if weight is None or len(weight.dims) != 2:
             nodes.append(node)
             continue
-        k, n = weight.dims
-        packed, scales, zero_points, _ = int4_blocks(numpy_helper.to_array(weight), block_size)
-        names = [f"{weight.name}_Q4", f"{weight.name}_scales", f"{weight.name}_zero_points"]
-        model.graph.initializer.extend(numpy_helper.from_array(a, nm) for a, nm in zip((packed, scales, zero_points), names))
+        nodes += rewrite(node, weight, weight.name not in seen)
+        seen.add(weight.name)
         uses[weight.name] -= 1
-        if not uses[weight.name]:  # its fp32 bytes go now, so fp32 and int4 weights never coexist whole
+        if not uses[weight.name]:
             replaced.add(weight.name)
             weight.ClearField("raw_data")
-        nodes.append(helper.make_node("MatMulNBits", [node.input[0], *names], list(node.output), name=node.name + "_Q4",
-                                      domain="com.microsoft", K=k, N=n, bits=4, block_size=block_size, accuracy_level=4))
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     for i in reversed(range(len(model.graph.initializer))):  # in place: extend() would copy the rest
@@ -738,6 +735,24 @@ def quantize_int4(model, block_size: int = INT4_BLOCK_SIZE):
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     return model
+
+
+def quantize_int4(model, block_size: int = INT4_BLOCK_SIZE):
+    """Every MatMul with a constant 2-D weight, the output head included, becomes a 4-bit
+    MatMulNBits with a zero point per block (int4_blocks) and int8 compute."""
+    from onnx import helper, numpy_helper
+
+    def rewrite(node, weight, first):
+        k, n = weight.dims
+        names = [f"{weight.name}_Q4", f"{weight.name}_scales", f"{weight.name}_zero_points"]
+        if first:
+            packed, scales, zero_points, _ = int4_blocks(numpy_helper.to_array(weight), block_size)
+            model.graph.initializer.extend(numpy_helper.from_array(a, nm)
+                                           for a, nm in zip((packed, scales, zero_points), names))
+        return [helper.make_node("MatMulNBits", [node.input[0], *names], list(node.output), name=node.name + "_Q4",
+                                 domain="com.microsoft", K=k, N=n, bits=4, block_size=block_size, accuracy_level=4)]
+
+    return _rewrite_weight_matmuls(model, rewrite)
 
 
 def quantize_w8a8(model):
@@ -750,70 +765,49 @@ def quantize_w8a8(model):
     output is the same in any batch or prefill chunk (integer accumulation is exact). MatMuls
     reading the same input (gate and up) share one quantization of it."""
     import numpy as np
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
-    inits = {t.name: t for t in model.graph.initializer}
-    uses: dict[str, int] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
     consts = {"w8a8/c127": np.array(127, np.float32), "w8a8/tiny": np.array(1e-30, np.float32),
               "w8a8/one": np.array(1, np.float32), "w8a8/zp": np.array(128, np.uint8),
               "w8a8/axes": np.array([-1], np.int64), "w8a8/flat": np.array([-1], np.int64)}
     model.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
     quantized_inputs: dict[str, tuple[str, str]] = {}  # activation -> (uint8 rows, row scales)
-    quantized_weights: set[str] = set()  # a weight two MatMuls read is quantized once
-    nodes, replaced = [], set()
-    for node in model.graph.node:
-        weight = inits.get(node.input[1]) if node.op_type == "MatMul" else None
-        if weight is None or len(weight.dims) != 2:
-            nodes.append(node)
-            continue
+
+    def quantize_input(x: str, k: int) -> list:
+        """Nodes that quantize activation x per row. QuantizeLinear takes one scale per index
+        of one axis: the rows of x as [rows, K], reshaped back after."""
+        q = f"{x}/w8a8"
+        model.graph.initializer.append(numpy_helper.from_array(np.array([-1, k], np.int64), q + "/shape2d"))
+        quantized_inputs[x] = (q + "/u8", q + "/scale")
+        return [helper.make_node("Abs", [x], [q + "/abs"]),
+                helper.make_node("ReduceMax", [q + "/abs", "w8a8/axes"], [q + "/max"], keepdims=1),
+                helper.make_node("Div", [q + "/max", "w8a8/c127"], [q + "/s0"]),
+                helper.make_node("Max", [q + "/s0", "w8a8/tiny"], [q + "/scale"]),  # an all-zero row
+                helper.make_node("Reshape", [q + "/scale", "w8a8/flat"], [q + "/scale_rows"]),
+                helper.make_node("Reshape", [x, q + "/shape2d"], [q + "/x2d"]),
+                helper.make_node("Shape", [q + "/scale_rows"], [q + "/rows"]),
+                helper.make_node("Expand", ["w8a8/zp", q + "/rows"], [q + "/zps"]),
+                helper.make_node("QuantizeLinear", [q + "/x2d", q + "/scale_rows", q + "/zps"], [q + "/q2d"], axis=0),
+                helper.make_node("Shape", [x], [q + "/xshape"]),
+                helper.make_node("Reshape", [q + "/q2d", q + "/xshape"], [q + "/u8"])]
+
+    def rewrite(node, weight, first):
         x, p = node.input[0], node.name
-        k, n = weight.dims
-        if x not in quantized_inputs:
-            # QuantizeLinear takes one scale per index of one axis: the rows of x as [rows, K]
-            q = f"{x}/w8a8"
-            shape_2d = numpy_helper.from_array(np.array([-1, k], np.int64), q + "/shape2d")
-            model.graph.initializer.append(shape_2d)
-            nodes += [helper.make_node("Abs", [x], [q + "/abs"]),
-                      helper.make_node("ReduceMax", [q + "/abs", "w8a8/axes"], [q + "/max"], keepdims=1),
-                      helper.make_node("Div", [q + "/max", "w8a8/c127"], [q + "/s0"]),
-                      helper.make_node("Max", [q + "/s0", "w8a8/tiny"], [q + "/scale"]),  # an all-zero row
-                      helper.make_node("Reshape", [q + "/scale", "w8a8/flat"], [q + "/scale_rows"]),
-                      helper.make_node("Reshape", [x, shape_2d.name], [q + "/x2d"]),
-                      helper.make_node("Shape", [q + "/scale_rows"], [q + "/rows"]),
-                      helper.make_node("Expand", ["w8a8/zp", q + "/rows"], [q + "/zps"]),
-                      helper.make_node("QuantizeLinear", [q + "/x2d", q + "/scale_rows", q + "/zps"], [q + "/q2d"], axis=0),
-                      helper.make_node("Shape", [x], [q + "/xshape"]),
-                      helper.make_node("Reshape", [q + "/q2d", q + "/xshape"], [q + "/u8"])]
-            quantized_inputs[x] = (q + "/u8", q + "/scale")
+        nodes = [] if x in quantized_inputs else quantize_input(x, weight.dims[0])
         xq, xs = quantized_inputs[x]
         names = [f"{weight.name}_W8", f"{weight.name}_w8_scale"]
-        if weight.name not in quantized_weights:
-            quantized_weights.add(weight.name)
+        if first:
             w = numpy_helper.to_array(weight)
             w_scale = (np.abs(w).max(axis=0) / 127).astype(np.float32)
             w_scale[w_scale == 0] = 1.0
             wq = np.clip(np.rint(w / w_scale), -127, 127).astype(np.int8)
             model.graph.initializer.extend([numpy_helper.from_array(wq, names[0]),
                                             numpy_helper.from_array(w_scale, names[1])])
-        uses[weight.name] -= 1
-        if not uses[weight.name]:  # its fp32 bytes go now (as in quantize_int4)
-            replaced.add(weight.name)
-            weight.ClearField("raw_data")
-        nodes += [helper.make_node("MatMulIntegerToFloat", [xq, names[0], "w8a8/one", names[1], "w8a8/zp"], [p + "/cols"],
-                                   name=p + "_W8A8", domain="com.microsoft"),
-                  helper.make_node("Mul", [p + "/cols", xs], list(node.output))]
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    for i in reversed(range(len(model.graph.initializer))):
-        if model.graph.initializer[i].name in replaced:
-            del model.graph.initializer[i]
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-    return model
+        return nodes + [helper.make_node("MatMulIntegerToFloat", [xq, names[0], "w8a8/one", names[1], "w8a8/zp"],
+                                         [p + "/cols"], name=p + "_W8A8", domain="com.microsoft"),
+                        helper.make_node("Mul", [p + "/cols", xs], list(node.output))]
+
+    return _rewrite_weight_matmuls(model, rewrite)
 
 
 def quantize_weights(src: Path, dst: Path, bits: int, block_size: int) -> None:
