@@ -26,11 +26,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import platform
 import time
 from pathlib import Path
 
 from .fsutil import atomic_write
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_tile")
@@ -140,6 +143,10 @@ def resolve(model_dir: Path, *, decode: str = "auto", prefill: str = "auto", pro
         return Plan(decode if prefill == "auto" else prefill, decode, "config", provider)
     plan = recorded(model_dir) or rule(built_variants(model_dir))
     chosen = (plan.prefill if prefill == "auto" else prefill, plan.decode if decode == "auto" else decode)
+    if not has_int8_dot() and any(v in NEEDS_INT8_DOT for v in chosen):
+        log.warning("%s is configured on a CPU without 8-bit dot products (%s): its integer products "
+                    "may saturate there and change answers", "/".join(sorted(set(chosen) & set(NEEDS_INT8_DOT))),
+                    plan.cpu)
     return plan if chosen == (plan.prefill, plan.decode) else Plan(*chosen, "config", plan.cpu, plan.rates)
 
 

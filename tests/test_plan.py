@@ -48,13 +48,16 @@ def test_rule_follows_cpu_features(config):
     assert "chosen by CPU features" in plan.describe()
 
 
-def test_w8a8_is_chosen_only_with_8_bit_dot_products(monkeypatch):
+def test_w8a8_is_chosen_only_with_8_bit_dot_products(config, monkeypatch, caplog):
     """Without VNNI / AMX onnxruntime's u8 x s8 kernels saturate 16-bit pair sums: there w8a8
-    is measured but no plan takes it, by rule or by measurement."""
+    is measured but no plan takes it, by rule or by measurement, and configuring it warns."""
     everything = ["fp32", "int8", "int4", "w8a8"]
     monkeypatch.setattr(plan_module, "cpu_features", lambda: ("AVX2 CPU", ["avx2"]))
     assert eligible(everything) == ["fp32", "int8", "int4"]
     assert rule(everything).prefill == "fp32"
+    with caplog.at_level("WARNING", logger="engine.plan"):
+        assert resolve(config.gen_model_dir, prefill="w8a8").prefill == "w8a8"
+    assert "without 8-bit dot products" in caplog.text
     monkeypatch.setattr(plan_module, "cpu_features", lambda: ("AMX CPU", ["avx2", "avx512f", "avx512_vnni", "amx_int8"]))
     assert eligible(everything) == everything and rule(everything).prefill == "w8a8"
     assert set(AUTO_VARIANTS) == set(everything)
