@@ -46,8 +46,9 @@ INT8_DOT = ("avx512_vnni", "avx_vnni", "amx_int8")
 # int4 decode, the plan there: F1 24.6 / 24.8, 63% / 58% the same (differences of 2-3 F1 are
 # within these samples' noise; README "Answers per plan"). The round-to-nearest int4 before
 # it had F1 21.7 and was never chosen.
-# w8a8 joined as a prefill candidate: on the AMX Xeon it prefills 512 tokens ~2.5x faster
-# than int8 (its integer GEMM runs on AMX / VNNI; MatMulNBits dequantizes blocks first).
+# w8a8 joined as a prefill candidate: on the AMX Xeon it prefills 512 tokens 3.4x faster
+# than int8 (919 against 274 tok/s; its integer GEMM runs on AMX / VNNI, MatMulNBits
+# dequantizes blocks first), with the same answers as the int8 > int4 plan (README).
 AUTO_VARIANTS = ("int4", "int8", "w8a8", "fp32")
 # Its u8 x s8 products are exact only with 8-bit dot-product instructions: without them
 # onnxruntime's kernels use VPMADDUBSW, whose 16-bit pair sums saturate. Elsewhere it is
