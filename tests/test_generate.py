@@ -456,13 +456,17 @@ def test_fused_qkv_rotary_computes_what_the_unfused_graph_does_and_upgrades_a_fo
 
     prompt, steps = [5, 17, 99, 240, 3, 77, 120, 8, 301, 42], [11, 400, 7, 250, 33, 9]
     want = _logits_after(old / "model.onnx", prompt, steps)
-    # a disk without room for the new weights beside the old: refused, nothing changed
+    # a disk without room for the re-quantized copies, or for the new fp32 weights beside the
+    # old (with the copies' share set to nothing): refused, nothing changed
     files = {f.name: f.read_bytes() for f in old.iterdir()}
-    with monkeypatch.context() as m:
-        m.setattr(export_lm.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20))
-        with pytest.raises(SystemExit, match="needs about .* GB free beside it"):
-            export_lm.upgrade(old)
-    assert {f.name: f.read_bytes() for f in old.iterdir()} == files
+    for copy_size, free, refusal in ((export_lm.COPY_SIZE, 1 << 20, "writing model_int8.onnx"),
+                                     (0.0, (256 << 20) + 1, "free beside it")):
+        with monkeypatch.context() as m:
+            m.setattr(export_lm, "COPY_SIZE", copy_size)
+            m.setattr(export_lm.shutil, "disk_usage", lambda p, free=free: shutil._ntuple_diskusage(10 << 30, 10 << 30, free))
+            with pytest.raises(SystemExit, match=f"{refusal}.*"):
+                export_lm.upgrade(old)
+        assert {f.name: f.read_bytes() for f in old.iterdir()} == files
     export_lm.upgrade(old)
     got = _logits_after(old / "model.onnx", prompt, steps)
     assert max(float(np.abs(a - b).max()) for a, b in zip(want, got)) < 1e-4
@@ -477,6 +481,41 @@ def test_fused_qkv_rotary_computes_what_the_unfused_graph_does_and_upgrades_a_fo
         # qkv, o, gate, up and down per layer (this tiny model's tied lm_head stays a MatMul)
         op = "MatMulIntegerToFloat" if f == export_lm.W8A8_FILE else "MatMulNBits"
         assert ops.count(op) == 5 * 2 and "Cos" not in ops
+
+
+def test_upgrade_writes_a_missing_copy_or_refuses_a_full_disk_first(tmp_path, monkeypatch):
+    """A folder built before the w8a8 copy existed gets it from `upgrade` (make models), with
+    its recipe in the manifest and the plan to be measured again; on a disk without room
+    for it, upgrade refuses before touching anything."""
+    import json
+    import shutil
+
+    import onnx
+
+    from engine import export_lm
+
+    built = export_lm.export_hf(_tiny_qwen2(tmp_path / "hf"), tmp_path / "built")
+    manifest = json.loads((built / "manifest.json").read_text())
+    manifest["variants"].remove(export_lm.W8A8_FILE)
+    for key in (export_lm.block_key(export_lm.W8A8_FILE), export_lm.recipe_key(export_lm.W8A8_FILE)):
+        manifest.pop(key)
+    manifest["execution_plans"] = {"some cpu": {"prefill": "int8", "decode": "int8"}}
+    (built / "manifest.json").write_text(json.dumps(manifest))
+    (built / export_lm.W8A8_FILE).unlink()
+    files = {f.name: f.read_bytes() for f in built.iterdir()}
+    with monkeypatch.context() as m:
+        m.setattr(export_lm.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20))
+        with pytest.raises(SystemExit, match=r"writing model_w8a8.onnx into .* needs about .* GB free there"):
+            export_lm.upgrade(built)
+    assert {f.name: f.read_bytes() for f in built.iterdir()} == files
+    export_lm.upgrade(built)
+    after = json.loads((built / "manifest.json").read_text())
+    assert export_lm.W8A8_FILE in after["variants"] and "execution_plans" not in after
+    assert after[export_lm.recipe_key(export_lm.W8A8_FILE)] == export_lm.QUANT_RECIPES[export_lm.W8A8_FILE]
+    ops = [n.op_type for n in onnx.load(str(built / export_lm.W8A8_FILE)).graph.node]
+    assert ops.count("MatMulIntegerToFloat") == 5 * 2
+    assert {f.name: f.read_bytes() for f in built.iterdir() if f.name in files and f.name != "manifest.json"} == \
+        {k: v for k, v in files.items() if k != "manifest.json"}, "the other files stay as they were"
 
 
 def test_padding_rule_pads_fewest_rows_that_keep_every_run_exact():
