@@ -211,12 +211,14 @@ def run(args) -> None:
         base = Config(data_dir=Path(tmp), wal_fsync="off", max_queued_generations=64,
                       max_concurrent_generations=max(args.concurrency),
                       **({"gen_variant": args.variant} if args.variant else {}),
+                      **({"plan_objective": args.plan_objective} if args.plan_objective else {}),
                       **({"prefill_stall_ms": args.prefill_stall_ms} if args.prefill_stall_ms else {}))
         writer = Engine(base)
         writer.create_collection("squad")
         writer.ingest("squad", [Document(p["id"], p["text"], f"squad/{p['id']}", {"title": p["title"]})
                                 for p in paragraphs])
         writer.warmup(generation=True)
+        print(f"plan: {writer.execution_plan.describe()}", flush=True)
         systems = {"ours": base, "one-at-a-time": base.replace(max_concurrent_generations=1)}
         systems = {k: v for k, v in systems.items() if k in args.systems}
         single = single_stream_prefill(writer, questions[0])
@@ -269,6 +271,8 @@ def main() -> None:
                     help="comma-separated (\"\" with --peers: the single-stream section only)")
     ap.add_argument("--variant", choices=("fp32", "int8", "int4", "w8a8"), default=None,
                     help="generator weights that decode (default: the machine's plan)")
+    ap.add_argument("--plan-objective", choices=("latency", "throughput"), default=None,
+                    help="which of the plan's decode variants serves (default: the engine's, latency)")
     ap.add_argument("--prefill-stall-ms", type=float, default=None,
                     help="the scheduler's prefill stall target (default: the engine's)")
     ap.add_argument("--systems", type=lambda s: [x for x in s.split(",") if x], default=["ours", "one-at-a-time"],

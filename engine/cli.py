@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .config import (DEFAULT_CONTEXT_BUDGET_TOKENS, DEFAULT_FUSION_ALPHA, DEFAULT_GEN_MODEL, EMBED_VARIANTS, FUSIONS, GEN_PREFILL_VARIANTS,
-                     GEN_VARIANTS, INDEX_DTYPES, PROVIDERS, SEARCH_MODES, WAL_FSYNC_POLICIES, Config)
+                     GEN_VARIANTS, INDEX_DTYPES, PLAN_OBJECTIVES, PROVIDERS, SEARCH_MODES, WAL_FSYNC_POLICIES, Config)
 from .errors import InvalidInput, NotFound, RagError
 
 
@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generator weights that decode (default auto: this machine's plan, see rag info)")
     p.add_argument("--gen-prefill-variant", choices=GEN_PREFILL_VARIANTS, default=None,
                    help="generator weights that prefill prompts (default auto: this machine's plan, see rag info)")
+    p.add_argument("--plan-objective", choices=PLAN_OBJECTIVES, default=None,
+                   help="decode on the weights fastest for one stream alone (latency, the default) or for a full "
+                        "batch of concurrent answers (throughput); with --gen-variant auto")
     p.add_argument("--fusion", choices=FUSIONS, default=None,
                    help="how hybrid search fuses the dense and BM25 rankings (default convex)")
     p.add_argument("--fusion-alpha", type=float, default=None,
@@ -185,7 +188,8 @@ def make_config(args: argparse.Namespace) -> Config:
     if args.embed_variant:
         kw["embed_variant"] = args.embed_variant
     for name in ("wal_fsync", "wal_fsync_interval_ms", "snapshot_wal_bytes", "snapshot_interval_s", "fusion",
-                 "fusion_alpha", "gen_model", "gen_variant", "gen_prefill_variant", "context_budget_tokens"):
+                 "fusion_alpha", "gen_model", "gen_variant", "gen_prefill_variant", "plan_objective",
+                 "context_budget_tokens"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
     return Config(**kw)
@@ -393,13 +397,14 @@ def remote(args: argparse.Namespace) -> int:
 
 def show_info(engine, args: argparse.Namespace) -> int:
     """`rag info`: what this machine runs, without loading the generator (its plan is on disk)."""
-    from .plan import cpu_key, resolve
+    from .plan import cpu_key, for_config
 
     c = engine.config
-    plan = resolve(c.gen_model_dir, decode=c.gen_variant, prefill=c.gen_prefill_variant, provider=c.provider)
+    plan = for_config(c)
     out = {"embedding_model": c.embed_model, "embedding_variant": c.embed_variant,
            "generation_model": c.gen_model, "cpu": cpu_key(), "execution_plan": plan.describe(),
            "prefill_variant": plan.prefill, "decode_variant": plan.decode, "plan_source": plan.source,
+           "plan_objective": plan.objective,
            "measured_rates": plan.rates, "provider": c.provider, "threads": c.threads,
            "search_mode": c.search_mode, "fusion": c.fusion, "fusion_alpha": c.fusion_alpha,
            "max_concurrent_generations": c.max_concurrent_generations,

@@ -52,6 +52,11 @@ GEN_VARIANTS = ("auto", *GEN_WEIGHTS)
 DEFAULT_GEN_VARIANT = "auto"
 GEN_PREFILL_VARIANTS = GEN_VARIANTS
 DEFAULT_GEN_PREFILL_VARIANT = "auto"
+# What an "auto" decode is fastest at: "latency", one row alone (a lone stream's tokens/s);
+# "throughput", a full batch (a busy server's aggregate tokens/s). The plan measures both
+# (engine/plan.py); they differ where a variant's kernels batch badly (int4 on the AMX Xeon).
+PLAN_OBJECTIVES = ("latency", "throughput")
+DEFAULT_PLAN_OBJECTIVE = "latency"
 # Prompt + answer tokens. The model takes 32k, but prefill cost grows with it on a CPU;
 # 2048 holds ~6 chunks of 256 embedding tokens plus a 256-token answer.
 DEFAULT_CONTEXT_WINDOW = 2048
@@ -199,6 +204,7 @@ class Config:
     gen_model: str = DEFAULT_GEN_MODEL
     gen_variant: str = DEFAULT_GEN_VARIANT
     gen_prefill_variant: str = DEFAULT_GEN_PREFILL_VARIANT
+    plan_objective: str = DEFAULT_PLAN_OBJECTIVE
     context_window: int = DEFAULT_CONTEXT_WINDOW
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     answer_k: int = DEFAULT_ANSWER_K
@@ -263,6 +269,8 @@ class Config:
         if self.gen_prefill_variant not in GEN_PREFILL_VARIANTS:
             raise InvalidInput(f"gen_prefill_variant must be one of {GEN_PREFILL_VARIANTS}, "
                                f"got {self.gen_prefill_variant!r}")
+        if self.plan_objective not in PLAN_OBJECTIVES:
+            raise InvalidInput(f"plan_objective must be one of {PLAN_OBJECTIVES}, got {self.plan_objective!r}")
         if self.context_budget_tokens is not None and (
                 isinstance(self.context_budget_tokens, bool) or not isinstance(self.context_budget_tokens, int)
                 or 0 < self.context_budget_tokens < 16 or self.context_budget_tokens < 0):

@@ -74,11 +74,10 @@ class Engine:
         with self._lock:
             if self._generator is None:
                 from .generate import Generator
-                from .plan import resolve
+                from .plan import for_config
 
                 c = self.config
-                plan = resolve(c.gen_model_dir, decode=c.gen_variant, prefill=c.gen_prefill_variant,
-                               provider=c.provider)
+                plan = for_config(c)
                 self._generator = Generator(c.gen_model_dir, variant=plan.decode, provider=c.provider,
                                             threads=c.threads, context_window=c.context_window,
                                             prefill_variant=plan.prefill)

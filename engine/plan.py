@@ -11,6 +11,12 @@ machine int8 won. So the plan is chosen per machine:
     steps) and records the fastest per phase in the model's manifest.json under the CPU's
     model name and features (`make models` does this once per CPU);
   - without a measurement for this CPU, `rule` decides from the CPU's features.
+Decode is timed twice: one row alone (a lone stream's speed, the "latency" objective, the
+default) and a full batch of MEASURE_BATCH_ROWS rows (the aggregate tokens/s of a busy
+server, "throughput"). They can disagree: on the AMX Xeon int4 MatMulNBits decodes one row
+fastest, but 8 rows cost it ~2.5x one row, while w8a8's integer GEMM takes 8 rows for ~1.3x.
+A server decodes every row on one variant (a request's greedy tokens must not depend on its
+batch), so Config.plan_objective picks which of the two the plan serves.
 A prefill on fp32 weights and a decode on int8 weights share one KV cache layout (the
 same graph, quantized), so the decoder continues from the fp32 prefill's keys and values.
 Users override either phase (Config.gen_variant for decode, Config.gen_prefill_variant).
@@ -60,6 +66,11 @@ RULE_DECODE = ("int8", "fp32")
 MEASURE_PROMPT_TOKENS = 512
 MEASURE_DECODE_STEPS = 16
 MEASURE_ROUNDS = 2
+# Rows of the batched decode measurement (the server's default row limit,
+# config.DEFAULT_MAX_CONCURRENT_GENERATIONS) and the keys each row attends to.
+MEASURE_BATCH_ROWS = 8
+MEASURE_BATCH_KEYS = 256
+OBJECTIVES = ("latency", "throughput")
 
 
 def cpu_features() -> tuple[str, list[str]]:
@@ -89,11 +100,13 @@ class Plan:
     decode: str
     source: str  # "measured", "rule" or "config"
     cpu: str
-    rates: dict = dataclasses.field(default_factory=dict)  # variant -> {"prefill": tok/s, "decode": tok/s}
+    # variant -> {"prefill": tok/s, "decode": tok/s one row, "batch_decode": tok/s all rows of a full batch}
+    rates: dict = dataclasses.field(default_factory=dict)
+    objective: str = "latency"  # what chose the decode variant (OBJECTIVES)
 
     def describe(self) -> str:
         how = {"measured": "measured on", "rule": "chosen by CPU features for", "config": "set by config on"}[self.source]
-        return f"prefill {self.prefill}, decode {self.decode} ({how} {self.cpu})"
+        return f"prefill {self.prefill}, decode {self.decode} for {self.objective} ({how} {self.cpu})"
 
 
 def has_int8_dot() -> bool:
@@ -130,38 +143,62 @@ def recorded(model_dir: Path) -> Plan | None:
     return Plan(entry["prefill"], entry["decode"], "measured", cpu_key(), entry.get("rates", {}))
 
 
+def batch_measured(plan: Plan | None) -> bool:
+    """Whether `plan` holds batched decode rates (plans recorded before them do not)."""
+    return bool(plan and plan.rates and all("batch_decode" in r for r in plan.rates.values()))
+
+
+def fastest(rates: dict, phase: str) -> str:
+    """The eligible variant with the highest `phase` rate."""
+    auto = eligible(rates) or list(rates)
+    return max(auto, key=lambda v: rates[v][phase])
+
+
 def built_variants(model_dir: Path) -> list[str]:
     from .generate import VARIANT_FILES
 
     return [v for v, f in VARIANT_FILES.items() if (Path(model_dir) / f).exists()]
 
 
-def resolve(model_dir: Path, *, decode: str = "auto", prefill: str = "auto", provider: str = "cpu") -> Plan:
+def resolve(model_dir: Path, *, decode: str = "auto", prefill: str = "auto", provider: str = "cpu",
+            objective: str = "latency") -> Plan:
     """The plan to run: the configured phases, with "auto" filled in from this machine's plan
-    (on a GPU, which no CPU measurement describes: int8 decodes, and prefills too)."""
+    (on a GPU, which no CPU measurement describes: int8 decodes, and prefills too). The
+    decode is the one fastest for `objective`: "latency", a row alone; "throughput", a full
+    batch (a plan measured before batched rates, or none: the same as for latency)."""
     if provider != "cpu":
         decode = "int8" if decode == "auto" else decode
-        return Plan(decode if prefill == "auto" else prefill, decode, "config", provider)
+        return Plan(decode if prefill == "auto" else prefill, decode, "config", provider, objective=objective)
     plan = recorded(model_dir) or rule(built_variants(model_dir))
+    plan = dataclasses.replace(plan, objective=objective)
+    if objective == "throughput" and batch_measured(plan):
+        plan = dataclasses.replace(plan, decode=fastest(plan.rates, "batch_decode"))
     chosen = (plan.prefill if prefill == "auto" else prefill, plan.decode if decode == "auto" else decode)
     if not has_int8_dot() and any(v in NEEDS_INT8_DOT for v in chosen):
         log.warning("%s is configured on a CPU without 8-bit dot products (%s): its integer products "
                     "may saturate there and change answers", "/".join(sorted(set(chosen) & set(NEEDS_INT8_DOT))),
                     plan.cpu)
-    return plan if chosen == (plan.prefill, plan.decode) else Plan(*chosen, "config", plan.cpu, plan.rates)
+    return plan if chosen == (plan.prefill, plan.decode) else Plan(*chosen, "config", plan.cpu, plan.rates, objective)
+
+
+def for_config(c) -> Plan:
+    """resolve() for an engine.config.Config."""
+    return resolve(c.gen_model_dir, decode=c.gen_variant, prefill=c.gen_prefill_variant, provider=c.provider,
+                   objective=c.plan_objective)
 
 
 def measure(model_dir: Path, threads: int, *, log=print) -> Plan:
-    """Time prefill and decode of every built variant here; record them, and the fastest of
-    the eligible ones per phase as the plan."""
+    """Time prefill, one-row decode and full-batch decode of every built variant here; record
+    them, and the fastest of the eligible ones per phase as the plan."""
     import numpy as np
 
-    from .generate import Completion, Generator, SamplingParams
+    from .generate import Completion, Generator, KVBatch, SamplingParams
 
     model_dir = Path(model_dir)
     rates: dict[str, dict[str, float]] = {}
     gens = {v: Generator(model_dir, variant=v, threads=threads) for v in built_variants(model_dir)}
     prompt = [int(x) for x in np.random.default_rng(0).integers(1000, 20000, MEASURE_PROMPT_TOKENS)]
+    caches = {}
     # Rounds alternate the variants and each keeps its best, so a burst of load on a shared
     # machine slows one round of every variant rather than all of one variant.
     for _ in range(MEASURE_ROUNDS):
@@ -172,23 +209,36 @@ def measure(model_dir: Path, threads: int, *, log=print) -> Plan:
                         if isinstance(ev, Completion))
             t1 = time.perf_counter()
             steps = max(comp.completion_tokens - 1, 1)
-            r = rates.setdefault(variant, {"prefill": 0.0, "decode": 0.0})
+            r = rates.setdefault(variant, {"prefill": 0.0, "decode": 0.0, "batch_decode": 0.0})
             r["prefill"] = max(r["prefill"], len(prompt) / (comp.first_token_ns / 1e9))
             r["decode"] = max(r["decode"], steps / max(t1 - t0 - comp.first_token_ns / 1e9, 1e-9))
+            # a full batch: MEASURE_BATCH_ROWS rows of the prompt's first keys, decoding together
+            if variant not in caches:
+                caches[variant] = gen.prefill(prompt[:MEASURE_BATCH_KEYS])[1]
+            batch = KVBatch(gen)
+            for _ in range(MEASURE_BATCH_ROWS):
+                batch.add(caches[variant], MEASURE_BATCH_KEYS + MEASURE_DECODE_STEPS + 2)
+            ids = np.full((MEASURE_BATCH_ROWS, 1), prompt[MEASURE_BATCH_KEYS], np.int64)
+            batch.step(ids)  # warm up
+            t0 = time.perf_counter()
+            for _ in range(MEASURE_DECODE_STEPS):
+                batch.step(ids)
+            took = time.perf_counter() - t0
+            r["batch_decode"] = max(r["batch_decode"], MEASURE_BATCH_ROWS * MEASURE_DECODE_STEPS / took)
+            del batch
     for variant, r in rates.items():
         log(f"[plan] {variant}: prefill {r['prefill']:.0f} tok/s at {len(prompt)} tokens, decode {r['decode']:.1f} tok/s "
-            f"(best of {MEASURE_ROUNDS})")
-    del gens
-    auto = eligible(rates) or list(rates)
-    plan = Plan(max(auto, key=lambda v: rates[v]["prefill"]), max(auto, key=lambda v: rates[v]["decode"]),
-                "measured", cpu_key(), rates)
+            f"one row, {r['batch_decode']:.1f} tok/s {MEASURE_BATCH_ROWS} rows (best of {MEASURE_ROUNDS})")
+    del gens, caches
+    plan = Plan(fastest(rates, "prefill"), fastest(rates, "decode"), "measured", cpu_key(), rates)
     path = model_dir / MANIFEST
     manifest = json.loads(path.read_text())
     manifest.setdefault("execution_plans", {})[plan.cpu] = {
-        "prefill": plan.prefill, "decode": plan.decode, "rates": rates, "threads": threads,
-        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        "prefill": plan.prefill, "decode": plan.decode, "batch_decode": fastest(rates, "batch_decode"),
+        "rates": rates, "threads": threads, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     atomic_write(path, json.dumps(manifest, indent=2))
-    log(f"[plan] {plan.describe()}; recorded in {path}")
+    log(f"[plan] {plan.describe()}; for throughput (a full batch): decode {fastest(rates, 'batch_decode')}; "
+        f"recorded in {path}")
     return plan
 
 
@@ -198,13 +248,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description="the generator's per-machine execution plan")
     ap.add_argument("--model-dir", type=Path, default=DEFAULT_MODELS_DIR / DEFAULT_GEN_MODEL)
     ap.add_argument("--measure", action="store_true", help="measure here and record it (even if recorded)")
-    ap.add_argument("--if-missing", action="store_true", help="with --measure: only if this CPU has no plan yet")
+    ap.add_argument("--if-missing", action="store_true",
+                    help="with --measure: only if this CPU has no plan yet, or one without batched decode rates")
     ap.add_argument("--threads", type=int, default=default_threads())
     args = ap.parse_args()
-    if args.measure and not (args.if_missing and recorded(args.model_dir)):
+    if args.measure and not (args.if_missing and batch_measured(recorded(args.model_dir))):
         measure(args.model_dir, args.threads)
-    plan = recorded(args.model_dir) or rule(built_variants(args.model_dir))
-    print(plan.describe())
+    for objective in OBJECTIVES:
+        print(resolve(args.model_dir, objective=objective).describe())
 
 
 if __name__ == "__main__":

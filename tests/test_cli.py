@@ -101,4 +101,8 @@ def test_info_names_the_cpu_and_the_execution_plan(tmp_path, capsys):
     assert info["decode_variant"] in ("int8", "int4") and info["plan_source"] in ("measured", "rule")
     other = "fp32" if info["prefill_variant"] != "fp32" else "int8"  # not what this machine's plan chose
     code, out, _ = rag(capsys, "--data-dir", str(tmp_path), "--gen-prefill-variant", other, "info")
-    assert code == 0 and f"prefill {other}, decode {plan.decode} (set by config" in out
+    assert code == 0 and f"prefill {other}, decode {plan.decode} for latency (set by config" in out
+    code, out, _ = rag(capsys, "--data-dir", str(tmp_path), "--plan-objective", "throughput", "info", "--json")
+    busy = resolve(Config().gen_model_dir, objective="throughput")
+    assert code == 0 and json.loads(out)["decode_variant"] == busy.decode
+    assert json.loads(out)["plan_objective"] == "throughput"

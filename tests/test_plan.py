@@ -10,8 +10,10 @@ import pytest
 
 from engine.generate import Completion, Generator, SamplingParams
 from engine import plan as plan_module
-from engine.plan import (AUTO_VARIANTS, INT8_DOT, Plan, built_variants, cpu_features, cpu_key, eligible, recorded, resolve,
-                         rule)
+from engine.config import Config
+from engine.errors import InvalidInput
+from engine.plan import (AUTO_VARIANTS, INT8_DOT, Plan, batch_measured, built_variants, cpu_features, cpu_key, eligible,
+                         for_config, recorded, resolve, rule)
 from engine.scheduler import Scheduler
 
 
@@ -29,12 +31,50 @@ def test_make_models_recorded_a_measured_plan_for_this_cpu(config):
     variants = built_variants(config.gen_model_dir)
     assert {plan.prefill, plan.decode} <= set(variants) and set(plan.rates) == set(variants)
     for r in plan.rates.values():
-        assert r["prefill"] > 0 and r["decode"] > 0
+        assert r["prefill"] > 0 and r["decode"] > 0 and r["batch_decode"] > 0
     auto = eligible(plan.rates)
     assert plan.prefill == max(auto, key=lambda v: plan.rates[v]["prefill"])
     assert plan.decode == max(auto, key=lambda v: plan.rates[v]["decode"]) and "int4" in plan.rates
+    assert plan.objective == "latency" and batch_measured(plan)
     manifest = json.loads((config.gen_model_dir / "manifest.json").read_text())
-    assert manifest["execution_plans"][cpu_key()]["decode"] == plan.decode
+    entry = manifest["execution_plans"][cpu_key()]
+    assert entry["decode"] == plan.decode
+    assert entry["batch_decode"] == max(auto, key=lambda v: plan.rates[v]["batch_decode"])
+
+
+def test_throughput_objective_decodes_on_the_fastest_full_batch(config):
+    """The plan times a full batch too; the throughput objective serves the variant that
+    decodes most tokens/s over all its rows, the latency objective (default) a row alone."""
+    latency, throughput = (resolve(config.gen_model_dir, objective=o) for o in ("latency", "throughput"))
+    auto = eligible(latency.rates)
+    assert latency.decode == max(auto, key=lambda v: latency.rates[v]["decode"])
+    assert throughput.decode == max(auto, key=lambda v: latency.rates[v]["batch_decode"])
+    assert throughput.prefill == latency.prefill and throughput.source == "measured"
+    assert "for throughput" in throughput.describe() and "for latency" in latency.describe()
+    assert for_config(config.replace(plan_objective="throughput")) == throughput
+    assert for_config(config) == latency
+    forced = resolve(config.gen_model_dir, decode="fp32", objective="throughput")
+    assert forced.decode == "fp32" and forced.source == "config", "a configured decode beats either objective"
+    with pytest.raises(InvalidInput, match="plan_objective must be one of"):
+        Config(plan_objective="fastest")
+
+
+def test_a_plan_recorded_before_batch_rates_is_measured_again(tmp_path):
+    """A manifest from before batched rates: throughput falls back to the one-row choice, and
+    `engine.plan --measure --if-missing` (make models) measures this CPU again."""
+    rates = {"int8": {"prefill": 300.0, "decode": 25.0}, "int4": {"prefill": 200.0, "decode": 40.0}}
+    (tmp_path / "manifest.json").write_text(json.dumps({"execution_plans": {
+        cpu_key(): {"prefill": "int8", "decode": "int4", "rates": rates}}}))
+    old = recorded(tmp_path)
+    assert old is not None and not batch_measured(old)
+    assert resolve(tmp_path, objective="throughput").decode == "int4"
+    for r, batch in zip(rates.values(), (150.0, 90.0)):
+        r["batch_decode"] = batch
+    (tmp_path / "manifest.json").write_text(json.dumps({"execution_plans": {
+        cpu_key(): {"prefill": "int8", "decode": "int4", "batch_decode": "int8", "rates": rates}}}))
+    assert batch_measured(recorded(tmp_path))
+    assert resolve(tmp_path, objective="throughput").decode == "int8"
+    assert resolve(tmp_path).decode == "int4"
 
 
 def test_rule_follows_cpu_features(config):
