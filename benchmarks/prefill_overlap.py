@@ -8,9 +8,11 @@ then one prefill chunk of a newcomer, then a step, so while someone joins, every
 inter-token gap is a step plus a chunk. The alternative measured here runs the newcomer's
 prefill (chunks of `--chunk` on the plan's prefill weights) in a second thread while the
 first keeps stepping the batch (`--rows` rows of `--keys` random keys on the plan's decode
-weights), with onnxruntime's idle threads spinning (our default) or sleeping
+weights), with onnxruntime's idle threads spinning or sleeping
 (`session.intra_op.allow_spinning` 0) in either session. Baseline, in the same process on
-the same data: serial, as the scheduler does. Per setting: the step time while the
+the same data: serial, as the scheduler does, with both sessions' idle threads spinning or
+both sleeping (the Generator's choice when prefill and decode weights differ: spinning
+threads of one session took the cores from the other's run). Per setting: the step time while the
 newcomer prefills (median and p99: the streams' inter-token gap), the prefill time, and
 the wall time both need against serial (steps alone + prefill alone); also the step time
 with no prefill beside it, since sleeping threads slow a one-token step. One JSON line per
@@ -38,11 +40,12 @@ from engine.embed import make_session  # noqa: E402
 from engine.generate import VARIANT_FILES, Generator, KVBatch  # noqa: E402
 from engine.plan import resolve  # noqa: E402
 
-SETTINGS = {  # name -> (decode threads spin, prefill threads spin)
-    "serial (the scheduler)": None,
-    "overlap, both spinning": (True, True),
-    "overlap, prefill sleeping": (True, False),
-    "overlap, both sleeping": (False, False),
+SETTINGS = {  # name -> (serial, decode threads spin, prefill threads spin)
+    "serial, both spinning": (True, True, True),
+    "serial, both sleeping": (True, False, False),  # the scheduler's way with two sessions (Generator)
+    "overlap, both spinning": (False, True, True),
+    "overlap, prefill sleeping": (False, True, False),
+    "overlap, both sleeping": (False, False, False),
 }
 
 
@@ -63,10 +66,9 @@ def main() -> int:
     gens = {}
     for spin in (True, False):  # one Generator per spinning setting, sessions made accordingly
         g = Generator(cfg.gen_model_dir, variant=plan.decode, prefill_variant=plan.prefill, threads=a.threads)
-        if not spin:
-            g.session = make_session(cfg.gen_model_dir / VARIANT_FILES[plan.decode], "cpu", a.threads, spinning=False)
-            g._prefill_session = make_session(cfg.gen_model_dir / VARIANT_FILES[plan.prefill], "cpu", a.threads,
-                                              spinning=False)
+        g.session = make_session(cfg.gen_model_dir / VARIANT_FILES[plan.decode], "cpu", a.threads, spinning=spin)
+        g._prefill_session = make_session(cfg.gen_model_dir / VARIANT_FILES[plan.prefill], "cpu", a.threads,
+                                          spinning=spin)
         gens[spin] = g
     rng = np.random.default_rng(0)
     newcomer = [int(x) for x in rng.integers(1000, 20000, a.prompt)]
@@ -97,12 +99,12 @@ def main() -> int:
             step(batches[spin])
             prefill(gens[spin])
         alone = {spin: [step(batches[spin]) for _ in range(16)] for spin in gens}
-        serial_prefill = [prefill(gens[True]) for _ in range(a.rounds)]
+        serial_prefill = {spin: [prefill(gens[spin]) for _ in range(a.rounds)] for spin in gens}
         base = {}
-        for name, setting in SETTINGS.items():
-            if setting is None:  # the scheduler's way: a step, a chunk, a step...
+        for name, (serial, dspin, pspin) in SETTINGS.items():
+            if serial:  # the scheduler's way: a step, a chunk, a step...
                 gaps, walls = [], []
-                g, b = gens[True], batches[True]
+                g, b = gens[dspin], batches[dspin]
                 for _ in range(a.rounds):
                     t0, past = time.perf_counter(), None
                     for s in range(0, len(newcomer), a.chunk):
@@ -112,11 +114,10 @@ def main() -> int:
                         gaps.append(time.perf_counter() - t)
                     walls.append(time.perf_counter() - t0)
                 steps_done = len(gaps)
-                pre = pct(serial_prefill, 50)
+                pre = pct(serial_prefill[dspin], 50)
                 wall = sum(walls) / a.rounds
                 serial_wall = wall
             else:
-                dspin, pspin = setting
                 g_pre, b = gens[pspin], batches[dspin]
                 gaps, walls, pres = [], [], []
                 for _ in range(a.rounds):
@@ -132,10 +133,10 @@ def main() -> int:
                 steps_done = len(gaps)
                 pre = pct(pres, 50)
                 # the same work done serially: these steps alone plus the prefill alone
-                serial_wall = (steps_done / a.rounds) * pct(alone[True], 50) + pct(serial_prefill, 50)
+                serial_wall = (steps_done / a.rounds) * pct(alone[True], 50) + pct(serial_prefill[True], 50)
                 wall = sum(walls) / a.rounds
             rec = {"rows": rows, "keys": a.keys, "prompt": a.prompt, "chunk": a.chunk, "setting": name,
-                   "step_alone_ms": pct(alone[True if setting is None else setting[0]], 50) * 1e3,
+                   "step_alone_ms": pct(alone[dspin], 50) * 1e3,
                    "gap_p50_ms": pct(gaps, 50) * 1e3, "gap_p99_ms": pct(gaps, 99) * 1e3,
                    "prefill_ms": pre * 1e3, "steps_per_prefill": steps_done / a.rounds,
                    "wall_ms": wall * 1e3, "serial_wall_ms": serial_wall * 1e3, "wall_ratio": serial_wall / wall,
