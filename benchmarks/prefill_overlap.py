@@ -10,9 +10,11 @@ prefill (chunks of `--chunk` on the plan's prefill weights) in a second thread w
 first keeps stepping the batch (`--rows` rows of `--keys` random keys on the plan's decode
 weights), with onnxruntime's idle threads spinning or sleeping
 (`session.intra_op.allow_spinning` 0) in either session. Baseline, in the same process on
-the same data: serial, as the scheduler does, with both sessions' idle threads spinning or
-both sleeping (the Generator's choice when prefill and decode weights differ: spinning
-threads of one session took the cores from the other's run). Per setting: the step time while the
+the same data: serial, as the scheduler does, with both sessions' idle threads spinning (the
+Generator's sessions) or both sleeping. (Here, serial with both sleeping joined a newcomer
+1.36x / 1.53x faster than spinning on the AMX Xeon, one spinning session's threads taking the
+cores from the other's run; served, `serve_answers.py` in two A/B pairs, sleeping was 0.86-0.96x
+spinning, so the Generator keeps spinning: README "Serving answers".) Per setting: the step time while the
 newcomer prefills (median and p99: the streams' inter-token gap), the prefill time, and
 the wall time both need against serial (steps alone + prefill alone); also the step time
 with no prefill beside it, since sleeping threads slow a one-token step. One JSON line per
@@ -42,7 +44,7 @@ from engine.plan import resolve  # noqa: E402
 
 SETTINGS = {  # name -> (serial, decode threads spin, prefill threads spin)
     "serial, both spinning": (True, True, True),
-    "serial, both sleeping": (True, False, False),  # the scheduler's way with two sessions (Generator)
+    "serial, both sleeping": (True, False, False),
     "overlap, both spinning": (False, True, True),
     "overlap, prefill sleeping": (False, True, False),
     "overlap, both sleeping": (False, False, False),

@@ -355,18 +355,10 @@ class Generator:
         pad_id = self.tokenizer.token_to_id(self._token_text(pad)) if pad else None
         self.pad_id = pad_id if pad_id is not None else (min(self.eos_ids) if self.eos_ids else 0)
 
-        # Two sessions (a plan that prefills on other weights than it decodes on) take turns on
-        # the same cores: a decode step, a newcomer's prefill chunk, a step... onnxruntime's idle
-        # threads spin for a while after each run, so each session's spinning threads took the
-        # cores from the other's work: on the AMX Xeon a one-row int4 step beside w8a8 prefill
-        # chunks took 57.6 ms against 22.4 alone, an 8-row step 138 against 81, and each chunk
-        # ~45 ms more. With both sleeping when idle, taking turns cost nothing measurable and a
-        # step alone no more than spinning (benchmarks/prefill_overlap.py, "serial" settings).
-        spinning = prefill_variant == variant
-        self.session = make_session(path, provider, threads, spinning=spinning)
+        self.session = make_session(path, provider, threads)
         self.prefill_variant = prefill_variant
         self._prefill_session = None if prefill_variant == variant else \
-            make_session(model_dir / VARIANT_FILES[prefill_variant], provider, threads, spinning=False)
+            make_session(model_dir / VARIANT_FILES[prefill_variant], provider, threads)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.past_names = [n for n in self.input_names if n.startswith("past_key_values")]
