@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import grpc  # noqa: E402
 from _common import SQUAD, cpu_name, log_jsonl, pct, squad_paragraphs  # noqa: E402
 
-from engine.config import Config  # noqa: E402
+from engine.config import PLAN_OBJECTIVES, Config  # noqa: E402
 from engine.documents import Document  # noqa: E402
 from engine.generate import Completion, SamplingParams  # noqa: E402
 from engine.pipeline import Engine  # noqa: E402
@@ -271,7 +271,7 @@ def main() -> None:
                     help="comma-separated (\"\" with --peers: the single-stream section only)")
     ap.add_argument("--variant", choices=("fp32", "int8", "int4", "w8a8"), default=None,
                     help="generator weights that decode (default: the machine's plan)")
-    ap.add_argument("--plan-objective", choices=("latency", "throughput"), default=None,
+    ap.add_argument("--plan-objective", choices=PLAN_OBJECTIVES, default=None,
                     help="which of the plan's decode variants serves (default: the engine's, latency)")
     ap.add_argument("--prefill-stall-ms", type=float, default=None,
                     help="the scheduler's prefill stall target (default: the engine's)")

@@ -37,6 +37,7 @@ import platform
 import time
 from pathlib import Path
 
+from .config import PLAN_OBJECTIVES
 from .fsutil import atomic_write
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,6 @@ MEASURE_ROUNDS = 2
 # config.DEFAULT_MAX_CONCURRENT_GENERATIONS) and the keys each row attends to.
 MEASURE_BATCH_ROWS = 8
 MEASURE_BATCH_KEYS = 256
-OBJECTIVES = ("latency", "throughput")
 
 
 def cpu_features() -> tuple[str, list[str]]:
@@ -102,7 +102,7 @@ class Plan:
     cpu: str
     # variant -> {"prefill": tok/s, "decode": tok/s one row, "batch_decode": tok/s all rows of a full batch}
     rates: dict = dataclasses.field(default_factory=dict)
-    objective: str = "latency"  # what chose the decode variant (OBJECTIVES)
+    objective: str = "latency"  # what chose the decode variant (config.PLAN_OBJECTIVES)
 
     def describe(self) -> str:
         how = {"measured": "measured on", "rule": "chosen by CPU features for", "config": "set by config on"}[self.source]
@@ -254,7 +254,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.measure and not (args.if_missing and batch_measured(recorded(args.model_dir))):
         measure(args.model_dir, args.threads)
-    for objective in OBJECTIVES:
+    for objective in PLAN_OBJECTIVES:
         print(resolve(args.model_dir, objective=objective).describe())
 
 
