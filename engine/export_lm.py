@@ -732,7 +732,10 @@ def _rewrite_weight_matmuls(model, rewrite):
         if weight is None or len(weight.dims) != 2:
             nodes.append(node)
             continue
-        nodes += rewrite(node, weight, weight.name not in seen)
+        out = rewrite(node, weight, weight.name not in seen)
+        nodes += out
+        if out == [node]:  # left as it was: its weight stays
+            continue
         seen.add(weight.name)
         uses[weight.name] -= 1
         if not uses[weight.name]:
@@ -748,12 +751,15 @@ def _rewrite_weight_matmuls(model, rewrite):
     return model
 
 
-def quantize_int4(model, block_size: int = INT4_BLOCK_SIZE):
+def quantize_int4(model, block_size: int = INT4_BLOCK_SIZE, keep=frozenset()):
     """Every MatMul with a constant 2-D weight, the output head included, becomes a 4-bit
-    MatMulNBits with a zero point per block (int4_blocks) and int8 compute."""
+    MatMulNBits with a zero point per block (int4_blocks) and int8 compute; but the MatMuls
+    named in `keep`, which stay fp32 (benchmarks/quant_fidelity.py)."""
     from onnx import helper, numpy_helper
 
     def rewrite(node, weight, first):
+        if node.name in keep:
+            return [node]
         k, n = weight.dims
         names = [f"{weight.name}_Q4", f"{weight.name}_scales", f"{weight.name}_zero_points"]
         if first:

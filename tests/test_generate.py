@@ -285,6 +285,34 @@ def test_int4_blocks_are_what_onnxruntime_computes_and_beat_round_to_nearest():
     assert np.linalg.norm(deq - w) < 0.9 * np.linalg.norm(rtn - w)
 
 
+def test_quantize_int4_leaves_the_kept_matmuls_in_fp32():
+    """quantize_int4(keep=...) (benchmarks/quant_fidelity.py: int4 with the output head in
+    fp32): the kept MatMul and its weight stay as they were and compute the fp32 product;
+    the other becomes MatMulNBits and its fp32 weight goes. Random weights: a graph test."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from engine.export_lm import quantize_int4
+
+    rng = np.random.default_rng(1)
+    k, n = 64, 24
+    w1, w2 = (rng.standard_normal((2, k, n)) * 0.05).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["y1"], name="a"), helper.make_node("MatMul", ["x", "w2"], ["y2"], name="b")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+        [helper.make_tensor_value_info(y, TensorProto.FLOAT, [None, n]) for y in ("y1", "y2")],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    model = quantize_int4(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), keep={"b"})
+    assert [(nd.name, nd.op_type) for nd in model.graph.node] == [("a_Q4", "MatMulNBits"), ("b", "MatMul")]
+    inits = {t.name for t in model.graph.initializer}
+    assert "w2" in inits and "w1" not in inits
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    y1, y2 = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(y2, x @ w2, rtol=1e-5, atol=1e-6)
+    assert 0 < np.abs(y1 - x @ w1).max() < 0.05 * np.abs(x @ w1).max()
+
+
 def test_a_graph_over_2gib_is_saved_with_external_data(tmp_path):
     """The 1.5B preset's quantized graph is over 2 GiB (its fp32 embeddings), more than one
     protobuf can hold: save_onnx writes the weights to a data file beside it, and
