@@ -13,6 +13,12 @@ of the two are identical. Where Generator.row_padding pads (int8 on an AVX-512 V
 Xeon: odd row counts; int4 on the AVX2 EPYC: one row), ours carries a padding row, which
 the baseline did not: there its row took another kernel, so its logits differ, and ours
 costs one more row. One JSON line per (rows, keys) to bench-results/decode_step.jsonl.
+
+`--roofline`: the floor under a one-row step, where every step reads all the projection
+weights once: their bytes in the graph (fp32, or 4/8-bit levels with their scales and zero
+points; the embedding table, read one row per token, not counted) over this machine's read
+bandwidth, timed here as a Numba parallel sum over as many bytes (best of 5). Prints the
+floor in ms and tokens/s, and the share of it each one-row step reached.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import cpu_name, log_jsonl  # noqa: E402
 
 from engine.config import Config  # noqa: E402
-from engine.generate import Generator, KVBatch  # noqa: E402
+from engine.generate import VARIANT_FILES, Generator, KVBatch  # noqa: E402
 
 
 def copying_step(g: Generator, ids: np.ndarray, lengths: np.ndarray, past: list[np.ndarray]):
@@ -52,12 +58,17 @@ def main() -> int:
     ap.add_argument("--keys", type=lambda s: [int(x) for x in s.split(",")], default=[256, 800])
     ap.add_argument("--steps", type=int, default=16, help="timed steps per system and shape")
     ap.add_argument("--threads", type=int, default=Config().threads)
+    ap.add_argument("--roofline", action="store_true", help="also the weight-read floor of a one-row step")
     a = ap.parse_args()
 
     cfg = Config()
+    if a.roofline:  # before onnxruntime's spinning threads exist: they would slow the read
+        weight_bytes = projection_bytes(Path(cfg.gen_model_dir) / VARIANT_FILES[a.variant])
+        gbs = read_bandwidth(weight_bytes, a.threads)
     g = Generator(cfg.gen_model_dir, variant=a.variant, threads=a.threads)
     print(f"CPU: {cpu_name()}; {g.name} {a.variant}, {a.threads} threads, {a.steps} steps each")
     rng = np.random.default_rng(0)
+    steps: dict[tuple[int, int], float] = {}
     for rows in a.rows:
         for keys in a.keys:
             kv = [(rng.standard_normal((rows, g.num_kv_heads, keys, g.head_dim)) * 0.5).astype(np.float32)
@@ -89,8 +100,55 @@ def main() -> int:
                   f"  logits identical: {same}" + (f"  (ours + {rec['padded_rows']} padding row)" if rec["padded_rows"] else ""),
                   flush=True)
             log_jsonl("decode_step", rec)
+            steps[(rows, keys)] = ours_ms
             del past
+    if a.roofline:
+        floor_ms = weight_bytes / gbs / 1e6
+        print(f"roofline: {weight_bytes / 1e6:.0f} MB of projection weights per step, read at {gbs:.1f} GB/s "
+              f"(Numba, {a.threads} threads): floor {floor_ms:.1f} ms ({1000 / floor_ms:.1f} tok/s) for one row")
+        for (rows, keys), ms in steps.items():
+            if rows == 1:
+                print(f"  keys {keys:4d}: one-row step {ms:.1f} ms, {100 * floor_ms / ms:.0f}% of the floor's speed")
+                log_jsonl("decode_step", {"variant": a.variant, "threads": a.threads, "rows": 1, "keys": keys,
+                                          "roofline_mb": weight_bytes / 1e6, "read_gb_per_s": gbs,
+                                          "floor_ms": floor_ms, "in_place_ms": ms, "share_of_floor": floor_ms / ms})
     return 0
+
+
+def projection_bytes(path: Path) -> int:
+    """Bytes of the initializers that MatMul-like nodes read (weights, scales, zero points)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    sizes = {t.name: int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+             for t in model.graph.initializer}
+    read = {x for n in model.graph.node if n.op_type.startswith("MatMul") for x in n.input[1:]}
+    return sum(sizes.get(x, 0) for x in read)
+
+
+def read_bandwidth(nbytes: int, threads: int) -> float:
+    """GB/s of a Numba parallel sum over `nbytes` of float32 on `threads` threads (best of 5)."""
+    import numba
+
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+
+    @numba.njit(parallel=True, fastmath=True, cache=False)
+    def total(x):
+        t = 0.0
+        for i in numba.prange(x.size):
+            t += x[i]
+        return t
+
+    x = np.ones(nbytes // 4, np.float32)
+    total(x)
+    best = min(_timed(total, x) for _ in range(5))
+    return x.nbytes / best / 1e9
+
+
+def _timed(fn, x) -> float:
+    t = time.perf_counter()
+    fn(x)
+    return time.perf_counter() - t
 
 
 if __name__ == "__main__":
