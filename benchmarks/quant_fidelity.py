@@ -156,27 +156,17 @@ def gptq_int4(w: np.ndarray, h: np.ndarray, block: int = 32, lazy: int = 128, da
 
 def build_gptq(model_dir: Path, dst: Path, hess: dict) -> None:
     import onnx
-    from onnx import helper, numpy_helper
 
     model = onnx.load(str(model_dir / export_lm.FP32_FILE))
     inputs = weight_inputs(model)
-    bs = export_lm.INT4_BLOCK_SIZE
 
-    def rewrite(node, weight, first):
-        k, n = weight.dims
-        names = [f"{weight.name}_Q4", f"{weight.name}_scales", f"{weight.name}_zero_points"]
-        if first:
-            w, h = numpy_helper.to_array(weight), hess[inputs[weight.name]]
-            parts = [gptq_int4(w[:, c:c + 16384], h, bs) for c in range(0, n, 16384)]  # columns are independent
-            q, s, z = (np.concatenate(p, axis=ax) for p, ax in zip(zip(*parts), (1, 0, 0)))
-            lv = q.T.reshape(n, k // bs, bs)
-            zi = np.pad(z.astype(np.uint8), ((0, 0), (0, z.shape[1] % 2)))
-            arrays = (lv[..., 0::2] | (lv[..., 1::2] << 4), s, zi[:, 0::2] | (zi[:, 1::2] << 4))
-            model.graph.initializer.extend(numpy_helper.from_array(a, nm) for a, nm in zip(arrays, names))
-        return [helper.make_node("MatMulNBits", [node.input[0], *names], list(node.output), name=node.name + "_Q4",
-                                 domain="com.microsoft", K=k, N=n, bits=4, block_size=bs, accuracy_level=4)]
+    def blocks(name, w, bs):
+        parts = [gptq_int4(w[:, c:c + 16384], hess[inputs[name]], bs) for c in range(0, w.shape[1], 16384)]
+        q, s, z = (np.concatenate(p, axis=ax) for p, ax in zip(zip(*parts), (1, 0, 0)))  # columns are independent
+        packed, zero_points = export_lm.pack_int4(q.T.reshape(w.shape[1], -1, bs), z)
+        return packed, s, zero_points
 
-    export_lm.save_onnx(export_lm._rewrite_weight_matmuls(model, rewrite), dst)
+    export_lm.save_onnx(export_lm.quantize_int4(model, blocks=blocks), dst)
 
 
 # ----------------------------------------------------------------------------- SmoothQuant

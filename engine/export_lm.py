@@ -707,11 +707,19 @@ def int4_blocks(w, block_size: int = INT4_BLOCK_SIZE, shrink=INT4_SEARCH):
                 s_all[sl] = np.where(better, scale, s_all[sl])
                 z_all[sl] = np.where(better, z, z_all[sl])
                 q_all[sl] = np.where(better[..., None], q, q_all[sl])
-    packed = q_all[..., 0::2] | (q_all[..., 1::2] << 4)
-    zpad = np.pad(z_all, ((0, 0), (0, kb % 2)))
-    zero_points = zpad[:, 0::2] | (zpad[:, 1::2] << 4)
+    packed, zero_points = pack_int4(q_all, z_all)
     deq = (s_all[..., None] * (q_all.astype(np.float32) - z_all[..., None])).reshape(n, -1)[:, :k].T
     return packed, s_all, zero_points, deq
+
+
+def pack_int4(levels, zeros):
+    """MatMulNBits' 4-bit layout: levels [N, K/bs, bs] (0..15) -> [N, K/bs, bs/2] uint8, low
+    nibble first; zero points [N, K/bs] -> [N, ceil(K/bs / 2)], two per byte."""
+    import numpy as np
+
+    levels, zeros = np.asarray(levels, np.uint8), np.asarray(zeros, np.uint8)
+    zpad = np.pad(zeros, ((0, 0), (0, zeros.shape[1] % 2)))
+    return levels[..., 0::2] | (levels[..., 1::2] << 4), zpad[:, 0::2] | (zpad[:, 1::2] << 4)
 
 
 def _rewrite_weight_matmuls(model, rewrite):
@@ -734,7 +742,7 @@ def _rewrite_weight_matmuls(model, rewrite):
             continue
         out = rewrite(node, weight, weight.name not in seen)
         nodes += out
-        if out == [node]:  # left as it was: its weight stays
+        if len(out) == 1 and out[0] is node:  # left as it was: its weight stays
             continue
         seen.add(weight.name)
         uses[weight.name] -= 1
@@ -751,10 +759,12 @@ def _rewrite_weight_matmuls(model, rewrite):
     return model
 
 
-def quantize_int4(model, block_size: int = INT4_BLOCK_SIZE, keep=frozenset()):
+def quantize_int4(model, block_size: int = INT4_BLOCK_SIZE, keep=frozenset(), blocks=None):
     """Every MatMul with a constant 2-D weight, the output head included, becomes a 4-bit
-    MatMulNBits with a zero point per block (int4_blocks) and int8 compute; but the MatMuls
-    named in `keep`, which stay fp32 (benchmarks/quant_fidelity.py)."""
+    MatMulNBits with a zero point per block and int8 compute; but the MatMuls named in `keep`,
+    which stay fp32. `blocks(weight name, [K, N] weight, block_size)` chooses the blocks
+    (packed, scales, zero points as int4_blocks returns them; default: int4_blocks itself;
+    benchmarks/quant_fidelity.py passes GPTQ's)."""
     from onnx import helper, numpy_helper
 
     def rewrite(node, weight, first):
@@ -763,7 +773,9 @@ def quantize_int4(model, block_size: int = INT4_BLOCK_SIZE, keep=frozenset()):
         k, n = weight.dims
         names = [f"{weight.name}_Q4", f"{weight.name}_scales", f"{weight.name}_zero_points"]
         if first:
-            packed, scales, zero_points, _ = int4_blocks(numpy_helper.to_array(weight), block_size)
+            w = numpy_helper.to_array(weight)
+            packed, scales, zero_points = (blocks(weight.name, w, block_size) if blocks else
+                                           int4_blocks(w, block_size)[:3])
             model.graph.initializer.extend(numpy_helper.from_array(a, nm)
                                            for a, nm in zip((packed, scales, zero_points), names))
         return [helper.make_node("MatMulNBits", [node.input[0], *names], list(node.output), name=node.name + "_Q4",
