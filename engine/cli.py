@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan-objective", choices=PLAN_OBJECTIVES, default=None,
                    help="decode on the weights fastest for one stream alone (latency, the default) or for a full "
                         "batch of concurrent answers (throughput); with --gen-variant auto")
+    p.add_argument("--speculative-tokens", type=int, default=None,
+                   help="tokens a greedy streamed answer drafts from its prompt per run of the model, checked at "
+                        "once (0 = off; default 3 with --plan-objective latency, 0 with throughput)")
     p.add_argument("--fusion", choices=FUSIONS, default=None,
                    help="how hybrid search fuses the dense and BM25 rankings (default convex)")
     p.add_argument("--fusion-alpha", type=float, default=None,
@@ -189,7 +192,7 @@ def make_config(args: argparse.Namespace) -> Config:
         kw["embed_variant"] = args.embed_variant
     for name in ("wal_fsync", "wal_fsync_interval_ms", "snapshot_wal_bytes", "snapshot_interval_s", "fusion",
                  "fusion_alpha", "gen_model", "gen_variant", "gen_prefill_variant", "plan_objective",
-                 "context_budget_tokens"):
+                 "speculative_tokens", "context_budget_tokens"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
     return Config(**kw)

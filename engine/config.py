@@ -148,6 +148,13 @@ DEFAULT_PREFILL_CHUNK = 256
 DEFAULT_PREFILL_STALL_MS = 500.0
 DEFAULT_PREFIX_BLOCK_TOKENS = 16
 DEFAULT_PREFIX_CACHE_MB = 256.0
+# Speculative decoding (engine/scheduler.py): a greedy streamed answer drafts up to this many
+# tokens per run from its own prompt and checks them in one run of the model. None: 3 under
+# the latency objective, 0 (off) under throughput, where rows share one-token steps instead
+# (a speculating row runs alone). At most MAX_SPECULATIVE_TOKENS (export_lm.VERIFY_MAX_TOKENS - 1).
+DEFAULT_SPECULATIVE_TOKENS = None
+SPECULATIVE_TOKENS_LATENCY = 3
+MAX_SPECULATIVE_TOKENS = 7
 
 # Server (server/): limits and the micro-batching window.
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -225,6 +232,7 @@ class Config:
     prefill_stall_ms: float = DEFAULT_PREFILL_STALL_MS
     prefix_block_tokens: int = DEFAULT_PREFIX_BLOCK_TOKENS
     prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB
+    speculative_tokens: int | None = DEFAULT_SPECULATIVE_TOKENS
     batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS
     max_batch_request: int = DEFAULT_MAX_BATCH_REQUEST
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
@@ -295,6 +303,11 @@ class Config:
                                f"({self.prefix_block_tokens})")
         if self.prefill_stall_ms <= 0:
             raise InvalidInput(f"prefill_stall_ms must be > 0, got {self.prefill_stall_ms}")
+        if self.speculative_tokens is not None and (
+                isinstance(self.speculative_tokens, bool) or not isinstance(self.speculative_tokens, int)
+                or not 0 <= self.speculative_tokens <= MAX_SPECULATIVE_TOKENS):
+            raise InvalidInput(f"speculative_tokens must be an integer in [0, {MAX_SPECULATIVE_TOKENS}] (0 = off), "
+                               f"got {self.speculative_tokens!r}")
         if self.prefix_cache_mb < 0:
             raise InvalidInput(f"prefix_cache_mb must be >= 0 (0 = off), got {self.prefix_cache_mb}")
         if self.max_document_bytes + MESSAGE_HEADROOM_BYTES > self.max_message_bytes:
@@ -314,6 +327,13 @@ class Config:
     def gen_model_dir(self) -> Path:
         """Folder holding the exported ONNX generation model (made by `make models`)."""
         return self.models_dir / self.gen_model
+
+    @property
+    def draft_tokens(self) -> int:
+        """speculative_tokens, resolved (None: by plan_objective)."""
+        if self.speculative_tokens is not None:
+            return self.speculative_tokens
+        return SPECULATIVE_TOKENS_LATENCY if self.plan_objective == "latency" else 0
 
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)

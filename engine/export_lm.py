@@ -171,7 +171,9 @@ PROTOBUF_LIMIT = 2**31 - 1
 # rewrote nodes that gqa_attention now removes.
 # fused_qkv_rotary rewrites weights (packs Q, K and V): it runs on the fp32 graph only, and an
 # upgrade re-quantizes the quantized copies from the result.
-GRAPH_PASSES = ("last_position_logits", "grouped_keys", "gqa_attention", "fused_qkv_rotary")
+# short_run_logits keeps every position's logits in runs of at most VERIFY_MAX_TOKENS tokens
+# (what speculative decoding verifies drafts with, engine/generate.KVBatch.verify).
+GRAPH_PASSES = ("last_position_logits", "grouped_keys", "gqa_attention", "fused_qkv_rotary", "short_run_logits")
 WEIGHT_PASSES = ("fused_qkv_rotary",)
 # manifest "kv_layout" once gqa_attention rewrote the graph: row b's keys are cache columns
 # [0, len_b), new keys written at len_b (what engine/generate.py requires).
@@ -210,6 +212,57 @@ def last_position_logits(model) -> bool:
     for out in g.output:
         if out.name == "logits":
             out.type.tensor_type.shape.dim[1].dim_value = 1
+    return True
+
+
+# The longest run whose every position gets logits (short_run_logits): a verify run of
+# speculative decoding (the last token and up to VERIFY_MAX_TOKENS - 1 drafted ones).
+VERIFY_MAX_TOKENS = 8
+
+
+def short_run_logits(model) -> bool:
+    """Logits for every position of a run of at most VERIFY_MAX_TOKENS tokens, the last
+    position's only for a longer run (a prompt).
+
+    Speculative decoding checks drafted tokens in one run of the last token and the drafts,
+    which needs the logits after each of them; prefill chunks stay as last_position_logits
+    made them (a chunk of 8 tokens or fewer computes them all: a few rows of the head, whose
+    weights the run reads anyway). Callers that want the next token read position -1 either
+    way. Rewrites the Slice last_position_logits added; False if there is none.
+    """
+    from onnx import TensorProto, helper
+
+    g = model.graph
+    node = next((n for n in g.node if n.name == "/lm_head/LastPosition" and n.op_type == "Slice"), None)
+    if node is None:
+        return False
+    names = ("run_logits_one", "run_logits_max", "run_logits_last")
+    g.initializer.extend([
+        helper.make_tensor(names[0], TensorProto.INT64, [1], [1]),
+        helper.make_tensor(names[1], TensorProto.INT64, [1], [VERIFY_MAX_TOKENS]),
+        helper.make_tensor(names[2], TensorProto.INT64, [1], [-1]),
+    ])
+    new = [helper.make_node("Shape", ["input_ids"], ["run_logits_shape"], name="/lm_head/RunShape"),
+           helper.make_node("Gather", ["run_logits_shape", names[0]], ["run_logits_len"], axis=0,
+                            name="/lm_head/RunLength"),
+           helper.make_node("Greater", ["run_logits_len", names[1]], ["run_logits_long"], name="/lm_head/LongRun"),
+           helper.make_node("Neg", ["run_logits_len"], ["run_logits_all"], name="/lm_head/AllPositions"),
+           helper.make_node("Where", ["run_logits_long", names[2], "run_logits_all"], ["run_logits_start"],
+                            name="/lm_head/FirstPosition")]
+    old = node.input[1]
+    node.input[1] = "run_logits_start"
+    nodes = list(g.node)
+    at = nodes.index(node)
+    del g.node[:]
+    g.node.extend(nodes[:at] + new + nodes[at:])
+    if not any(old in n.input for n in g.node):
+        keep = [t for t in g.initializer if t.name != old]
+        del g.initializer[:]
+        g.initializer.extend(keep)
+    for out in g.output:
+        if out.name == "logits":
+            out.type.tensor_type.shape.dim[1].ClearField("dim_value")
+            out.type.tensor_type.shape.dim[1].dim_param = "logit_positions"
     return True
 
 
@@ -570,6 +623,8 @@ def apply_graph_passes(path: Path, passes: tuple[str, ...] = GRAPH_PASSES) -> li
             (n := fused_qkv_rotary(model, kv_heads, heads, int(cfg.get("max_position_embeddings") or 32768))):
         changed.append("fused_qkv_rotary")
         log(f"{path.name}: {n} layers project Q, K and V in one MatMul and rotate inside GroupQueryAttention")
+    if "short_run_logits" in passes and short_run_logits(model):
+        changed.append("short_run_logits")
     if not changed:
         return changed
     tmp = path.with_name(f".{path.name}.tmp")

@@ -28,6 +28,7 @@ import numpy as np
 from . import kernels
 from .embed import make_session
 from .errors import InvalidInput, Unavailable
+from .export_lm import VERIFY_MAX_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +179,23 @@ def padding_rule(exact: dict[int, bool]) -> tuple[int, int] | None:
     return min(rules, key=lambda r: (sum(padded(r, n) - n for n in range(1, 9)), r), default=None)
 
 
+def lookup_draft(history: np.ndarray, k: int, max_ngram: int = 3) -> list[int]:
+    """Up to `k` tokens that may come next, copied from the history (prompt lookup): the
+    tokens that followed the latest earlier occurrence of the history's last `max_ngram`
+    tokens (fewer if that finds nothing). A RAG answer copies much of its passages, so the
+    drafts are often right. [] if no suffix of the history occurred before."""
+    n_hist = len(history)
+    for n in range(min(max_ngram, n_hist - 1), 0, -1):
+        tail = history[n_hist - n:]
+        starts = np.flatnonzero(history[:n_hist - n] == tail[0])  # occurrences before the tail itself
+        for j in range(1, n):
+            starts = starts[history[starts + j] == tail[j]]
+        if starts.size:
+            s = int(starts[-1]) + n
+            return [int(t) for t in history[s:s + k]]
+    return []
+
+
 class KVBatch:
     """The keys and values of a decode batch, updated in place.
 
@@ -298,6 +316,43 @@ class KVBatch:
         g.session.run_with_iobinding(io)
         self.lengths = self.lengths + 1
         return logits[:n, -1, :]
+
+    def verify(self, b: int, tokens: Sequence[int]) -> np.ndarray:
+        """One run of row b alone over `tokens` (its last token, then drafted ones) at positions
+        lengths[b]...; returns the logits after each (len(tokens), vocab). Their keys are
+        written in place; `accept` says how many of them the row keeps.
+
+        Speculative decoding (engine/scheduler.py): such a run costs about one decode step
+        (the weights are read once for all its tokens), so each accepted draft is a token for
+        free. onnxruntime's GroupQueryAttention takes several new tokens after a cache only
+        in a run of one row, so a speculating row always runs alone, in runs of two tokens or
+        more: those agree bit for bit whatever the run's length, buffer width or row, so the
+        row's tokens do not depend on the other rows (a one-token step rounds differently).
+        """
+        g, n = self.gen, len(tokens)
+        if not 2 <= n <= g.verify_max_tokens:
+            raise ValueError(f"a verify run takes 2 to {g.verify_max_tokens} tokens, got {n}")
+        start = int(self.lengths[b])
+        if start + n > self.columns:
+            self._resize(self.bufs[0].shape[0], start + n)
+        cols = self.columns
+        logits = np.empty((1, n, g.vocab_size), np.float32)
+        io = g.session.io_binding()
+        io.bind_output(g.output_names[0], "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        for past, present, buf in zip(g.past_names, g.present_names, self.bufs):
+            row = buf[b:b + 1]  # contiguous: C order
+            io.bind_input(past, "cpu", 0, np.float32, list(row.shape), row.ctypes.data)
+            io.bind_output(present, "cpu", 0, np.float32, list(row.shape), row.ctypes.data)
+        io.bind_cpu_input("input_ids", np.asarray([tokens], np.int64))
+        io.bind_cpu_input("attention_mask", (np.arange(cols)[None, :] < start + n).astype(np.int64))
+        if "position_ids" in g.input_names:
+            io.bind_cpu_input("position_ids", np.arange(start, start + n, dtype=np.int64)[None, :])
+        g.session.run_with_iobinding(io)
+        return logits[0]
+
+    def accept(self, b: int, n: int) -> None:
+        """Row b keeps the first n keys its last verify run wrote (the rest are overwritten later)."""
+        self.lengths[b] += n
 
 
 class Generator:
@@ -480,6 +535,12 @@ class Generator:
         # the machine's plan may prefill on other weights than it decodes on (engine/plan.py)
         outs = self.prefill_session.run(None, feeds)
         return outs[0][0, -1, :], outs[1:1 + len(self.past_names)]
+
+    @property
+    def verify_max_tokens(self) -> int:
+        """Tokens a verify run may carry (KVBatch.verify); 0 if the graph returns the last
+        position's logits only (a model folder from before short_run_logits: make models)."""
+        return VERIFY_MAX_TOKENS if "short_run_logits" in self.manifest.get("graph_passes", []) else 0
 
     @functools.cached_property
     def row_padding(self) -> tuple[int, int]:

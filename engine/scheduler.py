@@ -16,7 +16,8 @@ One thread runs the model, so concurrent answers never fight over the cores; eac
      `prefill_chunk` tokens. A newcomer whose
      prompt is done joins the running batch with its first token;
   4. runs one batched decode step over every active row and hands each row's text delta
-     to its caller.
+     to its caller;
+  5. runs one verify run for each speculating row (below).
 
 Rows join and leave a running batch: the batch KV cache (generate.KVBatch) is right-padded
 (row b's keys are columns [0, len_b), its next key goes to column len_b, in place), a
@@ -25,6 +26,18 @@ tokens, and leaving rows are cut out by moving later rows down. Each row attends
 keys only (GroupQueryAttention, engine/export_lm.gqa_attention), and a step pads its row
 count where the CPU's kernels depend on a row's place in the run (Generator.row_padding),
 so a greedy row gets the same tokens alone or in any batch.
+
+Speculative decoding (prompt lookup): a greedy streamed answer drafts up to `draft_tokens`
+tokens per run by copying what followed the latest earlier occurrence of its last tokens
+in its prompt or answer (generate.lookup_draft: a RAG answer quotes its passages), and
+runs its last token and the drafts through the model at once (KVBatch.verify): a run reads
+the weights once, as a one-token step does, so every draft the model agrees with is a
+token for free, and the tokens are exactly what the model picks at each position. Such a
+row runs alone (GroupQueryAttention takes several new tokens after a cache only in a
+one-row run), always in runs of two tokens or more (one filler token when nothing is
+drafted), whose results do not depend on the run's length or the other rows; so its
+tokens are the same alone or beside others, as the batched rows' are. Batch requests
+(`streamed` False) and sampled rows share one-token steps instead.
 
 Prefix cache: prompts are prefilled in blocks of `block_tokens` aligned from position 0,
 and each full block's KV is kept in an LRU cache keyed by a hash of all tokens up to its
@@ -55,7 +68,8 @@ from .config import (DEFAULT_KV_BUDGET_TOKENS, DEFAULT_MAX_CONCURRENT_GENERATION
                      DEFAULT_PREFILL_CHUNK, DEFAULT_PREFILL_STALL_MS, DEFAULT_PREFIX_BLOCK_TOKENS,
                      DEFAULT_PREFIX_CACHE_MB)
 from .errors import InvalidInput, Overloaded, Unavailable
-from .generate import FINISH_CANCELLED, FINISH_EOS, FINISH_LENGTH, Completion, Generator, KVBatch, SamplingParams, _Row
+from .generate import (FINISH_CANCELLED, FINISH_EOS, FINISH_LENGTH, Completion, Generator, KVBatch, SamplingParams,
+                       _Row, lookup_draft)
 
 log = logging.getLogger("rag.scheduler")
 
@@ -147,6 +161,10 @@ class Ticket:
         self.done_tokens = 0  # prompt tokens whose KV exists
         self.cached_tokens = 0
         self.block_keys: list[bytes] = []
+        self.speculating = False  # decoded by verify runs of its own (set when it joins)
+        self.history: np.ndarray | None = None  # prompt + answer tokens, for drafting
+        self.drafted = 0
+        self.accepted = 0
         self.t_submit = time.perf_counter_ns()
         self.t_admit = 0
         self.t_first = 0
@@ -194,7 +212,8 @@ class Scheduler:
                  max_queue: int = DEFAULT_MAX_QUEUED_GENERATIONS, kv_budget_tokens: int = DEFAULT_KV_BUDGET_TOKENS,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, block_tokens: int = DEFAULT_PREFIX_BLOCK_TOKENS,
                  prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
-                 prefill_stall_ms: float = DEFAULT_PREFILL_STALL_MS) -> None:
+                 prefill_stall_ms: float = DEFAULT_PREFILL_STALL_MS,
+                 draft_tokens: int = 0) -> None:
         if prefill_chunk % block_tokens:
             raise InvalidInput(f"prefill_chunk ({prefill_chunk}) must be a multiple of block_tokens ({block_tokens})")
         self.generator = generator
@@ -214,11 +233,21 @@ class Scheduler:
         self._prefilling: list[Ticket] = []
         self._active: list[Ticket] = []
         self._batch = KVBatch(generator)  # the active rows' right-padded cache, updated in place
+        # speculating rows: their caches, each row verified alone (see the module docstring)
+        self.draft_tokens = min(draft_tokens, max(generator.verify_max_tokens - 1, 0))
+        if draft_tokens and not self.draft_tokens:
+            log.warning("speculative decoding is off: the generation model's graph lacks short_run_logits "
+                        "(run `make models` to add it)")
+        self._speculating: list[Ticket] = []
+        self._solo = KVBatch(generator)
         self._cv = threading.Condition()
         self._stop = False
         self.steps = 0
         self.rows_stepped = 0
         self.prefill_runs = 0
+        self.verify_runs = 0
+        self.drafted = 0  # tokens drafted and checked
+        self.accepted = 0  # of them, the ones the model agreed with
         self._thread = threading.Thread(target=self._loop, name="rag-scheduler", daemon=True)
         self._thread.start()
 
@@ -235,8 +264,8 @@ class Scheduler:
         with self._cv:
             if self._stop:
                 raise Unavailable("the generation scheduler is shut down")
-            if len(self._active) + len(self._prefilling) + len(self._waiting) >= self.max_rows + self.max_queue:
-                raise Overloaded(f"{len(self._active) + len(self._prefilling)} answers are being generated and "
+            if self.running + len(self._waiting) >= self.max_rows + self.max_queue:
+                raise Overloaded(f"{self.running} answers are being generated and "
                                  f"{len(self._waiting)} are queued (limits {self.max_rows} and {self.max_queue}); "
                                  "retry later")
             self._waiting.append(t)
@@ -249,12 +278,14 @@ class Scheduler:
         if self.chunk_cost is None:
             return "measuring the prefill chunk cost"
         a, b = self.chunk_cost
+        spec = (f"greedy streams draft up to {self.draft_tokens} tokens a run from their prompt"
+                if self.draft_tokens else "no speculative decoding")
         return (f"prefill chunks beside streams: up to {self.efficient_chunk} tokens ({a * 1000:.1f} ms + "
-                f"{b * 1000:.2f} ms/token here); {self.generator.describe_padding()}")
+                f"{b * 1000:.2f} ms/token here); {self.generator.describe_padding()}; {spec}")
 
     @property
     def running(self) -> int:
-        return len(self._active) + len(self._prefilling)
+        return len(self._active) + len(self._speculating) + len(self._prefilling)
 
     @property
     def waiting(self) -> int:
@@ -299,13 +330,14 @@ class Scheduler:
             log.exception("prefill calibration failed")
         while True:
             with self._cv:
-                while not (self._waiting or self._prefilling or self._active or self._stop):
+                while not (self._waiting or self._prefilling or self._active or self._speculating or self._stop):
                     self._cv.wait()
                 if self._stop:
-                    pending = [*self._waiting, *self._prefilling, *self._active]
+                    pending = [*self._waiting, *self._prefilling, *self._active, *self._speculating]
                     self._waiting.clear()
                     self._prefilling.clear()
                     self._active.clear()
+                    self._speculating.clear()
                     break
                 self._admit()
             self._retire_stopped()
@@ -326,6 +358,14 @@ class Scheduler:
                     self._reset_batch()
                     for t in rows:
                         self._fail(t, e)
+            for t in list(self._speculating):
+                try:
+                    self._verify_run(t)
+                except Exception as e:  # noqa: BLE001 - fail this row, keep serving
+                    log.exception("verify run failed")
+                    i = self._speculating.index(t)
+                    self._keep_solo([j for j in range(len(self._speculating)) if j != i])
+                    self._fail(t, e)
         for t in pending:
             self._fail(t, Unavailable("the generation scheduler was shut down"))
 
@@ -340,7 +380,7 @@ class Scheduler:
                 self._waiting.popleft()
                 self._finish(t, FINISH_CANCELLED)
                 continue
-            rows = [*self._active, *self._prefilling]
+            rows = [*self._active, *self._speculating, *self._prefilling]
             if len(rows) >= self.max_rows:
                 return
             widest = max([self._need(t), *(self._need(r) for r in rows)])
@@ -360,6 +400,11 @@ class Scheduler:
             for i in gone:
                 self._finish(self._active[i], FINISH_CANCELLED)
             self._keep([i for i in range(len(self._active)) if i not in set(gone)])
+        gone = [i for i, t in enumerate(self._speculating) if t.should_stop()]
+        if gone:
+            for i in gone:
+                self._finish(self._speculating[i], FINISH_CANCELLED)
+            self._keep_solo([i for i in range(len(self._speculating)) if i not in set(gone)])
 
     # ------------------------------------------------------------------ prefill
     def _start_prefill(self, t: Ticket) -> None:
@@ -413,10 +458,24 @@ class Scheduler:
         self._batch.clear()
 
     def _join(self, t: Ticket) -> None:
-        """Copy the newcomer's cache into the batch, with room for its new tokens."""
+        """Copy the newcomer's cache into the batch (or, for a speculating row, the solo
+        rows' buffers), with room for its new tokens."""
         kv, t.kv = t.kv, None
+        if self.draft_tokens and t.streamed and t.params.temperature <= 0:
+            t.speculating = True
+            t.history = np.empty(len(t.prompt) + t.params.max_new_tokens + 1, np.int64)
+            t.history[:len(t.prompt)] = t.prompt
+            t.history[len(t.prompt)] = t.row.ids[-1]
+            self._solo.add(kv, min(self._need(t), self.generator.window))
+            self._speculating.append(t)
+            return
         self._batch.add(kv, min(self._need(t), self.generator.window))
         self._active.append(t)
+
+    def _keep_solo(self, keep: list[int]) -> None:
+        """Cut the speculating rows not in `keep` out of the solo buffers."""
+        self._speculating = [self._speculating[i] for i in keep]
+        self._solo.keep(keep)
 
     def _keep(self, keep: list[int]) -> None:
         """Cut the rows not in `keep` out of the batch."""
@@ -441,6 +500,41 @@ class Scheduler:
                 keep.append(i)
         if len(keep) < len(rows):
             self._keep(keep)
+
+    def _verify_run(self, t: Ticket) -> None:
+        """One run of a speculating row: its last token and up to draft_tokens drafted ones
+        (never past max_new_tokens); keeps the tokens the model picks while they match the
+        drafts, and the model's own pick at the first mismatch."""
+        b, row = self._speculating.index(t), t.row
+        n_hist = len(t.prompt) + len(row.ids)
+        left = t.params.max_new_tokens - len(row.ids)  # >= 1: a row at its limit has finished
+        drafts = lookup_draft(t.history[:n_hist], min(self.draft_tokens, left - 1))
+        # runs of one token round differently from longer ones: pad with a filler, never kept
+        tokens = [row.ids[-1], *drafts] if drafts else [row.ids[-1], row.ids[-1]]
+        logits = self._solo.verify(b, tokens)
+        self.verify_runs += 1
+        kept = 0
+        for j in range(len(drafts) + 1):
+            token = row.pick(logits[j])
+            row.push(token)
+            if row.finish is not None:
+                break
+            t.history[n_hist] = token
+            n_hist += 1
+            if j == len(drafts) or token != drafts[j]:
+                break
+            kept += 1
+        self._solo.accept(b, kept + 1)  # the last token's keys and the agreed drafts'
+        t.drafted += len(drafts)
+        t.accepted += kept
+        self.drafted += len(drafts)
+        self.accepted += kept
+        if row.finish is None and self._solo.lengths[b] + 1 > self.generator.window:
+            row.finish = FINISH_LENGTH
+        self._emit(t)
+        if row.finish is not None:
+            self._finish(t, row.finish)
+            self._keep_solo([i for i in range(len(self._speculating)) if i != b])
 
     # ------------------------------------------------------------------ events
     def _emit(self, t: Ticket) -> None:
