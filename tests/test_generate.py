@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from engine.errors import InvalidInput
-from engine.generate import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Completion, Generator, KVBatch, SamplingParams
+from engine.generate import (FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Completion, Generator, KVBatch, SamplingParams,
+                             lookup_draft)
 
 REPO = Path(__file__).resolve().parent.parent
 HF_DIR = REPO / ".cache" / "hf" / "qwen2.5-coder-0.5b-instruct"  # written by `make models`
@@ -174,8 +175,9 @@ def test_built_decoder_has_the_graph_passes(config, variant):
     left = [n.name for n in graph.node if n.op_type in ("Softmax", "Expand", "IsNaN", "MatMul") and "self_attn/" in n.name
             and "_proj/" not in n.name]
     assert not left, f"nothing of the exported attention is left: {left[:3]}"
-    logits = next(o for o in graph.output if o.name == "logits")
-    assert logits.type.tensor_type.shape.dim[1].dim_value == 1
+    logits = next(o for o in graph.output if o.name == "logits")  # short_run_logits: 1 or a short run's length
+    assert logits.type.tensor_type.shape.dim[1].dim_param == "logit_positions"
+    assert "/lm_head/FirstPosition" in {n.name for n in graph.node}
     if file not in QUANTIZED:
         return
     # every projection and the output head are quantized, only the embedding stays fp32
@@ -411,6 +413,51 @@ def test_kv_batch_decodes_in_place_and_one_row_equals_a_wide_batch(generator):
     assert wide.bufs == [] and len(wide) == 0
 
 
+def test_lookup_draft_copies_what_followed_the_latest_match():
+    """Prompt lookup: the longest suffix (up to 3 tokens) seen before, latest occurrence first."""
+    h = np.array([5, 6, 7, 8, 9, 1, 5, 6, 7, 2, 3, 5, 6, 7], np.int64)
+    assert lookup_draft(h, 3) == [2, 3, 5]  # "5 6 7" last followed by 2 3 5
+    assert lookup_draft(h, 1) == [2]
+    assert lookup_draft(np.array([4, 1, 2, 9, 1, 2], np.int64), 4) == [9, 1, 2]  # the match may run into the tail
+    assert lookup_draft(np.array([1, 2, 3, 9, 2, 3, 4, 3], np.int64), 2) == [4, 3]  # "4 3" unseen: after the latest "3"
+    assert lookup_draft(np.array([1, 2, 3, 4], np.int64), 3) == []
+    assert lookup_draft(np.array([7], np.int64), 3) == []
+
+
+def test_verify_runs_do_not_depend_on_the_other_rows(generator):
+    """KVBatch.verify: a row's run over its last token and drafts returns the logits after
+    each token (short_run_logits), writes their keys in place, and gives the same bits
+    whether the row sits alone or in a wider buffer beside other rows; `accept` keeps the
+    agreed keys, and the next run continues from them."""
+    assert generator.verify_max_tokens >= 4
+    a = generator.encode(chat(generator, "What is 2 + 2?"))
+    b = generator.encode("The capital of Italy is Rome, and the capital of France is")
+    first, kv_a = generator.prefill(a)
+    kv_b = generator.prefill(b)[1]
+    alone, wide = KVBatch(generator), KVBatch(generator)
+    alone.add(kv_a, len(a) + 8)
+    wide.add(kv_b, len(b) + 40)
+    wide.add(kv_a, len(a) + 8)
+    token = int(first.argmax())
+    for drafts in ([token, token, token], [generator.encode(" The")[0]]):
+        one = alone.verify(0, [token, *drafts])
+        two = wide.verify(1, [token, *drafts])
+        assert one.shape == (len(drafts) + 1, generator.vocab_size)
+        assert np.array_equal(one, two)
+        alone.accept(0, 1)
+        wide.accept(1, 1)
+        token = int(one[0].argmax())
+    assert list(alone.lengths) == [len(a) + 2] and list(wide.lengths) == [len(b), len(a) + 2]
+    # the row beside it was not touched: its next step is what it is alone
+    other = KVBatch(generator)
+    other.add(kv_b, len(b) + 40)
+    wide.keep([0])
+    t = np.array([[generator.encode(" Paris")[0]]], np.int64)
+    assert np.array_equal(wide.step(t)[0], other.step(t)[0])
+    with pytest.raises(ValueError, match="2 to"):
+        alone.verify(0, [token])
+
+
 def _tiny_qwen2(path: Path) -> Path:
     """A randomly initialised two-layer Qwen2 HF folder (the default model's architecture at
     a few hundred KB, no tokenizer), for graph-pass tests that need a fresh export."""
@@ -471,7 +518,7 @@ def test_fused_qkv_rotary_computes_what_the_unfused_graph_does_and_upgrades_a_fo
 
     main_export(str(hf), output=str(fresh), task="text-generation-with-past", device="cpu", do_validation=False)
     shutil.copy(hf / "config.json", fresh / "config.json")
-    before = tuple(p for p in export_lm.GRAPH_PASSES if p != "fused_qkv_rotary")
+    before = export_lm.GRAPH_PASSES[:export_lm.GRAPH_PASSES.index("fused_qkv_rotary")]  # and the passes after it
     assert export_lm.apply_graph_passes(fresh / "model.onnx", before) == list(before)
     model = onnx.load(str(fresh / "model.onnx"))
     onnx.save_model(model, str(old / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -544,6 +591,43 @@ def test_upgrade_writes_a_missing_copy_or_refuses_a_full_disk_first(tmp_path, mo
     assert ops.count("MatMulIntegerToFloat") == 5 * 2
     assert {f.name: f.read_bytes() for f in built.iterdir() if f.name in files and f.name != "manifest.json"} == \
         {k: v for k, v in files.items() if k != "manifest.json"}, "the other files stay as they were"
+
+
+def test_short_run_logits_returns_every_position_of_a_short_run(tmp_path):
+    """export_lm.short_run_logits on a fresh export of a tiny Qwen2: a run of up to
+    VERIFY_MAX_TOKENS tokens after a cache returns logits for each of them, within float
+    rounding of feeding them one by one; a longer run (a prompt) returns the last position's."""
+    import onnxruntime as ort
+
+    from engine import export_lm
+
+    built = export_lm.export_hf(_tiny_qwen2(tmp_path / "hf"), tmp_path / "built", quantize=False)
+    s = ort.InferenceSession(str(built / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [i.name for i in s.get_inputs() if i.name.startswith("past_key_values")]
+    heads, dim = next(i.shape for i in s.get_inputs() if i.name.startswith("past_key_values"))[1:4:2]
+
+    def run(ids, past, pos):
+        feeds = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, pos + len(ids)), np.int64),
+                 "position_ids": np.arange(pos, pos + len(ids), dtype=np.int64)[None, :], **dict(zip(names, past))}
+        out = s.run(None, feeds)
+        return out[0][0], out[1:]
+
+    empty = [np.zeros((1, heads, 0, dim), np.float32) for _ in names]
+    prompt = list(range(3, 3 + export_lm.VERIFY_MAX_TOKENS + 4))
+    logits, past = run(prompt, empty, 0)
+    assert logits.shape[0] == 1  # a prompt: the last position only
+    run_ids = [11, 250, 7, 19, 402, 5, 88, 31][:export_lm.VERIFY_MAX_TOKENS]
+    together, _ = run(run_ids, past, len(prompt))
+    assert together.shape == (len(run_ids), 512)
+    one_by_one, p, pos = [], past, len(prompt)
+    for t in run_ids:
+        lg, p = run([t], p, pos)
+        one_by_one.append(lg[-1])
+        pos += 1
+    assert np.abs(together - np.stack(one_by_one)).max() < 1e-4
+    from engine.config import MAX_SPECULATIVE_TOKENS
+
+    assert MAX_SPECULATIVE_TOKENS == export_lm.VERIFY_MAX_TOKENS - 1, "Config allows what a verify run carries"
 
 
 def test_padding_rule_pads_fewest_rows_that_keep_every_run_exact():

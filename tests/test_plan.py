@@ -57,6 +57,14 @@ def test_throughput_objective_decodes_on_the_fastest_full_batch(config):
     assert forced.decode == "fp32" and forced.source == "config", "a configured decode beats either objective"
     with pytest.raises(InvalidInput, match="plan_objective must be one of"):
         Config(plan_objective="fastest")
+    # speculative decoding follows the objective unless configured: it serves one stream
+    # faster, while a speculating row runs alone instead of sharing a full batch's steps
+    assert Config().draft_tokens == 3 and Config(plan_objective="throughput").draft_tokens == 0
+    assert Config(plan_objective="throughput", speculative_tokens=2).draft_tokens == 2
+    assert Config(speculative_tokens=0).draft_tokens == 0
+    for bad in (-1, 8, 2.5, True):
+        with pytest.raises(InvalidInput, match="speculative_tokens must be an integer in"):
+            Config(speculative_tokens=bad)
 
 
 def test_a_plan_recorded_before_batch_rates_is_measured_again(tmp_path):

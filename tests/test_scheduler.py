@@ -116,6 +116,53 @@ def test_busy_batch_gives_every_request_its_alone_tokens(prompts, make):
     assert s._batch.bufs == [] and len(s._batch) == 0, "the batch's KV cache is freed when it empties"
 
 
+def test_speculating_rows_get_their_alone_tokens_beside_batched_rows(generator, make):
+    """Speculative decoding (draft_tokens 3): greedy streams copy drafts from their prompt and
+    check them in verify runs of their own, batch requests share one-token steps beside
+    them; with staggered arrivals, different lengths and a cancellation, every finished
+    request has exactly the tokens it had alone, and drafts were really accepted."""
+    prompts = [generator.encode(generator.render_chat([{"role": "user", "content": f"Repeat exactly: {t}"}]))
+               for t in TEXTS]
+    lengths = [24, 8, 30, 12, 20]
+    streamed = [True, False, True, False, True]
+    ref_sched = make(prefix_cache_mb=0, max_rows=1, draft_tokens=3)
+    ref = [ref_sched.submit(p, SamplingParams(max_new_tokens=n), streamed=st).result()
+           for p, n, st in zip(prompts, lengths, streamed)]
+    spec_tokens = sum(len(r.token_ids) for r, st in zip(ref, streamed) if st)
+    assert ref_sched.accepted > 0 and ref_sched.verify_runs < spec_tokens, "drafts from the prompt were accepted"
+    s = make(prefix_cache_mb=0, max_rows=4, draft_tokens=3)
+    results: dict[int, Completion] = {}
+
+    def consume(i, ticket, cancel_after=None):
+        for n, ev in enumerate(ticket):
+            if isinstance(ev, Completion):
+                results[i] = ev
+            elif cancel_after is not None and n >= cancel_after:
+                ticket.cancel()
+
+    threads = []
+    for i in range(5):
+        ticket = s.submit(prompts[i], SamplingParams(max_new_tokens=lengths[i]), streamed=streamed[i])
+        threads.append(threading.Thread(target=consume, args=(i, ticket)))
+        threads[-1].start()
+        if i == 1:
+            cancelled = s.submit(prompts[3], SamplingParams(max_new_tokens=200))
+            threads.append(threading.Thread(target=consume, args=(5, cancelled), kwargs={"cancel_after": 1}))
+            threads[-1].start()
+        time.sleep(0.15)
+    for t in threads:
+        t.join(timeout=300)
+    for i in range(5):
+        assert results[i].token_ids == ref[i].token_ids, f"request {i} changed beside the others"
+        assert results[i].text == ref[i].text
+    assert results[5].finish_reason == FINISH_CANCELLED and len(results[5].token_ids) < 200
+    deadline = time.monotonic() + 30
+    while s.running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (s.running, s.waiting) == (0, 0)
+    assert s._solo.bufs == [] and s._batch.bufs == [], "both caches are freed when their rows leave"
+
+
 def test_a_leaving_row_gives_its_columns_back(prompts, make):
     s = make(prefix_cache_mb=0, max_rows=2)
     long, short = prompts[2], prompts[0]
