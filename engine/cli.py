@@ -380,7 +380,10 @@ def remote(args: argparse.Namespace) -> int:
                                           for s in sources],
                               "usage": {"prompt_tokens": done.usage.prompt_tokens,
                                         "completion_tokens": done.usage.completion_tokens,
-                                        "cached_tokens": done.usage.cached_tokens}}, ensure_ascii=False))
+                                        "cached_tokens": done.usage.cached_tokens,
+                                        "accepted_prediction_tokens": done.usage.accepted_prediction_tokens,
+                                        "rejected_prediction_tokens": done.usage.rejected_prediction_tokens}},
+                             ensure_ascii=False))
             return 0
         print("\n\nSources:")
         for s in sources:
@@ -388,7 +391,7 @@ def remote(args: argparse.Namespace) -> int:
                   f"  score {s.hit.score:.3f}  cosine {s.hit.cosine:.3f}")
         u, t = done.usage, done.timings
         print(f"({u.prompt_tokens} prompt tokens, {u.cached_tokens} of them cached, + {u.completion_tokens} answer "
-              f"tokens; queue {t.queue_time_ns / 1e9:.1f}s, prefill {t.prefill_time_ns / 1e9:.1f}s, "
+              f"tokens, {u.accepted_prediction_tokens} of them drafted from the prompt; queue {t.queue_time_ns / 1e9:.1f}s, prefill {t.prefill_time_ns / 1e9:.1f}s, "
               f"decode {t.decode_time_ns / 1e9:.1f}s)", file=sys.stderr)
         return 0
     except grpc.RpcError as e:
@@ -547,7 +550,8 @@ def ask(engine, args: argparse.Namespace) -> int:
               f"cosine {s.hit.cosine:.3f}")
     t = final.timings_ns
     print(f"({final.finish_reason}; {final.prompt_tokens} prompt tokens, {final.cached_tokens} of them cached, "
-          f"+ {final.completion_tokens} answer tokens; prefill {t['prefill'] / 1e9:.1f}s, "
+          f"+ {final.completion_tokens} answer tokens, {final.accepted_prediction_tokens} of them drafted from the "
+          f"prompt; prefill {t['prefill'] / 1e9:.1f}s, "
           f"decode {t['decode'] / 1e9:.1f}s)", file=sys.stderr)
     return 0
 

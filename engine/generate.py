@@ -97,6 +97,8 @@ class Completion:
     first_token_ns: int = 0
     queue_ns: int = 0  # waiting for a place in the scheduler's batch (engine/scheduler.py)
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    accepted_prediction_tokens: int = 0  # drafted tokens the model agreed with (engine/scheduler.py)
+    rejected_prediction_tokens: int = 0  # drafted tokens it did not
 
 
 class _Row:

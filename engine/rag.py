@@ -50,6 +50,8 @@ class Answer:
     completion_tokens: int
     timings_ns: dict[str, int]
     cached_tokens: int = 0  # prompt tokens whose KV came from the scheduler's prefix cache
+    accepted_prediction_tokens: int = 0  # drafted answer tokens the model agreed with (speculative decoding)
+    rejected_prediction_tokens: int = 0
     support: list = dataclasses.field(default_factory=list)  # SentenceSupport per answer sentence
     degenerate: str = ""  # why the first generation was not returned ("" when it was)
     retries: int = 0  # generations after the first (with the stricter instruction)
@@ -68,7 +70,9 @@ class Answer:
                              "span": [s.hit.start, s.hit.end], "score": s.hit.score, "cosine": s.hit.cosine,
                              "cited": s.number in self.cited} for s in self.sources],
                 "usage": {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                          "cached_tokens": self.cached_tokens},
+                          "cached_tokens": self.cached_tokens,
+                          "accepted_prediction_tokens": self.accepted_prediction_tokens,
+                          "rejected_prediction_tokens": self.rejected_prediction_tokens},
                 "timings_ns": self.timings_ns}
 
 
@@ -306,6 +310,8 @@ class Answerer:
                       prompt_tokens=sum(c.prompt_tokens for c in comps),
                       completion_tokens=sum(c.completion_tokens for c in comps),
                       cached_tokens=sum(c.cached_tokens for c in comps), support=support, degenerate=why,
+                      accepted_prediction_tokens=sum(c.accepted_prediction_tokens for c in comps),
+                      rejected_prediction_tokens=sum(c.rejected_prediction_tokens for c in comps),
                       retries=len(comps) - 1, extracted=extracted,
                       timings_ns={"embed": embed_ns, "search": search_ns, "prompt": prompt_ns,
                                   "queue": sum(c.queue_ns for c in comps), "prefill": sum(c.prefill_ns for c in comps),

@@ -555,7 +555,8 @@ class Scheduler:
                                   completion_tokens=len(row.ids) + (row.finish == FINISH_EOS),
                                   token_ids=list(row.ids), prefill_ns=first - admit, decode_ns=now - first,
                                   first_token_ns=first - t.t_submit, queue_ns=admit - t.t_submit,
-                                  cached_tokens=t.cached_tokens)
+                                  cached_tokens=t.cached_tokens, accepted_prediction_tokens=t.accepted,
+                                  rejected_prediction_tokens=t.drafted - t.accepted)
         t.events.put(t.completion)
         t.events.put(_DONE)
 

@@ -77,7 +77,9 @@ def answer_done_pb(a, total_ns: int) -> "pb.AnswerDone":
     t = a.timings_ns
     return pb.AnswerDone(finish_reason=FINISH_TO_PB.get(a.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
                          usage=pb.Usage(prompt_tokens=a.prompt_tokens, completion_tokens=a.completion_tokens,
-                                        cached_tokens=a.cached_tokens),
+                                        cached_tokens=a.cached_tokens,
+                                        accepted_prediction_tokens=a.accepted_prediction_tokens,
+                                        rejected_prediction_tokens=a.rejected_prediction_tokens),
                          timings=pb.Timings(queue_time_ns=t.get("queue", 0), embed_time_ns=t["embed"],
                                             search_time_ns=t["search"], prompt_time_ns=t["prompt"],
                                             prefill_time_ns=t["prefill"], decode_time_ns=t["decode"],

@@ -138,6 +138,11 @@ def test_answer_stream_then_batch(server):
     assert kinds[0] == "sources" and kinds[-1] == "done" and set(kinds[1:-1]) == {"delta"}
     assert sources[0].hit.doc_id == "tea.txt" and sources[0].number == 1
     assert "".join(deltas) == done.text and done.usage.completion_tokens >= 1
+    # a greedy stream decodes speculatively by default (latency objective): drafts from the
+    # prompt were checked, and the accepted ones are answer tokens
+    u = done.usage
+    assert u.accepted_prediction_tokens + u.rejected_prediction_tokens > 0
+    assert u.accepted_prediction_tokens <= u.completion_tokens
     t = done.timings
     assert t.prefill_time_ns > 0 and t.decode_time_ns > 0 and t.total_time_ns >= t.prefill_time_ns
     # per-sentence support: spans into the answer and into a source document it names
@@ -154,10 +159,13 @@ def test_answer_stream_then_batch(server):
                                   max_new_tokens=40)
     assert len(answers) == 2 and all(a.text for a in answers)
     assert all(a.done.text == a.text and len(a.done.support) >= 1 for a in answers)
+    assert all(a.done.usage.accepted_prediction_tokens == a.done.usage.rejected_prediction_tokens == 0
+               for a in answers), "batch answers share one-token steps: nothing drafted"
     # GetInfo says what the scheduler measured when it started (before the first answer ran)
     assert re.fullmatch(r"prefill chunks beside streams: up to \d+ tokens \([\d.]+ ms \+ [\d.]+ ms/token here\); "
-                        r"decode steps (not padded|padded to a multiple of [248] rows.*|of fewer than [2-8] rows padded "
-                        r"to [2-8])", client.info().scheduler)
+                        r"decode steps (not padded|padded to a multiple of [248] rows(, at least [2-8])?|of fewer than "
+                        r"[2-8] rows padded to [2-8]); greedy streams draft up to 3 tokens a run from their prompt",
+                        client.info().scheduler)
 
 
 def test_concurrent_searches_equal_in_process(server, shared_engine):
