@@ -5,7 +5,8 @@
 
 Imports nothing from the engine (the peers need other versions of its dependencies).
 The job, a JSON object on stdin: {"peer": "llama" | "genai", "model": PATH, "threads": N,
-"new_tokens": N, "prompts": [TEXT, ...]}; each prompt is the full chat text (special tokens
+"new_tokens": N, "prompts": [TEXT, ...], "prompt_lookup": N (llama only, optional: draft N tokens
+per step from the prompt, llama-cpp-python's LlamaPromptLookupDecoding; 0 or absent = off)}; each prompt is the full chat text (special tokens
 written out), answered greedily. Prints one JSON line per prompt: prompt_tokens, prefill_s
 (time to the first generated token: the whole prompt's forward pass), decode_tok_per_s
 (the tokens after the first), text. benchmarks/serve_answers.py --peers drives it.
@@ -21,8 +22,13 @@ import time
 def run_llama(job: dict):
     from llama_cpp import Llama
 
+    draft = None
+    if job.get("prompt_lookup"):
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+        draft = LlamaPromptLookupDecoding(num_pred_tokens=job["prompt_lookup"])
     llm = Llama(model_path=job["model"], n_ctx=4096, n_batch=512, n_threads=job["threads"],
-                n_threads_batch=job["threads"], verbose=False)
+                n_threads_batch=job["threads"], verbose=False, draft_model=draft)
     first = llm.tokenize(b"Hello", add_bos=False, special=True)
     for _ in llm.generate(first, temp=0.0, top_k=1):  # warm up
         break

@@ -21,7 +21,10 @@ included), one at a time, same threads, greedy, through ours (the machine's exec
 llama.cpp (llama-cpp-python built from source, on the GGUF that `make models` assembles) and
 onnxruntime-genai (its int4 build of the HF folder `make models` produced); each peer runs in
 its own virtual environment (`make peers`) through benchmarks/_peer_lm.py. Prefill tok/s
-(prompt tokens / time to first token) and decode tok/s, with ratios ours / peer.
+(prompt tokens / time to first token) and decode tok/s, with ratios ours / peer. Ours runs
+through the scheduler twice, with speculative decoding as configured (drafts from the prompt,
+Config.speculative_tokens) and without; llama.cpp runs twice too, plain and with its own prompt
+lookup drafting (LlamaPromptLookupDecoding, --peer-lookup tokens a step).
 One JSON line per measurement goes to bench-results/serve_answers.jsonl, with the CPU.
 """
 
@@ -48,6 +51,7 @@ from engine.config import PLAN_OBJECTIVES, Config  # noqa: E402
 from engine.documents import Document  # noqa: E402
 from engine.generate import Completion, SamplingParams  # noqa: E402
 from engine.pipeline import Engine  # noqa: E402
+from engine.scheduler import Scheduler  # noqa: E402
 from server.app import create_server  # noqa: E402
 from server.client import RagClient  # noqa: E402
 
@@ -153,31 +157,39 @@ def single_stream_peers(engine: Engine, questions: list[str], args) -> dict:
         prompts.append(ids)
     texts = [gen.tokenizer.decode(ids, skip_special_tokens=False) for ids in prompts]
     params = SamplingParams(max_new_tokens=args.peer_new_tokens)
-    rows = []
-    for ids in prompts:
-        t0 = time.perf_counter()
-        stamps = []
-        for ev in gen.stream_ids(ids, params):
-            if not isinstance(ev, Completion):
-                stamps.append(time.perf_counter())
-        rows.append({"prompt_tokens": len(ids), "prefill_s": stamps[0] - t0,
-                     "decode_tok_per_s": (ev.completion_tokens - 1) / (stamps[-1] - stamps[0])
-                     if len(stamps) > 1 else float("nan")})
     plan = engine.execution_plan
-    results = {f"ours ({plan.prefill} prefill, {plan.decode} decode)": rows}
+    results = {}
+    k = engine.config.draft_tokens
+    for draft in dict.fromkeys((k, 0)):  # as configured first: the ratios below are against it
+        scheduler = Scheduler(gen, max_rows=1, prefix_cache_mb=0, draft_tokens=draft)
+        rows = []
+        for ids in prompts:
+            t0 = time.perf_counter()
+            stamps = []
+            for ev in scheduler.submit(ids, params):
+                if not isinstance(ev, Completion):
+                    stamps.append(time.perf_counter())
+            rows.append({"prompt_tokens": len(ids), "prefill_s": stamps[0] - t0,
+                         "decode_tok_per_s": (ev.completion_tokens - 1) / (stamps[-1] - stamps[0])
+                         if len(stamps) > 1 else float("nan"), "accepted": ev.accepted_prediction_tokens})
+        scheduler.close()
+        spec = f", drafts of {draft} from the prompt" if draft else ""
+        results[f"ours ({plan.prefill} prefill, {plan.decode} decode{spec})"] = rows
     threads = engine.config.threads
     for name, (python, model) in PEERS.items():
         if not python.exists() or not model.exists():
             print(f"peer {name}: not set up ({python if not python.exists() else model} missing); `make peers`")
             continue
-        job = {"peer": "llama" if name == "llama.cpp" else "genai", "model": str(model), "threads": threads,
-               "new_tokens": args.peer_new_tokens, "prompts": texts}
-        proc = subprocess.run([str(python), str(REPO / "benchmarks/_peer_lm.py")], input=json.dumps(job),
-                              capture_output=True, text=True, timeout=3600)
-        if proc.returncode:
-            print(f"peer {name} failed:\n{proc.stderr[-2000:]}")
-            continue
-        results[name] = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+        for lookup in ((0, args.peer_lookup) if name == "llama.cpp" and args.peer_lookup else (0,)):
+            job = {"peer": "llama" if name == "llama.cpp" else "genai", "model": str(model), "threads": threads,
+                   "new_tokens": args.peer_new_tokens, "prompts": texts, "prompt_lookup": lookup}
+            proc = subprocess.run([str(python), str(REPO / "benchmarks/_peer_lm.py")], input=json.dumps(job),
+                                  capture_output=True, text=True, timeout=3600)
+            label = f"{name} (prompt lookup, {lookup} a step)" if lookup else name
+            if proc.returncode:
+                print(f"peer {label} failed:\n{proc.stderr[-2000:]}")
+                continue
+            results[label] = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     summary = {}
     for name, rs in results.items():
         tokens = sum(r["prompt_tokens"] for r in rs)
@@ -212,7 +224,8 @@ def run(args) -> None:
                       max_concurrent_generations=max(args.concurrency),
                       **({"gen_variant": args.variant} if args.variant else {}),
                       **({"plan_objective": args.plan_objective} if args.plan_objective else {}),
-                      **({"prefill_stall_ms": args.prefill_stall_ms} if args.prefill_stall_ms else {}))
+                      **({"prefill_stall_ms": args.prefill_stall_ms} if args.prefill_stall_ms else {}),
+                      **({"speculative_tokens": args.speculative_tokens} if args.speculative_tokens is not None else {}))
         writer = Engine(base)
         writer.create_collection("squad")
         writer.ingest("squad", [Document(p["id"], p["text"], f"squad/{p['id']}", {"title": p["title"]})
@@ -275,12 +288,16 @@ def main() -> None:
                     help="which of the plan's decode variants serves (default: the engine's, latency)")
     ap.add_argument("--prefill-stall-ms", type=float, default=None,
                     help="the scheduler's prefill stall target (default: the engine's)")
+    ap.add_argument("--speculative-tokens", type=int, default=None,
+                    help="drafts a greedy stream checks per run (default: the engine's; 0 = off)")
     ap.add_argument("--systems", type=lambda s: [x for x in s.split(",") if x], default=["ours", "one-at-a-time"],
                     help="which of ours,one-at-a-time to run (the ratios need both)")
     ap.add_argument("--peers", action="store_true",
                     help="also the single-stream section against llama.cpp and onnxruntime-genai (make peers)")
     ap.add_argument("--peer-prompts", type=int, default=8, help="prompts in the single-stream section")
     ap.add_argument("--peer-new-tokens", type=int, default=32)
+    ap.add_argument("--peer-lookup", type=int, default=3,
+                    help="llama.cpp's prompt lookup drafts per step in its second run (0: no second run)")
     args = ap.parse_args()
     if not args.squad.exists():
         raise SystemExit(f"{args.squad} not found; pass --squad PATH to SQuAD v1.1 dev JSON")

@@ -415,7 +415,7 @@ def show_info(engine, args: argparse.Namespace) -> int:
            "search_mode": c.search_mode, "fusion": c.fusion, "fusion_alpha": c.fusion_alpha,
            "max_concurrent_generations": c.max_concurrent_generations,
            "max_queued_generations": c.max_queued_generations, "kv_budget_tokens": c.kv_budget_tokens,
-           "prefix_cache_mb": c.prefix_cache_mb}
+           "prefix_cache_mb": c.prefix_cache_mb, "speculative_tokens": c.draft_tokens}
     if args.json:
         print(json.dumps(out))
         return 0

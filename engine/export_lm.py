@@ -234,19 +234,20 @@ def short_run_logits(model) -> bool:
 
     g = model.graph
     node = next((n for n in g.node if n.name == "/lm_head/LastPosition" and n.op_type == "Slice"), None)
-    if node is None:
+    if node is None or node.input[1] == "run_logits_start":
         return False
-    names = ("run_logits_one", "run_logits_max", "run_logits_last")
+    names = ("run_logits_one", "run_logits_max", "run_logits_last", "run_logits_zero")
     g.initializer.extend([
         helper.make_tensor(names[0], TensorProto.INT64, [1], [1]),
         helper.make_tensor(names[1], TensorProto.INT64, [1], [VERIFY_MAX_TOKENS]),
         helper.make_tensor(names[2], TensorProto.INT64, [1], [-1]),
+        helper.make_tensor(names[3], TensorProto.INT64, [1], [0]),
     ])
     new = [helper.make_node("Shape", ["input_ids"], ["run_logits_shape"], name="/lm_head/RunShape"),
            helper.make_node("Gather", ["run_logits_shape", names[0]], ["run_logits_len"], axis=0,
                             name="/lm_head/RunLength"),
            helper.make_node("Greater", ["run_logits_len", names[1]], ["run_logits_long"], name="/lm_head/LongRun"),
-           helper.make_node("Neg", ["run_logits_len"], ["run_logits_all"], name="/lm_head/AllPositions"),
+           helper.make_node("Sub", [names[3], "run_logits_len"], ["run_logits_all"], name="/lm_head/AllPositions"),
            helper.make_node("Where", ["run_logits_long", names[2], "run_logits_all"], ["run_logits_start"],
                             name="/lm_head/FirstPosition")]
     old = node.input[1]
