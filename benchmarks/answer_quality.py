@@ -299,19 +299,37 @@ def run(args) -> None:
 
 def compare_plans(engine, prompts, golds, params, args) -> None:
     """Gold-paragraph answers from each execution plan (prefill weights > decode weights,
-    engine/plan.py): F1/EM, and greedy agreement with fp32 (same answer; shared token prefix)."""
+    engine/plan.py; a "+spec" suffix: through the scheduler one at a time as a stream, with
+    speculative decoding from the prompt, 3 drafts a run): F1/EM, and greedy agreement with
+    fp32 (same answer; shared token prefix) and, for a +spec plan, with the same plan without."""
     from engine.generate import Generator
+    from engine.scheduler import Scheduler
 
     outs = {}
     for plan in args.plans.split(","):
-        prefill, _, decode = plan.partition(">")
+        base, spec, _ = plan.partition("+spec")
+        prefill, _, decode = base.partition(">")
         gen = Generator(engine.config.gen_model_dir, variant=decode or prefill, prefill_variant=prefill, threads=2)
         t0 = time.perf_counter()
         comps = []
-        for i in range(0, len(prompts), args.batch_size):
-            comps += gen.generate_ids(prompts[i:i + args.batch_size], params)
+        if spec:
+            scheduler = Scheduler(gen, max_rows=1, prefix_cache_mb=0, draft_tokens=3)
+            comps = [scheduler.submit(p, params).result() for p in prompts]
+            scheduler.close()
+        else:
+            for i in range(0, len(prompts), args.batch_size):
+                comps += gen.generate_ids(prompts[i:i + args.batch_size], params)
         outs[plan] = (comps, (time.perf_counter() - t0) / len(prompts))
         del gen
+    for plan, (comps, _) in outs.items():
+        base = outs.get(plan.partition("+spec")[0])
+        if plan.endswith("+spec") and base is not None:
+            same = sum(a.token_ids == b.token_ids for a, b in zip(comps, base[0])) / len(comps)
+            accepted = sum(c.accepted_prediction_tokens for c in comps) / sum(c.completion_tokens for c in comps)
+            print(f"{plan}: same answer as {plan.partition('+spec')[0]} {same * 100:5.1f}%, "
+                  f"{accepted * 100:.0f}% of answer tokens drafted from the prompt")
+            log({"mode": "gold-spec", "plan": plan, "n": len(prompts), "seed": args.seed, "same_as_plan": same,
+                 "accepted_share": accepted})
     ref = outs.get("fp32") or outs.get("fp32>fp32")
     for plan, (comps, spq) in outs.items():
         em, f = score([c.text for c in comps], golds)
@@ -338,7 +356,8 @@ def main() -> None:
     p.add_argument("--show", type=int, default=5, help="example answers to print")
     p.add_argument("--plans", default="",
                    help='also answer the gold-paragraph prompts with each plan, PREFILL>DECODE comma-separated, '
-                        'e.g. "fp32,int8,fp32>int8" (engine/plan.py)')
+                        'e.g. "fp32,int8,fp32>int8" (engine/plan.py); "w8a8>int4+spec": that plan through the '
+                        'scheduler with speculative decoding')
     p.add_argument("--prefill-variant", default="auto", help="the generator's prefill weights (default: the plan)")
     p.add_argument("--skip-rag", action="store_true", help="only the gold-paragraph modes (no ingest, no rag ask)")
     p.add_argument("--rag-global", type=lambda x: x.split(), default=[],

@@ -362,6 +362,8 @@ def remote(args: argparse.Namespace) -> int:
                    "stop": args.stop}
         if args.seed is not None:
             options["seed"] = args.seed
+        if args.speculative_tokens is not None:  # this answer's own setting, over the server's default
+            options["speculative_tokens"] = args.speculative_tokens
         sources, done = [], None
         for msg in client.answer(args.collection, args.question, k=args.k, **options):
             kind = msg.WhichOneof("event")

@@ -56,6 +56,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # run to max_new_tokens (benchmarks of fixed-length answers)
     suppress_first: tuple[int, ...] = ()  # token ids the first token may not be (engine/rag.py's retry)
+    # Speculative decoding (engine/scheduler.py, greedy rows): drafts per run; None = the
+    # scheduler's default (Config.speculative_tokens) for a streamed request, off for a batch one.
+    speculative_tokens: int | None = None
 
     def check(self, window: int) -> None:
         """Raise InvalidInput naming the first bad field."""
@@ -73,6 +76,11 @@ class SamplingParams:
             raise InvalidInput(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
         if not isinstance(self.ignore_eos, bool):
             raise InvalidInput(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        if self.speculative_tokens is not None and (
+                isinstance(self.speculative_tokens, bool) or not isinstance(self.speculative_tokens, int)
+                or not 0 <= self.speculative_tokens <= VERIFY_MAX_TOKENS - 1):
+            raise InvalidInput(f"speculative_tokens must be an integer in [0, {VERIFY_MAX_TOKENS - 1}] (0 = off), "
+                               f"got {self.speculative_tokens!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
             raise InvalidInput(f"seed must be a non-negative integer, got {self.seed!r}")
         if not isinstance(self.suppress_first, tuple) or any(

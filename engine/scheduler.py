@@ -28,7 +28,8 @@ count where the CPU's kernels depend on a row's place in the run (Generator.row_
 so a greedy row gets the same tokens alone or in any batch.
 
 Speculative decoding (prompt lookup): a greedy streamed answer drafts up to `draft_tokens`
-tokens per run by copying what followed the latest earlier occurrence of its last tokens
+tokens per run (a request's own SamplingParams.speculative_tokens, if set, for any greedy
+request, 0 = off) by copying what followed the latest earlier occurrence of its last tokens
 in its prompt or answer (generate.lookup_draft: a RAG answer quotes its passages), and
 runs its last token and the drafts through the model at once (KVBatch.verify): a run reads
 the weights once, as a one-token step does, so every draft the model agrees with is a
@@ -36,8 +37,10 @@ token for free, and the tokens are exactly what the model picks at each position
 row runs alone (GroupQueryAttention takes several new tokens after a cache only in a
 one-row run), always in runs of two tokens or more (one filler token when nothing is
 drafted), whose results do not depend on the run's length or the other rows; so its
-tokens are the same alone or beside others, as the batched rows' are. Batch requests
-(`streamed` False) and sampled rows share one-token steps instead.
+tokens are the same alone or beside others, as the batched rows' are: whether a request
+speculates depends on itself only, never on the load. Batch requests (`streamed` False)
+that do not ask, and sampled rows, share one-token steps instead. Speculating rows do not
+share runs, so many of them decode at about one row's speculative rate in total.
 
 Prefix cache: prompts are prefilled in blocks of `block_tokens` aligned from position 0,
 and each full block's KV is kept in an LRU cache keyed by a hash of all tokens up to its
@@ -162,6 +165,7 @@ class Ticket:
         self.cached_tokens = 0
         self.block_keys: list[bytes] = []
         self.speculating = False  # decoded by verify runs of its own (set when it joins)
+        self.draft_tokens = 0  # drafts per run, when speculating
         self.history: np.ndarray | None = None  # prompt + answer tokens, for drafting
         self.drafted = 0
         self.accepted = 0
@@ -234,7 +238,8 @@ class Scheduler:
         self._active: list[Ticket] = []
         self._batch = KVBatch(generator)  # the active rows' right-padded cache, updated in place
         # speculating rows: their caches, each row verified alone (see the module docstring)
-        self.draft_tokens = min(draft_tokens, max(generator.verify_max_tokens - 1, 0))
+        self.max_draft = max(generator.verify_max_tokens - 1, 0)  # 0: the graph cannot verify drafts
+        self.draft_tokens = min(draft_tokens, self.max_draft)  # for streams that do not ask
         if draft_tokens and not self.draft_tokens:
             log.warning("speculative decoding is off: the generation model's graph lacks short_run_logits "
                         "(run `make models` to add it)")
@@ -461,7 +466,9 @@ class Scheduler:
         """Copy the newcomer's cache into the batch (or, for a speculating row, the solo
         rows' buffers), with room for its new tokens."""
         kv, t.kv = t.kv, None
-        if self.draft_tokens and t.streamed and t.params.temperature <= 0:
+        asked = t.params.speculative_tokens
+        t.draft_tokens = min(asked, self.max_draft) if asked is not None else self.draft_tokens if t.streamed else 0
+        if t.draft_tokens and t.params.temperature <= 0:
             t.speculating = True
             t.history = np.empty(len(t.prompt) + t.params.max_new_tokens + 1, np.int64)
             t.history[:len(t.prompt)] = t.prompt
@@ -508,7 +515,7 @@ class Scheduler:
         b, row = self._speculating.index(t), t.row
         n_hist = len(t.prompt) + len(row.ids)
         left = t.params.max_new_tokens - len(row.ids)  # >= 1: a row at its limit has finished
-        drafts = lookup_draft(t.history[:n_hist], min(self.draft_tokens, left - 1))
+        drafts = lookup_draft(t.history[:n_hist], min(t.draft_tokens, left - 1))
         # runs of one token round differently from longer ones: pad with a filler, never kept
         tokens = [row.ids[-1], *drafts] if drafts else [row.ids[-1], row.ids[-1]]
         logits = self._solo.verify(b, tokens)

@@ -70,7 +70,8 @@ def sampling_params(o, default_max_new_tokens: int) -> SamplingParams:
         repetition_penalty=o.repetition_penalty if has("repetition_penalty") else 1.0,
         seed=o.seed if has("seed") else None,
         stop=tuple(o.stop),
-        ignore_eos=o.ignore_eos)
+        ignore_eos=o.ignore_eos,
+        speculative_tokens=o.speculative_tokens if has("speculative_tokens") else None)
 
 
 def answer_done_pb(a, total_ns: int) -> "pb.AnswerDone":

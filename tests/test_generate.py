@@ -128,6 +128,8 @@ def test_repetition_penalty_changes_output(generator):
     (SamplingParams(top_k=-1), "top_k"),
     (SamplingParams(repetition_penalty=0), "repetition_penalty"),
     (SamplingParams(stop=("",)), "stop"),
+    (SamplingParams(speculative_tokens=8), "speculative_tokens"),
+    (SamplingParams(speculative_tokens=-1), "speculative_tokens"),
 ])
 def test_bad_parameters(generator, params, match):
     with pytest.raises(InvalidInput, match=match):

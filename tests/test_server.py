@@ -161,6 +161,16 @@ def test_answer_stream_then_batch(server):
     assert all(a.done.text == a.text and len(a.done.support) >= 1 for a in answers)
     assert all(a.done.usage.accepted_prediction_tokens == a.done.usage.rejected_prediction_tokens == 0
                for a in answers), "batch answers share one-token steps: nothing drafted"
+    # a request's own setting: a stream that opts out drafts nothing; a batch that opts in does,
+    # and a bad value is INVALID_ARGUMENT naming the range
+    off = [m.done for m in client.answer("docs", "How long does black tea steep?", max_new_tokens=20,
+                                         speculative_tokens=0) if m.WhichOneof("event") == "done"][0]
+    assert off.usage.accepted_prediction_tokens == off.usage.rejected_prediction_tokens == 0
+    on = client.answer_batch("docs", ["How long does black tea steep?"], max_new_tokens=20, speculative_tokens=2)
+    assert on[0].done.usage.accepted_prediction_tokens + on[0].done.usage.rejected_prediction_tokens > 0
+    code, details = code_of(client.answers.Answer, pb.AnswerRequest(
+        collection="docs", question="tea?", options=pb.GenerationOptions(speculative_tokens=9)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "speculative_tokens must be an integer in [0, 7]" in details
     # GetInfo says what the scheduler measured when it started (before the first answer ran)
     assert re.fullmatch(r"prefill chunks beside streams: up to \d+ tokens \([\d.]+ ms \+ [\d.]+ ms/token here\); "
                         r"decode steps (not padded|padded to a multiple of [248] rows(, at least [2-8])?|of fewer than "
