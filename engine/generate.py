@@ -332,9 +332,10 @@ class KVBatch:
         lengths[b]...; returns the logits after each (len(tokens), vocab). Their keys are
         written in place; `accept` says how many of them the row keeps.
 
-        Speculative decoding (engine/scheduler.py): such a run costs about one decode step
-        (the weights are read once for all its tokens), so each accepted draft is a token for
-        free. onnxruntime's GroupQueryAttention takes several new tokens after a cache only
+        Speculative decoding (engine/scheduler.py): such a run costs little more than a
+        one-token step (the weights are read once for all its tokens; each extra position
+        adds a row to every product, the output head's most), so each accepted draft is a
+        token almost for free. onnxruntime's GroupQueryAttention takes several new tokens after a cache only
         in a run of one row, so a speculating row always runs alone, in runs of two tokens or
         more: those agree bit for bit whatever the run's length, buffer width or row, so the
         row's tokens do not depend on the other rows (a one-token step rounds differently).
