@@ -130,6 +130,12 @@ def test_speculating_rows_get_their_alone_tokens_beside_batched_rows(generator, 
            for p, n, st in zip(prompts, lengths, streamed)]
     spec_tokens = sum(len(r.token_ids) for r, st in zip(ref, streamed) if st)
     assert ref_sched.accepted > 0 and ref_sched.verify_runs < spec_tokens, "drafts from the prompt were accepted"
+    for r, st in zip(ref, streamed):
+        assert r.accepted_prediction_tokens <= len(r.token_ids) and (st or r.accepted_prediction_tokens == 0)
+    # one token left after the first: nothing may be drafted, the run carries a filler token
+    two = ref_sched.submit(prompts[0], SamplingParams(max_new_tokens=2)).result()
+    assert len(two.token_ids) == 2 and two.token_ids[0] == ref[0].token_ids[0]
+    assert two.accepted_prediction_tokens == two.rejected_prediction_tokens == 0
     s = make(prefix_cache_mb=0, max_rows=4, draft_tokens=3)
     results: dict[int, Completion] = {}
 
