@@ -337,8 +337,9 @@ class KVBatch:
         adds a row to every product, the output head's most), so each accepted draft is a
         token almost for free. onnxruntime's GroupQueryAttention takes several new tokens after a cache only
         in a run of one row, so a speculating row always runs alone, in runs of two tokens or
-        more: those agree bit for bit whatever the run's length, buffer width or row, so the
-        row's tokens do not depend on the other rows (a one-token step rounds differently).
+        more, which give the same bits whatever the buffer's width or the row's place in it,
+        so the row's tokens do not depend on the other rows (a one-token step rounds
+        differently).
         """
         g, n = self.gen, len(tokens)
         if not 2 <= n <= g.verify_max_tokens:

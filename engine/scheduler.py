@@ -36,7 +36,7 @@ the weights once, as a one-token step does, so every draft the model agrees with
 token for free, and the tokens are exactly what the model picks at each position. Such a
 row runs alone (GroupQueryAttention takes several new tokens after a cache only in a
 one-row run), always in runs of two tokens or more (one filler token when nothing is
-drafted), whose results do not depend on the run's length or the other rows; so its
+drafted), whose results do not depend on the buffer or the other rows; so its
 tokens are the same alone or beside others, as the batched rows' are: whether a request
 speculates depends on itself only, never on the load. Batch requests (`streamed` False)
 that do not ask, and sampled rows, share one-token steps instead. Speculating rows do not
