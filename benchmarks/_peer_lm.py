@@ -5,8 +5,9 @@
 
 Imports nothing from the engine (the peers need other versions of its dependencies).
 The job, a JSON object on stdin: {"peer": "llama" | "genai", "model": PATH, "threads": N,
-"new_tokens": N, "prompts": [TEXT, ...], "prompt_lookup": N (llama only, optional: draft N tokens
-per step from the prompt, llama-cpp-python's LlamaPromptLookupDecoding; 0 or absent = off)}; each prompt is the full chat text (special tokens
+"new_tokens": N, "prompts": [TEXT, ...], "prompt_lookup": N (llama only, optional: draft N
+tokens per step from the prompt, llama-cpp-python's LlamaPromptLookupDecoding; 0 or absent =
+off)}; each prompt is the full chat text (special tokens
 written out), answered greedily. Prints one JSON line per prompt: prompt_tokens, prefill_s
 (time to the first generated token: the whole prompt's forward pass), decode_tok_per_s
 (the tokens after the first), text. benchmarks/serve_answers.py --peers drives it.

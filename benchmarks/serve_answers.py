@@ -13,7 +13,9 @@ Per (regime, c): TTFT p50/p95, inter-token p50/p99 (gaps between streamed deltas
 aggregate generated tokens/s, served prompt tokens/s, answers/s, prompt tokens served from
 the prefix cache. The in-run baseline is the same server with the scheduler at one row
 (`max_concurrent_generations=1`: answers run one at a time, as a server without continuous
-batching does); ratios `ours / one-at-a-time` are printed. Also measured in process: the
+batching does); ratios `ours / one-at-a-time` are printed. `--systems ours,no-drafts` runs
+a second baseline, the same server with speculative decoding off (`speculative_tokens=0`),
+and prints `ours / no-drafts`. Also measured in process: the
 single-stream prefill rate at the rag prompt size (served prompt tokens/s at c=8 should be
 >= 0.9x of it), and a repeated question's TTFT against its cold TTFT (prefix cache).
 With --peers, a single-stream section: the same RAG prompts (as text, chat template
@@ -232,7 +234,8 @@ def run(args) -> None:
                                 for p in paragraphs])
         writer.warmup(generation=True)
         print(f"plan: {writer.execution_plan.describe()}", flush=True)
-        systems = {"ours": base, "one-at-a-time": base.replace(max_concurrent_generations=1)}
+        systems = {"ours": base, "one-at-a-time": base.replace(max_concurrent_generations=1),
+                   "no-drafts": base.replace(speculative_tokens=0)}
         systems = {k: v for k, v in systems.items() if k in args.systems}
         single = single_stream_prefill(writer, questions[0])
         log_jsonl("serve_answers", {"system": "in-process", "regime": "rag", **single})
@@ -263,6 +266,10 @@ def run(args) -> None:
             if ours is None or one is None:
                 continue
             vs = f"x{ours['gen_tok_per_s'] / base_r['gen_tok_per_s']:.2f}" if base_r else "(not run)"
+            nd = summary.get((regime, "no-drafts", c))
+            if nd:
+                vs += (f", ours/no-drafts x{ours['gen_tok_per_s'] / nd['gen_tok_per_s']:.2f} "
+                       f"(answers/s x{ours['answers_per_s'] / nd['answers_per_s']:.2f})")
             print(f"{regime} c={c}: gen tok/s ours/one-at-a-time {vs}, "
                   f"ours c={c}/c={min(args.concurrency)} x{ours['gen_tok_per_s'] / one['gen_tok_per_s']:.2f}, "
                   f"ITL p99 c={c}/c={min(args.concurrency)} x{ours['itl_p99_ms'] / one['itl_p99_ms']:.2f}, "
@@ -291,7 +298,7 @@ def main() -> None:
     ap.add_argument("--speculative-tokens", type=int, default=None,
                     help="drafts a greedy stream checks per run (default: the engine's; 0 = off)")
     ap.add_argument("--systems", type=lambda s: [x for x in s.split(",") if x], default=["ours", "one-at-a-time"],
-                    help="which of ours,one-at-a-time to run (the ratios need both)")
+                    help="which of ours,one-at-a-time,no-drafts to run (the ratios need ours)")
     ap.add_argument("--peers", action="store_true",
                     help="also the single-stream section against llama.cpp and onnxruntime-genai (make peers)")
     ap.add_argument("--peer-prompts", type=int, default=8, help="prompts in the single-stream section")

@@ -393,7 +393,8 @@ def remote(args: argparse.Namespace) -> int:
                   f"  score {s.hit.score:.3f}  cosine {s.hit.cosine:.3f}")
         u, t = done.usage, done.timings
         print(f"({u.prompt_tokens} prompt tokens, {u.cached_tokens} of them cached, + {u.completion_tokens} answer "
-              f"tokens, {u.accepted_prediction_tokens} of them drafted from the prompt; queue {t.queue_time_ns / 1e9:.1f}s, prefill {t.prefill_time_ns / 1e9:.1f}s, "
+              f"tokens, {u.accepted_prediction_tokens} of them drafted from the prompt; "
+              f"queue {t.queue_time_ns / 1e9:.1f}s, prefill {t.prefill_time_ns / 1e9:.1f}s, "
               f"decode {t.decode_time_ns / 1e9:.1f}s)", file=sys.stderr)
         return 0
     except grpc.RpcError as e:

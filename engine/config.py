@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from .errors import InvalidInput
+from .export_lm import VERIFY_MAX_TOKENS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -151,10 +152,19 @@ DEFAULT_PREFIX_CACHE_MB = 256.0
 # Speculative decoding (engine/scheduler.py): a greedy streamed answer drafts up to this many
 # tokens per run from its own prompt and checks them in one run of the model. None: 3 under
 # the latency objective, 0 (off) under throughput, where rows share one-token steps instead
-# (a speculating row runs alone). At most MAX_SPECULATIVE_TOKENS (export_lm.VERIFY_MAX_TOKENS - 1).
+# (a speculating row runs alone). At most what one verify run carries after the last token.
 DEFAULT_SPECULATIVE_TOKENS = None
 SPECULATIVE_TOKENS_LATENCY = 3
-MAX_SPECULATIVE_TOKENS = 7
+MAX_SPECULATIVE_TOKENS = VERIFY_MAX_TOKENS - 1
+
+
+def check_speculative_tokens(value) -> None:
+    """Config.speculative_tokens and SamplingParams.speculative_tokens: None, or 0 (off) to
+    MAX_SPECULATIVE_TOKENS."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or not 0 <= value <= MAX_SPECULATIVE_TOKENS):
+        raise InvalidInput(f"speculative_tokens must be an integer in [0, {MAX_SPECULATIVE_TOKENS}] (0 = off), "
+                           f"got {value!r}")
 
 # Server (server/): limits and the micro-batching window.
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -303,11 +313,7 @@ class Config:
                                f"({self.prefix_block_tokens})")
         if self.prefill_stall_ms <= 0:
             raise InvalidInput(f"prefill_stall_ms must be > 0, got {self.prefill_stall_ms}")
-        if self.speculative_tokens is not None and (
-                isinstance(self.speculative_tokens, bool) or not isinstance(self.speculative_tokens, int)
-                or not 0 <= self.speculative_tokens <= MAX_SPECULATIVE_TOKENS):
-            raise InvalidInput(f"speculative_tokens must be an integer in [0, {MAX_SPECULATIVE_TOKENS}] (0 = off), "
-                               f"got {self.speculative_tokens!r}")
+        check_speculative_tokens(self.speculative_tokens)
         if self.prefix_cache_mb < 0:
             raise InvalidInput(f"prefix_cache_mb must be >= 0 (0 = off), got {self.prefix_cache_mb}")
         if self.max_document_bytes + MESSAGE_HEADROOM_BYTES > self.max_message_bytes:

@@ -27,6 +27,7 @@ import numpy as np
 
 from . import kernels
 from .embed import make_session
+from .config import check_speculative_tokens
 from .errors import InvalidInput, Unavailable
 from .export_lm import VERIFY_MAX_TOKENS
 
@@ -76,11 +77,7 @@ class SamplingParams:
             raise InvalidInput(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
         if not isinstance(self.ignore_eos, bool):
             raise InvalidInput(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
-        if self.speculative_tokens is not None and (
-                isinstance(self.speculative_tokens, bool) or not isinstance(self.speculative_tokens, int)
-                or not 0 <= self.speculative_tokens <= VERIFY_MAX_TOKENS - 1):
-            raise InvalidInput(f"speculative_tokens must be an integer in [0, {VERIFY_MAX_TOKENS - 1}] (0 = off), "
-                               f"got {self.speculative_tokens!r}")
+        check_speculative_tokens(self.speculative_tokens)
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
             raise InvalidInput(f"seed must be a non-negative integer, got {self.seed!r}")
         if not isinstance(self.suppress_first, tuple) or any(
@@ -310,20 +307,8 @@ class KVBatch:
         step_ids = np.full((rows, 1), g.pad_id, np.int64)
         step_ids[:n] = ids
         if self._io_key != (self._version, rows):
-            io = g.session.io_binding()
-            io.bind_output(g.output_names[0], "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
-            for past, present, buf in zip(g.past_names, g.present_names, self.bufs):
-                shape = [rows, *buf.shape[1:]]  # rows [0, rows) of a C-ordered buffer are contiguous
-                io.bind_input(past, "cpu", 0, np.float32, shape, buf.ctypes.data)
-                io.bind_output(present, "cpu", 0, np.float32, shape, buf.ctypes.data)
-            self._io, self._io_key = io, (self._version, rows)
-        io = self._io
-        # the step's own inputs, bound again each step (a binding replaces the one before)
-        io.bind_cpu_input("input_ids", step_ids)
-        io.bind_cpu_input("attention_mask", (np.arange(cols)[None, :] <= lengths[:, None]).astype(np.int64))
-        if "position_ids" in g.input_names:
-            io.bind_cpu_input("position_ids", lengths[:, None].copy())
-        g.session.run_with_iobinding(io)
+            self._io, self._io_key = self._binding(0, rows, logits), (self._version, rows)
+        self._run(self._io, step_ids, np.arange(cols)[None, :] <= lengths[:, None], lengths[:, None].copy())
         self.lengths = self.lengths + 1
         return logits[:n, -1, :]
 
@@ -335,11 +320,11 @@ class KVBatch:
         Speculative decoding (engine/scheduler.py): such a run costs little more than a
         one-token step (the weights are read once for all its tokens; each extra position
         adds a row to every product, the output head's most), so each accepted draft is a
-        token almost for free. onnxruntime's GroupQueryAttention takes several new tokens after a cache only
-        in a run of one row, so a speculating row always runs alone, in runs of two tokens or
-        more, which give the same bits whatever the buffer's width or the row's place in it,
-        so the row's tokens do not depend on the other rows (a one-token step rounds
-        differently).
+        token almost for free. onnxruntime's GroupQueryAttention takes several new tokens
+        after a cache only in a run of one row, so a speculating row always runs alone, in
+        runs of two tokens or more, which give the same bits whatever the buffer's width or
+        the row's place in it, so the row's tokens do not depend on the other rows (a
+        one-token step rounds differently).
         """
         g, n = self.gen, len(tokens)
         if not 2 <= n <= g.verify_max_tokens:
@@ -347,20 +332,31 @@ class KVBatch:
         start = int(self.lengths[b])
         if start + n > self.columns:
             self._resize(self.bufs[0].shape[0], start + n)
-        cols = self.columns
         logits = np.empty((1, n, g.vocab_size), np.float32)
+        self._run(self._binding(b, 1, logits), np.asarray([tokens], np.int64),
+                  np.arange(self.columns)[None, :] < start + n, np.arange(start, start + n, dtype=np.int64)[None, :])
+        return logits[0]
+
+    def _binding(self, first: int, rows: int, logits: np.ndarray):
+        """An IO binding of the buffers' rows [first, first + rows) as both the past input and
+        the present output (contiguous in C order), and of `logits` as the output."""
+        g = self.gen
         io = g.session.io_binding()
         io.bind_output(g.output_names[0], "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         for past, present, buf in zip(g.past_names, g.present_names, self.bufs):
-            row = buf[b:b + 1]  # contiguous: C order
-            io.bind_input(past, "cpu", 0, np.float32, list(row.shape), row.ctypes.data)
-            io.bind_output(present, "cpu", 0, np.float32, list(row.shape), row.ctypes.data)
-        io.bind_cpu_input("input_ids", np.asarray([tokens], np.int64))
-        io.bind_cpu_input("attention_mask", (np.arange(cols)[None, :] < start + n).astype(np.int64))
+            view = buf[first:first + rows]
+            io.bind_input(past, "cpu", 0, np.float32, list(view.shape), view.ctypes.data)
+            io.bind_output(present, "cpu", 0, np.float32, list(view.shape), view.ctypes.data)
+        return io
+
+    def _run(self, io, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> None:
+        """Bind a run's own inputs (a binding replaces the one before) and run it."""
+        g = self.gen
+        io.bind_cpu_input("input_ids", ids)
+        io.bind_cpu_input("attention_mask", mask.astype(np.int64))
         if "position_ids" in g.input_names:
-            io.bind_cpu_input("position_ids", np.arange(start, start + n, dtype=np.int64)[None, :])
+            io.bind_cpu_input("position_ids", positions)
         g.session.run_with_iobinding(io)
-        return logits[0]
 
     def accept(self, b: int, n: int) -> None:
         """Row b keeps the first n keys its last verify run wrote (the rest are overwritten later)."""
