@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generator weights that decode (default auto: this machine's plan, see rag info)")
     p.add_argument("--gen-prefill-variant", choices=GEN_PREFILL_VARIANTS, default=None,
                    help="generator weights that prefill prompts (default auto: this machine's plan, see rag info)")
+    p.add_argument("--gen-verify-variant", choices=GEN_VARIANTS, default=None,
+                   help="generator weights of speculative decoding's verify runs (default auto: this machine's "
+                        "plan, see rag info)")
     p.add_argument("--plan-objective", choices=PLAN_OBJECTIVES, default=None,
                    help="decode on the weights fastest for one stream alone (latency, the default) or for a full "
                         "batch of concurrent answers (throughput); with --gen-variant auto")
@@ -191,7 +194,8 @@ def make_config(args: argparse.Namespace) -> Config:
     if args.embed_variant:
         kw["embed_variant"] = args.embed_variant
     for name in ("wal_fsync", "wal_fsync_interval_ms", "snapshot_wal_bytes", "snapshot_interval_s", "fusion",
-                 "fusion_alpha", "gen_model", "gen_variant", "gen_prefill_variant", "plan_objective",
+                 "fusion_alpha", "gen_model", "gen_variant", "gen_prefill_variant", "gen_verify_variant",
+                 "plan_objective",
                  "speculative_tokens", "context_budget_tokens"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
@@ -412,7 +416,8 @@ def show_info(engine, args: argparse.Namespace) -> int:
     plan = for_config(c)
     out = {"embedding_model": c.embed_model, "embedding_variant": c.embed_variant,
            "generation_model": c.gen_model, "cpu": cpu_key(), "execution_plan": plan.describe(),
-           "prefill_variant": plan.prefill, "decode_variant": plan.decode, "plan_source": plan.source,
+           "prefill_variant": plan.prefill, "decode_variant": plan.decode, "verify_variant": plan.verify,
+           "plan_source": plan.source,
            "plan_objective": plan.objective,
            "measured_rates": plan.rates, "provider": c.provider, "threads": c.threads,
            "search_mode": c.search_mode, "fusion": c.fusion, "fusion_alpha": c.fusion_alpha,

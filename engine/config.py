@@ -53,6 +53,8 @@ GEN_VARIANTS = ("auto", *GEN_WEIGHTS)
 DEFAULT_GEN_VARIANT = "auto"
 GEN_PREFILL_VARIANTS = GEN_VARIANTS
 DEFAULT_GEN_PREFILL_VARIANT = "auto"
+# And which run speculative decoding's verify runs (a row's last token and its drafts at once).
+DEFAULT_GEN_VERIFY_VARIANT = "auto"
 # What an "auto" decode is fastest at: "latency", one row alone (a lone stream's tokens/s);
 # "throughput", a full batch (a busy server's aggregate tokens/s). The plan measures both
 # (engine/plan.py); they differ where a variant's kernels batch badly (int4 on the AMX Xeon).
@@ -221,6 +223,7 @@ class Config:
     gen_model: str = DEFAULT_GEN_MODEL
     gen_variant: str = DEFAULT_GEN_VARIANT
     gen_prefill_variant: str = DEFAULT_GEN_PREFILL_VARIANT
+    gen_verify_variant: str = DEFAULT_GEN_VERIFY_VARIANT
     plan_objective: str = DEFAULT_PLAN_OBJECTIVE
     context_window: int = DEFAULT_CONTEXT_WINDOW
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
@@ -287,6 +290,8 @@ class Config:
         if self.gen_prefill_variant not in GEN_PREFILL_VARIANTS:
             raise InvalidInput(f"gen_prefill_variant must be one of {GEN_PREFILL_VARIANTS}, "
                                f"got {self.gen_prefill_variant!r}")
+        if self.gen_verify_variant not in GEN_VARIANTS:
+            raise InvalidInput(f"gen_verify_variant must be one of {GEN_VARIANTS}, got {self.gen_verify_variant!r}")
         if self.plan_objective not in PLAN_OBJECTIVES:
             raise InvalidInput(f"plan_objective must be one of {PLAN_OBJECTIVES}, got {self.plan_objective!r}")
         if self.context_budget_tokens is not None and (

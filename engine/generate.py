@@ -219,8 +219,11 @@ class KVBatch:
 
     COLUMN_ROUNDING = 64
 
-    def __init__(self, gen: "Generator") -> None:
+    def __init__(self, gen: "Generator", session=None) -> None:
+        """`session`: the one that runs it (default the decode's; speculative decoding's rows
+        run on gen.verify_session, see engine/plan.py)."""
         self.gen = gen
+        self._session = session
         self.bufs: list[np.ndarray] = []
         self.lengths = np.zeros(0, np.int64)  # keys per active row
         self.reserved = np.zeros(0, np.int64)  # columns each row may reach (prompt + new tokens)
@@ -233,6 +236,10 @@ class KVBatch:
 
     def __len__(self) -> int:
         return len(self.lengths)
+
+    @property
+    def session(self):
+        return self._session or self.gen.session
 
     @property
     def columns(self) -> int:
@@ -341,7 +348,7 @@ class KVBatch:
         """An IO binding of the buffers' rows [first, first + rows) as both the past input and
         the present output (contiguous in C order), and of `logits` as the output."""
         g = self.gen
-        io = g.session.io_binding()
+        io = self.session.io_binding()
         io.bind_output(g.output_names[0], "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         for past, present, buf in zip(g.past_names, g.present_names, self.bufs):
             view = buf[first:first + rows]
@@ -356,7 +363,7 @@ class KVBatch:
         io.bind_cpu_input("attention_mask", mask.astype(np.int64))
         if "position_ids" in g.input_names:
             io.bind_cpu_input("position_ids", positions)
-        g.session.run_with_iobinding(io)
+        self.session.run_with_iobinding(io)
 
     def accept(self, b: int, n: int) -> None:
         """Row b keeps the first n keys its last verify run wrote (the rest are overwritten later)."""
@@ -367,15 +374,18 @@ class Generator:
     """Runs an exported decoder-with-past ONNX model (engine/export_lm.py)."""
 
     def __init__(self, model_dir: str | Path, *, variant: str = "fp32", provider: str = "cpu", threads: int = 1,
-                 context_window: int = 2048, prefill_variant: str | None = None) -> None:
+                 context_window: int = 2048, prefill_variant: str | None = None,
+                 verify_variant: str | None = None) -> None:
         """`variant`: the weights that decode; `prefill_variant` (default: the same): the
-        weights that prefill prompts, when another variant is faster at it on this machine
-        (engine/plan.py). Both are the same graph, so they share the KV cache layout."""
+        weights that prefill prompts, and `verify_variant` (default: the same as decode) those
+        of speculative decoding's verify runs, when another variant is faster at it on this
+        machine (engine/plan.py). All are the same graph, so they share the KV cache layout."""
         from tokenizers import Tokenizer
 
         model_dir = Path(model_dir)
         prefill_variant = prefill_variant or variant
-        for v in (variant, prefill_variant):
+        verify_variant = verify_variant or variant
+        for v in (variant, prefill_variant, verify_variant):
             if v not in VARIANT_FILES:
                 raise InvalidInput(f"generator variant must be one of {sorted(VARIANT_FILES)}, got {v!r}")
             path = model_dir / VARIANT_FILES[v]
@@ -422,6 +432,9 @@ class Generator:
         self.prefill_variant = prefill_variant
         self._prefill_session = None if prefill_variant == variant else \
             make_session(model_dir / VARIANT_FILES[prefill_variant], provider, threads)
+        self.verify_variant = verify_variant
+        self._verify_session = None if verify_variant in (variant, prefill_variant) else \
+            make_session(model_dir / VARIANT_FILES[verify_variant], provider, threads)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.past_names = [n for n in self.input_names if n.startswith("past_key_values")]
@@ -435,6 +448,14 @@ class Generator:
     def prefill_session(self):
         """The session that prefills prompts: the decode session unless the plan says otherwise."""
         return self._prefill_session or self.session
+
+    @property
+    def verify_session(self):
+        """The session of speculative decoding's verify runs (KVBatch.verify): the decode's
+        unless the plan says otherwise; a variant already loaded for another phase is shared."""
+        if self.verify_variant == self.variant:
+            return self.session
+        return self.prefill_session if self.verify_variant == self.prefill_variant else self._verify_session
 
     def _json(self, name: str) -> dict:
         p = self.model_dir / name

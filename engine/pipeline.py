@@ -80,7 +80,7 @@ class Engine:
                 plan = for_config(c)
                 self._generator = Generator(c.gen_model_dir, variant=plan.decode, provider=c.provider,
                                             threads=c.threads, context_window=c.context_window,
-                                            prefill_variant=plan.prefill)
+                                            prefill_variant=plan.prefill, verify_variant=plan.verify)
                 self._plan = plan
             return self._generator
 
@@ -95,7 +95,7 @@ class Engine:
             from .plan import Plan, cpu_key
 
             g = self._generator
-            self._plan = Plan(g.prefill_variant, g.variant, "config", cpu_key())
+            self._plan = Plan(g.prefill_variant, g.variant, "config", cpu_key(), verify=g.verify_variant)
         return self._plan
 
     @property

@@ -17,9 +17,15 @@ server, "throughput"). They can disagree: on the AMX Xeon int4 MatMulNBits decod
 fastest, but 8 rows cost it ~2.5x one row, while w8a8's integer GEMM takes 8 rows for ~1.3x.
 A server decodes every row on one variant (a request's greedy tokens must not depend on its
 batch), so Config.plan_objective picks which of the two the plan serves.
+A third phase, `verify`, is speculative decoding's run (a row's last token and three drafts
+from its prompt, engine/scheduler.py): such a row runs alone, so it takes whatever variant
+runs MEASURE_VERIFY_TOKENS tokens fastest. On the AMX Xeon that is w8a8, whose integer GEMM
+takes 4 tokens for little more than one (int4's MatMulNBits costs ~1.5x), while int4 stays
+the fastest one-token step.
 A prefill on fp32 weights and a decode on int8 weights share one KV cache layout (the
 same graph, quantized), so the decoder continues from the fp32 prefill's keys and values.
-Users override either phase (Config.gen_variant for decode, Config.gen_prefill_variant).
+Users override any phase (Config.gen_variant for decode, Config.gen_prefill_variant,
+Config.gen_verify_variant).
 The variants: fp32, int8 and int4 (weight-only MatMulNBits), w8a8 (8-bit weights and
 activations through onnxruntime's integer GEMM; engine/export_lm.py); a plan measured here
 may choose any of them, w8a8 only where the CPU has 8-bit dot products (NEEDS_INT8_DOT).
@@ -71,6 +77,10 @@ MEASURE_ROUNDS = 2
 # config.DEFAULT_MAX_CONCURRENT_GENERATIONS) and the keys each row attends to.
 MEASURE_BATCH_ROWS = 8
 MEASURE_BATCH_KEYS = 256
+# Tokens of the timed verify run: a row's last token and Config's default three drafts.
+MEASURE_VERIFY_TOKENS = 4
+MEASURE_VERIFY_ROUNDS = 6
+PHASES = ("prefill", "decode", "batch_decode", "verify")
 
 
 def cpu_features() -> tuple[str, list[str]]:
@@ -100,13 +110,20 @@ class Plan:
     decode: str
     source: str  # "measured", "rule" or "config"
     cpu: str
-    # variant -> {"prefill": tok/s, "decode": tok/s one row, "batch_decode": tok/s all rows of a full batch}
+    # variant -> {"prefill": tok/s, "decode": tok/s one row, "batch_decode": tok/s all rows of a
+    # full batch, "verify": tok/s of a MEASURE_VERIFY_TOKENS-token run of one row}
     rates: dict = dataclasses.field(default_factory=dict)
     objective: str = "latency"  # what chose the decode variant (config.PLAN_OBJECTIVES)
+    verify: str = ""  # the weights of speculative decoding's verify runs ("": the decode's)
+
+    def __post_init__(self) -> None:
+        if not self.verify:
+            object.__setattr__(self, "verify", self.decode)
 
     def describe(self) -> str:
         how = {"measured": "measured on", "rule": "chosen by CPU features for", "config": "set by config on"}[self.source]
-        return f"prefill {self.prefill}, decode {self.decode} for {self.objective} ({how} {self.cpu})"
+        return (f"prefill {self.prefill}, decode {self.decode} for {self.objective}, drafts verified on {self.verify} "
+                f"({how} {self.cpu})")
 
 
 def has_int8_dot() -> bool:
@@ -121,14 +138,15 @@ def eligible(variants) -> list[str]:
 
 def rule(variants: list[str], cpu: str | None = None) -> Plan:
     """The plan from CPU features alone (no measurement for this CPU yet): decode on int8
-    (RULE_DECODE); prefill with 8-bit dot-product instructions on w8a8 (else the decode's
-    weights), without them on fp32."""
+    (RULE_DECODE); prefill and verify runs (several tokens, like a short prefill) with 8-bit
+    dot-product instructions on w8a8 (else the decode's weights), prefill without them on fp32."""
     decode = next((v for v in RULE_DECODE if v in variants), variants[0])
+    verify = decode
     if has_int8_dot():
-        prefill = "w8a8" if "w8a8" in variants else decode
+        prefill = verify = "w8a8" if "w8a8" in variants else decode
     else:
         prefill = "fp32" if "fp32" in variants else decode
-    return Plan(prefill, decode, "rule", cpu or cpu_key())
+    return Plan(prefill, decode, "rule", cpu or cpu_key(), verify=verify)
 
 
 def recorded(model_dir: Path) -> Plan | None:
@@ -140,12 +158,15 @@ def recorded(model_dir: Path) -> Plan | None:
     entry = manifest.get("execution_plans", {}).get(cpu_key())
     if not entry:
         return None
-    return Plan(entry["prefill"], entry["decode"], "measured", cpu_key(), entry.get("rates", {}))
+    return Plan(entry["prefill"], entry["decode"], "measured", cpu_key(), entry.get("rates", {}),
+                verify=entry.get("verify", ""))
 
 
-def batch_measured(plan: Plan | None) -> bool:
-    """Whether `plan` holds batched decode rates (plans recorded before them do not)."""
-    return bool(plan and plan.rates and all("batch_decode" in r for r in plan.rates.values()))
+def measured(plan: Plan | None, *phases: str) -> bool:
+    """Whether `plan` holds rates of `phases` (default: every phase; plans recorded before
+    batched decode or verify runs were measured do not: `make models` measures them again)."""
+    want = set(phases or PHASES)
+    return bool(plan and plan.rates and all(want <= set(r) for r in plan.rates.values()))
 
 
 def fastest(rates: dict, phase: str) -> str:
@@ -160,36 +181,45 @@ def built_variants(model_dir: Path) -> list[str]:
     return [v for v, f in VARIANT_FILES.items() if (Path(model_dir) / f).exists()]
 
 
-def resolve(model_dir: Path, *, decode: str = "auto", prefill: str = "auto", provider: str = "cpu",
-            objective: str = "latency") -> Plan:
+def resolve(model_dir: Path, *, decode: str = "auto", prefill: str = "auto", verify: str = "auto",
+            provider: str = "cpu", objective: str = "latency") -> Plan:
     """The plan to run: the configured phases, with "auto" filled in from this machine's plan
-    (on a GPU, which no CPU measurement describes: int8 decodes, and prefills too). The
-    decode is the one fastest for `objective`: "latency", a row alone; "throughput", a full
-    batch (a plan measured before batched rates, or none: the same as for latency)."""
+    (on a GPU, which no CPU measurement describes: int8 decodes, and prefills and verifies too).
+    The decode is the one fastest for `objective`: "latency", a row alone; "throughput", a
+    full batch (a plan measured before batched rates, or none: the same as for latency). An
+    "auto" verify follows a configured decode unless the plan measured verify runs."""
     if provider != "cpu":
         decode = "int8" if decode == "auto" else decode
-        return Plan(decode if prefill == "auto" else prefill, decode, "config", provider, objective=objective)
+        return Plan(decode if prefill == "auto" else prefill, decode, "config", provider, objective=objective,
+                    verify=decode if verify == "auto" else verify)
     plan = recorded(model_dir) or rule(built_variants(model_dir))
     plan = dataclasses.replace(plan, objective=objective)
-    if objective == "throughput" and batch_measured(plan):
+    if objective == "throughput" and measured(plan, "batch_decode"):
         plan = dataclasses.replace(plan, decode=fastest(plan.rates, "batch_decode"))
-    chosen = (plan.prefill if prefill == "auto" else prefill, plan.decode if decode == "auto" else decode)
+    decode = plan.decode if decode == "auto" else decode
+    if measured(plan, "verify"):
+        plan = dataclasses.replace(plan, verify=fastest(plan.rates, "verify"))
+    elif plan.source != "rule":  # recorded before verify runs were measured: the decode's weights
+        plan = dataclasses.replace(plan, verify=decode)
+    chosen = (plan.prefill if prefill == "auto" else prefill, decode, plan.verify if verify == "auto" else verify)
     if not has_int8_dot() and any(v in NEEDS_INT8_DOT for v in chosen):
         log.warning("%s is configured on a CPU without 8-bit dot products (%s): its integer products "
                     "may saturate there and change answers", "/".join(sorted(set(chosen) & set(NEEDS_INT8_DOT))),
                     plan.cpu)
-    return plan if chosen == (plan.prefill, plan.decode) else Plan(*chosen, "config", plan.cpu, plan.rates, objective)
+    if chosen == (plan.prefill, plan.decode, plan.verify):
+        return plan
+    return Plan(chosen[0], chosen[1], "config", plan.cpu, plan.rates, objective, verify=chosen[2])
 
 
 def for_config(c) -> Plan:
     """resolve() for an engine.config.Config."""
-    return resolve(c.gen_model_dir, decode=c.gen_variant, prefill=c.gen_prefill_variant, provider=c.provider,
-                   objective=c.plan_objective)
+    return resolve(c.gen_model_dir, decode=c.gen_variant, prefill=c.gen_prefill_variant, verify=c.gen_verify_variant,
+                   provider=c.provider, objective=c.plan_objective)
 
 
 def measure(model_dir: Path, threads: int, *, log=print) -> Plan:
-    """Time prefill, one-row decode and full-batch decode of every built variant here; record
-    them, and the fastest of the eligible ones per phase as the plan."""
+    """Time prefill, one-row decode, full-batch decode and verify runs of every built variant
+    here; record them, and the fastest of the eligible ones per phase as the plan."""
     import numpy as np
 
     from .generate import Completion, Generator, KVBatch, SamplingParams
@@ -209,7 +239,7 @@ def measure(model_dir: Path, threads: int, *, log=print) -> Plan:
                         if isinstance(ev, Completion))
             t1 = time.perf_counter()
             steps = max(comp.completion_tokens - 1, 1)
-            r = rates.setdefault(variant, {"prefill": 0.0, "decode": 0.0, "batch_decode": 0.0})
+            r = rates.setdefault(variant, dict.fromkeys(PHASES, 0.0))
             r["prefill"] = max(r["prefill"], len(prompt) / (comp.first_token_ns / 1e9))
             r["decode"] = max(r["decode"], steps / max(t1 - t0 - comp.first_token_ns / 1e9, 1e-9))
             # a full batch: MEASURE_BATCH_ROWS rows of the prompt's first keys, decoding together
@@ -226,20 +256,47 @@ def measure(model_dir: Path, threads: int, *, log=print) -> Plan:
             took = time.perf_counter() - t0
             r["batch_decode"] = max(r["batch_decode"], MEASURE_BATCH_ROWS * MEASURE_DECODE_STEPS / took)
             del batch
+    # Verify runs: cheap (~50 ms each) and close between variants (within 10-20% on the AMX
+    # Xeon, where one round of a shared machine varied by more), so more rounds of them.
+    for _ in range(MEASURE_VERIFY_ROUNDS):
+        for variant, gen in gens.items():
+            rates[variant]["verify"] = max(rates[variant]["verify"], verify_rate(gen, caches[variant], prompt))
     for variant, r in rates.items():
         log(f"[plan] {variant}: prefill {r['prefill']:.0f} tok/s at {len(prompt)} tokens, decode {r['decode']:.1f} tok/s "
-            f"one row, {r['batch_decode']:.1f} tok/s {MEASURE_BATCH_ROWS} rows (best of {MEASURE_ROUNDS})")
+            f"one row, {r['batch_decode']:.1f} tok/s {MEASURE_BATCH_ROWS} rows, {r['verify']:.1f} tok/s in "
+            f"{MEASURE_VERIFY_TOKENS}-token verify runs (best of {MEASURE_ROUNDS}, verify runs {MEASURE_VERIFY_ROUNDS})")
     del gens, caches
-    plan = Plan(fastest(rates, "prefill"), fastest(rates, "decode"), "measured", cpu_key(), rates)
+    plan = Plan(fastest(rates, "prefill"), fastest(rates, "decode"), "measured", cpu_key(), rates,
+                verify=fastest(rates, "verify"))
     path = model_dir / MANIFEST
     manifest = json.loads(path.read_text())
     manifest.setdefault("execution_plans", {})[plan.cpu] = {
         "prefill": plan.prefill, "decode": plan.decode, "batch_decode": fastest(rates, "batch_decode"),
-        "rates": rates, "threads": threads, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        "verify": plan.verify, "rates": rates, "threads": threads, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     atomic_write(path, json.dumps(manifest, indent=2))
     log(f"[plan] {plan.describe()}; for throughput (a full batch): decode {fastest(rates, 'batch_decode')}; "
         f"recorded in {path}")
     return plan
+
+
+def verify_rate(gen, cache, prompt) -> float:
+    """Tokens/s of MEASURE_DECODE_STEPS verify runs of MEASURE_VERIFY_TOKENS tokens, one row
+    after `cache` (0 where the graph cannot verify: a folder from before short_run_logits)."""
+    from .generate import KVBatch
+
+    if gen.verify_max_tokens < MEASURE_VERIFY_TOKENS:
+        return 0.0
+    n, k = MEASURE_VERIFY_TOKENS, cache[0].shape[2]
+    solo = KVBatch(gen)
+    solo.add(cache, k + MEASURE_DECODE_STEPS + n + 1)
+    solo.verify(0, prompt[k:k + n])  # warm up
+    solo.accept(0, 1)
+    t0 = time.perf_counter()
+    for i in range(1, MEASURE_DECODE_STEPS + 1):  # a run keeps one token, as a run whose drafts all miss
+        solo.verify(0, prompt[k + i:k + i + n])
+        solo.accept(0, 1)
+    took = time.perf_counter() - t0
+    return n * MEASURE_DECODE_STEPS / took
 
 
 def main() -> None:
@@ -249,10 +306,10 @@ def main() -> None:
     ap.add_argument("--model-dir", type=Path, default=DEFAULT_MODELS_DIR / DEFAULT_GEN_MODEL)
     ap.add_argument("--measure", action="store_true", help="measure here and record it (even if recorded)")
     ap.add_argument("--if-missing", action="store_true",
-                    help="with --measure: only if this CPU has no plan yet, or one without batched decode rates")
+                    help="with --measure: only if this CPU has no plan yet, or one without a rate of every phase")
     ap.add_argument("--threads", type=int, default=default_threads())
     args = ap.parse_args()
-    if args.measure and not (args.if_missing and batch_measured(recorded(args.model_dir))):
+    if args.measure and not (args.if_missing and measured(recorded(args.model_dir))):
         measure(args.model_dir, args.threads)
     for objective in PLAN_OBJECTIVES:
         print(resolve(args.model_dir, objective=objective).describe())

@@ -38,7 +38,10 @@ row runs alone (GroupQueryAttention takes several new tokens after a cache only 
 one-row run), always in runs of two tokens or more (one filler token when nothing is
 drafted), whose results do not depend on the buffer or the other rows; so its
 tokens are the same alone or beside others, as the batched rows' are: whether a request
-speculates depends on itself only, never on the load. Batch requests (`streamed` False)
+speculates depends on itself only, never on the load. Verify runs take the weights the
+machine's plan measured fastest at them (Generator.verify_variant, engine/plan.py: w8a8 on
+the AMX Xeon, whose integer GEMM takes 4 tokens for about the cost of one), which need not
+be the one-token steps' weights. Batch requests (`streamed` False)
 that do not ask, and sampled rows, share one-token steps instead. Speculating rows do not
 share runs, so many of them decode at about one row's speculative rate in total.
 
@@ -244,7 +247,7 @@ class Scheduler:
             log.warning("speculative decoding is off: the generation model's graph lacks short_run_logits "
                         "(run `make models` to add it)")
         self._speculating: list[Ticket] = []
-        self._solo = KVBatch(generator)
+        self._solo = KVBatch(generator, generator.verify_session)
         self._cv = threading.Condition()
         self._stop = False
         self.steps = 0
@@ -283,8 +286,8 @@ class Scheduler:
         if self.chunk_cost is None:
             return "measuring the prefill chunk cost"
         a, b = self.chunk_cost
-        spec = (f"greedy streams draft up to {self.draft_tokens} tokens a run from their prompt"
-                if self.draft_tokens else "no speculative decoding")
+        spec = (f"greedy streams draft up to {self.draft_tokens} tokens a run from their prompt, verified on "
+                f"{self.generator.verify_variant}" if self.draft_tokens else "no speculative decoding")
         return (f"prefill chunks beside streams: up to {self.efficient_chunk} tokens ({a * 1000:.1f} ms + "
                 f"{b * 1000:.2f} ms/token here); {self.generator.describe_padding()}; {spec}")
 

@@ -97,11 +97,15 @@ def test_info_names_the_cpu_and_the_execution_plan(tmp_path, capsys):
     assert code == 0 and info["cpu"] == cpu_key()
     assert info["execution_plan"].startswith(f"prefill {info['prefill_variant']}, decode {info['decode_variant']}")
     plan = resolve(Config().gen_model_dir)  # what make models measured here
-    assert (info["prefill_variant"], info["decode_variant"]) == (plan.prefill, plan.decode)
+    assert (info["prefill_variant"], info["decode_variant"], info["verify_variant"]) == (plan.prefill, plan.decode,
+                                                                                         plan.verify)
     assert info["decode_variant"] in ("int8", "int4") and info["plan_source"] in ("measured", "rule")
     other = "fp32" if info["prefill_variant"] != "fp32" else "int8"  # not what this machine's plan chose
     code, out, _ = rag(capsys, "--data-dir", str(tmp_path), "--gen-prefill-variant", other, "info")
-    assert code == 0 and f"prefill {other}, decode {plan.decode} for latency (set by config" in out
+    assert code == 0 and f"prefill {other}, decode {plan.decode} for latency, drafts verified on {plan.verify} " \
+        "(set by config" in out
+    code, out, _ = rag(capsys, "--data-dir", str(tmp_path), "--gen-verify-variant", "fp32", "info", "--json")
+    assert code == 0 and json.loads(out)["verify_variant"] == "fp32"
     code, out, _ = rag(capsys, "--data-dir", str(tmp_path), "--plan-objective", "throughput", "info", "--json")
     busy = resolve(Config().gen_model_dir, objective="throughput")
     assert code == 0 and json.loads(out)["decode_variant"] == busy.decode

@@ -12,8 +12,8 @@ from engine.generate import Completion, Generator, SamplingParams
 from engine import plan as plan_module
 from engine.config import Config
 from engine.errors import InvalidInput
-from engine.plan import (AUTO_VARIANTS, INT8_DOT, Plan, batch_measured, built_variants, cpu_features, cpu_key, eligible,
-                         for_config, recorded, resolve, rule)
+from engine.plan import (AUTO_VARIANTS, INT8_DOT, Plan, built_variants, cpu_features, cpu_key, eligible,
+                         for_config, measured, recorded, resolve, rule)
 from engine.scheduler import Scheduler
 
 
@@ -31,14 +31,16 @@ def test_make_models_recorded_a_measured_plan_for_this_cpu(config):
     variants = built_variants(config.gen_model_dir)
     assert {plan.prefill, plan.decode} <= set(variants) and set(plan.rates) == set(variants)
     for r in plan.rates.values():
-        assert r["prefill"] > 0 and r["decode"] > 0 and r["batch_decode"] > 0
+        assert r["prefill"] > 0 and r["decode"] > 0 and r["batch_decode"] > 0 and r["verify"] > 0
     auto = eligible(plan.rates)
     assert plan.prefill == max(auto, key=lambda v: plan.rates[v]["prefill"])
     assert plan.decode == max(auto, key=lambda v: plan.rates[v]["decode"]) and "int4" in plan.rates
-    assert plan.objective == "latency" and batch_measured(plan)
+    assert plan.verify == max(auto, key=lambda v: plan.rates[v]["verify"])
+    assert plan.objective == "latency" and measured(plan)
+    assert f"drafts verified on {plan.verify}" in resolve(config.gen_model_dir).describe()
     manifest = json.loads((config.gen_model_dir / "manifest.json").read_text())
     entry = manifest["execution_plans"][cpu_key()]
-    assert entry["decode"] == plan.decode
+    assert (entry["decode"], entry["verify"]) == (plan.decode, plan.verify)
     assert entry["batch_decode"] == max(auto, key=lambda v: plan.rates[v]["batch_decode"])
 
 
@@ -67,22 +69,32 @@ def test_throughput_objective_decodes_on_the_fastest_full_batch(config):
             Config(speculative_tokens=bad)
 
 
-def test_a_plan_recorded_before_batch_rates_is_measured_again(tmp_path):
-    """A manifest from before batched rates: throughput falls back to the one-row choice, and
+def test_a_plan_recorded_before_batch_or_verify_rates_is_measured_again(tmp_path):
+    """A manifest from before batched rates: throughput falls back to the one-row choice;
+    from before verify rates: drafts are verified on the decode's weights; either way
     `engine.plan --measure --if-missing` (make models) measures this CPU again."""
     rates = {"int8": {"prefill": 300.0, "decode": 25.0}, "int4": {"prefill": 200.0, "decode": 40.0}}
-    (tmp_path / "manifest.json").write_text(json.dumps({"execution_plans": {
-        cpu_key(): {"prefill": "int8", "decode": "int4", "rates": rates}}}))
-    old = recorded(tmp_path)
-    assert old is not None and not batch_measured(old)
+
+    def record(**entry):
+        (tmp_path / "manifest.json").write_text(json.dumps({"execution_plans": {
+            cpu_key(): {"prefill": "int8", "decode": "int4", "rates": rates, **entry}}}))
+        return recorded(tmp_path)
+
+    old = record()
+    assert old is not None and not measured(old) and not measured(old, "batch_decode")
     assert resolve(tmp_path, objective="throughput").decode == "int4"
+    assert resolve(tmp_path).verify == "int4" and resolve(tmp_path, decode="int8").verify == "int8"
     for r, batch in zip(rates.values(), (150.0, 90.0)):
         r["batch_decode"] = batch
-    (tmp_path / "manifest.json").write_text(json.dumps({"execution_plans": {
-        cpu_key(): {"prefill": "int8", "decode": "int4", "batch_decode": "int8", "rates": rates}}}))
-    assert batch_measured(recorded(tmp_path))
+    assert measured(record(batch_decode="int8"), "batch_decode") and not measured(recorded(tmp_path))
     assert resolve(tmp_path, objective="throughput").decode == "int8"
-    assert resolve(tmp_path).decode == "int4"
+    assert resolve(tmp_path).decode == "int4" and resolve(tmp_path).verify == "int4"
+    for r, verify in zip(rates.values(), (120.0, 80.0)):
+        r["verify"] = verify
+    assert measured(record(batch_decode="int8", verify="int8"))
+    latency = resolve(tmp_path)
+    assert (latency.decode, latency.verify, latency.source) == ("int4", "int8", "measured")
+    assert resolve(tmp_path, decode="fp32").verify == "int8", "a measured verify is its own phase"
 
 
 def test_rule_follows_cpu_features(config):
@@ -93,6 +105,8 @@ def test_rule_follows_cpu_features(config):
     assert plan.prefill == ("int8" if dot else "fp32")
     assert rule(["fp32", "int8", "int4", "w8a8"]).prefill == ("w8a8" if dot else "fp32")
     assert rule(["fp32"]) == Plan("fp32", "fp32", "rule", cpu_key())
+    # a verify run is a short prefill: on w8a8 where 8-bit dot products make it fast
+    assert rule(["fp32", "int8", "int4", "w8a8"]).verify == ("w8a8" if dot else "int8")
     assert "chosen by CPU features" in plan.describe()
 
 
@@ -122,6 +136,11 @@ def test_config_overrides_the_plan(config):
     auto = resolve(config.gen_model_dir, decode=decode)
     assert auto.decode == decode and auto.source == "config" and auto.prefill == base.prefill
     assert resolve(config.gen_model_dir, provider="cuda") == Plan("int8", "int8", "config", "cuda")
+    verify = "fp32" if base.verify != "fp32" else "int8"
+    own = for_config(config.replace(gen_verify_variant=verify))
+    assert (own.prefill, own.decode, own.verify, own.source) == (base.prefill, base.decode, verify, "config")
+    with pytest.raises(InvalidInput, match="gen_verify_variant must be one of"):
+        Config(gen_verify_variant="int3")
 
 
 def test_mixed_plan_prefills_on_fp32_and_decodes_on_int8(mixed, generator):
@@ -179,3 +198,29 @@ def test_w8a8_prefill_is_exact_in_chunks_and_hands_over_to_the_decoder(config):
     alone = gen.generate_ids([prompt], params)[0]
     assert "Paris" in alone.text
     assert_same_in_a_batch(gen, prompt, params, alone.token_ids, repeats=3, other_tokens=16)
+
+
+def test_drafts_verified_on_their_own_weights_keep_every_request_exact(config):
+    """The verify phase on a third variant (int8 decode, fp32 prefill, int4 verify runs: all
+    eligible on every CPU): speculating rows run on it, batched rows on the decode's weights,
+    and each request gets the tokens it gets alone; drafts are accepted."""
+    gen = Generator(config.gen_model_dir, variant="int8", prefill_variant="fp32", verify_variant="int4", threads=2,
+                    context_window=config.context_window)
+    assert gen.verify_variant == "int4" and gen.verify_session not in (gen.session, gen.prefill_session)
+    shared = Generator(config.gen_model_dir, variant="int8", prefill_variant="fp32", verify_variant="fp32", threads=2,
+                       context_window=config.context_window)
+    assert shared.verify_session is shared.prefill_session, "a variant already loaded is not loaded twice"
+    del shared
+    text = "The Amazon river flows through Brazil, Peru and Colombia into the Atlantic Ocean."
+    spec = gen.encode(gen.render_chat([{"role": "user", "content": f"Repeat exactly: {text}"}]))
+    batched = gen.encode(gen.render_chat([{"role": "user", "content": "Name three colours of tea."}]))
+    params = [SamplingParams(max_new_tokens=20), SamplingParams(max_new_tokens=16)]
+    s = Scheduler(gen, prefix_cache_mb=0, draft_tokens=3)
+    try:
+        alone = [s.submit(spec, params[0]).result(), s.submit(batched, params[1], streamed=False).result()]
+        assert alone[0].accepted_prediction_tokens > 0 and alone[1].accepted_prediction_tokens == 0
+        assert s._solo.session is gen.verify_session
+        together = [s.submit(spec, params[0]), s.submit(batched, params[1], streamed=False)]
+        assert [t.result().token_ids for t in together] == [c.token_ids for c in alone]
+    finally:
+        s.close()
