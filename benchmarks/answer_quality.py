@@ -300,16 +300,18 @@ def run(args) -> None:
 def compare_plans(engine, prompts, golds, params, args) -> None:
     """Gold-paragraph answers from each execution plan (prefill weights > decode weights,
     engine/plan.py; a "+spec" suffix: through the scheduler one at a time as a stream, with
-    speculative decoding from the prompt, 3 drafts a run): F1/EM, and greedy agreement with
-    fp32 (same answer; shared token prefix) and, for a +spec plan, with the same plan without."""
+    speculative decoding from the prompt, 3 drafts a run, verified on the decode's weights,
+    "+spec=w8a8" on w8a8's): F1/EM, and greedy agreement with fp32 (same answer; shared token
+    prefix) and, for a +spec plan, with the same plan without."""
     from engine.generate import Generator
     from engine.scheduler import Scheduler
 
     outs = {}
     for plan in args.plans.split(","):
-        base, spec, _ = plan.partition("+spec")
+        base, spec, verify = plan.partition("+spec")
         prefill, _, decode = base.partition(">")
-        gen = Generator(engine.config.gen_model_dir, variant=decode or prefill, prefill_variant=prefill, threads=2)
+        gen = Generator(engine.config.gen_model_dir, variant=decode or prefill, prefill_variant=prefill,
+                        verify_variant=verify.removeprefix("=") or None, threads=2)
         t0 = time.perf_counter()
         comps = []
         if spec:
@@ -357,7 +359,8 @@ def main() -> None:
     p.add_argument("--plans", default="",
                    help='also answer the gold-paragraph prompts with each plan, PREFILL>DECODE comma-separated, '
                         'e.g. "fp32,int8,fp32>int8" (engine/plan.py); "w8a8>int4+spec": that plan through the '
-                        'scheduler with speculative decoding')
+                        'scheduler with speculative decoding (verified on the decode\'s weights; "+spec=w8a8": '
+                        'on w8a8\'s)')
     p.add_argument("--prefill-variant", default="auto", help="the generator's prefill weights (default: the plan)")
     p.add_argument("--skip-rag", action="store_true", help="only the gold-paragraph modes (no ingest, no rag ask)")
     p.add_argument("--rag-global", type=lambda x: x.split(), default=[],

@@ -175,7 +175,7 @@ def single_stream_peers(engine: Engine, questions: list[str], args) -> dict:
                          "decode_tok_per_s": (ev.completion_tokens - 1) / (stamps[-1] - stamps[0])
                          if len(stamps) > 1 else float("nan"), "accepted": ev.accepted_prediction_tokens})
         scheduler.close()
-        spec = f", drafts of {draft} from the prompt" if draft else ""
+        spec = f", drafts of {draft} from the prompt verified on {gen.verify_variant}" if draft else ""
         results[f"ours ({plan.prefill} prefill, {plan.decode} decode{spec})"] = rows
     threads = engine.config.threads
     for name, (python, model) in PEERS.items():
