@@ -19,6 +19,13 @@ weights once: their bytes in the graph (fp32, or 4/8-bit levels with their scale
 points; the embedding table, read one row per token, not counted) over this machine's read
 bandwidth, timed here as a Numba parallel sum over as many bytes (best of 5). Prints the
 floor in ms and tokens/s, and the share of it each one-row step reached.
+
+`--verify int4,w8a8`: what a speculative-decoding run of one row costs per variant
+(KVBatch.verify over its last token and n-1 drafts, n = 2..8, after `--keys` keys of a real
+prefill), against that variant's one-token step (KVBatch.step) as the baseline, in the
+same process: rounds alternate the variants, each shape keeps its best round. Prints ms per
+run and the ratio run / one-token step; engine/plan.py chooses the verify weights by the
+4-token run.
 """
 
 from __future__ import annotations
@@ -59,7 +66,12 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=16, help="timed steps per system and shape")
     ap.add_argument("--threads", type=int, default=Config().threads)
     ap.add_argument("--roofline", action="store_true", help="also the weight-read floor of a one-row step")
+    ap.add_argument("--verify", type=lambda s: [x for x in s.split(",") if x], default=[],
+                    help="variants whose verify runs to time (instead of batched steps)")
+    ap.add_argument("--rounds", type=int, default=3, help="with --verify: rounds alternating the variants")
     a = ap.parse_args()
+    if a.verify:
+        return verify_runs(a)
 
     cfg = Config()
     if a.roofline:  # before onnxruntime's spinning threads exist: they would slow the read
@@ -112,6 +124,43 @@ def main() -> int:
                 log_jsonl("decode_step", {"variant": a.variant, "threads": a.threads, "rows": 1, "keys": keys,
                                           "roofline_mb": weight_bytes / 1e6, "read_gb_per_s": gbs,
                                           "floor_ms": floor_ms, "in_place_ms": ms, "share_of_floor": floor_ms / ms})
+    return 0
+
+
+def verify_runs(a) -> int:
+    """One row's verify runs of 2..8 tokens against its one-token step, per variant."""
+    cfg = Config()
+    gens = {v: Generator(cfg.gen_model_dir, variant=v, threads=a.threads) for v in a.verify}
+    keys = a.keys[0]
+    prompt = [int(x) for x in np.random.default_rng(0).integers(1000, 20000, keys + a.steps + 16)]
+    caches = {v: g.prefill(prompt[:keys])[1] for v, g in gens.items()}
+    sizes = (1, 2, 3, 4, 6, 8)
+    best: dict[tuple[str, int], float] = {}
+    print(f"CPU: {cpu_name()}; one row after {keys} keys, {a.steps} runs per shape, best of {a.rounds} rounds")
+    for _ in range(a.rounds):
+        for v, g in gens.items():
+            for n in sizes:
+                row = KVBatch(g)
+                row.add(caches[v], keys + a.steps + 16)
+                if n == 1:  # the baseline: a one-token step
+                    def run(i, row=row):
+                        row.step(np.array([[prompt[keys + i]]], np.int64))
+                        row.lengths[0] -= 1  # the same position every time, as the runs below
+                else:
+                    def run(i, row=row, n=n):
+                        row.verify(0, prompt[keys + i:keys + i + n])  # keeps nothing: same position
+                run(0)  # warm up
+                t = time.perf_counter()
+                for i in range(1, a.steps + 1):
+                    run(i)
+                ms = 1000 * (time.perf_counter() - t) / a.steps
+                best[(v, n)] = min(best.get((v, n), ms), ms)
+    for v in gens:
+        one = best[(v, 1)]
+        print(f"{v:5s} " + "  ".join(f"{n}: {best[(v, n)]:5.1f} ms ({best[(v, n)] / one:.2f}x)" for n in sizes))
+        for n in sizes:
+            log_jsonl("decode_step", {"mode": "verify", "variant": v, "threads": a.threads, "keys": keys,
+                                      "tokens": n, "ms": best[(v, n)], "ratio_to_one_token_step": best[(v, n)] / one})
     return 0
 
 

@@ -18,10 +18,11 @@ fastest, but 8 rows cost it ~2.5x one row, while w8a8's integer GEMM takes 8 row
 A server decodes every row on one variant (a request's greedy tokens must not depend on its
 batch), so Config.plan_objective picks which of the two the plan serves.
 A third phase, `verify`, is speculative decoding's run (a row's last token and three drafts
-from its prompt, engine/scheduler.py): such a row runs alone, so it takes whatever variant
-runs MEASURE_VERIFY_TOKENS tokens fastest. On the AMX Xeon that is w8a8, whose integer GEMM
-takes 4 tokens for little more than one (int4's MatMulNBits costs ~1.5x), while int4 stays
-the fastest one-token step.
+from its prompt, engine/scheduler.py): such a row runs alone, so it may take other weights
+than the one-token steps: of those that run MEASURE_VERIFY_TOKENS tokens within
+VERIFY_SPEED_TOLERANCE of the fastest, the most faithful to fp32 (verify_choice). On the AMX
+Xeon, w8a8's integer GEMM takes 4 tokens for little more than one (int4's MatMulNBits
+~1.6x), so w8a8 or int8 verifies there, while int4 stays the fastest one-token step.
 A prefill on fp32 weights and a decode on int8 weights share one KV cache layout (the
 same graph, quantized), so the decoder continues from the fp32 prefill's keys and values.
 Users override any phase (Config.gen_variant for decode, Config.gen_prefill_variant,
@@ -80,6 +81,14 @@ MEASURE_BATCH_KEYS = 256
 # Tokens of the timed verify run: a row's last token and Config's default three drafts.
 MEASURE_VERIFY_TOKENS = 4
 MEASURE_VERIFY_ROUNDS = 6
+# A verify run decides a stream's tokens, and the variants run 4 tokens at close speeds (on
+# the AMX Xeon w8a8, int8 and int4 came within 5-30% of each other, in an order that changed
+# from one measurement to the next), so among the variants within VERIFY_SPEED_TOLERANCE of
+# the fastest the plan takes the one whose tokens follow fp32's closest: FIDELITY, most
+# faithful first (benchmarks/quant_fidelity.py, AMX Xeon, mean KL(fp32 || variant) per
+# position over 960 answer positions: int8 0.0008, w8a8 0.0047, int4 0.0433).
+FIDELITY = ("fp32", "int8", "w8a8", "int4")
+VERIFY_SPEED_TOLERANCE = 0.10
 PHASES = ("prefill", "decode", "batch_decode", "verify")
 
 
@@ -175,6 +184,15 @@ def fastest(rates: dict, phase: str) -> str:
     return max(auto, key=lambda v: rates[v][phase])
 
 
+def verify_choice(rates: dict) -> str:
+    """The verify runs' variant: of the eligible ones within VERIFY_SPEED_TOLERANCE of the
+    fastest verify rate, the most faithful to fp32 (FIDELITY)."""
+    auto = eligible(rates) or list(rates)
+    top = max(rates[v]["verify"] for v in auto)
+    close = [v for v in auto if rates[v]["verify"] >= (1 - VERIFY_SPEED_TOLERANCE) * top]
+    return min(close, key=lambda v: FIDELITY.index(v) if v in FIDELITY else len(FIDELITY))
+
+
 def built_variants(model_dir: Path) -> list[str]:
     from .generate import VARIANT_FILES
 
@@ -198,7 +216,7 @@ def resolve(model_dir: Path, *, decode: str = "auto", prefill: str = "auto", ver
         plan = dataclasses.replace(plan, decode=fastest(plan.rates, "batch_decode"))
     decode = plan.decode if decode == "auto" else decode
     if measured(plan, "verify"):
-        plan = dataclasses.replace(plan, verify=fastest(plan.rates, "verify"))
+        plan = dataclasses.replace(plan, verify=verify_choice(plan.rates))
     elif plan.source != "rule":  # recorded before verify runs were measured: the decode's weights
         plan = dataclasses.replace(plan, verify=decode)
     chosen = (plan.prefill if prefill == "auto" else prefill, decode, plan.verify if verify == "auto" else verify)
@@ -267,7 +285,7 @@ def measure(model_dir: Path, threads: int, *, log=print) -> Plan:
             f"{MEASURE_VERIFY_TOKENS}-token verify runs (best of {MEASURE_ROUNDS}, verify runs {MEASURE_VERIFY_ROUNDS})")
     del gens, caches
     plan = Plan(fastest(rates, "prefill"), fastest(rates, "decode"), "measured", cpu_key(), rates,
-                verify=fastest(rates, "verify"))
+                verify=verify_choice(rates))
     path = model_dir / MANIFEST
     manifest = json.loads(path.read_text())
     manifest.setdefault("execution_plans", {})[plan.cpu] = {

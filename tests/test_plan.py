@@ -13,7 +13,8 @@ from engine import plan as plan_module
 from engine.config import Config
 from engine.errors import InvalidInput
 from engine.plan import (AUTO_VARIANTS, INT8_DOT, Plan, built_variants, cpu_features, cpu_key, eligible,
-                         for_config, measured, recorded, resolve, rule)
+                         for_config, measured, recorded, resolve, rule,
+                         verify_choice)
 from engine.scheduler import Scheduler
 
 
@@ -35,7 +36,8 @@ def test_make_models_recorded_a_measured_plan_for_this_cpu(config):
     auto = eligible(plan.rates)
     assert plan.prefill == max(auto, key=lambda v: plan.rates[v]["prefill"])
     assert plan.decode == max(auto, key=lambda v: plan.rates[v]["decode"]) and "int4" in plan.rates
-    assert plan.verify == max(auto, key=lambda v: plan.rates[v]["verify"])
+    top = max(plan.rates[v]["verify"] for v in auto)
+    assert plan.verify in auto and plan.rates[plan.verify]["verify"] >= 0.9 * top
     assert plan.objective == "latency" and measured(plan)
     assert f"drafts verified on {plan.verify}" in resolve(config.gen_model_dir).describe()
     manifest = json.loads((config.gen_model_dir / "manifest.json").read_text())
@@ -95,6 +97,18 @@ def test_a_plan_recorded_before_batch_or_verify_rates_is_measured_again(tmp_path
     latency = resolve(tmp_path)
     assert (latency.decode, latency.verify, latency.source) == ("int4", "int8", "measured")
     assert resolve(tmp_path, decode="fp32").verify == "int8", "a measured verify is its own phase"
+
+
+def test_verify_runs_take_the_most_faithful_of_the_fastest():
+    """Verify runs decide a stream's tokens: within 10% of the fastest verify rate, the
+    variant closest to fp32 wins (int8, then w8a8, then int4); further off, speed wins."""
+    def rates(**verify):
+        return {v: {"verify": r} for v, r in verify.items()}
+
+    assert verify_choice(rates(int4=105.0, int8=100.0)) == "int8"
+    assert verify_choice(rates(int4=120.0, int8=100.0)) == "int4"
+    assert verify_choice(rates(int4=100.0, fp32=95.0, int8=80.0)) == "fp32"
+    assert verify_choice(rates(int4=100.0, int8=50.0, fp32=30.0)) == "int4"
 
 
 def test_rule_follows_cpu_features(config):
