@@ -430,7 +430,9 @@ def show_info(engine, args: argparse.Namespace) -> int:
     for k, v in out.items():
         if k == "measured_rates":
             for variant, r in v.items():
-                print(f"{'  ' + variant:>26}: prefill {r['prefill']:.0f} tok/s, decode {r['decode']:.1f} tok/s")
+                extra = "".join(f", {label} {r[key]:.1f} tok/s" for key, label in
+                                (("batch_decode", "full batch"), ("verify", "verify runs")) if key in r)
+                print(f"{'  ' + variant:>26}: prefill {r['prefill']:.0f} tok/s, decode {r['decode']:.1f} tok/s{extra}")
             continue
         print(f"{k:>26}: {v}")
     return 0
