@@ -184,11 +184,14 @@ def fastest(rates: dict, phase: str) -> str:
     return max(auto, key=lambda v: rates[v][phase])
 
 
-def verify_choice(rates: dict) -> str:
+def verify_choice(rates: dict, default: str) -> str:
     """The verify runs' variant: of the eligible ones within VERIFY_SPEED_TOLERANCE of the
-    fastest verify rate, the most faithful to fp32 (FIDELITY)."""
+    fastest verify rate, the most faithful to fp32 (FIDELITY); `default` where none could
+    verify (a graph from before short_run_logits: no speculative decoding at all)."""
     auto = eligible(rates) or list(rates)
     top = max(rates[v]["verify"] for v in auto)
+    if top <= 0:
+        return default
     close = [v for v in auto if rates[v]["verify"] >= (1 - VERIFY_SPEED_TOLERANCE) * top]
     return min(close, key=lambda v: FIDELITY.index(v) if v in FIDELITY else len(FIDELITY))
 
@@ -216,7 +219,7 @@ def resolve(model_dir: Path, *, decode: str = "auto", prefill: str = "auto", ver
         plan = dataclasses.replace(plan, decode=fastest(plan.rates, "batch_decode"))
     decode = plan.decode if decode == "auto" else decode
     if measured(plan, "verify"):
-        plan = dataclasses.replace(plan, verify=verify_choice(plan.rates))
+        plan = dataclasses.replace(plan, verify=verify_choice(plan.rates, decode))
     elif plan.source != "rule":  # recorded before verify runs were measured: the decode's weights
         plan = dataclasses.replace(plan, verify=decode)
     chosen = (plan.prefill if prefill == "auto" else prefill, decode, plan.verify if verify == "auto" else verify)
@@ -237,7 +240,8 @@ def for_config(c) -> Plan:
 
 def measure(model_dir: Path, threads: int, *, log=print) -> Plan:
     """Time prefill, one-row decode, full-batch decode and verify runs of every built variant
-    here; record them, and the fastest of the eligible ones per phase as the plan."""
+    here; record them, and the fastest of the eligible ones per phase as the plan (verify
+    runs: verify_choice)."""
     import numpy as np
 
     from .generate import Completion, Generator, KVBatch, SamplingParams
@@ -284,8 +288,8 @@ def measure(model_dir: Path, threads: int, *, log=print) -> Plan:
             f"one row, {r['batch_decode']:.1f} tok/s {MEASURE_BATCH_ROWS} rows, {r['verify']:.1f} tok/s in "
             f"{MEASURE_VERIFY_TOKENS}-token verify runs (best of {MEASURE_ROUNDS}, verify runs {MEASURE_VERIFY_ROUNDS})")
     del gens, caches
-    plan = Plan(fastest(rates, "prefill"), fastest(rates, "decode"), "measured", cpu_key(), rates,
-                verify=verify_choice(rates))
+    decode = fastest(rates, "decode")
+    plan = Plan(fastest(rates, "prefill"), decode, "measured", cpu_key(), rates, verify=verify_choice(rates, decode))
     path = model_dir / MANIFEST
     manifest = json.loads(path.read_text())
     manifest.setdefault("execution_plans", {})[plan.cpu] = {

@@ -39,9 +39,10 @@ one-row run), always in runs of two tokens or more (one filler token when nothin
 drafted), whose results do not depend on the buffer or the other rows; so its
 tokens are the same alone or beside others, as the batched rows' are: whether a request
 speculates depends on itself only, never on the load. Verify runs take the weights the
-machine's plan measured fastest at them (Generator.verify_variant, engine/plan.py: w8a8 on
-the AMX Xeon, whose integer GEMM takes 4 tokens for about the cost of one), which need not
-be the one-token steps' weights. Batch requests (`streamed` False)
+machine's plan chose for them (Generator.verify_variant, engine/plan.py: of those fastest
+at them, the closest to fp32; w8a8 on the AMX Xeon, whose integer GEMM takes 4 tokens for
+about the cost of one), which need not be the one-token steps' weights. Batch requests
+(`streamed` False)
 that do not ask, and sampled rows, share one-token steps instead. Speculating rows do not
 share runs, so many of them decode at about one row's speculative rate in total.
 
