@@ -219,11 +219,11 @@ class KVBatch:
 
     COLUMN_ROUNDING = 64
 
-    def __init__(self, gen: "Generator", session=None) -> None:
-        """`session`: the one that runs it (default the decode's; speculative decoding's rows
-        run on gen.verify_session, see engine/plan.py)."""
+    def __init__(self, gen: "Generator", *, verify: bool = False) -> None:
+        """`verify`: its runs take the generator's verify session (speculative decoding's
+        rows, engine/plan.py) instead of the decode session."""
         self.gen = gen
-        self._session = session
+        self.verify_rows = verify
         self.bufs: list[np.ndarray] = []
         self.lengths = np.zeros(0, np.int64)  # keys per active row
         self.reserved = np.zeros(0, np.int64)  # columns each row may reach (prompt + new tokens)
@@ -239,7 +239,7 @@ class KVBatch:
 
     @property
     def session(self):
-        return self._session or self.gen.session
+        return self.gen.verify_session if self.verify_rows else self.gen.session
 
     @property
     def columns(self) -> int:

@@ -178,17 +178,21 @@ def measured(plan: Plan | None, *phases: str) -> bool:
     return bool(plan and plan.rates and all(want <= set(r) for r in plan.rates.values()))
 
 
+def candidates(rates: dict) -> list[str]:
+    """The measured variants a plan may choose here (all of them if none is eligible)."""
+    return eligible(rates) or list(rates)
+
+
 def fastest(rates: dict, phase: str) -> str:
     """The eligible variant with the highest `phase` rate."""
-    auto = eligible(rates) or list(rates)
-    return max(auto, key=lambda v: rates[v][phase])
+    return max(candidates(rates), key=lambda v: rates[v][phase])
 
 
 def verify_choice(rates: dict, default: str) -> str:
     """The verify runs' variant: of the eligible ones within VERIFY_SPEED_TOLERANCE of the
     fastest verify rate, the most faithful to fp32 (FIDELITY); `default` where none could
     verify (a graph from before short_run_logits: no speculative decoding at all)."""
-    auto = eligible(rates) or list(rates)
+    auto = candidates(rates)
     top = max(rates[v]["verify"] for v in auto)
     if top <= 0:
         return default

@@ -248,7 +248,7 @@ class Scheduler:
             log.warning("speculative decoding is off: the generation model's graph lacks short_run_logits "
                         "(run `make models` to add it)")
         self._speculating: list[Ticket] = []
-        self._solo = KVBatch(generator, generator.verify_session)
+        self._solo = KVBatch(generator, verify=True)
         self._cv = threading.Condition()
         self._stop = False
         self.steps = 0
