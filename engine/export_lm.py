@@ -218,6 +218,45 @@ def last_position_logits(model) -> bool:
 # The longest run whose every position gets logits (short_run_logits): a verify run of
 # speculative decoding (the last token and up to VERIFY_MAX_TOKENS - 1 drafted ones).
 VERIFY_MAX_TOKENS = 8
+# Speculating rows one verify run carries (row_slots; the scheduler's default row limit,
+# config.DEFAULT_MAX_CONCURRENT_GENERATIONS). More rows run in several runs.
+ROW_SLOTS = 8
+
+
+def rows_file(file: str) -> str:
+    """The row-slots copy of a variant's graph: model_w8a8.onnx -> model_w8a8_rows.onnx."""
+    return file.removesuffix(".onnx") + "_rows.onnx"
+
+
+def write_rows_graph(model_dir: Path, file: str, slots: int = ROW_SLOTS) -> bool:
+    """Write the row_slots copy of `model_dir/file` beside it unless it is there (engine/plan.py
+    does, for the variant its plan verifies drafts on). Weights kept in an external data file
+    stay there (the copy points at them); embedded ones are written again (~1 GB for the 0.5B
+    model's 8-bit copies, a few seconds). False if the graph has no slots to give."""
+    import onnx
+
+    model_dir = Path(model_dir)
+    dst = model_dir / rows_file(file)
+    if dst.exists():
+        return True
+    model = onnx.load(str(model_dir / file), load_external_data=False)
+    if not row_slots(model, slots):
+        return False
+    external = any(t.external_data for t in model.graph.initializer)
+    need = (0 if external else (model_dir / file).stat().st_size) + (64 << 20)
+    free = shutil.disk_usage(model_dir).free
+    if free < need:
+        log(f"not writing {dst.name}: it needs {need / 1e9:.1f} GB and {free / 1e9:.1f} GB are free; "
+            "speculating rows verify one at a time")
+        return False
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    try:
+        onnx.save(model, str(tmp))
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log(f"wrote {dst.name} ({slots} row slots for speculating rows' verify runs)")
+    return True
 
 
 def short_run_logits(model) -> bool:
@@ -574,6 +613,120 @@ def fused_qkv_rotary(model, kv_heads: int, heads: int, max_positions: int) -> in
     return len([n for n in g.node if n.op_type == "GroupQueryAttention" and not n.input[1]])
 
 
+def row_slots(model, slots: int) -> int:
+    """Give every layer `slots` GroupQueryAttention nodes of one row each, so that one run
+    verifies the drafts of up to `slots` speculating rows; returns the layers rewritten.
+
+    onnxruntime's GroupQueryAttention takes several new tokens after a cache only in a run of
+    one row ("batch_size must be 1 when sequence_length > 1 and past context is given"), so
+    speculating rows ran one verify run each, every run reading all the weights. Here the
+    projections and the MLP run over every row's tokens at once (input_ids (rows, n)), and
+    attention runs per row: slot r attends with row r's own cache, bound as its own inputs
+    past_key_values.L.key.slotR (slot 0 keeps the plain names) and written in place through
+    present.L.key.slotR. A slot past the run's rows (r >= rows) takes one token of the last
+    row against a one-column cache of its own and its output is dropped, so a run of any
+    number of rows up to `slots` has one graph. Each slot's attention is the op a one-row
+    run executes, on the same inputs, and the other nodes compute a row from that row alone,
+    so a row's logits are the same bits alone or beside others (tests/test_scheduler.py).
+    Returns 0 if the graph has no packed-QKV GroupQueryAttention (fused_qkv_rotary) or
+    already has slots."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    gqas = [n for n in g.node if n.op_type == "GroupQueryAttention" and len(n.input) >= 10 and not n.input[1]]
+    if not gqas or any(i.name.endswith(".slot1") for i in g.input):
+        return 0
+
+    def c(name: str, value, dtype=np.int64):
+        return numpy_helper.from_array(np.array(value, dtype), name)
+
+    g.initializer.extend([c("slots_zero", [0]), c("slots_one", [1]), c("slots_axes01", [0, 1]),
+                          c("slots_axis1", [1]), c("slots_zero32", 0, np.int32), c("slots_one32", 1, np.int32),
+                          c("slots_hidden", [-1]), c("slots_two", [2])])
+    # per slot r, once: real (r < rows), the row it reads (min(r, rows - 1)), its token count
+    # (n, or 1 past the rows), its positions, seqlens_k (0 past the rows) and total length
+    pre = [helper.make_node("Shape", ["input_ids"], ["slots_ids_shape"], name="/slots/shape"),
+           helper.make_node("Slice", ["slots_ids_shape", "slots_zero", "slots_one"], ["slots_rows"], name="/slots/rows"),
+           helper.make_node("Slice", ["slots_ids_shape", "slots_one", "slots_two"], ["slots_n"], name="/slots/n"),
+           helper.make_node("Sub", ["slots_rows", "slots_one"], ["slots_last"], name="/slots/last"),
+           helper.make_node("Mul", ["slots_rows", "slots_n"], ["slots_real_tokens"], name="/slots/real_tokens")]
+    for r in range(slots):
+        s = f"/slots/{r}"
+        g.initializer.append(c(f"slots_r{r}", [r]))
+        pre += [helper.make_node("Less", [f"slots_r{r}", "slots_rows"], [f"slots_real{r}"], name=f"{s}/real"),
+                helper.make_node("Min", [f"slots_r{r}", "slots_last"], [f"slots_src{r}"], name=f"{s}/src"),
+                helper.make_node("Add", [f"slots_src{r}", "slots_one"], [f"slots_src_end{r}"], name=f"{s}/src_end"),
+                helper.make_node("Where", [f"slots_real{r}", "slots_n", "slots_one"], [f"slots_seq{r}"], name=f"{s}/seq"),
+                helper.make_node("Concat", [f"slots_src{r}", "slots_zero"], [f"slots_starts{r}"], axis=0, name=f"{s}/starts"),
+                helper.make_node("Concat", [f"slots_src_end{r}", f"slots_seq{r}"], [f"slots_ends{r}"], axis=0,
+                                 name=f"{s}/ends"),
+                helper.make_node("Slice", ["position_ids", f"slots_starts{r}", f"slots_ends{r}", "slots_axes01"],
+                                 [f"slots_pos{r}"], name=f"{s}/pos"),
+                helper.make_node("Slice", ["gqa_seqlens_k", f"slots_src{r}", f"slots_src_end{r}"], [f"slots_sl_src{r}"],
+                                 name=f"{s}/sl_src"),
+                helper.make_node("Squeeze", [f"slots_real{r}"], [f"slots_real_s{r}"], name=f"{s}/real_s"),
+                helper.make_node("Where", [f"slots_real{r}", f"slots_sl_src{r}", "slots_zero32"], [f"slots_sl{r}"],
+                                 name=f"{s}/sl"),
+                helper.make_node("Where", [f"slots_real_s{r}", "gqa_total_length", "slots_one32"], [f"slots_total{r}"],
+                                 name=f"{s}/total")]
+    rewrite = {}  # per layer: slice each slot's Q|K|V, attend, concatenate the real rows' outputs
+    for gqa in gqas:
+        layer = gqa.output[1][len("present."):-len(".key")]
+        t = gqa.name.rsplit("/", 1)[0] + "/slots"
+        qkv, past_k, past_v = gqa.input[0], gqa.input[3], gqa.input[4]
+        outs, new = [], []
+        for r in range(slots):
+            sfx = "" if r == 0 else f".slot{r}"
+            new.append(helper.make_node("Slice", [qkv, f"slots_starts{r}", f"slots_ends{r}", "slots_axes01"],
+                                        [f"{t}/qkv{r}"], name=f"{t}/qkv{r}"))
+            new.append(helper.make_node(
+                "GroupQueryAttention",
+                [f"{t}/qkv{r}", "", "", past_k + sfx, past_v + sfx, f"slots_sl{r}", f"slots_total{r}",
+                 gqa.input[7], gqa.input[8], f"slots_pos{r}"],
+                [f"{t}/out{r}", f"present.{layer}.key{sfx}", f"present.{layer}.value{sfx}"],
+                domain="com.microsoft", name=f"{t}/GroupQueryAttention{r}", **{a.name: helper.get_attribute_value(a)
+                                                                              for a in gqa.attribute}))
+            outs.append(f"{t}/out{r}")
+        new += [helper.make_node("Concat", outs, [f"{t}/cat"], axis=1, name=f"{t}/cat"),
+                helper.make_node("Slice", [f"{t}/cat", "slots_zero", "slots_real_tokens", "slots_axis1"], [f"{t}/real"],
+                                 name=f"{t}/real"),
+                helper.make_node("Reshape", [f"{t}/real", "slots_out_shape"], [gqa.output[0]], name=f"{t}/shape")]
+        rewrite[gqa.name] = new
+    pre.append(helper.make_node("Concat", ["slots_rows", "slots_n", "slots_hidden"], ["slots_out_shape"], axis=0,
+                                name="/slots/out_shape"))
+    nodes = []
+    for n in g.node:
+        if n.name in rewrite:
+            nodes += rewrite[n.name]
+            continue
+        nodes.append(n)
+        if n.output and n.output[0] == "gqa_total_length":
+            nodes += pre
+    del g.node[:]
+    g.node.extend(nodes)
+    # slot inputs and outputs: the caches of rows 1..slots-1, shaped as row 0's
+    extra_in, extra_out = [], []
+    for r in range(1, slots):
+        for vals, prefix, extra in ((g.input, "past_key_values.", extra_in), (g.output, "present.", extra_out)):
+            for v in vals:
+                if v.name.startswith(prefix) and ".slot" not in v.name:
+                    x = type(v)()
+                    x.CopyFrom(v)
+                    x.name = f"{v.name}.slot{r}"
+                    extra.append(x)
+    g.input.extend(extra_in)
+    g.output.extend(extra_out)
+    for v in [*g.input, *g.output]:  # every slot has one row and its own width
+        if v.name.startswith(("past_key_values.", "present.")):
+            d = v.type.tensor_type.shape.dim
+            d[0].Clear()
+            d[0].dim_value = 1
+            d[2].Clear()
+            d[2].dim_param = "cols_" + v.name.replace(".", "_")
+    return len(gqas)
+
+
 def _drop_unused(g, nodes: list) -> None:
     """Set g's nodes to `nodes` minus every node whose outputs feed nothing (repeatedly)."""
     outputs = {o.name for o in g.output}
@@ -678,6 +831,8 @@ def upgrade(model_dir: Path) -> None:
             raise SystemExit(f"export_lm: writing {', '.join(stale)} into {model_dir} needs about {need / 1e9:.1f} GB "
                              f"free there, and {free / 1e9:.1f} GB are free; free some space and run `make models` "
                              "again (the model is unchanged)")
+    for name in variants:  # row-slots copies are made from the graphs about to change
+        (model_dir / rows_file(name)).unlink(missing_ok=True)
     for name in variants:
         if missing and (model_dir / name).exists() and name not in stale:
             changed = apply_graph_passes(model_dir / name, missing)

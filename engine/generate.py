@@ -29,7 +29,7 @@ from . import kernels
 from .embed import make_session
 from .config import check_speculative_tokens
 from .errors import InvalidInput, Unavailable
-from .export_lm import VERIFY_MAX_TOKENS
+from .export_lm import VERIFY_MAX_TOKENS, rows_file
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ class KVBatch:
         """`verify`: its runs take the generator's verify session (speculative decoding's
         rows, engine/plan.py) instead of the decode session."""
         self.gen = gen
-        self.verify_rows = verify
+        self.for_verify = verify
         self.bufs: list[np.ndarray] = []
         self.lengths = np.zeros(0, np.int64)  # keys per active row
         self.reserved = np.zeros(0, np.int64)  # columns each row may reach (prompt + new tokens)
@@ -232,6 +232,9 @@ class KVBatch:
         # they or the step's row count change: binding 2 x 24 caches cost ~1 ms a step.
         self._io = None
         self._io_key: tuple | None = None
+        self._slots_io = None  # the row-slots graph's (verify_rows)
+        self._slots_io_key: tuple | None = None
+        self._spare: list[np.ndarray] | None = None  # the cache of a slot past a run's rows
         self._version = 0  # bumped whenever the buffers are replaced
 
     def __len__(self) -> int:
@@ -239,7 +242,7 @@ class KVBatch:
 
     @property
     def session(self):
-        return self.gen.verify_session if self.verify_rows else self.gen.session
+        return self.gen.verify_session if self.for_verify else self.gen.session
 
     @property
     def columns(self) -> int:
@@ -295,7 +298,7 @@ class KVBatch:
         self.lengths = np.zeros(0, np.int64)
         self.reserved = np.zeros(0, np.int64)
         self._logits = None
-        self._io = self._io_key = None
+        self._io = self._io_key = self._slots_io = self._slots_io_key = None
         self._version += 1
 
     def step(self, ids: np.ndarray) -> np.ndarray:
@@ -321,28 +324,72 @@ class KVBatch:
 
     def verify(self, b: int, tokens: Sequence[int]) -> np.ndarray:
         """One run of row b alone over `tokens` (its last token, then drafted ones) at positions
-        lengths[b]...; returns the logits after each (len(tokens), vocab). Their keys are
-        written in place; `accept` says how many of them the row keeps.
+        lengths[b]...; returns the logits after each (len(tokens), vocab). verify_rows of one row."""
+        return self.verify_rows([b], [tokens])[0]
+
+    def verify_rows(self, rows: Sequence[int], tokens: Sequence[Sequence[int]]) -> np.ndarray:
+        """Verify runs of rows `rows` (ascending), row rows[i] over tokens[i] (its last token,
+        then drafted ones; every row the same count) at positions lengths[b]...; returns the
+        logits after each token (len(rows), n, vocab). Their keys are written in place;
+        `accept` says how many of them each row keeps.
 
         Speculative decoding (engine/scheduler.py): such a run costs little more than a
         one-token step (the weights are read once for all its tokens; each extra position
         adds a row to every product, the output head's most), so each accepted draft is a
         token almost for free. onnxruntime's GroupQueryAttention takes several new tokens
-        after a cache only in a run of one row, so a speculating row always runs alone, in
-        runs of two tokens or more, which give the same bits whatever the buffer's width or
-        the row's place in it, so the row's tokens do not depend on the other rows (a
-        one-token step rounds differently).
+        after a cache only in a run of one row; the row-slots graph (Generator.rows_session,
+        engine/export_lm.row_slots) runs one such attention per row and everything else over
+        all rows' tokens together, up to Generator.row_slots rows a run (without it, one row
+        a run). Runs of two tokens or more give the same bits whatever the buffer's width,
+        the row's place in it or the other rows in the run, so a row's tokens do not depend
+        on the other rows (a one-token step rounds differently).
         """
-        g, n = self.gen, len(tokens)
-        if not 2 <= n <= g.verify_max_tokens:
-            raise ValueError(f"a verify run takes 2 to {g.verify_max_tokens} tokens, got {n}")
-        start = int(self.lengths[b])
-        if start + n > self.columns:
-            self._resize(self.bufs[0].shape[0], start + n)
-        logits = np.empty((1, n, g.vocab_size), np.float32)
-        self._run(self._binding(b, 1, logits), np.asarray([tokens], np.int64),
-                  np.arange(self.columns)[None, :] < start + n, np.arange(start, start + n, dtype=np.int64)[None, :])
-        return logits[0]
+        g, n = self.gen, len(tokens[0])
+        if not 2 <= n <= g.verify_max_tokens or any(len(t) != n for t in tokens):
+            raise ValueError(f"a verify run takes 2 to {g.verify_max_tokens} tokens per row, the same for every "
+                             f"row, got {[len(t) for t in tokens]}")
+        starts = self.lengths[list(rows)]
+        if int(starts.max()) + n > self.columns:
+            self._resize(self.bufs[0].shape[0], int(starts.max()) + n)
+        mask = np.arange(self.columns)[None, :] < (starts + n)[:, None]
+        positions = starts[:, None] + np.arange(n, dtype=np.int64)[None, :]
+        ids = np.asarray(tokens, np.int64)
+        if g.rows_session is None or not self.for_verify:  # one row a run
+            out = np.empty((len(rows), n, g.vocab_size), np.float32)
+            for i, b in enumerate(rows):
+                self._run(self._binding(b, 1, out[i:i + 1]), ids[i:i + 1], mask[i:i + 1], positions[i:i + 1])
+            return out
+        out = np.empty((len(rows), n, g.vocab_size), np.float32)
+        for i in range(0, len(rows), g.row_slots):
+            part = slice(i, i + g.row_slots)
+            io = self._slots_binding(tuple(rows[part]))
+            io.bind_output(g.output_names[0], "cpu", 0, np.float32, list(out[part].shape), out[part].ctypes.data)
+            io.bind_cpu_input("input_ids", ids[part])
+            io.bind_cpu_input("attention_mask", mask[part].astype(np.int64))
+            io.bind_cpu_input("position_ids", positions[part])
+            g.rows_session.run_with_iobinding(io)
+        return out
+
+    def _slots_binding(self, rows: tuple[int, ...]):
+        """The row-slots graph's binding with slot r's cache bound to buffer row rows[r], in
+        place (past in, present out), and a one-column cache of its own for each slot past
+        them; kept while the buffers and the rows stay (binding 2 x 24 caches per slot costs
+        ~1 ms)."""
+        g = self.gen
+        key = (self._version, rows)
+        if self._slots_io_key == key:
+            return self._slots_io
+        io = g.rows_session.io_binding()
+        if self._spare is None:
+            self._spare = [np.zeros((1, g.num_kv_heads, 1, g.head_dim), np.float32) for _ in g.past_names]
+        for r in range(g.graph_slots):
+            sfx = f".slot{r}" if r else ""
+            bufs = [buf[rows[r]:rows[r] + 1] for buf in self.bufs] if r < len(rows) else self._spare
+            for past, present, view in zip(g.past_names, g.present_names, bufs):
+                io.bind_input(past + sfx, "cpu", 0, np.float32, list(view.shape), view.ctypes.data)
+                io.bind_output(present + sfx, "cpu", 0, np.float32, list(view.shape), view.ctypes.data)
+        self._slots_io, self._slots_io_key = io, key
+        return io
 
     def _binding(self, first: int, rows: int, logits: np.ndarray):
         """An IO binding of the buffers' rows [first, first + rows) as both the past input and
@@ -430,10 +477,19 @@ class Generator:
 
         self.session = make_session(path, provider, threads)
         self.prefill_variant = prefill_variant
-        self._prefill_session = None if prefill_variant == variant else \
-            make_session(model_dir / VARIANT_FILES[prefill_variant], provider, threads)
         self.verify_variant = verify_variant
-        self._verify_session = None if verify_variant in (variant, prefill_variant) else \
+        # Speculating rows verify through the row-slots copy of the verify weights when
+        # `make models` wrote it (engine/export_lm.row_slots: up to row_slots rows a run, each
+        # row's logits the same bits as in a run of its own), else one row a run. A one-row
+        # run of it computes what the plain graph does, so it prefills too when the plan
+        # prefills on the verify weights (one copy of them in memory).
+        rows = model_dir / rows_file(VARIANT_FILES[verify_variant])
+        self.rows_session = make_session(rows, provider, threads) if rows.exists() and self.verify_max_tokens \
+            else None
+        self._prefill_rows = self.rows_session is not None and prefill_variant == verify_variant != variant
+        self._prefill_session = None if prefill_variant == variant or self._prefill_rows else \
+            make_session(model_dir / VARIANT_FILES[prefill_variant], provider, threads)
+        self._verify_session = None if verify_variant in (variant, prefill_variant) or self.rows_session else \
             make_session(model_dir / VARIANT_FILES[verify_variant], provider, threads)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -443,16 +499,26 @@ class Generator:
         self.vocab_size = int(logits_shape[-1]) if isinstance(logits_shape[-1], int) else \
             self.tokenizer.get_vocab_size(with_added_tokens=True)
         self.provider = provider
+        self.graph_slots = 1 + sum(i.name.startswith(self.past_names[0] + ".slot")
+                                   for i in self.rows_session.get_inputs()) if self.rows_session else 1
+        self.row_slots = self.graph_slots  # rows a verify run carries
+        # a one-row run of the row-slots graph: the other slots' caches are empty
+        self._other_slots = {f"{n}.slot{r}": np.zeros((1, self.num_kv_heads, 0, self.head_dim), np.float32)
+                             for r in range(1, self.graph_slots) for n in self.past_names}
 
     @property
     def prefill_session(self):
         """The session that prefills prompts: the decode session unless the plan says otherwise."""
+        if self._prefill_rows:
+            return self.rows_session
         return self._prefill_session or self.session
 
     @property
     def verify_session(self):
         """The session of speculative decoding's verify runs (KVBatch.verify): the decode's
         unless the plan says otherwise; a variant already loaded for another phase is shared."""
+        if self.rows_session is not None:
+            return self.rows_session
         if self.verify_variant == self.variant:
             return self.session
         return self.prefill_session if self.verify_variant == self.prefill_variant else self._verify_session
@@ -562,7 +628,9 @@ class Generator:
         if "position_ids" in self.input_names:
             feeds["position_ids"] = np.arange(start, start + n, dtype=np.int64)[None, :]
         # the machine's plan may prefill on other weights than it decodes on (engine/plan.py)
-        outs = self.prefill_session.run(None, feeds)
+        if self._prefill_rows:
+            feeds.update(self._other_slots)
+        outs = self.prefill_session.run([self.output_names[0], *self.present_names], feeds)
         return outs[0][0, -1, :], outs[1:1 + len(self.past_names)]
 
     @property

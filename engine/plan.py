@@ -325,6 +325,20 @@ def verify_rate(gen, cache, prompt) -> float:
     return n * MEASURE_DECODE_STEPS / took
 
 
+def write_rows_graphs(model_dir: Path) -> None:
+    """The row-slots copy of every built variant that can verify drafts (engine/export_lm.row_slots:
+    speculating rows share verify runs), so that any plan or override finds its own."""
+    from .export_lm import write_rows_graph
+    from .generate import VARIANT_FILES
+
+    model_dir = Path(model_dir)
+    manifest = json.loads((model_dir / MANIFEST).read_text())
+    if "short_run_logits" not in manifest.get("graph_passes", []):
+        return
+    for v in built_variants(model_dir):
+        write_rows_graph(model_dir, VARIANT_FILES[v])
+
+
 def main() -> None:
     from .config import DEFAULT_GEN_MODEL, DEFAULT_MODELS_DIR, default_threads
 
@@ -337,6 +351,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.measure and not (args.if_missing and measured(recorded(args.model_dir))):
         measure(args.model_dir, args.threads)
+    if args.measure:
+        write_rows_graphs(args.model_dir)
     for objective in PLAN_OBJECTIVES:
         print(resolve(args.model_dir, objective=objective).describe())
 

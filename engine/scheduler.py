@@ -17,7 +17,7 @@ One thread runs the model, so concurrent answers never fight over the cores; eac
      prompt is done joins the running batch with its first token;
   4. runs one batched decode step over every active row and hands each row's text delta
      to its caller;
-  5. runs one verify run for each speculating row (below).
+  5. runs one verify run over the speculating rows (below).
 
 Rows join and leave a running batch: the batch KV cache (generate.KVBatch) is right-padded
 (row b's keys are columns [0, len_b), its next key goes to column len_b, in place), a
@@ -31,20 +31,21 @@ Speculative decoding (prompt lookup): a greedy streamed answer drafts up to `dra
 tokens per run (a request's own SamplingParams.speculative_tokens, if set, for any greedy
 request, 0 = off) by copying what followed the latest earlier occurrence of its last tokens
 in its prompt or answer (generate.lookup_draft: a RAG answer quotes its passages), and
-runs its last token and the drafts through the model at once (KVBatch.verify): a run reads
-the weights once, as a one-token step does, so every draft the model agrees with is a
-token for free, and the tokens are exactly what the model picks at each position. Such a
-row runs alone (GroupQueryAttention takes several new tokens after a cache only in a
-one-row run), always in runs of two tokens or more (one filler token when nothing is
-drafted), whose results do not depend on the buffer or the other rows; so its
-tokens are the same alone or beside others, as the batched rows' are: whether a request
-speculates depends on itself only, never on the load. Verify runs take the weights the
-machine's plan chose for them (Generator.verify_variant, engine/plan.py: of those fastest
-at them, the closest to fp32; w8a8 on the AMX Xeon, whose integer GEMM takes 4 tokens for
-about the cost of one), which need not be the one-token steps' weights. Batch requests
-(`streamed` False)
-that do not ask, and sampled rows, share one-token steps instead. Speculating rows do not
-share runs, so many of them decode at about one row's speculative rate in total.
+runs its last token and the drafts through the model at once (KVBatch.verify_rows): a run
+reads the weights once, as a one-token step does, so every draft the model agrees with is
+a token for free, and the tokens are exactly what the model picks at each position. All
+speculating rows share one run (up to Generator.row_slots of them: the row-slots graph,
+engine/export_lm.row_slots, attends per row, since GroupQueryAttention takes several new
+tokens after a cache only in a one-row run; without that graph each row runs alone), every
+row padded with filler tokens to the run's longest, at least two tokens (a one-token run
+rounds differently). A row's results in such a run are the same bits whatever the buffer,
+its place or the other rows, so its tokens are the same alone or beside others, as the
+batched rows' are: whether a request speculates depends on itself only, never on the load.
+Verify runs take the weights the machine's plan chose for them (Generator.verify_variant,
+engine/plan.py: of those fastest at them, the closest to fp32; w8a8 or int8 on the AMX
+Xeon, whose integer GEMM takes 4 tokens for about the cost of one), which need not be the
+one-token steps' weights. Batch requests (`streamed` False) that do not ask, and sampled
+rows, share one-token steps instead.
 
 Prefix cache: prompts are prefilled in blocks of `block_tokens` aligned from position 0,
 and each full block's KV is kept in an LRU cache keyed by a hash of all tokens up to its
@@ -287,8 +288,9 @@ class Scheduler:
         if self.chunk_cost is None:
             return "measuring the prefill chunk cost"
         a, b = self.chunk_cost
+        g = self.generator
         spec = (f"greedy streams draft up to {self.draft_tokens} tokens a run from their prompt, verified on "
-                f"{self.generator.verify_variant}" if self.draft_tokens else "no speculative decoding")
+                f"{g.verify_variant}, {g.row_slots} rows a run" if self.draft_tokens else "no speculative decoding")
         return (f"prefill chunks beside streams: up to {self.efficient_chunk} tokens ({a * 1000:.1f} ms + "
                 f"{b * 1000:.2f} ms/token here); {self.generator.describe_padding()}; {spec}")
 
@@ -367,14 +369,8 @@ class Scheduler:
                     self._reset_batch()
                     for t in rows:
                         self._fail(t, e)
-            for t in list(self._speculating):
-                try:
-                    self._verify_run(t)
-                except Exception as e:  # noqa: BLE001 - fail this row, keep serving
-                    log.exception("verify run failed")
-                    i = self._speculating.index(t)
-                    self._keep_solo([j for j in range(len(self._speculating)) if j != i])
-                    self._fail(t, e)
+            if self._speculating:
+                self._verify_runs()
         for t in pending:
             self._fail(t, Unavailable("the generation scheduler was shut down"))
 
@@ -512,40 +508,66 @@ class Scheduler:
         if len(keep) < len(rows):
             self._keep(keep)
 
-    def _verify_run(self, t: Ticket) -> None:
-        """One run of a speculating row: its last token and up to draft_tokens drafted ones
-        (never past max_new_tokens); keeps the tokens the model picks while they match the
-        drafts, and the model's own pick at the first mismatch."""
-        b, row = self._speculating.index(t), t.row
-        n_hist = len(t.prompt) + len(row.ids)
-        left = t.params.max_new_tokens - len(row.ids)  # >= 1: a row at its limit has finished
-        drafts = lookup_draft(t.history[:n_hist], min(t.draft_tokens, left - 1))
-        # runs of one token round differently from longer ones: pad with a filler, never kept
-        tokens = [row.ids[-1], *drafts] if drafts else [row.ids[-1], row.ids[-1]]
-        logits = self._solo.verify(b, tokens)
+    def _verify_runs(self) -> None:
+        """One verify run over the speculating rows (generator.row_slots rows a run; more rows,
+        more runs). Row b runs its last token and up to draft_tokens drafted ones (never past
+        max_new_tokens), filler tokens after them up to the run's longest row (their keys are
+        never kept); it keeps the tokens the model picks while they match its drafts, and the
+        model's own pick at the first mismatch. A failed run fails its rows only."""
+        gone: set[int] = set()
+        slots = self.generator.row_slots
+        for first in range(0, len(self._speculating), slots):
+            rows = list(range(first, min(first + slots, len(self._speculating))))
+            try:
+                self._verify_run(rows, gone)
+            except Exception as e:  # noqa: BLE001 - fail this run's rows, keep serving
+                log.exception("verify run failed")
+                for b in rows:
+                    if b not in gone:
+                        gone.add(b)
+                        self._fail(self._speculating[b], e)
+        if gone:
+            self._keep_solo([i for i in range(len(self._speculating)) if i not in gone])
+
+    def _verify_run(self, rows: list[int], gone: set[int]) -> None:
+        """One run of the speculating rows `rows`; those that finish join `gone`."""
+        drafts = []
+        for b in rows:
+            t = self._speculating[b]
+            n_hist = len(t.prompt) + len(t.row.ids)
+            left = t.params.max_new_tokens - len(t.row.ids)  # >= 1: a row at its limit has finished
+            drafts.append(lookup_draft(t.history[:n_hist], min(t.draft_tokens, left - 1)))
+        # runs of one token round differently from longer ones: at least one filler, never kept
+        n = max(2, 1 + max(len(d) for d in drafts))
+        tokens = [[t.row.ids[-1], *d] + [t.row.ids[-1]] * (n - 1 - len(d))
+                  for t, d in zip((self._speculating[b] for b in rows), drafts)]
+        logits = self._solo.verify_rows(rows, tokens)
         self.verify_runs += 1
-        kept = 0
-        for j in range(len(drafts) + 1):
-            token = row.pick(logits[j])
-            row.push(token)
+        for i, b in enumerate(rows):
+            t, row, d = self._speculating[b], self._speculating[b].row, drafts[i]
+            n_hist = len(t.prompt) + len(row.ids)
+            kept = 0
+            for j in range(len(d) + 1):
+                token = row.pick(logits[i, j])
+                row.push(token)
+                if row.finish is not None:
+                    break
+                t.history[n_hist] = token
+                n_hist += 1
+                if j == len(d) or token != d[j]:
+                    break
+                kept += 1
+            self._solo.accept(b, kept + 1)  # the last token's keys and the agreed drafts'
+            t.drafted += len(d)
+            t.accepted += kept
+            self.drafted += len(d)
+            self.accepted += kept
+            if row.finish is None and self._solo.lengths[b] + 1 > self.generator.window:
+                row.finish = FINISH_LENGTH
+            self._emit(t)
             if row.finish is not None:
-                break
-            t.history[n_hist] = token
-            n_hist += 1
-            if j == len(drafts) or token != drafts[j]:
-                break
-            kept += 1
-        self._solo.accept(b, kept + 1)  # the last token's keys and the agreed drafts'
-        t.drafted += len(drafts)
-        t.accepted += kept
-        self.drafted += len(drafts)
-        self.accepted += kept
-        if row.finish is None and self._solo.lengths[b] + 1 > self.generator.window:
-            row.finish = FINISH_LENGTH
-        self._emit(t)
-        if row.finish is not None:
-            self._finish(t, row.finish)
-            self._keep_solo([i for i in range(len(self._speculating)) if i != b])
+                self._finish(t, row.finish)
+                gone.add(b)
 
     # ------------------------------------------------------------------ events
     def _emit(self, t: Ticket) -> None:

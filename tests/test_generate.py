@@ -460,6 +460,44 @@ def test_verify_runs_do_not_depend_on_the_other_rows(generator):
         alone.verify(0, [token])
 
 
+def test_speculating_rows_share_a_verify_run_with_their_alone_bits(generator, monkeypatch):
+    """The row-slots graph (make models writes one per variant, engine/export_lm.row_slots):
+    one run verifies several rows' drafts, and every row's logits are the bits of a run of
+    that row alone in the plain graph; rows past the graph's slots take another run."""
+    assert generator.rows_session is not None and generator.row_slots == 8, "make models writes model_int8_rows.onnx"
+    prompts = [generator.encode(chat(generator, q)) for q in ("What is 2 + 2?", "Name a colour.", "Why is the sky blue?")]
+    prompts.append(generator.encode("The capital of Italy is Rome, and the capital of France is"))
+    caches = [generator.prefill(p)[1] for p in prompts]
+    runs = [[5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16], [17, 18, 19, 20]]
+    alone = []
+    for p, kv, tokens in zip(prompts, caches, runs):
+        plain = KVBatch(generator)  # not a verify batch: the plain graph, one row a run
+        plain.add(kv, len(p) + 8)
+        alone.append(plain.verify(0, tokens))
+    together = KVBatch(generator, verify=True)
+    for p, kv in zip(prompts, caches):
+        together.add(kv, len(p) + 40)
+    out = together.verify_rows([0, 1, 2, 3], runs)
+    assert out.shape == (4, 4, generator.vocab_size)
+    for i in range(4):
+        assert np.array_equal(out[i], alone[i]), f"row {i} changed in a shared run"
+    assert list(together.lengths) == [len(p) for p in prompts], "keys are written, kept only when accepted"
+    for b in range(4):
+        together.accept(b, 2)
+    # a subset of rows continues from the kept keys; so do more rows than slots (two runs)
+    monkeypatch.setattr(generator, "row_slots", 1)
+    sub = together.verify_rows([1, 3], [[7, 8], [9, 10]])
+    monkeypatch.undo()
+    for i, b in enumerate([1, 3]):
+        plain = KVBatch(generator)
+        plain.add(caches[b], len(prompts[b]) + 8)
+        plain.verify(0, runs[b])
+        plain.accept(0, 2)
+        assert np.array_equal(sub[i], plain.verify(0, [[7, 8], [9, 10]][i]))
+    with pytest.raises(ValueError, match="the same for every row"):
+        together.verify_rows([0, 1], [[1, 2], [1, 2, 3]])
+
+
 def _tiny_qwen2(path: Path) -> Path:
     """A randomly initialised two-layer Qwen2 HF folder (the default model's architecture at
     a few hundred KB, no tokenizer), for graph-pass tests that need a fresh export."""
