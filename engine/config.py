@@ -154,7 +154,8 @@ DEFAULT_PREFIX_CACHE_MB = 256.0
 # Speculative decoding (engine/scheduler.py): a greedy streamed answer drafts up to this many
 # tokens per run from its own prompt and checks them in one run of the model. None: 3 under
 # the latency objective, 0 (off) under throughput, where rows share one-token steps instead
-# (a speculating row runs alone). At most what one verify run carries after the last token.
+# (speculating rows share verify runs of their own). At most what one verify run carries
+# after the last token.
 DEFAULT_SPECULATIVE_TOKENS = None
 SPECULATIVE_TOKENS_LATENCY = 3
 MAX_SPECULATIVE_TOKENS = VERIFY_MAX_TOKENS - 1

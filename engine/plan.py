@@ -18,7 +18,8 @@ fastest, but 8 rows cost it ~2.5x one row, while w8a8's integer GEMM takes 8 row
 A server decodes every row on one variant (a request's greedy tokens must not depend on its
 batch), so Config.plan_objective picks which of the two the plan serves.
 A third phase, `verify`, is speculative decoding's run (a row's last token and three drafts
-from its prompt, engine/scheduler.py): such a row runs alone, so it may take other weights
+from its prompt, engine/scheduler.py): speculating rows run apart from the one-token
+steps (all of them together, through the row-slots graph), so they may take other weights
 than the one-token steps: of those that run MEASURE_VERIFY_TOKENS tokens within
 VERIFY_SPEED_TOLERANCE of the fastest, the most faithful to fp32 (verify_choice). On the AMX
 Xeon, w8a8's integer GEMM takes 4 tokens for little more than one (int4's MatMulNBits

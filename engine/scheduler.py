@@ -242,7 +242,7 @@ class Scheduler:
         self._prefilling: list[Ticket] = []
         self._active: list[Ticket] = []
         self._batch = KVBatch(generator)  # the active rows' right-padded cache, updated in place
-        # speculating rows: their caches, each row verified alone (see the module docstring)
+        # speculating rows: their caches, verified together in runs of their own (module docstring)
         self.max_draft = max(generator.verify_max_tokens - 1, 0)  # 0: the graph cannot verify drafts
         self.draft_tokens = min(draft_tokens, self.max_draft)  # for streams that do not ask
         if draft_tokens and not self.draft_tokens:
@@ -427,7 +427,8 @@ class Scheduler:
     def _prefill_chunk(self, t: Ticket) -> None:
         """One chunk of `t`'s prompt; on the last, its first token and a place in the batch."""
         a = t.done_tokens
-        stalling = any(r.streamed for r in self._active)  # streams wait for their next token meanwhile
+        # streams, batched or speculating, wait for their next token meanwhile
+        stalling = any(r.streamed for r in self._active) or bool(self._speculating)
         size = self.chunk
         if stalling:
             size = min(self.chunk, self.efficient_chunk,

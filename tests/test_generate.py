@@ -633,6 +633,32 @@ def test_upgrade_writes_a_missing_copy_or_refuses_a_full_disk_first(tmp_path, mo
         {k: v for k, v in files.items() if k != "manifest.json"}, "the other files stay as they were"
 
 
+def test_row_slots_graph_is_written_per_variant_and_dropped_by_an_upgrade(tmp_path):
+    """export_lm.write_rows_graph on a tiny Qwen2 export: the row-slots copy has one
+    GroupQueryAttention per slot and layer and a cache input and output per slot; a graph
+    without slots to give (already slotted) is left alone; an upgrade that changes the
+    folder removes the copies made from the old graphs (make models writes them again)."""
+    import json
+
+    import onnx
+
+    from engine import export_lm
+
+    built = export_lm.export_hf(_tiny_qwen2(tmp_path / "hf"), tmp_path / "built")
+    for f in (export_lm.FP32_FILE, export_lm.W8A8_FILE):
+        assert export_lm.write_rows_graph(built, f, slots=3)
+        g = onnx.load(str(built / export_lm.rows_file(f)), load_external_data=False).graph
+        assert [n.op_type for n in g.node].count("GroupQueryAttention") == 2 * 3
+        assert {"past_key_values.1.value.slot2", "past_key_values.0.key"} <= {i.name for i in g.input}
+        assert "present.1.value.slot2" in {o.name for o in g.output}
+        assert export_lm.row_slots(onnx.load(str(built / export_lm.rows_file(f))), 3) == 0, "already slotted"
+    manifest = json.loads((built / "manifest.json").read_text())
+    manifest["variants"].remove(export_lm.INT4_FILE)
+    (built / "manifest.json").write_text(json.dumps(manifest))
+    export_lm.upgrade(built)
+    assert not any(built.glob("*_rows.onnx"))
+
+
 def test_short_run_logits_returns_every_position_of_a_short_run(tmp_path):
     """export_lm.short_run_logits on a fresh export of a tiny Qwen2: a run of up to
     VERIFY_MAX_TOKENS tokens after a cache returns logits for each of them, within float
