@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode on the weights fastest for one stream alone (latency, the default) or for a full "
                         "batch of concurrent answers (throughput); with --gen-variant auto")
     p.add_argument("--speculative-tokens", type=int, default=None,
-                   help="tokens a greedy streamed answer drafts from its prompt per run of the model, checked at "
+                   help="tokens a greedy answer drafts from its prompt per run of the model, checked at "
                         "once (0 = off; default 3 with --plan-objective latency, 0 with throughput)")
     p.add_argument("--fusion", choices=FUSIONS, default=None,
                    help="how hybrid search fuses the dense and BM25 rankings (default convex)")

@@ -151,7 +151,7 @@ DEFAULT_PREFILL_CHUNK = 256
 DEFAULT_PREFILL_STALL_MS = 500.0
 DEFAULT_PREFIX_BLOCK_TOKENS = 16
 DEFAULT_PREFIX_CACHE_MB = 256.0
-# Speculative decoding (engine/scheduler.py): a greedy streamed answer drafts up to this many
+# Speculative decoding (engine/scheduler.py): a greedy answer drafts up to this many
 # tokens per run from its own prompt and checks them in one run of the model. None: 3 under
 # the latency objective, 0 (off) under throughput, where rows share one-token steps instead
 # (speculating rows share verify runs of their own). At most what one verify run carries

@@ -58,7 +58,7 @@ class SamplingParams:
     ignore_eos: bool = False  # run to max_new_tokens (benchmarks of fixed-length answers)
     suppress_first: tuple[int, ...] = ()  # token ids the first token may not be (engine/rag.py's retry)
     # Speculative decoding (engine/scheduler.py, greedy rows): drafts per run; None = the
-    # scheduler's default (Config.speculative_tokens) for a streamed request, off for a batch one.
+    # scheduler's default (Config.speculative_tokens).
     speculative_tokens: int | None = None
 
     def check(self, window: int) -> None:

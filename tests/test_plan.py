@@ -230,7 +230,7 @@ def test_drafts_verified_on_their_own_weights_keep_every_request_exact(config):
     text = "The Amazon river flows through Brazil, Peru and Colombia into the Atlantic Ocean."
     spec = gen.encode(gen.render_chat([{"role": "user", "content": f"Repeat exactly: {text}"}]))
     batched = gen.encode(gen.render_chat([{"role": "user", "content": "Name three colours of tea."}]))
-    params = [SamplingParams(max_new_tokens=20), SamplingParams(max_new_tokens=16)]
+    params = [SamplingParams(max_new_tokens=20), SamplingParams(max_new_tokens=16, speculative_tokens=0)]
     s = Scheduler(gen, prefix_cache_mb=0, draft_tokens=3)
     try:
         alone = [s.submit(spec, params[0]).result(), s.submit(batched, params[1], streamed=False).result()]

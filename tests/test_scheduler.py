@@ -117,21 +117,24 @@ def test_busy_batch_gives_every_request_its_alone_tokens(prompts, make):
 
 
 def test_speculating_rows_get_their_alone_tokens_beside_batched_rows(generator, make):
-    """Speculative decoding (draft_tokens 3): greedy streams copy drafts from their prompt and
-    check them in verify runs of their own, batch requests share one-token steps beside
-    them; with staggered arrivals, different lengths and a cancellation, every finished
-    request has exactly the tokens it had alone, and drafts were really accepted."""
+    """Speculative decoding (draft_tokens 3): greedy requests, streams and batch requests,
+    copy drafts from their prompt and check them in shared verify runs, requests that turn
+    drafts off share one-token steps beside them; with staggered arrivals, different lengths
+    and a cancellation, every finished request has exactly the tokens it had alone, and
+    drafts were really accepted."""
     prompts = [generator.encode(generator.render_chat([{"role": "user", "content": f"Repeat exactly: {t}"}]))
                for t in TEXTS]
     lengths = [24, 8, 30, 12, 20]
     streamed = [True, False, True, False, True]
+    drafts = [None, None, None, 0, 0]  # the server's default (3), or off: one-token steps
+    params = [SamplingParams(max_new_tokens=n, speculative_tokens=d) for n, d in zip(lengths, drafts)]
     ref_sched = make(prefix_cache_mb=0, max_rows=1, draft_tokens=3)
-    ref = [ref_sched.submit(p, SamplingParams(max_new_tokens=n), streamed=st).result()
-           for p, n, st in zip(prompts, lengths, streamed)]
-    spec_tokens = sum(len(r.token_ids) for r, st in zip(ref, streamed) if st)
+    ref = [ref_sched.submit(p, sp, streamed=st).result() for p, sp, st in zip(prompts, params, streamed)]
+    spec_tokens = sum(len(r.token_ids) for r, d in zip(ref, drafts) if d is None)
     assert ref_sched.accepted > 0 and ref_sched.verify_runs < spec_tokens, "drafts from the prompt were accepted"
-    for r, st in zip(ref, streamed):
-        assert r.accepted_prediction_tokens <= len(r.token_ids) and (st or r.accepted_prediction_tokens == 0)
+    for r, d in zip(ref, drafts):
+        assert r.accepted_prediction_tokens <= len(r.token_ids)
+        assert (r.accepted_prediction_tokens + r.rejected_prediction_tokens > 0) == (d is None)
     # one token left after the first: nothing may be drafted, the run carries a filler token
     two = ref_sched.submit(prompts[0], SamplingParams(max_new_tokens=2)).result()
     assert len(two.token_ids) == 2 and two.token_ids[0] == ref[0].token_ids[0]
@@ -148,7 +151,7 @@ def test_speculating_rows_get_their_alone_tokens_beside_batched_rows(generator, 
 
     threads = []
     for i in range(5):
-        ticket = s.submit(prompts[i], SamplingParams(max_new_tokens=lengths[i]), streamed=streamed[i])
+        ticket = s.submit(prompts[i], params[i], streamed=streamed[i])
         threads.append(threading.Thread(target=consume, args=(i, ticket)))
         threads[-1].start()
         if i == 1:
@@ -162,6 +165,7 @@ def test_speculating_rows_get_their_alone_tokens_beside_batched_rows(generator, 
         assert results[i].token_ids == ref[i].token_ids, f"request {i} changed beside the others"
         assert results[i].text == ref[i].text
     assert results[5].finish_reason == FINISH_CANCELLED and len(results[5].token_ids) < 200
+    assert s.rows_verified > s.verify_runs, "speculating rows shared verify runs"
     deadline = time.monotonic() + 30
     while s.running and time.monotonic() < deadline:
         time.sleep(0.05)
