@@ -339,8 +339,8 @@ class KVBatch:
         token almost for free. onnxruntime's GroupQueryAttention takes several new tokens
         after a cache only in a run of one row; the row-slots graph (Generator.rows_session,
         engine/export_lm.row_slots) runs one such attention per row and everything else over
-        all rows' tokens together, up to Generator.row_slots rows a run (without it, one row
-        a run). Runs of two tokens or more give the same bits whatever the buffer's width,
+        all rows' tokens together, up to Generator.row_slots rows a run (a lone row, or every
+        row without it, runs the plain graph). Runs of two tokens or more give the same bits whatever the buffer's width,
         the row's place in it or the other rows in the run, so a row's tokens do not depend
         on the other rows (a one-token step rounds differently).
         """
@@ -354,14 +354,13 @@ class KVBatch:
         mask = np.arange(self.columns)[None, :] < (starts + n)[:, None]
         positions = starts[:, None] + np.arange(n, dtype=np.int64)[None, :]
         ids = np.asarray(tokens, np.int64)
-        if g.rows_session is None or not self.for_verify:  # one row a run
-            out = np.empty((len(rows), n, g.vocab_size), np.float32)
-            for i, b in enumerate(rows):
-                self._run(self._binding(b, 1, out[i:i + 1]), ids[i:i + 1], mask[i:i + 1], positions[i:i + 1])
-            return out
         out = np.empty((len(rows), n, g.vocab_size), np.float32)
-        for i in range(0, len(rows), g.row_slots):
-            part = slice(i, i + g.row_slots)
+        step = g.row_slots if g.rows_session is not None and self.for_verify else 1
+        for i in range(0, len(rows), step):
+            part = slice(i, min(i + step, len(rows)))
+            if part.stop - part.start == 1:  # a lone row: the plain graph (Generator.rows_session)
+                self._run(self._binding(rows[i], 1, out[part]), ids[part], mask[part], positions[part])
+                continue
             io = self._slots_binding(tuple(rows[part]))
             io.bind_output(g.output_names[0], "cpu", 0, np.float32, list(out[part].shape), out[part].ctypes.data)
             io.bind_cpu_input("input_ids", ids[part])
@@ -478,19 +477,19 @@ class Generator:
         self.session = make_session(path, provider, threads)
         self.prefill_variant = prefill_variant
         self.verify_variant = verify_variant
-        # Speculating rows verify through the row-slots copy of the verify weights when
-        # `make models` wrote it (engine/export_lm.row_slots: up to row_slots rows a run, each
-        # row's logits the same bits as in a run of its own), else one row a run. A one-row
-        # run of it computes what the plain graph does, so it prefills too when the plan
-        # prefills on the verify weights (one copy of them in memory).
+        self._prefill_session = None if prefill_variant == variant else \
+            make_session(model_dir / VARIANT_FILES[prefill_variant], provider, threads)
+        self._verify_session = None if verify_variant in (variant, prefill_variant) else \
+            make_session(model_dir / VARIANT_FILES[verify_variant], provider, threads)
+        # Several speculating rows verify in one run of the row-slots copy of the verify
+        # weights when `make models` wrote it (engine/export_lm.row_slots: up to row_slots rows
+        # a run, each row's logits the same bits as in a run of its own), else one row a run.
+        # A lone row runs the plain graph: the row-slots graph's empty slots cost ~10% of a
+        # one-row run (one stream decoded 51.3 against 56.6 tok/s, AMX Xeon, ad-hoc), worth a
+        # second copy of the verify weights in memory (~1 GB for the 0.5B model's w8a8).
         rows = model_dir / rows_file(VARIANT_FILES[verify_variant])
         self.rows_session = make_session(rows, provider, threads) if rows.exists() and self.verify_max_tokens \
             else None
-        self._prefill_rows = self.rows_session is not None and prefill_variant == verify_variant != variant
-        self._prefill_session = None if prefill_variant == variant or self._prefill_rows else \
-            make_session(model_dir / VARIANT_FILES[prefill_variant], provider, threads)
-        self._verify_session = None if verify_variant in (variant, prefill_variant) or self.rows_session else \
-            make_session(model_dir / VARIANT_FILES[verify_variant], provider, threads)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.past_names = [n for n in self.input_names if n.startswith("past_key_values")]
@@ -502,23 +501,16 @@ class Generator:
         self.graph_slots = 1 + sum(i.name.startswith(self.past_names[0] + ".slot")
                                    for i in self.rows_session.get_inputs()) if self.rows_session else 1
         self.row_slots = self.graph_slots  # rows a verify run carries
-        # a one-row run of the row-slots graph: the other slots' caches are empty
-        self._other_slots = {f"{n}.slot{r}": np.zeros((1, self.num_kv_heads, 0, self.head_dim), np.float32)
-                             for r in range(1, self.graph_slots) for n in self.past_names}
 
     @property
     def prefill_session(self):
         """The session that prefills prompts: the decode session unless the plan says otherwise."""
-        if self._prefill_rows:
-            return self.rows_session
         return self._prefill_session or self.session
 
     @property
     def verify_session(self):
         """The session of speculative decoding's verify runs (KVBatch.verify): the decode's
         unless the plan says otherwise; a variant already loaded for another phase is shared."""
-        if self.rows_session is not None:
-            return self.rows_session
         if self.verify_variant == self.variant:
             return self.session
         return self.prefill_session if self.verify_variant == self.prefill_variant else self._verify_session
@@ -628,9 +620,7 @@ class Generator:
         if "position_ids" in self.input_names:
             feeds["position_ids"] = np.arange(start, start + n, dtype=np.int64)[None, :]
         # the machine's plan may prefill on other weights than it decodes on (engine/plan.py)
-        if self._prefill_rows:
-            feeds.update(self._other_slots)
-        outs = self.prefill_session.run([self.output_names[0], *self.present_names], feeds)
+        outs = self.prefill_session.run(None, feeds)
         return outs[0][0, -1, :], outs[1:1 + len(self.past_names)]
 
     @property

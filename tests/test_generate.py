@@ -484,16 +484,18 @@ def test_speculating_rows_share_a_verify_run_with_their_alone_bits(generator, mo
     assert list(together.lengths) == [len(p) for p in prompts], "keys are written, kept only when accepted"
     for b in range(4):
         together.accept(b, 2)
-    # a subset of rows continues from the kept keys; so do more rows than slots (two runs)
-    monkeypatch.setattr(generator, "row_slots", 1)
-    sub = together.verify_rows([1, 3], [[7, 8], [9, 10]])
+    # rows continue from their kept keys, here more rows than slots: rows 1 and 2 share a run,
+    # row 3 runs alone (the plain graph)
+    monkeypatch.setattr(generator, "row_slots", 2)
+    nxt = [[7, 8], [9, 10], [11, 12]]
+    sub = together.verify_rows([1, 2, 3], nxt)
     monkeypatch.undo()
-    for i, b in enumerate([1, 3]):
+    for i, b in enumerate([1, 2, 3]):
         plain = KVBatch(generator)
         plain.add(caches[b], len(prompts[b]) + 8)
         plain.verify(0, runs[b])
         plain.accept(0, 2)
-        assert np.array_equal(sub[i], plain.verify(0, [[7, 8], [9, 10]][i]))
+        assert np.array_equal(sub[i], plain.verify(0, nxt[i]))
     with pytest.raises(ValueError, match="the same for every row"):
         together.verify_rows([0, 1], [[1, 2], [1, 2, 3]])
 
