@@ -45,7 +45,8 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # The generator's execution plan for this CPU (which weights prefill, which decode;
-# engine/plan.py): measured once per CPU model (~30 s) and recorded in its manifest.
+# engine/plan.py): measured once per CPU model (~30 s) and recorded in its manifest; then
+# each variant's row-slots copy (speculating rows share verify runs; ~1 GB each, seconds).
 models: $(EMBED_MANIFEST) $(GEN_MANIFEST)
 	$(PY) -m engine.plan --measure --if-missing --model-dir $(dir $(GEN_MANIFEST))
 

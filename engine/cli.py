@@ -410,14 +410,18 @@ def remote(args: argparse.Namespace) -> int:
 
 def show_info(engine, args: argparse.Namespace) -> int:
     """`rag info`: what this machine runs, without loading the generator (its plan is on disk)."""
+    from .export_lm import ROW_SLOTS, rows_file
+    from .generate import VARIANT_FILES
     from .plan import cpu_key, for_config
 
     c = engine.config
     plan = for_config(c)
+    # speculating rows verified together (the verify weights' row-slots copy), else one a run
+    rows = ROW_SLOTS if (c.gen_model_dir / rows_file(VARIANT_FILES.get(plan.verify, ""))).exists() else 1
     out = {"embedding_model": c.embed_model, "embedding_variant": c.embed_variant,
            "generation_model": c.gen_model, "cpu": cpu_key(), "execution_plan": plan.describe(),
            "prefill_variant": plan.prefill, "decode_variant": plan.decode, "verify_variant": plan.verify,
-           "plan_source": plan.source,
+           "verify_rows_per_run": rows, "plan_source": plan.source,
            "plan_objective": plan.objective,
            "measured_rates": plan.rates, "provider": c.provider, "threads": c.threads,
            "search_mode": c.search_mode, "fusion": c.fusion, "fusion_alpha": c.fusion_alpha,

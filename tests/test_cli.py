@@ -97,6 +97,7 @@ def test_info_names_the_cpu_and_the_execution_plan(tmp_path, capsys):
     assert code == 0 and info["cpu"] == cpu_key()
     assert info["execution_plan"].startswith(f"prefill {info['prefill_variant']}, decode {info['decode_variant']}")
     plan = resolve(Config().gen_model_dir)  # what make models measured here
+    assert info["verify_rows_per_run"] == 8, "make models writes the verify weights' row-slots copy"
     assert (info["prefill_variant"], info["decode_variant"], info["verify_variant"]) == (plan.prefill, plan.decode,
                                                                                          plan.verify)
     assert info["decode_variant"] in ("int8", "int4") and info["plan_source"] in ("measured", "rule")
