@@ -647,7 +647,8 @@ def row_slots(model, slots: int) -> int:
     # per slot r, once: real (r < rows), the row it reads (min(r, rows - 1)), its token count
     # (n, or 1 past the rows), its positions, seqlens_k (0 past the rows) and total length
     pre = [helper.make_node("Shape", ["input_ids"], ["slots_ids_shape"], name="/slots/shape"),
-           helper.make_node("Slice", ["slots_ids_shape", "slots_zero", "slots_one"], ["slots_rows"], name="/slots/rows"),
+           helper.make_node("Slice", ["slots_ids_shape", "slots_zero", "slots_one"], ["slots_rows"],
+                            name="/slots/rows"),
            helper.make_node("Slice", ["slots_ids_shape", "slots_one", "slots_two"], ["slots_n"], name="/slots/n"),
            helper.make_node("Sub", ["slots_rows", "slots_one"], ["slots_last"], name="/slots/last"),
            helper.make_node("Mul", ["slots_rows", "slots_n"], ["slots_real_tokens"], name="/slots/real_tokens")]
@@ -657,8 +658,10 @@ def row_slots(model, slots: int) -> int:
         pre += [helper.make_node("Less", [f"slots_r{r}", "slots_rows"], [f"slots_real{r}"], name=f"{s}/real"),
                 helper.make_node("Min", [f"slots_r{r}", "slots_last"], [f"slots_src{r}"], name=f"{s}/src"),
                 helper.make_node("Add", [f"slots_src{r}", "slots_one"], [f"slots_src_end{r}"], name=f"{s}/src_end"),
-                helper.make_node("Where", [f"slots_real{r}", "slots_n", "slots_one"], [f"slots_seq{r}"], name=f"{s}/seq"),
-                helper.make_node("Concat", [f"slots_src{r}", "slots_zero"], [f"slots_starts{r}"], axis=0, name=f"{s}/starts"),
+                helper.make_node("Where", [f"slots_real{r}", "slots_n", "slots_one"], [f"slots_seq{r}"],
+                                 name=f"{s}/seq"),
+                helper.make_node("Concat", [f"slots_src{r}", "slots_zero"], [f"slots_starts{r}"], axis=0,
+                                 name=f"{s}/starts"),
                 helper.make_node("Concat", [f"slots_src_end{r}", f"slots_seq{r}"], [f"slots_ends{r}"], axis=0,
                                  name=f"{s}/ends"),
                 helper.make_node("Slice", ["position_ids", f"slots_starts{r}", f"slots_ends{r}", "slots_axes01"],

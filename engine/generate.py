@@ -340,9 +340,9 @@ class KVBatch:
         after a cache only in a run of one row; the row-slots graph (Generator.rows_session,
         engine/export_lm.row_slots) runs one such attention per row and everything else over
         all rows' tokens together, up to Generator.row_slots rows a run (a lone row, or every
-        row without it, runs the plain graph). Runs of two tokens or more give the same bits whatever the buffer's width,
-        the row's place in it or the other rows in the run, so a row's tokens do not depend
-        on the other rows (a one-token step rounds differently).
+        row without it, runs the plain graph). Runs of two tokens or more give the same bits
+        whatever the buffer's width, the row's place in it or the other rows in the run, so a
+        row's tokens do not depend on the other rows (a one-token step rounds differently).
         """
         g, n = self.gen, len(tokens[0])
         if not 2 <= n <= g.verify_max_tokens or any(len(t) != n for t in tokens):
