@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "batch of concurrent answers (throughput); with --gen-variant auto")
     p.add_argument("--speculative-tokens", type=int, default=None,
                    help="tokens a greedy answer drafts from its prompt per run of the model, checked at "
-                        "once (0 = off; default 3 with --plan-objective latency, 0 with throughput)")
+                        "once (0 = off; default with --plan-objective latency: the count the plan measured best here, 3 or "
+                        "7; 0 with throughput)")
     p.add_argument("--fusion", choices=FUSIONS, default=None,
                    help="how hybrid search fuses the dense and BM25 rankings (default convex)")
     p.add_argument("--fusion-alpha", type=float, default=None,

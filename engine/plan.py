@@ -45,7 +45,7 @@ import platform
 import time
 from pathlib import Path
 
-from .config import PLAN_OBJECTIVES
+from .config import PLAN_OBJECTIVES, SPECULATIVE_TOKENS_LATENCY
 from .fsutil import atomic_write
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,16 @@ MEASURE_VERIFY_ROUNDS = 6
 # position over 960 answer positions: int8 0.0008, w8a8 0.0047, int4 0.0433).
 FIDELITY = ("fp32", "int8", "w8a8", "int4")
 VERIFY_SPEED_TOLERANCE = 0.10
-PHASES = ("prefill", "decode", "batch_decode", "verify")
+# Drafts per run under the latency objective (draft_choice): more drafts keep more tokens a
+# run but make the run longer, by how much depends on the weights and the CPU (on the AMX
+# Xeon w8a8 ran 8 tokens for ~1.05x the time of 4, int4 for ~1.6x). Tokens a greedy
+# gold-paragraph SQuAD answer kept per run with k drafts (16 answers of 48 tokens, an
+# ad-hoc run through the scheduler, AMX Xeon): 3 drafts 2.51, 7 drafts 3.27. So the plan
+# also times runs of MEASURE_VERIFY_LONG_TOKENS tokens and takes the count whose tokens per
+# second, DRAFT_YIELD[k] / (time of a (k + 1)-token run), is higher.
+DRAFT_YIELD = {SPECULATIVE_TOKENS_LATENCY: 2.51, 7: 3.27}
+MEASURE_VERIFY_LONG_TOKENS = 8
+PHASES = ("prefill", "decode", "batch_decode", "verify", "verify_long")
 
 
 def cpu_features() -> tuple[str, list[str]]:
@@ -125,6 +134,7 @@ class Plan:
     rates: dict = dataclasses.field(default_factory=dict)
     objective: str = "latency"  # what chose the decode variant (config.PLAN_OBJECTIVES)
     verify: str = ""  # the weights of speculative decoding's verify runs ("": the decode's)
+    drafts: int = SPECULATIVE_TOKENS_LATENCY  # drafts per run under the latency objective
 
     def __post_init__(self) -> None:
         if not self.verify:
@@ -133,7 +143,7 @@ class Plan:
     def describe(self) -> str:
         how = {"measured": "measured on", "rule": "chosen by CPU features for", "config": "set by config on"}[self.source]
         return (f"prefill {self.prefill}, decode {self.decode} for {self.objective}, drafts verified on {self.verify} "
-                f"({how} {self.cpu})")
+                f"up to {self.drafts} a run ({how} {self.cpu})")
 
 
 def has_int8_dot() -> bool:
@@ -201,6 +211,23 @@ def verify_choice(rates: dict, default: str) -> str:
     return min(close, key=lambda v: FIDELITY.index(v) if v in FIDELITY else len(FIDELITY))
 
 
+def draft_choice(rates: dict, verify: str) -> int:
+    """Drafts per run on `verify`'s weights: of DRAFT_YIELD's counts, the one keeping most
+    tokens per second of verify runs (SPECULATIVE_TOKENS_LATENCY without both run lengths)."""
+    r = rates.get(verify, {})
+    short, long = r.get("verify", 0.0), r.get("verify_long", 0.0)
+    if short <= 0 or long <= 0:
+        return SPECULATIVE_TOKENS_LATENCY
+    seconds = {MEASURE_VERIFY_TOKENS: MEASURE_VERIFY_TOKENS / short,
+               MEASURE_VERIFY_LONG_TOKENS: MEASURE_VERIFY_LONG_TOKENS / long}  # a run of n tokens
+
+    def run_time(n: int) -> float:  # linear in n between (and beyond) the two measured lengths
+        (a, ta), (b, tb) = sorted(seconds.items())
+        return ta + (tb - ta) * (n - a) / (b - a)
+
+    return max(DRAFT_YIELD, key=lambda k: DRAFT_YIELD[k] / max(run_time(k + 1), 1e-9))
+
+
 def built_variants(model_dir: Path) -> list[str]:
     from .generate import VARIANT_FILES
 
@@ -228,13 +255,15 @@ def resolve(model_dir: Path, *, decode: str = "auto", prefill: str = "auto", ver
     elif plan.source != "rule":  # recorded before verify runs were measured: the decode's weights
         plan = dataclasses.replace(plan, verify=decode)
     chosen = (plan.prefill if prefill == "auto" else prefill, decode, plan.verify if verify == "auto" else verify)
+    if measured(plan, "verify", "verify_long"):
+        plan = dataclasses.replace(plan, drafts=draft_choice(plan.rates, chosen[2]))
     if not has_int8_dot() and any(v in NEEDS_INT8_DOT for v in chosen):
         log.warning("%s is configured on a CPU without 8-bit dot products (%s): its integer products "
                     "may saturate there and change answers", "/".join(sorted(set(chosen) & set(NEEDS_INT8_DOT))),
                     plan.cpu)
     if chosen == (plan.prefill, plan.decode, plan.verify):
         return plan
-    return Plan(chosen[0], chosen[1], "config", plan.cpu, plan.rates, objective, verify=chosen[2])
+    return Plan(chosen[0], chosen[1], "config", plan.cpu, plan.rates, objective, verify=chosen[2], drafts=plan.drafts)
 
 
 def for_config(c) -> Plan:
@@ -288,32 +317,37 @@ def measure(model_dir: Path, threads: int, *, log=print) -> Plan:
     for _ in range(MEASURE_VERIFY_ROUNDS):
         for variant, gen in gens.items():
             rates[variant]["verify"] = max(rates[variant]["verify"], verify_rate(gen, caches[variant], prompt))
+            rates[variant]["verify_long"] = max(rates[variant]["verify_long"], verify_rate(
+                gen, caches[variant], prompt, MEASURE_VERIFY_LONG_TOKENS))
     for variant, r in rates.items():
         log(f"[plan] {variant}: prefill {r['prefill']:.0f} tok/s at {len(prompt)} tokens, decode {r['decode']:.1f} tok/s "
-            f"one row, {r['batch_decode']:.1f} tok/s {MEASURE_BATCH_ROWS} rows, {r['verify']:.1f} tok/s in "
-            f"{MEASURE_VERIFY_TOKENS}-token verify runs (best of {MEASURE_ROUNDS}, verify runs {MEASURE_VERIFY_ROUNDS})")
+            f"one row, {r['batch_decode']:.1f} tok/s {MEASURE_BATCH_ROWS} rows, verify runs {r['verify']:.1f} tok/s "
+            f"of {MEASURE_VERIFY_TOKENS} tokens, {r['verify_long']:.1f} of {MEASURE_VERIFY_LONG_TOKENS} (best of "
+            f"{MEASURE_ROUNDS}, verify runs {MEASURE_VERIFY_ROUNDS})")
     del gens, caches
     decode = fastest(rates, "decode")
-    plan = Plan(fastest(rates, "prefill"), decode, "measured", cpu_key(), rates, verify=verify_choice(rates, decode))
+    verify = verify_choice(rates, decode)
+    plan = Plan(fastest(rates, "prefill"), decode, "measured", cpu_key(), rates, verify=verify,
+                drafts=draft_choice(rates, verify))
     path = model_dir / MANIFEST
     manifest = json.loads(path.read_text())
     manifest.setdefault("execution_plans", {})[plan.cpu] = {
         "prefill": plan.prefill, "decode": plan.decode, "batch_decode": fastest(rates, "batch_decode"),
-        "verify": plan.verify, "rates": rates, "threads": threads, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        "verify": plan.verify, "drafts": plan.drafts, "rates": rates, "threads": threads, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     atomic_write(path, json.dumps(manifest, indent=2))
     log(f"[plan] {plan.describe()}; for throughput (a full batch): decode {fastest(rates, 'batch_decode')}; "
         f"recorded in {path}")
     return plan
 
 
-def verify_rate(gen, cache, prompt) -> float:
-    """Tokens/s of MEASURE_DECODE_STEPS verify runs of MEASURE_VERIFY_TOKENS tokens, one row
-    after `cache` (0 where the graph cannot verify: a folder from before short_run_logits)."""
+def verify_rate(gen, cache, prompt, n: int = MEASURE_VERIFY_TOKENS) -> float:
+    """Tokens/s of MEASURE_DECODE_STEPS verify runs of `n` tokens, one row after `cache` (0
+    where the graph cannot verify: a folder from before short_run_logits)."""
     from .generate import KVBatch
 
-    if gen.verify_max_tokens < MEASURE_VERIFY_TOKENS:
+    if gen.verify_max_tokens < n:
         return 0.0
-    n, k = MEASURE_VERIFY_TOKENS, cache[0].shape[2]
+    k = cache[0].shape[2]
     solo = KVBatch(gen)
     solo.add(cache, k + MEASURE_DECODE_STEPS + n + 1)
     solo.verify(0, prompt[k:k + n])  # warm up

@@ -292,7 +292,7 @@ class Scheduler:
             return "measuring the prefill chunk cost"
         a, b = self.chunk_cost
         g = self.generator
-        spec = (f"greedy streams draft up to {self.draft_tokens} tokens a run from their prompt, verified on "
+        spec = (f"greedy answers draft up to {self.draft_tokens} tokens a run from their prompt, verified on "
                 f"{g.verify_variant}, {g.row_slots} rows a run" if self.draft_tokens else "no speculative decoding")
         return (f"prefill chunks beside streams: up to {self.efficient_chunk} tokens ({a * 1000:.1f} ms + "
                 f"{b * 1000:.2f} ms/token here); {self.generator.describe_padding()}; {spec}")

@@ -12,9 +12,8 @@ from engine.generate import Completion, Generator, SamplingParams
 from engine import plan as plan_module
 from engine.config import Config
 from engine.errors import InvalidInput
-from engine.plan import (AUTO_VARIANTS, INT8_DOT, Plan, built_variants, cpu_features, cpu_key, eligible,
-                         for_config, measured, recorded, resolve, rule,
-                         verify_choice)
+from engine.plan import (AUTO_VARIANTS, DRAFT_YIELD, INT8_DOT, Plan, built_variants, cpu_features, cpu_key,
+                         draft_choice, eligible, for_config, measured, recorded, resolve, rule, verify_choice)
 from engine.scheduler import Scheduler
 
 
@@ -39,7 +38,10 @@ def test_make_models_recorded_a_measured_plan_for_this_cpu(config):
     top = max(plan.rates[v]["verify"] for v in auto)
     assert plan.verify in auto and plan.rates[plan.verify]["verify"] >= 0.9 * top
     assert plan.objective == "latency" and measured(plan)
-    assert f"drafts verified on {plan.verify}" in resolve(config.gen_model_dir).describe()
+    latency = resolve(config.gen_model_dir)
+    assert f"drafts verified on {plan.verify} up to {latency.drafts} a run" in latency.describe()
+    assert all(r["verify_long"] > 0 for r in plan.rates.values())
+    assert latency.drafts == draft_choice(plan.rates, plan.verify) == config.draft_tokens
     manifest = json.loads((config.gen_model_dir / "manifest.json").read_text())
     entry = manifest["execution_plans"][cpu_key()]
     assert (entry["decode"], entry["verify"]) == (plan.decode, plan.verify)
@@ -63,7 +65,7 @@ def test_throughput_objective_decodes_on_the_fastest_full_batch(config):
         Config(plan_objective="fastest")
     # speculative decoding follows the objective unless configured: it serves one stream
     # faster, while a speculating row runs alone instead of sharing a full batch's steps
-    assert Config().draft_tokens == 3 and Config(plan_objective="throughput").draft_tokens == 0
+    assert Config().draft_tokens in DRAFT_YIELD and Config(plan_objective="throughput").draft_tokens == 0
     assert Config(plan_objective="throughput", speculative_tokens=2).draft_tokens == 2
     assert Config(speculative_tokens=0).draft_tokens == 0
     for bad in (-1, 8, 2.5, True):
@@ -93,10 +95,14 @@ def test_a_plan_recorded_before_batch_or_verify_rates_is_measured_again(tmp_path
     assert resolve(tmp_path).decode == "int4" and resolve(tmp_path).verify == "int4"
     for r, verify in zip(rates.values(), (120.0, 80.0)):
         r["verify"] = verify
-    assert measured(record(batch_decode="int8", verify="int8"))
+    assert not measured(record(batch_decode="int8", verify="int8")), "runs of 8 tokens not measured yet"
     latency = resolve(tmp_path)
-    assert (latency.decode, latency.verify, latency.source) == ("int4", "int8", "measured")
+    assert (latency.decode, latency.verify, latency.source, latency.drafts) == ("int4", "int8", "measured", 3)
     assert resolve(tmp_path, decode="fp32").verify == "int8", "a measured verify is its own phase"
+    for r, long in zip(rates.values(), (230.0, 100.0)):  # int8: 8 tokens in 35 ms against 4 in 33
+        r["verify_long"] = long
+    assert measured(record(batch_decode="int8", verify="int8"))
+    assert resolve(tmp_path).drafts == 7 and resolve(tmp_path, verify="int4").drafts == 3
 
 
 def test_verify_runs_take_the_most_faithful_of_the_fastest():
@@ -111,6 +117,17 @@ def test_verify_runs_take_the_most_faithful_of_the_fastest():
     assert verify_choice(rates(int4=100.0, int8=50.0, fp32=30.0), "int8") == "int4"
     # a graph that cannot verify measured nothing: the decode's weights, no extra session
     assert verify_choice(rates(int4=0.0, int8=0.0, fp32=0.0), "int4") == "int4"
+
+
+def test_drafts_per_run_follow_what_a_longer_run_costs():
+    """7 drafts where a run of 8 tokens costs little more than one of 4 (w8a8 on the AMX
+    Xeon), 3 where it costs much more (int4 there), 3 where runs of 8 were not measured."""
+    def rates(short, long):
+        return {"v": {"verify": short, "verify_long": long}}
+
+    assert draft_choice(rates(4 / 0.0313, 8 / 0.0330), "v") == 7  # 31.3 ms against 33.0
+    assert draft_choice(rates(4 / 0.0481, 8 / 0.0753), "v") == 3  # 48.1 ms against 75.3
+    assert draft_choice(rates(100.0, 0.0), "v") == 3 and draft_choice({}, "v") == 3
 
 
 def test_rule_follows_cpu_features(config):
