@@ -126,15 +126,15 @@ def test_speculating_rows_get_their_alone_tokens_beside_batched_rows(generator, 
                for t in TEXTS]
     lengths = [24, 8, 30, 12, 20]
     streamed = [True, False, True, False, True]
-    drafts = [None, None, None, 0, 0]  # the server's default (3), or off: one-token steps
+    drafts = [None, 1, 7, 0, 0]  # the scheduler's (3), a request's own (a run pads to its longest), off
     params = [SamplingParams(max_new_tokens=n, speculative_tokens=d) for n, d in zip(lengths, drafts)]
     ref_sched = make(prefix_cache_mb=0, max_rows=1, draft_tokens=3)
     ref = [ref_sched.submit(p, sp, streamed=st).result() for p, sp, st in zip(prompts, params, streamed)]
-    spec_tokens = sum(len(r.token_ids) for r, d in zip(ref, drafts) if d is None)
+    spec_tokens = sum(len(r.token_ids) for r, d in zip(ref, drafts) if d != 0)
     assert ref_sched.accepted > 0 and ref_sched.verify_runs < spec_tokens, "drafts from the prompt were accepted"
     for r, d in zip(ref, drafts):
         assert r.accepted_prediction_tokens <= len(r.token_ids)
-        assert (r.accepted_prediction_tokens + r.rejected_prediction_tokens > 0) == (d is None)
+        assert (r.accepted_prediction_tokens + r.rejected_prediction_tokens > 0) == (d != 0)
     # one token left after the first: nothing may be drafted, the run carries a filler token
     two = ref_sched.submit(prompts[0], SamplingParams(max_new_tokens=2)).result()
     assert len(two.token_ids) == 2 and two.token_ids[0] == ref[0].token_ids[0]
