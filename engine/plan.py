@@ -142,8 +142,9 @@ class Plan:
 
     def describe(self) -> str:
         how = {"measured": "measured on", "rule": "chosen by CPU features for", "config": "set by config on"}[self.source]
-        return (f"prefill {self.prefill}, decode {self.decode} for {self.objective}, drafts verified on {self.verify} "
-                f"up to {self.drafts} a run ({how} {self.cpu})")
+        drafts = (f"drafts verified on {self.verify} up to {self.drafts} a run" if self.objective == "latency"
+                  else "no drafts unless asked")
+        return f"prefill {self.prefill}, decode {self.decode} for {self.objective}, {drafts} ({how} {self.cpu})"
 
 
 def has_int8_dot() -> bool:
