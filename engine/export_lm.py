@@ -229,8 +229,8 @@ def rows_file(file: str) -> str:
 
 
 def write_rows_graph(model_dir: Path, file: str, slots: int = ROW_SLOTS) -> bool:
-    """Write the row_slots copy of `model_dir/file` beside it unless it is there (engine/plan.py
-    does, for the variant its plan verifies drafts on). Weights kept in an external data file
+    """Write the row_slots copy of `model_dir/file` beside it unless it is there (`make models`
+    does for every variant: engine/plan.write_rows_graphs). Weights kept in an external data file
     stay there (the copy points at them); embedded ones are written again (~1 GB for the 0.5B
     model's 8-bit copies, a few seconds). False if the graph has no slots to give."""
     import onnx
@@ -627,7 +627,8 @@ def row_slots(model, slots: int) -> int:
     row against a one-column cache of its own and its output is dropped, so a run of any
     number of rows up to `slots` has one graph. Each slot's attention is the op a one-row
     run executes, on the same inputs, and the other nodes compute a row from that row alone,
-    so a row's logits are the same bits alone or beside others (tests/test_scheduler.py).
+    so a row's logits are the same bits alone or beside others (tests/test_generate.py,
+    tests/test_scheduler.py).
     Returns 0 if the graph has no packed-QKV GroupQueryAttention (fused_qkv_rotary) or
     already has slots."""
     import numpy as np
