@@ -486,10 +486,11 @@ class Generator:
         # a run, each row's logits the same bits as in a run of its own), else one row a run.
         # A lone row runs the plain graph: the row-slots graph's empty slots cost ~10% of a
         # one-row run (one stream decoded 51.3 against 56.6 tok/s, AMX Xeon, ad-hoc), worth a
-        # second copy of the verify weights in memory (~1 GB for the 0.5B model's w8a8).
+        # second copy of the verify weights in memory (~1 GB for the 0.5B model's w8a8), loaded
+        # only where rows speculate (rows_session: the scheduler loads it when its loop starts).
         rows = model_dir / rows_file(VARIANT_FILES[verify_variant])
-        self.rows_session = make_session(rows, provider, threads) if rows.exists() and self.verify_max_tokens \
-            else None
+        self._rows_path = rows if rows.exists() and self.verify_max_tokens else None
+        self._threads = threads
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.past_names = [n for n in self.input_names if n.startswith("past_key_values")]
@@ -498,9 +499,23 @@ class Generator:
         self.vocab_size = int(logits_shape[-1]) if isinstance(logits_shape[-1], int) else \
             self.tokenizer.get_vocab_size(with_added_tokens=True)
         self.provider = provider
-        self.graph_slots = 1 + sum(i.name.startswith(self.past_names[0] + ".slot")
-                                   for i in self.rows_session.get_inputs()) if self.rows_session else 1
-        self.row_slots = self.graph_slots  # rows a verify run carries
+
+    @functools.cached_property
+    def rows_session(self):
+        """The row-slots graph's session (KVBatch.verify_rows), loaded on first use; None
+        where `make models` has not written it (speculating rows then run one at a time)."""
+        return make_session(self._rows_path, self.provider, self._threads) if self._rows_path else None
+
+    @functools.cached_property
+    def graph_slots(self) -> int:
+        """Rows the row-slots graph has slots for (1 without it)."""
+        s = self.rows_session
+        return 1 + sum(i.name.startswith(self.past_names[0] + ".slot") for i in s.get_inputs()) if s else 1
+
+    @functools.cached_property
+    def row_slots(self) -> int:
+        """Rows a verify run carries: the graph's slots."""
+        return self.graph_slots
 
     @property
     def prefill_session(self):

@@ -330,6 +330,7 @@ class Scheduler:
         b = max((times[large] - times[small]) / (large - small), 1e-6)
         a = max(times[small] - b * small, 0.0)
         _ = self.generator.row_padding  # measured once, here rather than in the first request's step
+        _ = self.generator.row_slots  # loads the row-slots graph, here rather than in a shared verify run
         e = PREFILL_EFFICIENCY
         n = a * e / (b * (1 - e))
         self.efficient_chunk = int(min(self.chunk, max(self.block, -(-n // self.block) * self.block)))
