@@ -224,8 +224,14 @@ ROW_SLOTS = 8
 
 
 def rows_file(file: str) -> str:
-    """The row-slots copy of a variant's graph: model_w8a8.onnx -> model_w8a8_rows.onnx."""
-    return file.removesuffix(".onnx") + "_rows.onnx"
+    """The row-slots copy of a variant's graph: model_w8a8.onnx -> model_w8a8_slots.onnx.
+    (Copies named *_rows.onnx took every row's tokens as one (rows, n) block; write_rows_graph
+    removes them.)"""
+    return file.removesuffix(".onnx") + "_slots.onnx"
+
+
+def _legacy_rows_file(model_dir: Path, file: str) -> Path:
+    return Path(model_dir) / (file.removesuffix(".onnx") + "_rows.onnx")
 
 
 def write_rows_graph(model_dir: Path, file: str, slots: int = ROW_SLOTS) -> bool:
@@ -236,6 +242,7 @@ def write_rows_graph(model_dir: Path, file: str, slots: int = ROW_SLOTS) -> bool
     import onnx
 
     model_dir = Path(model_dir)
+    _legacy_rows_file(model_dir, file).unlink(missing_ok=True)
     dst = model_dir / rows_file(file)
     if dst.exists():
         return True
@@ -615,64 +622,60 @@ def fused_qkv_rotary(model, kv_heads: int, heads: int, max_positions: int) -> in
 
 def row_slots(model, slots: int) -> int:
     """Give every layer `slots` GroupQueryAttention nodes of one row each, so that one run
-    verifies the drafts of up to `slots` speculating rows; returns the layers rewritten.
+    verifies the drafts of up to `slots` speculating rows, each with as many tokens as it
+    has; returns the layers rewritten.
 
     onnxruntime's GroupQueryAttention takes several new tokens after a cache only in a run of
     one row ("batch_size must be 1 when sequence_length > 1 and past context is given"), so
-    speculating rows ran one verify run each, every run reading all the weights. Here the
-    projections and the MLP run over every row's tokens at once (input_ids (rows, n)), and
-    attention runs per row: slot r attends with row r's own cache, bound as its own inputs
+    speculating rows ran one verify run each, every run reading all the weights. Here a run's
+    tokens lie flat, row after row (input_ids and position_ids (1, T)): the projections, the
+    MLP and the head run over all of them at once, and attention runs per row. Slot r takes
+    tokens [slot_starts[r], slot_ends[r]) and attends with its own cache, bound as inputs
     past_key_values.L.key.slotR (slot 0 keeps the plain names) and written in place through
-    present.L.key.slotR. A slot past the run's rows (r >= rows) takes one token of the last
-    row against a one-column cache of its own and its output is dropped, so a run of any
-    number of rows up to `slots` has one graph. Each slot's attention is the op a one-row
-    run executes, on the same inputs, and the other nodes compute a row from that row alone,
-    so a row's logits are the same bits alone or beside others (tests/test_generate.py,
-    tests/test_scheduler.py).
-    Returns 0 if the graph has no packed-QKV GroupQueryAttention (fused_qkv_rotary) or
-    already has slots."""
+    present.L.key.slotR, its seqlens_k and total length given as slot_seqlens_k[r] and
+    slot_totals[r] (the attention mask's work in the plain graph, which this graph does not
+    take). Slots past the run's rows take token 0 against a one-column cache of their own
+    (start 0, end 1, seqlens_k 0, total 1) and their outputs are dropped, so a run of any
+    number of rows up to `slots` has one graph. Logits come for the positions in
+    `logits_index` only (a row's filler tokens need none). Each slot's attention is the op a
+    one-row run executes on the same inputs, and the other nodes compute a token from that
+    token alone, so a row's logits are the same bits alone or beside others
+    (tests/test_generate.py, tests/test_scheduler.py).
+    Returns 0 if the graph has no packed-QKV GroupQueryAttention (fused_qkv_rotary), no
+    short_run_logits head, or already has slots."""
     import numpy as np
-    from onnx import helper, numpy_helper
+    from onnx import TensorProto, helper, numpy_helper
 
     g = model.graph
     gqas = [n for n in g.node if n.op_type == "GroupQueryAttention" and len(n.input) >= 10 and not n.input[1]]
-    if not gqas or any(i.name.endswith(".slot1") for i in g.input):
+    head = next((n for n in g.node if n.name == "/lm_head/LastPosition" and n.op_type == "Slice"), None)
+    if not gqas or head is None or any(i.name == "slot_starts" for i in g.input):
         return 0
 
     def c(name: str, value, dtype=np.int64):
         return numpy_helper.from_array(np.array(value, dtype), name)
 
     g.initializer.extend([c("slots_zero", [0]), c("slots_one", [1]), c("slots_axes01", [0, 1]),
-                          c("slots_axis1", [1]), c("slots_zero32", 0, np.int32), c("slots_one32", 1, np.int32),
-                          c("slots_hidden", [-1]), c("slots_two", [2])])
-    # per slot r, once: real (r < rows), the row it reads (min(r, rows - 1)), its token count
-    # (n, or 1 past the rows), its positions, seqlens_k (0 past the rows) and total length
+                          c("slots_axis1", [1]), c("slots_two", [2])])
+    # per slot r, once: its token range as Slice bounds over (1, T), positions, seqlens_k, total
     pre = [helper.make_node("Shape", ["input_ids"], ["slots_ids_shape"], name="/slots/shape"),
-           helper.make_node("Slice", ["slots_ids_shape", "slots_zero", "slots_one"], ["slots_rows"],
-                            name="/slots/rows"),
-           helper.make_node("Slice", ["slots_ids_shape", "slots_one", "slots_two"], ["slots_n"], name="/slots/n"),
-           helper.make_node("Sub", ["slots_rows", "slots_one"], ["slots_last"], name="/slots/last"),
-           helper.make_node("Mul", ["slots_rows", "slots_n"], ["slots_real_tokens"], name="/slots/real_tokens")]
+           helper.make_node("Slice", ["slots_ids_shape", "slots_one", "slots_two"], ["slots_tokens"],
+                            name="/slots/tokens")]
     for r in range(slots):
         s = f"/slots/{r}"
-        g.initializer.append(c(f"slots_r{r}", [r]))
-        pre += [helper.make_node("Less", [f"slots_r{r}", "slots_rows"], [f"slots_real{r}"], name=f"{s}/real"),
-                helper.make_node("Min", [f"slots_r{r}", "slots_last"], [f"slots_src{r}"], name=f"{s}/src"),
-                helper.make_node("Add", [f"slots_src{r}", "slots_one"], [f"slots_src_end{r}"], name=f"{s}/src_end"),
-                helper.make_node("Where", [f"slots_real{r}", "slots_n", "slots_one"], [f"slots_seq{r}"],
-                                 name=f"{s}/seq"),
-                helper.make_node("Concat", [f"slots_src{r}", "slots_zero"], [f"slots_starts{r}"], axis=0,
+        g.initializer.extend([c(f"slots_r{r}", [r]), c(f"slots_r{r}_end", [r + 1])])
+        at = [f"slots_r{r}", f"slots_r{r}_end"]
+        pre += [helper.make_node("Slice", ["slot_starts", *at], [f"slots_start{r}"], name=f"{s}/start"),
+                helper.make_node("Slice", ["slot_ends", *at], [f"slots_end{r}"], name=f"{s}/end"),
+                helper.make_node("Concat", ["slots_zero", f"slots_start{r}"], [f"slots_starts{r}"], axis=0,
                                  name=f"{s}/starts"),
-                helper.make_node("Concat", [f"slots_src_end{r}", f"slots_seq{r}"], [f"slots_ends{r}"], axis=0,
+                helper.make_node("Concat", ["slots_one", f"slots_end{r}"], [f"slots_ends{r}"], axis=0,
                                  name=f"{s}/ends"),
                 helper.make_node("Slice", ["position_ids", f"slots_starts{r}", f"slots_ends{r}", "slots_axes01"],
                                  [f"slots_pos{r}"], name=f"{s}/pos"),
-                helper.make_node("Slice", ["gqa_seqlens_k", f"slots_src{r}", f"slots_src_end{r}"], [f"slots_sl_src{r}"],
-                                 name=f"{s}/sl_src"),
-                helper.make_node("Squeeze", [f"slots_real{r}"], [f"slots_real_s{r}"], name=f"{s}/real_s"),
-                helper.make_node("Where", [f"slots_real{r}", f"slots_sl_src{r}", "slots_zero32"], [f"slots_sl{r}"],
-                                 name=f"{s}/sl"),
-                helper.make_node("Where", [f"slots_real_s{r}", "gqa_total_length", "slots_one32"], [f"slots_total{r}"],
+                helper.make_node("Slice", ["slot_seqlens_k", *at], [f"slots_sl{r}"], name=f"{s}/sl"),
+                helper.make_node("Slice", ["slot_totals", *at], [f"slots_total1{r}"], name=f"{s}/total1"),
+                helper.make_node("Squeeze", [f"slots_total1{r}", "slots_zero"], [f"slots_total{r}"],
                                  name=f"{s}/total")]
     rewrite = {}  # per layer: slice each slot's Q|K|V, attend, concatenate the real rows' outputs
     for gqa in gqas:
@@ -693,22 +696,26 @@ def row_slots(model, slots: int) -> int:
                                                                               for a in gqa.attribute}))
             outs.append(f"{t}/out{r}")
         new += [helper.make_node("Concat", outs, [f"{t}/cat"], axis=1, name=f"{t}/cat"),
-                helper.make_node("Slice", [f"{t}/cat", "slots_zero", "slots_real_tokens", "slots_axis1"], [f"{t}/real"],
-                                 name=f"{t}/real"),
-                helper.make_node("Reshape", [f"{t}/real", "slots_out_shape"], [gqa.output[0]], name=f"{t}/shape")]
+                helper.make_node("Slice", [f"{t}/cat", "slots_zero", "slots_tokens", "slots_axis1"], [gqa.output[0]],
+                                 name=f"{t}/real")]
         rewrite[gqa.name] = new
-    pre.append(helper.make_node("Concat", ["slots_rows", "slots_n", "slots_hidden"], ["slots_out_shape"], axis=0,
-                                name="/slots/out_shape"))
-    nodes = []
+    # the head: logits at the asked positions (a Gather where short_run_logits sliced)
+    hidden = head.input[0]
+    rewrite[head.name] = [helper.make_node("Gather", [hidden, "logits_index"], [head.output[0]], axis=1,
+                                           name="/lm_head/Positions")]
+    nodes = pre
     for n in g.node:
-        if n.name in rewrite:
-            nodes += rewrite[n.name]
-            continue
-        nodes.append(n)
-        if n.output and n.output[0] == "gqa_total_length":
-            nodes += pre
-    del g.node[:]
-    g.node.extend(nodes)
+        nodes += rewrite.get(n.name, [n])
+    _drop_unused(g, nodes)  # the mask's seqlens_k / total length and the run-length logic
+    used = {i for n in g.node for i in n.input}
+    keep = [i for i in g.input if i.name in used]
+    del g.input[:]
+    g.input.extend(keep)
+    g.input.extend([helper.make_tensor_value_info("slot_starts", TensorProto.INT64, [slots]),
+                    helper.make_tensor_value_info("slot_ends", TensorProto.INT64, [slots]),
+                    helper.make_tensor_value_info("slot_seqlens_k", TensorProto.INT32, [slots]),
+                    helper.make_tensor_value_info("slot_totals", TensorProto.INT32, [slots]),
+                    helper.make_tensor_value_info("logits_index", TensorProto.INT64, ["positions"])])
     # slot inputs and outputs: the caches of rows 1..slots-1, shaped as row 0's
     extra_in, extra_out = [], []
     for r in range(1, slots):
@@ -728,6 +735,12 @@ def row_slots(model, slots: int) -> int:
             d[0].dim_value = 1
             d[2].Clear()
             d[2].dim_param = "cols_" + v.name.replace(".", "_")
+        if v.name in ("input_ids", "position_ids", "logits"):
+            d = v.type.tensor_type.shape.dim
+            d[0].Clear()
+            d[0].dim_value = 1
+            d[1].Clear()
+            d[1].dim_param = "positions" if v.name == "logits" else "tokens"
     return len(gqas)
 
 
@@ -837,6 +850,7 @@ def upgrade(model_dir: Path) -> None:
                              "again (the model is unchanged)")
     for name in variants:  # row-slots copies are made from the graphs about to change
         (model_dir / rows_file(name)).unlink(missing_ok=True)
+        _legacy_rows_file(model_dir, name).unlink(missing_ok=True)
     for name in variants:
         if missing and (model_dir / name).exists() and name not in stale:
             changed = apply_graph_passes(model_dir / name, missing)

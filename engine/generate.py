@@ -203,6 +203,14 @@ def lookup_draft(history: np.ndarray, k: int, max_ngram: int = 3) -> list[int]:
     return []
 
 
+# Verify runs carry a multiple of this many tokens per row (filler tokens after the drafts,
+# never kept). Runs of two tokens or more give a token the same bits whatever the run's other
+# rows, except that the integer kernels work on pairs of rows: an odd run's last token,
+# alone in its pair, rounds otherwise than beside the next row's first (the 8-bit
+# MatMulNBits on the AMX Xeon). Whole pairs keep every token's partner in its own row.
+VERIFY_ALIGN = 2
+
+
 class KVBatch:
     """The keys and values of a decode batch, updated in place.
 
@@ -327,11 +335,11 @@ class KVBatch:
         lengths[b]...; returns the logits after each (len(tokens), vocab). verify_rows of one row."""
         return self.verify_rows([b], [tokens])[0]
 
-    def verify_rows(self, rows: Sequence[int], tokens: Sequence[Sequence[int]]) -> np.ndarray:
+    def verify_rows(self, rows: Sequence[int], tokens: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """Verify runs of rows `rows` (ascending), row rows[i] over tokens[i] (its last token,
-        then drafted ones; every row the same count) at positions lengths[b]...; returns the
-        logits after each token (len(rows), n, vocab). Their keys are written in place;
-        `accept` says how many of them each row keeps.
+        then the drafts it has, 1 to verify_max_tokens tokens) at positions lengths[b]...;
+        returns, per row, the logits after each of its tokens (len(tokens[i]), vocab). Their
+        keys are written in place; `accept` says how many of them each row keeps.
 
         Speculative decoding (engine/scheduler.py): such a run costs little more than a
         one-token step (the weights are read once for all its tokens; each extra position
@@ -339,34 +347,63 @@ class KVBatch:
         token almost for free. onnxruntime's GroupQueryAttention takes several new tokens
         after a cache only in a run of one row; the row-slots graph (Generator.rows_session,
         engine/export_lm.row_slots) runs one such attention per row and everything else over
-        all rows' tokens together, up to Generator.row_slots rows a run (a lone row, or every
-        row without it, runs the plain graph). Runs of two tokens or more give the same bits
+        all rows' tokens together, each row with as many tokens as it has and logits for
+        those only, up to Generator.row_slots rows a run (a lone row, or every row without
+        that graph, runs the plain graph). Fillers after a row's tokens make its count a
+        multiple of VERIFY_ALIGN (their keys are never kept): such runs give the same bits
         whatever the buffer's width, the row's place in it or the other rows in the run, so a
         row's tokens do not depend on the other rows (a one-token step rounds differently).
         """
-        g, n = self.gen, len(tokens[0])
-        if not 2 <= n <= g.verify_max_tokens or any(len(t) != n for t in tokens):
-            raise ValueError(f"a verify run takes 2 to {g.verify_max_tokens} tokens per row, the same for every "
-                             f"row, got {[len(t) for t in tokens]}")
+        g = self.gen
+        if not rows or any(not 1 <= len(t) <= g.verify_max_tokens for t in tokens):
+            raise ValueError(f"a verify run takes 1 to {g.verify_max_tokens} tokens per row, "
+                             f"got {[len(t) for t in tokens]}")
+        a = VERIFY_ALIGN
+        runs = [list(t) + [t[-1]] * (-len(t) % a) for t in tokens]
         starts = self.lengths[list(rows)]
-        if int(starts.max()) + n > self.columns:
-            self._resize(self.bufs[0].shape[0], int(starts.max()) + n)
-        mask = np.arange(self.columns)[None, :] < (starts + n)[:, None]
-        positions = starts[:, None] + np.arange(n, dtype=np.int64)[None, :]
-        ids = np.asarray(tokens, np.int64)
-        out = np.empty((len(rows), n, g.vocab_size), np.float32)
+        ends = starts + np.array([len(r) for r in runs])
+        if int(ends.max()) > self.columns:
+            self._resize(self.bufs[0].shape[0], int(ends.max()))
+        cols = self.columns
+        out: list[np.ndarray] = []
         step = g.row_slots if g.rows_session is not None and self.for_verify else 1
         for i in range(0, len(rows), step):
-            part = slice(i, min(i + step, len(rows)))
-            if part.stop - part.start == 1:  # a lone row: the plain graph (Generator.rows_session)
-                self._run(self._binding(rows[i], 1, out[part]), ids[part], mask[part], positions[part])
+            part = range(i, min(i + step, len(rows)))
+            if len(part) == 1:  # a lone row: the plain graph (Generator.rows_session)
+                n = len(runs[i])
+                logits = np.empty((1, n, g.vocab_size), np.float32)
+                self._run(self._binding(rows[i], 1, logits), np.array([runs[i]], np.int64),
+                          np.arange(cols)[None, :] < ends[i], np.arange(starts[i], ends[i], dtype=np.int64)[None, :])
+                out.append(logits[0, :len(tokens[i])])
                 continue
-            io = self._slots_binding(tuple(rows[part]))
-            io.bind_output(g.output_names[0], "cpu", 0, np.float32, list(out[part].shape), out[part].ctypes.data)
-            io.bind_cpu_input("input_ids", ids[part])
-            io.bind_cpu_input("attention_mask", mask[part].astype(np.int64))
-            io.bind_cpu_input("position_ids", positions[part])
+            # tokens flat, row after row; slots past the rows take token 0 against a spare cache
+            s = g.graph_slots
+            bounds = np.zeros((2, s), np.int64)
+            bounds[1] = 1
+            seqlens, totals = np.zeros(s, np.int32), np.ones(s, np.int32)
+            ids, positions, wanted = [], [], []
+            for j, k in enumerate(part):
+                at = len(ids)
+                bounds[:, j] = at, at + len(runs[k])
+                seqlens[j], totals[j] = ends[k] - 1, cols  # as the plain graph's mask gives them
+                wanted.extend(range(at, at + len(runs[k])))  # fillers too: the head pairs rows as alone
+                ids.extend(runs[k])
+                positions.extend(range(starts[k], ends[k]))
+            logits = np.empty((1, len(wanted), g.vocab_size), np.float32)
+            io = self._slots_binding(tuple(rows[k] for k in part))
+            io.bind_output(g.output_names[0], "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+            io.bind_cpu_input("input_ids", np.array([ids], np.int64))
+            io.bind_cpu_input("position_ids", np.array([positions], np.int64))
+            io.bind_cpu_input("slot_starts", bounds[0])
+            io.bind_cpu_input("slot_ends", bounds[1])
+            io.bind_cpu_input("slot_seqlens_k", seqlens)
+            io.bind_cpu_input("slot_totals", totals)
+            io.bind_cpu_input("logits_index", np.array(wanted, np.int64))
             g.rows_session.run_with_iobinding(io)
+            at = 0
+            for k in part:
+                out.append(logits[0, at:at + len(tokens[k])])
+                at += len(runs[k])
         return out
 
     def _slots_binding(self, rows: tuple[int, ...]):

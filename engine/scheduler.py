@@ -36,9 +36,9 @@ reads the weights once, as a one-token step does, so every draft the model agree
 a token for free, and the tokens are exactly what the model picks at each position. All
 speculating rows share one run (up to Generator.row_slots of them: the row-slots graph,
 engine/export_lm.row_slots, attends per row, since GroupQueryAttention takes several new
-tokens after a cache only in a one-row run; without that graph each row runs alone), every
-row padded with filler tokens to the run's longest, at least two tokens (a one-token run
-rounds differently). A row's results in such a run are the same bits whatever the buffer,
+tokens after a cache only in a one-row run; without that graph each row runs alone), each
+row with its own token count (fillers round it up to whole pairs, generate.VERIFY_ALIGN: a
+one-token run, or an odd run's last token, rounds differently). A row's results in such a run are the same bits whatever the buffer,
 its place or the other rows, so its tokens are the same alone or beside others, as the
 batched rows' are: whether a request speculates depends on itself only, never on the load.
 Verify runs take the weights the machine's plan chose for them (Generator.verify_variant,
@@ -516,8 +516,8 @@ class Scheduler:
     def _verify_runs(self) -> None:
         """One verify run over the speculating rows (generator.row_slots rows a run; more rows,
         more runs). Row b runs its last token and up to draft_tokens drafted ones (never past
-        max_new_tokens), filler tokens after them up to the run's longest row (their keys are
-        never kept); it keeps the tokens the model picks while they match its drafts, and the
+        max_new_tokens; KVBatch.verify_rows adds fillers to whole pairs, whose keys are never
+        kept); it keeps the tokens the model picks while they match its drafts, and the
         model's own pick at the first mismatch. A failed run fails its rows only."""
         gone: set[int] = set()
         slots = self.generator.row_slots
@@ -542,11 +542,7 @@ class Scheduler:
             n_hist = len(t.prompt) + len(t.row.ids)
             left = t.params.max_new_tokens - len(t.row.ids)  # >= 1: a row at its limit has finished
             drafts.append(lookup_draft(t.history[:n_hist], min(t.draft_tokens, left - 1)))
-        # runs of one token round differently from longer ones: at least one filler, never kept
-        n = max(2, 1 + max(len(d) for d in drafts))
-        tokens = [[t.row.ids[-1], *d] + [t.row.ids[-1]] * (n - 1 - len(d))
-                  for t, d in zip((self._speculating[b] for b in rows), drafts)]
-        logits = self._solo.verify_rows(rows, tokens)
+        logits = self._solo.verify_rows(rows, [[self._speculating[b].row.ids[-1], *d] for b, d in zip(rows, drafts)])
         self.verify_runs += 1
         self.rows_verified += len(rows)
         for i, b in enumerate(rows):
@@ -554,7 +550,7 @@ class Scheduler:
             n_hist = len(t.prompt) + len(row.ids)
             kept = 0
             for j in range(len(d) + 1):
-                token = row.pick(logits[i, j])
+                token = row.pick(logits[i][j])
                 row.push(token)
                 if row.finish is not None:
                     break

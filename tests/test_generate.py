@@ -450,25 +450,30 @@ def test_verify_runs_do_not_depend_on_the_other_rows(generator):
         wide.accept(1, 1)
         token = int(one[0].argmax())
     assert list(alone.lengths) == [len(a) + 2] and list(wide.lengths) == [len(b), len(a) + 2]
+    # a row without drafts runs with a filler after its token: the logits of that token
+    one = alone.verify(0, [token])
+    assert one.shape == (1, generator.vocab_size)
+    assert np.array_equal(one[0], wide.verify(1, [token, token])[0])
+    with pytest.raises(ValueError, match="1 to"):
+        alone.verify(0, [token] * (generator.verify_max_tokens + 1))
     # the row beside it was not touched: its next step is what it is alone
     other = KVBatch(generator)
     other.add(kv_b, len(b) + 40)
     wide.keep([0])
     t = np.array([[generator.encode(" Paris")[0]]], np.int64)
     assert np.array_equal(wide.step(t)[0], other.step(t)[0])
-    with pytest.raises(ValueError, match="2 to"):
-        alone.verify(0, [token])
 
 
 def test_speculating_rows_share_a_verify_run_with_their_alone_bits(generator, monkeypatch):
     """The row-slots graph (make models writes one per variant, engine/export_lm.row_slots):
-    one run verifies several rows' drafts, and every row's logits are the bits of a run of
-    that row alone in the plain graph; rows past the graph's slots take another run."""
-    assert generator.rows_session is not None and generator.row_slots == 8, "make models writes model_int8_rows.onnx"
+    one run verifies several rows' drafts, each row with its own token count, and every
+    row's logits are the bits of a run of that row alone in the plain graph; rows past the
+    graph's slots take another run."""
+    assert generator.rows_session is not None and generator.row_slots == 8, "make models writes model_int8_slots.onnx"
     prompts = [generator.encode(chat(generator, q)) for q in ("What is 2 + 2?", "Name a colour.", "Why is the sky blue?")]
     prompts.append(generator.encode("The capital of Italy is Rome, and the capital of France is"))
     caches = [generator.prefill(p)[1] for p in prompts]
-    runs = [[5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16], [17, 18, 19, 20]]
+    runs = [[5, 6, 7, 8], [9], [13, 14, 15, 16, 21, 22, 23], [17, 18]]
     alone = []
     for p, kv, tokens in zip(prompts, caches, runs):
         plain = KVBatch(generator)  # not a verify batch: the plain graph, one row a run
@@ -478,26 +483,27 @@ def test_speculating_rows_share_a_verify_run_with_their_alone_bits(generator, mo
     for p, kv in zip(prompts, caches):
         together.add(kv, len(p) + 40)
     out = together.verify_rows([0, 1, 2, 3], runs)
-    assert out.shape == (4, 4, generator.vocab_size)
+    assert [o.shape for o in out] == [(len(r), generator.vocab_size) for r in runs]
     for i in range(4):
         assert np.array_equal(out[i], alone[i]), f"row {i} changed in a shared run"
     assert list(together.lengths) == [len(p) for p in prompts], "keys are written, kept only when accepted"
     for b in range(4):
-        together.accept(b, 2)
-    # rows continue from their kept keys, here more rows than slots: rows 1 and 2 share a run,
-    # row 3 runs alone (the plain graph)
+        together.accept(b, 1)
+    together.accept(0, 1)
+    # rows continue from their kept keys, here more rows than slots: rows 0 and 1 share a run,
+    # rows 2 and 3 another
     monkeypatch.setattr(generator, "row_slots", 2)
-    nxt = [[7, 8], [9, 10], [11, 12]]
-    sub = together.verify_rows([1, 2, 3], nxt)
+    nxt = [[7, 8], [9, 10, 11], [11], [12, 13]]
+    sub = together.verify_rows([0, 1, 2, 3], nxt)
     monkeypatch.undo()
-    for i, b in enumerate([1, 2, 3]):
+    for b in range(4):
         plain = KVBatch(generator)
         plain.add(caches[b], len(prompts[b]) + 8)
         plain.verify(0, runs[b])
-        plain.accept(0, 2)
-        assert np.array_equal(sub[i], plain.verify(0, nxt[i]))
-    with pytest.raises(ValueError, match="the same for every row"):
-        together.verify_rows([0, 1], [[1, 2], [1, 2, 3]])
+        plain.accept(0, 2 if b == 0 else 1)
+        assert np.array_equal(sub[b], plain.verify(0, nxt[b])), f"row {b}'s next run"
+    with pytest.raises(ValueError, match="1 to"):
+        together.verify_rows([0, 1], [[1, 2], []])
 
 
 def _tiny_qwen2(path: Path) -> Path:
@@ -658,7 +664,7 @@ def test_row_slots_graph_is_written_per_variant_and_dropped_by_an_upgrade(tmp_pa
     manifest["variants"].remove(export_lm.INT4_FILE)
     (built / "manifest.json").write_text(json.dumps(manifest))
     export_lm.upgrade(built)
-    assert not any(built.glob("*_rows.onnx"))
+    assert not any(built.glob("*_slots.onnx"))
 
 
 def test_short_run_logits_returns_every_position_of_a_short_run(tmp_path):

@@ -126,7 +126,7 @@ def test_speculating_rows_get_their_alone_tokens_beside_batched_rows(generator, 
                for t in TEXTS]
     lengths = [24, 8, 30, 12, 20]
     streamed = [True, False, True, False, True]
-    drafts = [None, 1, 7, 0, 0]  # the scheduler's (3), a request's own (a run pads to its longest), off
+    drafts = [None, 1, 7, 0, 0]  # the scheduler's (3), a request's own (rows of different lengths), off
     params = [SamplingParams(max_new_tokens=n, speculative_tokens=d) for n, d in zip(lengths, drafts)]
     ref_sched = make(prefix_cache_mb=0, max_rows=1, draft_tokens=3)
     ref = [ref_sched.submit(p, sp, streamed=st).result() for p, sp, st in zip(prompts, params, streamed)]
