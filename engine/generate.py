@@ -664,7 +664,9 @@ class Generator:
 
         The kernels that run a token may depend on its row within the run (see row_padding);
         callers that split a prompt into chunks start every chunk at a multiple of 16
-        positions, so each token keeps its row parity and chunked equals one-shot prefill."""
+        positions, so each token keeps its row parity, and never run a chunk of one token
+        after a cache (one-token runs take other kernels), so chunked equals one-shot prefill
+        (engine/scheduler.py)."""
         past = past if past is not None else self._empty_past(1)
         start, n = past[0].shape[2], len(tokens)
         feeds = {"input_ids": np.array([tokens], dtype=np.int64),

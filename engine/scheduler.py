@@ -53,8 +53,9 @@ Prefix cache: prompts are prefilled in blocks of `block_tokens` aligned from pos
 and each full block's KV is kept in an LRU cache keyed by a hash of all tokens up to its
 end, under a memory budget. A prompt whose leading blocks are cached skips their prefill
 (the static head of every RAG prompt, a repeated question). Prefill always runs the same
-block-aligned chunks whether blocks come from the cache or not, so a cache hit gives
-exactly the KV a cold prefill computes. `Completion.cached_tokens` says how many prompt
+block-aligned chunks whether blocks come from the cache or not, never a last chunk of one
+token (a one-token run rounds otherwise), so a cache hit gives exactly the KV and the first
+token a cold prefill computes. `Completion.cached_tokens` says how many prompt
 tokens came from the cache.
 
 A full queue raises Overloaded (RESOURCE_EXHAUSTED); a request that cannot fit the context
@@ -422,8 +423,10 @@ class Scheduler:
             return
         t.block_keys = self.cache.keys(t.prompt)
         found = self.cache.lookup(t.block_keys)
-        while found and len(found) * self.block >= len(t.prompt):
-            found.pop()  # the last prompt token must run: its logits pick the first answer token
+        # the last prompt token must run (its logits pick the first answer token), in a run of
+        # two tokens or more: a one-token run rounds otherwise than a cold prefill (_prefill_chunk)
+        while found and len(found) * self.block > len(t.prompt) - 2:
+            found.pop()
         if found:
             t.kv = [np.concatenate([b[i] for b in found], axis=2) for i in range(len(found[0]))]
             t.done_tokens = t.cached_tokens = len(found) * self.block
@@ -438,6 +441,11 @@ class Scheduler:
             size = min(self.chunk, self.efficient_chunk,
                        max(self.block, int(self._stall_chunk) // self.block * self.block))
         b = min(len(t.prompt), a + size)
+        if len(t.prompt) - b == 1:
+            # never leave one token for the last chunk: onnxruntime runs a one-token run with
+            # other kernels (one-row GEMMs, GroupQueryAttention's one-token path) than a token
+            # of a longer run, so its keys and logits would differ from an unchunked prefill's
+            b += 1
         t0 = time.perf_counter()
         logits, t.kv = self.generator.prefill(t.prompt[a:b], t.kv)
         took = max(time.perf_counter() - t0, 1e-6)
