@@ -335,7 +335,8 @@ class KVBatch:
         lengths[b]...; returns the logits after each (len(tokens), vocab). verify_rows of one row."""
         return self.verify_rows([b], [tokens])[0]
 
-    def verify_rows(self, rows: Sequence[int], tokens: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    def verify_rows(self, rows: Sequence[int], tokens: Sequence[Sequence[int]], *,
+                    prefill: tuple[list[np.ndarray] | None, Sequence[int]] | None = None) -> list[np.ndarray]:
         """Verify runs of rows `rows` (ascending), row rows[i] over tokens[i] (its last token,
         then the drafts it has, 1 to verify_max_tokens tokens) at positions lengths[b]...;
         returns, per row, the logits after each of its tokens (len(tokens[i]), vocab). Their
@@ -353,11 +354,22 @@ class KVBatch:
         multiple of VERIFY_ALIGN (their keys are never kept): such runs give the same bits
         whatever the buffer's width, the row's place in it or the other rows in the run, so a
         row's tokens do not depend on the other rows (a one-token step rounds differently).
+
+        `prefill` (past, chunk): a newcomer's prompt chunk rides along in a slot of its own
+        after the rows (chunked prefill beside decoding streams: the run reads the weights
+        once for both), attending to `past` (its one-row cache so far, None: empty); its cache
+        extended by the chunk is appended to the result (Generator.prefill's, bit for bit: its
+        tokens keep their pairs, the chunk lying after the rows' whole pairs). Needs the
+        row-slots graph, on the prefill weights (can_ride_prefill), and a free slot; no logits
+        come for the chunk, so a prompt's last chunk runs alone (Generator.prefill).
         """
         g = self.gen
         if not rows or any(not 1 <= len(t) <= g.verify_max_tokens for t in tokens):
             raise ValueError(f"a verify run takes 1 to {g.verify_max_tokens} tokens per row, "
                              f"got {[len(t) for t in tokens]}")
+        if prefill is not None and not (self.can_ride_prefill and len(rows) < g.row_slots and len(prefill[1]) >= 2):
+            raise ValueError(f"a prefill chunk rides along only in a run of fewer than {g.row_slots} rows "
+                             "of the row-slots graph on the prefill weights, with two tokens or more")
         a = VERIFY_ALIGN
         runs = [list(t) + [t[-1]] * (-len(t) % a) for t in tokens]
         starts = self.lengths[list(rows)]
@@ -369,7 +381,7 @@ class KVBatch:
         step = g.row_slots if g.rows_session is not None and self.for_verify else 1
         for i in range(0, len(rows), step):
             part = range(i, min(i + step, len(rows)))
-            if len(part) == 1:  # a lone row: the plain graph (Generator.rows_session)
+            if len(part) == 1 and prefill is None:  # a lone row: the plain graph (Generator.rows_session)
                 n = len(runs[i])
                 logits = np.empty((1, n, g.vocab_size), np.float32)
                 self._run(self._binding(rows[i], 1, logits), np.array([runs[i]], np.int64),
@@ -389,8 +401,22 @@ class KVBatch:
                 wanted.extend(range(at, at + len(runs[k])))  # fillers too: the head pairs rows as alone
                 ids.extend(runs[k])
                 positions.extend(range(starts[k], ends[k]))
-            logits = np.empty((1, len(wanted), g.vocab_size), np.float32)
             io = self._slots_binding(tuple(rows[k] for k in part))
+            if prefill is not None:  # the chunk's slot, after the rows
+                past, chunk = prefill
+                past = past if past is not None else g._empty_past(1)
+                a, j, at = past[0].shape[2], len(part), len(ids)
+                bounds[:, j] = at, at + len(chunk)
+                seqlens[j], totals[j] = a + len(chunk) - 1, a + len(chunk)
+                ids.extend(chunk)
+                positions.extend(range(a, a + len(chunk)))
+                present = [np.empty((1, g.num_kv_heads, a + len(chunk), g.head_dim), np.float32) for _ in past]
+                sfx = f".slot{j}" if j else ""
+                for name, out_name, x, y in zip(g.past_names, g.present_names, past, present):
+                    io.bind_cpu_input(name + sfx, np.ascontiguousarray(x))
+                    io.bind_output(out_name + sfx, "cpu", 0, np.float32, list(y.shape), y.ctypes.data)
+                self._slots_io_key = None  # that slot is bound to the chunk's caches: bind afresh next run
+            logits = np.empty((1, len(wanted), g.vocab_size), np.float32)
             io.bind_output(g.output_names[0], "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
             io.bind_cpu_input("input_ids", np.array([ids], np.int64))
             io.bind_cpu_input("position_ids", np.array([positions], np.int64))
@@ -404,7 +430,16 @@ class KVBatch:
             for k in part:
                 out.append(logits[0, at:at + len(tokens[k])])
                 at += len(runs[k])
+            if prefill is not None:
+                out.append(present)
         return out
+
+    @property
+    def can_ride_prefill(self) -> bool:
+        """Whether prefill chunks may ride in this batch's verify runs (verify_rows): the
+        row-slots graph is there and the plan prefills on the weights that verify."""
+        g = self.gen
+        return self.for_verify and g.rows_session is not None and g.prefill_variant == g.verify_variant
 
     def _slots_binding(self, rows: tuple[int, ...]):
         """The row-slots graph's binding with slot r's cache bound to buffer row rows[r], in
@@ -664,9 +699,9 @@ class Generator:
 
         The kernels that run a token may depend on its row within the run (see row_padding);
         callers that split a prompt into chunks start every chunk at a multiple of 16
-        positions, so each token keeps its row parity, and never run a chunk of one token
-        after a cache (one-token runs take other kernels), so chunked equals one-shot prefill
-        (engine/scheduler.py)."""
+        positions, so each token keeps its row parity, and never end with a short chunk
+        (Scheduler.last_chunk: short runs take other kernels), so chunked equals one-shot
+        prefill (engine/scheduler.py)."""
         past = past if past is not None else self._empty_past(1)
         start, n = past[0].shape[2], len(tokens)
         feeds = {"input_ids": np.array([tokens], dtype=np.int64),

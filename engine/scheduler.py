@@ -53,9 +53,9 @@ Prefix cache: prompts are prefilled in blocks of `block_tokens` aligned from pos
 and each full block's KV is kept in an LRU cache keyed by a hash of all tokens up to its
 end, under a memory budget. A prompt whose leading blocks are cached skips their prefill
 (the static head of every RAG prompt, a repeated question). Prefill always runs the same
-block-aligned chunks whether blocks come from the cache or not, never a last chunk of one
-token (a one-token run rounds otherwise), so a cache hit gives exactly the KV and the first
-token a cold prefill computes. `Completion.cached_tokens` says how many prompt
+block-aligned chunks whether blocks come from the cache or not, never a short last chunk
+(Scheduler.last_chunk: short runs take other kernels), so a cache hit gives exactly the KV and
+the first token a cold prefill computes. `Completion.cached_tokens` says how many prompt
 tokens came from the cache.
 
 A full queue raises Overloaded (RESOURCE_EXHAUSTED); a request that cannot fit the context
@@ -241,6 +241,13 @@ class Scheduler:
         self.cache = PrefixCache(int(prefix_cache_mb * 2**20), block_tokens) if prefix_cache_mb > 0 else None
         self.block = block_tokens
         g = generator
+        # A prompt's last chunk has at least this many tokens (or is the whole prompt): a run of
+        # one token takes other kernels (one-row GEMMs, GroupQueryAttention's one-token path),
+        # and one of up to verify_max_tokens computes logits at every position (for verify runs),
+        # so its last logits come from another GEMM shape than a long chunk's (last position
+        # only): either would make a prompt's keys or first token depend on how it was chunked
+        # or found in the prefix cache.
+        self.last_chunk = max(2, g.verify_max_tokens + 1)
         self._waiting: collections.deque[Ticket] = collections.deque()
         self._prefilling: list[Ticket] = []
         self._active: list[Ticket] = []
@@ -258,6 +265,8 @@ class Scheduler:
         self.steps = 0
         self.rows_stepped = 0
         self.prefill_runs = 0
+        self.prefill_rides = 0  # prefill chunks that rode in verify runs (_ride_chunk)
+        self._verify_s = 0.05  # how long a verify run took of late
         self.verify_runs = 0
         self.rows_verified = 0  # speculating rows summed over verify runs
         self.drafted = 0  # tokens drafted and checked
@@ -357,7 +366,8 @@ class Scheduler:
                     break
                 self._admit()
             self._retire_stopped()
-            if self._prefilling:
+            ride = self._ride_chunk(self._prefilling[0]) if self._prefilling else None
+            if self._prefilling and ride is None:
                 t = self._prefilling[0]
                 try:
                     self._prefill_chunk(t)
@@ -375,7 +385,7 @@ class Scheduler:
                     for t in rows:
                         self._fail(t, e)
             if self._speculating:
-                self._verify_runs()
+                self._verify_runs(ride)
         for t in pending:
             self._fail(t, Unavailable("the generation scheduler was shut down"))
 
@@ -424,12 +434,43 @@ class Scheduler:
         t.block_keys = self.cache.keys(t.prompt)
         found = self.cache.lookup(t.block_keys)
         # the last prompt token must run (its logits pick the first answer token), in a run of
-        # two tokens or more: a one-token run rounds otherwise than a cold prefill (_prefill_chunk)
-        while found and len(found) * self.block > len(t.prompt) - 2:
+        # last_chunk tokens or more, as in a cold prefill (_prefill_chunk)
+        while found and len(found) * self.block > len(t.prompt) - self.last_chunk:
             found.pop()
         if found:
             t.kv = [np.concatenate([b[i] for b in found], axis=2) for i in range(len(found[0]))]
             t.done_tokens = t.cached_tokens = len(found) * self.block
+
+    def _ride_chunk(self, t: Ticket) -> tuple[Ticket, int, int] | None:
+        """The next chunk of `t`'s prompt, (t, start, end), if it can ride in this step's
+        verify run instead of a prefill run of its own (module docstring, 3); else None.
+
+        A chunk's own run reads every weight once, which is most of a small chunk's cost;
+        riding, it costs only its tokens' share. So it rides whenever rows speculate, the
+        row-slots graph is on the prefill weights and has a slot free, and the chunk is not
+        the prompt's last (whose logits pick the first token: that one runs as always, at
+        least two tokens, so a prompt's keys and first token are the bits of an unchunked
+        prefill). While streams wait on the run, a chunk takes about as long as the run
+        itself (their gap at most doubles); beside batch requests only, `prefill_chunk`."""
+        g = self.generator
+        if (not self._speculating or len(self._speculating) >= g.row_slots or self.chunk_cost is None
+                or not self._solo.can_ride_prefill):
+            return None
+        size = self.chunk
+        if any(r.streamed for r in [*self._active, *self._speculating]):
+            size = min(size, max(self.block, int(self._verify_s / self.chunk_cost[1]) // self.block * self.block))
+        a = t.done_tokens
+        b = min(a + size, (len(t.prompt) - self.last_chunk) // self.block * self.block)
+        return (t, a, b) if b > a else None
+
+    def _chunk_done(self, t: Ticket, a: int, b: int, kv: list[np.ndarray]) -> None:
+        """`t`'s prompt is prefilled up to b (from a), its cache `kv`: its full blocks go to
+        the prefix cache."""
+        t.kv, t.done_tokens = kv, b
+        if self.cache is not None:
+            for j in range(a // self.block, b // self.block):
+                self.cache.put(t.block_keys[j], [np.ascontiguousarray(v[:, :, j * self.block:(j + 1) * self.block])
+                                                 for v in kv])
 
     def _prefill_chunk(self, t: Ticket) -> None:
         """One chunk of `t`'s prompt; on the last, its first token and a place in the batch."""
@@ -441,13 +482,10 @@ class Scheduler:
             size = min(self.chunk, self.efficient_chunk,
                        max(self.block, int(self._stall_chunk) // self.block * self.block))
         b = min(len(t.prompt), a + size)
-        if len(t.prompt) - b == 1:
-            # never leave one token for the last chunk: onnxruntime runs a one-token run with
-            # other kernels (one-row GEMMs, GroupQueryAttention's one-token path) than a token
-            # of a longer run, so its keys and logits would differ from an unchunked prefill's
-            b += 1
+        if len(t.prompt) - b < self.last_chunk:
+            b = len(t.prompt)  # never a short last chunk (last_chunk)
         t0 = time.perf_counter()
-        logits, t.kv = self.generator.prefill(t.prompt[a:b], t.kv)
+        logits, kv = self.generator.prefill(t.prompt[a:b], t.kv)
         took = max(time.perf_counter() - t0, 1e-6)
         self.prefill_runs += 1
         self.prefill_rate = (b - a) / took
@@ -455,11 +493,7 @@ class Scheduler:
             # A chunk's time is not proportional to its size (each run reads every weight once,
             # which is most of a small chunk's cost), so steer by what the last one took.
             self._stall_chunk = 0.5 * self._stall_chunk + 0.5 * size * self.stall_s / took
-        t.done_tokens = b
-        if self.cache is not None:
-            for j in range(a // self.block, b // self.block):
-                self.cache.put(t.block_keys[j], [np.ascontiguousarray(v[:, :, j * self.block:(j + 1) * self.block])
-                                                 for v in t.kv])
+        self._chunk_done(t, a, b, kv)
         if b < len(t.prompt):
             return
         self._prefilling.remove(t)
@@ -521,9 +555,9 @@ class Scheduler:
         if len(keep) < len(rows):
             self._keep(keep)
 
-    def _verify_runs(self) -> None:
+    def _verify_runs(self, ride: tuple[Ticket, int, int] | None = None) -> None:
         """One verify run over the speculating rows (generator.row_slots rows a run; more rows,
-        more runs). Row b runs its last token and up to draft_tokens drafted ones (never past
+        more runs), the first carrying the prefill chunk `ride` (_ride_chunk), if any. Row b runs its last token and up to draft_tokens drafted ones (never past
         max_new_tokens; KVBatch.verify_rows adds fillers to whole pairs, whose keys are never
         kept); it keeps the tokens the model picks while they match its drafts, and the
         model's own pick at the first mismatch. A failed run fails its rows only."""
@@ -531,26 +565,42 @@ class Scheduler:
         slots = self.generator.row_slots
         for first in range(0, len(self._speculating), slots):
             rows = list(range(first, min(first + slots, len(self._speculating))))
+            t0 = time.perf_counter()
             try:
-                self._verify_run(rows, gone)
-            except Exception as e:  # noqa: BLE001 - fail this run's rows, keep serving
+                self._verify_run(rows, gone, ride)
+            except Exception as e:  # noqa: BLE001 - fail this run's rows (and its chunk's request), keep serving
                 log.exception("verify run failed")
                 for b in rows:
                     if b not in gone:
                         gone.add(b)
                         self._fail(self._speculating[b], e)
+                if ride is not None:
+                    self._prefilling.remove(ride[0])
+                    self._fail(ride[0], e)
+            else:
+                if ride is None:  # how long streams wait on a run: riding chunks take about as long
+                    self._verify_s = 0.5 * self._verify_s + 0.5 * (time.perf_counter() - t0)
+            ride = None
         if gone:
             self._keep_solo([i for i in range(len(self._speculating)) if i not in gone])
 
-    def _verify_run(self, rows: list[int], gone: set[int]) -> None:
-        """One run of the speculating rows `rows`; those that finish join `gone`."""
+    def _verify_run(self, rows: list[int], gone: set[int], ride: tuple[Ticket, int, int] | None) -> None:
+        """One run of the speculating rows `rows` (and the chunk `ride`); those that finish
+        join `gone`."""
         drafts = []
         for b in rows:
             t = self._speculating[b]
             n_hist = len(t.prompt) + len(t.row.ids)
             left = t.params.max_new_tokens - len(t.row.ids)  # >= 1: a row at its limit has finished
             drafts.append(lookup_draft(t.history[:n_hist], min(t.draft_tokens, left - 1)))
-        logits = self._solo.verify_rows(rows, [[self._speculating[b].row.ids[-1], *d] for b, d in zip(rows, drafts)])
+        tokens = [[self._speculating[b].row.ids[-1], *d] for b, d in zip(rows, drafts)]
+        if ride is None:
+            logits = self._solo.verify_rows(rows, tokens)
+        else:
+            t, a, b = ride
+            *logits, kv = self._solo.verify_rows(rows, tokens, prefill=(t.kv, t.prompt[a:b]))
+            self._chunk_done(t, a, b, kv)
+            self.prefill_rides += 1
         self.verify_runs += 1
         self.rows_verified += len(rows)
         for i, b in enumerate(rows):

@@ -506,6 +506,39 @@ def test_speculating_rows_share_a_verify_run_with_their_alone_bits(generator, mo
         together.verify_rows([0, 1], [[1, 2], []])
 
 
+def test_a_prefill_chunk_rides_in_a_verify_run_with_prefills_bits(generator):
+    """KVBatch.verify_rows(prefill=...): a newcomer's prompt chunk takes a slot after the
+    speculating rows; its cache comes out as Generator.prefill makes it, bit for bit (from
+    an empty cache or after one), and the rows' logits are their alone bits."""
+    assert generator.prefill_variant == generator.verify_variant
+    rows = [generator.encode(chat(generator, q)) for q in ("What is 2 + 2?", "Name a colour.")]
+    caches = [generator.prefill(p)[1] for p in rows]
+    batch = KVBatch(generator, verify=True)
+    assert batch.can_ride_prefill
+    for p, kv in zip(rows, caches):
+        batch.add(kv, len(p) + 40)
+    alone = []
+    for p, kv in zip(rows, caches):
+        one = KVBatch(generator, verify=True)
+        one.add(kv, len(p) + 8)
+        alone.append(one.verify(0, [5, 6, 7]))
+    newcomer = generator.encode(chat(generator, "Why is the sky blue? Answer in one sentence, please, and say why "
+                                                "sunsets are red while you are at it, and what colour the sky is on Mars, and on the Moon, and why, in plain words."))
+    assert len(newcomer) >= 64 + 9  # a last chunk of 9 tokens or more (Scheduler.last_chunk)
+    want_logits, want = generator.prefill(newcomer)
+    kv = None
+    for a, b in ((0, 32), (32, 48)):
+        *out, kv = batch.verify_rows([0, 1], [[5, 6, 7], [5, 6, 7]], prefill=(kv, newcomer[a:b]))
+        assert all(np.array_equal(o, w) for o, w in zip(out, alone)), "the rows' logits are their alone bits"
+    # beside one row, then the rest alone (chunks start at multiples of 16: tokens keep their pairs)
+    kv = batch.verify_rows([0], [[5, 6, 7]], prefill=(kv, newcomer[48:64]))[-1]
+    assert all(np.array_equal(x, y[:, :, :64]) for x, y in zip(kv, want))
+    logits, kv = generator.prefill(newcomer[64:], kv)
+    assert np.array_equal(logits, want_logits) and all(np.array_equal(x, y) for x, y in zip(kv, want))
+    with pytest.raises(ValueError, match="rides along"):
+        batch.verify_rows([0], [[5]], prefill=(None, newcomer[:1]))
+
+
 def _tiny_qwen2(path: Path) -> Path:
     """A randomly initialised two-layer Qwen2 HF folder (the default model's architecture at
     a few hundred KB, no tokenizer), for graph-pass tests that need a fresh export."""

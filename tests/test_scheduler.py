@@ -166,6 +166,7 @@ def test_speculating_rows_get_their_alone_tokens_beside_batched_rows(generator, 
         assert results[i].text == ref[i].text
     assert results[5].finish_reason == FINISH_CANCELLED and len(results[5].token_ids) < 200
     assert s.rows_verified > s.verify_runs, "speculating rows shared verify runs"
+    assert s.prefill_rides > 0, "newcomers' prompt chunks rode in verify runs"
     deadline = time.monotonic() + 30
     while s.running and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -194,7 +195,7 @@ def test_prefix_cache_skips_prefill_and_keeps_every_token(generator, prompts, ma
     cold = s.submit(prompts[2], params).result()
     warm = s.submit(prompts[2], params).result()
     assert cold.cached_tokens == 0
-    assert warm.cached_tokens == (len(prompts[2]) - 2) // 16 * 16 > 0, "at least two tokens run"
+    assert warm.cached_tokens == (len(prompts[2]) - s.last_chunk) // 16 * 16 > 0, "a last chunk of 9+ tokens runs"
     assert warm.token_ids == cold.token_ids
     # another prompt with the same chat-template head reuses its full blocks
     other = s.submit(prompts[4], params).result()
@@ -205,31 +206,34 @@ def test_prefix_cache_skips_prefill_and_keeps_every_token(generator, prompts, ma
     assert off.submit(prompts[4], params).result().token_ids == other.token_ids
 
 
-def test_no_prefill_run_of_one_token_after_a_chunk_or_a_cache_hit(generator, prompts, make, monkeypatch):
-    """A one-token run rounds otherwise than the same token in a longer run (onnxruntime's
-    one-row kernels: up to 1e-5 in fp32's logits, 0.26 in int8's), so a prompt of 16k + 1
-    tokens whose block-aligned chunks or cache hit would leave its last token alone runs
-    it with the one before: its first token's logits are the bits of an unchunked prefill."""
-    p = prompts[2][:(len(prompts[2]) - 2) // 16 * 16 + 1]
-    want = generator.prefill(p)[0]
-    real, runs = generator.prefill, []
+def test_no_short_last_prefill_chunk_after_a_chunk_or_a_cache_hit(generator, prompts, make, monkeypatch):
+    """A short run rounds otherwise than the same tokens in a longer one (onnxruntime's
+    one-row kernels for one token; logits at every position for up to verify_max_tokens),
+    so a prompt whose block-aligned chunks or cache hit would leave a short last chunk runs
+    more of it there: its first token's logits are the bits of an unchunked prefill."""
+    assert generator.verify_max_tokens == 8
+    for extra in (1, 5):  # prompts of 16k + 1 and 16k + 5 tokens
+        p = prompts[2][:(len(prompts[2]) - 10) // 16 * 16 + extra]
+        want = generator.prefill(p)[0]
+        real, runs = generator.prefill, []
 
-    def spy(tokens, past=None):
-        out = real(tokens, past)
-        runs.append((len(tokens), out[0].copy()))
-        return out
+        def spy(tokens, past=None):
+            out = real(tokens, past)
+            runs.append((len(tokens), out[0].copy()))
+            return out
 
-    s = make(prefix_cache_mb=64, prefill_chunk=len(p) - 1)  # chunks of 16k tokens
-    while s.chunk_cost is None:  # its calibration runs prefill too
-        time.sleep(0.05)
-    monkeypatch.setattr(generator, "prefill", spy)
-    params = SamplingParams(max_new_tokens=2)
-    cold = s.submit(p, params).result()
-    assert [n for n, _ in runs] == [len(p)], "the last token ran in the first chunk"
-    warm = s.submit(p, params).result()
-    assert warm.cached_tokens == len(p) - 17 and runs[-1][0] == 17, "a cache hit one block short"
-    assert np.array_equal(runs[0][1], want) and np.array_equal(runs[-1][1], want)
-    assert warm.token_ids == cold.token_ids
+        s = make(prefix_cache_mb=64, prefill_chunk=len(p) - extra)  # chunks of 16k tokens
+        while s.chunk_cost is None:  # its calibration runs prefill too
+            time.sleep(0.05)
+        monkeypatch.setattr(generator, "prefill", spy)
+        params = SamplingParams(max_new_tokens=2)
+        cold = s.submit(p, params).result()
+        assert [n for n, _ in runs] == [len(p)], "the last tokens ran in the first chunk"
+        warm = s.submit(p, params).result()
+        assert warm.cached_tokens == len(p) - 16 - extra and runs[-1][0] == 16 + extra, "a hit one block short"
+        assert np.array_equal(runs[0][1], want) and np.array_equal(runs[-1][1], want)
+        assert warm.token_ids == cold.token_ids
+        monkeypatch.undo()
 
 
 def test_prefix_cache_evicts_least_recently_used_within_budget(generator, prompts, make):
