@@ -13,7 +13,11 @@ One thread runs the model, so concurrent answers never fight over the cores; eac
      this machine (measured when the loop starts, see _calibrate), at least one block, so
      streams wait no longer than prefill needs to stay efficient; with no stream decoding
      (nobody, or only batch requests, which want throughput and not a steady pace),
-     `prefill_chunk` tokens. A newcomer whose
+     `prefill_chunk` tokens. While rows speculate, a chunk rides in their verify run
+     instead (step 5, _ride_chunk: a slot of the row-slots graph of its own, one pass over
+     the weights for both, so a small chunk costs only its tokens), about as long as the
+     run itself while streams wait on it; a prompt's last chunk runs on its own, never
+     shorter than `last_chunk` tokens. A newcomer whose
      prompt is done joins the running batch with its first token;
   4. runs one batched decode step over every active row and hands each row's text delta
      to its caller;
@@ -304,6 +308,8 @@ class Scheduler:
         g = self.generator
         spec = (f"greedy answers draft up to {self.draft_tokens} tokens a run from their prompt, verified on "
                 f"{g.verify_variant}, {g.row_slots} rows a run" if self.draft_tokens else "no speculative decoding")
+        if self.draft_tokens and self._solo.can_ride_prefill:
+            spec += ", newcomers' prompt chunks riding along"
         return (f"prefill chunks beside streams: up to {self.efficient_chunk} tokens ({a * 1000:.1f} ms + "
                 f"{b * 1000:.2f} ms/token here); {self.generator.describe_padding()}; {spec}")
 
