@@ -370,8 +370,7 @@ class KVBatch:
         if prefill is not None and not (self.can_ride_prefill and len(rows) < g.row_slots and len(prefill[1]) >= 2):
             raise ValueError(f"a prefill chunk rides along only in a run of fewer than {g.row_slots} rows "
                              "of the row-slots graph on the prefill weights, with two tokens or more")
-        a = VERIFY_ALIGN
-        runs = [list(t) + [t[-1]] * (-len(t) % a) for t in tokens]
+        runs = [list(t) + [t[-1]] * (-len(t) % VERIFY_ALIGN) for t in tokens]
         starts = self.lengths[list(rows)]
         ends = starts + np.array([len(r) for r in runs])
         if int(ends.max()) > self.columns:
@@ -405,12 +404,12 @@ class KVBatch:
             if prefill is not None:  # the chunk's slot, after the rows
                 past, chunk = prefill
                 past = past if past is not None else g._empty_past(1)
-                a, j, at = past[0].shape[2], len(part), len(ids)
+                done, j, at = past[0].shape[2], len(part), len(ids)
                 bounds[:, j] = at, at + len(chunk)
-                seqlens[j], totals[j] = a + len(chunk) - 1, a + len(chunk)
+                seqlens[j], totals[j] = done + len(chunk) - 1, done + len(chunk)  # as prefill's mask gives them
                 ids.extend(chunk)
-                positions.extend(range(a, a + len(chunk)))
-                present = [np.empty((1, g.num_kv_heads, a + len(chunk), g.head_dim), np.float32) for _ in past]
+                positions.extend(range(done, done + len(chunk)))
+                present = [np.empty((1, g.num_kv_heads, done + len(chunk), g.head_dim), np.float32) for _ in past]
                 sfx = f".slot{j}" if j else ""
                 for name, out_name, x, y in zip(g.past_names, g.present_names, past, present):
                     io.bind_cpu_input(name + sfx, np.ascontiguousarray(x))
