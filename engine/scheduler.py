@@ -45,6 +45,7 @@ row with its own token count (fillers round it up to whole pairs, generate.VERIF
 one-token run, or an odd run's last token, rounds differently). A row's results in such a run are the same bits whatever the buffer,
 its place or the other rows, so its tokens are the same alone or beside others, as the
 batched rows' are: whether a request speculates depends on itself only, never on the load.
+The more rows a run carries, the fewer drafts each (VERIFY_RUN_TOKENS).
 Verify runs take the weights the machine's plan chose for them (Generator.verify_variant,
 engine/plan.py: of those fastest at them, the closest to fp32; w8a8 or int8 on the AMX
 Xeon, whose integer GEMM takes 4 tokens for about the cost of one), which need not be the
@@ -95,6 +96,15 @@ _DONE = object()
 # the prefill rate of a long chunk here (a chunk's time is about a + b * tokens: `a` is one
 # pass over the weights, which a small chunk pays in full).
 PREFILL_EFFICIENCY = 0.8
+
+# A verify run carries about this many tokens: a row drafts at most VERIFY_RUN_TOKENS // rows - 1
+# (7 for up to 4 rows, 3 at 8). Drafts are nearly free in a run of one row but not in a run
+# of eight (an 8-row run of 8 tokens each costs ~1.6x one of 4 each), and a longer run is a
+# longer wait for every stream in it. 32 vs no cap, 8 streams of 128 tokens in process (AMX
+# Xeon, ad-hoc, interleaved): 206.6 / 197.3 tok/s against 199.0 / 193.4, inter-token p50 56-60
+# ms against 86-89, p99 153-156 against 182-263. Tokens do not change: a row's logits do not
+# depend on how many tokens its run carries (tests/test_scheduler.py).
+VERIFY_RUN_TOKENS = 32
 
 
 class PrefixCache:
@@ -229,7 +239,7 @@ class Scheduler:
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, block_tokens: int = DEFAULT_PREFIX_BLOCK_TOKENS,
                  prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
                  prefill_stall_ms: float = DEFAULT_PREFILL_STALL_MS,
-                 draft_tokens: int = 0) -> None:
+                 draft_tokens: int = 0, run_tokens: int = VERIFY_RUN_TOKENS) -> None:
         if prefill_chunk % block_tokens:
             raise InvalidInput(f"prefill_chunk ({prefill_chunk}) must be a multiple of block_tokens ({block_tokens})")
         self.generator = generator
@@ -259,6 +269,7 @@ class Scheduler:
         # speculating rows: their caches, verified together in runs of their own (module docstring)
         self.max_draft = max(generator.verify_max_tokens - 1, 0)  # 0: the graph cannot verify drafts
         self.draft_tokens = min(draft_tokens, self.max_draft)  # for streams that do not ask
+        self.run_tokens = run_tokens  # a verify run's tokens, about (VERIFY_RUN_TOKENS)
         if draft_tokens and not self.draft_tokens:
             log.warning("speculative decoding is off: the generation model's graph lacks short_run_logits "
                         "(run `make models` to add it)")
@@ -308,6 +319,8 @@ class Scheduler:
         g = self.generator
         spec = (f"greedy answers draft up to {self.draft_tokens} tokens a run from their prompt, verified on "
                 f"{g.verify_variant}, {g.row_slots} rows a run" if self.draft_tokens else "no speculative decoding")
+        if self.draft_tokens:
+            spec += f" of about {self.run_tokens} tokens (fewer drafts a row as rows join)"
         if self.draft_tokens and self._solo.can_ride_prefill:
             spec += ", newcomers' prompt chunks riding along"
         return (f"prefill chunks beside streams: up to {self.efficient_chunk} tokens ({a * 1000:.1f} ms + "
@@ -594,11 +607,12 @@ class Scheduler:
         """One run of the speculating rows `rows` (and the chunk `ride`); those that finish
         join `gone`."""
         drafts = []
+        cap = max(1, self.run_tokens // len(rows) - 1)  # drafts per row: fewer as the run fills
         for b in rows:
             t = self._speculating[b]
             n_hist = len(t.prompt) + len(t.row.ids)
             left = t.params.max_new_tokens - len(t.row.ids)  # >= 1: a row at its limit has finished
-            drafts.append(lookup_draft(t.history[:n_hist], min(t.draft_tokens, left - 1)))
+            drafts.append(lookup_draft(t.history[:n_hist], min(t.draft_tokens, left - 1, cap)))
         tokens = [[self._speculating[b].row.ids[-1], *d] for b, d in zip(rows, drafts)]
         if ride is None:
             logits = self._solo.verify_rows(rows, tokens)

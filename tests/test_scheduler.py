@@ -139,7 +139,8 @@ def test_speculating_rows_get_their_alone_tokens_beside_batched_rows(generator, 
     two = ref_sched.submit(prompts[0], SamplingParams(max_new_tokens=2)).result()
     assert len(two.token_ids) == 2 and two.token_ids[0] == ref[0].token_ids[0]
     assert two.accepted_prediction_tokens == two.rejected_prediction_tokens == 0
-    s = make(prefix_cache_mb=0, max_rows=4, draft_tokens=3)
+    # runs of 2+ rows carry 1 to 3 drafts a row: a row's drafts depend on the load, its tokens not
+    s = make(prefix_cache_mb=0, max_rows=4, draft_tokens=3, run_tokens=8)
     results: dict[int, Completion] = {}
 
     def consume(i, ticket, cancel_after=None):
