@@ -687,10 +687,15 @@ def test_row_slots_graph_is_written_per_variant_and_dropped_by_an_upgrade(tmp_pa
 
     built = export_lm.export_hf(_tiny_qwen2(tmp_path / "hf"), tmp_path / "built")
     for f in (export_lm.FP32_FILE, export_lm.W8A8_FILE):
+        legacy = built / f.replace(".onnx", "_rows.onnx")  # the first layout's copy: replaced
+        legacy.write_bytes(b"old")
         assert export_lm.write_rows_graph(built, f, slots=3)
+        assert not legacy.exists()
         g = onnx.load(str(built / export_lm.rows_file(f)), load_external_data=False).graph
         assert [n.op_type for n in g.node].count("GroupQueryAttention") == 2 * 3
-        assert {"past_key_values.1.value.slot2", "past_key_values.0.key"} <= {i.name for i in g.input}
+        assert {"past_key_values.1.value.slot2", "past_key_values.0.key", "slot_starts", "logits_index"} <= \
+            {i.name for i in g.input}
+        assert "attention_mask" not in {i.name for i in g.input}, "slots take seqlens and totals instead"
         assert "present.1.value.slot2" in {o.name for o in g.output}
         assert export_lm.row_slots(onnx.load(str(built / export_lm.rows_file(f))), 3) == 0, "already slotted"
     manifest = json.loads((built / "manifest.json").read_text())
