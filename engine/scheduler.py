@@ -16,8 +16,8 @@ One thread runs the model, so concurrent answers never fight over the cores; eac
      `prefill_chunk` tokens. While rows speculate, a chunk rides in their verify run
      instead (step 5, _ride_chunk: a slot of the row-slots graph of its own, one pass over
      the weights for both, so a small chunk costs only its tokens), about as long as the
-     run itself while streams wait on it; a prompt's last chunk runs on its own, never
-     shorter than `last_chunk` tokens. A newcomer whose
+     run itself per request waiting for its prefill while streams wait on it; a prompt's
+     last chunk runs on its own, never shorter than `last_chunk` tokens. A newcomer whose
      prompt is done joins the running batch with its first token;
   4. runs one batched decode step over every active row and hands each row's text delta
      to its caller;
@@ -42,8 +42,8 @@ speculating rows share one run (up to Generator.row_slots of them: the row-slots
 engine/export_lm.row_slots, attends per row, since GroupQueryAttention takes several new
 tokens after a cache only in a one-row run; without that graph each row runs alone), each
 row with its own token count (fillers round it up to whole pairs, generate.VERIFY_ALIGN: a
-one-token run, or an odd run's last token, rounds differently). A row's results in such a run are the same bits whatever the buffer,
-its place or the other rows, so its tokens are the same alone or beside others, as the
+one-token run, or an odd run's last token, rounds differently). A row's results in such a
+run are the same bits whatever the buffer, its place, its run's length or the other rows, so its tokens are the same alone or beside others, as the
 batched rows' are: whether a request speculates depends on itself only, never on the load.
 The more rows a run carries, the fewer drafts each (VERIFY_RUN_TOKENS).
 Verify runs take the weights the machine's plan chose for them (Generator.verify_variant,
@@ -467,9 +467,9 @@ class Scheduler:
         A chunk's own run reads every weight once, which is most of a small chunk's cost;
         riding, it costs only its tokens' share. So it rides whenever rows speculate, the
         row-slots graph is on the prefill weights and has a slot free, and the chunk is not
-        the prompt's last (whose logits pick the first token: that one runs as always, at
-        least two tokens, so a prompt's keys and first token are the bits of an unchunked
-        prefill). While streams wait on the run, a chunk takes about as long as the run
+        the prompt's last (whose logits pick the first token: that one runs on its own, at
+        least last_chunk tokens, so a prompt's keys and first token are the bits of an
+        unchunked prefill). While streams wait on the run, a chunk takes about as long as the run
         itself times the requests waiting for their prefill (this one included): a backlog of
         newcomers (RAG traffic, which is mostly prompt) gets bigger chunks, steady decoding
         (one newcomer now and then) small ones. In process, 8 clients (AMX Xeon, ad-hoc,
@@ -583,9 +583,10 @@ class Scheduler:
 
     def _verify_runs(self, ride: tuple[Ticket, int, int] | None = None) -> None:
         """One verify run over the speculating rows (generator.row_slots rows a run; more rows,
-        more runs), the first carrying the prefill chunk `ride` (_ride_chunk), if any. Row b runs its last token and up to draft_tokens drafted ones (never past
-        max_new_tokens; KVBatch.verify_rows adds fillers to whole pairs, whose keys are never
-        kept); it keeps the tokens the model picks while they match its drafts, and the
+        more runs), the first carrying the prefill chunk `ride` (_ride_chunk), if any. Row b
+        runs its last token and up to draft_tokens drafted ones (never past max_new_tokens,
+        fewer as the run fills: run_tokens; KVBatch.verify_rows adds fillers to whole pairs,
+        whose keys are never kept); it keeps the tokens the model picks while they match its drafts, and the
         model's own pick at the first mismatch. A failed run fails its rows only."""
         gone: set[int] = set()
         slots = self.generator.row_slots
