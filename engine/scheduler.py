@@ -43,9 +43,10 @@ engine/export_lm.row_slots, attends per row, since GroupQueryAttention takes sev
 tokens after a cache only in a one-row run; without that graph each row runs alone), each
 row with its own token count (fillers round it up to whole pairs, generate.VERIFY_ALIGN: a
 one-token run, or an odd run's last token, rounds differently). A row's results in such a
-run are the same bits whatever the buffer, its place, its run's length or the other rows, so its tokens are the same alone or beside others, as the
-batched rows' are: whether a request speculates depends on itself only, never on the load.
-The more rows a run carries, the fewer drafts each (VERIFY_RUN_TOKENS).
+run are the same bits whatever the buffer, its place, its run's length or the other rows,
+so its tokens are the same alone or beside others, as the batched rows' are: whether a
+request speculates depends on itself only, never on the load, and the more rows a run
+carries, the fewer drafts each (VERIFY_RUN_TOKENS) without changing a token.
 Verify runs take the weights the machine's plan chose for them (Generator.verify_variant,
 engine/plan.py: of those fastest at them, the closest to fp32; w8a8 or int8 on the AMX
 Xeon, whose integer GEMM takes 4 tokens for about the cost of one), which need not be the
@@ -484,7 +485,8 @@ class Scheduler:
         size = self.chunk
         if any(r.streamed for r in [*self._active, *self._speculating]):
             queued = len(self._prefilling) + len(self._waiting)
-            size = min(size, max(self.block, int(queued * self._verify_s / self.chunk_cost[1]) // self.block * self.block))
+            tokens = int(queued * self._verify_s / self.chunk_cost[1])
+            size = min(size, max(self.block, tokens // self.block * self.block))
         a = t.done_tokens
         b = min(a + size, (len(t.prompt) - self.last_chunk) // self.block * self.block)
         return (t, a, b) if b > a else None

@@ -523,7 +523,8 @@ def test_a_prefill_chunk_rides_in_a_verify_run_with_prefills_bits(generator):
         one.add(kv, len(p) + 8)
         alone.append(one.verify(0, [5, 6, 7]))
     newcomer = generator.encode(chat(generator, "Why is the sky blue? Answer in one sentence, please, and say why "
-                                                "sunsets are red while you are at it, and what colour the sky is on Mars, and on the Moon, and why, in plain words."))
+                                                "sunsets are red while you are at it, and what colour the sky is on "
+                                                "Mars, and on the Moon, and why, in plain words."))
     assert len(newcomer) >= 64 + 9  # a last chunk of 9 tokens or more (Scheduler.last_chunk)
     want_logits, want = generator.prefill(newcomer)
     kv = None
