@@ -637,7 +637,8 @@ def row_slots(model, slots: int) -> int:
     take). Slots past the run's rows take token 0 against a one-column cache of their own
     (start 0, end 1, seqlens_k 0, total 1) and their outputs are dropped, so a run of any
     number of rows up to `slots` has one graph. Logits come for the positions in
-    `logits_index` only (a row's filler tokens need none). Each slot's attention is the op a
+    `logits_index` only (KVBatch.verify_rows asks for its rows' tokens, whole pairs; a
+    prefill chunk riding along needs none). Each slot's attention is the op a
     one-row run executes on the same inputs, and the other nodes compute a token from that
     token alone, so a row's logits are the same bits alone or beside others
     (tests/test_generate.py, tests/test_scheduler.py).
