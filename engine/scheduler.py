@@ -287,10 +287,16 @@ class Scheduler:
         self.rows_verified = 0  # speculating rows summed over verify runs
         self.drafted = 0  # tokens drafted and checked
         self.accepted = 0  # of them, the ones the model agreed with
+        self._started = threading.Event()  # set once _calibrate is over (done or failed)
         self._thread = threading.Thread(target=self._loop, name="rag-scheduler", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------------ callers
+    def wait_started(self, timeout: float | None = None) -> bool:
+        """Wait until the loop has calibrated and serves (a first request waits for that
+        otherwise: seconds, as it loads and times graphs); False if `timeout` ran out."""
+        return self._started.wait(timeout)
+
     def submit(self, prompt: list[int], params: SamplingParams, *, cancelled: Callable[[], bool] | None = None,
                deadline: float | None = None, streamed: bool = True) -> Ticket:
         """Queue one prompt; raises InvalidInput if it cannot fit, Overloaded if the queue is full.
@@ -373,6 +379,8 @@ class Scheduler:
             self._calibrate()
         except Exception:  # noqa: BLE001 - serve with the stall steering alone
             log.exception("prefill calibration failed")
+        finally:
+            self._started.set()
         while True:
             with self._cv:
                 while not (self._waiting or self._prefilling or self._active or self._speculating or self._stop):

@@ -252,7 +252,7 @@ def create_server(config: Config, address: str, *, engine: Engine | None = None)
     if config.warm_generator:
         try:  # load and warm the generator now, so the first Answer does not pay for it
             engine.generator.warmup()
-            engine.scheduler  # noqa: B018 - start the generation loop now
+            engine.scheduler.wait_started()  # start the generation loop (and its calibration) now
         except Unavailable as e:
             log.warning("generation disabled until the model is built: %s", e)
     metrics = Metrics(config.metrics_port)

@@ -67,6 +67,8 @@ def test_info_and_collections(server):
     assert info.max_top_k == 1000 and info.context_window == 2048
     assert info.max_document_bytes == 32 * 1024 * 1024 and info.search_mode == "hybrid"
     assert info.fusion == "convex" and info.max_queued_generations == 64 and info.cpu
+    # create_server returns once the generation loop has calibrated: no first Answer waits for that
+    assert info.scheduler and not info.scheduler.startswith("measuring")
     # the fixture's generator is int8 throughout (the tests' generator); a served plan names both phases
     assert info.execution_plan.startswith("prefill int8, decode int8")
     created = client.create_collection("tmp", dtype="i8", connectivity=8)
