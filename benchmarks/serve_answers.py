@@ -15,7 +15,10 @@ the prefix cache. The in-run baseline is the same server with the scheduler at o
 (`max_concurrent_generations=1`: answers run one at a time, as a server without continuous
 batching does); ratios `ours / one-at-a-time` are printed. `--systems ours,no-drafts` runs
 a second baseline, the same server with speculative decoding off (`speculative_tokens=0`),
-and prints `ours / no-drafts`. Also measured in process: the
+and prints `ours / no-drafts`; `verify=VARIANT` one with drafts verified on VARIANT's
+weights (Config.gen_verify_variant) instead of the plan's choice; `spinning` one whose
+generator sessions' idle threads spin on after a run (Config.stop_spinning False).
+Systems that change the generator load their own. Also measured in process: the
 single-stream prefill rate at the rag prompt size (served prompt tokens/s at c=8 should be
 >= 0.9x of it), and a repeated question's TTFT against its cold TTFT (prefix cache).
 With --peers, a single-stream section: the same RAG prompts (as text, chat template
@@ -76,6 +79,10 @@ def one_stream(client: RagClient, question: str, top_k: int | None, max_new: int
             "tokens": done.usage.completion_tokens, "prompt": done.usage.prompt_tokens,
             "cached": done.usage.cached_tokens, "seconds": end - t0}
 
+
+# Config fields that make another Generator: a system that changes one loads its own
+GENERATOR_SETTINGS = ("gen_variant", "gen_prefill_variant", "gen_verify_variant", "plan_objective",
+                      "stop_spinning", "threads")
 
 _cursor = [0]  # questions are never reused across measurements: the prefix cache sees each once
 
@@ -244,6 +251,9 @@ def run(args) -> None:
         print(f"plan: {writer.execution_plan.describe()}", flush=True)
         systems = {"ours": base, "one-at-a-time": base.replace(max_concurrent_generations=1),
                    "no-drafts": base.replace(speculative_tokens=0)}
+        systems.update({name: base.replace(gen_verify_variant=name.split("=", 1)[1])
+                        for name in args.systems if name.startswith("verify=")})
+        systems["spinning"] = base.replace(stop_spinning=False)
         systems = {k: v for k, v in systems.items() if k in args.systems}
         single = single_stream_prefill(writer, questions[0], questions[1])
         log_jsonl("serve_answers", {"system": "in-process", "regime": "rag", **single})
@@ -251,7 +261,8 @@ def run(args) -> None:
         summary = {}
         for regime in args.regimes:
             for name, cfg in systems.items():
-                engine = Engine(cfg, embedder=writer.embedder, generator=writer.generator)
+                same = all(getattr(cfg, k) == getattr(base, k) for k in GENERATOR_SETTINGS)
+                engine = Engine(cfg, embedder=writer.embedder, generator=writer.generator if same else None)
                 srv, port = create_server(cfg, "127.0.0.1:0", engine=engine)
                 try:
                     drive(port, questions, 1, min(10.0, args.seconds), regime)  # warm-up, not reported
@@ -274,10 +285,10 @@ def run(args) -> None:
             if ours is None or one is None:
                 continue
             vs = f"x{ours['gen_tok_per_s'] / base_r['gen_tok_per_s']:.2f}" if base_r else "(not run)"
-            nd = summary.get((regime, "no-drafts", c))
-            if nd:
-                vs += (f", ours/no-drafts x{ours['gen_tok_per_s'] / nd['gen_tok_per_s']:.2f} "
-                       f"(answers/s x{ours['answers_per_s'] / nd['answers_per_s']:.2f})")
+            for other in [n for n in args.systems if n in ("no-drafts", "spinning") or n.startswith("verify=")]:
+                if (nd := summary.get((regime, other, c))):
+                    vs += (f", ours/{other} x{ours['gen_tok_per_s'] / nd['gen_tok_per_s']:.2f} "
+                           f"(answers/s x{ours['answers_per_s'] / nd['answers_per_s']:.2f})")
             print(f"{regime} c={c}: gen tok/s ours/one-at-a-time {vs}, "
                   f"ours c={c}/c={min(args.concurrency)} x{ours['gen_tok_per_s'] / one['gen_tok_per_s']:.2f}, "
                   f"ITL p99 c={c}/c={min(args.concurrency)} x{ours['itl_p99_ms'] / one['itl_p99_ms']:.2f}, "
@@ -308,7 +319,8 @@ def main() -> None:
     ap.add_argument("--speculative-tokens", type=int, default=None,
                     help="drafts a greedy stream checks per run (default: the engine's; 0 = off)")
     ap.add_argument("--systems", type=lambda s: [x for x in s.split(",") if x], default=["ours", "one-at-a-time"],
-                    help="which of ours,one-at-a-time,no-drafts to run (the ratios need ours)")
+                    help="which of ours,one-at-a-time,no-drafts,spinning,verify=VARIANT (drafts "
+                         "verified on VARIANT's weights) to run (the ratios need ours)")
     ap.add_argument("--peers", action="store_true",
                     help="also the single-stream section against llama.cpp and onnxruntime-genai (make peers)")
     ap.add_argument("--peer-prompts", type=int, default=8, help="prompts in the single-stream section")

@@ -436,7 +436,8 @@ def show_info(engine, args: argparse.Namespace) -> int:
         if k == "measured_rates":
             for variant, r in v.items():
                 extra = "".join(f", {label} {r[key]:.1f} tok/s" for key, label in
-                                (("batch_decode", "full batch"), ("verify", "verify runs")) if key in r)
+                                (("batch_decode", "full batch"), ("verify", "verify runs"),
+                                 ("verify_full", "full verify runs")) if key in r)
                 print(f"{'  ' + variant:>26}: prefill {r['prefill']:.0f} tok/s, decode {r['decode']:.1f} tok/s{extra}")
             continue
         print(f"{k:>26}: {v}")

@@ -204,6 +204,15 @@ class Config:
     embed_variant: str = DEFAULT_EMBED_VARIANT
     provider: str = DEFAULT_PROVIDER
     threads: int = dataclasses.field(default_factory=default_threads)
+    # The generator's sessions (prefill, decode, verify, row slots: a busy scheduler switches
+    # between them every step) stop their idle threads spinning when a run returns
+    # (onnxruntime's session.force_spinning_stop). Spinning on, the session that just ran
+    # keeps a core busy while the next one runs: on 2 cores an 80-token prefill chunk right
+    # after another session's verify run took ~25% longer than after one of its own (153-160
+    # ms against 123-128), and a verify run of 8 rows after a prefill 118-145 ms against 82-112
+    # stopped (AVX-512 VNNI EPYC, ad-hoc); benchmarks/serve_answers.py --systems
+    # ours,spinning measures the server both ways. False: they spin on, as before.
+    stop_spinning: bool = True
     batch_max_tokens: int = DEFAULT_BATCH_MAX_TOKENS
     max_batch: int = DEFAULT_MAX_BATCH
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS

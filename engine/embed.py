@@ -62,16 +62,20 @@ def make_providers(provider: str) -> list:
 
 
 def make_session(path: Path, provider: str, threads: int, *, disabled_optimizers: Sequence[str] = (),
-                 spinning: bool = True):
+                 spinning: bool = True, stop_spinning: bool = False):
     """An onnxruntime InferenceSession with our thread and optimisation settings. `spinning`
     False: idle intra-op threads sleep instead of spinning (slower one-token steps, but
-    another session's threads get the cores; benchmarks/prefill_overlap.py)."""
+    another session's threads get the cores; benchmarks/prefill_overlap.py). `stop_spinning`:
+    its threads spin within a run but stop when the run returns (session.force_spinning_stop),
+    so they leave the cores to the next session's run (Generator: Config.stop_spinning)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     if not spinning:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if stop_spinning:
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

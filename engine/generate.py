@@ -492,11 +492,13 @@ class Generator:
 
     def __init__(self, model_dir: str | Path, *, variant: str = "fp32", provider: str = "cpu", threads: int = 1,
                  context_window: int = 2048, prefill_variant: str | None = None,
-                 verify_variant: str | None = None) -> None:
+                 verify_variant: str | None = None, stop_spinning: bool = True) -> None:
         """`variant`: the weights that decode; `prefill_variant` (default: the same): the
         weights that prefill prompts, and `verify_variant` (default: the same as decode) those
         of speculative decoding's verify runs, when another variant is faster at it on this
-        machine (engine/plan.py). All are the same graph, so they share the KV cache layout."""
+        machine (engine/plan.py). All are the same graph, so they share the KV cache layout.
+        `stop_spinning`: its sessions' idle threads stop spinning when a run returns
+        (engine/embed.make_session; Config.stop_spinning)."""
         from tokenizers import Tokenizer
 
         model_dir = Path(model_dir)
@@ -545,13 +547,14 @@ class Generator:
         pad_id = self.tokenizer.token_to_id(self._token_text(pad)) if pad else None
         self.pad_id = pad_id if pad_id is not None else (min(self.eos_ids) if self.eos_ids else 0)
 
-        self.session = make_session(path, provider, threads)
+        self.stop_spinning = stop_spinning
+        self.session = make_session(path, provider, threads, stop_spinning=stop_spinning)
         self.prefill_variant = prefill_variant
         self.verify_variant = verify_variant
         self._prefill_session = None if prefill_variant == variant else \
-            make_session(model_dir / VARIANT_FILES[prefill_variant], provider, threads)
+            make_session(model_dir / VARIANT_FILES[prefill_variant], provider, threads, stop_spinning=stop_spinning)
         self._verify_session = None if verify_variant in (variant, prefill_variant) else \
-            make_session(model_dir / VARIANT_FILES[verify_variant], provider, threads)
+            make_session(model_dir / VARIANT_FILES[verify_variant], provider, threads, stop_spinning=stop_spinning)
         # Several speculating rows verify in one run of the row-slots copy of the verify
         # weights when `make models` wrote it (engine/export_lm.row_slots: up to row_slots rows
         # a run, each row's logits the same bits as in a run of its own), else one row a run.
@@ -575,7 +578,8 @@ class Generator:
     def rows_session(self):
         """The row-slots graph's session (KVBatch.verify_rows), loaded on first use; None
         where `make models` has not written it (speculating rows then run one at a time)."""
-        return make_session(self._rows_path, self.provider, self._threads) if self._rows_path else None
+        return make_session(self._rows_path, self.provider, self._threads,
+                            stop_spinning=self.stop_spinning) if self._rows_path else None
 
     @functools.cached_property
     def graph_slots(self) -> int:

@@ -80,7 +80,8 @@ class Engine:
                 plan = for_config(c)
                 self._generator = Generator(c.gen_model_dir, variant=plan.decode, provider=c.provider,
                                             threads=c.threads, context_window=c.context_window,
-                                            prefill_variant=plan.prefill, verify_variant=plan.verify)
+                                            prefill_variant=plan.prefill, verify_variant=plan.verify,
+                                            stop_spinning=c.stop_spinning)
                 self._plan = plan
             return self._generator
 

@@ -99,7 +99,19 @@ VERIFY_SPEED_TOLERANCE = 0.10
 # second, DRAFT_YIELD[k] / (time of a (k + 1)-token run), is higher.
 DRAFT_YIELD = {SPECULATIVE_TOKENS_LATENCY: 2.51, 7: 3.27}
 MEASURE_VERIFY_LONG_TOKENS = 8
-PHASES = ("prefill", "decode", "batch_decode", "verify", "verify_long")
+# A busy server's verify run is another matter: MEASURE_BATCH_ROWS speculating rows share one
+# run of about 32 tokens (scheduler.VERIFY_RUN_TOKENS: 3 drafts a row at 8 rows), where the
+# arithmetic, not the weights' bytes, sets the cost. On the AVX-512 VNNI EPYC (no AMX) int8
+# MatMulNBits ran 4 tokens faster than w8a8 (145 against 128 tok/s) but such full runs at
+# about half w8a8's speed: 8 streams decoding in process made 103 tok/s verified on int8
+# against 150 on w8a8 (served: 90 against 128), for about the same lone stream. So the plan
+# also times a full run ("verify_full": MEASURE_BATCH_ROWS rows of MEASURE_VERIFY_TOKENS
+# tokens through the row-slots graph) and verify_choice weighs both. Of the variants close at
+# both, the prefill's: then a newcomer's prompt chunks ride in the verify runs (one pass over
+# the weights for both), which made most of that EPYC's difference (8 streams in process: 10.3
+# of 29.9 s in prefill runs of their own verified on int8, 2.1 of 20.4 on w8a8, where 36
+# chunks rode).
+PHASES = ("prefill", "decode", "batch_decode", "verify", "verify_long", "verify_full")
 
 
 def cpu_features() -> tuple[str, list[str]]:
@@ -200,16 +212,27 @@ def fastest(rates: dict, phase: str) -> str:
     return max(candidates(rates), key=lambda v: rates[v][phase])
 
 
-def verify_choice(rates: dict, default: str) -> str:
-    """The verify runs' variant: of the eligible ones within VERIFY_SPEED_TOLERANCE of the
-    fastest verify rate, the most faithful to fp32 (FIDELITY); `default` where none could
-    verify (a graph from before short_run_logits: no speculative decoding at all)."""
+def verify_choice(rates: dict, default: str, prefill: str | None = None) -> str:
+    """The verify runs' variant: each eligible one scores the share of the fastest rate it
+    keeps, a lone row's run ("verify") or a full run ("verify_full", where measured),
+    whichever share is lower; of those within VERIFY_SPEED_TOLERANCE of the best score, the
+    prefill's weights (a newcomer's prompt chunks then ride in the verify runs instead of
+    runs of their own: Scheduler._ride_chunk), else the most faithful to fp32 (FIDELITY).
+    `default` where none could verify (a graph from before short_run_logits: no speculative
+    decoding at all)."""
     auto = candidates(rates)
     top = max(rates[v]["verify"] for v in auto)
     if top <= 0:
         return default
-    close = [v for v in auto if rates[v]["verify"] >= (1 - VERIFY_SPEED_TOLERANCE) * top]
-    return min(close, key=lambda v: FIDELITY.index(v) if v in FIDELITY else len(FIDELITY))
+    full = max(rates[v].get("verify_full", 0.0) for v in auto)
+
+    def score(v: str) -> float:
+        alone = rates[v]["verify"] / top
+        return min(alone, rates[v].get("verify_full", 0.0) / full) if full > 0 else alone
+
+    best = max(score(v) for v in auto)
+    close = [v for v in auto if score(v) >= (1 - VERIFY_SPEED_TOLERANCE) * best]
+    return min(close, key=lambda v: (v != prefill, FIDELITY.index(v) if v in FIDELITY else len(FIDELITY)))
 
 
 def draft_choice(rates: dict, verify: str) -> int:
@@ -252,7 +275,8 @@ def resolve(model_dir: Path, *, decode: str = "auto", prefill: str = "auto", ver
         plan = dataclasses.replace(plan, decode=fastest(plan.rates, "batch_decode"))
     decode = plan.decode if decode == "auto" else decode
     if measured(plan, "verify"):
-        plan = dataclasses.replace(plan, verify=verify_choice(plan.rates, decode))
+        plan = dataclasses.replace(plan, verify=verify_choice(
+            plan.rates, decode, plan.prefill if prefill == "auto" else prefill))
     elif plan.source != "rule":  # recorded before verify runs were measured: the decode's weights
         plan = dataclasses.replace(plan, verify=decode)
     chosen = (plan.prefill if prefill == "auto" else prefill, decode, plan.verify if verify == "auto" else verify)
@@ -320,14 +344,17 @@ def measure(model_dir: Path, threads: int, *, log=print) -> Plan:
             rates[variant]["verify"] = max(rates[variant]["verify"], verify_rate(gen, caches[variant], prompt))
             rates[variant]["verify_long"] = max(rates[variant]["verify_long"], verify_rate(
                 gen, caches[variant], prompt, MEASURE_VERIFY_LONG_TOKENS))
+            rates[variant]["verify_full"] = max(rates[variant]["verify_full"],
+                                                full_verify_rate(gen, caches[variant], prompt))
     for variant, r in rates.items():
         log(f"[plan] {variant}: prefill {r['prefill']:.0f} tok/s at {len(prompt)} tokens, decode {r['decode']:.1f} tok/s "
             f"one row, {r['batch_decode']:.1f} tok/s {MEASURE_BATCH_ROWS} rows, verify runs {r['verify']:.1f} tok/s "
-            f"of {MEASURE_VERIFY_TOKENS} tokens, {r['verify_long']:.1f} of {MEASURE_VERIFY_LONG_TOKENS} (best of "
+            f"of {MEASURE_VERIFY_TOKENS} tokens, {r['verify_long']:.1f} of {MEASURE_VERIFY_LONG_TOKENS}, "
+            f"{r['verify_full']:.1f} of {MEASURE_BATCH_ROWS} rows x {MEASURE_VERIFY_TOKENS} (best of "
             f"{MEASURE_ROUNDS}, verify runs {MEASURE_VERIFY_ROUNDS})")
     del gens, caches
     decode = fastest(rates, "decode")
-    verify = verify_choice(rates, decode)
+    verify = verify_choice(rates, decode, fastest(rates, "prefill"))
     plan = Plan(fastest(rates, "prefill"), decode, "measured", cpu_key(), rates, verify=verify,
                 drafts=draft_choice(rates, verify))
     path = model_dir / MANIFEST
@@ -361,6 +388,32 @@ def verify_rate(gen, cache, prompt, n: int = MEASURE_VERIFY_TOKENS) -> float:
     return n * MEASURE_DECODE_STEPS / took
 
 
+def full_verify_rate(gen, cache, prompt) -> float:
+    """Tokens/s of MEASURE_DECODE_STEPS verify runs shared by MEASURE_BATCH_ROWS rows of
+    MEASURE_VERIFY_TOKENS tokens each after `cache` (a busy server's run, through the
+    row-slots graph: write_rows_graphs first); 0 without that graph."""
+    from .generate import KVBatch
+
+    n, rows = MEASURE_VERIFY_TOKENS, list(range(MEASURE_BATCH_ROWS))
+    if gen.verify_max_tokens < n or gen.rows_session is None:
+        return 0.0
+    k = cache[0].shape[2]
+    batch = KVBatch(gen, verify=True)
+    for _ in rows:
+        batch.add(cache, k + MEASURE_DECODE_STEPS + n + 1)
+
+    def run(i: int) -> None:  # every row keeps one token, as runs whose drafts all miss
+        batch.verify_rows(rows, [prompt[k + i:k + i + n]] * len(rows))
+        for b in rows:
+            batch.accept(b, 1)
+
+    run(0)  # warm up
+    t0 = time.perf_counter()
+    for i in range(1, MEASURE_DECODE_STEPS + 1):
+        run(i)
+    return len(rows) * n * MEASURE_DECODE_STEPS / (time.perf_counter() - t0)
+
+
 def write_rows_graphs(model_dir: Path) -> None:
     """The row-slots copy of every built variant that can verify drafts (engine/export_lm.row_slots:
     speculating rows share verify runs), so that any plan or override finds its own."""
@@ -385,10 +438,10 @@ def main() -> None:
                     help="with --measure: only if this CPU has no plan yet, or one without a rate of every phase")
     ap.add_argument("--threads", type=int, default=default_threads())
     args = ap.parse_args()
+    if args.measure:  # first: measure times full verify runs through them
+        write_rows_graphs(args.model_dir)
     if args.measure and not (args.if_missing and measured(recorded(args.model_dir))):
         measure(args.model_dir, args.threads)
-    if args.measure:
-        write_rows_graphs(args.model_dir)
     for objective in PLAN_OBJECTIVES:
         print(resolve(args.model_dir, objective=objective).describe())
 

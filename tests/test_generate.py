@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from engine.config import Config
 from engine.errors import InvalidInput
 from engine.generate import (FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Completion, Generator, KVBatch, SamplingParams,
                              lookup_draft)
@@ -755,3 +756,24 @@ def test_padding_rule_pads_fewest_rows_that_keep_every_run_exact():
     k, m = padding_rule({n: n == 8 for n in range(1, 9)})
     assert [max(m, -(-n // k) * k) for n in range(1, 9)] == [8] * 8
     assert padding_rule({n: False for n in range(1, 9)}) is None
+
+
+def test_sessions_stop_spinning_after_a_run_unless_configured(generator, config):
+    """The scheduler switches between the generator's sessions every step: each one's idle
+    threads stop spinning when its run returns (session.force_spinning_stop), so they do not
+    take a core from the next session's run; Config.stop_spinning False keeps them spinning."""
+    def entries(g):
+        sessions = {g.session, g.prefill_session, g.verify_session, g.rows_session} - {None}
+        out = set()
+        for s in sessions:
+            try:
+                out.add(s.get_session_options().get_session_config_entry("session.force_spinning_stop"))
+            except RuntimeError:  # never set: onnxruntime's default, spinning on
+                out.add("")
+        return out
+
+    assert entries(generator) == {"1"}
+    spinning = Generator(config.gen_model_dir, variant="int4", prefill_variant="int8", threads=2,
+                         stop_spinning=False)
+    assert len({spinning.session, spinning.prefill_session}) == 2 and entries(spinning) == {""}
+    assert Config().stop_spinning and not Config(stop_spinning=False).stop_spinning
