@@ -106,8 +106,9 @@ MEASURE_VERIFY_LONG_TOKENS = 8
 # run of about 32 tokens (scheduler.VERIFY_RUN_TOKENS: 3 drafts a row at 8 rows), where the
 # arithmetic, not the weights' bytes, sets the cost. On the AVX-512 VNNI EPYC (no AMX) int8
 # MatMulNBits ran 4 tokens faster than w8a8 (145 against 128 tok/s) but such full runs at
-# about half w8a8's speed: 8 streams decoding in process made 103 tok/s verified on int8
-# against 150 on w8a8 (served: 90 against 128), for about the same lone stream. So the plan
+# about half w8a8's speed: 8 streams decoding in process made 98-112 tok/s verified on int8
+# against 133-149 on w8a8 (ad-hoc, interleaved; served in one run, README: 1.25x at c=8 and
+# 1.13x for a lone stream). So the plan
 # also times a full run ("verify_full": MEASURE_BATCH_ROWS rows of MEASURE_VERIFY_TOKENS
 # tokens through the row-slots graph) and verify_choice weighs both. Of the variants close at
 # both, the prefill's: then a newcomer's prompt chunks ride in the verify runs (one pass over
