@@ -105,12 +105,12 @@ MEASURE_VERIFY_LONG_TOKENS = 8
 # A busy server's verify run is another matter: MEASURE_BATCH_ROWS speculating rows share one
 # run of about 32 tokens (scheduler.VERIFY_RUN_TOKENS: 3 drafts a row at 8 rows), where the
 # arithmetic, not the weights' bytes, sets the cost. On the AVX-512 VNNI EPYC (no AMX) int8
-# MatMulNBits ran 4 tokens faster than w8a8 (145 against 128 tok/s) but such full runs at
-# about half w8a8's speed: 8 streams decoding in process made 98-112 tok/s verified on int8
-# against 133-149 on w8a8 (ad-hoc, interleaved; served in one run, README: 1.25x at c=8 and
-# 1.13x for a lone stream). So the plan
-# also times a full run ("verify_full": MEASURE_BATCH_ROWS rows of MEASURE_VERIFY_TOKENS
-# tokens through the row-slots graph) and verify_choice weighs both. Of the variants close at
+# MatMulNBits ran 4 tokens faster than w8a8 (146-150 against 126-130 tok/s) but full runs at
+# 0.7-0.8x w8a8's speed (269-271 against 339-389 tok/s); 8 streams decoding in process made
+# 98-112 tok/s verified on int8 against 133-149 on w8a8 (ad-hoc, interleaved; served in one
+# run, README: 1.25x at c=8, 1.13x for a lone stream). So the plan also times a full run
+# ("verify_full": MEASURE_BATCH_ROWS rows of MEASURE_VERIFY_TOKENS tokens through the
+# row-slots graph) and verify_choice weighs both. Of the variants close at
 # both, the prefill's: then a newcomer's prompt chunks ride in the verify runs (one pass over
 # the weights for both), which made most of that EPYC's difference (8 streams in process: 10.3
 # of 29.9 s in prefill runs of their own verified on int8, 2.1 of 20.4 on w8a8, where 36
