@@ -348,8 +348,8 @@ def measure(model_dir: Path, threads: int, *, log=print) -> Plan:
             rates[variant]["verify"] = max(rates[variant]["verify"], verify_rate(gen, caches[variant], prompt))
             rates[variant]["verify_long"] = max(rates[variant]["verify_long"], verify_rate(
                 gen, caches[variant], prompt, MEASURE_VERIFY_LONG_TOKENS))
-            rates[variant]["verify_full"] = max(rates[variant]["verify_full"],
-                                                full_verify_rate(gen, caches[variant], prompt))
+            rates[variant]["verify_full"] = max(rates[variant]["verify_full"], verify_rate(
+                gen, caches[variant], prompt, rows=MEASURE_BATCH_ROWS))
     for variant, r in rates.items():
         log(f"[plan] {variant}: prefill {r['prefill']:.0f} tok/s at {len(prompt)} tokens, decode {r['decode']:.1f} tok/s "
             f"one row, {r['batch_decode']:.1f} tok/s {MEASURE_BATCH_ROWS} rows, verify runs {r['verify']:.1f} tok/s "
@@ -372,50 +372,30 @@ def measure(model_dir: Path, threads: int, *, log=print) -> Plan:
     return plan
 
 
-def verify_rate(gen, cache, prompt, n: int = MEASURE_VERIFY_TOKENS) -> float:
-    """Tokens/s of MEASURE_DECODE_STEPS verify runs of `n` tokens, one row after `cache` (0
-    where the graph cannot verify: a folder from before short_run_logits)."""
+def verify_rate(gen, cache, prompt, n: int = MEASURE_VERIFY_TOKENS, rows: int = 1) -> float:
+    """Tokens/s of MEASURE_DECODE_STEPS verify runs of `n` tokens per row after `cache`:
+    one row (the plain graph), or `rows` rows sharing each run (a busy server's run, through
+    the row-slots graph: write_rows_graphs first). 0 where the graph cannot verify (a folder
+    from before short_run_logits) or, for several rows, the row-slots graph is missing."""
     from .generate import KVBatch
 
-    if gen.verify_max_tokens < n:
-        return 0.0
-    k = cache[0].shape[2]
-    solo = KVBatch(gen)
-    solo.add(cache, k + MEASURE_DECODE_STEPS + n + 1)
-    solo.verify(0, prompt[k:k + n])  # warm up
-    solo.accept(0, 1)
-    t0 = time.perf_counter()
-    for i in range(1, MEASURE_DECODE_STEPS + 1):  # a run keeps one token, as a run whose drafts all miss
-        solo.verify(0, prompt[k + i:k + i + n])
-        solo.accept(0, 1)
-    took = time.perf_counter() - t0
-    return n * MEASURE_DECODE_STEPS / took
-
-
-def full_verify_rate(gen, cache, prompt) -> float:
-    """Tokens/s of MEASURE_DECODE_STEPS verify runs shared by MEASURE_BATCH_ROWS rows of
-    MEASURE_VERIFY_TOKENS tokens each after `cache` (a busy server's run, through the
-    row-slots graph: write_rows_graphs first); 0 without that graph."""
-    from .generate import KVBatch
-
-    n, rows = MEASURE_VERIFY_TOKENS, list(range(MEASURE_BATCH_ROWS))
-    if gen.verify_max_tokens < n or gen.rows_session is None:
+    if gen.verify_max_tokens < n or (rows > 1 and gen.rows_session is None):
         return 0.0
     k = cache[0].shape[2]
     batch = KVBatch(gen, verify=True)
-    for _ in rows:
+    for _ in range(rows):
         batch.add(cache, k + MEASURE_DECODE_STEPS + n + 1)
 
     def run(i: int) -> None:  # every row keeps one token, as runs whose drafts all miss
-        batch.verify_rows(rows, [prompt[k + i:k + i + n]] * len(rows))
-        for b in rows:
+        batch.verify_rows(list(range(rows)), [prompt[k + i:k + i + n]] * rows)
+        for b in range(rows):
             batch.accept(b, 1)
 
     run(0)  # warm up
     t0 = time.perf_counter()
     for i in range(1, MEASURE_DECODE_STEPS + 1):
         run(i)
-    return len(rows) * n * MEASURE_DECODE_STEPS / (time.perf_counter() - t0)
+    return rows * n * MEASURE_DECODE_STEPS / (time.perf_counter() - t0)
 
 
 def write_rows_graphs(model_dir: Path) -> None:
