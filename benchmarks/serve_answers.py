@@ -136,8 +136,9 @@ def drive(port: int, questions: list[str], c: int, seconds: float, regime: str) 
 def single_stream_prefill(engine: Engine, question: str, other: str) -> dict:
     """In process, no server: the prefill rate of one RAG prompt alone, and a repeated
     question's TTFT against its cold one (the second run reads its prefix from the cache).
-    The scheduler first answers `other`, so the cold run neither waits for the loop's start
-    (its calibration loads and times graphs) nor finds the prompts' common head uncached."""
+    The scheduler first answers `other`, so the cold run does not find the prompts' common
+    head uncached (nor, before the calibration waited for two answers at once, for the loop's
+    calibration, which loads and times graphs)."""
     params = SamplingParams(max_new_tokens=1)
 
     def prompt(q: str) -> list[int]:

@@ -10,7 +10,7 @@ One thread runs the model, so concurrent answers never fight over the cores; eac
      steady pace while a long prompt joins (chunked prefill): while streamed rows decode, a
      chunk is the smaller of what takes about `prefill_stall_ms` (steered by how long the
      last ones took) and the size that reaches PREFILL_EFFICIENCY of the long-chunk rate on
-     this machine (measured when the loop starts, see _calibrate), at least one block, so
+     this machine (measured once, see _calibrate and wait_started), at least one block, so
      streams wait no longer than prefill needs to stay efficient; with no stream decoding
      (nobody, or only batch requests, which want throughput and not a steady pace),
      `prefill_chunk` tokens. While rows speculate, a chunk rides in their verify run
@@ -251,7 +251,7 @@ class Scheduler:
         self.stall_s = prefill_stall_ms / 1000.0
         self.prefill_rate = 0.0  # tokens/s of the last prefill chunk
         self._stall_chunk = float(max(block_tokens, prefill_chunk // 4))  # tokens that take ~stall_s
-        self.efficient_chunk = prefill_chunk  # set by _calibrate when the loop starts
+        self.efficient_chunk = prefill_chunk  # set by _calibrate
         self.chunk_cost: tuple[float, float] | None = None  # (a s, b s/token), measured
         self.cache = PrefixCache(int(prefix_cache_mb * 2**20), block_tokens) if prefix_cache_mb > 0 else None
         self.block = block_tokens
@@ -288,13 +288,19 @@ class Scheduler:
         self.drafted = 0  # tokens drafted and checked
         self.accepted = 0  # of them, the ones the model agreed with
         self._started = threading.Event()  # set once _calibrate is over (done or failed)
+        self._calibration_asked = False  # by wait_started; else it runs when two answers first meet
         self._thread = threading.Thread(target=self._loop, name="rag-scheduler", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------------ callers
     def wait_started(self, timeout: float | None = None) -> bool:
-        """Wait until the loop has calibrated and serves (a first request waits for that
-        otherwise: seconds, as it loads and times graphs); False if `timeout` ran out."""
+        """Calibrate now (_calibrate: seconds, as it loads and times graphs) and wait until
+        that is over; False if `timeout` ran out. A server calls this before it listens;
+        otherwise the loop calibrates when two answers first run at once (which then wait for
+        it), and a lone answer, such as a one-shot `rag ask`, never does."""
+        with self._cv:
+            self._calibration_asked = True
+            self._cv.notify()
         return self._started.wait(timeout)
 
     def submit(self, prompt: list[int], params: SamplingParams, *, cancelled: Callable[[], bool] | None = None,
@@ -321,7 +327,9 @@ class Scheduler:
         """e.g. "prefill chunks beside streams: up to 48 tokens (27.6 ms + 2.31 ms/token here);
         decode steps padded to a multiple of 2 rows" ("measuring" until the loop has)."""
         if self.chunk_cost is None:
-            return "measuring the prefill chunk cost"
+            return ("prefill chunk cost not measured (failed, see the log)" if self._started.is_set()
+                    else "measuring the prefill chunk cost" if self._calibration_asked
+                    else "prefill chunk cost not measured yet (when two answers first run at once)")
         a, b = self.chunk_cost
         g = self.generator
         spec = (f"greedy answers draft up to {self.draft_tokens} tokens a run from their prompt, verified on "
@@ -374,16 +382,25 @@ class Scheduler:
         log.info("prefill chunk cost %.1f ms + %.2f ms/token: chunks beside decoding streams up to %d tokens",
                  a * 1000, b * 1000, self.efficient_chunk)
 
-    def _loop(self) -> None:
+    def _calibrate_once(self) -> None:
         try:
             self._calibrate()
         except Exception:  # noqa: BLE001 - serve with the stall steering alone
             log.exception("prefill calibration failed")
         finally:
             self._started.set()
+
+    def _loop(self) -> None:
+        try:
+            self._serve()
+        finally:
+            self._started.set()  # nobody waits for a calibration that will not come
+
+    def _serve(self) -> None:
         while True:
             with self._cv:
-                while not (self._waiting or self._prefilling or self._active or self._speculating or self._stop):
+                while not (self._waiting or self._prefilling or self._active or self._speculating or self._stop
+                           or (self._calibration_asked and not self._started.is_set())):
                     self._cv.wait()
                 if self._stop:
                     pending = [*self._waiting, *self._prefilling, *self._active, *self._speculating]
@@ -392,6 +409,12 @@ class Scheduler:
                     self._active.clear()
                     self._speculating.clear()
                     break
+                # a lone answer needs no calibration (no stall to size, nothing to ride along)
+                calibrate = not self._started.is_set() and (self._calibration_asked
+                                                            or self.running + len(self._waiting) > 1)
+            if calibrate:
+                self._calibrate_once()
+            with self._cv:
                 self._admit()
             self._retire_stopped()
             ride = self._ride_chunk(self._prefilling[0]) if self._prefilling else None

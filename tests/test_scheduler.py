@@ -175,6 +175,20 @@ def test_speculating_rows_get_their_alone_tokens_beside_batched_rows(generator, 
     assert s._solo.bufs == [] and s._batch.bufs == [], "both caches are freed when their rows leave"
 
 
+def test_a_lone_answer_skips_the_calibration_two_at_once_run_it(prompts, make):
+    """Calibration (timing prefill sizes, loading the row-slots graph) only serves stalls
+    and rides beside other answers: a one-shot `rag ask` should not wait for it."""
+    s = make(prefix_cache_mb=0)
+    params = SamplingParams(max_new_tokens=4)
+    alone = s.submit(prompts[0], params).result()
+    assert s.chunk_cost is None and "not measured yet" in s.describe()
+    a, b = s.submit(prompts[0], params), s.submit(prompts[1], params)
+    assert a.result().token_ids == alone.token_ids and b.result().finish_reason
+    assert s.chunk_cost is not None and "ms/token here" in s.describe()
+    asked = make(prefix_cache_mb=0)
+    assert asked.wait_started(timeout=300) and asked.chunk_cost is not None, "a server asks for it up front"
+
+
 def test_a_leaving_row_gives_its_columns_back(prompts, make):
     s = make(prefix_cache_mb=0, max_rows=2)
     long, short = prompts[2], prompts[0]
@@ -224,8 +238,7 @@ def test_no_short_last_prefill_chunk_after_a_chunk_or_a_cache_hit(generator, pro
             return out
 
         s = make(prefix_cache_mb=64, prefill_chunk=len(p) - extra)  # chunks of 16k tokens
-        while s.chunk_cost is None:  # its calibration runs prefill too
-            time.sleep(0.05)
+        assert s.wait_started(timeout=300) and s.chunk_cost is not None  # its calibration runs prefill too
         monkeypatch.setattr(generator, "prefill", spy)
         params = SamplingParams(max_new_tokens=2)
         cold = s.submit(p, params).result()
