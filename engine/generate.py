@@ -377,7 +377,8 @@ class KVBatch:
             self._resize(self.bufs[0].shape[0], int(ends.max()))
         cols = self.columns
         out: list[np.ndarray] = []
-        step = g.row_slots if g.rows_session is not None and self.for_verify else 1
+        lone = len(rows) == 1 and prefill is None  # the plain graph: no need to load the row-slots one
+        step = g.row_slots if not lone and g.rows_session is not None and self.for_verify else 1
         for i in range(0, len(rows), step):
             part = range(i, min(i + step, len(rows)))
             if len(part) == 1 and prefill is None:  # a lone row: the plain graph (Generator.rows_session)
@@ -561,7 +562,7 @@ class Generator:
         # A lone row runs the plain graph: the row-slots graph's empty slots cost ~10% of a
         # one-row run (one stream decoded 51.3 against 56.6 tok/s, AMX Xeon, ad-hoc), worth a
         # second copy of the verify weights in memory (~1 GB for the 0.5B model's w8a8), loaded
-        # only where rows speculate (rows_session: the scheduler loads it when its loop starts).
+        # only where rows speculate together (rows_session: the scheduler loads it when it calibrates).
         rows = model_dir / rows_file(VARIANT_FILES[verify_variant])
         self._rows_path = rows if rows.exists() and self.verify_max_tokens else None
         self._threads = threads

@@ -510,7 +510,7 @@ class Scheduler:
         (128 new) 208-210 against 203-205 tok/s, inter-token p99 175-180 ms against 159-161.
         Beside batch requests only, `prefill_chunk`."""
         g = self.generator
-        if (not self._speculating or len(self._speculating) >= g.row_slots or self.chunk_cost is None
+        if (not self._speculating or self.chunk_cost is None or len(self._speculating) >= g.row_slots
                 or not self._solo.can_ride_prefill):
             return None
         size = self.chunk
@@ -622,7 +622,7 @@ class Scheduler:
         whose keys are never kept); it keeps the tokens the model picks while they match its drafts, and the
         model's own pick at the first mismatch. A failed run fails its rows only."""
         gone: set[int] = set()
-        slots = self.generator.row_slots
+        slots = self.generator.row_slots if len(self._speculating) > 1 else 1  # a lone row: the plain graph
         for first in range(0, len(self._speculating), slots):
             rows = list(range(first, min(first + slots, len(self._speculating))))
             t0 = time.perf_counter()

@@ -189,6 +189,21 @@ def test_a_lone_answer_skips_the_calibration_two_at_once_run_it(prompts, make):
     assert asked.wait_started(timeout=300) and asked.chunk_cost is not None, "a server asks for it up front"
 
 
+def test_a_lone_speculating_answer_loads_no_row_slots_graph(config, prompts):
+    """A lone row verifies on the plain graph: a one-shot `rag ask` should not load the
+    row-slots copy of the weights (~2 s and ~1 GB for the default model)."""
+    from engine.generate import Generator
+
+    gen = Generator(config.gen_model_dir, variant="int8", threads=2, context_window=config.context_window)
+    s = Scheduler(gen, prefix_cache_mb=0, prefill_chunk=64, block_tokens=16, draft_tokens=3)
+    try:
+        done = s.submit(prompts[2], SamplingParams(max_new_tokens=24)).result()
+        assert done.accepted_prediction_tokens + done.rejected_prediction_tokens > 0, "it speculated"
+        assert "rows_session" not in gen.__dict__
+    finally:
+        s.close()
+
+
 def test_a_leaving_row_gives_its_columns_back(prompts, make):
     s = make(prefix_cache_mb=0, max_rows=2)
     long, short = prompts[2], prompts[0]
