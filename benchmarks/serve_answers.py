@@ -17,7 +17,9 @@ batching does); ratios `ours / one-at-a-time` are printed. `--systems ours,no-dr
 a second baseline, the same server with speculative decoding off (`speculative_tokens=0`),
 and prints `ours / no-drafts`; `verify=VARIANT` one with drafts verified on VARIANT's
 weights (Config.gen_verify_variant) instead of the plan's choice; `spinning` one whose
-generator sessions' idle threads spin on after a run (Config.stop_spinning False).
+generator sessions' idle threads spin on after a run (Config.stop_spinning False); `stall=MS`
+one with Config.prefill_stall_ms MS (how long a newcomer's prefill may hold streams up),
+printing its own c=N/c=1 ratios.
 Systems that change the generator load their own. Also measured in process: the
 single-stream prefill rate at the rag prompt size (served prompt tokens/s at c=8 should be
 >= 0.9x of it), and a repeated question's TTFT against its cold TTFT (prefix cache).
@@ -255,6 +257,8 @@ def run(args) -> None:
         systems.update({name: base.replace(gen_verify_variant=name.split("=", 1)[1])
                         for name in args.systems if name.startswith("verify=")})
         systems["spinning"] = base.replace(stop_spinning=False)
+        systems.update({name: base.replace(prefill_stall_ms=float(name.split("=", 1)[1]))
+                        for name in args.systems if name.startswith("stall=")})
         systems = {k: v for k, v in systems.items() if k in args.systems}
         single = single_stream_prefill(writer, questions[0], questions[1])
         log_jsonl("serve_answers", {"system": "in-process", "regime": "rag", **single})
@@ -294,6 +298,14 @@ def run(args) -> None:
                   f"ours c={c}/c={min(args.concurrency)} x{ours['gen_tok_per_s'] / one['gen_tok_per_s']:.2f}, "
                   f"ITL p99 c={c}/c={min(args.concurrency)} x{ours['itl_p99_ms'] / one['itl_p99_ms']:.2f}, "
                   f"served prompt tok/s / in-process prefill x{ours['prompt_tok_per_s'] / single['prefill_tok_per_s']:.2f}")
+            for other in [n for n in args.systems if n.startswith("stall=")]:  # its own ratios, as ours'
+                mine, mine_one = summary.get((regime, other, c)), summary.get((regime, other, min(args.concurrency)))
+                if mine and mine_one:
+                    print(f"{regime} c={c} {other}: gen tok/s c={c}/c={min(args.concurrency)} "
+                          f"x{mine['gen_tok_per_s'] / mine_one['gen_tok_per_s']:.2f}, ITL p99 "
+                          f"x{mine['itl_p99_ms'] / mine_one['itl_p99_ms']:.2f}, served prompt tok/s / in-process "
+                          f"prefill x{mine['prompt_tok_per_s'] / single['prefill_tok_per_s']:.2f}, TTFT p50 "
+                          f"{mine['ttft_p50_s']:.2f} s against ours' {ours['ttft_p50_s']:.2f}")
     if peers:
         print_peers(peers)
     print(f"repeated question TTFT: cold {single['cold_ttft_s']:.2f}s, warm {single['warm_ttft_s']:.2f}s "
@@ -321,7 +333,7 @@ def main() -> None:
                     help="drafts a greedy stream checks per run (default: the engine's; 0 = off)")
     ap.add_argument("--systems", type=lambda s: [x for x in s.split(",") if x], default=["ours", "one-at-a-time"],
                     help="which of ours,one-at-a-time,no-drafts,spinning,verify=VARIANT (drafts "
-                         "verified on VARIANT's weights) to run (the ratios need ours)")
+                         "verified on VARIANT's weights),stall=MS (prefill_stall_ms MS) to run (the ratios need ours)")
     ap.add_argument("--peers", action="store_true",
                     help="also the single-stream section against llama.cpp and onnxruntime-genai (make peers)")
     ap.add_argument("--peer-prompts", type=int, default=8, help="prompts in the single-stream section")

@@ -154,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prefill-chunk", type=int, default=None,
                    help="most prompt tokens prefilled at once (default 256)")
     s.add_argument("--prefill-stall-ms", type=float, default=None,
-                   help="while answers decode, a newcomer's prefill chunk takes about this long (default 500)")
+                   help="while answers decode, a newcomer's prefill chunk (or the verify run it rides in) "
+                        "holds them up about this long at most: smaller for steadier streams, larger for "
+                        "prompt throughput (default 500)")
     s.add_argument("--prefix-cache-mb", type=float, default=None,
                    help="memory for the KV of shared prompt prefixes (default 256; 0 = off)")
     s.add_argument("--batch-window-ms", type=float, default=None, help="micro-batching window for Search/Embed")

@@ -141,7 +141,9 @@ DEFAULT_SNAPSHOT_INTERVAL_S = 300.0
 # KV_BUDGET_TOKENS token slots (rows x the longest row's prompt + max_new_tokens; ~24 KB a
 # token for the 0.5B model, so 16384 is ~400 MB). A newcomer is prefilled in chunks between
 # decode steps: while rows decode, each chunk is sized to stall them about PREFILL_STALL_MS
-# (their inter-token latency while someone joins); with nobody decoding, PREFILL_CHUNK
+# at most (their inter-token latency while someone joins; a chunk riding in a verify run
+# makes that run no longer; smaller for steadier streams, larger for prompt throughput:
+# see README, Serving answers); with nobody decoding, PREFILL_CHUNK
 # tokens at once. Full blocks of PREFIX_BLOCK_TOKENS prompt tokens are kept in a prefix KV
 # cache of PREFIX_CACHE_MB (0: off) and reused by prompts that start the same.
 DEFAULT_MAX_CONCURRENT_GENERATIONS = 8

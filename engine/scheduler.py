@@ -16,7 +16,8 @@ One thread runs the model, so concurrent answers never fight over the cores; eac
      `prefill_chunk` tokens. While rows speculate, a chunk rides in their verify run
      instead (step 5, _ride_chunk: a slot of the row-slots graph of its own, one pass over
      the weights for both, so a small chunk costs only its tokens), about as long as the
-     run itself per request waiting for its prefill while streams wait on it; a prompt's
+     run itself per request waiting for its prefill while streams wait on it, the run no
+     longer than `prefill_stall_ms` (the streams' inter-token latency then); a prompt's
      last chunk runs on its own, never shorter than `last_chunk` tokens. A newcomer whose
      prompt is done joins the running batch with its first token;
   4. runs one batched decode step over every active row and hands each row's text delta
@@ -502,7 +503,8 @@ class Scheduler:
         the prompt's last (whose logits pick the first token: that one runs on its own, at
         least last_chunk tokens, so a prompt's keys and first token are the bits of an
         unchunked prefill). While streams wait on the run, a chunk takes about as long as the run
-        itself times the requests waiting for their prefill (this one included): a backlog of
+        itself times the requests waiting for their prefill (this one included), and the run
+        with it no longer than `prefill_stall_ms`, as a chunk of its own would: a backlog of
         newcomers (RAG traffic, which is mostly prompt) gets bigger chunks, steady decoding
         (one newcomer now and then) small ones. In process, 8 clients (AMX Xeon, ad-hoc,
         interleaved): 32 RAG-sized prompts (406 tokens, 32 new) 693-709 prompt tok/s and TTFT
@@ -516,7 +518,8 @@ class Scheduler:
         size = self.chunk
         if any(r.streamed for r in [*self._active, *self._speculating]):
             queued = len(self._prefilling) + len(self._waiting)
-            tokens = int(queued * self._verify_s / self.chunk_cost[1])
+            extra = min(queued * self._verify_s, self.stall_s - self._verify_s)  # a run within prefill_stall_ms
+            tokens = int(extra / self.chunk_cost[1])
             size = min(size, max(self.block, tokens // self.block * self.block))
         a = t.done_tokens
         b = min(a + size, (len(t.prompt) - self.last_chunk) // self.block * self.block)

@@ -385,3 +385,35 @@ def test_only_streams_make_a_newcomer_prefill_in_small_chunks(prompts, make, str
     else:
         assert chunks == full, "next to batch rows the newcomer ran in prefill_chunk pieces"
     assert second.token_ids == s.submit(long, SamplingParams(max_new_tokens=4)).result().token_ids
+
+
+@pytest.mark.parametrize("stall_ms", [1, 10_000])
+def test_a_riding_chunk_keeps_its_run_within_the_prefill_stall(prompts, make, stall_ms):
+    """A newcomer's chunk riding in a stream's verify run grows with the backlog of
+    newcomers, but the run stays within prefill_stall_ms (the stream's inter-token latency):
+    at 1 ms every chunk is one block. The newcomers' tokens are their alone tokens."""
+    long = prompts[2] * 3
+    s = make(prefix_cache_mb=0, max_rows=2, prefill_chunk=128, prefill_stall_ms=stall_ms, draft_tokens=3)
+    assert s.wait_started(timeout=300)
+    rides, real = [], s._solo.verify_rows
+
+    def spy(rows, tokens, prefill=None):
+        if prefill is not None:
+            rides.append(len(prefill[1]))
+        return real(rows, tokens, prefill=prefill)
+
+    s._solo.verify_rows = spy
+    first = s.submit(prompts[0], SamplingParams(max_new_tokens=400, ignore_eos=True))
+    deadline = time.monotonic() + 60
+    while not s._speculating and time.monotonic() < deadline:
+        time.sleep(0.01)
+    results = [t.result() for t in [s.submit(long, SamplingParams(max_new_tokens=4)) for _ in range(3)]]
+    first.cancel()
+    assert rides, "the newcomers' chunks rode in the stream's verify runs"
+    if stall_ms == 1:
+        assert set(rides) == {16}, rides
+    else:
+        assert max(rides) > 16, "a backlog of three newcomers rode in bigger chunks"
+    first.result()
+    alone = s.submit(long, SamplingParams(max_new_tokens=4)).result()
+    assert all(r.token_ids == alone.token_ids for r in results)
