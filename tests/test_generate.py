@@ -4,6 +4,7 @@ streaming is UTF-8 safe, sampling is reproducible, stops and limits give the rig
 from __future__ import annotations
 
 import gc
+import json
 from pathlib import Path
 
 import numpy as np
@@ -316,6 +317,44 @@ def test_quantize_int4_leaves_the_kept_matmuls_in_fp32():
     y1, y2 = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     np.testing.assert_allclose(y2, x @ w2, rtol=1e-5, atol=1e-6)
     assert 0 < np.abs(y1 - x @ w1).max() < 0.05 * np.abs(x @ w1).max()
+
+
+def test_large_weights_move_to_a_data_file_and_give_the_same_outputs(tmp_path, config):
+    """A graph built with its weights inside (before EXTERNAL_MIN_BYTES) gets them moved to a
+    data file beside it by `make models` (export_lm.externalize: onnxruntime opens it ~3x
+    sooner), its row-slots copy is dropped (rewritten pointing at the data file), and it
+    computes the same; the default model's variants are built that way."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from engine import export_lm
+
+    rows = export_lm.EXTERNAL_MIN_BYTES // (4 * 64) + 16
+    table = np.random.default_rng(0).standard_normal((rows, 64)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["out"])], "big",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [None])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [None, 64])], [numpy_helper.from_array(table, "table")])
+    path = tmp_path / "model_int8.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    slots = tmp_path / export_lm.rows_file(path.name)
+    slots.write_bytes(b"a full copy of the weights")
+    ids = {"ids": np.array([rows - 1, 0, 7], np.int64)}
+
+    def run() -> np.ndarray:
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, ids)[0]
+
+    before = run()
+    assert export_lm.externalize(path)
+    assert path.stat().st_size < 1 << 20 and (tmp_path / "model_int8.onnx_data").stat().st_size >= table.nbytes
+    assert not slots.exists() and not list(tmp_path.glob(".*"))
+    assert np.array_equal(run(), before) and np.array_equal(before, table[[rows - 1, 0, 7]])
+    assert not export_lm.externalize(path), "already moved"
+    model_dir = config.gen_model_dir
+    for name in json.loads((model_dir / "manifest.json").read_text())["variants"]:
+        model = onnx.load(str(model_dir / name), load_external_data=False)
+        assert any(t.external_data for t in model.graph.initializer), f"{name} holds its weights inside"
 
 
 def test_a_graph_over_2gib_is_saved_with_external_data(tmp_path):
