@@ -19,7 +19,8 @@ and prints `ours / no-drafts`; `verify=VARIANT` one with drafts verified on VARI
 weights (Config.gen_verify_variant) instead of the plan's choice; `spinning` one whose
 generator sessions' idle threads spin on after a run (Config.stop_spinning False); `stall=MS`
 one with Config.prefill_stall_ms MS (how long a newcomer's prefill may hold streams up),
-printing its own c=N/c=1 ratios.
+printing its own c=N/c=1 ratios; `fixed-drafts` one whose speculating answers always draft
+up to the plan's count (Config.adaptive_drafts False).
 Systems that change the generator load their own. Also measured in process: the
 single-stream prefill rate at the rag prompt size (served prompt tokens/s at c=8 should be
 >= 0.9x of it), and a repeated question's TTFT against its cold TTFT (prefix cache).
@@ -178,9 +179,10 @@ def single_stream_peers(engine: Engine, questions: list[str], args) -> dict:
     params = SamplingParams(max_new_tokens=args.peer_new_tokens)
     plan = engine.execution_plan
     results = {}
-    k = engine.config.draft_tokens
-    for draft in dict.fromkeys((k, 0)):  # as configured first: the ratios below are against it
-        scheduler = Scheduler(gen, max_rows=1, prefix_cache_mb=0, draft_tokens=draft)
+    k, adaptive = engine.config.draft_tokens, engine.config.adaptive_drafts
+    # as configured first (the ratios below are against it), then drafts fixed at k, then none
+    for draft, adapt in dict.fromkeys(((k, adaptive), (k, False), (0, False))):
+        scheduler = Scheduler(gen, max_rows=1, prefix_cache_mb=0, draft_tokens=draft, adaptive_drafts=adapt)
         rows = []
         for ids in prompts:
             t0 = time.perf_counter()
@@ -192,7 +194,8 @@ def single_stream_peers(engine: Engine, questions: list[str], args) -> dict:
                          "decode_tok_per_s": (ev.completion_tokens - 1) / (stamps[-1] - stamps[0])
                          if len(stamps) > 1 else float("nan"), "accepted": ev.accepted_prediction_tokens})
         scheduler.close()
-        spec = f", drafts of {draft} from the prompt verified on {gen.verify_variant}" if draft else ""
+        spec = (f", {'adaptive ' if adapt else ''}drafts of {'up to ' if adapt else ''}{draft} from the prompt "
+                f"verified on {gen.verify_variant}" if draft else "")
         results[f"ours ({plan.prefill} prefill, {plan.decode} decode{spec})"] = rows
     threads = engine.config.threads
     for name, (python, model) in PEERS.items():
@@ -257,6 +260,7 @@ def run(args) -> None:
         systems.update({name: base.replace(gen_verify_variant=name.split("=", 1)[1])
                         for name in args.systems if name.startswith("verify=")})
         systems["spinning"] = base.replace(stop_spinning=False)
+        systems["fixed-drafts"] = base.replace(adaptive_drafts=False)
         systems.update({name: base.replace(prefill_stall_ms=float(name.split("=", 1)[1]))
                         for name in args.systems if name.startswith("stall=")})
         systems = {k: v for k, v in systems.items() if k in args.systems}
@@ -290,7 +294,8 @@ def run(args) -> None:
             if ours is None or one is None:
                 continue
             vs = f"x{ours['gen_tok_per_s'] / base_r['gen_tok_per_s']:.2f}" if base_r else "(not run)"
-            for other in [n for n in args.systems if n in ("no-drafts", "spinning") or n.startswith("verify=")]:
+            for other in [n for n in args.systems
+                          if n in ("no-drafts", "spinning", "fixed-drafts") or n.startswith("verify=")]:
                 if (nd := summary.get((regime, other, c))):
                     vs += (f", ours/{other} x{ours['gen_tok_per_s'] / nd['gen_tok_per_s']:.2f} "
                            f"(answers/s x{ours['answers_per_s'] / nd['answers_per_s']:.2f})")
@@ -332,7 +337,7 @@ def main() -> None:
     ap.add_argument("--speculative-tokens", type=int, default=None,
                     help="drafts a greedy stream checks per run (default: the engine's; 0 = off)")
     ap.add_argument("--systems", type=lambda s: [x for x in s.split(",") if x], default=["ours", "one-at-a-time"],
-                    help="which of ours,one-at-a-time,no-drafts,spinning,verify=VARIANT (drafts "
+                    help="which of ours,one-at-a-time,no-drafts,spinning,fixed-drafts,verify=VARIANT (drafts "
                          "verified on VARIANT's weights),stall=MS (prefill_stall_ms MS) to run (the ratios need ours)")
     ap.add_argument("--peers", action="store_true",
                     help="also the single-stream section against llama.cpp and onnxruntime-genai (make peers)")

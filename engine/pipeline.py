@@ -111,7 +111,7 @@ class Engine:
                                             max_queue=c.max_queued_generations, kv_budget_tokens=c.kv_budget_tokens,
                                             prefill_chunk=c.prefill_chunk, block_tokens=c.prefix_block_tokens,
                                             prefix_cache_mb=c.prefix_cache_mb, prefill_stall_ms=c.prefill_stall_ms,
-                                            draft_tokens=c.draft_tokens)
+                                            draft_tokens=c.draft_tokens, adaptive_drafts=c.adaptive_drafts)
             return self._scheduler
 
     @property

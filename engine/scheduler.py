@@ -34,7 +34,8 @@ so a greedy row gets the same tokens alone or in any batch.
 
 Speculative decoding (prompt lookup): a greedy answer, streamed or a batch request, drafts
 up to `draft_tokens` tokens per run (a request's own SamplingParams.speculative_tokens, if
-set, 0 = off) by copying what followed the latest earlier occurrence of its last tokens
+set, 0 = off), as many as its own rate of agreed drafts makes worth their place in the run
+(DRAFT_WORTH; `adaptive_drafts`), by copying what followed the latest earlier occurrence of its last tokens
 in its prompt or answer (generate.lookup_draft: a RAG answer quotes its passages), and
 runs its last token and the drafts through the model at once (KVBatch.verify_rows): a run
 reads the weights once, as a one-token step does, so every draft the model agrees with is
@@ -107,6 +108,21 @@ PREFILL_EFFICIENCY = 0.8
 # ms against 86-89, p99 153-156 against 182-263. Tokens do not change: a row's logits do not
 # depend on how many tokens its run carries (tests/test_scheduler.py).
 VERIFY_RUN_TOKENS = 32
+
+# Drafts a row offers follow how often its drafts have been right: a row's j-th draft is kept
+# only if the j - 1 before it were, so with a per-draft agreement rate p it is kept with
+# probability p^j, and a row drafts while p^j >= the run's DRAFT_WORTH (at least one draft:
+# runs are padded to pairs, so a first draft costs what its filler would). A draft's slot
+# costs what a kept token is worth at the run's own rate, about (tokens kept per run / run
+# time) x (marginal time of a token in the run): in a lone row's run, which reads the
+# weights anyway, ~50 tok/s x ~1.6 ms (AMD EPYC, w8a8: 8 tokens 35 ms, 4 tokens 29 ms), so
+# ~0.1; in a shared run, where arithmetic sets the cost, ~180 tok/s x ~1.4 ms, so ~0.25.
+# p is the row's own rate, agreed drafts against drafts at which a run stopped, counted with
+# a decay of DRAFT_MEMORY per run (answers quote in stretches) from a prior of 2 in 3. Tokens
+# never depend on it: a row's logits do not depend on how many tokens its run carries.
+DRAFT_WORTH = {"alone": 0.1, "shared": 0.25}
+DRAFT_MEMORY = 0.8
+DRAFT_PRIOR = (2.0, 1.0)  # (agreed, stopped) before a row's first run
 
 
 class PrefixCache:
@@ -193,11 +209,25 @@ class Ticket:
         self.history: np.ndarray | None = None  # prompt + answer tokens, for drafting
         self.drafted = 0
         self.accepted = 0
+        self.agreed, self.stopped = DRAFT_PRIOR  # decayed counts behind draft_rate
         self.t_submit = time.perf_counter_ns()
         self.t_admit = 0
         self.t_first = 0
         self.completion: Completion | None = None
         self._result: Completion | None = None
+
+    def drafts_worth(self, worth: float) -> int:
+        """Drafts whose chance of being kept, p^j, is at least `worth` (DRAFT_WORTH); >= 1."""
+        p = self.agreed / (self.agreed + self.stopped)
+        n, kept = 0, 1.0
+        while n < 64 and (kept := kept * p) >= worth:
+            n += 1
+        return max(1, n)
+
+    def drafts_checked(self, offered: int, kept: int) -> None:
+        """Count a run: `kept` of `offered` drafts agreed (a run stops at the first that does not)."""
+        self.agreed = DRAFT_MEMORY * self.agreed + kept
+        self.stopped = DRAFT_MEMORY * self.stopped + (kept < offered)
 
     def cancel(self) -> None:
         """Leave at the next step (the caller stopped reading)."""
@@ -241,7 +271,7 @@ class Scheduler:
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, block_tokens: int = DEFAULT_PREFIX_BLOCK_TOKENS,
                  prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
                  prefill_stall_ms: float = DEFAULT_PREFILL_STALL_MS,
-                 draft_tokens: int = 0, run_tokens: int = VERIFY_RUN_TOKENS) -> None:
+                 draft_tokens: int = 0, run_tokens: int = VERIFY_RUN_TOKENS, adaptive_drafts: bool = True) -> None:
         if prefill_chunk % block_tokens:
             raise InvalidInput(f"prefill_chunk ({prefill_chunk}) must be a multiple of block_tokens ({block_tokens})")
         self.generator = generator
@@ -272,6 +302,7 @@ class Scheduler:
         self.max_draft = max(generator.verify_max_tokens - 1, 0)  # 0: the graph cannot verify drafts
         self.draft_tokens = min(draft_tokens, self.max_draft)  # for streams that do not ask
         self.run_tokens = run_tokens  # a verify run's tokens, about (VERIFY_RUN_TOKENS)
+        self.adaptive_drafts = adaptive_drafts  # drafts per row follow its agreement rate (DRAFT_WORTH)
         if draft_tokens and not self.draft_tokens:
             log.warning("speculative decoding is off: the generation model's graph lacks short_run_logits "
                         "(run `make models` to add it)")
@@ -652,11 +683,13 @@ class Scheduler:
         join `gone`."""
         drafts = []
         cap = max(1, self.run_tokens // len(rows) - 1)  # drafts per row: fewer as the run fills
+        worth = DRAFT_WORTH["alone" if len(rows) == 1 and ride is None else "shared"]
         for b in rows:
             t = self._speculating[b]
             n_hist = len(t.prompt) + len(t.row.ids)
             left = t.params.max_new_tokens - len(t.row.ids)  # >= 1: a row at its limit has finished
-            drafts.append(lookup_draft(t.history[:n_hist], min(t.draft_tokens, left - 1, cap)))
+            k = min(t.draft_tokens, left - 1, cap, t.drafts_worth(worth) if self.adaptive_drafts else cap)
+            drafts.append(lookup_draft(t.history[:n_hist], k))
         tokens = [[self._speculating[b].row.ids[-1], *d] for b, d in zip(rows, drafts)]
         if ride is None:
             logits = self._solo.verify_rows(rows, tokens)
@@ -682,6 +715,8 @@ class Scheduler:
                     break
                 kept += 1
             self._solo.accept(b, kept + 1)  # the last token's keys and the agreed drafts'
+            if d:
+                t.drafts_checked(len(d), kept)
             t.drafted += len(d)
             t.accepted += kept
             self.drafted += len(d)

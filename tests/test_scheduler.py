@@ -417,3 +417,22 @@ def test_a_riding_chunk_keeps_its_run_within_the_prefill_stall(prompts, make, st
     first.result()
     alone = s.submit(long, SamplingParams(max_new_tokens=4)).result()
     assert all(r.token_ids == alone.token_ids for r in results)
+
+
+def test_drafts_follow_a_rows_agreement_and_never_change_its_tokens(generator, make):
+    """A speculating row drafts as many tokens as its own agreement rate makes worth their
+    place in the run (DRAFT_WORTH): an answer that quotes its prompt keeps drafting, one
+    that does not drafts less, and either way its tokens are those of fixed drafts."""
+    adaptive = make(prefix_cache_mb=0, draft_tokens=7)
+    fixed = make(prefix_cache_mb=0, draft_tokens=7, adaptive_drafts=False)
+    params = SamplingParams(max_new_tokens=48)
+    offered = {}
+    for how in ("Repeat exactly", "Ask three questions about this"):
+        prompt = generator.encode(generator.render_chat([{"role": "user", "content": f"{how}: {TEXTS[2]}"}]))
+        a, f = adaptive.submit(prompt, params).result(), fixed.submit(prompt, params).result()
+        assert a.token_ids == f.token_ids and a.text == f.text
+        offered[how] = [(r.accepted_prediction_tokens, r.rejected_prediction_tokens) for r in (a, f)]
+    (acc_a, rej_a), (acc_f, rej_f) = offered["Ask three questions about this"]
+    assert rej_a < 0.5 * rej_f, f"fewer drafts wasted where they are seldom right: {offered}"
+    (acc_a, rej_a), (acc_f, rej_f) = offered["Repeat exactly"]
+    assert acc_a >= 0.8 * acc_f > 0, f"a quoting answer keeps drafting: {offered}"
