@@ -209,7 +209,7 @@ class Ticket:
         self.history: np.ndarray | None = None  # prompt + answer tokens, for drafting
         self.drafted = 0
         self.accepted = 0
-        self.agreed, self.stopped = DRAFT_PRIOR  # decayed counts behind draft_rate
+        self.agreed, self.stopped = DRAFT_PRIOR  # decayed counts behind drafts_worth
         self.t_submit = time.perf_counter_ns()
         self.t_admit = 0
         self.t_first = 0
