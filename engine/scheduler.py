@@ -364,8 +364,10 @@ class Scheduler:
                     else "prefill chunk cost not measured yet (when two answers first run at once)")
         a, b = self.chunk_cost
         g = self.generator
-        spec = (f"greedy answers draft up to {self.draft_tokens} tokens a run from their prompt, verified on "
-                f"{g.verify_variant}, {g.row_slots} rows a run" if self.draft_tokens else "no speculative decoding")
+        spec = (f"greedy answers draft up to {self.draft_tokens} tokens a run from their prompt"
+                f"{' (as many as their own agreement rate makes worth it)' if self.adaptive_drafts else ''}, "
+                f"verified on {g.verify_variant}, {g.row_slots} rows a run" if self.draft_tokens
+                else "no speculative decoding")
         if self.draft_tokens:
             spec += f" of about {self.run_tokens} tokens (fewer drafts a row as rows join)"
         if self.draft_tokens and self._solo.can_ride_prefill:
