@@ -107,11 +107,13 @@ class Engine:
                 from .scheduler import Scheduler
 
                 c = self.config
-                self._scheduler = Scheduler(self.generator, max_rows=c.max_concurrent_generations,
+                generator = self.generator  # and the plan it runs (execution_plan)
+                self._scheduler = Scheduler(generator, max_rows=c.max_concurrent_generations,
                                             max_queue=c.max_queued_generations, kv_budget_tokens=c.kv_budget_tokens,
                                             prefill_chunk=c.prefill_chunk, block_tokens=c.prefix_block_tokens,
                                             prefix_cache_mb=c.prefix_cache_mb, prefill_stall_ms=c.prefill_stall_ms,
-                                            draft_tokens=c.draft_tokens, adaptive_drafts=c.adaptive_drafts)
+                                            draft_tokens=c.draft_tokens, adaptive_drafts=c.adaptive_drafts,
+                                            draft_costs=self.execution_plan.draft_costs())
             return self._scheduler
 
     @property

@@ -156,6 +156,20 @@ class Plan:
         if not self.verify:
             object.__setattr__(self, "verify", self.decode)
 
+    def draft_costs(self) -> dict[str, float] | None:
+        """Seconds one more token costs a verify run on the verify weights here, from the
+        measured runs: "alone", between a lone row's MEASURE_VERIFY_TOKENS- and
+        MEASURE_VERIFY_LONG_TOKENS-token runs; "shared", between the latter and a full run
+        (MEASURE_BATCH_ROWS rows of MEASURE_VERIFY_TOKENS). None without those rates. The
+        scheduler weighs a draft's chance of being kept against them (scheduler.DRAFT_WORTH)."""
+        r = self.rates.get(self.verify, {})
+        runs = ((MEASURE_VERIFY_TOKENS, r.get("verify", 0.0)), (MEASURE_VERIFY_LONG_TOKENS, r.get("verify_long", 0.0)),
+                (MEASURE_BATCH_ROWS * MEASURE_VERIFY_TOKENS, r.get("verify_full", 0.0)))
+        if min(rate for _, rate in runs) <= 0:
+            return None
+        (s, ts), (l, tl), (f, tf) = ((n, n / rate) for n, rate in runs)
+        return {"alone": max((tl - ts) / (l - s), 0.0), "shared": max((tf - tl) / (f - l), 0.0)}
+
     def describe(self) -> str:
         how = {"measured": "measured on", "rule": "chosen by CPU features for", "config": "set by config on"}[self.source]
         drafts = (f"drafts verified on {self.verify} up to {self.drafts} a run" if self.objective == "latency"

@@ -136,6 +136,15 @@ def test_verify_runs_take_the_most_faithful_of_the_fastest():
     assert verify_choice(rates(int4=0.0, int8=0.0, fp32=0.0), "int4") == "int4"
 
 
+def test_a_draft_costs_the_margin_of_the_measured_verify_runs():
+    """Plan.draft_costs: seconds one more token costs a lone row's verify run (its 4- and
+    8-token runs) and a shared one (the 8-token run and a full run of 8 rows x 4 tokens)."""
+    rates = {"w8a8": {"verify": 4 / 0.030, "verify_long": 8 / 0.036, "verify_full": 32 / 0.084}}
+    costs = Plan("w8a8", "int4", "measured", "cpu", rates, verify="w8a8").draft_costs()
+    assert costs["alone"] == pytest.approx(0.0015) and costs["shared"] == pytest.approx(0.002)
+    assert Plan("w8a8", "int4", "measured", "cpu", {"w8a8": {"verify": 100.0}}, verify="w8a8").draft_costs() is None
+
+
 def test_drafts_per_run_follow_what_a_longer_run_costs():
     """7 drafts where a run of 8 tokens costs little more than one of 4 (w8a8 on the AMX
     Xeon), 3 where it costs much more (int4 there), 3 where runs of 8 were not measured."""
