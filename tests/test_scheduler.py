@@ -407,13 +407,13 @@ def test_a_riding_chunk_keeps_its_run_within_the_prefill_stall(prompts, make, st
     deadline = time.monotonic() + 60
     while not s._speculating and time.monotonic() < deadline:
         time.sleep(0.01)
-    results = [t.result() for t in [s.submit(long, SamplingParams(max_new_tokens=4)) for _ in range(3)]]
+    results = [t.result() for t in [s.submit(long, SamplingParams(max_new_tokens=4)) for _ in range(6)]]
     first.cancel()
     assert rides, "the newcomers' chunks rode in the stream's verify runs"
     if stall_ms == 1:
         assert set(rides) == {16}, rides
     else:
-        assert max(rides) > 16, "a backlog of three newcomers rode in bigger chunks"
+        assert max(rides) > 16, "a backlog of newcomers rode in bigger chunks"
     first.result()
     alone = s.submit(long, SamplingParams(max_new_tokens=4)).result()
     assert all(r.token_ids == alone.token_ids for r in results)
