@@ -183,7 +183,7 @@ def single_stream_peers(engine: Engine, questions: list[str], args) -> dict:
     # as configured first (the ratios below are against it), then drafts fixed at k, then none
     for draft, adapt in dict.fromkeys(((k, adaptive), (k, False), (0, False))):
         scheduler = Scheduler(gen, max_rows=1, prefix_cache_mb=0, draft_tokens=draft, adaptive_drafts=adapt,
-                              draft_costs=plan.draft_costs())  # as the engine's (Engine.scheduler)
+                              draft_worth=plan.draft_worth())  # as the engine's (Engine.scheduler)
         rows = []
         for ids in prompts:
             t0 = time.perf_counter()

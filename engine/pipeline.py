@@ -113,7 +113,7 @@ class Engine:
                                             prefill_chunk=c.prefill_chunk, block_tokens=c.prefix_block_tokens,
                                             prefix_cache_mb=c.prefix_cache_mb, prefill_stall_ms=c.prefill_stall_ms,
                                             draft_tokens=c.draft_tokens, adaptive_drafts=c.adaptive_drafts,
-                                            draft_costs=self.execution_plan.draft_costs())
+                                            draft_worth=self.execution_plan.draft_worth())
             return self._scheduler
 
     @property

@@ -156,19 +156,22 @@ class Plan:
         if not self.verify:
             object.__setattr__(self, "verify", self.decode)
 
-    def draft_costs(self) -> dict[str, float] | None:
-        """Seconds one more token costs a verify run on the verify weights here, from the
-        measured runs: "alone", between a lone row's MEASURE_VERIFY_TOKENS- and
-        MEASURE_VERIFY_LONG_TOKENS-token runs; "shared", between the latter and a full run
-        (MEASURE_BATCH_ROWS rows of MEASURE_VERIFY_TOKENS). None without those rates. The
-        scheduler weighs a draft's chance of being kept against them (scheduler.DRAFT_WORTH)."""
-        r = self.rates.get(self.verify, {})
+    def draft_worth(self) -> dict[str, float] | None:
+        """The chance of being kept a draft needs to be worth its place in a verify run here
+        (scheduler.DRAFT_WORTH): the seconds one more token costs such a run on the verify
+        weights, from the measured runs ("alone": between a lone row's MEASURE_VERIFY_TOKENS-
+        and MEASURE_VERIFY_LONG_TOKENS-token runs; "shared": between the latter and a full run
+        of MEASURE_BATCH_ROWS rows of MEASURE_VERIFY_TOKENS), times the tokens per second the
+        decode weights make without drafts in that time (one row's one-token steps; a full
+        batch's). None without those rates."""
+        r, d = self.rates.get(self.verify, {}), self.rates.get(self.decode, {})
         runs = ((MEASURE_VERIFY_TOKENS, r.get("verify", 0.0)), (MEASURE_VERIFY_LONG_TOKENS, r.get("verify_long", 0.0)),
                 (MEASURE_BATCH_ROWS * MEASURE_VERIFY_TOKENS, r.get("verify_full", 0.0)))
-        if min(rate for _, rate in runs) <= 0:
+        plain = d.get("decode", 0.0), d.get("batch_decode", 0.0)
+        if min(rate for _, rate in runs) <= 0 or min(plain) <= 0:
             return None
         (s, ts), (l, tl), (f, tf) = ((n, n / rate) for n, rate in runs)
-        return {"alone": max((tl - ts) / (l - s), 0.0), "shared": max((tf - tl) / (f - l), 0.0)}
+        return {"alone": max((tl - ts) / (l - s), 0.0) * plain[0], "shared": max((tf - tl) / (f - l), 0.0) * plain[1]}
 
     def describe(self) -> str:
         how = {"measured": "measured on", "rule": "chosen by CPU features for", "config": "set by config on"}[self.source]

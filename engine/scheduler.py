@@ -111,17 +111,19 @@ VERIFY_RUN_TOKENS = 32
 
 # Drafts a row offers follow how often its drafts have been right: a row's j-th draft is kept
 # only if the j - 1 before it were, so with a per-draft agreement rate p it is kept with
-# probability p^j, and a row drafts while p^j is at least what the draft's place costs (at
+# probability p^j, and a row drafts while p^j is at least what the draft's place is worth (at
 # least one draft: runs are padded to pairs, so a first draft costs what its filler would).
-# A place costs what a kept token is worth at the runs' own pace: (the marginal seconds of a
-# token in such a run: the plan's measured runs on this CPU, Plan.draft_costs) x (tokens kept
-# per second of such runs of late). Lone rows' runs read the weights anyway, so a place is
-# cheap there; shared runs are arithmetic-bound. Without the plan's rates, DRAFT_WORTH, from
-# the AMD EPYC with AVX-512 VNNI (w8a8): a lone row ~50 tok/s x ~1.6 ms a token, a full run
-# ~180 tok/s x ~1.4-1.8 ms. p is the row's own rate, agreed drafts against drafts at which a
-# run stopped, counted with a decay of DRAFT_MEMORY per run (answers quote in stretches) from
-# a prior of 2 in 3. Tokens never depend on it: a row's logits do not depend on how many
-# tokens its run carries.
+# A place is worth the tokens the decode weights would make without drafts in the time it
+# takes: (seconds one more token costs the run, from the plan's measured verify runs) x
+# (one-token steps' tokens/s: one row's for a lone row's run, which reads the weights anyway,
+# so a place is cheap; a full batch's for a shared run, which arithmetic bounds):
+# Plan.draft_worth, e.g. 1.59 ms x 62.7 tok/s = 0.10 alone and 1.81 ms x 160.5 = 0.29
+# shared on the AMD EPYC with AVX-512 VNNI (w8a8 verify, int4 decode). DRAFT_WORTH where the
+# plan has no such rates. From measured rates, not this run's timing, so a row's drafts (and
+# its usage counts) depend on its own history and its run's rows only. p is the row's own
+# rate, agreed drafts against drafts at which a run stopped, counted with a decay of
+# DRAFT_MEMORY per run (answers quote in stretches) from a prior of 2 in 3. Tokens never
+# depend on it: a row's logits do not depend on how many tokens its run carries.
 DRAFT_WORTH = {"alone": 0.1, "shared": 0.25}
 DRAFT_MEMORY = 0.8
 DRAFT_PRIOR = (2.0, 1.0)  # (agreed, stopped) before a row's first run
@@ -274,7 +276,7 @@ class Scheduler:
                  prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
                  prefill_stall_ms: float = DEFAULT_PREFILL_STALL_MS,
                  draft_tokens: int = 0, run_tokens: int = VERIFY_RUN_TOKENS, adaptive_drafts: bool = True,
-                 draft_costs: dict[str, float] | None = None) -> None:
+                 draft_worth: dict[str, float] | None = None) -> None:
         if prefill_chunk % block_tokens:
             raise InvalidInput(f"prefill_chunk ({prefill_chunk}) must be a multiple of block_tokens ({block_tokens})")
         self.generator = generator
@@ -306,8 +308,7 @@ class Scheduler:
         self.draft_tokens = min(draft_tokens, self.max_draft)  # for streams that do not ask
         self.run_tokens = run_tokens  # a verify run's tokens, about (VERIFY_RUN_TOKENS)
         self.adaptive_drafts = adaptive_drafts  # drafts per row follow its agreement rate (DRAFT_WORTH)
-        self.draft_costs = draft_costs  # {"alone", "shared"}: s a token costs such a run (Plan.draft_costs)
-        self._kept_rate: dict[str, float] = {}  # tokens kept per second of such runs, of late
+        self.draft_worth = {**DRAFT_WORTH, **(draft_worth or {})}  # {"alone", "shared"}: Plan.draft_worth
         if draft_tokens and not self.draft_tokens:
             log.warning("speculative decoding is off: the generation model's graph lacks short_run_logits "
                         "(run `make models` to add it)")
@@ -668,7 +669,7 @@ class Scheduler:
             rows = list(range(first, min(first + slots, len(self._speculating))))
             t0 = time.perf_counter()
             try:
-                kept = self._verify_run(rows, gone, ride)
+                self._verify_run(rows, gone, ride)
             except Exception as e:  # noqa: BLE001 - fail this run's rows (and its chunk's request), keep serving
                 log.exception("verify run failed")
                 for b in rows:
@@ -680,26 +681,17 @@ class Scheduler:
                     self._fail(ride[0], e)
             else:
                 if ride is None:  # how long streams wait on a run: riding chunks take about as long
-                    took = time.perf_counter() - t0
-                    self._verify_s = 0.5 * self._verify_s + 0.5 * took
-                    kind = "alone" if len(rows) == 1 else "shared"
-                    self._kept_rate[kind] = 0.8 * self._kept_rate.get(kind, kept / took) + 0.2 * kept / took
+                    self._verify_s = 0.5 * self._verify_s + 0.5 * (time.perf_counter() - t0)
             ride = None
         if gone:
             self._keep_solo([i for i in range(len(self._speculating)) if i not in gone])
 
-    def _draft_worth(self, kind: str) -> float:
-        """What a draft's place in a run of `kind` costs, as a chance of keeping it (DRAFT_WORTH)."""
-        cost, rate = (self.draft_costs or {}).get(kind), self._kept_rate.get(kind)
-        return cost * rate if cost is not None and rate else DRAFT_WORTH[kind]
-
-    def _verify_run(self, rows: list[int], gone: set[int], ride: tuple[Ticket, int, int] | None) -> int:
+    def _verify_run(self, rows: list[int], gone: set[int], ride: tuple[Ticket, int, int] | None) -> None:
         """One run of the speculating rows `rows` (and the chunk `ride`); those that finish
-        join `gone`. Returns the tokens the rows kept."""
+        join `gone`."""
         drafts = []
         cap = max(1, self.run_tokens // len(rows) - 1)  # drafts per row: fewer as the run fills
-        worth = self._draft_worth("alone" if len(rows) == 1 and ride is None else "shared")
-        produced = 0
+        worth = self.draft_worth["alone" if len(rows) == 1 and ride is None else "shared"]
         for b in rows:
             t = self._speculating[b]
             n_hist = len(t.prompt) + len(t.row.ids)
@@ -731,7 +723,6 @@ class Scheduler:
                     break
                 kept += 1
             self._solo.accept(b, kept + 1)  # the last token's keys and the agreed drafts'
-            produced += kept + 1
             if d:
                 t.drafts_checked(len(d), kept)
             t.drafted += len(d)
@@ -744,7 +735,6 @@ class Scheduler:
             if row.finish is not None:
                 self._finish(t, row.finish)
                 gone.add(b)
-        return produced
 
     # ------------------------------------------------------------------ events
     def _emit(self, t: Ticket) -> None:

@@ -136,13 +136,15 @@ def test_verify_runs_take_the_most_faithful_of_the_fastest():
     assert verify_choice(rates(int4=0.0, int8=0.0, fp32=0.0), "int4") == "int4"
 
 
-def test_a_draft_costs_the_margin_of_the_measured_verify_runs():
-    """Plan.draft_costs: seconds one more token costs a lone row's verify run (its 4- and
-    8-token runs) and a shared one (the 8-token run and a full run of 8 rows x 4 tokens)."""
-    rates = {"w8a8": {"verify": 4 / 0.030, "verify_long": 8 / 0.036, "verify_full": 32 / 0.084}}
-    costs = Plan("w8a8", "int4", "measured", "cpu", rates, verify="w8a8").draft_costs()
-    assert costs["alone"] == pytest.approx(0.0015) and costs["shared"] == pytest.approx(0.002)
-    assert Plan("w8a8", "int4", "measured", "cpu", {"w8a8": {"verify": 100.0}}, verify="w8a8").draft_costs() is None
+def test_a_drafts_place_is_worth_what_one_token_steps_make_in_its_time():
+    """Plan.draft_worth: the seconds one more token costs a lone row's verify run (its 4- and
+    8-token runs) or a shared one (the 8-token run and a full run of 8 rows x 4 tokens), times
+    the decode weights' one-token tokens/s (one row; a full batch)."""
+    rates = {"w8a8": {"verify": 4 / 0.030, "verify_long": 8 / 0.036, "verify_full": 32 / 0.084},
+             "int4": {"decode": 60.0, "batch_decode": 150.0}}
+    worth = Plan("w8a8", "int4", "measured", "cpu", rates, verify="w8a8").draft_worth()
+    assert worth["alone"] == pytest.approx(0.0015 * 60) and worth["shared"] == pytest.approx(0.002 * 150)
+    assert Plan("w8a8", "int4", "measured", "cpu", {"w8a8": {"verify": 100.0}}, verify="w8a8").draft_worth() is None
 
 
 def test_drafts_per_run_follow_what_a_longer_run_costs():

@@ -436,13 +436,13 @@ def test_drafts_follow_a_rows_agreement_and_never_change_its_tokens(generator, m
     assert rej_a < 0.5 * rej_f, f"fewer drafts wasted where they are seldom right: {offered}"
     (acc_a, rej_a), (acc_f, rej_f) = offered["Repeat exactly"]
     assert acc_a >= 0.8 * acc_f > 0, f"a quoting answer keeps drafting: {offered}"
-    # with the plan's costs of a place in a run (Plan.draft_costs): free, every draft is worth
-    # it; dearer than any kept token, one draft a run (what its filler would cost)
-    free = make(prefix_cache_mb=0, draft_tokens=7, draft_costs={"alone": 0.0, "shared": 0.0})
-    dear = make(prefix_cache_mb=0, draft_tokens=7, draft_costs={"alone": 1.0, "shared": 1.0})
+    # with the plan's worth of a place in a run (Plan.draft_worth): nothing, every draft is
+    # offered; more than any draft's chance, one draft a run (what its filler would cost)
+    free = make(prefix_cache_mb=0, draft_tokens=7, draft_worth={"alone": 0.0, "shared": 0.0})
+    dear = make(prefix_cache_mb=0, draft_tokens=7, draft_worth={"alone": 1.0, "shared": 1.0})
     f = fixed.submit(prompt, params).result()
     got = {"free": free.submit(prompt, params).result(), "dear": dear.submit(prompt, params).result()}
     assert all(r.token_ids == f.token_ids for r in got.values())
     assert (got["free"].accepted_prediction_tokens, got["free"].rejected_prediction_tokens) == offered[how][1]
     drafted = got["dear"].accepted_prediction_tokens + got["dear"].rejected_prediction_tokens
-    assert drafted <= len(f.token_ids) + 7 < sum(offered[how][1]), "after its first run, one draft a run"
+    assert drafted <= len(f.token_ids) < sum(offered[how][1]), "one draft a run"
