@@ -5,7 +5,9 @@
 
 The real server (server.app.create_server, gRPC over loopback) answers SQuAD v1.1 dev
 questions over `--docs` of its paragraphs, from `c` client threads that each ask one
-question after another for `--seconds`. Two regimes, because a RAG request is mostly prompt:
+question after another for `--seconds`, in a process of their own as a load generator is
+(`--in-process-clients`: threads of the server's process, whose interpreter lock they then
+share with the server's handlers and scheduler). Two regimes, because a RAG request is mostly prompt:
   decode  top_k 1 (prompts of ~150-300 tokens), 128 new tokens (ignore_eos): decode-bound;
   rag     top_k and packing as configured (default k 3 with 350-token packing: prompts of
           ~400-450 tokens; k 5 with whole chunks gave ~700-1,000), 32 new tokens: prefill-bound.
@@ -90,21 +92,22 @@ GENERATOR_SETTINGS = ("gen_variant", "gen_prefill_variant", "gen_verify_variant"
 _cursor = [0]  # questions are never reused across measurements: the prefix cache sees each once
 
 
-def drive(port: int, questions: list[str], c: int, seconds: float, regime: str) -> dict:
-    """c clients, each asking the next question as soon as its last answer is done."""
+def client_threads(port: int, questions: list[str], c: int, seconds: float, regime: str) -> dict:
+    """c clients, each asking the next of `questions` as soon as its last answer is done, for
+    `seconds`: their answers' measurements, errors, the wall time and how many questions went."""
     cfg = REGIMES[regime]
     results, errors = [], []
     lock = threading.Lock()
     stop_at = time.perf_counter() + seconds
-    next_q = _cursor
+    used = [0]
 
     def client_loop() -> None:
         client = RagClient(f"127.0.0.1:{port}", timeout=600)
         try:
             while time.perf_counter() < stop_at:
                 with lock:
-                    q = questions[next_q[0] % len(questions)]
-                    next_q[0] += 1
+                    q = questions[used[0] % len(questions)]
+                    used[0] += 1
                 try:
                     r = one_stream(client, q, cfg["top_k"], cfg["max_new_tokens"], cfg["ignore_eos"])
                 except grpc.RpcError as e:
@@ -116,16 +119,35 @@ def drive(port: int, questions: list[str], c: int, seconds: float, regime: str) 
         finally:
             client.close()
 
-    start = next_q[0]
     t0 = time.perf_counter()
     threads = [threading.Thread(target=client_loop) for _ in range(c)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t0  # includes finishing the answers in flight at stop_at
+    # the wall includes finishing the answers in flight at stop_at
+    return {"results": results, "errors": errors, "wall": time.perf_counter() - t0, "used": used[0]}
+
+
+def drive(port: int, questions: list[str], c: int, seconds: float, regime: str, *, in_process: bool = False) -> dict:
+    """c clients against the server at `port`: in a process of their own (as a load generator
+    is: their threads then never wait on the server's interpreter lock, nor it on theirs), or
+    `in_process`, threads of this one. Questions are never reused across measurements."""
+    start = _cursor[0]
+    window = questions[start % len(questions):] + questions[:start % len(questions)]
+    if in_process:
+        out = client_threads(port, window, c, seconds, regime)
+    else:
+        job = {"port": port, "questions": window, "c": c, "seconds": seconds, "regime": regime}
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--drive-clients"],
+                              input=json.dumps(job), capture_output=True, text=True, timeout=seconds + 3600)
+        if proc.returncode:
+            raise SystemExit(f"the client process failed:\n{proc.stderr[-2000:]}")
+        out = json.loads(proc.stdout.splitlines()[-1])
+    _cursor[0] += out["used"]
+    results, wall = out["results"], out["wall"]
     gaps = [g for r in results for g in r["gaps"]]
-    return {"answers": len(results), "errors": errors, "wall_s": wall, "questions_from": start,
+    return {"answers": len(results), "errors": out["errors"], "wall_s": wall, "questions_from": start,
             "answers_per_s": len(results) / wall,
             "gen_tok_per_s": sum(r["tokens"] for r in results) / wall,
             "prompt_tok_per_s": sum(r["prompt"] for r in results) / wall,
@@ -275,9 +297,11 @@ def run(args) -> None:
                 engine = Engine(cfg, embedder=writer.embedder, generator=writer.generator if same else None)
                 srv, port = create_server(cfg, "127.0.0.1:0", engine=engine)
                 try:
-                    drive(port, questions, 1, min(10.0, args.seconds), regime)  # warm-up, not reported
+                    drive(port, questions, 1, min(10.0, args.seconds), regime,  # warm-up, not reported
+                          in_process=args.in_process_clients)
                     for c in args.concurrency:
-                        r = drive(port, questions, c, args.seconds, regime)
+                        r = drive(port, questions, c, args.seconds, regime, in_process=args.in_process_clients)
+                        r["clients"] = "in-process" if args.in_process_clients else "own process"
                         summary[(regime, name, c)] = r
                         log_jsonl("serve_answers", {"system": name, "regime": regime, "concurrency": c, **r})
                 finally:
@@ -320,6 +344,10 @@ def run(args) -> None:
 
 
 def main() -> None:
+    if sys.argv[1:] == ["--drive-clients"]:  # the client process of drive()
+        job = json.loads(sys.stdin.read())
+        print(json.dumps(client_threads(job["port"], job["questions"], job["c"], job["seconds"], job["regime"])))
+        return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--squad", type=Path, default=SQUAD)
     ap.add_argument("--docs", type=int, default=300, help="SQuAD paragraphs ingested")
@@ -340,6 +368,8 @@ def main() -> None:
     ap.add_argument("--systems", type=lambda s: [x for x in s.split(",") if x], default=["ours", "one-at-a-time"],
                     help="which of ours,one-at-a-time,no-drafts,spinning,fixed-drafts,verify=VARIANT (drafts "
                          "verified on VARIANT's weights),stall=MS (prefill_stall_ms MS) to run (the ratios need ours)")
+    ap.add_argument("--in-process-clients", action="store_true",
+                    help="run the client threads in the server's process (default: a process of their own)")
     ap.add_argument("--peers", action="store_true",
                     help="also the single-stream section against llama.cpp and onnxruntime-genai (make peers)")
     ap.add_argument("--peer-prompts", type=int, default=8, help="prompts in the single-stream section")

@@ -17,7 +17,9 @@ One thread runs the model, so concurrent answers never fight over the cores; eac
      instead (step 5, _ride_chunk: a slot of the row-slots graph of its own, one pass over
      the weights for both, so a small chunk costs only its tokens), about as long as the
      run itself per request waiting for its prefill while streams wait on it, the run no
-     longer than `prefill_stall_ms` (the streams' inter-token latency then); a prompt's
+     longer than `prefill_stall_ms` (the streams' inter-token latency then; sized by what
+     riding tokens have cost of late) but the chunk's share at least the streams' own (a CPU
+     whose runs alone take the stall still lets prompts in); a prompt's
      last chunk runs on its own, never shorter than `last_chunk` tokens. A newcomer whose
      prompt is done joins the running batch with its first token;
   4. runs one batched decode step over every active row and hands each row's text delta
@@ -321,6 +323,7 @@ class Scheduler:
         self.prefill_runs = 0
         self.prefill_rides = 0  # prefill chunks that rode in verify runs (_ride_chunk)
         self._verify_s = 0.05  # how long a verify run took of late
+        self._ride_s: float | None = None  # what a riding chunk's token added to its run of late
         self.verify_runs = 0
         self.rows_verified = 0  # speculating rows summed over verify runs
         self.drafted = 0  # tokens drafted and checked
@@ -543,7 +546,12 @@ class Scheduler:
         least last_chunk tokens, so a prompt's keys and first token are the bits of an
         unchunked prefill). While streams wait on the run, a chunk takes about as long as the run
         itself times the requests waiting for their prefill (this one included), and the run
-        with it no longer than `prefill_stall_ms`, as a chunk of its own would: a backlog of
+        with it no longer than `prefill_stall_ms`, as a chunk of its own would, unless that
+        leaves the chunk less than the run's own time (then that much: prompts must get in on
+        a CPU whose runs alone take the stall). Its size follows what a riding token added to
+        the runs of late (_ride_s; before the first ride, the calibrated prefill cost, which
+        underestimates it: in process, 8 decode-bound streams at a 200 ms setting on the
+        AVX-512 EPYC, riding runs p90 281 ms before, 205-207 ms sized by their own cost). A backlog of
         newcomers (RAG traffic, which is mostly prompt) gets bigger chunks, steady decoding
         (one newcomer now and then) small ones. In process, 8 clients (AMX Xeon, ad-hoc,
         interleaved): 32 RAG-sized prompts (406 tokens, 32 new) 693-709 prompt tok/s and TTFT
@@ -557,8 +565,10 @@ class Scheduler:
         size = self.chunk
         if any(r.streamed for r in [*self._active, *self._speculating]):
             queued = len(self._prefilling) + len(self._waiting)
-            extra = min(queued * self._verify_s, self.stall_s - self._verify_s)  # a run within prefill_stall_ms
-            tokens = int(extra / self.chunk_cost[1])
+            # a run within prefill_stall_ms, but with newcomers waiting, as much for them as for the
+            # streams at least (on a CPU whose runs alone take the stall, prompts still get in)
+            extra = min(queued * self._verify_s, max(self.stall_s - self._verify_s, self._verify_s))
+            tokens = int(extra / (self._ride_s or self.chunk_cost[1]))
             size = min(size, max(self.block, tokens // self.block * self.block))
         a = t.done_tokens
         b = min(a + size, (len(t.prompt) - self.last_chunk) // self.block * self.block)
@@ -670,6 +680,7 @@ class Scheduler:
             t0 = time.perf_counter()
             try:
                 self._verify_run(rows, gone, ride)
+                took = time.perf_counter() - t0
             except Exception as e:  # noqa: BLE001 - fail this run's rows (and its chunk's request), keep serving
                 log.exception("verify run failed")
                 for b in rows:
@@ -681,7 +692,10 @@ class Scheduler:
                     self._fail(ride[0], e)
             else:
                 if ride is None:  # how long streams wait on a run: riding chunks take about as long
-                    self._verify_s = 0.5 * self._verify_s + 0.5 * (time.perf_counter() - t0)
+                    self._verify_s = 0.5 * self._verify_s + 0.5 * took
+                else:  # what a riding token costs here, steering the next rides (_ride_chunk)
+                    cost = max(took - self._verify_s, 0.0) / (ride[2] - ride[1])
+                    self._ride_s = cost if self._ride_s is None else 0.5 * self._ride_s + 0.5 * cost
             ride = None
         if gone:
             self._keep_solo([i for i in range(len(self._speculating)) if i not in gone])
