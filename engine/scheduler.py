@@ -18,8 +18,7 @@ One thread runs the model, so concurrent answers never fight over the cores; eac
      the weights for both, so a small chunk costs only its tokens), about as long as the
      run itself per request waiting for its prefill while streams wait on it, the run no
      longer than `prefill_stall_ms` (the streams' inter-token latency then; sized by what
-     riding tokens have cost of late) but the chunk's share at least the streams' own (a CPU
-     whose runs alone take the stall still lets prompts in); a prompt's
+     riding tokens have cost of late); a prompt's
      last chunk runs on its own, never shorter than `last_chunk` tokens. A newcomer whose
      prompt is done joins the running batch with its first token;
   4. runs one batched decode step over every active row and hands each row's text delta
@@ -323,6 +322,7 @@ class Scheduler:
         self.prefill_runs = 0
         self.prefill_rides = 0  # prefill chunks that rode in verify runs (_ride_chunk)
         self._verify_s = 0.05  # how long a verify run took of late
+        self._verify_rows_s: dict[int, float] = {}  # the same, by the run's rows
         self._ride_s: float | None = None  # what a riding chunk's token added to its run of late
         self.verify_runs = 0
         self.rows_verified = 0  # speculating rows summed over verify runs
@@ -546,9 +546,8 @@ class Scheduler:
         least last_chunk tokens, so a prompt's keys and first token are the bits of an
         unchunked prefill). While streams wait on the run, a chunk takes about as long as the run
         itself times the requests waiting for their prefill (this one included), and the run
-        with it no longer than `prefill_stall_ms`, as a chunk of its own would, unless that
-        leaves the chunk less than the run's own time (then that much: prompts must get in on
-        a CPU whose runs alone take the stall). Its size follows what a riding token added to
+        with it no longer than `prefill_stall_ms`, as a chunk of its own would (one block at
+        least: where a run alone takes the stall, prompts get in a block a run). Its size follows what a riding token added to
         the runs of late (_ride_s; before the first ride, the calibrated prefill cost, which
         underestimates it: in process, 8 decode-bound streams at a 200 ms setting on the
         AVX-512 EPYC, riding runs p90 281 ms before, 205-207 ms sized by their own cost). A backlog of
@@ -565,9 +564,8 @@ class Scheduler:
         size = self.chunk
         if any(r.streamed for r in [*self._active, *self._speculating]):
             queued = len(self._prefilling) + len(self._waiting)
-            # a run within prefill_stall_ms, but with newcomers waiting, as much for them as for the
-            # streams at least (on a CPU whose runs alone take the stall, prompts still get in)
-            extra = min(queued * self._verify_s, max(self.stall_s - self._verify_s, self._verify_s))
+            run = self._verify_rows_s.get(len(self._speculating), self._verify_s)  # this run without the chunk
+            extra = min(queued * run, self.stall_s - run)  # a run within prefill_stall_ms
             tokens = int(extra / (self._ride_s or self.chunk_cost[1]))
             size = min(size, max(self.block, tokens // self.block * self.block))
         a = t.done_tokens
@@ -691,10 +689,14 @@ class Scheduler:
                     self._prefilling.remove(ride[0])
                     self._fail(ride[0], e)
             else:
+                n = len(rows)
                 if ride is None:  # how long streams wait on a run: riding chunks take about as long
                     self._verify_s = 0.5 * self._verify_s + 0.5 * took
-                else:  # what a riding token costs here, steering the next rides (_ride_chunk)
-                    cost = max(took - self._verify_s, 0.0) / (ride[2] - ride[1])
+                    self._verify_rows_s[n] = 0.5 * self._verify_rows_s.get(n, took) + 0.5 * took
+                elif self.chunk_cost is not None:  # what a riding token costs here, steering the next rides
+                    b = self.chunk_cost[1]  # within 2x the calibrated prefill cost: one noisy run can
+                    cost = (took - self._verify_rows_s.get(n, self._verify_s)) / (ride[2] - ride[1])
+                    cost = min(max(cost, b / 2), 2 * b)  # neither double the next chunk nor starve it
                     self._ride_s = cost if self._ride_s is None else 0.5 * self._ride_s + 0.5 * cost
             ride = None
         if gone:
