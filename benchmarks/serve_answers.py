@@ -35,6 +35,9 @@ its own virtual environment (`make peers`) through benchmarks/_peer_lm.py. Prefi
 through the scheduler twice, with speculative decoding as configured (drafts from the prompt,
 Config.speculative_tokens) and without; llama.cpp runs twice too, plain and with its own prompt
 lookup drafting (LlamaPromptLookupDecoding, --peer-lookup tokens a step).
+`--rounds N` measures every (regime, system, c) N times, the systems taking turns (a slow
+minute of a shared machine then hits each alike), and the tables and ratios take each
+number's median.
 One JSON line per measurement goes to bench-results/serve_answers.jsonl, with the CPU.
 """
 
@@ -290,28 +293,38 @@ def run(args) -> None:
         single = single_stream_prefill(writer, questions[0], questions[1])
         log_jsonl("serve_answers", {"system": "in-process", "regime": "rag", **single})
         peers = single_stream_peers(writer, questions[len(questions) // 2:], args) if args.peers else {}
-        summary = {}
-        for regime in args.regimes:
-            for name, cfg in systems.items():
-                same = all(getattr(cfg, k) == getattr(base, k) for k in GENERATOR_SETTINGS)
-                engine = Engine(cfg, embedder=writer.embedder, generator=writer.generator if same else None)
-                srv, port = create_server(cfg, "127.0.0.1:0", engine=engine)
-                try:
-                    drive(port, questions, 1, min(10.0, args.seconds), regime,  # warm-up, not reported
-                          in_process=args.in_process_clients)
-                    for c in args.concurrency:
-                        r = drive(port, questions, c, args.seconds, regime, in_process=args.in_process_clients)
-                        r["clients"] = "in-process" if args.in_process_clients else "own process"
-                        summary[(regime, name, c)] = r
-                        log_jsonl("serve_answers", {"system": name, "regime": regime, "concurrency": c, **r})
-                finally:
-                    srv.stop(0)
+        rounds: dict[tuple, list[dict]] = {}
+        for round_ in range(args.rounds):  # systems take turns, so a slow minute hits each alike
+            for regime in args.regimes:
+                for name, cfg in systems.items():
+                    same = all(getattr(cfg, k) == getattr(base, k) for k in GENERATOR_SETTINGS)
+                    engine = Engine(cfg, embedder=writer.embedder, generator=writer.generator if same else None)
+                    srv, port = create_server(cfg, "127.0.0.1:0", engine=engine)
+                    try:
+                        drive(port, questions, 1, min(10.0, args.seconds), regime,  # warm-up, not reported
+                              in_process=args.in_process_clients)
+                        for c in args.concurrency:
+                            r = drive(port, questions, c, args.seconds, regime, in_process=args.in_process_clients)
+                            r["clients"] = "in-process" if args.in_process_clients else "own process"
+                            rounds.setdefault((regime, name, c), []).append(r)
+                            log_jsonl("serve_answers", {"system": name, "regime": regime, "concurrency": c,
+                                                        "round": round_, **r})
+                    finally:
+                        srv.stop(0)
         writer.close()
+    # one figure per (regime, system, c): each number's median over the rounds
+    summary = {key: {k: statistics.median(r[k] for r in rs) for k in rs[0] if isinstance(rs[0][k], (int, float))}
+               for key, rs in rounds.items()}
+    if args.rounds > 1:
+        print(f"\nmedians of {args.rounds} rounds, the systems taking turns")
+    for (regime, name, c), rs in rounds.items():
+        if (errors := [e for r in rs for e in r["errors"]]):
+            print(f"{regime} c={c} {name}: {len(errors)} failed answers: {sorted(set(errors))}")
     print("\nregime  c   system          answers/s  gen tok/s  prompt tok/s  TTFT p50/p95 s   ITL p50/p99 ms  cached")
     for (regime, name, c), r in summary.items():
         print(f"{regime:7s} {c:<3d} {name:15s} {r['answers_per_s']:9.3f} {r['gen_tok_per_s']:10.1f} "
               f"{r['prompt_tok_per_s']:13.1f}  {r['ttft_p50_s']:6.2f}/{r['ttft_p95_s']:6.2f}  "
-              f"{r['itl_p50_ms']:7.1f}/{r['itl_p99_ms']:7.1f}  {r['cached_tokens']}/{r['prompt_tokens']}")
+              f"{r['itl_p50_ms']:7.1f}/{r['itl_p99_ms']:7.1f}  {r['cached_tokens']:.0f}/{r['prompt_tokens']:.0f}")
     for regime in args.regimes:
         for c in args.concurrency:
             ours, base_r = summary.get((regime, "ours", c)), summary.get((regime, "one-at-a-time", c))
@@ -368,6 +381,9 @@ def main() -> None:
     ap.add_argument("--systems", type=lambda s: [x for x in s.split(",") if x], default=["ours", "one-at-a-time"],
                     help="which of ours,one-at-a-time,no-drafts,spinning,fixed-drafts,verify=VARIANT (drafts "
                          "verified on VARIANT's weights),stall=MS (prefill_stall_ms MS) to run (the ratios need ours)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure every (regime, system, c) this many times, the systems taking turns; "
+                         "tables and ratios take each number's median")
     ap.add_argument("--in-process-clients", action="store_true",
                     help="run the client threads in the server's process (default: a process of their own)")
     ap.add_argument("--peers", action="store_true",
