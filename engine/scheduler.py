@@ -547,12 +547,15 @@ class Scheduler:
         unchunked prefill). While streams wait on the run, a chunk takes about as long as the run
         itself times the requests waiting for their prefill (this one included), and the run
         with it no longer than `prefill_stall_ms`, as a chunk of its own would (one block at
-        least: where a run alone takes the stall, prompts get in a block a run). Its size follows what a riding token added to
-        the runs of late (_ride_s; before the first ride, the calibrated prefill cost, which
-        underestimates it: in process, 8 decode-bound streams at a 200 ms setting on the
-        AVX-512 EPYC, riding runs p90 281 ms before, 205-207 ms sized by their own cost). A backlog of
-        newcomers (RAG traffic, which is mostly prompt) gets bigger chunks, steady decoding
-        (one newcomer now and then) small ones. In process, 8 clients (AMX Xeon, ad-hoc,
+        least: where a run alone takes the stall, prompts get in a block a run). The run's own
+        time is what runs of as many rows took without a chunk of late (_verify_rows_s), and a
+        riding token's what one added to its run (_ride_s, within half and twice the
+        calibrated prefill cost, which alone is too low: in process, 8 decode-bound streams at
+        a 200 ms setting on the AVX-512 EPYC, riding runs p90 281 ms with it, 205-207 ms
+        sized by their own cost; the last run's time whatever its rows had let a ride beside
+        six rows take what one row's run left). A backlog of newcomers (RAG traffic, which is
+        mostly prompt) gets bigger chunks, steady decoding (one newcomer now and then) small
+        ones. In process, 8 clients (AMX Xeon, ad-hoc,
         interleaved): 32 RAG-sized prompts (406 tokens, 32 new) 693-709 prompt tok/s and TTFT
         p50 1.1 s against 625-653 and 2.3-2.6 s with one run's worth, 32 decode-bound ones
         (128 new) 208-210 against 203-205 tok/s, inter-token p99 175-180 ms against 159-161.
@@ -694,9 +697,9 @@ class Scheduler:
                     self._verify_s = 0.5 * self._verify_s + 0.5 * took
                     self._verify_rows_s[n] = 0.5 * self._verify_rows_s.get(n, took) + 0.5 * took
                 elif self.chunk_cost is not None:  # what a riding token costs here, steering the next rides
-                    b = self.chunk_cost[1]  # within 2x the calibrated prefill cost: one noisy run can
+                    b = self.chunk_cost[1]
                     cost = (took - self._verify_rows_s.get(n, self._verify_s)) / (ride[2] - ride[1])
-                    cost = min(max(cost, b / 2), 2 * b)  # neither double the next chunk nor starve it
+                    cost = min(max(cost, b / 2), 2 * b)  # one noisy run neither doubles the next chunk nor starves it
                     self._ride_s = cost if self._ride_s is None else 0.5 * self._ride_s + 0.5 * cost
             ride = None
         if gone:
