@@ -7,7 +7,8 @@ The real server (server.app.create_server, gRPC over loopback) answers SQuAD v1.
 questions over `--docs` of its paragraphs, from `c` client threads that each ask one
 question after another for `--seconds`, in a process of their own as a load generator is
 (`--in-process-clients`: threads of the server's process, whose interpreter lock they then
-share with the server's handlers and scheduler). Two regimes, because a RAG request is mostly prompt:
+share with the server's handlers and scheduler). Two regimes, because a RAG request is
+mostly prompt:
   decode  top_k 1 (prompts of ~150-300 tokens), 128 new tokens (ignore_eos): decode-bound;
   rag     top_k and packing as configured (default k 3 with 350-token packing: prompts of
           ~400-450 tokens; k 5 with whole chunks gave ~700-1,000), 32 new tokens: prefill-bound.

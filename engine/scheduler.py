@@ -697,9 +697,10 @@ class Scheduler:
                     self._verify_s = 0.5 * self._verify_s + 0.5 * took
                     self._verify_rows_s[n] = 0.5 * self._verify_rows_s.get(n, took) + 0.5 * took
                 elif self.chunk_cost is not None:  # what a riding token costs here, steering the next rides
-                    b = self.chunk_cost[1]
+                    calibrated = self.chunk_cost[1]
                     cost = (took - self._verify_rows_s.get(n, self._verify_s)) / (ride[2] - ride[1])
-                    cost = min(max(cost, b / 2), 2 * b)  # one noisy run neither doubles the next chunk nor starves it
+                    # one noisy run neither doubles the next chunk nor starves it
+                    cost = min(max(cost, calibrated / 2), 2 * calibrated)
                     self._ride_s = cost if self._ride_s is None else 0.5 * self._ride_s + 0.5 * cost
             ride = None
         if gone:
