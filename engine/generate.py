@@ -210,14 +210,6 @@ def lookup_draft(history: np.ndarray, k: int, max_ngram: int = 3) -> list[int]:
 # MatMulNBits on the AMX Xeon). Whole pairs keep every token's partner in its own row.
 VERIFY_ALIGN = 2
 
-# Variants whose products are exact per token: w8a8's integer sums (u8 x s8 GEMM, each row's
-# and column's scale applied after), so a token's logits are the same bits whatever else its
-# run computes, however many positions the output head takes. Only on these may a prompt's
-# last chunk ride in a verify run (KVBatch.can_ride_last): its first token's logits then come
-# from the run's head, not from a prefill run's last-position head, and must be the same bits.
-# (MatMulNBits and fp32 GEMMs sum in floats, in an order that may follow the row count.)
-ROW_EXACT_VARIANTS = frozenset({"w8a8"})
-
 
 class KVBatch:
     """The keys and values of a decode batch, updated in place.
@@ -344,8 +336,7 @@ class KVBatch:
         return self.verify_rows([b], [tokens])[0]
 
     def verify_rows(self, rows: Sequence[int], tokens: Sequence[Sequence[int]], *,
-                    prefill: tuple[list[np.ndarray] | None, Sequence[int]] | None = None,
-                    last_logits: bool = False) -> list[np.ndarray]:
+                    prefill: tuple[list[np.ndarray] | None, Sequence[int]] | None = None) -> list[np.ndarray]:
         """Verify runs of rows `rows` (ascending), row rows[i] over tokens[i] (its last token,
         then the drafts it has, 1 to verify_max_tokens tokens) at positions lengths[b]...;
         returns, per row, the logits after each of its tokens (len(tokens[i]), vocab). Their
@@ -369,11 +360,8 @@ class KVBatch:
         once for both), attending to `past` (its one-row cache so far, None: empty); its cache
         extended by the chunk is appended to the result (Generator.prefill's, bit for bit: its
         tokens keep their pairs, the chunk lying after the rows' whole pairs). Needs the
-        row-slots graph, on the prefill weights (can_ride_prefill), and a free slot.
-        `last_logits`: the chunk is its prompt's last, and the logits after its last token
-        (vocab,), which pick the first answer token, are appended after its cache; only
-        where they are the bits Generator.prefill gives (can_ride_last), else a prompt's last
-        chunk runs alone.
+        row-slots graph, on the prefill weights (can_ride_prefill), and a free slot; no logits
+        come for the chunk, so a prompt's last chunk runs alone (Generator.prefill).
         """
         g = self.gen
         if not rows or any(not 1 <= len(t) <= g.verify_max_tokens for t in tokens):
@@ -382,9 +370,6 @@ class KVBatch:
         if prefill is not None and not (self.can_ride_prefill and len(rows) < g.row_slots and len(prefill[1]) >= 2):
             raise ValueError(f"a prefill chunk rides along only in a run of fewer than {g.row_slots} rows "
                              "of the row-slots graph on the prefill weights, with two tokens or more")
-        if last_logits and not (prefill is not None and self.can_ride_last):
-            raise ValueError("a prompt's last chunk rides along only on weights whose products are exact per "
-                             f"token ({sorted(ROW_EXACT_VARIANTS)}), not {g.verify_variant}")
         runs = [list(t) + [t[-1]] * (-len(t) % VERIFY_ALIGN) for t in tokens]
         starts = self.lengths[list(rows)]
         ends = starts + np.array([len(r) for r in runs])
@@ -425,8 +410,6 @@ class KVBatch:
                 seqlens[j], totals[j] = done + len(chunk) - 1, done + len(chunk)  # as prefill's mask gives them
                 ids.extend(chunk)
                 positions.extend(range(done, done + len(chunk)))
-                if last_logits:
-                    wanted.append(at + len(chunk) - 1)
                 present = [np.empty((1, g.num_kv_heads, done + len(chunk), g.head_dim), np.float32) for _ in past]
                 sfx = f".slot{j}" if j else ""
                 for name, out_name, x, y in zip(g.past_names, g.present_names, past, present):
@@ -449,8 +432,6 @@ class KVBatch:
                 at += len(runs[k])
             if prefill is not None:
                 out.append(present)
-                if last_logits:
-                    out.append(logits[0, -1])
         return out
 
     @property
@@ -459,14 +440,6 @@ class KVBatch:
         row-slots graph is there and the plan prefills on the weights that verify."""
         g = self.gen
         return self.for_verify and g.rows_session is not None and g.prefill_variant == g.verify_variant
-
-    @property
-    def can_ride_last(self) -> bool:
-        """Whether a prompt's last chunk may ride too (verify_rows' last_logits): prefill
-        chunks ride, and the verify weights' products are exact per token
-        (ROW_EXACT_VARIANTS), so the run's head gives the first token's logits bit for bit
-        as the prefill's would."""
-        return self.can_ride_prefill and self.gen.verify_variant in ROW_EXACT_VARIANTS
 
     def _slots_binding(self, rows: tuple[int, ...]):
         """The row-slots graph's binding with slot r's cache bound to buffer row rows[r], in

@@ -19,10 +19,8 @@ One thread runs the model, so concurrent answers never fight over the cores; eac
      run itself per request waiting for its prefill while streams wait on it, the run no
      longer than `prefill_stall_ms` (the streams' inter-token latency then; sized by what
      riding tokens have cost of late); a prompt's
-     last chunk, never shorter than `last_chunk` tokens, rides too where the verify weights'
-     products are exact per token (w8a8: generate.ROW_EXACT_VARIANTS), its first token's
-     logits coming from the run, else it runs on its own. A newcomer whose prompt is done
-     joins the running batch with its first token;
+     last chunk runs on its own, never shorter than `last_chunk` tokens. A newcomer whose
+     prompt is done joins the running batch with its first token;
   4. runs one batched decode step over every active row and hands each row's text delta
      to its caller;
   5. runs one verify run over the speculating rows (below).
@@ -323,7 +321,6 @@ class Scheduler:
         self.rows_stepped = 0
         self.prefill_runs = 0
         self.prefill_rides = 0  # prefill chunks that rode in verify runs (_ride_chunk)
-        self.last_rides = 0  # of them, prompts' last chunks (their first token from the run)
         self._verify_s = 0.05  # how long a verify run took of late
         self._verify_rows_s: dict[int, float] = {}  # the same, by the run's rows
         self._ride_s: float | None = None  # what a riding chunk's token added to its run of late
@@ -470,7 +467,8 @@ class Scheduler:
                     self._prefill_chunk(t)
                 except Exception as e:  # noqa: BLE001 - fail this request, keep serving
                     log.exception("prefill failed")
-                    self._drop_prefilling(t, e)
+                    self._prefilling.remove(t)
+                    self._fail(t, e)
             if self._active:
                 try:
                     self._decode_step()
@@ -543,11 +541,10 @@ class Scheduler:
 
         A chunk's own run reads every weight once, which is most of a small chunk's cost;
         riding, it costs only its tokens' share. So it rides whenever rows speculate, the
-        row-slots graph is on the prefill weights and has a slot free. A prompt's last chunk
-        (at least last_chunk tokens, so a prompt's keys are the bits of an unchunked prefill)
-        rides only where the run's head gives its first token's logits bit for bit as a
-        prefill run's would (KVBatch.can_ride_last; the rest of the prompt rides at once when
-        the chunk would reach it); elsewhere it runs on its own. While streams wait on the run, a chunk takes about as long as the run
+        row-slots graph is on the prefill weights and has a slot free, and the chunk is not
+        the prompt's last (whose logits pick the first token: that one runs on its own, at
+        least last_chunk tokens, so a prompt's keys and first token are the bits of an
+        unchunked prefill). While streams wait on the run, a chunk takes about as long as the run
         itself times the requests waiting for their prefill (this one included), and the run
         with it no longer than `prefill_stall_ms`, as a chunk of its own would (one block at
         least: where a run alone takes the stall, prompts get in a block a run). The run's own
@@ -574,11 +571,8 @@ class Scheduler:
             extra = min(queued * run, self.stall_s - run)  # a run within prefill_stall_ms
             tokens = int(extra / (self._ride_s or self.chunk_cost[1]))
             size = min(size, max(self.block, tokens // self.block * self.block))
-        a, end = t.done_tokens, len(t.prompt)
-        cut = (end - self.last_chunk) // self.block * self.block  # where the last chunk starts, at the latest
-        if self._solo.can_ride_last and (a >= cut or a + size >= end):
-            return (t, a, end) if end - a >= 2 else None  # the rest, the first token's logits with it
-        b = min(a + size, cut)
+        a = t.done_tokens
+        b = min(a + size, (len(t.prompt) - self.last_chunk) // self.block * self.block)
         return (t, a, b) if b > a else None
 
     def _chunk_done(self, t: Ticket, a: int, b: int, kv: list[np.ndarray]) -> None:
@@ -612,12 +606,8 @@ class Scheduler:
             # which is most of a small chunk's cost), so steer by what the last one took.
             self._stall_chunk = 0.5 * self._stall_chunk + 0.5 * size * self.stall_s / took
         self._chunk_done(t, a, b, kv)
-        if b == len(t.prompt):
-            self._first_token(t, logits)
-
-    def _first_token(self, t: Ticket, logits: np.ndarray) -> None:
-        """`t`'s prompt is prefilled and `logits` follow its last token: its first token, and
-        a place in the batch."""
+        if b < len(t.prompt):
+            return
         self._prefilling.remove(t)
         t.row.push(t.row.pick(logits))
         t.t_first = time.perf_counter_ns()
@@ -685,15 +675,12 @@ class Scheduler:
         whose keys are never kept); it keeps the tokens the model picks while they match its drafts, and the
         model's own pick at the first mismatch. A failed run fails its rows only."""
         gone: set[int] = set()
-        first_token = None  # (newcomer, logits) when `ride` was its prompt's last chunk
         slots = self.generator.row_slots if len(self._speculating) > 1 else 1  # a lone row: the plain graph
         for first in range(0, len(self._speculating), slots):
             rows = list(range(first, min(first + slots, len(self._speculating))))
             t0 = time.perf_counter()
             try:
-                logits = self._verify_run(rows, gone, ride)
-                if logits is not None:
-                    first_token = ride[0], logits
+                self._verify_run(rows, gone, ride)
                 took = time.perf_counter() - t0
             except Exception as e:  # noqa: BLE001 - fail this run's rows (and its chunk's request), keep serving
                 log.exception("verify run failed")
@@ -702,7 +689,8 @@ class Scheduler:
                         gone.add(b)
                         self._fail(self._speculating[b], e)
                 if ride is not None:
-                    self._drop_prefilling(ride[0], e)
+                    self._prefilling.remove(ride[0])
+                    self._fail(ride[0], e)
             else:
                 n = len(rows)
                 if ride is None:  # how long streams wait on a run: riding chunks take about as long
@@ -717,17 +705,10 @@ class Scheduler:
             ride = None
         if gone:
             self._keep_solo([i for i in range(len(self._speculating)) if i not in gone])
-        if first_token is not None:  # it joins once the run's rows are settled
-            t = first_token[0]
-            try:
-                self._first_token(*first_token)
-            except Exception as e:  # noqa: BLE001 - fail this request, keep serving
-                log.exception("a newcomer's first token failed")
-                self._drop_prefilling(t, e)
 
-    def _verify_run(self, rows: list[int], gone: set[int], ride: tuple[Ticket, int, int] | None) -> np.ndarray | None:
+    def _verify_run(self, rows: list[int], gone: set[int], ride: tuple[Ticket, int, int] | None) -> None:
         """One run of the speculating rows `rows` (and the chunk `ride`); those that finish
-        join `gone`. Returns the logits after the chunk when it ends its prompt."""
+        join `gone`."""
         drafts = []
         cap = max(1, self.run_tokens // len(rows) - 1)  # drafts per row: fewer as the run fills
         worth = self.draft_worth["alone" if len(rows) == 1 and ride is None else "shared"]
@@ -738,20 +719,13 @@ class Scheduler:
             k = min(t.draft_tokens, left - 1, cap, t.drafts_worth(worth) if self.adaptive_drafts else cap)
             drafts.append(lookup_draft(t.history[:n_hist], k))
         tokens = [[self._speculating[b].row.ids[-1], *d] for b, d in zip(rows, drafts)]
-        first = None
         if ride is None:
             logits = self._solo.verify_rows(rows, tokens)
         else:
             t, a, b = ride
-            last = b == len(t.prompt)
-            out = self._solo.verify_rows(rows, tokens, prefill=(t.kv, t.prompt[a:b]), last_logits=last)
-            if last:
-                *logits, kv, first = out
-            else:
-                *logits, kv = out
+            *logits, kv = self._solo.verify_rows(rows, tokens, prefill=(t.kv, t.prompt[a:b]))
             self._chunk_done(t, a, b, kv)
             self.prefill_rides += 1
-            self.last_rides += last
         self.verify_runs += 1
         self.rows_verified += len(rows)
         for i, b in enumerate(rows):
@@ -781,7 +755,6 @@ class Scheduler:
             if row.finish is not None:
                 self._finish(t, row.finish)
                 gone.add(b)
-        return first
 
     # ------------------------------------------------------------------ events
     def _emit(self, t: Ticket) -> None:
@@ -806,12 +779,6 @@ class Scheduler:
                                   rejected_prediction_tokens=t.drafted - t.accepted)
         t.events.put(t.completion)
         t.events.put(_DONE)
-
-    def _drop_prefilling(self, t: Ticket, e: BaseException) -> None:
-        """Fail a newcomer whose prefill or joining failed (it may have left _prefilling)."""
-        if t in self._prefilling:
-            self._prefilling.remove(t)
-        self._fail(t, e)
 
     @staticmethod
     def _fail(t: Ticket, e: BaseException) -> None:

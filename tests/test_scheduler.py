@@ -398,10 +398,10 @@ def test_a_riding_chunk_keeps_its_run_within_the_prefill_stall(prompts, make, st
     assert s.wait_started(timeout=300)
     rides, real = [], s._solo.verify_rows
 
-    def spy(rows, tokens, prefill=None, **kw):
+    def spy(rows, tokens, prefill=None):
         if prefill is not None:
             rides.append(len(prefill[1]))
-        return real(rows, tokens, prefill=prefill, **kw)
+        return real(rows, tokens, prefill=prefill)
 
     s._solo.verify_rows = spy
     first = s.submit(prompts[0], SamplingParams(max_new_tokens=400, ignore_eos=True))
@@ -419,70 +419,6 @@ def test_a_riding_chunk_keeps_its_run_within_the_prefill_stall(prompts, make, st
     first.result()
     alone = s.submit(long, SamplingParams(max_new_tokens=4)).result()
     assert all(r.token_ids == alone.token_ids for r in results)
-
-
-@pytest.fixture(scope="module")
-def generator_w8a8(config):
-    from engine.generate import Generator
-
-    return Generator(config.gen_model_dir, variant="w8a8", threads=2, context_window=config.context_window)
-
-
-def test_a_last_chunk_rides_on_exact_weights_with_its_first_tokens_bits(generator, generator_w8a8, prompts):
-    """On w8a8 (integer products: exact per token) a prompt's last chunk rides in a verify
-    run of 1 or 3 speculating rows, and the run's head gives the logits after its last token
-    bit for bit as a prefill run's last-position head, and the same keys; the int8 weights
-    (float sums) refuse it."""
-    from engine.generate import KVBatch
-
-    g = generator_w8a8
-    p = prompts[2]
-    head, want_kv = g.prefill(p[:32])
-    want_logits, want_kv = g.prefill(p[32:], want_kv)
-    for n_rows in (1, 3):
-        batch = KVBatch(g, verify=True)
-        assert batch.can_ride_last
-        for q in prompts[:n_rows]:
-            batch.add(g.prefill(q)[1], len(q) + 16)
-        rows = list(range(n_rows))
-        *logits, kv, last = batch.verify_rows(rows, [[p[0], p[1], p[2]]] * n_rows,
-                                              prefill=(g.prefill(p[:32])[1], p[32:]), last_logits=True)
-        assert len(logits) == n_rows and logits[0].shape == (3, g.vocab_size)
-        assert np.array_equal(last, want_logits), f"{n_rows} rows: the first token's logits changed"
-        assert all(np.array_equal(a, b) for a, b in zip(kv, want_kv))
-    plain = KVBatch(generator, verify=True)
-    assert not plain.can_ride_last
-    plain.add(generator.prefill(prompts[0])[1], len(prompts[0]) + 16)
-    with pytest.raises(ValueError, match="exact per token"):
-        plain.verify_rows([0], [[p[0], p[1]]], prefill=(None, p[:32]), last_logits=True)
-
-
-def test_newcomers_last_chunks_ride_and_keep_their_alone_tokens(generator_w8a8, prompts):
-    """Beside speculating streams on w8a8, newcomers' prompts ride to their end (their first
-    token from the verify run's head, no prefill run of their own), and every newcomer, cold
-    or a prefix-cache hit, gets the tokens it gets alone."""
-    g = generator_w8a8
-    s = Scheduler(g, max_rows=4, prefill_chunk=64, block_tokens=16, draft_tokens=3, prefill_stall_ms=10_000)
-    try:
-        assert s.wait_started(timeout=300)
-        params = SamplingParams(max_new_tokens=6)
-        alone = [s.submit(q, params).result().token_ids for q in prompts]
-        runs_alone = s.prefill_runs
-        streams = [s.submit(q, SamplingParams(max_new_tokens=400, ignore_eos=True)) for q in prompts[:2]]
-        deadline = time.monotonic() + 60
-        while len(s._speculating) < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        runs = s.prefill_runs
-        got = [t.result().token_ids for t in [s.submit(q, params) for q in prompts[2:] + prompts[2:]]]
-        for t in streams:
-            t.cancel()
-            t.result()
-        assert got == alone[2:] + alone[2:]
-        assert s.last_rides > 0, "prompts' last chunks rode in verify runs"
-        assert s.prefill_runs - runs < len(got), "newcomers beside streams needed fewer prefill runs of their own"
-        assert runs_alone > 0
-    finally:
-        s.close()
 
 
 def test_drafts_follow_a_rows_agreement_and_never_change_its_tokens(generator, make):
