@@ -467,8 +467,7 @@ class Scheduler:
                     self._prefill_chunk(t)
                 except Exception as e:  # noqa: BLE001 - fail this request, keep serving
                     log.exception("prefill failed")
-                    self._prefilling.remove(t)
-                    self._fail(t, e)
+                    self._drop_prefilling(t, e)
             if self._active:
                 try:
                     self._decode_step()
@@ -689,8 +688,7 @@ class Scheduler:
                         gone.add(b)
                         self._fail(self._speculating[b], e)
                 if ride is not None:
-                    self._prefilling.remove(ride[0])
-                    self._fail(ride[0], e)
+                    self._drop_prefilling(ride[0], e)
             else:
                 n = len(rows)
                 if ride is None:  # how long streams wait on a run: riding chunks take about as long
@@ -779,6 +777,13 @@ class Scheduler:
                                   rejected_prediction_tokens=t.drafted - t.accepted)
         t.events.put(t.completion)
         t.events.put(_DONE)
+
+    def _drop_prefilling(self, t: Ticket, e: BaseException) -> None:
+        """Fail a newcomer whose prefill failed, or its joining the batch after its last chunk
+        (it has left _prefilling then: a second remove would raise and stop the loop)."""
+        if t in self._prefilling:
+            self._prefilling.remove(t)
+        self._fail(t, e)
 
     @staticmethod
     def _fail(t: Ticket, e: BaseException) -> None:

@@ -323,6 +323,20 @@ def test_a_failed_step_fails_its_requests_and_the_loop_serves_on(generator, prom
         generator.session = real
     assert s.submit(prompts[0], params).result().token_ids == want.token_ids
     assert (s.running, s.waiting) == (0, 0)
+    # joining the batch after the last prompt chunk fails: that request only, the loop serves on
+    real_join = s._join
+
+    def join_fails(t):
+        raise MemoryError("injected: no room for the row")
+
+    s._join = join_fails
+    try:
+        with pytest.raises(MemoryError, match="injected"):
+            s.submit(prompts[1], params).result()
+    finally:
+        s._join = real_join
+    assert s.submit(prompts[0], params).result().token_ids == want.token_ids
+    assert (s.running, s.waiting) == (0, 0)
 
 
 def test_many_rows_decode_in_one_step(prompts, make):
