@@ -210,6 +210,7 @@ def single_stream_peers(engine: Engine, questions: list[str], args) -> dict:
     for draft, adapt in dict.fromkeys(((k, adaptive), (k, False), (0, False))):
         scheduler = Scheduler(gen, max_rows=1, prefix_cache_mb=0, draft_tokens=draft, adaptive_drafts=adapt,
                               draft_worth=plan.draft_worth())  # as the engine's (Engine.scheduler)
+        scheduler.submit(gen.encode("Hello"), params).result()  # warms up, as each peer does (_peer_lm.py)
         rows = []
         for ids in prompts:
             t0 = time.perf_counter()
