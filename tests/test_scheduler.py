@@ -311,32 +311,27 @@ class FailOnce:
 
 
 def test_a_failed_step_fails_its_requests_and_the_loop_serves_on(generator, prompts, make):
+    """A decode step that fails, or a newcomer's joining the batch after its last prompt
+    chunk (no room for its row): that request fails with the error, the loop serves on."""
     s = make(prefix_cache_mb=0)
     params = SamplingParams(max_new_tokens=6)
     want = s.submit(prompts[0], params).result()
-    real = generator.session
-    generator.session = FailOnce(real, fail_at=3)  # a decode step of the next request
-    try:
-        with pytest.raises(RuntimeError, match="injected"):
-            s.submit(prompts[0], params).result()
-    finally:
-        generator.session = real
-    assert s.submit(prompts[0], params).result().token_ids == want.token_ids
-    assert (s.running, s.waiting) == (0, 0)
-    # joining the batch after the last prompt chunk fails: that request only, the loop serves on
-    real_join = s._join
 
     def join_fails(t):
         raise MemoryError("injected: no room for the row")
 
-    s._join = join_fails
-    try:
-        with pytest.raises(MemoryError, match="injected"):
-            s.submit(prompts[1], params).result()
-    finally:
-        s._join = real_join
-    assert s.submit(prompts[0], params).result().token_ids == want.token_ids
-    assert (s.running, s.waiting) == (0, 0)
+    faults = [(generator, "session", FailOnce(generator.session, fail_at=3), RuntimeError, prompts[0]),  # a decode step
+              (s, "_join", join_fails, MemoryError, prompts[1])]
+    for owner, name, fault, error, prompt in faults:
+        real = getattr(owner, name)
+        setattr(owner, name, fault)
+        try:
+            with pytest.raises(error, match="injected"):
+                s.submit(prompt, params).result()
+        finally:
+            setattr(owner, name, real)
+        assert s.submit(prompts[0], params).result().token_ids == want.token_ids
+        assert (s.running, s.waiting) == (0, 0)
 
 
 def test_many_rows_decode_in_one_step(prompts, make):
