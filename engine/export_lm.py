@@ -1079,8 +1079,8 @@ def quantize_w8a8(model):
         the last axis, one block of k per row, take one scale per row whatever x's rank, with
         zero points of the scale's shape. (The row-scale QuantizeLinear of opset 18, per index
         of one axis, needed x reshaped to [rows, K] and back: 11 nodes against 7 now, the
-        same bits; a lone row's run of 1-8 tokens 1.04-1.06x faster on the AVX-512 VNNI EPYC,
-        a 32-token run 1.03x, benchmarks/w8a8_graph.py.)"""
+        same bits; a lone row's run of 1-8 tokens 1.03-1.04x faster on the AVX-512 VNNI EPYC,
+        a 32-token run 1.02x, benchmarks/w8a8_graph.py.)"""
         q = f"{x}/w8a8"
         quantized_inputs[x] = (q + "/u8", q + "/scale")
         return [helper.make_node("Abs", [x], [q + "/abs"]),
