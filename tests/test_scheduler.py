@@ -49,6 +49,26 @@ def make(generator):
         s.close()
 
 
+def result_within(ticket, seconds: float = 120.0) -> Completion:
+    """The ticket's Completion (or what failed it), failing the test if the loop has not
+    answered in `seconds`: a stopped loop would leave the caller waiting for ever."""
+    done, box = threading.Event(), {}
+
+    def wait():
+        try:
+            box["result"] = ticket.result()
+        except BaseException as e:  # noqa: BLE001 - handed to the test below
+            box["error"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=wait, daemon=True).start()
+    assert done.wait(seconds), "the scheduler loop stopped answering"
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
 def alone(scheduler, prompts, params):
     return [scheduler.submit(p, params).result() for p in prompts]
 
@@ -327,10 +347,10 @@ def test_a_failed_step_fails_its_requests_and_the_loop_serves_on(generator, prom
         setattr(owner, name, fault)
         try:
             with pytest.raises(error, match="injected"):
-                s.submit(prompt, params).result()
+                result_within(s.submit(prompt, params))
         finally:
             setattr(owner, name, real)
-        assert s.submit(prompts[0], params).result().token_ids == want.token_ids
+        assert result_within(s.submit(prompts[0], params)).token_ids == want.token_ids
         assert (s.running, s.waiting) == (0, 0)
 
 
