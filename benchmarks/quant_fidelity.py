@@ -14,7 +14,7 @@ number of questions (no answers generated per plan, nothing scored against gold 
 it ranks recipes before an F1 run confirms one.
 
 Candidates built for the comparison (into --work, never into models/; each ~1 GB):
-- `gptq-int4`: 4-bit blocks of 32 with a zero point, as our int4, but every block chosen by
+- `gptq-int4`: 4-bit blocks with a zero point, as our int4's, but every block chosen by
   GPTQ (Frantar et al., 2022: quantize one input row at a time and push its error, weighted
   by the inverse Hessian of the layer's inputs, onto the rows not yet quantized; each block's
   scale and zero point by our int4_blocks search at the moment it is reached). Calibration:
@@ -26,8 +26,9 @@ Candidates built for the comparison (into --work, never into models/; each ~1 GB
   multiplied by s: the same function, with the activation outliers moved into the weights.
 - `head-fp32-int4`: our int4 with the output head (lm_head) left in fp32: how much of int4's
   drift is the head's.
-- `b64-int4`, `b128-int4`: our int4 recipe with 64 or 128 weights per scale and zero point
-  instead of 32 (fewer bytes a decode step reads: 283 / 266 MB against 316 for Qwen2.5-0.5B).
+- `b32-int4`, `b64-int4`, `b128-int4`: our int4 recipe with 32, 64 or 128 weights per scale
+  and zero point (export_lm.INT4_BLOCK_SIZE is 128, 32 before; a one-row decode step of
+  Qwen2.5-0.5B reads 316 / 283 / 266 MB).
 Each plan's one-row decode steps are timed as it walks (median ms a step, the plans in
 turn: compare within one run).
 One JSON line per plan to bench-results/quant_fidelity.jsonl.
@@ -59,8 +60,8 @@ from engine.pipeline import Engine, Hit  # noqa: E402
 
 DEFAULT_SQUAD = REPO.parent / "shared" / "data" / "squad-dev-v1.1.json"
 CANDIDATES = {"gptq-int4": "model_gptq_int4.onnx", "smooth-w8a8": "model_smooth_w8a8.onnx",
-              "head-fp32-int4": "model_head_fp32_int4.onnx", "b64-int4": "model_b64_int4.onnx",
-              "b128-int4": "model_b128_int4.onnx"}
+              "head-fp32-int4": "model_head_fp32_int4.onnx", "b32-int4": "model_b32_int4.onnx",
+              "b64-int4": "model_b64_int4.onnx", "b128-int4": "model_b128_int4.onnx"}
 CALIB_WINDOWS, CALIB_TOKENS = 16, 512
 
 
@@ -302,7 +303,7 @@ def main() -> int:
                 build_gptq(model_dir, dst, hess)
             elif b == "smooth-w8a8":
                 build_smooth(model_dir, dst, amax)
-            elif b.startswith("b") and b.endswith("-int4"):  # b64-int4, b128-int4
+            elif b.startswith("b") and b.endswith("-int4"):  # b32-int4, b64-int4, b128-int4
                 build_blocks(model_dir, dst, int(b[1:-5]))
             else:
                 build_head_fp32(model_dir, dst)

@@ -262,7 +262,7 @@ def test_int4_blocks_are_what_onnxruntime_computes_and_beat_round_to_nearest():
     rng = np.random.default_rng(0)
     k, n = 96, 40  # three blocks of 32: an odd count, so the last zero-point byte is half used
     w = (rng.standard_normal((k, n)) * 0.05 + 0.01).astype(np.float32)
-    packed, scales, zero_points, deq = int4_blocks(w)
+    packed, scales, zero_points, deq = int4_blocks(w, 32)
     assert packed.shape == (n, 3, 16) and scales.shape == (n, 3) and zero_points.shape == (n, 2)
 
     def product(x, inputs, **attrs):
@@ -310,7 +310,7 @@ def test_quantize_int4_leaves_the_kept_matmuls_in_fp32():
         "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
         [helper.make_tensor_value_info(y, TensorProto.FLOAT, [None, n]) for y in ("y1", "y2")],
         [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
-    model = quantize_int4(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), keep={"b"})
+    model = quantize_int4(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), 32, keep={"b"})
     assert [(nd.name, nd.op_type) for nd in model.graph.node] == [("a_Q4", "MatMulNBits"), ("b", "MatMul")]
     inits = {t.name for t in model.graph.initializer}
     assert "w2" in inits and "w1" not in inits
