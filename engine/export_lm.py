@@ -145,7 +145,7 @@ INT8_BLOCK_SIZE = 128
 # --build b64-int4,b128-int4, one run): a one-row step 12.5 ms against 14.6-16.6 (64: 15.9),
 # KL(fp32 || int4) per position 0.077 against 0.043, top token = fp32's 93.1% against 94.4%;
 # gold-paragraph answers (answer_quality.py --skip-rag --n 120 --seed 3, the plan w8a8 >
-# int4 without drafts, the two copies in turn): F1 26.7 against 26.2 (fp32 27.3), 45.0%
+# int4 without drafts, a run each, 128 swapped in ad hoc): F1 26.7 against 26.2 (fp32 27.3), 45.0%
 # against 51.7% fp32's very answer. Speed and answer quality per CPU: README, "Execution
 # plan" (engine.plan --measure, answer_quality.py --plans).
 INT4_BLOCK_SIZE = 128
