@@ -210,19 +210,14 @@ def build_smooth(model_dir: Path, dst: Path, amax: dict, alpha: float = 0.5) -> 
     return done
 
 
-def build_head_fp32(model_dir: Path, dst: Path) -> None:
+def build_int4(model_dir: Path, dst: Path, block_size: int = export_lm.INT4_BLOCK_SIZE, *,
+               head_fp32: bool = False) -> None:
+    """Our int4 recipe with `block_size` weights per scale; `head_fp32`: the output head kept in fp32."""
     import onnx
 
     model = onnx.load(str(model_dir / export_lm.FP32_FILE))
-    head = {n.name for n in model.graph.node if n.op_type == "MatMul" and "lm_head" in n.name}
-    export_lm.save_onnx(export_lm.quantize_int4(model, keep=head), dst)
-
-
-def build_blocks(model_dir: Path, dst: Path, block_size: int) -> None:
-    import onnx
-
-    model = onnx.load(str(model_dir / export_lm.FP32_FILE))
-    export_lm.save_onnx(export_lm.quantize_int4(model, block_size), dst)
+    head = {n.name for n in model.graph.node if n.op_type == "MatMul" and "lm_head" in n.name} if head_fp32 else set()
+    export_lm.save_onnx(export_lm.quantize_int4(model, block_size, keep=frozenset(head)), dst)
 
 
 # ----------------------------------------------------------------------------- fidelity
@@ -304,9 +299,9 @@ def main() -> int:
             elif b == "smooth-w8a8":
                 build_smooth(model_dir, dst, amax)
             elif b.startswith("b") and b.endswith("-int4"):  # b32-int4, b64-int4, b128-int4
-                build_blocks(model_dir, dst, int(b[1:-5]))
+                build_int4(model_dir, dst, int(b[1:-5]))
             else:
-                build_head_fp32(model_dir, dst)
+                build_int4(model_dir, dst, head_fp32=True)
             print(f"built {b} in {time.perf_counter() - t:.0f} s", flush=True)
         del hess, amax
 

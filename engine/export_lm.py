@@ -142,7 +142,8 @@ INT8_BLOCK_SIZE = 128
 # 4-bit weights (MatMulNBits, a scale and a zero point per 128 weights, int8 compute): 266 MB
 # a one-row decode step reads for Qwen2.5-0.5B, against 316 with blocks of 32 (whose fp32
 # scales were a fifth of the bytes). On the 2-core AVX-512 VNNI EPYC (quant_fidelity.py
-# --build b64-int4,b128-int4, one run): a one-row step 12.5 ms against 14.6-16.6 (64: 15.9),
+# --build b64-int4,b128-int4, one run): a one-row step 12.5 ms against 14.6-16.6 (64: 15.9;
+# three pairs taking turns in a later run: 1.02-1.35x),
 # KL(fp32 || int4) per position 0.077 against 0.043, top token = fp32's 93.1% against 94.4%;
 # gold-paragraph answers (answer_quality.py --skip-rag --n 120 --seed 3, the plan w8a8 >
 # int4 without drafts, a run each, 128 swapped in ad hoc): F1 26.7 against 26.2 (fp32 27.3), 45.0%
