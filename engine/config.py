@@ -154,11 +154,11 @@ DEFAULT_PREFILL_STALL_MS = 500.0
 DEFAULT_PREFIX_BLOCK_TOKENS = 16
 DEFAULT_PREFIX_CACHE_MB = 256.0
 # Speculative decoding (engine/scheduler.py): a greedy answer drafts up to this many
-# tokens per run from its own prompt and checks them in one run of the model. None: under
-# the latency objective the count the machine's plan measured best (engine/plan.py
-# draft_choice: 3 or 7; 3 where nothing is measured), 0 (off) under throughput, where rows
-# share one-token steps instead (speculating rows share verify runs of their own). At most
-# what one verify run carries after the last token.
+# tokens per run from its own prompt and checks them in one run of the model. None: the
+# count the machine's plan measured best (engine/plan.py draft_choice: 3 or 7; 3 where
+# nothing is measured); under the throughput objective 0 (off: rows share one-token steps
+# instead) unless full verify runs make more tokens/s than full one-token batches here
+# (plan.drafts_pay_in_full_runs). At most what one verify run carries after the last token.
 DEFAULT_SPECULATIVE_TOKENS = None
 SPECULATIVE_TOKENS_LATENCY = 3
 MAX_SPECULATIVE_TOKENS = VERIFY_MAX_TOKENS - 1
@@ -358,14 +358,12 @@ class Config:
 
     @property
     def draft_tokens(self) -> int:
-        """speculative_tokens, resolved (None: by plan_objective; under latency, the count the
-        machine's plan measured best, engine/plan.draft_choice)."""
+        """speculative_tokens, resolved (None: the machine's plan's count for plan_objective,
+        engine/plan.resolve)."""
         if self.speculative_tokens is not None:
             return self.speculative_tokens
-        if self.plan_objective != "latency":
-            return 0
         if not (self.gen_model_dir / "manifest.json").exists():  # no model yet: nothing measured
-            return SPECULATIVE_TOKENS_LATENCY
+            return SPECULATIVE_TOKENS_LATENCY if self.plan_objective == "latency" else 0
         from .plan import for_config
 
         return for_config(self).drafts

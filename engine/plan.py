@@ -150,7 +150,9 @@ class Plan:
     rates: dict = dataclasses.field(default_factory=dict)
     objective: str = "latency"  # what chose the decode variant (config.PLAN_OBJECTIVES)
     verify: str = ""  # the weights of speculative decoding's verify runs ("": the decode's)
-    drafts: int = SPECULATIVE_TOKENS_LATENCY  # drafts per run under the latency objective
+    # drafts per run (0: none unless a request asks; under throughput where they do not pay,
+    # drafts_pay_in_full_runs)
+    drafts: int = SPECULATIVE_TOKENS_LATENCY
 
     def __post_init__(self) -> None:
         if not self.verify:
@@ -163,7 +165,9 @@ class Plan:
         and MEASURE_VERIFY_LONG_TOKENS-token runs; "shared": between the latter and a full run
         of MEASURE_BATCH_ROWS rows of MEASURE_VERIFY_TOKENS), times the tokens per second the
         decode weights make without drafts in that time (one row's one-token steps; a full
-        batch's). None without those rates."""
+        batch's). Also a lone row's run time, "alone_run_s" + "alone_token_s" x its tokens,
+        the line through its two measured runs (Ticket.drafts_for_speed). None without
+        those rates."""
         r, d = self.rates.get(self.verify, {}), self.rates.get(self.decode, {})
         runs = ((MEASURE_VERIFY_TOKENS, r.get("verify", 0.0)), (MEASURE_VERIFY_LONG_TOKENS, r.get("verify_long", 0.0)),
                 (MEASURE_BATCH_ROWS * MEASURE_VERIFY_TOKENS, r.get("verify_full", 0.0)))
@@ -171,12 +175,13 @@ class Plan:
         if min(rate for _, rate in runs) <= 0 or min(plain) <= 0:
             return None
         (s, ts), (l, tl), (f, tf) = ((n, n / rate) for n, rate in runs)
-        return {"alone": max((tl - ts) / (l - s), 0.0) * plain[0], "shared": max((tf - tl) / (f - l), 0.0) * plain[1]}
+        token = max((tl - ts) / (l - s), 0.0)
+        return {"alone": token * plain[0], "shared": max((tf - tl) / (f - l), 0.0) * plain[1],
+                "alone_run_s": max(ts - token * s, 0.0), "alone_token_s": token}
 
     def describe(self) -> str:
         how = {"measured": "measured on", "rule": "chosen by CPU features for", "config": "set by config on"}[self.source]
-        drafts = (f"drafts verified on {self.verify} up to {self.drafts} a run" if self.objective == "latency"
-                  else "no drafts unless asked")
+        drafts = f"drafts verified on {self.verify} up to {self.drafts} a run" if self.drafts else "no drafts unless asked"
         return f"prefill {self.prefill}, decode {self.decode} for {self.objective}, {drafts} ({how} {self.cpu})"
 
 
@@ -233,19 +238,28 @@ def fastest(rates: dict, phase: str) -> str:
     return max(candidates(rates), key=lambda v: rates[v][phase])
 
 
-def verify_choice(rates: dict, default: str, prefill: str | None = None) -> str:
+def verify_choice(rates: dict, default: str, prefill: str | None = None, objective: str = "latency") -> str:
     """The verify runs' variant: each eligible one scores the share of the fastest rate it
-    keeps, a lone row's run ("verify") or a full run ("verify_full", where measured),
-    whichever share is lower; of those within VERIFY_SPEED_TOLERANCE of the best score, the
-    prefill's weights (a newcomer's prompt chunks then ride in the verify runs instead of
-    runs of their own: Scheduler._ride_chunk), else the most faithful to fp32 (FIDELITY).
-    `default` where none could verify (a graph from before short_run_logits: no speculative
-    decoding at all)."""
+    keeps, under the latency objective a lone row's run ("verify"), under throughput also a
+    full run ("verify_full", where measured), whichever share is lower; of those within
+    VERIFY_SPEED_TOLERANCE of the best score, the prefill's weights (a newcomer's prompt
+    chunks then ride in the verify runs instead of runs of their own:
+    Scheduler._ride_chunk), else the most faithful to fp32 (FIDELITY). `default` where none
+    could verify (a graph from before short_run_logits: no speculative decoding at all).
+
+    A request's tokens must not depend on the load, so one variant verifies every run, and
+    the two objectives want different ones where the CPU's kernels differ in kind: on the
+    AVX-512 VNNI EPYC (no AMX) a lone row's 2-token int4 run takes what a one-token step
+    takes (14.5 against 14.2 ms at ~400 keys) while w8a8's takes twice that (28.5: twice
+    the bytes), but 8 rows of 4 tokens run at 290 tok/s on int4 against 420 on w8a8. Served
+    there in one run (serve_answers.py, 20 s each): verified on int4, a lone stream 95.9
+    tok/s against 75.5, 8 streams 139 against 163 (decode-bound), 592 prompt tok/s against
+    749 (RAG prompts; no chunk rides on int4 there)."""
     auto = candidates(rates)
     top = max(rates[v]["verify"] for v in auto)
     if top <= 0:
         return default
-    full = max(rates[v].get("verify_full", 0.0) for v in auto)
+    full = max(rates[v].get("verify_full", 0.0) for v in auto) if objective == "throughput" else 0.0
 
     def score(v: str) -> float:
         alone = rates[v]["verify"] / top
@@ -273,6 +287,20 @@ def draft_choice(rates: dict, verify: str) -> int:
     return max(DRAFT_YIELD, key=lambda k: DRAFT_YIELD[k] / max(run_time(k + 1), 1e-9))
 
 
+def drafts_pay_in_full_runs(rates: dict, verify: str, decode: str) -> bool:
+    """Whether a full batch (MEASURE_BATCH_ROWS rows) makes more tokens/s speculating, in
+    full verify runs on `verify`'s weights keeping DRAFT_YIELD's tokens of 3 drafts a row
+    a run, than in one-token steps on `decode`'s (the throughput objective's drafts; False
+    where either is not measured). On the AVX-512 VNNI EPYC: w8a8 runs 8 rows x 4 tokens at
+    420 tok/s, so 2.51 of 4 kept make 264 against w8a8's one-token batches' 226 (served in
+    one run, 8 decode-bound streams: 164.6 tok/s speculating on w8a8 against 116.4 in
+    one-token steps)."""
+    full = rates.get(verify, {}).get("verify_full", 0.0)
+    steps = rates.get(decode, {}).get("batch_decode", 0.0)
+    k = MEASURE_VERIFY_TOKENS - 1
+    return full > 0 and steps > 0 and DRAFT_YIELD.get(k, 0.0) / MEASURE_VERIFY_TOKENS * full > steps
+
+
 def built_variants(model_dir: Path) -> list[str]:
     from .generate import VARIANT_FILES
 
@@ -289,7 +317,8 @@ def resolve(model_dir: Path, *, decode: str = "auto", prefill: str = "auto", ver
     if provider != "cpu":
         decode = "int8" if decode == "auto" else decode
         return Plan(decode if prefill == "auto" else prefill, decode, "config", provider, objective=objective,
-                    verify=decode if verify == "auto" else verify)
+                    verify=decode if verify == "auto" else verify,
+                    drafts=SPECULATIVE_TOKENS_LATENCY if objective == "latency" else 0)
     plan = recorded(model_dir) or rule(built_variants(model_dir))
     plan = dataclasses.replace(plan, objective=objective)
     if objective == "throughput" and measured(plan, "batch_decode"):
@@ -297,12 +326,14 @@ def resolve(model_dir: Path, *, decode: str = "auto", prefill: str = "auto", ver
     decode = plan.decode if decode == "auto" else decode
     if measured(plan, "verify"):
         plan = dataclasses.replace(plan, verify=verify_choice(
-            plan.rates, decode, plan.prefill if prefill == "auto" else prefill))
+            plan.rates, decode, plan.prefill if prefill == "auto" else prefill, objective))
     elif plan.source != "rule":  # recorded before verify runs were measured: the decode's weights
         plan = dataclasses.replace(plan, verify=decode)
     chosen = (plan.prefill if prefill == "auto" else prefill, decode, plan.verify if verify == "auto" else verify)
     if measured(plan, "verify", "verify_long"):
         plan = dataclasses.replace(plan, drafts=draft_choice(plan.rates, chosen[2]))
+    if objective == "throughput" and not drafts_pay_in_full_runs(plan.rates, chosen[2], decode):
+        plan = dataclasses.replace(plan, drafts=0)
     if not has_int8_dot() and any(v in NEEDS_INT8_DOT for v in chosen):
         log.warning("%s is configured on a CPU without 8-bit dot products (%s): its integer products "
                     "may saturate there and change answers", "/".join(sorted(set(chosen) & set(NEEDS_INT8_DOT))),

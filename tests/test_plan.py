@@ -13,7 +13,7 @@ from engine import plan as plan_module
 from engine.config import Config
 from engine.errors import InvalidInput
 from engine.plan import (AUTO_VARIANTS, DRAFT_YIELD, INT8_DOT, Plan, built_variants, cpu_features, cpu_key,
-                         draft_choice, eligible, for_config, measured, recorded, resolve, rule, verify_choice)
+                         draft_choice, drafts_pay_in_full_runs, eligible, for_config, measured, recorded, resolve, rule, verify_choice)
 from engine.scheduler import Scheduler
 
 
@@ -35,13 +35,15 @@ def test_make_models_recorded_a_measured_plan_for_this_cpu(config):
     auto = eligible(plan.rates)
     assert plan.prefill == max(auto, key=lambda v: plan.rates[v]["prefill"])
     assert plan.decode == max(auto, key=lambda v: plan.rates[v]["decode"]) and "int4" in plan.rates
-    assert plan.verify in auto and plan.verify == verify_choice(plan.rates, plan.decode, plan.prefill)
     assert all(r["verify_full"] > 0 for r in plan.rates.values()), "full runs through the row-slots graph"
     assert plan.objective == "latency" and measured(plan)
+    # the recorded verify choice is what `measure` chose; a plan in use chooses again from the
+    # rates (a manifest from before a change of verify_choice keeps its old choice)
     latency = resolve(config.gen_model_dir)
-    assert f"drafts verified on {plan.verify} up to {latency.drafts} a run" in latency.describe()
+    assert plan.verify in auto and latency.verify == verify_choice(plan.rates, plan.decode, plan.prefill)
+    assert f"drafts verified on {latency.verify} up to {latency.drafts} a run" in latency.describe()
     assert all(r["verify_long"] > 0 for r in plan.rates.values())
-    assert latency.drafts == draft_choice(plan.rates, plan.verify) == config.draft_tokens
+    assert latency.drafts == draft_choice(plan.rates, latency.verify) == config.draft_tokens
     manifest = json.loads((config.gen_model_dir / "manifest.json").read_text())
     entry = manifest["execution_plans"][cpu_key()]
     assert (entry["decode"], entry["verify"]) == (plan.decode, plan.verify)
@@ -64,8 +66,12 @@ def test_throughput_objective_decodes_on_the_fastest_full_batch(config):
     with pytest.raises(InvalidInput, match="plan_objective must be one of"):
         Config(plan_objective="fastest")
     # speculative decoding follows the objective unless configured: it serves one stream
-    # faster, while a speculating row runs alone instead of sharing a full batch's steps
-    assert Config().draft_tokens in DRAFT_YIELD and Config(plan_objective="throughput").draft_tokens == 0
+    # faster; a full batch speculates where full verify runs keep more tokens/s than its
+    # one-token steps make
+    pays = drafts_pay_in_full_runs(latency.rates, throughput.verify, throughput.decode)
+    assert throughput.verify == verify_choice(latency.rates, throughput.decode, throughput.prefill, "throughput")
+    assert Config().draft_tokens in DRAFT_YIELD
+    assert Config(plan_objective="throughput").draft_tokens == throughput.drafts == (latency.drafts if pays else 0)
     assert Config(plan_objective="throughput", speculative_tokens=2).draft_tokens == 2
     assert Config(speculative_tokens=0).draft_tokens == 0
     for bad in (-1, 8, 2.5, True):
@@ -106,7 +112,7 @@ def test_a_plan_recorded_before_batch_or_verify_rates_is_measured_again(tmp_path
     for r, full in zip(rates.values(), (150.0, 400.0)):  # int8 at half int4's speed in a full run
         r["verify_full"] = full
     assert measured(record(batch_decode="int8", verify="int8"))
-    assert resolve(tmp_path).verify == "int4"
+    assert resolve(tmp_path).verify == "int8" and resolve(tmp_path, objective="throughput").verify == "int4"
 
 
 def test_verify_runs_take_the_most_faithful_of_the_fastest():
@@ -120,18 +126,25 @@ def test_verify_runs_take_the_most_faithful_of_the_fastest():
     assert verify_choice(rates(int4=120.0, int8=100.0), "int8") == "int4"
     assert verify_choice(rates(int4=100.0, fp32=95.0, int8=80.0), "int4") == "fp32"
     assert verify_choice(rates(int4=100.0, int8=50.0, fp32=30.0), "int8") == "int4"
-    # a full run (8 rows of 4 tokens) counts too: the lower of a variant's two shares of the
-    # fastest rate; w8a8 at 0.88 alone and 1.0 full beats int8 at 1.0 alone and 0.5 full
+    # under the throughput objective a full run (8 rows of 4 tokens) counts too: the lower of
+    # a variant's two shares of the fastest rate; w8a8 at 0.88 alone and 1.0 full beats int8
+    # at 1.0 alone and 0.5 full; under latency (a lone row's run) int8 wins
     def both(**r):
         return {v: {"verify": a, "verify_full": f} for v, (a, f) in r.items()}
 
-    assert verify_choice(both(int8=(145.0, 200.0), w8a8=(128.0, 400.0)), "int4") == "w8a8"
-    assert verify_choice(both(int8=(145.0, 380.0), w8a8=(128.0, 400.0)), "int4") == "int8"
-    assert verify_choice(both(int8=(100.0, 0.0), int4=(120.0, 0.0)), "int8") == "int4", "no full runs: alone"
+    def busy(rates, default, prefill=None):
+        return verify_choice(rates, default, prefill, "throughput")
+
+    assert busy(both(int8=(145.0, 200.0), w8a8=(128.0, 400.0)), "int4") == "w8a8"
+    assert verify_choice(both(int8=(145.0, 200.0), w8a8=(128.0, 400.0)), "int4") == "int8"
+    assert verify_choice(both(int8=(145.0, 200.0), w8a8=(128.0, 400.0)), "int4", "w8a8") == "int8", "too slow"
+    assert busy(both(int8=(145.0, 380.0), w8a8=(128.0, 400.0)), "int4") == "int8"
+    assert busy(both(int8=(100.0, 0.0), int4=(120.0, 0.0)), "int8") == "int4", "no full runs: alone"
     # of the close ones, the prefill's weights (its chunks ride in verify runs), then fidelity
-    assert verify_choice(both(int8=(145.0, 300.0), w8a8=(130.0, 339.0)), "int4") == "int8"
-    assert verify_choice(both(int8=(145.0, 300.0), w8a8=(130.0, 339.0)), "int4", "w8a8") == "w8a8"
-    assert verify_choice(both(int8=(145.0, 200.0), w8a8=(128.0, 400.0)), "int4", "int8") == "w8a8", "too slow"
+    assert busy(both(int8=(145.0, 300.0), w8a8=(130.0, 339.0)), "int4") == "int8"
+    assert busy(both(int8=(145.0, 300.0), w8a8=(130.0, 339.0)), "int4", "w8a8") == "w8a8"
+    assert verify_choice(both(int8=(145.0, 300.0), w8a8=(140.0, 339.0)), "int4", "w8a8") == "w8a8"
+    assert busy(both(int8=(145.0, 200.0), w8a8=(128.0, 400.0)), "int4", "int8") == "w8a8", "too slow"
     # a graph that cannot verify measured nothing: the decode's weights, no extra session
     assert verify_choice(rates(int4=0.0, int8=0.0, fp32=0.0), "int4") == "int4"
 
@@ -145,6 +158,17 @@ def test_a_drafts_place_is_worth_what_one_token_steps_make_in_its_time():
     worth = Plan("w8a8", "int4", "measured", "cpu", rates, verify="w8a8").draft_worth()
     assert worth["alone"] == pytest.approx(0.0015 * 60) and worth["shared"] == pytest.approx(0.002 * 150)
     assert Plan("w8a8", "int4", "measured", "cpu", {"w8a8": {"verify": 100.0}}, verify="w8a8").draft_worth() is None
+
+
+def test_a_full_batch_speculates_only_where_full_verify_runs_pay():
+    """Under the throughput objective drafts are on where a full run of 8 rows x 4 tokens,
+    keeping DRAFT_YIELD's 2.51 tokens a row, makes more tokens/s than a full batch's
+    one-token steps (w8a8 on the AVX-512 VNNI EPYC: 420 x 2.51 / 4 = 264 against 226)."""
+    rates = {"w8a8": {"verify_full": 420.0, "batch_decode": 226.0}, "int4": {"verify_full": 290.0,
+                                                                          "batch_decode": 207.0}}
+    assert drafts_pay_in_full_runs(rates, "w8a8", "w8a8")
+    assert not drafts_pay_in_full_runs(rates, "int4", "w8a8"), "290 x 2.51 / 4 = 182 < 226"
+    assert not drafts_pay_in_full_runs({"w8a8": {"batch_decode": 226.0}}, "w8a8", "w8a8"), "not measured"
 
 
 def test_drafts_per_run_follow_what_a_longer_run_costs():

@@ -477,3 +477,24 @@ def test_drafts_follow_a_rows_agreement_and_never_change_its_tokens(generator, m
     assert (got["free"].accepted_prediction_tokens, got["free"].rejected_prediction_tokens) == offered[how][1]
     drafted = got["dear"].accepted_prediction_tokens + got["dear"].rejected_prediction_tokens
     assert drafted <= len(f.token_ids) < sum(offered[how][1]), "one draft a run"
+    # with a lone run's time known (Plan.draft_worth), the count that keeps most tokens a
+    # second: other drafts, the same tokens
+    timed = make(prefix_cache_mb=0, draft_tokens=7, draft_worth={"alone": 1.0, "shared": 1.0,
+                                                                 "alone_run_s": 0.0059, "alone_token_s": 0.0033})
+    assert timed.submit(prompt, params).result().token_ids == f.token_ids
+
+
+def test_a_lone_rows_drafts_are_the_count_that_keeps_most_tokens_a_second(prompts, make):
+    """Ticket.drafts_for_speed: k drafts keep 1 + p + ... + p^k tokens in a run of k + 1
+    tokens in whole pairs; where a pair costs what one token does and each further token a
+    quarter of it (int4, AVX-512 VNNI EPYC: 5.9 ms + 3.3 ms a token), one draft until the
+    row's agreement rate p passes ~0.7; where a run's fixed cost is higher (w8a8 there:
+    16.9 ms + 2.0), drafts pay sooner."""
+    t = make(prefix_cache_mb=0, draft_tokens=7).submit(prompts[0], SamplingParams(max_new_tokens=2))
+    t.result()
+    for p, want in ((0.5, 1), (2 / 3, 1), (0.8, 3), (0.9, 5)):
+        t.agreed, t.stopped = p, 1 - p
+        assert t.drafts_for_speed(0.0059, 0.0033, 7) == want, p
+    assert t.drafts_for_speed(0.0059, 0.0033, 2) == 1 and t.drafts_for_speed(0.0059, 0.0033, 0) == 1
+    t.agreed, t.stopped = 2 / 3, 1 / 3
+    assert t.drafts_for_speed(0.0169, 0.0020, 7) == 3
