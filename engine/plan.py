@@ -20,13 +20,14 @@ batch), so Config.plan_objective picks which of the two the plan serves.
 A third phase, `verify`, is speculative decoding's run (a row's last token and three drafts
 from its prompt, engine/scheduler.py): speculating rows run apart from the one-token
 steps (all of them together, through the row-slots graph), so they may take other weights
-than the one-token steps: of those within VERIFY_SPEED_TOLERANCE of the best at both a lone
-row's run of MEASURE_VERIFY_TOKENS tokens and a busy server's full run (MEASURE_BATCH_ROWS
-rows of them), the prefill's weights (newcomers' prompt chunks then ride in verify runs),
-else the most faithful to fp32 (verify_choice). On the AMX Xeon, w8a8's integer GEMM takes
-4 tokens for little more than one (int4's MatMulNBits ~1.6x), so w8a8 verifies there, while
-int4 stays the fastest one-token step; on the AVX-512 VNNI EPYC without AMX int8 runs a
-lone row's 4 tokens faster, w8a8 a full run, and w8a8 verifies.
+than the one-token steps: of those within VERIFY_SPEED_TOLERANCE of the best at a lone
+row's run of MEASURE_VERIFY_TOKENS tokens (the latency objective) or at both that and a
+busy server's full run (MEASURE_BATCH_ROWS rows of them; throughput), the prefill's weights
+(newcomers' prompt chunks then ride in verify runs), else the most faithful to fp32
+(verify_choice). On the AMX Xeon, w8a8's integer GEMM takes 4 tokens for little more than
+one (int4's MatMulNBits ~1.6x), so w8a8 verifies there, while int4 stays the fastest
+one-token step; on the AVX-512 VNNI EPYC without AMX int4 runs a lone row's tokens fastest
+(2 for the cost of 1) and w8a8 a full run, so int4 verifies for latency, w8a8 for throughput.
 A prefill on fp32 weights and a decode on int8 weights share one KV cache layout (the
 same graph, quantized), so the decoder continues from the fp32 prefill's keys and values.
 Users override any phase (Config.gen_variant for decode, Config.gen_prefill_variant,

@@ -53,8 +53,10 @@ so its tokens are the same alone or beside others, as the batched rows' are: whe
 request speculates depends on itself only, never on the load, and the more rows a run
 carries, the fewer drafts each (VERIFY_RUN_TOKENS) without changing a token.
 Verify runs take the weights the machine's plan chose for them (Generator.verify_variant,
-engine/plan.py: of those fastest at them, the closest to fp32; w8a8 or int8 on the AMX
-Xeon, whose integer GEMM takes 4 tokens for about the cost of one), which need not be the
+engine/plan.py: of those fastest at them, the closest to fp32; under the latency objective
+the fastest at a lone row's run, e.g. int4 on the AVX-512 VNNI EPYC, whose 2-token run
+costs what its one-token step does, w8a8 on the AMX Xeon, whose integer GEMM takes 4 tokens
+for about the cost of one; under throughput also at a full run), which need not be the
 one-token steps' weights. Sampled rows, and requests that turn drafts off, share one-token
 steps instead. (Batch requests used to: while speculating rows took turns, one-token steps
 shared by all rows gave a batch more tokens/s; sharing verify runs, 24 gold-paragraph batch
@@ -126,7 +128,10 @@ VERIFY_RUN_TOKENS = 32
 # its usage counts) depend on its own history and its run's rows only. p is the row's own
 # rate, agreed drafts against drafts at which a run stopped, counted with a decay of
 # DRAFT_MEMORY per run (answers quote in stretches) from a prior of 2 in 3. Tokens never
-# depend on it: a row's logits do not depend on how many tokens its run carries.
+# depend on it: a row's logits do not depend on how many tokens its run carries. A lone
+# row's run, whose time the plan's two run lengths give, takes the count that keeps most
+# tokens a second instead (Ticket.drafts_for_speed): its place's worth is the rate of the
+# row's own shorter runs, not that of plain one-token steps.
 DRAFT_WORTH = {"alone": 0.1, "shared": 0.25}
 DRAFT_MEMORY = 0.8
 DRAFT_PRIOR = (2.0, 1.0)  # (agreed, stopped) before a row's first run
