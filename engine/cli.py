@@ -70,12 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generator weights of speculative decoding's verify runs (default auto: this machine's "
                         "plan, see rag info)")
     p.add_argument("--plan-objective", choices=PLAN_OBJECTIVES, default=None,
-                   help="decode on the weights fastest for one stream alone (latency, the default) or for a full "
-                        "batch of concurrent answers (throughput); with --gen-variant auto")
+                   help="decode and verify drafts on the weights fastest for one stream alone (latency, the "
+                        "default) or for a full batch of concurrent answers (throughput); with --gen-variant auto")
     p.add_argument("--speculative-tokens", type=int, default=None,
                    help="tokens a greedy answer drafts from its prompt per run of the model, checked at "
                         "once (0 = off; default with --plan-objective latency: the count the plan measured best here, 3 or "
-                        "7; 0 with throughput)")
+                        "7; with throughput 0 unless full verify runs make more tokens/s here, see rag info)")
     p.add_argument("--fusion", choices=FUSIONS, default=None,
                    help="how hybrid search fuses the dense and BM25 rankings (default convex)")
     p.add_argument("--fusion-alpha", type=float, default=None,

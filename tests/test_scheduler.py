@@ -195,6 +195,45 @@ def test_speculating_rows_get_their_alone_tokens_beside_batched_rows(generator, 
     assert s._solo.bufs == [] and s._batch.bufs == [], "both caches are freed when their rows leave"
 
 
+def test_the_machines_plan_keeps_every_speculating_rows_alone_tokens(config):
+    """The same on the weights this machine's plan chose (engine/plan.py: e.g. w8a8 prefill,
+    int4 one-token steps and int4 verify runs on the AVX-512 VNNI EPYC), whose kernels round
+    per CPU: lone rows' runs on the plain graph, shared runs through the row-slots graph,
+    prompts chunked beside them (riding or not, as the plan allows), every finished request
+    has exactly its alone tokens."""
+    from engine.generate import Generator
+    from engine.plan import for_config
+
+    plan = for_config(config)
+    gen = Generator(config.gen_model_dir, variant=plan.decode, prefill_variant=plan.prefill,
+                    verify_variant=plan.verify, threads=2, context_window=config.context_window)
+    prompts = [gen.encode(gen.render_chat([{"role": "user", "content": f"Repeat exactly: {t}"}])) for t in TEXTS]
+    lengths = [24, 8, 30, 12, 20]
+    params = [SamplingParams(max_new_tokens=n, speculative_tokens=d) for n, d in zip(lengths, (None, 1, 7, 3, 0))]
+    made = []
+
+    def make(**kw):
+        made.append(Scheduler(gen, prefill_chunk=64, block_tokens=16, prefix_cache_mb=0, draft_tokens=3,
+                              draft_worth=plan.draft_worth(), **kw))
+        return made[-1]
+
+    try:
+        ref_sched = make(max_rows=1)
+        ref = [ref_sched.submit(p, sp).result() for p, sp in zip(prompts, params)]
+        assert ref_sched.accepted > 0, "drafts from the prompt were accepted"
+        s = make(max_rows=4, run_tokens=8)
+        tickets = []
+        for p, sp in zip(prompts, params):
+            tickets.append(s.submit(p, sp))
+            time.sleep(0.15)
+        for i, t in enumerate(tickets):
+            assert result_within(t).token_ids == ref[i].token_ids, f"request {i} changed beside the others"
+        assert s.rows_verified > s.verify_runs, "speculating rows shared verify runs"
+    finally:
+        for sched in made:
+            sched.close()
+
+
 def test_a_lone_answer_skips_the_calibration_two_at_once_run_it(prompts, make):
     """Calibration (timing prefill sizes, loading the row-slots graph) only serves stalls
     and rides beside other answers: a one-shot `rag ask` should not wait for it."""
