@@ -182,7 +182,8 @@ class Plan:
 
     def describe(self) -> str:
         how = {"measured": "measured on", "rule": "chosen by CPU features for", "config": "set by config on"}[self.source]
-        drafts = f"drafts verified on {self.verify} up to {self.drafts} a run" if self.drafts else "no drafts unless asked"
+        drafts = (f"drafts verified on {self.verify} up to {self.drafts} a run" if self.drafts
+                  else "no drafts unless asked")
         return f"prefill {self.prefill}, decode {self.decode} for {self.objective}, {drafts} ({how} {self.cpu})"
 
 

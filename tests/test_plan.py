@@ -13,7 +13,8 @@ from engine import plan as plan_module
 from engine.config import Config
 from engine.errors import InvalidInput
 from engine.plan import (AUTO_VARIANTS, DRAFT_YIELD, INT8_DOT, Plan, built_variants, cpu_features, cpu_key,
-                         draft_choice, drafts_pay_in_full_runs, eligible, for_config, measured, recorded, resolve, rule, verify_choice)
+                         draft_choice, drafts_pay_in_full_runs, eligible, for_config, measured, recorded, resolve,
+                         rule, verify_choice)
 from engine.scheduler import Scheduler
 
 
