@@ -28,8 +28,11 @@ def run_llama(job: dict):
         from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
         draft = LlamaPromptLookupDecoding(num_pred_tokens=job["prompt_lookup"])
+    # With a draft model llama-cpp-python keeps every position's logits, but sizes its score
+    # buffer by `logits_all` (n_batch rows without it): a prompt past 512 tokens then fails
+    # ("could not broadcast ... into shape (0,)"), so ask for them.
     llm = Llama(model_path=job["model"], n_ctx=4096, n_batch=512, n_threads=job["threads"],
-                n_threads_batch=job["threads"], verbose=False, draft_model=draft)
+                n_threads_batch=job["threads"], verbose=False, draft_model=draft, logits_all=draft is not None)
     first = llm.tokenize(b"Hello", add_bos=False, special=True)
     for _ in llm.generate(first, temp=0.0, top_k=1):  # warm up
         break

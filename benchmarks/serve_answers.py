@@ -39,7 +39,9 @@ its own virtual environment (`make peers`) through benchmarks/_peer_lm.py. Prefi
 (prompt tokens / time to first token) and decode tok/s, with ratios ours / peer. Ours runs
 through the scheduler twice, with speculative decoding as configured (drafts from the prompt,
 Config.speculative_tokens) and without; llama.cpp runs twice too, plain and with its own prompt
-lookup drafting (LlamaPromptLookupDecoding, --peer-lookup tokens a step).
+lookup drafting (LlamaPromptLookupDecoding, --peer-lookup tokens a step). The prompts are
+the engine's (k 3, packed: ~400 tokens) unless `--peer-k 5 --peer-whole-chunks` asks for the
+longer ones the serving issue's single-stream targets were set at (whole chunks: ~850).
 `--rounds N` measures every (regime, system, c) N times, the systems taking turns (a slow
 minute of a shared machine then hits each alike), and the tables and ratios take each
 number's median.
@@ -49,6 +51,7 @@ One JSON line per measurement goes to bench-results/serve_answers.jsonl, with th
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import subprocess
@@ -224,9 +227,14 @@ PEERS = {  # name -> (python of its virtual environment, model it loads), as `ma
 def single_stream_peers(engine: Engine, questions: list[str], args) -> dict:
     """Ours and each peer, one prompt at a time, on the same RAG prompt texts."""
     gen = engine.generator
+    answerer = engine.answerer
+    if args.peer_whole_chunks:  # the issue's long RAG prompts: whole chunks, no packing
+        answerer = copy.copy(answerer)
+        answerer.config = engine.config.replace(context_budget_tokens=0)
+    k = args.peer_k or engine.config.answer_k
     prompts = []
     for q in questions[:args.peer_prompts]:
-        ids, _ = engine.build_prompt(q, engine.search("squad", q, engine.config.answer_k), args.peer_new_tokens)
+        ids, _ = answerer.build_prompt(q, engine.search("squad", q, k), args.peer_new_tokens)
         prompts.append(ids)
     texts = [gen.tokenizer.decode(ids, skip_special_tokens=False) for ids in prompts]
     params = SamplingParams(max_new_tokens=args.peer_new_tokens)
@@ -423,6 +431,11 @@ def main() -> None:
                     help="also the single-stream section against llama.cpp and onnxruntime-genai (make peers)")
     ap.add_argument("--peer-prompts", type=int, default=8, help="prompts in the single-stream section")
     ap.add_argument("--peer-new-tokens", type=int, default=32)
+    ap.add_argument("--peer-k", type=int, default=None,
+                    help="chunks retrieved for the single-stream prompts (default: the engine's answer_k)")
+    ap.add_argument("--peer-whole-chunks", action="store_true",
+                    help="single-stream prompts of whole chunks, no context packing (with --peer-k 5: the "
+                         "~850-token RAG prompts the serving issue's single-stream targets name)")
     ap.add_argument("--peer-lookup", type=int, default=3,
                     help="llama.cpp's prompt lookup drafts per step in its second run (0: no second run)")
     args = ap.parse_args()
