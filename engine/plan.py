@@ -94,6 +94,13 @@ MEASURE_VERIFY_ROUNDS = 6
 # position over 960 answer positions: int8 0.0008, w8a8 0.0047, int4 0.0433).
 FIDELITY = ("fp32", "int8", "w8a8", "int4")
 VERIFY_SPEED_TOLERANCE = 0.10
+# The same holds for every phase: a near tie is noise, and a plan whose choice flips with it
+# gives other answers after the next measurement (on the AVX-512 VNNI EPYC a full batch's
+# one-token steps ran at 225.9 tok/s on w8a8 against 206.6 on int4 in one `make models`,
+# 202.5 against 202.9 in a fresh clone's an hour later: the throughput objective decoded on
+# w8a8, then on int4). So `fastest` takes, of the variants within PLAN_SPEED_TOLERANCE of
+# the highest rate, the most faithful to fp32 (FIDELITY).
+PLAN_SPEED_TOLERANCE = 0.10
 # Drafts per run under the latency objective (draft_choice): more drafts keep more tokens a
 # run but make the run longer, by how much depends on the weights and the CPU (on the AMX
 # Xeon w8a8 ran 8 tokens for ~1.05x the time of 4, int4 for ~1.6x). Tokens a greedy
@@ -236,8 +243,13 @@ def candidates(rates: dict) -> list[str]:
 
 
 def fastest(rates: dict, phase: str) -> str:
-    """The eligible variant with the highest `phase` rate."""
-    return max(candidates(rates), key=lambda v: rates[v][phase])
+    """Of the eligible variants within PLAN_SPEED_TOLERANCE of the highest `phase` rate, the
+    most faithful to fp32 (FIDELITY): a near tie goes the same way from one measurement to
+    the next, toward the better answers."""
+    auto = candidates(rates)
+    top = max(rates[v][phase] for v in auto)
+    close = [v for v in auto if rates[v][phase] >= (1 - PLAN_SPEED_TOLERANCE) * top]
+    return min(close, key=lambda v: FIDELITY.index(v) if v in FIDELITY else len(FIDELITY))
 
 
 def verify_choice(rates: dict, default: str, prefill: str | None = None, objective: str = "latency") -> str:
@@ -323,6 +335,8 @@ def resolve(model_dir: Path, *, decode: str = "auto", prefill: str = "auto", ver
                     drafts=SPECULATIVE_TOKENS_LATENCY if objective == "latency" else 0)
     plan = recorded(model_dir) or rule(built_variants(model_dir))
     plan = dataclasses.replace(plan, objective=objective)
+    if measured(plan, "prefill", "decode"):  # chosen again: a manifest keeps what its measurement chose then
+        plan = dataclasses.replace(plan, prefill=fastest(plan.rates, "prefill"), decode=fastest(plan.rates, "decode"))
     if objective == "throughput" and measured(plan, "batch_decode"):
         plan = dataclasses.replace(plan, decode=fastest(plan.rates, "batch_decode"))
     decode = plan.decode if decode == "auto" else decode
