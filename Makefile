@@ -90,14 +90,15 @@ fuzz: setup
 # The alone-or-batched tests on an emulated AVX2 CPU without AVX-512 or VNNI (qemu-user's
 # EPYC-Rome), as some machines this runs on are: onnxruntime picks its kernels by CPUID, and
 # a row's tokens must not depend on its batch with those kernels either. ~25x slower than
-# native: about 45 minutes (qemu warns of CPUID bits it cannot emulate). Needs qemu-user
+# native: about an hour (qemu warns of CPUID bits it cannot emulate). Needs qemu-user
 # (Debian: apt-get install qemu-user).
 AVX2_TESTS := tests/test_generate.py::test_batched_equals_one_by_one \
 	tests/test_scheduler.py::test_alone_equals_the_generator \
 	tests/test_scheduler.py::test_busy_batch_gives_every_request_its_alone_tokens \
 	tests/test_scheduler.py::test_speculating_rows_get_their_alone_tokens_beside_batched_rows \
 	tests/test_scheduler.py::test_the_machines_plan_keeps_every_speculating_rows_alone_tokens \
-	tests/test_plan.py::test_w8a8_prefill_is_exact_in_chunks_and_hands_over_to_the_decoder
+	tests/test_plan.py::test_w8a8_prefill_is_exact_in_chunks_and_hands_over_to_the_decoder \
+	tests/test_plan.py::test_drafts_verified_on_their_own_weights_keep_every_request_exact
 test-avx2: setup
 	@command -v qemu-x86_64 >/dev/null || \
 		{ echo "make test-avx2 needs qemu-user (Debian: apt-get install qemu-user)"; exit 2; }
