@@ -100,7 +100,7 @@ VERIFY_SPEED_TOLERANCE = 0.10
 # 202.5 against 202.9 in a fresh clone's an hour later: the throughput objective decoded on
 # w8a8, then on int4). So `fastest` takes, of the variants within PLAN_SPEED_TOLERANCE of
 # the highest rate, the most faithful to fp32 (FIDELITY).
-PLAN_SPEED_TOLERANCE = 0.10
+PLAN_SPEED_TOLERANCE = VERIFY_SPEED_TOLERANCE
 # Drafts per run under the latency objective (draft_choice): more drafts keep more tokens a
 # run but make the run longer, by how much depends on the weights and the CPU (on the AMX
 # Xeon w8a8 ran 8 tokens for ~1.05x the time of 4, int4 for ~1.6x). Tokens a greedy
@@ -242,6 +242,11 @@ def candidates(rates: dict) -> list[str]:
     return eligible(rates) or list(rates)
 
 
+def unfaithfulness(variant: str) -> int:
+    """A variant's place in FIDELITY (0: fp32); unknown variants last."""
+    return FIDELITY.index(variant) if variant in FIDELITY else len(FIDELITY)
+
+
 def fastest(rates: dict, phase: str) -> str:
     """Of the eligible variants within PLAN_SPEED_TOLERANCE of the highest `phase` rate, the
     most faithful to fp32 (FIDELITY): a near tie goes the same way from one measurement to
@@ -249,7 +254,7 @@ def fastest(rates: dict, phase: str) -> str:
     auto = candidates(rates)
     top = max(rates[v][phase] for v in auto)
     close = [v for v in auto if rates[v][phase] >= (1 - PLAN_SPEED_TOLERANCE) * top]
-    return min(close, key=lambda v: FIDELITY.index(v) if v in FIDELITY else len(FIDELITY))
+    return min(close, key=unfaithfulness)
 
 
 def verify_choice(rates: dict, default: str, prefill: str | None = None, objective: str = "latency") -> str:
@@ -281,7 +286,7 @@ def verify_choice(rates: dict, default: str, prefill: str | None = None, objecti
 
     best = max(score(v) for v in auto)
     close = [v for v in auto if score(v) >= (1 - VERIFY_SPEED_TOLERANCE) * best]
-    return min(close, key=lambda v: (v != prefill, FIDELITY.index(v) if v in FIDELITY else len(FIDELITY)))
+    return min(close, key=lambda v: (v != prefill, unfaithfulness(v)))
 
 
 def draft_choice(rates: dict, verify: str) -> int:
