@@ -69,6 +69,16 @@ def result_within(ticket, seconds: float = 120.0) -> Completion:
     return box["result"]
 
 
+def first_token_within(ticket, seconds: float = 300.0) -> None:
+    """Wait until `ticket` has streamed its first token (or finished): staggered arrivals by
+    progress, not by the clock, so that a fast CPU does not finish one request before the
+    next arrives."""
+    deadline = time.monotonic() + seconds
+    while not ticket.t_first and ticket.completion is None:
+        assert time.monotonic() < deadline, "no first token"
+        time.sleep(0.002)
+
+
 def alone(scheduler, prompts, params):
     return [scheduler.submit(p, params).result() for p in prompts]
 
@@ -107,13 +117,13 @@ def test_busy_batch_gives_every_request_its_alone_tokens(prompts, make):
     threads = []
 
     def start(i, **kw):
-        t = threading.Thread(target=consume, args=(i, s.submit(prompts[i], SamplingParams(max_new_tokens=lengths[i])),),
-                             kwargs=kw)
+        ticket = s.submit(prompts[i], SamplingParams(max_new_tokens=lengths[i]))
+        t = threading.Thread(target=consume, args=(i, ticket), kwargs=kw)
         t.start()
         threads.append(t)
+        return ticket
 
-    start(0)
-    time.sleep(0.3)  # 0 is decoding when the others arrive
+    first_token_within(start(0))  # 0 is decoding when the others arrive
     start(1)
     start(2)
     cancelled = s.submit(prompts[3], SamplingParams(max_new_tokens=200))
@@ -144,10 +154,11 @@ def test_speculating_rows_get_their_alone_tokens_beside_batched_rows(generator, 
     drafts were really accepted."""
     prompts = [generator.encode(generator.render_chat([{"role": "user", "content": f"Repeat exactly: {t}"}]))
                for t in TEXTS]
-    lengths = [24, 8, 30, 12, 20]
+    lengths = [64, 8, 30, 12, 20]  # the first runs on past its answer: every other one joins it
     streamed = [True, False, True, False, True]
     drafts = [None, 1, 7, 0, 0]  # the scheduler's (3), a request's own (rows of different lengths), off
-    params = [SamplingParams(max_new_tokens=n, speculative_tokens=d) for n, d in zip(lengths, drafts)]
+    params = [SamplingParams(max_new_tokens=n, speculative_tokens=d, ignore_eos=i == 0)
+              for i, (n, d) in enumerate(zip(lengths, drafts))]
     ref_sched = make(prefix_cache_mb=0, max_rows=1, draft_tokens=3)
     ref = [ref_sched.submit(p, sp, streamed=st).result() for p, sp, st in zip(prompts, params, streamed)]
     spec_tokens = sum(len(r.token_ids) for r, d in zip(ref, drafts) if d != 0)
@@ -179,7 +190,7 @@ def test_speculating_rows_get_their_alone_tokens_beside_batched_rows(generator, 
             cancelled = s.submit(prompts[3], SamplingParams(max_new_tokens=200))
             threads.append(threading.Thread(target=consume, args=(5, cancelled), kwargs={"cancel_after": 1}))
             threads[-1].start()
-        time.sleep(0.15)
+        first_token_within(ticket)
     for t in threads:
         t.join(timeout=300)
     for i in range(5):
@@ -208,8 +219,9 @@ def test_the_machines_plan_keeps_every_speculating_rows_alone_tokens(config):
     gen = Generator(config.gen_model_dir, variant=plan.decode, prefill_variant=plan.prefill,
                     verify_variant=plan.verify, threads=2, context_window=config.context_window)
     prompts = [gen.encode(gen.render_chat([{"role": "user", "content": f"Repeat exactly: {t}"}])) for t in TEXTS]
-    lengths = [24, 8, 30, 12, 20]
-    params = [SamplingParams(max_new_tokens=n, speculative_tokens=d) for n, d in zip(lengths, (None, 1, 7, 3, 0))]
+    lengths = [64, 8, 30, 12, 20]  # the first runs on past its answer: every other one joins it
+    params = [SamplingParams(max_new_tokens=n, speculative_tokens=d, ignore_eos=i == 0)
+              for i, (n, d) in enumerate(zip(lengths, (None, 1, 7, 3, 0)))]
     made = []
 
     def make(**kw):
@@ -225,7 +237,7 @@ def test_the_machines_plan_keeps_every_speculating_rows_alone_tokens(config):
         tickets = []
         for p, sp in zip(prompts, params):
             tickets.append(s.submit(p, sp))
-            time.sleep(0.15)
+            first_token_within(tickets[-1])
         for i, t in enumerate(tickets):
             assert result_within(t).token_ids == ref[i].token_ids, f"request {i} changed beside the others"
         assert s.rows_verified > s.verify_runs, "speculating rows shared verify runs"
