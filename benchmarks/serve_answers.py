@@ -30,7 +30,9 @@ Systems that change the generator load their own. Also measured in process: the
 single-stream prefill rate at the rag prompt size (served prompt tokens/s at c=8 should be
 >= 0.9x of it), and a repeated question's TTFT against its cold TTFT (prefix cache). Each
 c > 1 also prints a ceiling: the generated tokens/s no scheduler could beat here, with every
-token (uncached prompt or generated, as served) at the best in-process prefill rate.
+token (uncached prompt or generated, as served) at the best in-process prefill rate; and for
+c <= 8 a tighter one, the generated tokens at the best full-batch rate the machine's plan
+measured (8-row one-token steps, or 8 x 4 verify runs keeping every draft).
 With --peers, a single-stream section: the same RAG prompts (as text, chat template
 included), one at a time, same threads, greedy, through ours (the machine's execution plan),
 llama.cpp (llama-cpp-python built from source, on the GGUF that `make models` assembles) and
@@ -72,6 +74,7 @@ from engine.config import PLAN_OBJECTIVES, Config  # noqa: E402
 from engine.documents import Document  # noqa: E402
 from engine.generate import Completion, SamplingParams  # noqa: E402
 from engine.pipeline import Engine  # noqa: E402
+from engine.plan import MEASURE_BATCH_ROWS, MEASURE_VERIFY_TOKENS  # noqa: E402
 from engine.scheduler import Scheduler  # noqa: E402
 from server.app import create_server  # noqa: E402
 from server.client import RagClient  # noqa: E402
@@ -170,22 +173,40 @@ def drive(port: int, questions: list[str], c: int, seconds: float, regime: str, 
             "itl_p50_ms": pct(gaps, 50) * 1e3, "itl_p99_ms": pct(gaps, 99) * 1e3}
 
 
-def ceiling(regime: str, c: int, c1: int, ours: dict, one: dict, single: dict) -> str:
+def ceiling(regime: str, c: int, c1: int, ours: dict, one: dict, single: dict, rates: dict) -> str:
     """The most generated tokens/s c streams could get here, whatever the scheduler: every
     token, an uncached prompt token or a generated one, takes a place in some run, and no run
     processes tokens faster than a long prefill does (the best of the in-process runs: a run
     of many tokens is arithmetic-bound; a full verify run of 8 rows x 4 tokens is slower, see
     engine/plan.py's verify_full), so gen tok/s <= prefill rate / (1 + uncached prompt tokens
-    per generated token), that ratio as this measurement served it. Logged as a JSON line too."""
+    per generated token), that ratio as this measurement served it. A second, tighter one
+    for c <= MEASURE_BATCH_ROWS, from the rates the machine's plan measured (`rates`): the
+    prompt tokens at that prefill rate and the generated ones at the best full-batch rate of
+    any variant, one-token steps of 8 rows or verify runs of 8 rows x 4 tokens keeping every
+    draft (no run of c <= 8 rows decodes faster per token than those, unless longer runs
+    with more drafts kept). Logged as a JSON line too."""
     fresh = (ours["prompt_tokens"] - ours["cached_tokens"]) / max(ours["gen_tokens"], 1)
-    top = single["prefill_best_tok_per_s"] / (1 + fresh)
+    prefill = single["prefill_best_tok_per_s"]
+    top = prefill / (1 + fresh)
+    full = max(((r.get(phase, 0.0), f"{v} {how}") for v, r in rates.items()
+                for phase, how in (("batch_decode", f"{MEASURE_BATCH_ROWS}-row one-token steps"),
+                                   ("verify_full", f"{MEASURE_BATCH_ROWS} x {MEASURE_VERIFY_TOKENS} verify runs "
+                                                   "keeping every draft"))), default=(0.0, ""))
+    runs = 1 / (fresh / prefill + 1 / full[0]) if full[0] > 0 and c <= MEASURE_BATCH_ROWS else None
     log_jsonl("serve_answers", {"system": "ceiling", "regime": regime, "concurrency": c,
                                 "uncached_prompt_per_gen_token": fresh,
-                                "prefill_tok_per_s": single["prefill_best_tok_per_s"], "gen_tok_per_s": top,
-                                "vs_ours_c1": top / one["gen_tok_per_s"], "ours_share": ours["gen_tok_per_s"] / top})
-    return (f"{regime} c={c}: ceiling {top:.0f} gen tok/s ({fresh:.2f} uncached prompt tokens a generated one, "
-            f"all at the best in-process prefill rate {single['prefill_best_tok_per_s']:.0f} tok/s): "
+                                "prefill_tok_per_s": prefill, "gen_tok_per_s": top,
+                                "vs_ours_c1": top / one["gen_tok_per_s"], "ours_share": ours["gen_tok_per_s"] / top,
+                                "full_batch_gen_tok_per_s": full[0] if runs else None, "full_batch_run": full[1],
+                                "runs_gen_tok_per_s": runs,
+                                "runs_vs_ours_c1": runs / one["gen_tok_per_s"] if runs else None})
+    line = (f"{regime} c={c}: ceiling {top:.0f} gen tok/s ({fresh:.2f} uncached prompt tokens a generated one, "
+            f"all at the best in-process prefill rate {prefill:.0f} tok/s): "
             f"x{top / one['gen_tok_per_s']:.2f} ours c={c1}; served x{ours['gen_tok_per_s'] / top:.2f} of it")
+    if runs:
+        line += (f"; at the plan's full-batch rate ({full[0]:.0f} tok/s, {full[1]}) {runs:.0f} gen tok/s: "
+                 f"x{runs / one['gen_tok_per_s']:.2f} ours c={c1}; served x{ours['gen_tok_per_s'] / runs:.2f} of it")
+    return line
 
 
 def single_stream_prefill(engine: Engine, question: str, other: str) -> dict:
@@ -318,6 +339,7 @@ def run(args) -> None:
                                 for p in paragraphs])
         writer.warmup(generation=True)
         print(f"plan: {writer.execution_plan.describe()}", flush=True)
+        rates = writer.execution_plan.rates or {}
         systems = {"ours": base, "one-at-a-time": base.replace(max_concurrent_generations=1),
                    "no-drafts": base.replace(speculative_tokens=0)}
         systems.update({name: base.replace(gen_verify_variant=name.split("=", 1)[1])
@@ -380,7 +402,7 @@ def run(args) -> None:
                   f"ITL p99 c={c}/c={min(args.concurrency)} x{ours['itl_p99_ms'] / one['itl_p99_ms']:.2f}, "
                   f"served prompt tok/s / in-process prefill x{ours['prompt_tok_per_s'] / single['prefill_tok_per_s']:.2f}")
             if c > min(args.concurrency):
-                print(ceiling(regime, c, min(args.concurrency), ours, one, single))
+                print(ceiling(regime, c, min(args.concurrency), ours, one, single, rates))
             for other in [n for n in args.systems if n.startswith("stall=") or n == "throughput"]:  # own ratios
                 mine, mine_one = summary.get((regime, other, c)), summary.get((regime, other, min(args.concurrency)))
                 if mine and mine_one:
