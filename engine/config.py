@@ -259,7 +259,7 @@ class Config:
     prefix_block_tokens: int = DEFAULT_PREFIX_BLOCK_TOKENS
     prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB
     speculative_tokens: int | None = DEFAULT_SPECULATIVE_TOKENS
-    # A speculating answer drafts as many tokens as its own agreement rate makes worth their
+    # A speculating answer drafts as many tokens as its own agreement rates make worth their
     # place in the run (engine/scheduler.DRAFT_WORTH), up to speculative_tokens; False: always
     # up to speculative_tokens. The tokens are the same either way.
     adaptive_drafts: bool = True

@@ -115,8 +115,11 @@ PREFILL_EFFICIENCY = 0.8
 VERIFY_RUN_TOKENS = 32
 
 # Drafts a row offers follow how often its drafts have been right: a row's j-th draft is kept
-# only if the j - 1 before it were, so with a per-draft agreement rate p it is kept with
-# probability p^j, and a row drafts while p^j is at least what the draft's place is worth (at
+# only if the j - 1 before it were, so with agreement rates p1 for a run's first draft and p
+# for a draft after a kept one it is kept with probability p1 p^(j-1) (two rates: a RAG
+# answer quotes its passages in stretches, so a draft after a kept one is kept more often, 0.80
+# against 0.56 for a first one on the AVX-512 VNNI EPYC; one rate for both understated longer
+# runs), and a row drafts while that is at least what the draft's place is worth (at
 # least one draft: runs are padded to pairs, so a first draft costs what its filler would).
 # A place is worth the tokens the decode weights would make without drafts in the time it
 # takes: (seconds one more token costs the run, from the plan's measured verify runs) x
@@ -125,16 +128,16 @@ VERIFY_RUN_TOKENS = 32
 # Plan.draft_worth, e.g. 1.59 ms x 62.7 tok/s = 0.10 alone and 1.81 ms x 160.5 = 0.29
 # shared on the AMD EPYC with AVX-512 VNNI (w8a8 verify, int4 decode). DRAFT_WORTH where the
 # plan has no such rates. From measured rates, not this run's timing, so a row's drafts (and
-# its usage counts) depend on its own history and its run's rows only. p is the row's own
-# rate, agreed drafts against drafts at which a run stopped, counted with a decay of
-# DRAFT_MEMORY per run (answers quote in stretches) from a prior of 2 in 3. Tokens never
-# depend on it: a row's logits do not depend on how many tokens its run carries. A lone
-# row's run, whose time the plan's two run lengths give, takes the count that keeps most
-# tokens a second instead (Ticket.drafts_for_speed): its place's worth is the rate of the
-# row's own shorter runs, not that of plain one-token steps.
+# its usage counts) depend on its own history and its run's rows only. p1 and p are the row's
+# own, kept drafts against drafts not kept, counted with a decay of DRAFT_MEMORY per run
+# from a prior of 2 in 3 each. Tokens never depend on them: a row's logits do not depend on
+# how many tokens its run carries. A lone row's run, whose time the plan's two run lengths
+# give, takes the count that keeps most tokens a second instead (Ticket.drafts_for_speed):
+# its place's worth is the rate of the row's own shorter runs, not that of plain one-token
+# steps. benchmarks/draft_count.py compares the rule with fixed counts and with one rate.
 DRAFT_WORTH = {"alone": 0.1, "shared": 0.25}
 DRAFT_MEMORY = 0.8
-DRAFT_PRIOR = (2.0, 1.0)  # (agreed, stopped) before a row's first run
+DRAFT_PRIOR = (2.0, 1.0)  # (kept, not kept) before a row's first run, for p1 and p alike
 
 
 class PrefixCache:
@@ -221,36 +224,40 @@ class Ticket:
         self.history: np.ndarray | None = None  # prompt + answer tokens, for drafting
         self.drafted = 0
         self.accepted = 0
-        self.agreed, self.stopped = DRAFT_PRIOR  # decayed counts behind drafts_worth
+        # decayed counts (kept, not kept) behind drafts_worth: of a run's first draft, and of a
+        # draft after a kept one (answers quote in stretches: the second is the higher)
+        self.first, self.further = list(DRAFT_PRIOR), list(DRAFT_PRIOR)
         self.t_submit = time.perf_counter_ns()
         self.t_admit = 0
         self.t_first = 0
         self.completion: Completion | None = None
         self._result: Completion | None = None
 
+    def agreement(self) -> tuple[float, float]:
+        """(p1, p): the chances that a run's first draft is kept, and that a draft after a
+        kept one is (the row's own decayed counts, DRAFT_MEMORY)."""
+        return self.first[0] / sum(self.first), self.further[0] / sum(self.further)
+
     def drafts_worth(self, worth: float) -> int:
-        """Drafts whose chance of being kept, p^j, is at least `worth` (DRAFT_WORTH); >= 1."""
-        p = self.agreed / (self.agreed + self.stopped)
-        n, kept = 0, 1.0
-        while n < 64 and (kept := kept * p) >= worth:
+        """Drafts whose chance of being kept, p1 p^(j-1) for the j-th, is at least `worth`
+        (DRAFT_WORTH); >= 1."""
+        p1, p = self.agreement()
+        n, kept = 0, p1
+        while n < 64 and kept >= worth:
             n += 1
+            kept *= p
         return max(1, n)
 
     def drafts_for_speed(self, fixed_s: float, token_s: float, most: int) -> int:
         """Of 1 to `most` drafts, the count whose lone run keeps most tokens a second: with
-        the row's agreement rate p it keeps 1 + p + ... + p^k tokens in a run of k + 1 tokens
-        rounded up to whole pairs (VERIFY_ALIGN), which takes fixed_s + token_s x its tokens
-        (Plan.draft_worth). Where a run of 2 tokens costs what a one-token step does and each
-        further token a quarter of that (int4 on the AVX-512 VNNI EPYC), one draft a run
-        until p passes ~0.7. In process there, 12 RAG prompts, three interleaved rounds
-        (ad-hoc): 96.8 tok/s median per answer, against 95.2 with one draft fixed, 90.9 with
-        three and 77.5 without drafts (each place's worth against one-token steps, the rule
-        for shared runs, gave 87-94 in an earlier run, one draft fixed 90-104)."""
-        p = self.agreed / (self.agreed + self.stopped)
-        best, best_rate, kept, expected = 1, 0.0, 1.0, 1.0
+        the row's agreement (p1, p) it keeps 1 + p1 (1 + p + ... + p^(k-1)) tokens in a run of
+        k + 1 tokens rounded up to whole pairs (VERIFY_ALIGN), which takes fixed_s + token_s x
+        its tokens (Plan.draft_worth)."""
+        p1, p = self.agreement()
+        best, best_rate, kept, expected = 1, 0.0, p1, 1.0
         for k in range(1, max(most, 1) + 1):
-            kept *= p
             expected += kept
+            kept *= p
             n = k + 1 + (-(k + 1) % VERIFY_ALIGN)
             rate = expected / max(fixed_s + token_s * n, 1e-9)
             if rate > best_rate:
@@ -259,8 +266,10 @@ class Ticket:
 
     def drafts_checked(self, offered: int, kept: int) -> None:
         """Count a run: `kept` of `offered` drafts agreed (a run stops at the first that does not)."""
-        self.agreed = DRAFT_MEMORY * self.agreed + kept
-        self.stopped = DRAFT_MEMORY * self.stopped + (kept < offered)
+        m = DRAFT_MEMORY
+        self.first = [m * self.first[0] + (kept > 0), m * self.first[1] + (kept == 0)]
+        if kept and offered > 1:  # drafts after a kept one were offered
+            self.further = [m * self.further[0] + kept - 1, m * self.further[1] + (kept < offered)]
 
     def cancel(self) -> None:
         """Leave at the next step (the caller stopped reading)."""
@@ -299,6 +308,8 @@ class Ticket:
 class Scheduler:
     """Continuous batching over one Generator (see the module docstring)."""
 
+    ticket_class = Ticket  # what submit makes (benchmarks/draft_count.py compares another drafts rule)
+
     def __init__(self, generator: Generator, *, max_rows: int = DEFAULT_MAX_CONCURRENT_GENERATIONS,
                  max_queue: int = DEFAULT_MAX_QUEUED_GENERATIONS, kv_budget_tokens: int = DEFAULT_KV_BUDGET_TOKENS,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, block_tokens: int = DEFAULT_PREFIX_BLOCK_TOKENS,
@@ -336,7 +347,7 @@ class Scheduler:
         self.max_draft = max(generator.verify_max_tokens - 1, 0)  # 0: the graph cannot verify drafts
         self.draft_tokens = min(draft_tokens, self.max_draft)  # for streams that do not ask
         self.run_tokens = run_tokens  # a verify run's tokens, about (VERIFY_RUN_TOKENS)
-        self.adaptive_drafts = adaptive_drafts  # drafts per row follow its agreement rate (DRAFT_WORTH)
+        self.adaptive_drafts = adaptive_drafts  # drafts per row follow its agreement rates (DRAFT_WORTH)
         # {"alone", "shared"[, "alone_run_s", "alone_token_s"]}: Plan.draft_worth
         self.draft_worth = {**DRAFT_WORTH, **(draft_worth or {})}
         if draft_tokens and not self.draft_tokens:
@@ -381,7 +392,7 @@ class Scheduler:
         if len(prompt) + params.max_new_tokens > self.kv_budget:
             raise InvalidInput(f"the prompt ({len(prompt)} tokens) plus max_new_tokens ({params.max_new_tokens}) "
                                f"exceeds the scheduler's KV budget of {self.kv_budget} tokens")
-        t = Ticket(self, list(prompt), params, cancelled, deadline, streamed)
+        t = self.ticket_class(self, list(prompt), params, cancelled, deadline, streamed)
         with self._cv:
             if self._stop:
                 raise Unavailable("the generation scheduler is shut down")
@@ -403,7 +414,7 @@ class Scheduler:
         a, b = self.chunk_cost
         g = self.generator
         spec = (f"greedy answers draft up to {self.draft_tokens} tokens a run from their prompt"
-                f"{' (as many as their own agreement rate makes worth it)' if self.adaptive_drafts else ''}, "
+                f"{' (as many as their own agreement rates make worth it)' if self.adaptive_drafts else ''}, "
                 f"verified on {g.verify_variant}, {g.row_slots} rows a run" if self.draft_tokens
                 else "no speculative decoding")
         if self.draft_tokens:

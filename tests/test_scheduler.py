@@ -536,16 +536,45 @@ def test_drafts_follow_a_rows_agreement_and_never_change_its_tokens(generator, m
 
 
 def test_a_lone_rows_drafts_are_the_count_that_keeps_most_tokens_a_second(prompts, make):
-    """Ticket.drafts_for_speed: k drafts keep 1 + p + ... + p^k tokens in a run of k + 1
-    tokens in whole pairs; where a pair costs what one token does and each further token a
-    quarter of it (int4, AVX-512 VNNI EPYC: 5.9 ms + 3.3 ms a token), one draft until the
-    row's agreement rate p passes ~0.7; where a run's fixed cost is higher (w8a8 there:
-    16.9 ms + 2.0), drafts pay sooner."""
+    """Ticket.drafts_for_speed: k drafts keep 1 + p1 (1 + p + ... + p^(k-1)) tokens in a run
+    of k + 1 tokens in whole pairs (p1: the row's rate for a run's first draft, p for one after
+    a kept one); where a pair costs what one token does and each further token a quarter of it
+    (int4, AVX-512 VNNI EPYC: 5.9 ms + 3.3 ms a token), one draft until the row's agreement
+    passes ~0.7; where a run's fixed cost is higher (w8a8 there: 16.9 ms + 2.0), drafts pay
+    sooner; where drafts come in stretches (p above p1), longer runs pay sooner too."""
     t = make(prefix_cache_mb=0, draft_tokens=7).submit(prompts[0], SamplingParams(max_new_tokens=2))
     t.result()
     for p, want in ((0.5, 1), (2 / 3, 1), (0.8, 3), (0.9, 5)):
-        t.agreed, t.stopped = p, 1 - p
+        t.first, t.further = [p, 1 - p], [p, 1 - p]
+        assert t.agreement() == pytest.approx((p, p))
         assert t.drafts_for_speed(0.0059, 0.0033, 7) == want, p
     assert t.drafts_for_speed(0.0059, 0.0033, 2) == 1 and t.drafts_for_speed(0.0059, 0.0033, 0) == 1
-    t.agreed, t.stopped = 2 / 3, 1 / 3
+    t.first, t.further = [2, 1], [2, 1]
     assert t.drafts_for_speed(0.0169, 0.0020, 7) == 3
+    # the Zen 5 EPYC's int4 runs (7.2 ms + 1.48 a token): a first draft kept half the time,
+    # one after it as often: one draft; kept 0.8 of the time after a kept one: three
+    t.first, t.further = [0.5, 0.5], [0.5, 0.5]
+    assert t.drafts_for_speed(0.0072, 0.00148, 3) == 1
+    t.further = [0.8, 0.2]
+    assert t.drafts_for_speed(0.0072, 0.00148, 3) == 3
+    assert t.drafts_worth(0.35) == 2 and t.drafts_worth(0.3) == 3  # kept with 0.5, 0.4, 0.32, 0.256
+
+
+def test_a_rows_agreement_counts_first_drafts_and_the_ones_after_a_kept_one(prompts, make):
+    """Ticket.drafts_checked: a run stops at its first draft not kept, so its first draft
+    counts toward p1 (kept or not) and the ones after a kept first toward p; counts decay by
+    DRAFT_MEMORY a run."""
+    from engine.scheduler import DRAFT_MEMORY as m, DRAFT_PRIOR
+
+    t = make(prefix_cache_mb=0, draft_tokens=3).submit(prompts[0], SamplingParams(max_new_tokens=2))
+    t.result()
+    assert t.first == list(DRAFT_PRIOR) and t.further == list(DRAFT_PRIOR)
+    t.first, t.further = [0.0, 0.0], [0.0, 0.0]
+    t.drafts_checked(3, 0)  # the first draft missed: nothing after it was checked
+    assert t.first == [0.0, 1.0] and t.further == [0.0, 0.0]
+    t.drafts_checked(3, 2)  # first kept, second kept, third missed
+    assert t.first == pytest.approx([1.0, m]) and t.further == pytest.approx([1.0, 1.0])
+    t.drafts_checked(3, 3)  # all kept
+    assert t.first == pytest.approx([m + 1, m * m]) and t.further == pytest.approx([m + 2, m])
+    t.drafts_checked(1, 1)  # one draft, kept: nothing after it offered
+    assert t.further == pytest.approx([m + 2, m])

@@ -1,0 +1,143 @@
+"""How many drafts should a lone speculating answer offer a run? Ours against fixed counts
+and against the one-rate rule it replaced, per prompt, in one process.
+
+    .venv/bin/python benchmarks/draft_count.py                         # 24 RAG prompts (~400 tokens)
+    .venv/bin/python benchmarks/draft_count.py --k 5 --whole-chunks    # the serving issue's ~800
+
+Ingests `--docs` SQuAD v1.1 dev paragraphs, builds `--prompts` RAG prompts the engine's way
+(k and packing as configured, or `--k 5 --whole-chunks`), and answers each greedily
+(`--new-tokens`, as `serve_answers.py`'s single stream) through one scheduler per system,
+one row each, drafts from the prompt verified on the machine's plan's weights:
+  ours       the engine's rule (Ticket.drafts_for_speed): the count that keeps most tokens a
+             second, from the plan's run times and the row's two agreement rates (a run's
+             first draft; a draft after a kept one);
+  one-rate   the same with one agreement rate for every draft (kept drafts against runs
+             stopped, p^j for the j-th: the rule before);
+  fixed      always the configured count (Config.speculative_tokens; adaptive_drafts off).
+Every prompt runs through the three back to back, the first rotating, so a slow minute of a
+shared machine hits each alike; decode tok/s per answer (tokens after the first / the time
+from the first streamed delta to the last) and the median of the per-prompt ratios ours /
+other are printed. The tokens are the same in all three (checked). One JSON line per system
+to bench-results/draft_count.jsonl, with the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _common import SQUAD, cpu_name, log_jsonl, squad_paragraphs  # noqa: E402
+
+from engine.config import Config  # noqa: E402
+from engine.documents import Document  # noqa: E402
+from engine.generate import Completion, SamplingParams  # noqa: E402
+from engine.pipeline import Engine  # noqa: E402
+from engine.scheduler import DRAFT_MEMORY, DRAFT_PRIOR, Scheduler, Ticket  # noqa: E402
+
+
+class OneRateTicket(Ticket):
+    """The rule before: one agreement rate p = kept drafts / (kept drafts + runs stopped),
+    so the j-th draft is kept with p^j."""
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.agreed, self.stopped = DRAFT_PRIOR
+
+    def agreement(self) -> tuple[float, float]:
+        p = self.agreed / (self.agreed + self.stopped)
+        return p, p
+
+    def drafts_checked(self, offered: int, kept: int) -> None:
+        self.agreed = DRAFT_MEMORY * self.agreed + kept
+        self.stopped = DRAFT_MEMORY * self.stopped + (kept < offered)
+
+
+class OneRateScheduler(Scheduler):
+    ticket_class = OneRateTicket
+
+
+def answer(scheduler: Scheduler, ids: list[int], params: SamplingParams) -> tuple[float, list[int]]:
+    stamps, done = [], None
+    for ev in scheduler.submit(ids, params):
+        if isinstance(ev, Completion):
+            done = ev
+        else:
+            stamps.append(time.perf_counter())
+    rate = (done.completion_tokens - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
+    return rate, done.token_ids
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--squad", type=Path, default=SQUAD)
+    ap.add_argument("--docs", type=int, default=300)
+    ap.add_argument("--prompts", type=int, default=24)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--k", type=int, default=None, help="passages a prompt (default: the engine's)")
+    ap.add_argument("--whole-chunks", action="store_true", help="whole chunks, no packing (the ~800-token prompts)")
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+    paragraphs = squad_paragraphs(args.squad, limit=args.docs)
+    questions = [q for p in paragraphs for q, _ in p["questions"]]
+    questions = [questions[(i * 7919) % len(questions)] for i in range(len(questions))]  # as serve_answers.py
+    questions = questions[len(questions) // 2:][:args.prompts]
+    with tempfile.TemporaryDirectory(prefix="rag-draft-bench-") as tmp:
+        config = Config(data_dir=Path(tmp), wal_fsync="off")
+        engine = Engine(config)
+        engine.create_collection("squad")
+        engine.ingest("squad", [Document(p["id"], p["text"], f"squad/{p['id']}", {"title": p["title"]})
+                                for p in paragraphs])
+        engine.warmup(generation=True)
+        answerer = engine.answerer
+        if args.whole_chunks:
+            answerer = copy.copy(answerer)
+            answerer.config = config.replace(context_budget_tokens=0)
+        k = args.k or config.answer_k
+        prompts = [answerer.build_prompt(q, engine.search("squad", q, k), args.new_tokens)[0] for q in questions]
+        gen, plan = engine.generator, engine.execution_plan
+        drafts = config.draft_tokens
+        print(f"CPU: {cpu_name()}; plan: {plan.describe()}; {len(prompts)} prompts of "
+              f"{statistics.mean(map(len, prompts)):.0f} tokens on average, {args.new_tokens} new, "
+              f"up to {drafts} drafts a run", flush=True)
+        kw = dict(max_rows=1, prefix_cache_mb=0, draft_tokens=drafts, draft_worth=plan.draft_worth())
+        systems = {"ours": Scheduler(gen, **kw), "one-rate": OneRateScheduler(gen, **kw),
+                   "fixed": Scheduler(gen, adaptive_drafts=False, **kw)}
+        params = SamplingParams(max_new_tokens=args.new_tokens)
+        try:
+            for s in systems.values():
+                s.submit(gen.encode("Hello"), params).result()  # warm-up
+            rates = {n: [] for n in systems}
+            names = list(systems)
+            for _ in range(args.rounds):
+                for i, ids in enumerate(prompts):
+                    tokens = {}
+                    for name in names[i % 3:] + names[:i % 3]:
+                        rate, tokens[name] = answer(systems[name], ids, params)
+                        rates[name].append(rate)
+                    if len({tuple(t) for t in tokens.values()}) != 1:
+                        raise SystemExit(f"prompt {i}: the systems' tokens differ: {tokens}")
+        finally:
+            for s in systems.values():
+                s.close()
+    ok = [j for j in range(len(rates["ours"])) if all(rates[n][j] == rates[n][j] for n in names)]
+    for name, s in systems.items():
+        ratio = statistics.median(rates["ours"][j] / rates[name][j] for j in ok)
+        med = statistics.median(rates[name][j] for j in ok)
+        print(f"{name:9s} decode {med:6.1f} tok/s (median per answer), verify runs {s.verify_runs}, "
+              f"drafted {s.drafted}, kept {s.accepted}" + (f"; ours / {name} x{ratio:.3f} (median per prompt)"
+                                                           if name != "ours" else ""))
+        log_jsonl("draft_count", {"system": name, "prompts": len(prompts), "rounds": args.rounds,
+                                  "prompt_tokens": statistics.mean(map(len, prompts)), "new_tokens": args.new_tokens,
+                                  "decode_tok_per_s_median": med, "ours_over_this": ratio,
+                                  "verify_runs": s.verify_runs, "drafted": s.drafted, "kept": s.accepted})
+
+
+if __name__ == "__main__":
+    main()
