@@ -502,7 +502,7 @@ def test_a_riding_chunk_keeps_its_run_within_the_prefill_stall(prompts, make, st
 
 
 def test_drafts_follow_a_rows_agreement_and_never_change_its_tokens(generator, make):
-    """A speculating row drafts as many tokens as its own agreement rate makes worth their
+    """A speculating row drafts as many tokens as its own agreement rates make worth their
     place in the run (DRAFT_WORTH): an answer that quotes its prompt keeps drafting, one
     that does not drafts less, and either way its tokens are those of fixed drafts."""
     adaptive = make(prefix_cache_mb=0, draft_tokens=7)

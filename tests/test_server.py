@@ -177,7 +177,7 @@ def test_answer_stream_then_batch(server):
     assert re.fullmatch(r"prefill chunks beside streams: up to \d+ tokens \([\d.]+ ms \+ [\d.]+ ms/token here\); "
                         r"decode steps (not padded|padded to a multiple of [248] rows(, at least [2-8])?|of fewer than "
                         r"[2-8] rows padded to [2-8]); greedy answers draft up to [37] tokens a run from their prompt"
-                        r"( \(as many as their own agreement rate makes worth it\))?, "
+                        r"( \(as many as their own agreement rates make worth it\))?, "
                         r"verified on (fp32|int8|int4|w8a8), [1-8] rows? a run"
                         r" of about \d+ tokens \(fewer drafts a row as rows join\)"
                         r"(, newcomers. prompt chunks riding along)?",
