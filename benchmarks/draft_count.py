@@ -3,6 +3,7 @@ and against the one-rate rule it replaced, per prompt, in one process.
 
     .venv/bin/python benchmarks/draft_count.py                         # 24 RAG prompts (~400 tokens)
     .venv/bin/python benchmarks/draft_count.py --k 5 --whole-chunks    # the serving issue's ~800
+    .venv/bin/python benchmarks/draft_count.py --rows 8 --k 1 --new-tokens 128 --ignore-eos  # shared runs
 
 Ingests `--docs` SQuAD v1.1 dev paragraphs, builds `--prompts` RAG prompts the engine's way
 (k and packing as configured, or `--k 5 --whole-chunks`), and answers each greedily
@@ -10,15 +11,18 @@ Ingests `--docs` SQuAD v1.1 dev paragraphs, builds `--prompts` RAG prompts the e
 one row each, drafts from the prompt verified on the machine's plan's weights:
   ours       the engine's rule (Ticket.drafts_for_speed): the count that keeps most tokens a
              second, from the plan's run times and the row's two agreement rates (a run's
-             first draft; a draft after a kept one);
-  one-rate   the same with one agreement rate for every draft (kept drafts against runs
-             stopped, p^j for the j-th: the rule before);
+             first draft; a draft after a kept one); in shared runs one rate (drafts_worth);
+  one-rate   the same with one agreement rate for every draft alone too (kept drafts
+             against runs stopped, p^j for the j-th: the rule before);
   fixed      always the configured count (Config.speculative_tokens; adaptive_drafts off).
 Every prompt runs through the three back to back, the first rotating, so a slow minute of a
 shared machine hits each alike; decode tok/s per answer (tokens after the first / the time
 from the first streamed delta to the last) and the median of the per-prompt ratios ours /
-other are printed. The tokens are the same in all three (checked). One JSON line per system
-to bench-results/draft_count.jsonl, with the CPU.
+other are printed. `--rows N`: groups of N prompts submitted at once instead (shared verify
+runs, where drafts follow Plan.draft_worth's "shared" worth), each group through the three
+in turn, generated tokens / the group's wall time (its prefill included, the same work in
+all three) and the median per-group ratio. The tokens are the same in all three (checked).
+One JSON line per system to bench-results/draft_count.jsonl, with the CPU.
 """
 
 from __future__ import annotations
@@ -39,24 +43,17 @@ from engine.config import Config  # noqa: E402
 from engine.documents import Document  # noqa: E402
 from engine.generate import Completion, SamplingParams  # noqa: E402
 from engine.pipeline import Engine  # noqa: E402
-from engine.scheduler import DRAFT_MEMORY, DRAFT_PRIOR, Scheduler, Ticket  # noqa: E402
+from engine.scheduler import Scheduler, Ticket  # noqa: E402
 
 
 class OneRateTicket(Ticket):
-    """The rule before: one agreement rate p = kept drafts / (kept drafts + runs stopped),
-    so the j-th draft is kept with p^j."""
-
-    def __init__(self, *args, **kw) -> None:
-        super().__init__(*args, **kw)
-        self.agreed, self.stopped = DRAFT_PRIOR
+    """The rule before: one agreement rate p = kept drafts / (kept drafts + runs stopped)
+    for a lone row's runs too (shared runs use it in both), so the j-th draft is kept with
+    p^j."""
 
     def agreement(self) -> tuple[float, float]:
         p = self.agreed / (self.agreed + self.stopped)
         return p, p
-
-    def drafts_checked(self, offered: int, kept: int) -> None:
-        self.agreed = DRAFT_MEMORY * self.agreed + kept
-        self.stopped = DRAFT_MEMORY * self.stopped + (kept < offered)
 
 
 class OneRateScheduler(Scheduler):
@@ -83,6 +80,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=None, help="passages a prompt (default: the engine's)")
     ap.add_argument("--whole-chunks", action="store_true", help="whole chunks, no packing (the ~800-token prompts)")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rows", type=int, default=1, help="prompts submitted at once (shared verify runs)")
+    ap.add_argument("--ignore-eos", action="store_true", help="run every answer to --new-tokens")
     args = ap.parse_args()
     paragraphs = squad_paragraphs(args.squad, limit=args.docs)
     questions = [q for p in paragraphs for q, _ in p["questions"]]
@@ -105,24 +104,35 @@ def main() -> None:
         drafts = config.draft_tokens
         print(f"CPU: {cpu_name()}; plan: {plan.describe()}; {len(prompts)} prompts of "
               f"{statistics.mean(map(len, prompts)):.0f} tokens on average, {args.new_tokens} new, "
-              f"up to {drafts} drafts a run", flush=True)
-        kw = dict(max_rows=1, prefix_cache_mb=0, draft_tokens=drafts, draft_worth=plan.draft_worth())
+              f"up to {drafts} drafts a run, {args.rows} at once", flush=True)
+        kw = dict(max_rows=args.rows, prefix_cache_mb=0, draft_tokens=drafts, draft_worth=plan.draft_worth())
         systems = {"ours": Scheduler(gen, **kw), "one-rate": OneRateScheduler(gen, **kw),
                    "fixed": Scheduler(gen, adaptive_drafts=False, **kw)}
-        params = SamplingParams(max_new_tokens=args.new_tokens)
+        params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=args.ignore_eos)
+        groups = [prompts[g:g + args.rows] for g in range(0, len(prompts), args.rows)]
         try:
             for s in systems.values():
+                if args.rows > 1:
+                    s.wait_started()  # the calibration two answers at once would run
                 s.submit(gen.encode("Hello"), params).result()  # warm-up
             rates = {n: [] for n in systems}
             names = list(systems)
             for _ in range(args.rounds):
-                for i, ids in enumerate(prompts):
+                for i, group in enumerate(groups):
                     tokens = {}
                     for name in names[i % 3:] + names[:i % 3]:
-                        rate, tokens[name] = answer(systems[name], ids, params)
+                        if args.rows == 1:
+                            rate, got = answer(systems[name], group[0], params)
+                            tokens[name] = [got]
+                        else:
+                            t0 = time.perf_counter()
+                            tickets = [systems[name].submit(ids, params) for ids in group]
+                            done = [t.result() for t in tickets]
+                            rate = sum(d.completion_tokens for d in done) / (time.perf_counter() - t0)
+                            tokens[name] = [d.token_ids for d in done]
                         rates[name].append(rate)
-                    if len({tuple(t) for t in tokens.values()}) != 1:
-                        raise SystemExit(f"prompt {i}: the systems' tokens differ: {tokens}")
+                    if len({repr(t) for t in tokens.values()}) != 1:
+                        raise SystemExit(f"group {i}: the systems' tokens differ: {tokens}")
         finally:
             for s in systems.values():
                 s.close()
@@ -130,12 +140,15 @@ def main() -> None:
     for name, s in systems.items():
         ratio = statistics.median(rates["ours"][j] / rates[name][j] for j in ok)
         med = statistics.median(rates[name][j] for j in ok)
-        print(f"{name:9s} decode {med:6.1f} tok/s (median per answer), verify runs {s.verify_runs}, "
-              f"drafted {s.drafted}, kept {s.accepted}" + (f"; ours / {name} x{ratio:.3f} (median per prompt)"
-                                                           if name != "ours" else ""))
-        log_jsonl("draft_count", {"system": name, "prompts": len(prompts), "rounds": args.rounds,
+        unit = ("decode tok/s (median per answer)" if args.rows == 1
+                else f"gen tok/s (median per group of {args.rows}, prefill included)")
+        print(f"{name:9s} {med:6.1f} {unit}, verify runs {s.verify_runs}, "
+              f"rows verified {s.rows_verified}, drafted {s.drafted}, kept {s.accepted}"
+              + (f"; ours / {name} x{ratio:.3f} (median per {'prompt' if args.rows == 1 else 'group'})"
+                 if name != "ours" else ""))
+        log_jsonl("draft_count", {"system": name, "prompts": len(prompts), "rounds": args.rounds, "rows": args.rows,
                                   "prompt_tokens": statistics.mean(map(len, prompts)), "new_tokens": args.new_tokens,
-                                  "decode_tok_per_s_median": med, "ours_over_this": ratio,
+                                  "gen_tok_per_s_median": med, "ours_over_this": ratio,
                                   "verify_runs": s.verify_runs, "drafted": s.drafted, "kept": s.accepted})
 
 

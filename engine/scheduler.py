@@ -115,11 +115,8 @@ PREFILL_EFFICIENCY = 0.8
 VERIFY_RUN_TOKENS = 32
 
 # Drafts a row offers follow how often its drafts have been right: a row's j-th draft is kept
-# only if the j - 1 before it were, so with agreement rates p1 for a run's first draft and p
-# for a draft after a kept one it is kept with probability p1 p^(j-1) (two rates: a RAG
-# answer quotes its passages in stretches, so a draft after a kept one is kept more often, 0.80
-# against 0.56 for a first one on the AVX-512 VNNI EPYC; one rate for both understated longer
-# runs), and a row drafts while that is at least what the draft's place is worth (at
+# only if the j - 1 before it were. A row in a shared run drafts while p^j (p: one agreement
+# rate for all its drafts) is at least what the draft's place is worth (at
 # least one draft: runs are padded to pairs, so a first draft costs what its filler would).
 # A place is worth the tokens the decode weights would make without drafts in the time it
 # takes: (seconds one more token costs the run, from the plan's measured verify runs) x
@@ -128,16 +125,19 @@ VERIFY_RUN_TOKENS = 32
 # Plan.draft_worth, e.g. 1.59 ms x 62.7 tok/s = 0.10 alone and 1.81 ms x 160.5 = 0.29
 # shared on the AMD EPYC with AVX-512 VNNI (w8a8 verify, int4 decode). DRAFT_WORTH where the
 # plan has no such rates. From measured rates, not this run's timing, so a row's drafts (and
-# its usage counts) depend on its own history and its run's rows only. p1 and p are the row's
-# own, kept drafts against drafts not kept, counted with a decay of DRAFT_MEMORY per run
-# from a prior of 2 in 3 each. Tokens never depend on them: a row's logits do not depend on
-# how many tokens its run carries. A lone row's run, whose time the plan's two run lengths
-# give, takes the count that keeps most tokens a second instead (Ticket.drafts_for_speed):
-# its place's worth is the rate of the row's own shorter runs, not that of plain one-token
-# steps. benchmarks/draft_count.py compares the rule with fixed counts and with one rate.
+# its usage counts) depend on its own history and its run's rows only. A lone row's run,
+# whose time the plan's two run lengths give, takes the count that keeps most tokens a second
+# instead (Ticket.drafts_for_speed), with two rates: p1 for a run's first draft and p for a
+# draft after a kept one, so the j-th is kept with p1 p^(j-1) (a RAG answer quotes its
+# passages in stretches: 0.80 after a kept draft against 0.56 for a first one on the AVX-512
+# VNNI EPYC; one rate for both undervalued runs of 3). The rates are the row's own, kept
+# drafts against drafts not kept (or runs stopped, for the one rate), counted with a decay of
+# DRAFT_MEMORY per run from a prior of 2 in 3. Tokens never depend on them: a row's logits
+# do not depend on how many tokens its run carries. benchmarks/draft_count.py compares the
+# rule with fixed counts and with one rate everywhere, alone and in shared runs.
 DRAFT_WORTH = {"alone": 0.1, "shared": 0.25}
 DRAFT_MEMORY = 0.8
-DRAFT_PRIOR = (2.0, 1.0)  # (kept, not kept) before a row's first run, for p1 and p alike
+DRAFT_PRIOR = (2.0, 1.0)  # (kept, not kept) before a row's first run, for every rate
 
 
 class PrefixCache:
@@ -224,9 +224,10 @@ class Ticket:
         self.history: np.ndarray | None = None  # prompt + answer tokens, for drafting
         self.drafted = 0
         self.accepted = 0
-        # decayed counts (kept, not kept) behind drafts_worth: of a run's first draft, and of a
-        # draft after a kept one (answers quote in stretches: the second is the higher)
+        # decayed counts (kept, not kept) behind drafts_for_speed: of a run's first draft, and
+        # of a draft after a kept one (answers quote in stretches: the second is the higher)
         self.first, self.further = list(DRAFT_PRIOR), list(DRAFT_PRIOR)
+        self.agreed, self.stopped = DRAFT_PRIOR  # one rate for all drafts, behind drafts_worth
         self.t_submit = time.perf_counter_ns()
         self.t_admit = 0
         self.t_first = 0
@@ -239,13 +240,15 @@ class Ticket:
         return self.first[0] / sum(self.first), self.further[0] / sum(self.further)
 
     def drafts_worth(self, worth: float) -> int:
-        """Drafts whose chance of being kept, p1 p^(j-1) for the j-th, is at least `worth`
-        (DRAFT_WORTH); >= 1."""
-        p1, p = self.agreement()
-        n, kept = 0, p1
-        while n < 64 and kept >= worth:
+        """Drafts whose chance of being kept, p^j with one rate p for all (kept drafts against
+        runs stopped), is at least `worth` (DRAFT_WORTH); >= 1. Shared runs keep the one rate:
+        their worth was set against it, and with the two rates (p1 p^(j-1)) rows drafted less
+        and 8 decode-bound rows made 0.935x the tokens/s (benchmarks/draft_count.py --rows 8,
+        Zen 5 EPYC)."""
+        p = self.agreed / (self.agreed + self.stopped)
+        n, kept = 0, 1.0
+        while n < 64 and (kept := kept * p) >= worth:
             n += 1
-            kept *= p
         return max(1, n)
 
     def drafts_for_speed(self, fixed_s: float, token_s: float, most: int) -> int:
@@ -270,6 +273,8 @@ class Ticket:
         self.first = [m * self.first[0] + (kept > 0), m * self.first[1] + (kept == 0)]
         if kept and offered > 1:  # drafts after a kept one were offered
             self.further = [m * self.further[0] + kept - 1, m * self.further[1] + (kept < offered)]
+        self.agreed = m * self.agreed + kept
+        self.stopped = m * self.stopped + (kept < offered)
 
     def cancel(self) -> None:
         """Leave at the next step (the caller stopped reading)."""

@@ -557,13 +557,16 @@ def test_a_lone_rows_drafts_are_the_count_that_keeps_most_tokens_a_second(prompt
     assert t.drafts_for_speed(0.0072, 0.00148, 3) == 1
     t.further = [0.8, 0.2]
     assert t.drafts_for_speed(0.0072, 0.00148, 3) == 3
-    assert t.drafts_worth(0.35) == 2 and t.drafts_worth(0.3) == 3  # kept with 0.5, 0.4, 0.32, 0.256
+    # shared runs (drafts_worth) keep one rate for every draft: p^j
+    t.agreed, t.stopped = 0.8, 0.2
+    assert t.drafts_worth(0.6) == 2 and t.drafts_worth(0.5) == 3  # kept with 0.8, 0.64, 0.512, 0.41
 
 
 def test_a_rows_agreement_counts_first_drafts_and_the_ones_after_a_kept_one(prompts, make):
     """Ticket.drafts_checked: a run stops at its first draft not kept, so its first draft
-    counts toward p1 (kept or not) and the ones after a kept first toward p; counts decay by
-    DRAFT_MEMORY a run."""
+    counts toward p1 (kept or not) and the ones after a kept first toward p (a lone row's
+    rates); kept drafts against runs stopped make the one rate of shared runs; counts decay
+    by DRAFT_MEMORY a run."""
     from engine.scheduler import DRAFT_MEMORY as m, DRAFT_PRIOR
 
     t = make(prefix_cache_mb=0, draft_tokens=3).submit(prompts[0], SamplingParams(max_new_tokens=2))
@@ -578,3 +581,8 @@ def test_a_rows_agreement_counts_first_drafts_and_the_ones_after_a_kept_one(prom
     assert t.first == pytest.approx([m + 1, m * m]) and t.further == pytest.approx([m + 2, m])
     t.drafts_checked(1, 1)  # one draft, kept: nothing after it offered
     assert t.further == pytest.approx([m + 2, m])
+    # the one rate of shared runs: kept drafts against runs stopped
+    t.agreed, t.stopped = 0.0, 0.0
+    t.drafts_checked(3, 0)
+    t.drafts_checked(3, 2)
+    assert (t.agreed, t.stopped) == pytest.approx((2.0, m + 1))
