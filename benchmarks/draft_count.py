@@ -1,5 +1,6 @@
-"""How many drafts should a lone speculating answer offer a run? Ours against fixed counts
-and against the one-rate rule it replaced, per prompt, in one process.
+"""How many drafts should a speculating answer offer a run? Ours against fixed counts and
+against the one-rate rule it replaced, per prompt (or per group of rows sharing runs), in
+one process.
 
     .venv/bin/python benchmarks/draft_count.py                         # 24 RAG prompts (~400 tokens)
     .venv/bin/python benchmarks/draft_count.py --k 5 --whole-chunks    # the serving issue's ~800
@@ -8,7 +9,8 @@ and against the one-rate rule it replaced, per prompt, in one process.
 Ingests `--docs` SQuAD v1.1 dev paragraphs, builds `--prompts` RAG prompts the engine's way
 (k and packing as configured, or `--k 5 --whole-chunks`), and answers each greedily
 (`--new-tokens`, as `serve_answers.py`'s single stream) through one scheduler per system,
-one row each, drafts from the prompt verified on the machine's plan's weights:
+one row at a time (`--rows`: more), drafts from the prompt verified on the machine's plan's
+weights:
   ours       the engine's rule (Ticket.drafts_for_speed): the count that keeps most tokens a
              second, from the plan's run times and the row's two agreement rates (a run's
              first draft; a draft after a kept one); in shared runs one rate (drafts_worth);
