@@ -27,6 +27,27 @@ def squad_paragraphs(path: Path = SQUAD, limit: int | None = None) -> list[dict]
     return out
 
 
+def shuffled_questions(paragraphs: list[dict]) -> list[str]:
+    """Every question of `paragraphs` in a fixed shuffle, so consecutive ones do not ask about
+    the same paragraph."""
+    qs = [q for p in paragraphs for q, _ in p["questions"]]
+    return [qs[(i * 7919) % len(qs)] for i in range(len(qs))]
+
+
+def rag_prompts(engine, collection: str, questions: list[str], k: int | None = None,
+                whole_chunks: bool = False, new_tokens: int = 32) -> list[list[int]]:
+    """Each question's RAG prompt as the engine builds it (search, k passages, packing as
+    configured; `whole_chunks`: whole chunks, no packing, the serving issue's ~850-token ones)."""
+    import copy
+
+    answerer = engine.answerer
+    if whole_chunks:
+        answerer = copy.copy(answerer)
+        answerer.config = engine.config.replace(context_budget_tokens=0)
+    k = k or engine.config.answer_k
+    return [answerer.build_prompt(q, engine.search(collection, q, k), new_tokens)[0] for q in questions]
+
+
 def pct(xs, p: float) -> float:
     return float(np.percentile(np.asarray(xs, dtype=np.float64), p)) if len(xs) else float("nan")
 

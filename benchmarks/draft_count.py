@@ -30,7 +30,6 @@ One JSON line per system to bench-results/draft_count.jsonl, with the CPU.
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import sys
 import tempfile
@@ -39,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import SQUAD, cpu_name, log_jsonl, squad_paragraphs  # noqa: E402
+from _common import SQUAD, cpu_name, log_jsonl, rag_prompts, shuffled_questions, squad_paragraphs  # noqa: E402
 
 from engine.config import Config  # noqa: E402
 from engine.documents import Document  # noqa: E402
@@ -86,9 +85,8 @@ def main() -> None:
     ap.add_argument("--ignore-eos", action="store_true", help="run every answer to --new-tokens")
     args = ap.parse_args()
     paragraphs = squad_paragraphs(args.squad, limit=args.docs)
-    questions = [q for p in paragraphs for q, _ in p["questions"]]
-    questions = [questions[(i * 7919) % len(questions)] for i in range(len(questions))]  # as serve_answers.py
-    questions = questions[len(questions) // 2:][:args.prompts]
+    questions = shuffled_questions(paragraphs)
+    questions = questions[len(questions) // 2:][:args.prompts]  # serve_answers.py's single-stream ones
     with tempfile.TemporaryDirectory(prefix="rag-draft-bench-") as tmp:
         config = Config(data_dir=Path(tmp), wal_fsync="off")
         engine = Engine(config)
@@ -96,12 +94,7 @@ def main() -> None:
         engine.ingest("squad", [Document(p["id"], p["text"], f"squad/{p['id']}", {"title": p["title"]})
                                 for p in paragraphs])
         engine.warmup(generation=True)
-        answerer = engine.answerer
-        if args.whole_chunks:
-            answerer = copy.copy(answerer)
-            answerer.config = config.replace(context_budget_tokens=0)
-        k = args.k or config.answer_k
-        prompts = [answerer.build_prompt(q, engine.search("squad", q, k), args.new_tokens)[0] for q in questions]
+        prompts = rag_prompts(engine, "squad", questions, args.k, args.whole_chunks, args.new_tokens)
         gen, plan = engine.generator, engine.execution_plan
         drafts = config.draft_tokens
         print(f"CPU: {cpu_name()}; plan: {plan.describe()}; {len(prompts)} prompts of "

@@ -53,7 +53,6 @@ One JSON line per measurement goes to bench-results/serve_answers.jsonl, with th
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import subprocess
@@ -68,7 +67,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import grpc  # noqa: E402
-from _common import SQUAD, cpu_name, log_jsonl, pct, squad_paragraphs  # noqa: E402
+from _common import (SQUAD, cpu_name, log_jsonl, pct, rag_prompts, shuffled_questions,  # noqa: E402
+                     squad_paragraphs)
 
 from engine.config import PLAN_OBJECTIVES, Config  # noqa: E402
 from engine.documents import Document  # noqa: E402
@@ -248,15 +248,8 @@ PEERS = {  # name -> (python of its virtual environment, model it loads), as `ma
 def single_stream_peers(engine: Engine, questions: list[str], args) -> dict:
     """Ours and each peer, one prompt at a time, on the same RAG prompt texts."""
     gen = engine.generator
-    answerer = engine.answerer
-    if args.peer_whole_chunks:  # the issue's long RAG prompts: whole chunks, no packing
-        answerer = copy.copy(answerer)
-        answerer.config = engine.config.replace(context_budget_tokens=0)
-    k = args.peer_k or engine.config.answer_k
-    prompts = []
-    for q in questions[:args.peer_prompts]:
-        ids, _ = answerer.build_prompt(q, engine.search("squad", q, k), args.peer_new_tokens)
-        prompts.append(ids)
+    prompts = rag_prompts(engine, "squad", questions[:args.peer_prompts], args.peer_k,  # --peer-whole-chunks:
+                          args.peer_whole_chunks, args.peer_new_tokens)  # the issue's long RAG prompts
     texts = [gen.tokenizer.decode(ids, skip_special_tokens=False) for ids in prompts]
     params = SamplingParams(max_new_tokens=args.peer_new_tokens)
     plan = engine.execution_plan
@@ -320,9 +313,7 @@ def print_peers(summary: dict) -> None:
 
 def run(args) -> None:
     paragraphs = squad_paragraphs(args.squad, limit=args.docs)
-    questions = [q for p in paragraphs for q, _ in p["questions"]]
-    # a fixed shuffle, so consecutive clients do not ask about the same paragraph
-    questions = [questions[(i * 7919) % len(questions)] for i in range(len(questions))]
+    questions = shuffled_questions(paragraphs)  # consecutive clients ask about different paragraphs
     print(f"CPU: {cpu_name()}; {len(paragraphs)} SQuAD paragraphs, {len(questions)} questions; "
           f"{args.seconds:.0f}s per measurement", flush=True)
     with tempfile.TemporaryDirectory(prefix="rag-serve-bench-") as tmp:
