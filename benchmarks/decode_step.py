@@ -25,7 +25,9 @@ floor in ms and tokens/s, and the share of it each one-row step reached.
 prefill), against that variant's one-token step (KVBatch.step) as the baseline, in the
 same process: rounds alternate the variants, each shape keeps its best round. Prints ms per
 run and the ratio run / one-token step; engine/plan.py chooses the verify weights by the
-4-token run.
+4-token run. Beside each run, the same run with its binding made afresh every time (the
+baseline: KVBatch before it kept a lone row's binding, `AfreshBatch`), in the same rounds,
+and whether the two give the same logits.
 """
 
 from __future__ import annotations
@@ -127,8 +129,18 @@ def main() -> int:
     return 0
 
 
+class AfreshBatch(KVBatch):
+    """The baseline of a lone row's binding: made afresh every run (its caches, 2 x 24, and
+    a new logits array), as KVBatch did before _lone_binding."""
+
+    def _lone_binding(self, b: int, n: int):
+        logits = np.empty((1, n, self.gen.vocab_size), np.float32)
+        return self._binding(b, 1, logits), logits
+
+
 def verify_runs(a) -> int:
-    """One row's verify runs of 2..8 tokens against its one-token step, per variant."""
+    """One row's verify runs of 2..8 tokens against its one-token step, per variant; and
+    each against the same run with its binding made afresh (AfreshBatch)."""
     cfg = Config()
     gens = {v: Generator(cfg.gen_model_dir, variant=v, threads=a.threads) for v in a.verify}
     keys = a.keys[0]
@@ -137,30 +149,44 @@ def verify_runs(a) -> int:
     sizes = (1, 2, 3, 4, 6, 8)
     best: dict[tuple[str, int], float] = {}
     print(f"CPU: {cpu_name()}; one row after {keys} keys, {a.steps} runs per shape, best of {a.rounds} rounds")
+    afresh: dict[tuple[str, int], float] = {}
+    same = True
     for _ in range(a.rounds):
         for v, g in gens.items():
             for n in sizes:
-                row = KVBatch(g)
-                row.add(caches[v], keys + a.steps + 16)
-                if n == 1:  # the baseline: a one-token step
-                    def run(i, row=row):
-                        row.step(np.array([[prompt[keys + i]]], np.int64))
-                        row.lengths[0] -= 1  # the same position every time, as the runs below
-                else:
-                    def run(i, row=row, n=n):
-                        row.verify(0, prompt[keys + i:keys + i + n])  # keeps nothing: same position
-                run(0)  # warm up
-                t = time.perf_counter()
-                for i in range(1, a.steps + 1):
-                    run(i)
-                ms = 1000 * (time.perf_counter() - t) / a.steps
-                best[(v, n)] = min(best.get((v, n), ms), ms)
+                for kind in ("kept", "afresh") if n > 1 else ("kept",):
+                    row = (KVBatch if kind == "kept" else AfreshBatch)(g)
+                    row.add(caches[v], keys + a.steps + 16)
+                    if n == 1:  # the baseline: a one-token step
+                        def run(i, row=row):
+                            row.step(np.array([[prompt[keys + i]]], np.int64))
+                            row.lengths[0] -= 1  # the same position every time, as the runs below
+                    else:
+                        def run(i, row=row, n=n):
+                            return row.verify(0, prompt[keys + i:keys + i + n])  # keeps nothing: same position
+                    first = run(0)  # warm up
+                    first = None if first is None else first.copy()  # held until the next run only
+                    t = time.perf_counter()
+                    for i in range(1, a.steps + 1):
+                        run(i)
+                    ms = 1000 * (time.perf_counter() - t) / a.steps
+                    times = best if kind == "kept" else afresh
+                    times[(v, n)] = min(times.get((v, n), ms), ms)
+                    if kind == "kept":
+                        kept_first = first
+                    else:  # the same run's logits, kept binding or fresh: the same bits
+                        same = same and np.array_equal(first, kept_first)
     for v in gens:
         one = best[(v, 1)]
         print(f"{v:5s} " + "  ".join(f"{n}: {best[(v, n)]:5.1f} ms ({best[(v, n)] / one:.2f}x)" for n in sizes))
+        print(f"      binding afresh (the baseline): " + "  ".join(
+            f"{n}: {afresh[(v, n)]:5.1f} ms (kept {afresh[(v, n)] / best[(v, n)]:.3f}x faster)" for n in sizes[1:]))
         for n in sizes:
             log_jsonl("decode_step", {"mode": "verify", "variant": v, "threads": a.threads, "keys": keys,
-                                      "tokens": n, "ms": best[(v, n)], "ratio_to_one_token_step": best[(v, n)] / one})
+                                      "tokens": n, "ms": best[(v, n)], "ratio_to_one_token_step": best[(v, n)] / one,
+                                      "afresh_ms": afresh.get((v, n)),
+                                      "kept_binding_speedup": afresh[(v, n)] / best[(v, n)] if n > 1 else None})
+    print(f"logits of kept and afresh bindings identical: {same}")
     return 0
 
 

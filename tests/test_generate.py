@@ -505,6 +505,35 @@ def test_verify_runs_do_not_depend_on_the_other_rows(generator):
     assert np.array_equal(wide.step(t)[0], other.step(t)[0])
 
 
+def test_a_lone_rows_kept_binding_follows_its_buffers(generator):
+    """KVBatch keeps a lone row's verify-run binding (_lone_binding) while its buffers stay:
+    runs of 2 and 4 tokens, one after another, past a widening of the buffers (COLUMN_ROUNDING)
+    and a second row's coming and going, give the bits of runs bound afresh each time, and
+    each run's logits are its own (not the run's before)."""
+    prompt = generator.encode(chat(generator, "Name three rivers in Europe. " * 8))
+    prompt = prompt[:KVBatch.COLUMN_ROUNDING - 6]  # a few keys short of the buffers' first width
+    kv = generator.prefill(prompt)[1]
+    kept, fresh = KVBatch(generator), KVBatch(generator)
+    kept.add(kv, len(prompt) + 1)  # reserve little: the runs below must widen the buffers
+    fresh.add(kv, len(prompt) + 1)
+    widths, before = {kept.columns}, None
+    tokens = [int(t) for t in generator.encode(" the Danube, the Rhine and the Volga flow through many lands")]
+    for i in range(12):
+        if i == 6:  # another row joins and leaves: the buffers are replaced
+            kept.add(kv, len(prompt) + 200)
+            kept.keep([0])
+        run = tokens[i:i + (2 if i % 2 else 4)]
+        fresh._lone_io_version = -1  # bound afresh
+        got, want = kept.verify(0, run), fresh.verify(0, run)
+        assert np.array_equal(got, want), f"run {i}"
+        assert before is None or not np.array_equal(got[0], before), f"run {i} returned the run before's logits"
+        before = got[0].copy()
+        kept.accept(0, len(run) - 1)
+        fresh.accept(0, len(run) - 1)
+        widths.add(kept.columns)
+    assert len(widths) > 1, "the buffers widened during the runs"
+
+
 def test_speculating_rows_share_a_verify_run_with_their_alone_bits(generator, monkeypatch):
     """The row-slots graph (make models writes one per variant, engine/export_lm.row_slots):
     one run verifies several rows' drafts, each row with its own token count, and every
