@@ -26,7 +26,10 @@ printing its own c=N/c=1 ratios; `throughput` one with Config.plan_objective "th
 (full batches on the plan's throughput variant, no drafts), its own ratios too;
 `fixed-drafts` one whose speculating answers always draft up to the plan's count
 (Config.adaptive_drafts False).
-Systems that change the generator load their own. Also measured in process: the
+Systems that change the generator load their own. Per measurement, also where the server's
+generation loop spent it (Engine.generation_usage: shares in prefill runs, one-token steps
+and verify runs, the prefill runs' rate) and how the prompt tokens got their keys
+(prefilled, riding in verify runs, from the prefix cache). Also measured in process: the
 single-stream prefill rate at the rag prompt size (served prompt tokens/s at c=8 should be
 >= 0.9x of it), and a repeated question's TTFT against its cold TTFT (prefix cache). Each
 c > 1 also prints a ceiling: the generated tokens/s no scheduler could beat here, with every
@@ -171,6 +174,36 @@ def drive(port: int, questions: list[str], c: int, seconds: float, regime: str, 
             "prompt_tokens": sum(r["prompt"] for r in results),
             "ttft_p50_s": pct([r["ttft"] for r in results], 50), "ttft_p95_s": pct([r["ttft"] for r in results], 95),
             "itl_p50_ms": pct(gaps, 50) * 1e3, "itl_p99_ms": pct(gaps, 99) * 1e3}
+
+
+def loop_usage(before: dict, after: dict, wall: float) -> dict:
+    """Where the server's generation loop spent a measurement (Engine.generation_usage
+    before and after it, `wall` seconds apart: the client process's start included): the
+    share of that time in prefill runs, one-token steps and verify runs, the rate of the
+    prefill runs (tokens prefilled in runs of their own / their seconds), and the shares of
+    the prompt tokens prefilled, riding in verify runs and found in the prefix cache."""
+    secs = {k: after["seconds"][k] - before["seconds"][k] for k in after["seconds"]}
+    runs = {k: after["runs"][k] - before["runs"][k] for k in after["runs"]}
+    tokens = {k: after["prompt_tokens"][k] - before["prompt_tokens"][k] for k in after["prompt_tokens"]}
+    prompt = max(sum(tokens.values()), 1)
+    return {**{f"loop_{k}_share": v / wall for k, v in secs.items()}, **{f"loop_{k}_runs": v for k, v in runs.items()},
+            "loop_prefill_run_tok_per_s": tokens["prefilled"] / secs["prefill"] if secs["prefill"] else 0.0,
+            **{f"prompt_{k}_share": v / prompt for k, v in tokens.items()}}
+
+
+def print_loop_usage(summary: dict) -> None:
+    print("\nwhere the generation loop's time went (share of each measurement, its client process's start "
+          "included), and how prompt tokens got their keys")
+    for (regime, name, c), r in summary.items():
+        if "loop_prefill_share" not in r:
+            continue
+        outside = 1 - r["loop_prefill_share"] - r["loop_step_share"] - r["loop_verify_share"]
+        print(f"{regime:7s} {c:<3d} {name:15s} prefill runs {100 * r['loop_prefill_share']:3.0f}% "
+              f"({r['loop_prefill_runs']:.0f}, {r['loop_prefill_run_tok_per_s']:,.0f} tok/s), verify runs "
+              f"{100 * r['loop_verify_share']:3.0f}% ({r['loop_verify_runs']:.0f}), steps "
+              f"{100 * r['loop_step_share']:3.0f}% ({r['loop_step_runs']:.0f}), outside runs {100 * outside:3.0f}%; "
+              f"prompt tokens prefilled {100 * r['prompt_prefilled_share']:.0f}%, riding "
+              f"{100 * r['prompt_riding_share']:.0f}%, cached {100 * r['prompt_cached_share']:.0f}%")
 
 
 def ceiling(regime: str, c: int, c1: int, ours: dict, one: dict, single: dict, rates: dict) -> str:
@@ -355,7 +388,9 @@ def run(args) -> None:
                         drive(port, questions, 1, min(10.0, args.seconds), regime,  # warm-up, not reported
                               in_process=args.in_process_clients)
                         for c in args.concurrency:
+                            before, t0 = engine.generation_usage(), time.perf_counter()
                             r = drive(port, questions, c, args.seconds, regime, in_process=args.in_process_clients)
+                            r.update(loop_usage(before, engine.generation_usage(), time.perf_counter() - t0))
                             r["clients"] = "in-process" if args.in_process_clients else "own process"
                             rounds.setdefault((regime, name, c), []).append(r)
                             log_jsonl("serve_answers", {"system": name, "regime": regime, "concurrency": c,
@@ -402,6 +437,7 @@ def run(args) -> None:
                           f"x{mine['itl_p99_ms'] / mine_one['itl_p99_ms']:.2f}, served prompt tok/s / in-process "
                           f"prefill x{mine['prompt_tok_per_s'] / single['prefill_tok_per_s']:.2f}, TTFT p50 "
                           f"{mine['ttft_p50_s']:.2f} s against ours' {ours['ttft_p50_s']:.2f}")
+    print_loop_usage(summary)
     if peers:
         print_peers(peers)
     print(f"repeated question TTFT: cold {single['cold_ttft_s']:.2f}s, warm {single['warm_ttft_s']:.2f}s "

@@ -127,6 +127,15 @@ class Engine:
         s = self._scheduler
         return (s.running, s.waiting) if s is not None else (0, 0)
 
+    def generation_usage(self) -> dict:
+        """Where the generation loop's time went (Scheduler.usage); zeros before the first answer."""
+        s = self._scheduler
+        if s is not None:
+            return s.usage()
+        kinds = ("prefill", "step", "verify")
+        return {"seconds": dict.fromkeys(kinds, 0.0), "runs": dict.fromkeys(kinds, 0),
+                "prompt_tokens": dict.fromkeys(("prefilled", "riding", "cached"), 0)}
+
     def warmup(self, generation: bool = False) -> None:
         kernels.warmup()
         self.embedder.warmup()

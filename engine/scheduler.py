@@ -371,6 +371,10 @@ class Scheduler:
         self._ride_s: float | None = None  # what a riding chunk's token added to its run of late
         self.verify_runs = 0
         self.rows_verified = 0  # speculating rows summed over verify runs
+        # where the loop's time goes (usage): seconds in runs of each kind, and prompt tokens
+        # by how their keys came (a prefill run of their own, riding in a verify run, the cache)
+        self.run_seconds = {"prefill": 0.0, "step": 0.0, "verify": 0.0}
+        self.prompt_tokens = {"prefilled": 0, "riding": 0, "cached": 0}
         self.drafted = 0  # tokens drafted and checked
         self.accepted = 0  # of them, the ones the model agreed with
         self._started = threading.Event()  # set once _calibrate is over (done or failed)
@@ -428,6 +432,18 @@ class Scheduler:
             spec += ", newcomers' prompt chunks riding along"
         return (f"prefill chunks beside streams: up to {self.efficient_chunk} tokens ({a * 1000:.1f} ms + "
                 f"{b * 1000:.2f} ms/token here); {self.generator.describe_padding()}; {spec}")
+
+    def usage(self) -> dict:
+        """Where the loop's time went since it started: seconds and runs of each kind
+        (prefill: a newcomer's chunk in a run of its own; step: a one-token step of the batched
+        rows; verify: a run of the speculating rows, riding chunks included), and prompt tokens
+        by how their keys came (prefilled in runs of their own, riding in verify runs, found in
+        the prefix cache). Calibration runs are not counted. Read from any thread: a snapshot
+        at most one run behind. serve_answers.py prints it per measurement; the server exports
+        it as Prometheus counters."""
+        return {"seconds": dict(self.run_seconds),
+                "runs": {"prefill": self.prefill_runs, "step": self.steps, "verify": self.verify_runs},
+                "prompt_tokens": dict(self.prompt_tokens)}
 
     @property
     def running(self) -> int:
@@ -593,6 +609,7 @@ class Scheduler:
         if found:
             t.kv = [np.concatenate([b[i] for b in found], axis=2) for i in range(len(found[0]))]
             t.done_tokens = t.cached_tokens = len(found) * self.block
+            self.prompt_tokens["cached"] += t.cached_tokens
 
     def _ride_chunk(self, t: Ticket) -> tuple[Ticket, int, int] | None:
         """The next chunk of `t`'s prompt, (t, start, end), if it can ride in this step's
@@ -657,9 +674,13 @@ class Scheduler:
         if len(t.prompt) - b < self.last_chunk:
             b = len(t.prompt)  # never a short last chunk (last_chunk)
         t0 = time.perf_counter()
-        logits, kv = self.generator.prefill(t.prompt[a:b], t.kv)
-        took = max(time.perf_counter() - t0, 1e-6)
+        try:
+            logits, kv = self.generator.prefill(t.prompt[a:b], t.kv)
+        finally:
+            took = max(time.perf_counter() - t0, 1e-6)
+            self.run_seconds["prefill"] += took
         self.prefill_runs += 1
+        self.prompt_tokens["prefilled"] += b - a
         self.prefill_rate = (b - a) / took
         if stalling and b - a == size:
             # A chunk's time is not proportional to its size (each run reads every weight once,
@@ -710,7 +731,11 @@ class Scheduler:
 
     def _decode_step(self) -> None:
         rows = self._active
-        logits = self._batch.step(np.array([[t.row.ids[-1]] for t in rows], np.int64))
+        t0 = time.perf_counter()
+        try:
+            logits = self._batch.step(np.array([[t.row.ids[-1]] for t in rows], np.int64))
+        finally:
+            self.run_seconds["step"] += time.perf_counter() - t0
         lengths = self._batch.lengths
         self.steps += 1
         self.rows_stepped += len(rows)
@@ -742,7 +767,9 @@ class Scheduler:
             try:
                 self._verify_run(rows, gone, ride)
                 took = time.perf_counter() - t0
+                self.run_seconds["verify"] += took
             except Exception as e:  # noqa: BLE001 - fail this run's rows (and its chunk's request), keep serving
+                self.run_seconds["verify"] += time.perf_counter() - t0
                 log.exception("verify run failed")
                 for b in rows:
                     if b not in gone:
@@ -794,6 +821,7 @@ class Scheduler:
             *logits, kv = self._solo.verify_rows(rows, tokens, prefill=(t.kv, t.prompt[a:b]))
             self._chunk_done(t, a, b, kv)
             self.prefill_rides += 1
+            self.prompt_tokens["riding"] += b - a
         self.verify_runs += 1
         self.rows_verified += len(rows)
         for i, b in enumerate(rows):

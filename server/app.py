@@ -143,9 +143,38 @@ class Metrics:
             self._http = None
 
     def watch(self, engine) -> None:
-        """Read the scheduler's rows at scrape time, so a leaked row shows as a stuck gauge."""
+        """Read the scheduler's rows at scrape time, so a leaked row shows as a stuck gauge,
+        and where its loop's time went (DecoderCollector)."""
         self.queue.set_function(lambda: engine.generation_load()[1])
         self.running.set_function(lambda: engine.generation_load()[0])
+        self.registry.register(DecoderCollector(engine))
+
+
+class DecoderCollector:
+    """The generation loop's usage (Engine.generation_usage) as counters, read at scrape
+    time: rag_decoder_seconds_total and rag_decoder_runs_total by run kind (prefill, step,
+    verify), rag_prompt_tokens_total by how a prompt token's keys came (prefilled, riding,
+    cached). E.g. the share of the loop's time in prefill runs is
+    rate(rag_decoder_seconds_total{run="prefill"}[1m])."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        u = self.engine.generation_usage()
+        seconds = CounterMetricFamily("rag_decoder_seconds", "seconds the generation loop spent in runs, by kind",
+                                      labels=["run"])
+        runs = CounterMetricFamily("rag_decoder_runs", "runs of the generation loop, by kind", labels=["run"])
+        for kind in u["seconds"]:
+            seconds.add_metric([kind], u["seconds"][kind])
+            runs.add_metric([kind], u["runs"][kind])
+        tokens = CounterMetricFamily("rag_prompt_tokens", "prompt tokens by how their keys came: a prefill run "
+                                     "of their own, riding in a verify run, or the prefix cache", labels=["source"])
+        for source, n in u["prompt_tokens"].items():
+            tokens.add_metric([source], n)
+        yield from (seconds, runs, tokens)
 
 
 class MetricsInterceptor(grpc.ServerInterceptor):

@@ -302,7 +302,12 @@ def test_prefix_cache_skips_prefill_and_keeps_every_token(generator, prompts, ma
     other = s.submit(prompts[4], params).result()
     head = next(i for i, (x, y) in enumerate(zip(prompts[2], prompts[4])) if x != y)
     assert other.cached_tokens == head // 16 * 16
-    assert other.token_ids == s.submit(prompts[4], params).result().token_ids
+    again = s.submit(prompts[4], params).result()
+    assert other.token_ids == again.token_ids
+    # usage counts each prompt token once, by how its keys came (one answer at a time: no rides)
+    u = s.usage()["prompt_tokens"]
+    assert u["cached"] == warm.cached_tokens + other.cached_tokens + again.cached_tokens and u["riding"] == 0
+    assert u["prefilled"] + u["cached"] == 2 * len(prompts[2]) + 2 * len(prompts[4])
     off = make(prefix_cache_mb=0)
     assert off.submit(prompts[4], params).result().token_ids == other.token_ids
 
@@ -499,6 +504,11 @@ def test_a_riding_chunk_keeps_its_run_within_the_prefill_stall(prompts, make, st
     first.result()
     alone = s.submit(long, SamplingParams(max_new_tokens=4)).result()
     assert all(r.token_ids == alone.token_ids for r in results)
+    u = s.usage()  # every prompt token counted once, the riding ones as riding
+    assert u["prompt_tokens"]["riding"] == sum(rides) and u["prompt_tokens"]["cached"] == 0
+    assert sum(u["prompt_tokens"].values()) == len(prompts[0]) + 7 * len(long)
+    assert u["runs"] == {"prefill": s.prefill_runs, "step": s.steps, "verify": s.verify_runs}
+    assert u["seconds"]["prefill"] > 0 and u["seconds"]["verify"] > 0
 
 
 def test_drafts_follow_a_rows_agreement_and_never_change_its_tokens(generator, make):

@@ -441,7 +441,7 @@ def test_metrics_endpoint_counts_requests_and_closes(shared_engine):
         # streaming RPCs are recorded when they end, with their final code and duration
         client.create_collection("metered")
         client.ingest("metered", [{"id": "t", "text": "Green tea wants water at 70 to 80 degrees."}])
-        list(client.answer("metered", "How hot for green tea?", max_new_tokens=4))
+        done = list(client.answer("metered", "How hot for green tea?", max_new_tokens=4))[-1].done
         with pytest.raises(grpc.RpcError):
             list(client.answer("nope", "How hot for green tea?", max_new_tokens=4))
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
@@ -452,6 +452,15 @@ def test_metrics_endpoint_counts_requests_and_closes(shared_engine):
         assert 'rag_request_seconds_count{method="/rag.v1.AnswerService/Answer"} 2.0' in text
         assert 'rag_request_seconds_count{method="/rag.v1.IngestService/IngestStream"} 1.0' in text
         assert "STARTED" not in text
+        # where the generation loop's time went: the answer's prompt got its keys in a prefill
+        # run or from the prefix cache, and its tokens came from runs that took time
+        values = {m[1]: float(m[2]) for m in re.finditer(r'^(rag_\w+_total\{\w+="\w+"\}) (\S+)$', text, re.M)}
+        prompt = {k: values[f'rag_prompt_tokens_total{{source="{k}"}}'] for k in ("prefilled", "riding", "cached")}
+        assert sum(prompt.values()) == done.usage.prompt_tokens and prompt["cached"] == done.usage.cached_tokens
+        assert values['rag_decoder_runs_total{run="prefill"}'] >= 1
+        assert values['rag_decoder_seconds_total{run="prefill"}'] > 0
+        decode = [k for k in ("step", "verify") if values[f'rag_decoder_runs_total{{run="{k}"}}'] > 0]
+        assert decode and all(values[f'rag_decoder_seconds_total{{run="{k}"}}'] > 0 for k in decode)
         client.close()
     finally:
         srv.stop(0)
