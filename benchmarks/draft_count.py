@@ -1,6 +1,6 @@
 """How many drafts should a speculating answer offer a run? Ours against fixed counts and
-against the one-rate rule it replaced, per prompt (or per group of rows sharing runs), in
-one process.
+against the rules it replaced, per prompt (or per group of rows sharing runs), in one
+process.
 
     .venv/bin/python benchmarks/draft_count.py                         # 24 RAG prompts (~400 tokens)
     .venv/bin/python benchmarks/draft_count.py --k 5 --whole-chunks    # the serving issue's ~800
@@ -13,17 +13,20 @@ one row at a time (`--rows`: more), drafts from the prompt verified on the machi
 weights:
   ours       the engine's rule (Ticket.drafts_for_speed): the count that keeps most tokens a
              second, from the plan's run times and the row's two agreement rates (a run's
-             first draft; a draft after a kept one); in shared runs one rate (drafts_worth);
-  one-rate   the same with one agreement rate for every draft alone too (kept drafts
-             against runs stopped, p^j for the j-th: the rule before);
+             first draft; a draft after a kept one), a pair for drafts copied after a match
+             of two tokens or more and one for drafts after a one-token match
+             (WEAK_DRAFT_PRIOR); in shared runs one rate (drafts_worth);
+  unsplit    the same with one pair of rates whatever the match (the rule before);
+  one-rate   one agreement rate for every draft alone too (kept drafts against runs
+             stopped, p^j for the j-th: the rule before that);
   fixed      always the configured count (Config.speculative_tokens; adaptive_drafts off).
-Every prompt runs through the three back to back, the first rotating, so a slow minute of a
+Every prompt runs through the four back to back, the first rotating, so a slow minute of a
 shared machine hits each alike; decode tok/s per answer (tokens after the first / the time
 from the first streamed delta to the last) and the median of the per-prompt ratios ours /
 other are printed. `--rows N`: groups of N prompts submitted at once instead (shared verify
-runs, where drafts follow Plan.draft_worth's "shared" worth), each group through the three
+runs, where drafts follow Plan.draft_worth's "shared" worth), each group through the four
 in turn, generated tokens / the group's wall time (its prefill included, the same work in
-all three) and the median per-group ratio. The tokens are the same in all three (checked).
+all four) and the median per-group ratio. The tokens are the same in all four (checked).
 One JSON line per system to bench-results/draft_count.jsonl, with the CPU.
 """
 
@@ -47,12 +50,27 @@ from engine.pipeline import Engine  # noqa: E402
 from engine.scheduler import Scheduler, Ticket  # noqa: E402
 
 
-class OneRateTicket(Ticket):
-    """The rule before: one agreement rate p = kept drafts / (kept drafts + runs stopped)
-    for a lone row's runs too (shared runs use it in both), so the j-th draft is kept with
-    p^j."""
+class UnsplitTicket(Ticket):
+    """The rule before: a lone row's two rates (p1, p) counted and used for every draft,
+    whether it was copied after a one-token match or a longer one."""
 
-    def agreement(self) -> tuple[float, float]:
+    def agreement(self, weak: bool = False) -> tuple[float, float]:
+        return super().agreement(False)
+
+    def drafts_checked(self, offered: int, kept: int, weak: bool = False) -> None:
+        super().drafts_checked(offered, kept, False)
+
+
+class UnsplitScheduler(Scheduler):
+    ticket_class = UnsplitTicket
+
+
+class OneRateTicket(Ticket):
+    """The rule before that: one agreement rate p = kept drafts / (kept drafts + runs
+    stopped) for a lone row's runs too (shared runs use it in both), so the j-th draft is
+    kept with p^j."""
+
+    def agreement(self, weak: bool = False) -> tuple[float, float]:
         p = self.agreed / (self.agreed + self.stopped)
         return p, p
 
@@ -101,7 +119,8 @@ def main() -> None:
               f"{statistics.mean(map(len, prompts)):.0f} tokens on average, {args.new_tokens} new, "
               f"up to {drafts} drafts a run, {args.rows} at once", flush=True)
         kw = dict(max_rows=args.rows, prefix_cache_mb=0, draft_tokens=drafts, draft_worth=plan.draft_worth())
-        systems = {"ours": Scheduler(gen, **kw), "one-rate": OneRateScheduler(gen, **kw),
+        systems = {"ours": Scheduler(gen, **kw), "unsplit": UnsplitScheduler(gen, **kw),
+                   "one-rate": OneRateScheduler(gen, **kw),
                    "fixed": Scheduler(gen, adaptive_drafts=False, **kw)}
         params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=args.ignore_eos)
         groups = [prompts[g:g + args.rows] for g in range(0, len(prompts), args.rows)]
@@ -115,7 +134,7 @@ def main() -> None:
             for _ in range(args.rounds):
                 for i, group in enumerate(groups):
                     tokens = {}
-                    for name in names[i % 3:] + names[:i % 3]:
+                    for name in names[i % len(names):] + names[:i % len(names)]:
                         if args.rows == 1:
                             rate, got = answer(systems[name], group[0], params)
                             tokens[name] = [got]

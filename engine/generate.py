@@ -186,11 +186,11 @@ def padding_rule(exact: dict[int, bool]) -> tuple[int, int] | None:
     return min(rules, key=lambda r: (sum(padded(r, n) - n for n in range(1, 9)), r), default=None)
 
 
-def lookup_draft(history: np.ndarray, k: int, max_ngram: int = 3) -> list[int]:
-    """Up to `k` tokens that may come next, copied from the history (prompt lookup): the
-    tokens that followed the latest earlier occurrence of the history's last `max_ngram`
-    tokens (fewer if that finds nothing). A RAG answer copies much of its passages, so the
-    drafts are often right. [] if no suffix of the history occurred before."""
+def draft_match(history: np.ndarray, max_ngram: int = 3) -> tuple[int, int]:
+    """(n, start): the longest suffix of the history (up to `max_ngram` tokens) that occurred
+    before, n its length, and where what followed its latest earlier occurrence starts;
+    (0, 0) if no suffix did. What a draft copied from there is worth depends on n: after a
+    one-token match (a common word) it was kept about half as often (Ticket.agreement)."""
     n_hist = len(history)
     for n in range(min(max_ngram, n_hist - 1), 0, -1):
         tail = history[n_hist - n:]
@@ -198,9 +198,17 @@ def lookup_draft(history: np.ndarray, k: int, max_ngram: int = 3) -> list[int]:
         for j in range(1, n):
             starts = starts[history[starts + j] == tail[j]]
         if starts.size:
-            s = int(starts[-1]) + n
-            return [int(t) for t in history[s:s + k]]
-    return []
+            return n, int(starts[-1]) + n
+    return 0, 0
+
+
+def lookup_draft(history: np.ndarray, k: int, max_ngram: int = 3) -> list[int]:
+    """Up to `k` tokens that may come next, copied from the history (prompt lookup): the
+    tokens that followed the latest earlier occurrence of the history's last `max_ngram`
+    tokens (fewer if that finds nothing: draft_match). A RAG answer copies much of its
+    passages, so the drafts are often right. [] if no suffix of the history occurred before."""
+    n, start = draft_match(history, max_ngram)
+    return [int(t) for t in history[start:start + k]] if n else []
 
 
 # Verify runs carry a multiple of this many tokens per row (filler tokens after the drafts,

@@ -13,7 +13,7 @@ import pytest
 from engine.config import Config
 from engine.errors import InvalidInput
 from engine.generate import (FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Completion, Generator, KVBatch, SamplingParams,
-                             lookup_draft)
+                             draft_match, lookup_draft)
 
 REPO = Path(__file__).resolve().parent.parent
 HF_DIR = REPO / ".cache" / "hf" / "qwen2.5-coder-0.5b-instruct"  # written by `make models`
@@ -465,6 +465,10 @@ def test_lookup_draft_copies_what_followed_the_latest_match():
     assert lookup_draft(np.array([1, 2, 3, 9, 2, 3, 4, 3], np.int64), 2) == [4, 3]  # "4 3" unseen: after the latest "3"
     assert lookup_draft(np.array([1, 2, 3, 4], np.int64), 3) == []
     assert lookup_draft(np.array([7], np.int64), 3) == []
+    # draft_match: the matched suffix's length and where its continuation starts
+    assert draft_match(h) == (3, 9) and draft_match(h, max_ngram=2) == (2, 9)
+    assert draft_match(np.array([1, 2, 3, 9, 2, 3, 4, 3], np.int64)) == (1, 6)  # a one-token match: a weak guess
+    assert draft_match(np.array([1, 2, 3, 4], np.int64)) == (0, 0)
 
 
 def test_verify_runs_do_not_depend_on_the_other_rows(generator):

@@ -567,6 +567,12 @@ def test_a_lone_rows_drafts_are_the_count_that_keeps_most_tokens_a_second(prompt
     assert t.drafts_for_speed(0.0072, 0.00148, 3) == 1
     t.further = [0.8, 0.2]
     assert t.drafts_for_speed(0.0072, 0.00148, 3) == 3
+    # after a one-token match the row's other pair, from an even chance (WEAK_DRAFT_PRIOR):
+    # one draft at those int4 runs, three where a run of 4 costs about what one of 2 does
+    t.weak_first, t.weak_further = [1.0, 1.0], [1.0, 1.0]
+    assert t.agreement(weak=True) == pytest.approx((0.5, 0.5)) and t.agreement() == pytest.approx((0.5, 0.8))
+    assert t.drafts_for_speed(0.0072, 0.00148, 3, weak=True) == 1
+    assert t.drafts_for_speed(0.0169, 0.0005, 3, weak=True) == 3
     # shared runs (drafts_worth) keep one rate for every draft: p^j
     t.agreed, t.stopped = 0.8, 0.2
     assert t.drafts_worth(0.6) == 2 and t.drafts_worth(0.5) == 3  # kept with 0.8, 0.64, 0.512, 0.41
@@ -575,12 +581,19 @@ def test_a_lone_rows_drafts_are_the_count_that_keeps_most_tokens_a_second(prompt
 def test_a_rows_agreement_counts_first_drafts_and_the_ones_after_a_kept_one(prompts, make):
     """Ticket.drafts_checked: a run stops at its first draft not kept, so its first draft
     counts toward p1 (kept or not) and the ones after a kept first toward p (a lone row's
-    rates); kept drafts against runs stopped make the one rate of shared runs; counts decay
-    by DRAFT_MEMORY a run."""
-    from engine.scheduler import DRAFT_MEMORY as m, DRAFT_PRIOR
+    rates, a pair for drafts after a match of 2+ tokens and one after a one-token match);
+    kept drafts against runs stopped make the one rate of shared runs; counts decay by
+    DRAFT_MEMORY a run."""
+    from engine.scheduler import DRAFT_MEMORY as m, DRAFT_PRIOR, WEAK_DRAFT_PRIOR
 
     t = make(prefix_cache_mb=0, draft_tokens=3).submit(prompts[0], SamplingParams(max_new_tokens=2))
     t.result()
+    assert t.first == list(DRAFT_PRIOR) and t.further == list(DRAFT_PRIOR)
+    assert t.weak_first == list(WEAK_DRAFT_PRIOR) and t.weak_further == list(WEAK_DRAFT_PRIOR)
+    # drafts copied after a one-token match count in the weak pair only
+    t.weak_first, t.weak_further = [0.0, 0.0], [0.0, 0.0]
+    t.drafts_checked(3, 1, weak=True)  # first kept, second missed
+    assert t.weak_first == [1.0, 0.0] and t.weak_further == [0.0, 1.0]
     assert t.first == list(DRAFT_PRIOR) and t.further == list(DRAFT_PRIOR)
     t.first, t.further = [0.0, 0.0], [0.0, 0.0]
     t.drafts_checked(3, 0)  # the first draft missed: nothing after it was checked
