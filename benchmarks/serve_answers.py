@@ -42,9 +42,10 @@ llama.cpp (llama-cpp-python built from source, on the GGUF that `make models` as
 onnxruntime-genai (its int4 build of the HF folder `make models` produced); each peer runs in
 its own virtual environment (`make peers`) through benchmarks/_peer_lm.py. Prefill tok/s
 (prompt tokens / time to first token) and decode tok/s, with ratios ours / peer. Ours runs
-through the scheduler twice, with speculative decoding as configured (drafts from the prompt,
-Config.speculative_tokens) and without; llama.cpp runs twice too, plain and with its own prompt
-lookup drafting (LlamaPromptLookupDecoding, --peer-lookup tokens a step). The prompts are
+through the scheduler three times, with speculative decoding as configured (drafts from the
+prompt, Config.speculative_tokens), with drafts fixed at that count, and without (each
+prompt through the three back to back, the first rotating); llama.cpp runs twice too, plain
+and with its own prompt lookup drafting (LlamaPromptLookupDecoding, --peer-lookup tokens a step). The prompts are
 the engine's (k 3, packed: ~400 tokens) unless `--peer-k 5 --peer-whole-chunks` asks for the
 longer ones the serving issue's single-stream targets were set at (whole chunks: ~850).
 `--rounds N` measures every (regime, system, c) N times, the systems taking turns (a slow
@@ -286,27 +287,32 @@ def single_stream_peers(engine: Engine, questions: list[str], args) -> dict:
     texts = [gen.tokenizer.decode(ids, skip_special_tokens=False) for ids in prompts]
     params = SamplingParams(max_new_tokens=args.peer_new_tokens)
     plan = engine.execution_plan
-    results = {}
     k, adaptive = engine.config.draft_tokens, engine.config.adaptive_drafts
-    # as configured first (the ratios below are against it), then drafts fixed at k, then none
+    # as configured first (the ratios below are against it), then drafts fixed at k, then none;
+    # each prompt through all three back to back, the first rotating (a lone pass of a few
+    # prompts per system swung ±10% between passes on the Zen 5 EPYC)
+    ours = {}
     for draft, adapt in dict.fromkeys(((k, adaptive), (k, False), (0, False))):
         scheduler = Scheduler(gen, max_rows=1, prefix_cache_mb=0, draft_tokens=draft, adaptive_drafts=adapt,
                               draft_worth=plan.draft_worth())  # as the engine's (Engine.scheduler)
         scheduler.submit(gen.encode("Hello"), params).result()  # warms up, as each peer does (_peer_lm.py)
-        rows = []
-        for ids in prompts:
-            t0 = time.perf_counter()
-            stamps = []
-            for ev in scheduler.submit(ids, params):
-                if not isinstance(ev, Completion):
-                    stamps.append(time.perf_counter())
-            rows.append({"prompt_tokens": len(ids), "prefill_s": stamps[0] - t0,
-                         "decode_tok_per_s": (ev.completion_tokens - 1) / (stamps[-1] - stamps[0])
-                         if len(stamps) > 1 else float("nan"), "accepted": ev.accepted_prediction_tokens})
-        scheduler.close()
         spec = (f", {'adaptive ' if adapt else ''}drafts of {'up to ' if adapt else ''}{draft} from the prompt "
                 f"verified on {gen.verify_variant}" if draft else "")
-        results[f"ours ({plan.prefill} prefill, {plan.decode} decode{spec})"] = rows
+        ours[f"ours ({plan.prefill} prefill, {plan.decode} decode{spec})"] = scheduler
+    results = {name: [] for name in ours}
+    names = list(ours)
+    for i, ids in enumerate(prompts):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            t0 = time.perf_counter()
+            stamps = []
+            for ev in ours[name].submit(ids, params):
+                if not isinstance(ev, Completion):
+                    stamps.append(time.perf_counter())
+            results[name].append({"prompt_tokens": len(ids), "prefill_s": stamps[0] - t0,
+                                  "decode_tok_per_s": (ev.completion_tokens - 1) / (stamps[-1] - stamps[0])
+                                  if len(stamps) > 1 else float("nan"), "accepted": ev.accepted_prediction_tokens})
+    for scheduler in ours.values():
+        scheduler.close()
     threads = engine.config.threads
     for name, (python, model) in PEERS.items():
         if not python.exists() or not model.exists():
