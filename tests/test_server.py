@@ -456,11 +456,15 @@ def test_metrics_endpoint_counts_requests_and_closes(shared_engine):
         # run or from the prefix cache, and its tokens came from runs that took time
         values = {m[1]: float(m[2]) for m in re.finditer(r'^(rag_\w+_total\{\w+="\w+"\}) (\S+)$', text, re.M)}
         prompt = {k: values[f'rag_prompt_tokens_total{{source="{k}"}}'] for k in ("prefilled", "riding", "cached")}
-        assert sum(prompt.values()) == done.usage.prompt_tokens and prompt["cached"] == done.usage.cached_tokens
+        if done.retries == 0:  # one generation: its prompt's tokens, each counted once
+            assert sum(prompt.values()) == done.usage.prompt_tokens and prompt["cached"] == done.usage.cached_tokens
+        else:  # a degenerate first answer was generated again (Checked answers): two prompts
+            assert sum(prompt.values()) > done.usage.prompt_tokens
         assert values['rag_decoder_runs_total{run="prefill"}'] >= 1
         assert values['rag_decoder_seconds_total{run="prefill"}'] > 0
         decode = [k for k in ("step", "verify") if values[f'rag_decoder_runs_total{{run="{k}"}}'] > 0]
-        assert decode and all(values[f'rag_decoder_seconds_total{{run="{k}"}}'] > 0 for k in decode)
+        assert decode or done.usage.completion_tokens <= 1, "tokens after the first came from runs"
+        assert all(values[f'rag_decoder_seconds_total{{run="{k}"}}'] > 0 for k in decode)
         client.close()
     finally:
         srv.stop(0)
