@@ -10,7 +10,8 @@ One thread runs the model, so concurrent answers never fight over the cores; eac
      steady pace while a long prompt joins (chunked prefill): while streamed rows decode, a
      chunk is the smaller of what takes about `prefill_stall_ms` (steered by how long the
      last ones took) and the size that reaches PREFILL_EFFICIENCY of the long-chunk rate on
-     this machine (measured once, see _calibrate and wait_started), at least one block, so
+     this machine (measured once, see _calibrate and wait_started), at least one block (and
+     a prompt's chunks of even size, no short tail), so
      streams wait no longer than prefill needs to stay efficient (efficient enough that
      the prompts waiting behind it do not wait on one weight pass after another: a
      backlog of newcomers gets bigger chunks, _efficient_chunk); with no stream decoding
@@ -687,9 +688,20 @@ class Scheduler:
             efficient = self.efficient_chunk if self.chunk_cost is None else \
                 self._efficient_chunk(len(self._prefilling) + len(self._waiting))
             size = min(self.chunk, efficient, max(self.block, int(self._stall_chunk) // self.block * self.block))
-        b = min(len(t.prompt), a + size)
-        if len(t.prompt) - b < self.last_chunk:
+        rest = len(t.prompt) - a
+        if rest - size < self.last_chunk:
             b = len(t.prompt)  # never a short last chunk (last_chunk)
+        else:
+            # as many chunks as `size` needs, of even size in whole blocks: a short tail runs as
+            # slowly a token as any small chunk (each run reads every weight once). In process,
+            # 8 RAG clients (~400-token prompts: 256-token chunks and ~100-token tails before;
+            # Zen 5 EPYC, ad-hoc, two pairs): prefill runs 1,451 / 1,428 tok/s against 1,280 /
+            # 1,382, prompt tok/s 1,237 / 1,220 against 1,114 / 1,180, inter-token p99 202 /
+            # 197 ms against 238 / 239; 8 decode-bound ones level (253 / 277 generated tok/s
+            # against 274 / 257)
+            even = -(-rest // -(-rest // size))  # rest over the chunks it needs, rounded up
+            size = min(size, -(-even // self.block) * self.block)
+            b = a + size
         t0 = time.perf_counter()
         try:
             logits, kv = self.generator.prefill(t.prompt[a:b], t.kv)

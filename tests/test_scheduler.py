@@ -341,6 +341,28 @@ def test_no_short_last_prefill_chunk_after_a_chunk_or_a_cache_hit(generator, pro
         monkeypatch.undo()
 
 
+def test_a_prompts_chunks_are_of_even_size(generator, prompts, make, monkeypatch):
+    """A prompt longer than a chunk runs in as many chunks as prefill_chunk needs, of even
+    size in whole blocks (no short tail, which runs as slowly a token as any small chunk),
+    and its first token is an unchunked prefill's."""
+    long = (prompts[2] * 4)[:300]
+    assert len(long) == 300
+    s = make(prefix_cache_mb=0, prefill_chunk=128)
+    assert s.wait_started(timeout=300)
+    real, runs = generator.prefill, []
+
+    def spy(tokens, past=None):
+        runs.append(len(tokens))
+        return real(tokens, past)
+
+    monkeypatch.setattr(generator, "prefill", spy)
+    got = s.submit(long, SamplingParams(max_new_tokens=1)).result()
+    monkeypatch.undo()
+    # 3 chunks of 128 or fewer, each the rest over the chunks left (not 128 + 128 + 44)
+    assert runs == [112, 96, 92]
+    assert got.token_ids == [int(generator.prefill(long)[0].argmax())]
+
+
 def test_prefix_cache_evicts_least_recently_used_within_budget(generator, prompts, make):
     block_bytes = 2 * generator.num_layers * generator.num_kv_heads * 16 * generator.head_dim * 4
     s = make(prefix_cache_mb=6 * block_bytes / 2**20)  # room for six blocks
