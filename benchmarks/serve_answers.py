@@ -31,7 +31,8 @@ generation loop spent it (Engine.generation_usage: shares in prefill runs, one-t
 and verify runs, the prefill runs' rate) and how the prompt tokens got their keys
 (prefilled, riding in verify runs, from the prefix cache). Also measured in process: the
 single-stream prefill rate at the rag prompt size (served prompt tokens/s at c=8 should be
->= 0.9x of it), and a repeated question's TTFT against its cold TTFT (prefix cache). Each
+>= 0.9x of it; the first of three runs, as before, and the best of them, both printed: the
+first swung 960-1,400 tok/s on the Zen 5 EPYC), and a repeated question's TTFT against its cold TTFT (prefix cache). Each
 c > 1 also prints a ceiling: the generated tokens/s no scheduler could beat here, with every
 token (uncached prompt or generated, as served) at the best in-process prefill rate; and for
 c <= 8 a tighter one, the generated tokens at the best full-batch rate the machine's plan
@@ -432,7 +433,8 @@ def run(args) -> None:
             print(f"{regime} c={c}: gen tok/s ours/one-at-a-time {vs}, "
                   f"ours c={c}/c={min(args.concurrency)} x{ours['gen_tok_per_s'] / one['gen_tok_per_s']:.2f}, "
                   f"ITL p99 c={c}/c={min(args.concurrency)} x{ours['itl_p99_ms'] / one['itl_p99_ms']:.2f}, "
-                  f"served prompt tok/s / in-process prefill x{ours['prompt_tok_per_s'] / single['prefill_tok_per_s']:.2f}")
+                  f"served prompt tok/s / in-process prefill x{ours['prompt_tok_per_s'] / single['prefill_tok_per_s']:.2f}"
+                  f" (x{ours['prompt_tok_per_s'] / single['prefill_best_tok_per_s']:.2f} its best of three)")
             if c > min(args.concurrency):
                 print(ceiling(regime, c, min(args.concurrency), ours, one, single, rates))
             for other in [n for n in args.systems if n.startswith("stall=") or n == "throughput"]:  # own ratios
@@ -441,7 +443,8 @@ def run(args) -> None:
                     print(f"{regime} c={c} {other}: gen tok/s c={c}/c={min(args.concurrency)} "
                           f"x{mine['gen_tok_per_s'] / mine_one['gen_tok_per_s']:.2f}, ITL p99 "
                           f"x{mine['itl_p99_ms'] / mine_one['itl_p99_ms']:.2f}, served prompt tok/s / in-process "
-                          f"prefill x{mine['prompt_tok_per_s'] / single['prefill_tok_per_s']:.2f}, TTFT p50 "
+                          f"prefill x{mine['prompt_tok_per_s'] / single['prefill_tok_per_s']:.2f} (best of three "
+                          f"x{mine['prompt_tok_per_s'] / single['prefill_best_tok_per_s']:.2f}), TTFT p50 "
                           f"{mine['ttft_p50_s']:.2f} s against ours' {ours['ttft_p50_s']:.2f}")
     print_loop_usage(summary)
     if peers:
