@@ -32,7 +32,8 @@ and verify runs, the prefill runs' rate) and how the prompt tokens got their key
 (prefilled, riding in verify runs, from the prefix cache). Also measured in process: the
 single-stream prefill rate at the rag prompt size (served prompt tokens/s at c=8 should be
 >= 0.9x of it; the first of three runs, as before, and the best of them, both printed: the
-first swung 960-1,400 tok/s on the Zen 5 EPYC), and a repeated question's TTFT against its cold TTFT (prefix cache). Each
+first swung 960-1,400 tok/s on the Zen 5 EPYC), and a repeated question's TTFT against its
+cold TTFT (prefix cache). Each
 c > 1 also prints a ceiling: the generated tokens/s no scheduler could beat here, with every
 token (uncached prompt or generated, as served) at the best in-process prefill rate; and for
 c <= 8 a tighter one, the generated tokens at the best full-batch rate the machine's plan
@@ -46,7 +47,8 @@ its own virtual environment (`make peers`) through benchmarks/_peer_lm.py. Prefi
 through the scheduler three times, with speculative decoding as configured (drafts from the
 prompt, Config.speculative_tokens), with drafts fixed at that count, and without (each
 prompt through the three back to back, the first rotating); llama.cpp runs twice too, plain
-and with its own prompt lookup drafting (LlamaPromptLookupDecoding, --peer-lookup tokens a step). The prompts are
+and with its own prompt lookup drafting (LlamaPromptLookupDecoding, --peer-lookup tokens a
+step). The prompts are
 the engine's (k 3, packed: ~400 tokens) unless `--peer-k 5 --peer-whole-chunks` asks for the
 longer ones the serving issue's single-stream targets were set at (whole chunks: ~850).
 `--rounds N` measures every (regime, system, c) N times, the systems taking turns (a slow
