@@ -15,6 +15,13 @@ SQUAD = REPO.parent / "shared" / "data" / "squad-dev-v1.1.json"
 RESULTS = REPO / "bench-results"
 
 
+def rotated(names: list, i: int) -> list:
+    """`names` starting at the i-th (cyclically): systems take turns going first, so a slow
+    minute of a shared machine hits each alike."""
+    k = i % len(names)
+    return names[k:] + names[:k]
+
+
 def squad_paragraphs(path: Path = SQUAD, limit: int | None = None) -> list[dict]:
     """[{"id", "title", "text", "questions": [(question, [answers])]}] in file order."""
     out = []

@@ -41,7 +41,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import SQUAD, cpu_name, log_jsonl, rag_prompts, shuffled_questions, squad_paragraphs  # noqa: E402
+from _common import (SQUAD, cpu_name, log_jsonl, rag_prompts, rotated, shuffled_questions,  # noqa: E402
+                     squad_paragraphs)
 
 from engine.config import Config  # noqa: E402
 from engine.documents import Document  # noqa: E402
@@ -134,7 +135,7 @@ def main() -> None:
             for _ in range(args.rounds):
                 for i, group in enumerate(groups):
                     tokens = {}
-                    for name in names[i % len(names):] + names[:i % len(names)]:
+                    for name in rotated(names, i):
                         if args.rows == 1:
                             rate, got = answer(systems[name], group[0], params)
                             tokens[name] = [got]

@@ -74,7 +74,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import grpc  # noqa: E402
-from _common import (SQUAD, cpu_name, log_jsonl, pct, rag_prompts, shuffled_questions,  # noqa: E402
+from _common import (SQUAD, cpu_name, log_jsonl, pct, rag_prompts, rotated, shuffled_questions,  # noqa: E402
                      squad_paragraphs)
 
 from engine.config import PLAN_OBJECTIVES, Config  # noqa: E402
@@ -305,7 +305,7 @@ def single_stream_peers(engine: Engine, questions: list[str], args) -> dict:
     results = {name: [] for name in ours}
     names = list(ours)
     for i, ids in enumerate(prompts):
-        for name in names[i % len(names):] + names[:i % len(names)]:
+        for name in rotated(names, i):
             t0 = time.perf_counter()
             stamps = []
             for ev in ours[name].submit(ids, params):

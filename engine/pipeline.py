@@ -129,12 +129,10 @@ class Engine:
 
     def generation_usage(self) -> dict:
         """Where the generation loop's time went (Scheduler.usage); zeros before the first answer."""
+        from .scheduler import empty_usage
+
         s = self._scheduler
-        if s is not None:
-            return s.usage()
-        kinds = ("prefill", "step", "verify")
-        return {"seconds": dict.fromkeys(kinds, 0.0), "runs": dict.fromkeys(kinds, 0),
-                "prompt_tokens": dict.fromkeys(("prefilled", "riding", "cached"), 0)}
+        return s.usage() if s is not None else empty_usage()
 
     def warmup(self, generation: bool = False) -> None:
         kernels.warmup()

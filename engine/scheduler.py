@@ -150,6 +150,15 @@ DRAFT_PRIOR = (2.0, 1.0)  # (kept, not kept) before a row's first run, for every
 # one draft (a free one: runs are padded to pairs), where runs of 4 cost what runs of 2 do
 # (w8a8 on the AMX Xeon), three.
 WEAK_DRAFT_PRIOR = (1.0, 1.0)
+# What Scheduler.usage counts: runs of each kind, and prompt tokens by how their keys came.
+RUN_KINDS = ("prefill", "step", "verify")
+PROMPT_SOURCES = ("prefilled", "riding", "cached")
+
+
+def empty_usage() -> dict:
+    """Scheduler.usage before anything ran."""
+    return {"seconds": dict.fromkeys(RUN_KINDS, 0.0), "runs": dict.fromkeys(RUN_KINDS, 0),
+            "prompt_tokens": dict.fromkeys(PROMPT_SOURCES, 0)}
 
 
 class PrefixCache:
@@ -248,11 +257,16 @@ class Ticket:
         self.completion: Completion | None = None
         self._result: Completion | None = None
 
+    def _counts(self, weak: bool) -> tuple[list[float], list[float]]:
+        """The (first, further) counts for drafts copied after a match of two tokens or more,
+        or (`weak`) after a one-token match."""
+        return (self.weak_first, self.weak_further) if weak else (self.first, self.further)
+
     def agreement(self, weak: bool = False) -> tuple[float, float]:
         """(p1, p): the chances that a run's first draft is kept, and that a draft after a
         kept one is (the row's own decayed counts, DRAFT_MEMORY), for drafts copied after a
         match of two tokens or more, or (`weak`) after a one-token match (WEAK_DRAFT_PRIOR)."""
-        first, further = (self.weak_first, self.weak_further) if weak else (self.first, self.further)
+        first, further = self._counts(weak)
         return first[0] / sum(first), further[0] / sum(further)
 
     def drafts_worth(self, worth: float) -> int:
@@ -287,7 +301,7 @@ class Ticket:
         """Count a run: `kept` of `offered` drafts agreed (a run stops at the first that does
         not); `weak`: drafts copied after a one-token match, counted in the weak_ pair."""
         m = DRAFT_MEMORY
-        first, further = (self.weak_first, self.weak_further) if weak else (self.first, self.further)
+        first, further = self._counts(weak)
         first[:] = [m * first[0] + (kept > 0), m * first[1] + (kept == 0)]
         if kept and offered > 1:  # drafts after a kept one were offered
             further[:] = [m * further[0] + kept - 1, m * further[1] + (kept < offered)]
@@ -391,8 +405,8 @@ class Scheduler:
         self.rows_verified = 0  # speculating rows summed over verify runs
         # where the loop's time goes (usage): seconds in runs of each kind, and prompt tokens
         # by how their keys came (a prefill run of their own, riding in a verify run, the cache)
-        self.run_seconds = {"prefill": 0.0, "step": 0.0, "verify": 0.0}
-        self.prompt_tokens = {"prefilled": 0, "riding": 0, "cached": 0}
+        self.run_seconds = dict.fromkeys(RUN_KINDS, 0.0)
+        self.prompt_tokens = dict.fromkeys(PROMPT_SOURCES, 0)
         self.drafted = 0  # tokens drafted and checked
         self.accepted = 0  # of them, the ones the model agreed with
         self._started = threading.Event()  # set once _calibrate is over (done or failed)
