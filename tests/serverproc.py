@@ -22,14 +22,16 @@ def free_port() -> int:
 
 
 def start_server(data_dir: Path, port: int, *, log: Path, global_args: Sequence[str] = (),
-                 serve_args: Sequence[str] = (), timeout: float = 300) -> subprocess.Popen:
+                 serve_args: Sequence[str] = (), timeout: float = 300,
+                 env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start `rag serve` from this checkout (python -m, so a worktree's code is what runs) and
     wait until its health check says SERVING. Its log is appended to `log`: a file, not a
-    pipe, which would block the server's logging once full."""
+    pipe, which would block the server's logging once full. `env`: its environment (default:
+    this process's)."""
     with log.open("ab") as err:
         proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "--data-dir", str(data_dir), *global_args,
                                  "serve", "--address", f"127.0.0.1:{port}", *serve_args],
-                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
+                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=err, env=env)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:

@@ -118,3 +118,52 @@ def test_info_names_the_cpu_and_the_execution_plan(tmp_path, capsys):
     assert code == 0 and json.loads(out)["speculative_tokens"] == 1
     code, _, err = rag(capsys, "--data-dir", str(tmp_path), "--speculative-tokens", "9", "info")
     assert code != 0 and "speculative_tokens must be an integer in [0, 7]" in err
+
+
+def test_huge_pages_are_asked_for_only_by_rag_huge_pages():
+    """RAG_HUGE_PAGES=1 adds glibc's huge-page tunable to the environment `rag serve` restarts
+    with (kept after any tunables already set); off by default, never twice, never where
+    GLIBC_TUNABLES already says how malloc uses huge pages."""
+    from engine.cli import HUGE_PAGES_TUNABLE, huge_pages_env
+
+    base = {"PATH": os.environ.get("PATH", "")}
+    assert huge_pages_env(base) is None
+    assert huge_pages_env({**base, "RAG_HUGE_PAGES": "0"}) is None
+    on = huge_pages_env({**base, "RAG_HUGE_PAGES": "1"})
+    if on is None:
+        pytest.skip("no transparent huge pages for malloc here (not Linux with glibc >= 2.35, or THP never)")
+    assert on["GLIBC_TUNABLES"] == HUGE_PAGES_TUNABLE and on["PATH"] == base["PATH"]
+    assert huge_pages_env(on) is None  # the restarted process does not restart again
+    mine = huge_pages_env({**base, "RAG_HUGE_PAGES": "1", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
+    assert mine["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=2:{HUGE_PAGES_TUNABLE}"
+    assert huge_pages_env({**base, "RAG_HUGE_PAGES": "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None
+
+
+def test_rag_serve_with_huge_pages_restarts_itself_with_them(tmp_path):
+    """`RAG_HUGE_PAGES=1 rag serve`: the same process (same id) runs with the tunable, serves,
+    and its models' memory lies on huge pages."""
+    import grpc
+
+    from engine.cli import huge_pages_env
+    from serverproc import free_port, start_server
+    from server.client import RagClient
+
+    env = {**os.environ, "RAG_HUGE_PAGES": "1"}
+    if huge_pages_env(env) is None:
+        pytest.skip("no transparent huge pages for malloc here (not Linux with glibc >= 2.35, or THP never)")
+    port = free_port()
+    proc = start_server(tmp_path / "data", port, log=tmp_path / "server.log", env=env)
+    try:
+        environ = dict(kv.split("=", 1) for kv in Path(f"/proc/{proc.pid}/environ").read_text().split("\0") if "=" in kv)
+        assert "glibc.malloc.hugetlb=1" in environ["GLIBC_TUNABLES"]
+        rollup = Path(f"/proc/{proc.pid}/smaps_rollup").read_text().splitlines()
+        huge_kb = next(int(line.split()[1]) for line in rollup if line.startswith("AnonHugePages"))
+        assert huge_kb > 100 * 1024, rollup  # the generator's weights, hundreds of MB
+        with RagClient(f"127.0.0.1:{port}") as client:
+            client.create_collection("notes")
+            with pytest.raises(grpc.RpcError) as e:
+                client.search("missing", "anything")
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
