@@ -669,10 +669,10 @@ class Generator:
     def count_tokens(self, text: str) -> int:
         return len(self.encode(text))
 
-    def render_chat(self, messages: list[dict]) -> str:
-        """The model's chat template applied to `messages`, ready for the assistant's turn."""
-        if not self.chat_template:
-            raise Unavailable(f"model {self.name} has no chat template")
+    @functools.cached_property
+    def _chat_template(self):
+        """The chat template compiled once (jinja2 compiles a template into Python code: ~16 ms
+        for Qwen2.5's, which every RAG prompt paid twice, three quarters of building it)."""
         import jinja2
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -681,9 +681,14 @@ class Generator:
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
-        return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=True, bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "")
+        return env.from_string(self.chat_template)
+
+    def render_chat(self, messages: list[dict]) -> str:
+        """The model's chat template applied to `messages`, ready for the assistant's turn."""
+        if not self.chat_template:
+            raise Unavailable(f"model {self.name} has no chat template")
+        return self._chat_template.render(messages=messages, add_generation_prompt=True,
+                                          bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 
     def warmup(self) -> None:
         kernels.warmup()
