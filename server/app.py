@@ -120,6 +120,11 @@ class Metrics:
         self.ttft = Histogram("rag_time_to_first_token_seconds", "Answer: time to first token",
                               registry=self.registry)
         self.tokens = Counter("rag_generated_tokens_total", "tokens generated", registry=self.registry)
+        # vLLM's time_per_output_token: a stream's speed as its client sees it, per answer
+        self.tpot = Histogram("rag_time_per_output_token_seconds",
+                              "Answer: decode time per token after each generation's first",
+                              buckets=(0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0),
+                              registry=self.registry)
         self.batch = Histogram("rag_microbatch_size", "requests per micro-batch",
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
         self.queue = Gauge("rag_generation_queue_depth", "answers waiting for a row in the scheduler's batch",
@@ -141,6 +146,14 @@ class Metrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+    def answered(self, a) -> None:
+        """Count a finished Answer's tokens and its time per output token (its decode time over
+        the tokens after each generation's first: a retried degenerate answer has two firsts)."""
+        self.tokens.inc(a.completion_tokens)
+        after_first = a.completion_tokens - (a.retries + 1)
+        if after_first > 0 and a.timings_ns.get("decode", 0) > 0:
+            self.tpot.observe(a.timings_ns["decode"] / 1e9 / after_first)
 
     def watch(self, engine) -> None:
         """Read the scheduler's rows at scrape time, so a leaked row shows as a stuck gauge,

@@ -255,7 +255,7 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
                     yield pb.AnswerResponse(sources=pb.AnswerSources(sources=sources_pb(ev.sources)))
                 elif isinstance(ev, Answer):
                     if self.metrics:
-                        self.metrics.tokens.inc(ev.completion_tokens)
+                        self.metrics.answered(ev)
                     yield pb.AnswerResponse(done=answer_done_pb(ev, time.perf_counter_ns() - t0))
                 else:
                     if first_token_at is None:
@@ -276,7 +276,8 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
         answers = self.engine.answer_batch(request.collection, questions, k=k, params=params)
         total = time.perf_counter_ns() - t0
         if self.metrics:
-            self.metrics.tokens.inc(sum(a.completion_tokens for a in answers))
+            for a in answers:
+                self.metrics.answered(a)
         return pb.AnswerBatchResponse(answers=[
             pb.BatchAnswer(text=a.text, sources=sources_pb(a.sources), done=answer_done_pb(a, total))
             for a in answers])

@@ -452,6 +452,15 @@ def test_metrics_endpoint_counts_requests_and_closes(shared_engine):
         assert 'rag_request_seconds_count{method="/rag.v1.AnswerService/Answer"} 2.0' in text
         assert 'rag_request_seconds_count{method="/rag.v1.IngestService/IngestStream"} 1.0' in text
         assert "STARTED" not in text
+        # the answer's speed: its decode time over the tokens after each generation's first
+        after_first = done.usage.completion_tokens - (done.retries + 1)
+        tpot = {m[1]: float(m[2]) for m in re.finditer(r"^rag_time_per_output_token_seconds_(count|sum) (\S+)$",
+                                                        text, re.M)}
+        if after_first > 0:
+            assert tpot["count"] == 1.0
+            assert tpot["sum"] == pytest.approx(done.timings.decode_time_ns / 1e9 / after_first, rel=1e-6)
+        else:
+            assert tpot["count"] == 0.0
         # where the generation loop's time went: the answer's prompt got its keys in a prefill
         # run or from the prefix cache, and its tokens came from runs that took time
         values = {m[1]: float(m[2]) for m in re.finditer(r'^(rag_\w+_total\{\w+="\w+"\}) (\S+)$', text, re.M)}
