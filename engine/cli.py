@@ -1,7 +1,8 @@
 """`rag` command line: ingest files, search, manage collections.
 
-Environment variables are read here and only here (RAG_DATA_DIR, RAG_MODELS_DIR,
-RAG_HUGE_PAGES), then passed on inside the one Config object.
+Environment variables are read here and only here (RAG_DATA_DIR, RAG_MODELS_DIR), then
+passed on inside the one Config object; RAG_HUGE_PAGES acts before any Config, at the
+start of `rag serve` (restart_with_huge_pages).
 """
 
 from __future__ import annotations
