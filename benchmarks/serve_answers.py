@@ -12,7 +12,10 @@ mostly prompt:
   decode  top_k 1 (prompts of ~150-300 tokens), 128 new tokens (ignore_eos): decode-bound;
   rag     top_k and packing as configured (default k 3 with 350-token packing: prompts of
           ~400-450 tokens; k 5 with whole chunks gave ~700-1,000), 32 new tokens: prefill-bound.
-Per (regime, c): TTFT p50/p95, inter-token p50/p99 (gaps between streamed deltas),
+Per (regime, c): TTFT p50/p95, inter-token p50/p99 (gaps between streamed deltas), time
+per output token p50/p99 over answers (TPOT as vLLM's benchmark defines it: an answer's
+time after its first token over its tokens after the first; a delta may carry several
+tokens, drafts kept in one run, or none a client can see, tokens with no text),
 aggregate generated tokens/s, served prompt tokens/s, answers/s, prompt tokens served from
 the prefix cache. The in-run baseline is the same server with the scheduler at one row
 (`max_concurrent_generations=1`: answers run one at a time, as a server without continuous
@@ -101,8 +104,10 @@ def one_stream(client: RagClient, question: str, top_k: int | None, max_new: int
         elif kind == "done":
             done = msg.done
     end = time.perf_counter()
+    tokens = done.usage.completion_tokens
     return {"ttft": (stamps[0] - t0) if stamps else end - t0, "gaps": [b - a for a, b in zip(stamps, stamps[1:])],
-            "tokens": done.usage.completion_tokens, "prompt": done.usage.prompt_tokens,
+            "tpot": (end - stamps[0]) / (tokens - 1) if stamps and tokens > 1 else None,
+            "tokens": tokens, "prompt": done.usage.prompt_tokens,
             "cached": done.usage.cached_tokens, "seconds": end - t0}
 
 
@@ -168,6 +173,7 @@ def drive(port: int, questions: list[str], c: int, seconds: float, regime: str, 
     _cursor[0] += out["used"]
     results, wall = out["results"], out["wall"]
     gaps = [g for r in results for g in r["gaps"]]
+    tpots = [r["tpot"] for r in results if r["tpot"] is not None]
     return {"answers": len(results), "errors": out["errors"], "wall_s": wall, "questions_from": start,
             "answers_per_s": len(results) / wall,
             "gen_tok_per_s": sum(r["tokens"] for r in results) / wall,
@@ -177,7 +183,8 @@ def drive(port: int, questions: list[str], c: int, seconds: float, regime: str, 
             "cached_tokens": sum(r["cached"] for r in results),
             "prompt_tokens": sum(r["prompt"] for r in results),
             "ttft_p50_s": pct([r["ttft"] for r in results], 50), "ttft_p95_s": pct([r["ttft"] for r in results], 95),
-            "itl_p50_ms": pct(gaps, 50) * 1e3, "itl_p99_ms": pct(gaps, 99) * 1e3}
+            "itl_p50_ms": pct(gaps, 50) * 1e3, "itl_p99_ms": pct(gaps, 99) * 1e3,
+            "tpot_p50_ms": pct(tpots, 50) * 1e3, "tpot_p99_ms": pct(tpots, 99) * 1e3}
 
 
 def loop_usage(before: dict, after: dict, wall: float) -> dict:
@@ -415,11 +422,13 @@ def run(args) -> None:
     for (regime, name, c), rs in rounds.items():
         if (errors := [e for r in rs for e in r["errors"]]):
             print(f"{regime} c={c} {name}: {len(errors)} failed answers: {sorted(set(errors))}")
-    print("\nregime  c   system          answers/s  gen tok/s  prompt tok/s  TTFT p50/p95 s   ITL p50/p99 ms  cached")
+    print("\nregime  c   system          answers/s  gen tok/s  prompt tok/s  TTFT p50/p95 s   ITL p50/p99 ms  "
+          "TPOT p50/p99 ms  cached")
     for (regime, name, c), r in summary.items():
         print(f"{regime:7s} {c:<3d} {name:15s} {r['answers_per_s']:9.3f} {r['gen_tok_per_s']:10.1f} "
               f"{r['prompt_tok_per_s']:13.1f}  {r['ttft_p50_s']:6.2f}/{r['ttft_p95_s']:6.2f}  "
-              f"{r['itl_p50_ms']:7.1f}/{r['itl_p99_ms']:7.1f}  {r['cached_tokens']:.0f}/{r['prompt_tokens']:.0f}")
+              f"{r['itl_p50_ms']:7.1f}/{r['itl_p99_ms']:7.1f}  {r['tpot_p50_ms']:7.1f}/{r['tpot_p99_ms']:7.1f}  "
+              f"{r['cached_tokens']:.0f}/{r['prompt_tokens']:.0f}")
     for regime in args.regimes:
         for c in args.concurrency:
             ours, base_r = summary.get((regime, "ours", c)), summary.get((regime, "one-at-a-time", c))
@@ -434,7 +443,8 @@ def run(args) -> None:
                            f"(answers/s x{ours['answers_per_s'] / nd['answers_per_s']:.2f})")
             print(f"{regime} c={c}: gen tok/s ours/one-at-a-time {vs}, "
                   f"ours c={c}/c={min(args.concurrency)} x{ours['gen_tok_per_s'] / one['gen_tok_per_s']:.2f}, "
-                  f"ITL p99 c={c}/c={min(args.concurrency)} x{ours['itl_p99_ms'] / one['itl_p99_ms']:.2f}, "
+                  f"ITL p99 c={c}/c={min(args.concurrency)} x{ours['itl_p99_ms'] / one['itl_p99_ms']:.2f} "
+                  f"(TPOT p99 x{ours['tpot_p99_ms'] / one['tpot_p99_ms']:.2f}), "
                   f"served prompt tok/s / in-process prefill x{ours['prompt_tok_per_s'] / single['prefill_tok_per_s']:.2f}"
                   f" (x{ours['prompt_tok_per_s'] / single['prefill_best_tok_per_s']:.2f} its best of three)")
             if c > min(args.concurrency):
