@@ -38,17 +38,10 @@ ANSWER = "The answer is in the first source. It was built in 1901 by the city."
 
 
 def compiled_each_time(gen, messages: list[dict]) -> str:
-    """The baseline: the chat template compiled at every call (render_chat before)."""
-    import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(msg):
-        raise jinja2.TemplateError(msg)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(gen.chat_template).render(messages=messages, add_generation_prompt=True,
-                                                     bos_token=gen.bos_token or "", eos_token=gen.eos_token or "")
+    """The baseline: the chat template compiled at every call (render_chat before): the
+    generator's compiled template dropped before each render."""
+    gen.__dict__.pop("_chat_template", None)
+    return type(gen).render_chat(gen, messages)
 
 
 def one_round(engine: Engine, questions: list[str]) -> dict[str, float]:
