@@ -239,8 +239,9 @@ class Engine:
     def relevant(self, hits: Sequence[Hit]) -> list[Hit]:
         return self.answerer.relevant(hits)
 
-    def build_prompt(self, question: str, hits: Sequence[Hit], max_new_tokens: int):
-        return self.answerer.build_prompt(question, hits, max_new_tokens)
+    def build_prompt(self, question: str, hits: Sequence[Hit], max_new_tokens: int, *, vector=None):
+        """`vector`: the question's embedding if the caller has it (SearchResult.vectors)."""
+        return self.answerer.build_prompt(question, hits, max_new_tokens, vector=vector)
 
     def answer_stream(self, name: str, question: str, *, k: int | None = None, params=None,
                       cancelled: Callable[[], bool] | None = None, deadline: float | None = None):

@@ -14,6 +14,8 @@ import re
 import time
 from collections.abc import Callable, Sequence
 
+import numpy as np
+
 from .config import NO_ANSWER, Config
 from .errors import FailedPrecondition, InvalidInput, Overloaded
 from .search import Hit, Searcher, check_k, check_queries
@@ -115,11 +117,13 @@ class Answerer:
         return [h for h in hits if h.cosine >= floor]
 
     def build_prompt(self, question: str, hits: Sequence[Hit], max_new_tokens: int, *,
-                     strict: bool = False) -> tuple[list[int], list[Source]]:
+                     strict: bool = False, vector: np.ndarray | None = None) -> tuple[list[int], list[Source]]:
         """Prompt token ids with as many top hits as fit in window - max_new_tokens, numbered [1]..
         With Config.context_budget_tokens, the hits are first narrowed to their sentences
         closest to the question (Supporter.pack), each block a source of its own.
-        `strict`: with the retry instruction, over the same (already packed) passages."""
+        `strict`: with the retry instruction, over the same (already packed) passages.
+        `vector`: the question's embedding if the caller has it (the search's), else it is
+        embedded again to pack the context."""
         gen = self._generator()
         budget = gen.window - max_new_tokens
         base = len(gen.encode(self.render(question, "", strict=strict)))
@@ -133,7 +137,7 @@ class Answerer:
         hits = self.relevant(hits)
         if self.config.context_budget_tokens and hits and not strict:
             hits = self.supporter.pack(question, hits, self.config.context_budget_tokens, gen.count_tokens,
-                                       self.config.context_neighbours)
+                                       self.config.context_neighbours, vector=vector)
         for hit in hits:
             label = source_label(hit)
             block = f"[{len(sources) + 1}] ({label})\n{hit.text.strip()}\n\n"
@@ -151,7 +155,8 @@ class Answerer:
             sources.pop()
 
     def retrieve(self, name: str, questions: Sequence[str], k: int | None, params):
-        """(params, hits per question, embed_ns, search_ns), after every check an answer needs."""
+        """(params, hits per question, embed_ns, search_ns, the questions' embeddings), after
+        every check an answer needs."""
         from .generate import SamplingParams
 
         params = params or SamplingParams(max_new_tokens=self.config.max_new_tokens)
@@ -162,7 +167,7 @@ class Answerer:
         if col.store.counts()[1] == 0:
             raise FailedPrecondition(f"collection {name!r} is empty; ingest documents before asking questions")
         found = self.searcher.search_open(col, questions, k, filter=None, mode=self.searcher.check_mode(None))
-        return params, found.hits, found.embed_ns, found.search_ns
+        return params, found.hits, found.embed_ns, found.search_ns, found.vectors
 
     def stream(self, name: str, question: str, *, k: int | None = None, params=None,
                cancelled: Callable[[], bool] | None = None, deadline: float | None = None):
@@ -170,14 +175,14 @@ class Answerer:
         Generation runs in the scheduler, batched with every other answer in flight."""
         from .generate import FINISH_CANCELLED, Completion
 
-        params, (hits,), embed_ns, search_ns = self.retrieve(name, [question], k, params)
+        params, (hits,), embed_ns, search_ns, (vector,) = self.retrieve(name, [question], k, params)
         t0 = time.perf_counter_ns()
-        ids, sources = self.build_prompt(question, hits, params.max_new_tokens)
+        ids, sources = self.build_prompt(question, hits, params.max_new_tokens, vector=vector)
         prompt_ns = time.perf_counter_ns() - t0
         if not sources:
             yield AnswerStart(sources)
             yield NO_ANSWER
-            yield self._finish(question, [self._no_context()], sources, embed_ns, search_ns, prompt_ns)
+            yield self._finish(question, [self._no_context()], sources, embed_ns, search_ns, prompt_ns, vector=vector)
             return
         yield AnswerStart(sources)
         labels = [source_label(s.hit) for s in sources]
@@ -212,7 +217,7 @@ class Answerer:
             if reason is None:
                 break
             why = why or reason
-        answer = self._finish(question, comps, sources, embed_ns, search_ns, prompt_ns, why)
+        answer = self._finish(question, comps, sources, embed_ns, search_ns, prompt_ns, why, vector=vector)
         # what was held back, extracted, or cited at the end: the deltas add up to answer.text
         rest = answer.text[len(sent):] if answer.text.startswith(sent) else answer.text
         if rest:
@@ -225,17 +230,17 @@ class Answerer:
         prompt submitted to the scheduler, which decodes up to its row limit together."""
         from .generate import FINISH_CANCELLED
 
-        params, hits, embed_ns, search_ns = self.retrieve(name, questions, k, params)
+        params, hits, embed_ns, search_ns, vectors = self.retrieve(name, questions, k, params)
         n = len(questions)
         t0 = time.perf_counter_ns()
-        prompts = [self.build_prompt(q, h, params.max_new_tokens) for q, h in zip(questions, hits)]
+        prompts = [self.build_prompt(q, h, params.max_new_tokens, vector=v) for q, h, v in zip(questions, hits, vectors)]
         prompt_ns = (time.perf_counter_ns() - t0) // n
         out: list[Answer | None] = [None] * n
         done = 0
         for i, (ids, sources) in enumerate(prompts):
             if not sources:
                 out[i] = self._finish(questions[i], [self._no_context()], sources, embed_ns // n, search_ns // n,
-                                      prompt_ns)
+                                      prompt_ns, vector=vectors[i])
                 done += 1
         todo = [i for i in range(n) if out[i] is None]
         comps: dict[int, list] = {i: [] for i in todo}
@@ -256,7 +261,7 @@ class Answerer:
                         retry[i] = ids
                         continue
                 out[i] = self._finish(questions[i], comps[i], sources, embed_ns // n, search_ns // n, prompt_ns,
-                                      why.get(i, ""))
+                                      why.get(i, ""), vector=vectors[i])
                 done += 1
                 if progress:
                     progress(done)
@@ -292,9 +297,11 @@ class Answerer:
             for t in tickets.values():
                 t.cancel()
 
-    def _finish(self, question, comps, sources, embed_ns, search_ns, prompt_ns, why: str = "") -> Answer:
+    def _finish(self, question, comps, sources, embed_ns, search_ns, prompt_ns, why: str = "", *,
+                vector: np.ndarray | None = None) -> Answer:
         """The Answer from its generations (usually one; two after a degenerate first answer),
-        extracted from the sources if the last is still degenerate, with per-sentence support."""
+        extracted from the sources if the last is still degenerate, with per-sentence support.
+        `vector`: the question's embedding (the search's)."""
         from .generate import FINISH_CANCELLED
 
         last = comps[-1]
@@ -302,7 +309,7 @@ class Answerer:
         labels = [source_label(s.hit) for s in sources]
         text = without_header(text, labels)
         if last.finish_reason != FINISH_CANCELLED and _overruled(why, text, labels):
-            best = self.supporter.best_sentence(question, sources)
+            best = self.supporter.best_sentence(question, sources, vector=vector)
             text, extracted = (f"{best[3]} [{best[0]}]", True) if best else (NO_ANSWER, False)
         support = self.supporter.support(text, sources) if sources and not text.startswith(NO_ANSWER) else []
         cited = sorted({int(m) for m in CITATION.findall(text) if 1 <= int(m) <= len(sources)})

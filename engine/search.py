@@ -57,6 +57,7 @@ class SearchResult:
     hits: list[list[Hit]]
     embed_ns: int
     search_ns: int
+    vectors: np.ndarray  # the queries' embeddings (n, dim): answers reuse them to pack context
 
 
 def hit_to_json(hit: Hit) -> str:
@@ -157,7 +158,7 @@ class Searcher:
                                f"({len(queries)}, {col.settings['dim']})")
         t1 = time.perf_counter_ns()
         hits = self._rank(col, queries, vectors, k, filter, mode)
-        return SearchResult(hits, t1 - t0, time.perf_counter_ns() - t1)
+        return SearchResult(hits, t1 - t0, time.perf_counter_ns() - t1, vectors)
 
     def _rank(self, col: Collection, queries: list[str], vectors: np.ndarray, k: int,
               filter: dict | None, mode: str) -> list[list[Hit]]:
