@@ -233,7 +233,8 @@ class Answerer:
         params, hits, embed_ns, search_ns, vectors = self.retrieve(name, questions, k, params)
         n = len(questions)
         t0 = time.perf_counter_ns()
-        prompts = [self.build_prompt(q, h, params.max_new_tokens, vector=v) for q, h, v in zip(questions, hits, vectors)]
+        prompts = [self.build_prompt(q, h, params.max_new_tokens, vector=v)
+                   for q, h, v in zip(questions, hits, vectors)]
         prompt_ns = (time.perf_counter_ns() - t0) // n
         out: list[Answer | None] = [None] * n
         done = 0
