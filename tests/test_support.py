@@ -195,7 +195,7 @@ def test_a_context_budget_packs_sentences_into_the_prompt(refund, config):
 
 def test_an_answer_embeds_its_question_once(refund, monkeypatch):
     """Context packing and extraction reuse the search's embedding of the question
-    (embedding it again took ~1.7 ms of every RAG request), and pack the same with it."""
+    (embedding it again took 0.5-1.1 ms of every RAG request), and pack the same with it."""
     q, q2 = "How many days do I have to return an item?", "Can I get my money back?"
     calls: list[list[str]] = []
     embed = refund.embedder.embed
