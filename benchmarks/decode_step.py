@@ -20,6 +20,12 @@ points; the embedding table, read one row per token, not counted) over this mach
 bandwidth, timed here as a Numba parallel sum over as many bytes (best of 5). Prints the
 floor in ms and tokens/s, and the share of it each one-row step reached.
 
+`--ops`: where a batched step's time goes, per operator type: the same in-place steps
+(rows x keys as given) in a session of the variant loaded with onnxruntime's profiler on;
+prints each shape's wall ms a step, the kernels' ms, and the four costliest operator types
+(e.g. MatMulNBits, GroupQueryAttention), one JSON line per shape. A profile, not a
+comparison: onnxruntime's profiler adds its own cost to every node.
+
 `--verify int4,w8a8`: what a speculative-decoding run of one row costs per variant
 (KVBatch.verify over its last token and n-1 drafts, n = 2..8, after `--keys` keys of a real
 prefill), against that variant's one-token step (KVBatch.step) as the baseline, in the
@@ -71,9 +77,12 @@ def main() -> int:
     ap.add_argument("--verify", type=lambda s: [x for x in s.split(",") if x], default=[],
                     help="variants whose verify runs to time (instead of batched steps)")
     ap.add_argument("--rounds", type=int, default=3, help="with --verify: rounds alternating the variants")
+    ap.add_argument("--ops", action="store_true", help="per-operator profile of the steps (instead of the A/B)")
     a = ap.parse_args()
     if a.verify:
         return verify_runs(a)
+    if a.ops:
+        return op_profile(a)
 
     cfg = Config()
     if a.roofline:  # before onnxruntime's spinning threads exist: they would slow the read
@@ -187,6 +196,74 @@ def verify_runs(a) -> int:
                                       "afresh_ms": afresh.get((v, n)),
                                       "kept_binding_speedup": afresh[(v, n)] / best[(v, n)] if n > 1 else None})
     print(f"logits of kept and afresh bindings identical: {same}")
+    return 0
+
+
+def op_profile(a) -> int:
+    """Per shape (rows x keys), a step's wall time and its kernels' time by operator type,
+    from onnxruntime's profiler over `--steps` in-place steps (after 3 untimed)."""
+    import collections
+    import json
+    import os
+    import tempfile
+
+    import onnxruntime as ort
+
+    cfg = Config()
+    g = Generator(cfg.gen_model_dir, variant=a.variant, threads=a.threads)
+    shapes = [(rows, keys) for rows in a.rows for keys in a.keys]
+    for rows, _ in shapes:
+        g.padded_rows(rows)  # the padding rule's own runs, before the profiled session exists
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = a.threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3
+    opts.enable_profiling = True
+    opts.profile_file_prefix = os.path.join(tempfile.mkdtemp(prefix="rag-decode-ops-"), "profile")
+    g.session = ort.InferenceSession(str(Path(cfg.gen_model_dir) / VARIANT_FILES[a.variant]), opts,
+                                     providers=["CPUExecutionProvider"])
+    print(f"CPU: {cpu_name()}; {g.name} {a.variant}, {a.threads} threads, {a.steps} profiled steps a shape")
+    rng = np.random.default_rng(0)
+    walls = []
+    for rows, keys in shapes:
+        kv = [(rng.standard_normal((rows, g.num_kv_heads, keys, g.head_dim)) * 0.5).astype(np.float32)
+              for _ in g.past_names]
+        ids = rng.integers(0, 1000, size=(rows, 1)).astype(np.int64)
+        batch = KVBatch(g)
+        for b in range(rows):
+            batch.add([v[b:b + 1] for v in kv], keys + 8)
+        for _ in range(3):
+            batch.step(ids)
+            batch.lengths -= 1  # the same position every step
+        t = time.perf_counter()
+        for _ in range(a.steps):
+            batch.step(ids)
+            batch.lengths -= 1
+        walls.append(1000 * (time.perf_counter() - t) / a.steps)
+    path = g.session.end_profiling()
+    with open(path) as f:
+        events = json.load(f)
+    os.remove(path)
+    runs, cur = [], collections.Counter()
+    for e in events:  # a run's node events come before its model_run event
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            cur[e["args"]["op_name"]] += e["dur"]
+        elif e.get("cat") == "Session" and e["name"] == "model_run":
+            runs.append(cur)
+            cur = collections.Counter()
+    per = a.steps + 3
+    for i, ((rows, keys), wall) in enumerate(zip(shapes, walls)):
+        ops = collections.Counter()
+        for r in runs[i * per + 3:(i + 1) * per]:
+            ops.update(r)
+        ms = {op: us / a.steps / 1000 for op, us in ops.items()}
+        top = sorted(ms.items(), key=lambda x: -x[1])[:4]
+        print(f"rows {rows:2d} keys {keys:4d}: {wall:6.1f} ms a step, kernels {sum(ms.values()):6.1f} ms: "
+              + ", ".join(f"{op} {v:.1f}" for op, v in top), flush=True)
+        log_jsonl("decode_step", {"mode": "ops", "variant": a.variant, "threads": a.threads, "rows": rows,
+                                  "keys": keys, "padded_rows": g.padded_rows(rows) - rows, "wall_ms": wall,
+                                  "kernel_ms": sum(ms.values()), "op_ms": ms})
     return 0
 
 
