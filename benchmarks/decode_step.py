@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/decode_step.py                  # rows 1,4,8,16 x keys 256,800
     .venv/bin/python benchmarks/decode_step.py --variant fp32 --rows 8 --keys 400
+    .venv/bin/python benchmarks/decode_step.py --gemm 1,2,8,16,32,128   # the products alone
 
 Baseline: `session.run` with the batch's cache as the past inputs, as the engine did before
 KVBatch; onnxruntime returns each present output one column wider, so GroupQueryAttention
@@ -34,6 +35,17 @@ run and the ratio run / one-token step; engine/plan.py chooses the verify weight
 4-token run. Beside each run, the same run with its binding made afresh every time (the
 baseline: KVBatch before it kept a lone row's binding, `AfreshBatch`), in the same rounds,
 and whether the two give the same logits.
+
+`--gemm 1,8,32,128`: what the products alone cost here, per weight format, for a run of M
+tokens (rows x tokens a row): one graph per format holding every projection of the model
+(its config.json's shapes: per layer Q|K|V, output, gate, up and down, and the output head;
+random weights, distinct per layer, so they are read from memory as a real step reads
+them), each in the form the engine's variants use: int4 and int8 MatMulNBits (block 128,
+int8 compute; int4 with zero points), w8a8 (an 8-bit activation scale per row in the graph,
+MatMulIntegerToFloat, the row scale applied after) and fp32 MatMul. Prints ms per run,
+multiply-adds per second and tokens per second for each M: the floor under a step of M
+tokens that no scheduler can go below, without attention and elementwise work. Best of
+`--rounds`, formats alternating; one JSON line per (format, M).
 """
 
 from __future__ import annotations
@@ -78,7 +90,11 @@ def main() -> int:
                     help="variants whose verify runs to time (instead of batched steps)")
     ap.add_argument("--rounds", type=int, default=3, help="with --verify: rounds alternating the variants")
     ap.add_argument("--ops", action="store_true", help="per-operator profile of the steps (instead of the A/B)")
+    ap.add_argument("--gemm", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
+                    help="token counts M whose products alone to time, per weight format (instead of the A/B)")
     a = ap.parse_args()
+    if a.gemm:
+        return gemm_rates(a)
     if a.verify:
         return verify_runs(a)
     if a.ops:
@@ -264,6 +280,108 @@ def op_profile(a) -> int:
         log_jsonl("decode_step", {"mode": "ops", "variant": a.variant, "threads": a.threads, "rows": rows,
                                   "keys": keys, "padded_rows": g.padded_rows(rows) - rows, "wall_ms": wall,
                                   "kernel_ms": sum(ms.values()), "op_ms": ms})
+    return 0
+
+
+GEMM_FORMATS = ("int4", "int8", "w8a8", "fp32")
+
+
+def projection_graph(fmt: str, shapes: list[tuple[int, int]], rng):
+    """One graph whose outputs are x @ W for every (K, N) in `shapes`, W random in `fmt`'s
+    form (export_lm: quantize_int4, quantize_weights, quantize_w8a8); inputs x_K [M, K]."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from engine.export_lm import INT4_BLOCK_SIZE, INT8_BLOCK_SIZE
+
+    nodes, inits, outs = [], [], []
+    if fmt == "w8a8":
+        inits += [numpy_helper.from_array(v, k) for k, v in (
+            ("c127", np.array(127, np.float32)), ("tiny", np.array(1e-30, np.float32)),
+            ("one", np.array(1, np.float32)), ("zp", np.array(128, np.uint8)), ("axes", np.array([-1], np.int64)))]
+        for k in sorted({k for k, _ in shapes}):  # the activation's row scales, once per input (as gate and up share)
+            x = f"x_{k}"
+            nodes += [helper.make_node("Abs", [x], [x + "/abs"]),
+                      helper.make_node("ReduceMax", [x + "/abs", "axes"], [x + "/max"], keepdims=1),
+                      helper.make_node("Div", [x + "/max", "c127"], [x + "/s0"]),
+                      helper.make_node("Max", [x + "/s0", "tiny"], [x + "/s"]),
+                      helper.make_node("Shape", [x + "/s"], [x + "/rows"]),
+                      helper.make_node("Expand", ["zp", x + "/rows"], [x + "/zps"]),
+                      helper.make_node("QuantizeLinear", [x, x + "/s", x + "/zps"], [x + "/u8"], axis=-1, block_size=k)]
+    for i, (k, n) in enumerate(shapes):
+        x, w, y = f"x_{k}", f"w{i}", f"y{i}"
+        if fmt == "fp32":
+            inits.append(numpy_helper.from_array((rng.standard_normal((k, n), np.float32) * 0.02), w))
+            nodes.append(helper.make_node("MatMul", [x, w], [y]))
+        elif fmt == "w8a8":
+            inits += [numpy_helper.from_array(rng.integers(-127, 128, (k, n), dtype=np.int8), w),
+                      numpy_helper.from_array((rng.random(n, np.float32) * 0.01 + 1e-3), w + "s")]
+            nodes += [helper.make_node("MatMulIntegerToFloat", [x + "/u8", w, "one", w + "s", "zp"], [y + "c"],
+                                       domain="com.microsoft"),
+                      helper.make_node("Mul", [y + "c", x + "/s"], [y])]
+        else:
+            bits, block = (4, INT4_BLOCK_SIZE) if fmt == "int4" else (8, INT8_BLOCK_SIZE)
+            blocks = -(-k // block)
+            inits += [numpy_helper.from_array(rng.integers(0, 256, (n, blocks, block * bits // 8), dtype=np.uint8), w),
+                      numpy_helper.from_array((rng.random(n * blocks, np.float32) * 0.01 + 1e-3), w + "s")]
+            ins = [x, w, w + "s"]
+            if bits == 4:  # asymmetric: a zero point per block, two to a byte
+                inits.append(numpy_helper.from_array(rng.integers(0, 256, (n, -(-blocks // 2)), dtype=np.uint8), w + "z"))
+                ins.append(w + "z")
+            nodes.append(helper.make_node("MatMulNBits", ins, [y], domain="com.microsoft", K=k, N=n, bits=bits,
+                                          block_size=block, accuracy_level=4))
+        outs.append(helper.make_tensor_value_info(y, TensorProto.FLOAT, ["M", n]))
+    inputs = [helper.make_tensor_value_info(f"x_{k}", TensorProto.FLOAT, ["M", k]) for k in sorted({k for k, _ in shapes})]
+    g = helper.make_graph(nodes, fmt, inputs, outs, inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+
+
+def gemm_rates(a) -> int:
+    """Every projection of the model in each weight format, timed for runs of M tokens."""
+    import json
+
+    import onnxruntime as ort
+
+    from engine.export_lm import PROTOBUF_LIMIT
+
+    cfg = json.loads((Path(Config().gen_model_dir) / "config.json").read_text())
+    h, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    d = cfg.get("head_dim", h // cfg["num_attention_heads"])
+    qkv = (cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"]) * d
+    shapes = [(h, qkv), (cfg["num_attention_heads"] * d, h), (h, inter), (h, inter), (inter, h)] * layers
+    shapes.append((h, cfg["vocab_size"]))
+    macs = sum(k * n for k, n in shapes)  # per token
+    rng = np.random.default_rng(0)
+    formats = [f for f in GEMM_FORMATS if f != "fp32" or 4 * macs < PROTOBUF_LIMIT]  # one protobuf, no external data
+    sessions = {}
+    for fmt in formats:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = a.threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        sessions[fmt] = ort.InferenceSession(projection_graph(fmt, shapes, rng).SerializeToString(), opts,
+                                             providers=["CPUExecutionProvider"])
+    print(f"CPU: {cpu_name()}; {a.threads} threads; {len(shapes)} products, {macs / 1e6:.0f} M multiply-adds "
+          f"a token; ms per run of M tokens (best of {a.rounds} rounds of {a.steps} runs)")
+    best: dict[tuple[str, int], float] = {}
+    for _ in range(a.rounds):
+        for m in a.gemm:
+            feeds = {f"x_{k}": rng.standard_normal((m, k), np.float32) for k in {k for k, _ in shapes}}
+            for fmt, s in sessions.items():
+                s.run(None, feeds)
+                t = time.perf_counter()
+                for _ in range(a.steps):
+                    s.run(None, feeds)
+                ms = 1000 * (time.perf_counter() - t) / a.steps
+                best[(fmt, m)] = min(best.get((fmt, m), ms), ms)
+    for m in a.gemm:
+        fastest = min(formats, key=lambda f: best[(f, m)])
+        print(f"M {m:4d}: " + "  ".join(
+            f"{f} {best[(f, m)]:6.1f} ms ({macs * m / best[(f, m)] / 1e6:5.0f} GMAC/s)" for f in formats)
+            + f"  fastest: {fastest}, {1000 * m / best[(fastest, m)]:.0f} tok/s")
+        for f in formats:
+            log_jsonl("decode_step", {"mode": "gemm", "format": f, "threads": a.threads, "tokens": m,
+                                      "ms": best[(f, m)], "gmac_per_s": macs * m / best[(f, m)] / 1e6,
+                                      "tok_per_s": 1000 * m / best[(f, m)]})
     return 0
 
 
