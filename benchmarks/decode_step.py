@@ -42,7 +42,9 @@ tokens (rows x tokens a row): one graph per format holding every projection of t
 random weights, distinct per layer, so they are read from memory as a real step reads
 them), each in the form the engine's variants use: int4 and int8 MatMulNBits (block 128,
 int8 compute; int4 with zero points), w8a8 (an 8-bit activation scale per row in the graph,
-MatMulIntegerToFloat, the row scale applied after) and fp32 MatMul. Prints ms per run,
+MatMulIntegerToFloat, the row scale applied after; here each input width is quantized once,
+where the real graph quantizes every layer's inputs, so its floor is a little low) and fp32
+MatMul. Prints ms per run,
 multiply-adds per second and tokens per second for each M: the floor under a step of M
 tokens that no scheduler can go below, without attention and elementwise work. Best of
 `--rounds`, formats alternating; one JSON line per (format, M).

@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-k", type=int, default=5, help="number of results (default 5)")
     s.add_argument("--json", action="store_true", help="one JSON object per hit")
     s.add_argument("--mode", choices=SEARCH_MODES, default=None,
-                   help="hybrid (default): dense and BM25 rankings fused; dense: HNSW only")
+                   help="hybrid (default): dense and BM25 rankings fused; dense: HNSW only; "
+                        "exact: every stored vector scored, no index (exact recall, slower on large collections)")
     s.add_argument("--batch", metavar="QUERIES.jsonl",
                    help='search many queries: one JSON per line, {"query": ..., "id": ...} or a string')
     s.add_argument("--out", metavar="HITS.jsonl", help="where --batch writes results (default stdout)")

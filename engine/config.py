@@ -107,9 +107,10 @@ DEFAULT_ANSWER_MIN_SCORE = 0.2
 DEFAULT_ANSWER_MIN_RELATIVE = 0.5
 
 # Search: "hybrid" fuses the dense (HNSW) ranking with a BM25 ranking (SQLite FTS5),
-# taking HYBRID_DEPTH candidates from each; "dense" is HNSW only. On SQuAD v1.1 dev, hybrid
+# taking HYBRID_DEPTH candidates from each; "dense" is HNSW only; "exact" scores every stored
+# vector (no index: exact recall, cost growing with the collection). On SQuAD v1.1 dev, hybrid
 # recall@5 is well above either alone (benchmarks/retrieval_quality.py).
-SEARCH_MODES = ("hybrid", "dense")
+SEARCH_MODES = ("hybrid", "dense", "exact")
 DEFAULT_SEARCH_MODE = "hybrid"
 DEFAULT_HYBRID_DEPTH = 30
 # How the two rankings are fused (engine/kernels.py fuse):

@@ -7,8 +7,10 @@ built with the loaded embedding model, filter over-fetch, the dense (HNSW) ranki
 lexical (BM25) ranking and their fusion (engine/kernels.py `fuse`), then the hits.
 
 Every hit carries the score it was ranked by (`score`: the fused score in hybrid mode, the
-cosine similarity in dense mode) and its cosine similarity (`cosine`), which is what the
-answer relevance gate thresholds.
+cosine similarity in dense and exact mode) and its cosine similarity (`cosine`), which is
+what the answer relevance gate thresholds. Mode "exact" scores every stored vector instead
+of searching the HNSW index (exact_dense): exact recall, at a cost that grows with the
+collection (ground truth, small collections, checks).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ class Hit:
     """One search result. `start:end` is the chunk's character span in its document.
 
     `score` is what the hits are ranked by (descending): the fused score in hybrid mode,
-    the cosine similarity in dense mode. `cosine` is always the cosine similarity.
+    the cosine similarity in dense and exact mode. `cosine` is always the cosine similarity.
     """
 
     rank: int
@@ -99,6 +101,44 @@ def check_filter(filter) -> dict | None:
     if filter is not None and not isinstance(filter, dict):
         raise InvalidInput("filter must be a mapping of metadata field -> value")
     return filter or None
+
+
+EXACT_BLOCK_ROWS = 32768  # rows scored per matrix product in exact mode (~50 MB of f32 at dim 384)
+
+
+def exact_dense(queries: np.ndarray, vectors: np.ndarray, live: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (keys, cosines) per query over every live row of `vectors` (the store's unit
+    f32 rows; `live`: its chunks' keys), without the HNSW index: search mode "exact". Rows
+    are scored a block at a time (one matrix product each), so memory stays bounded;
+    equal scores keep key order. Keys past the rows mapped are left out (added since)."""
+    q = len(queries)
+    alive = np.zeros(len(vectors), bool)
+    alive[live[live < len(vectors)]] = True
+    best_keys = np.full((q, 0), -1, np.int64)
+    best_scores = np.full((q, 0), -np.inf, np.float32)
+    for i in range(0, len(vectors), EXACT_BLOCK_ROWS):
+        rows = np.flatnonzero(alive[i:i + EXACT_BLOCK_ROWS])
+        if not len(rows):
+            continue
+        # the block's rows as they lie (no copy of the mapped file), then the live ones' scores
+        sims = (queries @ vectors[i:i + EXACT_BLOCK_ROWS].T)[:, rows]
+        block = rows + i
+        if sims.shape[1] > k:  # this block's k best per query, before the merge
+            part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+            sims = np.take_along_axis(sims, part, axis=1)
+            block = block[part]
+        else:
+            block = np.broadcast_to(block, sims.shape)
+        best_keys = np.concatenate([best_keys, block], axis=1)
+        best_scores = np.concatenate([best_scores, sims.astype(np.float32)], axis=1)
+        order = np.lexsort((best_keys, -best_scores), axis=1)[:, :k]  # score descending, then key
+        best_keys = np.take_along_axis(best_keys, order, axis=1)
+        best_scores = np.take_along_axis(best_scores, order, axis=1)
+    keys = np.full((q, k), -1, np.int64)
+    scores = np.full((q, k), -np.inf, np.float32)
+    keys[:, :best_keys.shape[1]] = best_keys
+    scores[:, :best_scores.shape[1]] = best_scores
+    return keys, scores
 
 
 class Searcher:
@@ -165,10 +205,13 @@ class Searcher:
         c = self.config
         fetch = k if not filter else min(max(k * FILTER_OVERFETCH, FILTER_MIN_FETCH), MAX_TOP_K * FILTER_OVERFETCH)
         hybrid = mode == "hybrid" and col.store.lexical
-        exact = col.store.vectors() if (col.quantized or hybrid) else None
+        exact = col.store.vectors() if (col.quantized or hybrid or mode == "exact") else None
         depth = max(fetch, c.hybrid_depth) if hybrid else fetch
-        keys, scores = col.index.search(vectors, depth, exact_vectors=exact if col.quantized else None,
-                                        oversample=c.oversample)
+        if mode == "exact":
+            keys, scores = exact_dense(vectors, exact, col.store.keys(), depth)
+        else:
+            keys, scores = col.index.search(vectors, depth, exact_vectors=exact if col.quantized else None,
+                                            oversample=c.oversample)
         cosines = scores
         if exact is not None:
             # Rows added after `exact` was mapped cannot be scored yet: leave them out.

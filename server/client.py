@@ -13,7 +13,8 @@ from engine.errors import InvalidInput
 from .stubs import pb, rpc
 
 
-MODES = {None: pb.SEARCH_MODE_UNSPECIFIED, "hybrid": pb.SEARCH_MODE_HYBRID, "dense": pb.SEARCH_MODE_DENSE}
+MODES = {None: pb.SEARCH_MODE_UNSPECIFIED, "hybrid": pb.SEARCH_MODE_HYBRID, "dense": pb.SEARCH_MODE_DENSE,
+         "exact": pb.SEARCH_MODE_EXACT}
 
 
 # Calls go to every reachable server of the target in turn (one server: no difference).

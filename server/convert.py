@@ -19,14 +19,15 @@ PB_TO_DTYPE = {v: k for k, v in DTYPE_TO_PB.items()}
 FINISH_TO_PB = {"length": pb.FINISH_REASON_LENGTH, "eos": pb.FINISH_REASON_EOS,
                 "stop_sequence": pb.FINISH_REASON_STOP_SEQUENCE, "no_context": pb.FINISH_REASON_NO_CONTEXT,
                 "cancelled": pb.FINISH_REASON_CANCELLED}
-SEARCH_MODES_PB = {pb.SEARCH_MODE_UNSPECIFIED: None, pb.SEARCH_MODE_HYBRID: "hybrid", pb.SEARCH_MODE_DENSE: "dense"}
+SEARCH_MODES_PB = {pb.SEARCH_MODE_UNSPECIFIED: None, pb.SEARCH_MODE_HYBRID: "hybrid", pb.SEARCH_MODE_DENSE: "dense",
+                   pb.SEARCH_MODE_EXACT: "exact"}
 STATUS_TO_PB = {"added": pb.DOCUMENT_STATUS_ADDED, "updated": pb.DOCUMENT_STATUS_UPDATED,
                 "unchanged": pb.DOCUMENT_STATUS_UNCHANGED, "failed": pb.DOCUMENT_STATUS_FAILED}
 
 
 def search_mode(value: int) -> str | None:
     if value not in SEARCH_MODES_PB:
-        raise InvalidInput(f"unknown search mode {value}; use SEARCH_MODE_HYBRID or SEARCH_MODE_DENSE")
+        raise InvalidInput(f"unknown search mode {value}; use SEARCH_MODE_HYBRID, SEARCH_MODE_DENSE or SEARCH_MODE_EXACT")
     return SEARCH_MODES_PB[value]
 
 

@@ -45,13 +45,19 @@ def make_doc(rng: random.Random, name: str) -> dict:
 def check_acknowledged(client: RagClient, acked: dict[str, str]) -> None:
     """Every acknowledged document is stored and is its own nearest neighbour."""
     ids = sorted(acked)
+    misses = []
     for i in range(0, len(ids), 64):
         part = ids[i:i + 64]
         # Dense: a document's own text is its nearest neighbour (cosine 1); hybrid fusion
         # could rank look-alike word soups above it, which would say nothing about loss.
         results = client.search_batch("c", [acked[d] for d in part], k=3, mode="dense")
-        for doc_id, hits in zip(part, results):
-            assert doc_id in [h.doc_id for h in hits], f"acknowledged document {doc_id} lost"
+        misses += [doc_id for doc_id, hits in zip(part, results) if doc_id not in [h.doc_id for h in hits]]
+    # HNSW is approximate and may miss a document it holds among look-alikes (tests/test_load.py
+    # `missed`); exact mode scores every stored vector, so a document it misses is lost.
+    results = client.search_batch("c", [acked[d] for d in misses], k=3, mode="exact") if misses else []
+    for doc_id, hits in zip(misses, results):
+        assert doc_id in [h.doc_id for h in hits], f"acknowledged document {doc_id} lost"
+    assert len(misses) <= max(3, len(ids) // 100), f"HNSW missed {len(misses)} of {len(ids)} own texts"
 
 
 def check_consistent(data_dir: Path, config) -> None:

@@ -87,6 +87,20 @@ def answer_text(call) -> tuple[str, str]:
     return done, "".join(text)
 
 
+def missed(client: RagClient, docs: dict[str, str]) -> tuple[str, str]:
+    """What a dense search missing acknowledged documents (id -> text) means: HNSW is
+    approximate, and among thousands of look-alike word soups (25 words) it misses a
+    document it holds now and then (13 of 16,002 searched in process, nothing else running,
+    at 16,000 documents; 2 in a 600 s soak). Exact mode scores every stored vector: found
+    there, it is a recall miss ("recall_miss"); missing there too, the document is lost."""
+    ids = list(docs)
+    results = client.search_batch("docs", [docs[d] for d in ids], k=5, mode="exact")
+    lost = [d for d, hits in zip(ids, results) if d not in [h.doc_id for h in hits]]
+    if lost:
+        return "unexpected", f"acknowledged documents missing from an exact search: {lost}"
+    return "recall_miss", ""
+
+
 class Load:
     """Client threads and what they saw. Outcomes of Answer streams: completed, cancelled (by
     us), deadline (a short one we set), rejected (RESOURCE_EXHAUSTED), unexpected (else)."""
@@ -186,13 +200,14 @@ class Load:
                     # Dense: a document's own text is its nearest neighbour (cosine 1). Hybrid
                     # fusion may rank word-soup neighbours above it, which says nothing about loss.
                     hits = client.search("docs", query, k=5, mode="dense")
+                    with self.lock:
+                        self.searches += 1
+                    if not hits:
+                        self.record("unexpected", f"Search for {query!r} found nothing")
+                    elif doc_id and doc_id not in [h.doc_id for h in hits]:
+                        self.record(*missed(client, {doc_id: query}))
                 except grpc.RpcError as e:
                     self.record("unexpected", f"Search: {e.code().name}: {e.details()}")
-                    continue
-                with self.lock:
-                    self.searches += 1
-                if not hits or (doc_id and doc_id not in [h.doc_id for h in hits]):
-                    self.record("unexpected", f"Search for acknowledged {doc_id or query!r} missed it")
                 time.sleep(rng.uniform(0, 0.1))
 
     def run(self, seconds: float) -> None:
@@ -246,20 +261,28 @@ def test_concurrent_answers_cancellations_ingests_and_searches(tmp_path):
         o, ids = load.outcomes, sorted(load.acked)
         print(f"\nload test: {LOAD_SECONDS:.0f}s, streams started {o['started']}, completed {o['completed']}, "
               f"cancelled {o['cancelled']}, deadline {o['deadline']}, rejected {o['rejected']}, "
-              f"unexpected {o['unexpected']}, ingests acked {len(ids)}, searches {load.searches}, "
+              f"unexpected {o['unexpected']}, ingests acked {len(ids)}, searches {load.searches} "
+              f"(HNSW recall misses {o['recall_miss']}), "
               f"RSS before {before['VmRSS']:.0f} MB, after {after['VmRSS']:.0f} MB, peak {after['VmHWM']:.0f} MB")
         assert g == free, f"scheduler rows not freed after the load: {g}"
         assert not load.unexpected, f"{len(load.unexpected)} unexpected errors, e.g. {load.unexpected[:5]}"
+        assert o["recall_miss"] <= max(3, load.searches // 100), f"HNSW missed {o['recall_miss']} own texts"
         assert o["started"] == o["completed"] + o["cancelled"] + o["deadline"] + o["rejected"]
         assert after["VmRSS"] - before["VmRSS"] < MAX_RSS_GROWTH_MB, (before, after)
 
         done, text = answer_text(client.answer("docs", QUESTIONS[0], k=3, max_new_tokens=16))
         assert done and text, "a fresh Answer after the load did not complete"
+        misses = {}
         for i in range(0, len(ids), 64):  # searches agree with what was acknowledged
             part = ids[i:i + 64]
             for doc_id, hits in zip(part, client.search_batch("docs", [load.acked[d] for d in part], k=5,
                                                                     mode="dense")):
-                assert doc_id in [h.doc_id for h in hits], f"acknowledged document {doc_id} not found"
+                if doc_id not in [h.doc_id for h in hits]:
+                    misses[doc_id] = load.acked[doc_id]
+        if misses:
+            outcome, detail = missed(client, misses)
+            assert outcome == "recall_miss", detail
+            assert len(misses) <= max(3, len(ids) // 100), f"HNSW missed {len(misses)} of {len(ids)} own texts"
         assert client.describe("docs").documents == len(docs) + len(ids)
         client.close()
     finally:

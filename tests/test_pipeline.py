@@ -84,6 +84,37 @@ def test_ingest_and_search_sample_corpus(engine, corpus):
     assert html.metadata["title"] == "The lighthouse keeper"
 
 
+def test_exact_mode_scores_every_stored_vector(engine, corpus, monkeypatch):
+    """Mode "exact" ranks every live stored row by its cosine to the query, as a brute-force
+    product over the store's vectors does, in blocks or in one; deleted chunks never come back."""
+    from engine import search as search_mod
+
+    engine.create_collection("c")
+    engine.ingest_paths("c", [corpus])
+    col = engine.searcher.open("c")
+    live, rows = col.store.keys(), col.store.vectors()
+    queries = ["What water temperature should I use for green tea?", "Which planet is the biggest?", "HNSW"]
+    q = engine.embedder.embed(queries)
+    for text, vec in zip(queries, q):
+        sims = rows[live] @ vec
+        want = live[np.argsort(-sims, kind="stable")][:4]
+        hits = engine.search("c", text, k=4, mode="exact")
+        assert [h.key for h in hits] == want.tolist()
+        np.testing.assert_allclose([h.score for h in hits], np.sort(sims)[::-1][:4], rtol=1e-5)
+        assert all(h.score == h.cosine for h in hits)
+        dense = engine.search("c", text, k=4, mode="dense")
+        assert hits[0].cosine >= dense[0].cosine - 1e-6  # nothing an index can find scores higher
+    everything = engine.search("c", "tea", k=1000, mode="exact")
+    assert sorted(h.key for h in everything) == live.tolist()  # k past the rows: all of them, once
+    monkeypatch.setattr(search_mod, "EXACT_BLOCK_ROWS", 3)  # many blocks, merged: the same ranking
+    assert [h.key for h in engine.search("c", "tea", k=1000, mode="exact")] == [h.key for h in everything]
+    top = engine.search("c", queries[0], k=1, mode="exact")[0]
+    gone = len(col.store.document_keys(top.doc_id))
+    assert engine.delete_documents("c", [top.doc_id]) == 1
+    after = engine.search("c", queries[0], k=1000, mode="exact")
+    assert top.doc_id not in {h.doc_id for h in after} and len(after) == len(live) - gone
+
+
 def test_upsert_skips_unchanged_and_replaces_changed(engine, corpus):
     engine.create_collection("c")
     engine.ingest_paths("c", [corpus])

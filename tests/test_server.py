@@ -116,7 +116,7 @@ def test_embed_search_and_batch_match_in_process(server, shared_engine):
     batch = client.search_batch("docs", ["green tea", "HNSW ef parameter"], k=2)
     assert [h.doc_id for h in batch[0]] == [h.doc_id for h in shared_engine.search("docs", "green tea", 2)]
     assert batch[1][0].doc_id == "hnsw.md"
-    for mode in ("dense", "hybrid"):  # the mode reaches the engine, on the micro-batched path too
+    for mode in ("dense", "hybrid", "exact"):  # the mode reaches the engine, on the micro-batched path too
         want = [h.doc_id for h in shared_engine.search("docs", "steeping temperature", 4, mode=mode)]
         assert [h.doc_id for h in client.search("docs", "steeping temperature", k=4, mode=mode)] == want
         assert [h.doc_id for h in client.search_batch("docs", ["steeping temperature"], k=4, mode=mode)[0]] == want
