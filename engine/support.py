@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from . import kernels
-from .errors import InvalidInput
 from .chunk import codepoints
+from .errors import InvalidInput
 
 CITATION = re.compile(r"\[(\d{1,3})\]")
 OPEN_CITATION = re.compile(r"\[\d{0,3}$")  # a marker still being generated: "[", "[1"
