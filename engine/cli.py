@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("search", help="print the chunks nearest to a question")
     s.add_argument("query", nargs="?", help="the query (or use --batch)")
     s.add_argument("--collection", "-c", required=True)
+    add_filter_arg(s, "search")
     s.add_argument("-k", type=int, default=5, help="number of results (default 5)")
     s.add_argument("--json", action="store_true", help="one JSON object per hit")
     s.add_argument("--mode", choices=SEARCH_MODES, default=None,
@@ -120,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("ask", help="answer a question from a collection, streamed as it is generated")
     s.add_argument("question", nargs="?", help="the question (or use --batch)")
     s.add_argument("--collection", "-c", required=True)
+    add_filter_arg(s, "answer from")
     s.add_argument("-k", type=int, default=None, help="chunks to retrieve (as many as fit are used)")
     s.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     s.add_argument("--batch", metavar="QUESTIONS.jsonl",
@@ -302,13 +304,14 @@ def run(args: argparse.Namespace) -> int:
         if args.command == "search":
             if args.query is None:
                 raise InvalidInput("give a query, or --batch QUERIES.jsonl")
-            hits = engine.search(args.collection, args.query, args.k, mode=args.mode)
+            hits = engine.search(args.collection, args.query, args.k, mode=args.mode, filter=parse_filter(args.filter))
             if args.json:
                 for h in hits:
                     print(hit_to_json(h))
                 return 0
             if not hits:
-                print("no results (the collection is empty)")
+                print("no results (no chunk matches the filter)" if args.filter else
+                      "no results (the collection is empty)")
             print_hits(hits)
             return 0
         raise AssertionError(args.command)  # argparse restricts the choices
@@ -354,7 +357,7 @@ def remote(args: argparse.Namespace) -> int:
         if args.command == "search":
             if args.query is None:
                 raise InvalidInput("give a query")
-            hits = client.search(args.collection, args.query, args.k, mode=args.mode)
+            hits = client.search(args.collection, args.query, args.k, mode=args.mode, filter=parse_filter(args.filter))
             if args.json:
                 for h in hits:
                     print(json.dumps({"rank": h.rank, "score": h.score, "cosine": h.cosine, "doc_id": h.doc_id,
@@ -374,7 +377,8 @@ def remote(args: argparse.Namespace) -> int:
         if args.speculative_tokens is not None:  # this answer's own setting, over the server's default
             options["speculative_tokens"] = args.speculative_tokens
         sources, done = [], None
-        for msg in client.answer(args.collection, args.question, k=args.k, **options):
+        for msg in client.answer(args.collection, args.question, k=args.k, filter=parse_filter(args.filter),
+                                 **options):
             kind = msg.WhichOneof("event")
             if kind == "sources":
                 sources = list(msg.sources.sources)
@@ -483,6 +487,23 @@ def write_lines(path: str | None, lines) -> None:
     os.replace(tmp, path)
 
 
+def add_filter_arg(s: argparse.ArgumentParser, verb: str) -> None:
+    s.add_argument("--filter", action="append", default=[], metavar="FIELD=VALUE",
+                   help=f"{verb} only chunks of documents whose metadata FIELD equals VALUE (repeat: all must; "
+                        "non-string metadata compares as JSON, e.g. year=2020)")
+
+
+def parse_filter(items: list[str]) -> dict | None:
+    """`--filter FIELD=VALUE ...` as a metadata filter (values as strings, as gRPC sends them)."""
+    out = {}
+    for item in items:
+        field, eq, value = item.partition("=")
+        if not eq or not field:
+            raise InvalidInput(f"--filter takes FIELD=VALUE, got {item!r}")
+        out[field] = value
+    return out or None
+
+
 def search_batch(engine, args: argparse.Namespace) -> int:
     """`rag search --batch`: one JSON line per query, in input order, here or on Ray actors."""
     from . import distributed
@@ -495,7 +516,7 @@ def search_batch(engine, args: argparse.Namespace) -> int:
     engine.check_k(args.k)
     engine.describe(args.collection)  # NotFound here, not in a worker
     texts = [q for _, q in items]
-    options = {"k": args.k, "mode": engine.check_mode(args.mode)}
+    options = {"k": args.k, "mode": engine.check_mode(args.mode), "filter": parse_filter(args.filter)}
     if args.ray:
         results = distributed.map_readers(engine.config, args.collection, "search", texts, options,
                                           actors=args.ray_actors, actor_threads=args.ray_actor_threads)
@@ -526,11 +547,13 @@ def ask(engine, args: argparse.Namespace) -> int:
                 engine.check_query(q, i)
             engine.describe(args.collection)  # NotFound here, not in a worker
             results = list(distributed.map_readers(engine.config, args.collection, "answer", texts,
-                                                   {"k": args.k, "params": params}, actors=args.ray_actors,
+                                                   {"k": args.k, "params": params,
+                                                    "filter": parse_filter(args.filter)}, actors=args.ray_actors,
                                                    actor_threads=args.ray_actor_threads, progress=bar))
         else:
             results = [json.dumps(a.to_json(), ensure_ascii=False)
-                       for a in engine.answer_batch(args.collection, texts, k=args.k, params=params, progress=bar)]
+                       for a in engine.answer_batch(args.collection, texts, k=args.k, params=params,
+                                                    filter=parse_filter(args.filter), progress=bar)]
         bar.done()
         write_lines(args.out, (json.dumps({"id": qid, **json.loads(r)}, ensure_ascii=False)
                                for (qid, _), r in zip(items, results)))
@@ -538,7 +561,8 @@ def ask(engine, args: argparse.Namespace) -> int:
     if not args.question:
         raise InvalidInput("give a question, or --batch QUESTIONS.jsonl")
     final = None
-    for ev in engine.answer_stream(args.collection, args.question, k=args.k, params=params):
+    for ev in engine.answer_stream(args.collection, args.question, k=args.k, params=params,
+                                   filter=parse_filter(args.filter)):
         if isinstance(ev, Answer):
             final = ev
         elif isinstance(ev, AnswerStart):

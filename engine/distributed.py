@@ -299,11 +299,13 @@ class _Reader:
 def run_shard(engine, name: str, kind: str, texts: list[str], options: dict) -> list[str]:
     """One shard of a batch: JSON per input, the same in one process and on Ray actors."""
     if kind == "answer":
-        answers = engine.answer_batch(name, texts, k=options.get("k"), params=options.get("params"))
+        answers = engine.answer_batch(name, texts, k=options.get("k"), params=options.get("params"),
+                                      filter=options.get("filter"))
         return [json.dumps(a.to_json(), ensure_ascii=False) for a in answers]
     from dataclasses import asdict
 
-    hits = engine.search_batch(name, texts, options.get("k") or 5, mode=options.get("mode"))
+    hits = engine.search_batch(name, texts, options.get("k") or 5, mode=options.get("mode"),
+                               filter=options.get("filter"))
     return [json.dumps({"query": q, "hits": [asdict(h) for h in hs]}, ensure_ascii=False)
             for q, hs in zip(texts, hits)]
 

@@ -38,6 +38,7 @@ MAX_QUERY_TERMS = 64
 # are most of what a query costs.
 COMMON_TERM_SHARE = 0.2
 PRUNE_MIN_CHUNKS = 1000  # below this, every query word is cheap enough to keep
+FILTER_PAGE_ROWS = 1024  # rows of a ranking read at a time when only some chunks may be hits
 
 
 def query_words(text: str) -> list[str]:
@@ -115,9 +116,9 @@ class LexicalIndex:
             self._df[word] = df
         return df
 
-    def _one(self, query: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _one(self, query: str, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         words = query_words(query) if self.enabled else []
-        if not words:
+        if not words or (allowed is not None and not len(allowed)):
             return np.empty(0, np.int64), np.empty(0, np.float32)
         con = self._reader()
         n = self._n_chunks()
@@ -127,22 +128,42 @@ class LexicalIndex:
             rare = [w for w in words if df[w] <= limit]
             words = rare or sorted(words, key=df.__getitem__)[:2]
         # FTS5's rank is bm25() negated (lower is better): the score is its negation.
-        rows = con.execute("SELECT rowid, rank FROM chunks_fts WHERE chunks_fts MATCH ? ORDER BY rank LIMIT ?",
-                           (fts_query(words), int(k))).fetchall()
+        if allowed is None:
+            rows = con.execute("SELECT rowid, rank FROM chunks_fts WHERE chunks_fts MATCH ? ORDER BY rank LIMIT ?",
+                               (fts_query(words), int(k))).fetchall()
+        else:
+            rows = self._among(con, fts_query(words), k, allowed)
         keys = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
         scores = np.fromiter((-r[1] for r in rows), dtype=np.float32, count=len(rows))
         return keys, scores
 
-    def search(self, queries: Sequence[str], k: int, *, threads: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
+    @staticmethod
+    def _among(con: sqlite3.Connection, match: str, k: int, allowed: np.ndarray) -> list[tuple[int, float]]:
+        """The k best (rowid, rank) among the chunks `allowed` (keys, ascending): the ranking
+        read in pages until k of them are found (BM25 scores stay the collection's)."""
+        out: list[tuple[int, float]] = []
+        cur = con.execute("SELECT rowid, rank FROM chunks_fts WHERE chunks_fts MATCH ? ORDER BY rank", (match,))
+        try:
+            while len(out) < k and (page := cur.fetchmany(FILTER_PAGE_ROWS)):
+                ids = np.fromiter((r[0] for r in page), dtype=np.int64, count=len(page))
+                at = np.minimum(np.searchsorted(allowed, ids), len(allowed) - 1)
+                out.extend(page[i] for i in np.flatnonzero(allowed[at] == ids)[:k - len(out)])
+        finally:
+            cur.close()
+        return out
+
+    def search(self, queries: Sequence[str], k: int, *, threads: int = 1,
+               allowed: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
         """(chunk keys, BM25 scores) per query, best first (at most k; empty without FTS5 or
-        words). A batch is split over `threads` workers."""
+        words), among the chunks `allowed` (keys, ascending) if given. A batch is split over
+        `threads` workers."""
         if threads <= 1 or len(queries) < 2 * threads:
-            return [self._one(q, k) for q in queries]
+            return [self._one(q, k, allowed) for q in queries]
         with self._lock:
             if self._pool is None:
                 self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="rag-fts")
         step = -(-len(queries) // threads)
-        parts = self._pool.map(lambda i: [self._one(q, k) for q in queries[i:i + step]],
+        parts = self._pool.map(lambda i: [self._one(q, k, allowed) for q in queries[i:i + step]],
                                range(0, len(queries), step))
         return [found for part in parts for found in part]
 

@@ -244,17 +244,20 @@ class Engine:
         return self.answerer.build_prompt(question, hits, max_new_tokens, vector=vector)
 
     def answer_stream(self, name: str, question: str, *, k: int | None = None, params=None,
-                      cancelled: Callable[[], bool] | None = None, deadline: float | None = None):
+                      filter: dict | None = None, cancelled: Callable[[], bool] | None = None,
+                      deadline: float | None = None):
         """Yields AnswerStart (sources), then text deltas (str), then the final Answer.
-        `deadline` (time.monotonic()) and `cancelled()` stop generation at the next step."""
-        return self.answerer.stream(name, question, k=k, params=params, cancelled=cancelled, deadline=deadline)
+        `filter`: retrieve only chunks whose metadata matches (as search). `deadline`
+        (time.monotonic()) and `cancelled()` stop generation at the next step."""
+        return self.answerer.stream(name, question, k=k, params=params, filter=filter, cancelled=cancelled,
+                                    deadline=deadline)
 
     def answer(self, name: str, question: str, **kw) -> Answer:
         *_, final = self.answer_stream(name, question, **kw)
         return final
 
     def answer_batch(self, name: str, questions: Sequence[str], *, k: int | None = None, params=None,
-                     progress: Callable[[int], None] | None = None) -> list[Answer]:
+                     filter: dict | None = None, progress: Callable[[int], None] | None = None) -> list[Answer]:
         """Answers for many questions, batched by the scheduler (up to
         config.max_concurrent_generations rows at a time); results in input order."""
-        return self.answerer.batch(name, questions, k=k, params=params, progress=progress)
+        return self.answerer.batch(name, questions, k=k, params=params, filter=filter, progress=progress)

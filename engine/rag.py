@@ -18,7 +18,7 @@ import numpy as np
 
 from .config import NO_ANSWER, Config
 from .errors import FailedPrecondition, InvalidInput, Overloaded
-from .search import Hit, Searcher, check_k, check_queries
+from .search import Hit, Searcher, check_filter, check_k, check_queries
 from .support import Supporter, copied_header, degenerate, may_become_degenerate, source_label, without_header
 
 CITATION = re.compile(r"\[(\d{1,3})\]")
@@ -154,28 +154,29 @@ class Answerer:
             blocks.pop()
             sources.pop()
 
-    def retrieve(self, name: str, questions: Sequence[str], k: int | None, params):
+    def retrieve(self, name: str, questions: Sequence[str], k: int | None, params, filter: dict | None = None):
         """(params, hits per question, embed_ns, search_ns, the questions' embeddings), after
-        every check an answer needs."""
+        every check an answer needs; `filter`: only chunks whose metadata matches (as search)."""
         from .generate import SamplingParams
 
         params = params or SamplingParams(max_new_tokens=self.config.max_new_tokens)
         k = check_k(self.config.answer_k if k is None else k)
         questions = check_queries(questions, "questions")
+        filter = check_filter(filter)
         col = self.searcher.open(name)
         params.check(self._generator().window)
         if col.store.counts()[1] == 0:
             raise FailedPrecondition(f"collection {name!r} is empty; ingest documents before asking questions")
-        found = self.searcher.search_open(col, questions, k, filter=None, mode=self.searcher.check_mode(None))
+        found = self.searcher.search_open(col, questions, k, filter=filter, mode=self.searcher.check_mode(None))
         return params, found.hits, found.embed_ns, found.search_ns, found.vectors
 
-    def stream(self, name: str, question: str, *, k: int | None = None, params=None,
+    def stream(self, name: str, question: str, *, k: int | None = None, params=None, filter: dict | None = None,
                cancelled: Callable[[], bool] | None = None, deadline: float | None = None):
         """Yields AnswerStart (sources), then text deltas (str), then the final Answer.
         Generation runs in the scheduler, batched with every other answer in flight."""
         from .generate import FINISH_CANCELLED, Completion
 
-        params, (hits,), embed_ns, search_ns, (vector,) = self.retrieve(name, [question], k, params)
+        params, (hits,), embed_ns, search_ns, (vector,) = self.retrieve(name, [question], k, params, filter)
         t0 = time.perf_counter_ns()
         ids, sources = self.build_prompt(question, hits, params.max_new_tokens, vector=vector)
         prompt_ns = time.perf_counter_ns() - t0
@@ -225,12 +226,12 @@ class Answerer:
         yield answer
 
     def batch(self, name: str, questions: Sequence[str], *, k: int | None = None, params=None,
-              progress: Callable[[int], None] | None = None) -> list[Answer]:
+              filter: dict | None = None, progress: Callable[[int], None] | None = None) -> list[Answer]:
         """Answers for many questions: one embedding batch, one index batch search, and every
         prompt submitted to the scheduler, which decodes up to its row limit together."""
         from .generate import FINISH_CANCELLED
 
-        params, hits, embed_ns, search_ns, vectors = self.retrieve(name, questions, k, params)
+        params, hits, embed_ns, search_ns, vectors = self.retrieve(name, questions, k, params, filter)
         n = len(questions)
         t0 = time.perf_counter_ns()
         prompts = [self.build_prompt(q, h, params.max_new_tokens, vector=v)

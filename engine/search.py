@@ -11,6 +11,12 @@ cosine similarity in dense and exact mode) and its cosine similarity (`cosine`),
 what the answer relevance gate thresholds. Mode "exact" scores every stored vector instead
 of searching the HNSW index (exact_dense): exact recall, at a cost that grows with the
 collection (ground truth, small collections, checks).
+
+A metadata filter that matches at most PREFILTER_MAX_CHUNKS chunks (found through the
+store's metadata index) is searched by scoring exactly those chunks, and ranking BM25 among
+them: a tenant's or a source's chunks come back however far the nearest unfiltered
+candidates lie. A more common filter filters the index's over-fetched candidates, which
+then hold k matches nearly always; where they do not, its matches are scored after all.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -26,10 +32,15 @@ from . import kernels
 from .collection import Collection, Collections
 from .config import MAX_TOP_K, SEARCH_MODES, Config
 from .errors import FailedPrecondition, InvalidInput
+from .store import matches
 
 MAX_QUERY_CHARS = 64 * 1024
 FILTER_OVERFETCH = 10
 FILTER_MIN_FETCH = 100
+# A filter matching at most this many chunks is searched by scoring every match (exact_dense,
+# and BM25 among the matches only in hybrid mode) instead of filtering the index's
+# candidates, where a rare match may not be among them.
+PREFILTER_MAX_CHUNKS = 10_000
 FUSION_METHOD = {"convex": kernels.FUSE_CONVEX, "rrf": kernels.FUSE_RRF, "weighted_rrf": kernels.FUSE_WEIGHTED_RRF}
 
 
@@ -66,13 +77,6 @@ def hit_to_json(hit: Hit) -> str:
     return json.dumps(dataclasses.asdict(hit), ensure_ascii=False)
 
 
-def _meta_str(v) -> str | None:
-    """Metadata values compare as strings (JSON for non-strings), as the gRPC API sends them."""
-    if v is None or isinstance(v, str):
-        return v
-    return json.dumps(v, sort_keys=True, ensure_ascii=False)
-
-
 def check_query(query: str, i: int | None = None) -> None:
     label = "query" if i is None else f"query {i}"
     if not isinstance(query, str):
@@ -100,6 +104,9 @@ def check_k(k) -> int:
 def check_filter(filter) -> dict | None:
     if filter is not None and not isinstance(filter, dict):
         raise InvalidInput("filter must be a mapping of metadata field -> value")
+    for f in filter or ():
+        if not isinstance(f, str) or not f:
+            raise InvalidInput(f"filter field names must be non-empty strings, got {f!r}")
     return filter or None
 
 
@@ -107,22 +114,18 @@ EXACT_BLOCK_ROWS = 32768  # rows scored per matrix product in exact mode (~50 MB
 
 
 def exact_dense(queries: np.ndarray, vectors: np.ndarray, live: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k (keys, cosines) per query over every live row of `vectors` (the store's unit
-    f32 rows; `live`: its chunks' keys), without the HNSW index: search mode "exact". Rows
-    are scored a block at a time (one matrix product each), so memory stays bounded;
-    equal scores keep key order. Keys past the rows mapped are left out (added since)."""
+    """Top-k (keys, cosines) per query over the rows `live` of `vectors` (the store's unit
+    f32 rows; `live`: keys of its chunks, every live one or a filter's matches, ascending),
+    without the HNSW index: search mode "exact", and filtered searches. Rows are scored a
+    block at a time (one matrix product each), so memory stays bounded: where most rows are
+    live, each block as it lies in the mapped file (no copy) and the live ones' scores kept;
+    where few are, only those rows are read. Equal scores keep key order. Keys past the
+    rows mapped are left out (added since)."""
     q = len(queries)
-    alive = np.zeros(len(vectors), bool)
-    alive[live[live < len(vectors)]] = True
+    live = live[live < len(vectors)]
     best_keys = np.full((q, 0), -1, np.int64)
     best_scores = np.full((q, 0), -np.inf, np.float32)
-    for i in range(0, len(vectors), EXACT_BLOCK_ROWS):
-        rows = np.flatnonzero(alive[i:i + EXACT_BLOCK_ROWS])
-        if not len(rows):
-            continue
-        # the block's rows as they lie (no copy of the mapped file), then the live ones' scores
-        sims = (queries @ vectors[i:i + EXACT_BLOCK_ROWS].T)[:, rows]
-        block = rows + i
+    for block, sims in _exact_blocks(queries, vectors, live):
         if sims.shape[1] > k:  # this block's k best per query, before the merge
             part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
             sims = np.take_along_axis(sims, part, axis=1)
@@ -139,6 +142,22 @@ def exact_dense(queries: np.ndarray, vectors: np.ndarray, live: np.ndarray, k: i
     keys[:, :best_keys.shape[1]] = best_keys
     scores[:, :best_scores.shape[1]] = best_scores
     return keys, scores
+
+
+def _exact_blocks(queries: np.ndarray, vectors: np.ndarray, live: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(keys, scores of the queries against them) for the rows `live`, a block at a time."""
+    if len(live) * 4 < len(vectors):  # few live rows: read only them
+        for i in range(0, len(live), EXACT_BLOCK_ROWS):
+            block = live[i:i + EXACT_BLOCK_ROWS]
+            yield block, queries @ vectors[block].T
+        return
+    alive = np.zeros(len(vectors), bool)
+    alive[live] = True
+    for i in range(0, len(vectors), EXACT_BLOCK_ROWS):
+        rows = np.flatnonzero(alive[i:i + EXACT_BLOCK_ROWS])
+        if len(rows):
+            # the block's rows as they lie (no copy of the mapped file), then the live ones' scores
+            yield rows + i, (queries @ vectors[i:i + EXACT_BLOCK_ROWS].T)[:, rows]
 
 
 class Searcher:
@@ -176,8 +195,8 @@ class Searcher:
         """Top-k hits per query. `vectors`: the queries' embeddings, if the caller already has
         them (the micro-batcher embeds many requests at once); otherwise they are embedded here.
 
-        `filter`: metadata key -> value, all must be equal; applied to an over-fetched
-        candidate list, so rare matches may give fewer than k.
+        `filter`: metadata field -> value, all must be equal (values compare as strings,
+        JSON for non-strings: store.meta_str); the k best matches, however rare (see _rank).
         """
         k = check_k(k)
         mode = self.check_mode(mode)
@@ -202,13 +221,34 @@ class Searcher:
 
     def _rank(self, col: Collection, queries: list[str], vectors: np.ndarray, k: int,
               filter: dict | None, mode: str) -> list[list[Hit]]:
+        """The hits; filtered, a filter that matches few chunks (PREFILTER_MAX_CHUNKS, or
+        any filter in exact mode) ranks exactly its matches, so a rare one is never crowded
+        out of the index's candidates; a common one filters the index's over-fetched
+        candidates, and ranks exactly its matches after all if they left a query fewer than
+        k hits."""
+        allowed = None
+        if filter:
+            allowed = col.store.filter_keys(filter, None if mode == "exact" else PREFILTER_MAX_CHUNKS)
+        hits = self._ranked(col, queries, vectors, k, filter, mode, allowed)
+        if allowed is None and filter and any(len(h) < k for h in hits):
+            hits = self._ranked(col, queries, vectors, k, filter, mode, col.store.filter_keys(filter))
+        return hits
+
+    def _ranked(self, col: Collection, queries: list[str], vectors: np.ndarray, k: int,
+                filter: dict | None, mode: str, allowed: np.ndarray | None) -> list[list[Hit]]:
+        """The hits among the chunks `allowed` (keys, ascending), scored exactly, or among
+        the index's candidates (over-fetched when filtered)."""
         c = self.config
-        fetch = k if not filter else min(max(k * FILTER_OVERFETCH, FILTER_MIN_FETCH), MAX_TOP_K * FILTER_OVERFETCH)
+        if allowed is not None or not filter:
+            fetch = k
+        else:
+            fetch = min(max(k * FILTER_OVERFETCH, FILTER_MIN_FETCH), MAX_TOP_K * FILTER_OVERFETCH)
         hybrid = mode == "hybrid" and col.store.lexical
-        exact = col.store.vectors() if (col.quantized or hybrid or mode == "exact") else None
+        scan = mode == "exact" or allowed is not None
+        exact = col.store.vectors() if (col.quantized or hybrid or scan) else None
         depth = max(fetch, c.hybrid_depth) if hybrid else fetch
-        if mode == "exact":
-            keys, scores = exact_dense(vectors, exact, col.store.keys(), depth)
+        if scan:
+            keys, scores = exact_dense(vectors, exact, col.store.keys() if allowed is None else allowed, depth)
         else:
             keys, scores = col.index.search(vectors, depth, exact_vectors=exact if col.quantized else None,
                                             oversample=c.oversample)
@@ -217,7 +257,7 @@ class Searcher:
             # Rows added after `exact` was mapped cannot be scored yet: leave them out.
             keys[keys >= len(exact)] = -1
         if hybrid:
-            found = col.store.fts.search(queries, depth, threads=c.threads)
+            found = col.store.fts.search(queries, depth, threads=c.threads, allowed=allowed)
             lex = np.full((len(queries), depth), -1, np.int64)
             lex_scores = np.zeros((len(queries), depth), np.float32)
             for i, (fk, fs) in enumerate(found):
@@ -234,7 +274,7 @@ class Searcher:
                 row = rows.get(key)
                 if key < 0 or row is None:  # deleted between index search and row fetch
                     continue
-                if filter and any(_meta_str(row.metadata.get(f)) != _meta_str(v) for f, v in filter.items()):
+                if filter and not matches(row.metadata, filter):
                     continue
                 if len(hits) == k:
                     break

@@ -57,6 +57,56 @@ CREATE TABLE IF NOT EXISTS chunks (
 );
 CREATE INDEX IF NOT EXISTS chunks_doc ON chunks(doc_id);
 """
+# The metadata index: one row per (field, value, document), values as filters compare them
+# (meta_str), so a filter finds its documents without reading the others' metadata.
+META_INDEX_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS doc_meta (field TEXT NOT NULL, value TEXT NOT NULL, doc_id TEXT NOT NULL, "
+    "PRIMARY KEY (field, value, doc_id)) WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS doc_meta_doc ON doc_meta(doc_id)",
+)
+# Longer values are left out of the index (a filter on one reads every document's metadata).
+META_INDEX_MAX_CHARS = 256
+
+
+def meta_str(v) -> str | None:
+    """How a metadata value compares in a filter: as a string, JSON for non-strings (as the
+    gRPC API sends values); None for a missing or null one."""
+    if v is None or isinstance(v, str):
+        return v
+    return json.dumps(v, sort_keys=True, ensure_ascii=False)
+
+
+def matches(metadata: dict, filter: dict) -> bool:
+    """Whether a document's metadata has every filter field equal to its value (meta_str)."""
+    return all(meta_str(metadata.get(f)) == meta_str(v) for f, v in filter.items())
+
+
+def meta_rows(doc_id: str, metadata: dict) -> list[tuple[str, str, str]]:
+    """A document's rows in the metadata index: (field, meta_str value, doc_id) for every
+    top-level field whose value is not null and, as a string, at most META_INDEX_MAX_CHARS."""
+    out = []
+    for f, v in metadata.items():
+        s = meta_str(v)
+        if s is not None and len(s) <= META_INDEX_MAX_CHARS:
+            out.append((f, s, doc_id))
+    return out
+
+
+def ensure_meta_index(db: sqlite3.Connection) -> None:
+    """Create the metadata index if missing (older stores: built from the documents once)."""
+    if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'doc_meta'").fetchone() is not None:
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute(META_INDEX_SCHEMA[0])
+        db.execute(META_INDEX_SCHEMA[1])
+        for doc_id, metadata in db.execute("SELECT doc_id, metadata FROM documents").fetchall():
+            db.executemany("INSERT INTO doc_meta VALUES (?, ?, ?)", meta_rows(doc_id, json.loads(metadata)))
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class DocumentRecord:
@@ -119,11 +169,14 @@ class Store:
             self._db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('applied_seq', '0')")
             self._db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('snapshot_seq', '0')")
             self.lexical = ensure_fts(self._db)
+            ensure_meta_index(self._db)
         self.settings = json.loads(self._meta("settings"))
         self.dim = int(self.settings["dim"])
         self.vector_file = VectorFile(self.folder, self.dim, read_only=read_only)
         self._n_chunks = int(self._db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0])
         self.fts = LexicalIndex(db, lambda: self._n_chunks, enabled=self.lexical)
+        self.meta_index = self._db.execute(
+            "SELECT 1 FROM sqlite_master WHERE name = 'doc_meta'").fetchone() is not None
 
     # ------------------------------------------------------------------ creation
     @staticmethod
@@ -203,6 +256,35 @@ class Store:
             rows = self._db.execute("SELECT key FROM chunks ORDER BY key").fetchall()
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 
+    def filter_keys(self, filter: dict, limit: int | None = None) -> np.ndarray | None:
+        """Keys (ascending) of the chunks of every document whose metadata matches `filter`
+        (`matches`); None if more than `limit` chunks match (a filter that common is better
+        served by filtering an index search's candidates). Through the metadata index where
+        it holds every value asked for; else by reading every document's metadata."""
+        with self._lock:
+            wanted = meta_rows("", filter)
+            if self.meta_index and len(wanted) == len(filter):
+                docs = " INTERSECT ".join(["SELECT doc_id FROM doc_meta WHERE field = ? AND value = ?"] * len(wanted))
+                params = [x for f, v, _ in wanted for x in (f, v)]
+                rows = self._db.execute(f"SELECT key FROM chunks WHERE doc_id IN ({docs}) LIMIT ?",
+                                        [*params, -1 if limit is None else limit + 1]).fetchall()
+                if limit is not None and len(rows) > limit:
+                    return None
+            else:
+                found, n = [], 0
+                for doc_id, n_chunks, metadata in self._db.execute("SELECT doc_id, n_chunks, metadata FROM documents"):
+                    if matches(json.loads(metadata), filter):
+                        found.append(doc_id)
+                        n += n_chunks
+                        if limit is not None and n > limit:
+                            return None
+                rows = []
+                for i in range(0, len(found), 500):
+                    part = found[i:i + 500]
+                    rows += self._db.execute(
+                        f"SELECT key FROM chunks WHERE doc_id IN ({','.join('?' * len(part))})", part).fetchall()
+        return np.sort(np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)))
+
     def document_keys(self, doc_id: str) -> list[int]:
         with self._lock:
             return [r[0] for r in self._db.execute(
@@ -280,6 +362,7 @@ class Store:
                 for doc_id in [*deletes, *(r.doc_id for r in upserts)]:
                     removed.extend(r[0] for r in db.execute("SELECT key FROM chunks WHERE doc_id = ?", (doc_id,)))
                     db.execute("DELETE FROM chunks WHERE doc_id = ?", (doc_id,))
+                    db.execute("DELETE FROM doc_meta WHERE doc_id = ?", (doc_id,))
                     db.execute("DELETE FROM documents WHERE doc_id = ?", (doc_id,))
                 key = first
                 for rec in upserts:
@@ -287,6 +370,7 @@ class Store:
                                (rec.doc_id, rec.source, rec.content_hash,
                                 json.dumps(rec.metadata, sort_keys=True, ensure_ascii=False),
                                 rec.n_chars, len(rec.chunks), now))
+                    db.executemany("INSERT INTO doc_meta VALUES (?, ?, ?)", meta_rows(rec.doc_id, rec.metadata))
                     db.executemany("INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?)",
                                    [(key + i, rec.doc_id, c.ordinal, c.start, c.end, c.n_tokens, c.text)
                                     for i, c in enumerate(rec.chunks)])

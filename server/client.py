@@ -152,16 +152,18 @@ class RagClient:
         return [list(r.hits) for r in self.retrieve.SearchBatch(req, **self._kw()).results]
 
     def answer(self, collection: str, question: str, *, k: int | None = None, timeout: float | None = None,
-               **options) -> Iterator["pb.AnswerResponse"]:
+               filter: dict | None = None, **options) -> Iterator["pb.AnswerResponse"]:
         """Streams AnswerResponse messages: sources, then deltas, then done. Cancel with .cancel()."""
-        req = pb.AnswerRequest(collection=collection, question=question,
+        req = pb.AnswerRequest(collection=collection, question=question, filter=filter or {},
                                options=pb.GenerationOptions(**options))
         if k is not None:
             req.top_k = k
         return self.answers.Answer(req, **self._kw(timeout))
 
-    def answer_batch(self, collection: str, questions: list[str], *, k: int | None = None, **options):
-        req = pb.AnswerBatchRequest(collection=collection, questions=questions, options=pb.GenerationOptions(**options))
+    def answer_batch(self, collection: str, questions: list[str], *, k: int | None = None,
+                     filter: dict | None = None, **options):
+        req = pb.AnswerBatchRequest(collection=collection, questions=questions, filter=filter or {},
+                                    options=pb.GenerationOptions(**options))
         if k is not None:
             req.top_k = k
         return list(self.answers.AnswerBatch(req, **self._kw()).answers)

@@ -246,6 +246,7 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
         # The scheduler (engine/scheduler.py) batches this answer with every other one; it
         # leaves the batch at the next step once the client cancels or the deadline passes.
         stream = self.engine.answer_stream(request.collection, request.question, k=k, params=params,
+                                           filter=dict(request.filter) or None,
                                            cancelled=lambda: not context.is_active(), deadline=deadline)
         try:
             for ev in stream:
@@ -273,7 +274,8 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
         params = sampling_params(request.options, self.config.max_new_tokens)
         k = check_top_k(request.top_k) if request.HasField("top_k") else None
         t0 = time.perf_counter_ns()
-        answers = self.engine.answer_batch(request.collection, questions, k=k, params=params)
+        answers = self.engine.answer_batch(request.collection, questions, k=k, params=params,
+                                           filter=dict(request.filter) or None)
         total = time.perf_counter_ns() - t0
         if self.metrics:
             for a in answers:

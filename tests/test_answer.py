@@ -85,6 +85,25 @@ def test_batch_answers_match_single(rag):
     assert batch[2].text == NO_ANSWER
 
 
+def test_filter_answers_from_matching_documents_only(rag):
+    """A filtered answer retrieves only chunks whose metadata match, streamed or batched: the
+    planets' notes for a planet question (Mars's first); for a tea question, none of the tea
+    notes; for a filter nothing matches, the no-context answer."""
+    planets = {"kind": "planet"}
+    a = rag.answer("demo", "Which planet has the tallest volcano?", params=SHORT, filter=planets)
+    assert a.sources and all(s.hit.metadata["kind"] == "planet" for s in a.sources), a.sources
+    assert a.sources[0].hit.doc_id.endswith("#mars"), a.sources
+    tea = rag.answer("demo", "How hot should the water be for green tea?", params=SHORT, filter=planets)
+    assert not any(s.hit.source.endswith("tea.txt") for s in tea.sources)
+    assert all(s.hit.metadata["kind"] == "planet" for s in tea.sources)
+    (b,) = rag.answer_batch("demo", ["Which planet has the tallest volcano?"], params=SHORT, filter=planets)
+    assert b.text == a.text and [s.hit.key for s in b.sources] == [s.hit.key for s in a.sources]
+    nothing = rag.answer("demo", "Which planet has the tallest volcano?", params=SHORT, filter={"kind": "none"})
+    assert nothing.text == NO_ANSWER and nothing.finish_reason == FINISH_NO_CONTEXT and nothing.sources == []
+    with pytest.raises(InvalidInput, match="filter must be a mapping"):
+        rag.answer("demo", "tea?", params=SHORT, filter=["kind"])
+
+
 @pytest.mark.parametrize("question, params, error, match", [
     ("", SHORT, InvalidInput, "empty"),
     ("word " * 3000, SHORT, InvalidInput, "context window"),

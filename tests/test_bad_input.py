@@ -312,9 +312,17 @@ CASES = [
     case("search-top-k-max-uint32", search(top_k=2**32 - 1), INVALID, "top_k .* got 4294967295"),
     case("search-top-k-negative", raw("Search", pb.SearchRequest(collection="docs", query="tea").SerializeToString()
                                       + b"\x18" + NEG_ONE), INVALID, "top_k .* got 4294967295"),
+    case("search-filter-empty-field", search(filter={"": "md"}), INVALID,
+         "filter field names must be non-empty strings, got ''"),
     case("searchbatch-top-k-zero", search_batch(["tea"], top_k=0), INVALID, "top_k"),
     case("searchbatch-top-k-huge", search_batch(["tea"], top_k=5000), INVALID, "top_k .* got 5000"),
     case("answer-top-k-zero", answer(top_k=0), INVALID, "top_k .* got 0"),
+    case("answer-filter-empty-field", raw("Answer", pb.AnswerRequest(
+        collection="docs", question="tea?", filter={"": "md"}).SerializeToString()), INVALID,
+         "filter field names must be non-empty strings"),
+    case("answerbatch-filter-empty-field", raw("AnswerBatch", pb.AnswerBatchRequest(
+        collection="docs", questions=["tea?"], filter={"": "md"}).SerializeToString()), INVALID,
+         "filter field names must be non-empty strings"),
     case("answer-top-k-huge", answer(top_k=1001), INVALID, "top_k .* got 1001"),
     case("answer-top-k-negative", raw("Answer", pb.AnswerRequest(collection="docs", question="tea?")
                                       .SerializeToString() + b"\x18" + NEG_ONE), INVALID, "top_k .* got 4294967295"),

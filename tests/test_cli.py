@@ -49,6 +49,11 @@ def test_search_json_collections_delete_drop(tmp_path, capsys):
     code, out, _ = rag(capsys, *d, "search", "Olympus Mons", "-c", "c", "-k", "1", "--json")
     hit = json.loads(out)
     assert code == 0 and hit["rank"] == 1 and hit["doc_id"].endswith("#mars") and hit["metadata"]["kind"] == "planet"
+    code, out, _ = rag(capsys, *d, "search", "Olympus Mons", "-c", "c", "-k", "3", "--json", "--filter", "kind=planet")
+    hits = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and len(hits) == 3 and all(h["metadata"]["kind"] == "planet" for h in hits)
+    code, out, _ = rag(capsys, *d, "search", "Olympus Mons", "-c", "c", "--filter", "kind=nothing")
+    assert code == 0 and "no results (no chunk matches the filter)" in out
     code, out, _ = rag(capsys, *d, "collections", "--json")
     info = json.loads(out)
     assert (info["name"], info["documents"], info["index_dtype"]) == ("c", 8, "i8")
@@ -63,6 +68,8 @@ def test_search_json_collections_delete_drop(tmp_path, capsys):
     (["search", "q", "-c", "missing"], "collection 'missing' does not exist"),
     (["search", "", "-c", "c"], "query is empty"),
     (["search", "q", "-c", "c", "-k", "0"], "k must be an integer in [1, 1000]"),
+    (["search", "q", "-c", "c", "--filter", "kind"], "--filter takes FIELD=VALUE, got 'kind'"),
+    (["search", "q", "-c", "c", "--filter", "=md"], "--filter takes FIELD=VALUE, got '=md'"),
     (["create", "c"], "already exists"),
     (["create", "bad/name"], "collection name"),
 ])

@@ -284,3 +284,44 @@ def test_hybrid_search_finds_exact_terms_and_reports_both_scores(engine):
     # Deleted documents leave the lexical side too.
     engine.delete_documents("h", ["d0"])
     assert "d0" not in [h.doc_id for h in engine.search("h", query, 25)]
+
+
+def _teams_corpus(engine):
+    """300 look-alike tea notes in teams "a" and "b", and one lighthouse note alone in team
+    "rare": never among a tea question's 100 nearest chunks, and no word of one."""
+    teas, vessels = ["green", "black", "oolong", "white", "jasmine"], ["teapot", "mug", "gaiwan", "kettle"]
+    docs = [Document(f"tea{i}", f"Brew {teas[i % 5]} tea at {60 + i % 40} degrees for {1 + i % 6} minutes "
+                     f"in a {vessels[i % 4]}, batch {i}.", f"notes/tea{i}.txt", {"team": "ab"[i % 2], "n": i})
+            for i in range(300)]
+    docs.append(Document("lighthouse", "The lighthouse keeper climbs the spiral stairs every evening.",
+                         "notes/lighthouse.txt", {"team": "rare"}))
+    engine.create_collection("c")
+    engine.ingest("c", docs)
+
+
+def test_filter_finds_rare_matches_the_index_misses(engine, monkeypatch):
+    """A filtered search ranks the filter's matches: a rare match comes back however far it is
+    from the query, in every mode; a common filter gives k hits, in dense mode the exact best
+    among its matches; filtering the index's candidates (a common filter) falls back to the
+    matches when those leave fewer than k."""
+    from engine import search as search_mod
+    _teams_corpus(engine)
+    question = "What temperature should green tea be brewed at?"
+    for mode in ("hybrid", "dense", "exact"):
+        hits = engine.search("c", question, k=3, filter={"team": "rare"}, mode=mode)
+        assert [h.doc_id for h in hits] == ["lighthouse"], mode
+    col = engine.searcher.open("c")
+    team_a = col.store.filter_keys({"team": "a"})
+    sims = col.store.vectors()[team_a] @ engine.embedder.embed([question])[0]
+    want = team_a[np.argsort(-sims, kind="stable")][:5].tolist()
+    for mode in ("dense", "exact"):
+        assert [h.key for h in engine.search("c", question, k=5, filter={"team": "a"}, mode=mode)] == want
+    hybrid = engine.search("c", question, k=5, filter={"team": "a", "n": "42"})
+    assert [h.doc_id for h in hybrid] == ["tea42"]  # an int compared as the string gRPC sends
+    monkeypatch.setattr(search_mod, "PREFILTER_MAX_CHUNKS", 0)  # every filter "common": the index's candidates
+    for mode in ("hybrid", "dense"):
+        common = engine.search("c", question, k=5, filter={"team": "a"}, mode=mode)
+        assert len(common) == 5 and all(h.metadata["team"] == "a" for h in common)
+        rare = engine.search("c", question, k=3, filter={"team": "rare"}, mode=mode)
+        assert [h.doc_id for h in rare] == ["lighthouse"], mode
+    assert engine.search("c", question, k=3, filter={"team": "nobody"}) == []

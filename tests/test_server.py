@@ -169,6 +169,12 @@ def test_answer_stream_then_batch(server):
                                          speculative_tokens=0) if m.WhichOneof("event") == "done"][0]
     assert off.usage.accepted_prediction_tokens == off.usage.rejected_prediction_tokens == 0
     on = client.answer_batch("docs", ["How long does black tea steep?"], max_new_tokens=20, speculative_tokens=2)
+    # a filter keeps an answer to matching documents, streamed and batched
+    md = [m.sources.sources for m in client.answer("docs", "How long does black tea steep?", max_new_tokens=4,
+                                                    filter={"kind": "md"}) if m.WhichOneof("event") == "sources"][0]
+    assert all(s.hit.metadata["kind"] == "md" for s in md) and not any(s.hit.doc_id == "tea.txt" for s in md)
+    (mdb,) = client.answer_batch("docs", ["How long does black tea steep?"], max_new_tokens=4, filter={"kind": "md"})
+    assert [s.hit.doc_id for s in mdb.sources] == [s.hit.doc_id for s in md]
     assert on[0].done.usage.accepted_prediction_tokens + on[0].done.usage.rejected_prediction_tokens > 0
     code, details = code_of(client.answers.Answer, pb.AnswerRequest(
         collection="docs", question="tea?", options=pb.GenerationOptions(speculative_tokens=9)))

@@ -79,6 +79,7 @@ def test_failed_write_changes_nothing(store):
         store.apply([record("c", 1), record("c", 1)])
     assert (store.counts(), store.generation) == before[:2]
     np.testing.assert_array_equal(store.vectors(), before[2])
+    assert store.filter_keys({"lang": "en"}).tolist() == [0, 1]  # nor the metadata index
 
 
 def test_reopen_sees_committed_state(tmp_path):
@@ -188,3 +189,87 @@ def test_lexical_leaves_out_words_most_chunks_share(tmp_path, monkeypatch):
     assert [keys[k] for k in found] == ["d40"], "'common' (in 40 of 41 chunks) is left out"
     assert len(s.lexical_search(["common item"], 50)[0]) == 41, "all words common: the rarest are kept"
     s.close()
+
+
+METADATA = [  # one document each: every JSON type, and names SQLite's JSON paths do not take
+    {"team": "red", "n": 5, "ok": True}, {"team": "blue", "n": -5, "ok": False},
+    {"team": "red", "n": 2**70, "x": 1.5}, {"team": "Red", "n": "5", "x": None},
+    {"team": {"b": [1, 2], "a": 1}, "tags": ["a", "b"]}, {"é ü": "ñ", 'q"k': 1, "a\\b": "c", "a.b": 2},
+    {}, {"n": 1e300, "x": 1}, {"team": "red", "long": "w" * 300},
+]
+
+
+@pytest.mark.parametrize("filter", [
+    {"team": "red"}, {"team": "Red"}, {"team": "green"}, {"team": "red", "n": "5"}, {"n": 5}, {"n": "5"},
+    {"n": "-5"}, {"n": 2**70}, {"n": str(2**70)}, {"ok": True}, {"ok": "true"}, {"ok": "false"}, {"x": 1.5},
+    {"x": "1.5"}, {"x": None}, {"x": "null"}, {"team": {"a": 1, "b": [1, 2]}}, {"tags": '["a", "b"]'},
+    {"é ü": "ñ"}, {'q"k': "1"}, {"a\\b": "c"}, {"a.b": 2}, {"n": 1e300}, {"missing": None}, {"missing": ""},
+    {"long": "w" * 300}, {"long": "w" * 300, "team": "red"}, {"team": "red", "n": None},
+])
+def test_filter_keys_match_metadata_as_search_compares_it(store, filter):
+    """filter_keys returns the chunks of exactly the documents `matches` accepts, whatever
+    the values' JSON types, through the metadata index or (values it does not hold: null,
+    long; stores without it) by reading every document's metadata."""
+    from engine.store import matches
+    recs = []
+    for i, meta in enumerate(METADATA):
+        r = record(f"d{i}", 2, seed=i)
+        recs.append(DocumentRecord(r.doc_id, r.source, r.content_hash, meta, r.n_chars, r.chunks, r.vectors))
+    store.apply(recs)
+    want = [k for i, meta in enumerate(METADATA) if matches(meta, filter) for k in (2 * i, 2 * i + 1)]
+    for indexed in (True, False):
+        store.meta_index = indexed
+        assert store.filter_keys(filter).tolist() == want
+        assert store.filter_keys(filter, limit=len(want)).tolist() == want
+        if want:
+            assert store.filter_keys(filter, limit=len(want) - 1) is None  # more chunks match than the limit
+
+
+def test_old_store_gets_metadata_index(tmp_path):
+    """A store made before the metadata index gets it on a writer's open (built from its
+    documents); a reader of one without it still filters, reading every document."""
+    Store.initialise(tmp_path, {"dim": DIM})
+    s = Store(tmp_path)
+    s.apply([record("a", 2), DocumentRecord("b", "/s", "h", {"lang": "de"}, 10, record("b", 1).chunks,
+                                            record("b", 1).vectors)])
+    s.close()
+    db = sqlite3.connect(tmp_path / STORE_FILE)
+    db.execute("DROP TABLE doc_meta")
+    db.commit()
+    db.close()
+    reader = Store(tmp_path, read_only=True)
+    assert not reader.meta_index and reader.filter_keys({"lang": "en"}).tolist() == [0, 1]
+    reader.close()
+    s = Store(tmp_path)
+    assert s.meta_index and s.filter_keys({"lang": "de"}).tolist() == [2]
+    assert sqlite3.connect(tmp_path / STORE_FILE).execute("SELECT count(*) FROM doc_meta").fetchone()[0] == 2
+    s.close()
+
+
+def test_filter_keys_follow_writes(store):
+    a, b = record("a", 3), record("b", 2)
+    store.apply([a, DocumentRecord("b", b.source, "h", {"lang": "de"}, b.n_chars, b.chunks, b.vectors)])
+    assert store.filter_keys({"lang": "en"}).tolist() == [0, 1, 2]
+    store.apply([], deletes=["a"])
+    assert store.filter_keys({"lang": "en"}).tolist() == []
+    assert store.filter_keys({"lang": "de"}).tolist() == [3, 4]
+
+
+def test_lexical_search_among_allowed_chunks(store, monkeypatch):
+    """Ranked among some chunks only, the lexical search keeps the order and scores of the
+    whole ranking, filtered, however many pages of it that takes."""
+    from engine import lexical
+    words = ["tea", "green", "water", "leaf", "pot"]
+    recs = [DocumentRecord(f"d{i}", "/s", "h", {}, 10,
+                           [Chunk(f"d{i}", 0, 0, 9, 3, " ".join(words[j % 5] for j in range(i % 7 + 1)))],
+                           np.ones((1, DIM), np.float32)) for i in range(60)]
+    store.apply(recs)
+    full_keys, full_scores = store.fts.search(["green tea pot"], 1000)[0]
+    allowed = np.array(sorted(full_keys[1::3].tolist() + [10_000]), np.int64)  # a key no chunk has
+    for page in (1024, 2):
+        monkeypatch.setattr(lexical, "FILTER_PAGE_ROWS", page)
+        keys, scores = store.fts.search(["green tea pot"], 5, allowed=allowed)[0]
+        keep = np.isin(full_keys, allowed)
+        assert keys.tolist() == full_keys[keep][:5].tolist()
+        np.testing.assert_array_equal(scores, full_scores[keep][:5])
+    assert store.fts.search(["green tea"], 5, allowed=np.empty(0, np.int64))[0][0].size == 0
