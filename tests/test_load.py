@@ -1,11 +1,13 @@
 """Load and cancellation: the real server in a subprocess takes many concurrent Answer streams
 (some cancelled by the client after a few tokens or at a random moment, some with short
 deadlines, more than the scheduler's rows and queue hold) while other clients ingest and
-search, for a bounded time.
+search (some filtered by metadata), for a bounded time.
 
 Afterwards: no unexpected status code, every scheduler row free again (read from the
-Prometheus gauges), a fresh Answer completes, every acknowledged document is found, and the
-server's resident memory grew by a bounded amount.
+Prometheus gauges), a fresh Answer completes, every acknowledged document is found (and,
+searched with a filter on its own metadata, found first, from the moment it is acknowledged:
+a filter that rare scores its matches exactly), and the server's resident memory grew by a
+bounded amount.
 
 RAG_LOAD_SECONDS (default 30) sets how long the load runs; `make soak` runs it for minutes.
 """
@@ -174,7 +176,8 @@ class Load:
                 for _ in range(rng.randint(1, 4)):
                     doc_id = f"load-{i}-{n}"
                     n += 1
-                    docs.append({"id": doc_id, "text": f"{doc_id}: " + " ".join(rng.choices(WORDS, k=50))})
+                    docs.append({"id": doc_id, "text": f"{doc_id}: " + " ".join(rng.choices(WORDS, k=50)),
+                                 "metadata": {"writer": str(i), "doc": doc_id}})
                 try:
                     res = client.ingest("docs", docs)
                 except grpc.RpcError as e:
@@ -197,18 +200,40 @@ class Load:
                     acked = list(self.acked.items()) if rng.random() < 0.7 else []
                 doc_id, query = rng.choice(acked) if acked else ("", rng.choice(QUESTIONS))
                 try:
-                    # Dense: a document's own text is its nearest neighbour (cosine 1). Hybrid
-                    # fusion may rank word-soup neighbours above it, which says nothing about loss.
-                    hits = client.search("docs", query, k=5, mode="dense")
-                    with self.lock:
-                        self.searches += 1
-                    if not hits:
-                        self.record("unexpected", f"Search for {query!r} found nothing")
-                    elif doc_id and doc_id not in [h.doc_id for h in hits]:
-                        self.record(*missed(client, {doc_id: query}))
+                    if doc_id and rng.random() < 0.3:
+                        self.filtered(client, rng, doc_id, query)
+                    else:
+                        self.nearest(client, doc_id, query)
                 except grpc.RpcError as e:
                     self.record("unexpected", f"Search: {e.code().name}: {e.details()}")
                 time.sleep(rng.uniform(0, 0.1))
+
+    def nearest(self, client: RagClient, doc_id: str, query: str) -> None:
+        # Dense: a document's own text is its nearest neighbour (cosine 1). Hybrid fusion may
+        # rank word-soup neighbours above it, which says nothing about loss.
+        hits = client.search("docs", query, k=5, mode="dense")
+        with self.lock:
+            self.searches += 1
+        if not hits:
+            self.record("unexpected", f"Search for {query!r} found nothing")
+        elif doc_id and doc_id not in [h.doc_id for h in hits]:
+            self.record(*missed(client, {doc_id: query}))
+
+    def filtered(self, client: RagClient, rng: random.Random, doc_id: str, query: str) -> None:
+        """An acknowledged document searched with a filter on its own metadata (one document
+        matches: scored exactly, so always found, first), or on its writer's (common: every
+        hit its writer's)."""
+        mode = rng.choice(("dense", "hybrid"))
+        own = client.search("docs", query, k=3, mode=mode, filter={"doc": doc_id})
+        writer = doc_id.split("-")[1]
+        common = client.search("docs", query, k=5, mode=mode, filter={"writer": writer})
+        with self.lock:
+            self.searches += 2
+        if {h.doc_id for h in own} != {doc_id}:
+            self.record("unexpected", f"Search ({mode}) filtered to {doc_id} found {[h.doc_id for h in own]}")
+        if not common or any(h.metadata["writer"] != writer for h in common):
+            self.record("unexpected", f"Search ({mode}) filtered to writer {writer} found "
+                                      f"{[dict(h.metadata) for h in common]}")
 
     def run(self, seconds: float) -> None:
         """Load for `seconds`, and on until a stream was cancelled, one completed and a document
