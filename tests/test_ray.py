@@ -217,6 +217,14 @@ def test_ray_batch_answers_and_search_equal_single_process(ray_address, tmp_path
     assert [[h["doc_id"] for h in r["hits"]] for r in hits1] == [[h["doc_id"] for h in r["hits"]] for r in hits2]
     for r1, r2 in zip(hits1, hits2):
         assert np.allclose([h["score"] for h in r1["hits"]], [h["score"] for h in r2["hits"]], atol=1e-5)
+    # a metadata filter reaches the actors: the planets' records only, the same on Ray
+    planets = [*search, "--filter", "kind=planet"]
+    h3, h4 = tmp_path / "h3.jsonl", tmp_path / "h4.jsonl"
+    assert main([*common, *planets, "--out", str(h3)]) == 0
+    assert main([*common, *planets, "--out", str(h4), "--ray", ray_address, "--ray-actors", "2"]) == 0
+    only1, only2 = batch_lines(h3), batch_lines(h4)
+    assert all(len(r["hits"]) == 3 and all(h["metadata"]["kind"] == "planet" for h in r["hits"]) for r in only1)
+    assert [[h["doc_id"] for h in r["hits"]] for r in only1] == [[h["doc_id"] for h in r["hits"]] for r in only2]
 
 
 def test_an_unreachable_ray_address_fails_before_anything_is_read(tmp_path, capsys):
