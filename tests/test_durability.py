@@ -6,6 +6,7 @@ RAG_CRASH_ROUNDS (default 4) sets how many kill/restart rounds run; `make soak` 
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import sqlite3
@@ -21,6 +22,7 @@ import pytest
 
 from engine.documents import Document
 from engine.pipeline import Engine
+from engine.store import meta_rows
 from server.client import RagClient
 from serverproc import free_port, start_server
 
@@ -39,7 +41,8 @@ def start(data_dir: Path, port: int) -> subprocess.Popen:
 
 
 def make_doc(rng: random.Random, name: str) -> dict:
-    return {"id": name, "text": f"{name}: " + " ".join(rng.choice(WORDS) for _ in range(60))}
+    return {"id": name, "text": f"{name}: " + " ".join(rng.choice(WORDS) for _ in range(60)),
+            "metadata": {"doc": name, "round": name.split("-")[0]}}
 
 
 def check_acknowledged(client: RagClient, acked: dict[str, str]) -> None:
@@ -58,6 +61,10 @@ def check_acknowledged(client: RagClient, acked: dict[str, str]) -> None:
     for doc_id, hits in zip(misses, results):
         assert doc_id in [h.doc_id for h in hits], f"acknowledged document {doc_id} lost"
     assert len(misses) <= max(3, len(ids) // 100), f"HNSW missed {len(misses)} of {len(ids)} own texts"
+    # and through the metadata index: a filter on a document's own metadata finds it (a sample)
+    for doc_id in random.Random(len(ids)).sample(ids, min(64, len(ids))):
+        hits = client.search("c", acked[doc_id], k=2, filter={"doc": doc_id})
+        assert [h.doc_id for h in hits] == [doc_id], f"acknowledged document {doc_id} missing from its filter"
 
 
 def check_consistent(data_dir: Path, config) -> None:
@@ -69,8 +76,13 @@ def check_consistent(data_dir: Path, config) -> None:
     db = sqlite3.connect(data_dir / "collections" / "c" / "store.sqlite")
     bad = db.execute("SELECT d.doc_id FROM documents d LEFT JOIN chunks c ON c.doc_id = d.doc_id "
                      "GROUP BY d.doc_id HAVING COUNT(c.key) != MAX(d.n_chunks)").fetchall()
+    # the metadata index holds exactly the stored documents' metadata
+    indexed = set(db.execute("SELECT field, value, doc_id FROM doc_meta").fetchall())
+    stored = {row for doc_id, meta in db.execute("SELECT doc_id, metadata FROM documents")
+              for row in meta_rows(doc_id, json.loads(meta))}
     db.close()
     assert not bad, f"half-written documents: {bad[:5]}"
+    assert indexed == stored, f"metadata index off by {len(indexed ^ stored)} rows"
     eng.close()
 
 
@@ -163,6 +175,7 @@ from pathlib import Path
 from engine.config import Config
 from engine.documents import Document
 from engine.pipeline import Engine
+from engine.store import meta_rows
 
 data, target = Path(sys.argv[1]), sys.argv[2]
 eng = Engine(Config(data_dir=data, threads=1))
