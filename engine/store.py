@@ -100,8 +100,10 @@ def ensure_meta_index(db: sqlite3.Connection) -> None:
     try:
         db.execute(META_INDEX_SCHEMA[0])
         db.execute(META_INDEX_SCHEMA[1])
-        for doc_id, metadata in db.execute("SELECT doc_id, metadata FROM documents").fetchall():
-            db.executemany("INSERT INTO doc_meta VALUES (?, ?, ?)", meta_rows(doc_id, json.loads(metadata)))
+        cur = db.execute("SELECT doc_id, metadata FROM documents")
+        while rows := cur.fetchmany(1000):  # a page at a time: never every document's metadata at once
+            db.executemany("INSERT INTO doc_meta VALUES (?, ?, ?)",
+                           [row for doc_id, metadata in rows for row in meta_rows(doc_id, json.loads(metadata))])
         db.execute("COMMIT")
     except BaseException:
         db.execute("ROLLBACK")
@@ -264,8 +266,18 @@ class Store:
         with self._lock:
             wanted = meta_rows("", filter)
             if self.meta_index and len(wanted) == len(filter):
-                docs = " INTERSECT ".join(["SELECT doc_id FROM doc_meta WHERE field = ? AND value = ?"] * len(wanted))
+                # the documents of the rarest (field, value), each looked up under the others
+                cap = max(limit or 0, 10_000) + 1
+                wanted.sort(key=lambda w: self._db.execute(
+                    "SELECT count(*) FROM (SELECT 1 FROM doc_meta WHERE field = ? AND value = ? LIMIT ?)",
+                    (w[0], w[1], cap)).fetchone()[0])
+                docs = "SELECT m.doc_id FROM doc_meta m WHERE m.field = ? AND m.value = ?" + "".join(
+                    " AND EXISTS (SELECT 1 FROM doc_meta o WHERE o.field = ? AND o.value = ? AND o.doc_id = m.doc_id)"
+                    for _ in wanted[1:])
                 params = [x for f, v, _ in wanted for x in (f, v)]
+                if limit is not None and self._db.execute(  # documents first: the index alone answers
+                        f"SELECT count(*) FROM ({docs} LIMIT ?)", [*params, limit + 1]).fetchone()[0] > limit:
+                    return None  # more documents than `limit` match, so more chunks do
                 rows = self._db.execute(f"SELECT key FROM chunks WHERE doc_id IN ({docs}) LIMIT ?",
                                         [*params, -1 if limit is None else limit + 1]).fetchall()
                 if limit is not None and len(rows) > limit:
