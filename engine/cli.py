@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("search", help="print the chunks nearest to a question")
     s.add_argument("query", nargs="?", help="the query (or use --batch)")
     s.add_argument("--collection", "-c", required=True)
-    add_filter_arg(s, "search")
+    add_filter_arg(s, "search only chunks of documents")
     s.add_argument("-k", type=int, default=5, help="number of results (default 5)")
     s.add_argument("--json", action="store_true", help="one JSON object per hit")
     s.add_argument("--mode", choices=SEARCH_MODES, default=None,
@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("ask", help="answer a question from a collection, streamed as it is generated")
     s.add_argument("question", nargs="?", help="the question (or use --batch)")
     s.add_argument("--collection", "-c", required=True)
-    add_filter_arg(s, "answer from")
+    add_filter_arg(s, "answer from only chunks of documents")
     s.add_argument("-k", type=int, default=None, help="chunks to retrieve (as many as fit are used)")
     s.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     s.add_argument("--batch", metavar="QUESTIONS.jsonl",
@@ -185,9 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("drop", help="delete a collection and everything in it")
     s.add_argument("name")
 
-    s = sub.add_parser("delete", help="delete documents by id")
-    s.add_argument("doc_ids", nargs="+")
+    s = sub.add_parser("delete", help="delete documents by id, or by metadata (--filter)")
+    s.add_argument("doc_ids", nargs="*")
     s.add_argument("--collection", "-c", required=True)
+    add_filter_arg(s, "delete every document")
     return p
 
 
@@ -272,8 +273,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"dropped {args.name}")
             return 0
         if args.command == "delete":
-            n = engine.delete_documents(args.collection, args.doc_ids)
-            print(f"deleted {n} of {len(args.doc_ids)} documents")
+            filt = parse_filter(args.filter)
+            if not args.doc_ids and not filt:
+                raise InvalidInput("give the ids of the documents to delete, or --filter FIELD=VALUE")
+            n = engine.delete_documents(args.collection, args.doc_ids, filter=filt)
+            print(f"deleted {n} documents matching the filter" if filt else
+                  f"deleted {n} of {len(args.doc_ids)} documents")
             return 0
         if args.command == "ingest":
             try:
@@ -487,9 +492,9 @@ def write_lines(path: str | None, lines) -> None:
     os.replace(tmp, path)
 
 
-def add_filter_arg(s: argparse.ArgumentParser, verb: str) -> None:
+def add_filter_arg(s: argparse.ArgumentParser, what: str) -> None:
     s.add_argument("--filter", action="append", default=[], metavar="FIELD=VALUE",
-                   help=f"{verb} only chunks of documents whose metadata FIELD equals VALUE (repeat: all must; "
+                   help=f"{what} whose metadata FIELD equals VALUE (repeat: all must; "
                         "non-string metadata compares as JSON, e.g. year=2020)")
 
 

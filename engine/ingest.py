@@ -177,12 +177,16 @@ def _batch(col: Collection, local: _Local, docs: list[Document | Prepared], repo
     report.chunks_removed += len(change.removed_keys)
 
 
-def delete(col: Collection, doc_ids) -> int:
-    """Delete documents by id; returns how many existed. Unknown ids are not an error."""
+def delete(col: Collection, doc_ids, filter: dict | None = None) -> int:
+    """Delete documents by id, or (`filter`) every document whose metadata matches, as the
+    write finds them; returns how many existed. Unknown ids are not an error."""
     if isinstance(doc_ids, str):
         raise InvalidInput("doc_ids must be a list of ids, not one string")
+    if filter and len(doc_ids):
+        raise InvalidInput("give document ids or a filter to delete by, not both")
     with col.write_lock:
-        present = [d for d in dict.fromkeys(doc_ids) if col.store.has_document(d)]
+        chosen = col.store.filter_documents(filter) if filter else dict.fromkeys(doc_ids)
+        present = [d for d in chosen if col.store.has_document(d)]
         if not present:
             return 0
         col.commit([], deletes=present)

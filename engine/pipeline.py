@@ -28,7 +28,7 @@ from .index import check_dtype
 from .errors import InvalidInput
 from .ingest import IngestReport, ProgressFn
 from .rag import Answer, Answerer, AnswerStart, Source
-from .search import MAX_QUERY_CHARS, Hit, Searcher, SearchResult, check_k, check_query, hit_to_json
+from .search import MAX_QUERY_CHARS, Hit, Searcher, SearchResult, check_filter, check_k, check_query, hit_to_json
 
 __all__ = ["Answer", "AnswerStart", "Collection", "CollectionInfo", "Engine", "Hit", "IngestReport",
            "MAX_QUERY_CHARS", "SearchResult", "Source", "hit_to_json"]
@@ -198,9 +198,10 @@ class Engine:
                      progress: ProgressFn | None = None) -> IngestReport:
         return self.ingest(name, iter_documents(paths, text_field=text_field), progress=progress)
 
-    def delete_documents(self, name: str, doc_ids: Sequence[str]) -> int:
-        """Delete documents by id; returns how many existed. Unknown ids are not an error."""
-        return ingestion.delete(self.collections.get(name, write=True), doc_ids)
+    def delete_documents(self, name: str, doc_ids: Sequence[str] = (), *, filter: dict | None = None) -> int:
+        """Delete documents by id, or every document whose metadata matches `filter` (as
+        search's; not both); returns how many existed. Unknown ids are not an error."""
+        return ingestion.delete(self.collections.get(name, write=True), doc_ids, check_filter(filter))
 
     def save(self) -> None:
         """Snapshot every open collection: store and index synced, write-ahead log emptied.

@@ -264,38 +264,61 @@ class Store:
         served by filtering an index search's candidates). Through the metadata index where
         it holds every value asked for; else by reading every document's metadata."""
         with self._lock:
-            wanted = meta_rows("", filter)
-            if self.meta_index and len(wanted) == len(filter):
-                # the documents of the rarest (field, value), each looked up under the others
-                cap = max(limit or 0, 10_000) + 1
-                wanted.sort(key=lambda w: self._db.execute(
-                    "SELECT count(*) FROM (SELECT 1 FROM doc_meta WHERE field = ? AND value = ? LIMIT ?)",
-                    (w[0], w[1], cap)).fetchone()[0])
-                docs = "SELECT m.doc_id FROM doc_meta m WHERE m.field = ? AND m.value = ?" + "".join(
-                    " AND EXISTS (SELECT 1 FROM doc_meta o WHERE o.field = ? AND o.value = ? AND o.doc_id = m.doc_id)"
-                    for _ in wanted[1:])
-                params = [x for f, v, _ in wanted for x in (f, v)]
+            docs = self._filter_sql(filter)
+            if docs is not None:
+                sql, params = docs
                 if limit is not None and self._db.execute(  # documents first: the index alone answers
-                        f"SELECT count(*) FROM ({docs} LIMIT ?)", [*params, limit + 1]).fetchone()[0] > limit:
+                        f"SELECT count(*) FROM ({sql} LIMIT ?)", [*params, limit + 1]).fetchone()[0] > limit:
                     return None  # more documents than `limit` match, so more chunks do
-                rows = self._db.execute(f"SELECT key FROM chunks WHERE doc_id IN ({docs}) LIMIT ?",
+                rows = self._db.execute(f"SELECT key FROM chunks WHERE doc_id IN ({sql}) LIMIT ?",
                                         [*params, -1 if limit is None else limit + 1]).fetchall()
                 if limit is not None and len(rows) > limit:
                     return None
             else:
-                found, n = [], 0
-                for doc_id, n_chunks, metadata in self._db.execute("SELECT doc_id, n_chunks, metadata FROM documents"):
-                    if matches(json.loads(metadata), filter):
-                        found.append(doc_id)
-                        n += n_chunks
-                        if limit is not None and n > limit:
-                            return None
+                found = self._filter_scan(filter, limit)
+                if found is None:
+                    return None
                 rows = []
                 for i in range(0, len(found), 500):
                     part = found[i:i + 500]
                     rows += self._db.execute(
                         f"SELECT key FROM chunks WHERE doc_id IN ({','.join('?' * len(part))})", part).fetchall()
         return np.sort(np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)))
+
+    def filter_documents(self, filter: dict) -> list[str]:
+        """Ids of every document whose metadata matches `filter` (as filter_keys)."""
+        with self._lock:
+            docs = self._filter_sql(filter)
+            if docs is None:
+                return self._filter_scan(filter, None)
+            return [r[0] for r in self._db.execute(*docs)]
+
+    def _filter_sql(self, filter: dict) -> tuple[str, list] | None:
+        """A query for the ids of the documents `filter` matches, through the metadata index:
+        the documents of its rarest (field, value), each looked up under the others; None
+        where the index does not hold every value asked for (null, long) or is missing."""
+        wanted = meta_rows("", filter)
+        if not self.meta_index or len(wanted) != len(filter):
+            return None
+        wanted.sort(key=lambda w: self._db.execute(
+            "SELECT count(*) FROM (SELECT 1 FROM doc_meta WHERE field = ? AND value = ? LIMIT 10001)",
+            (w[0], w[1])).fetchone()[0])
+        sql = "SELECT m.doc_id FROM doc_meta m WHERE m.field = ? AND m.value = ?" + "".join(
+            " AND EXISTS (SELECT 1 FROM doc_meta o WHERE o.field = ? AND o.value = ? AND o.doc_id = m.doc_id)"
+            for _ in wanted[1:])
+        return sql, [x for f, v, _ in wanted for x in (f, v)]
+
+    def _filter_scan(self, filter: dict, limit: int | None) -> list[str] | None:
+        """The documents `filter` matches, by reading every document's metadata; None as soon
+        as they hold more than `limit` chunks."""
+        found, n = [], 0
+        for doc_id, n_chunks, metadata in self._db.execute("SELECT doc_id, n_chunks, metadata FROM documents"):
+            if matches(json.loads(metadata), filter):
+                found.append(doc_id)
+                n += n_chunks
+                if limit is not None and n > limit:
+                    return None
+        return found
 
     def document_keys(self, doc_id: str) -> list[int]:
         with self._lock:

@@ -132,9 +132,9 @@ class RagClient:
                 yield pb.IngestStreamRequest(collection=collection if i == 0 else "", document=doc)
         return self.ingest_stub.IngestStream(requests(), **self._kw(timeout))
 
-    def delete(self, collection: str, ids: list[str]) -> int:
-        return self.ingest_stub.DeleteDocuments(pb.DeleteDocumentsRequest(collection=collection, ids=ids),
-                                                **self._kw()).deleted
+    def delete(self, collection: str, ids: list[str] = (), filter: dict | None = None) -> int:
+        req = pb.DeleteDocumentsRequest(collection=collection, ids=list(ids), filter=filter or {})
+        return self.ingest_stub.DeleteDocuments(req, **self._kw()).deleted
 
     def embed(self, texts: list[str]) -> list[list[float]]:
         return [list(v.values) for v in self.retrieve.Embed(pb.EmbedRequest(texts=texts), **self._kw()).vectors]

@@ -189,7 +189,7 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
 
     @guarded
     def DeleteDocuments(self, request, context):
-        n = self.engine.delete_documents(request.collection, list(request.ids))
+        n = self.engine.delete_documents(request.collection, list(request.ids), filter=dict(request.filter) or None)
         return pb.DeleteDocumentsResponse(deleted=n)
 
     # ------------------------------------------------------------------ retrieval

@@ -238,6 +238,12 @@ CASES = [
     case("describe-empty-name", describe(""), INVALID, "collection name"),
     case("drop-empty-name", drop(""), INVALID, "collection name"),
     case("delete-empty-collection", delete(""), INVALID, "collection name"),
+    case("delete-ids-and-filter", raw("DeleteDocuments", pb.DeleteDocumentsRequest(
+        collection="docs", ids=["tea.txt"], filter={"kind": "txt"}).SerializeToString()), INVALID,
+         "give document ids or a filter to delete by, not both"),
+    case("delete-filter-empty-field", raw("DeleteDocuments", pb.DeleteDocumentsRequest(
+        collection="docs", filter={"": "txt"}).SerializeToString()), INVALID,
+         "filter field names must be non-empty strings"),
     case("search-empty-collection", search(collection=""), INVALID, "collection name"),
     # --- not UTF-8, not text
     case("ingest-data-not-utf8", ingest(data_doc(b"caf\xe9 au lait")), OK, "not valid UTF-8 at byte 3"),

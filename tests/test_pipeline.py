@@ -325,3 +325,25 @@ def test_filter_finds_rare_matches_the_index_misses(engine, monkeypatch):
         rare = engine.search("c", question, k=3, filter={"team": "rare"}, mode=mode)
         assert [h.doc_id for h in rare] == ["lighthouse"], mode
     assert engine.search("c", question, k=3, filter={"team": "nobody"}) == []
+
+
+def test_delete_by_filter_removes_every_match_and_only_them(engine, config, tmp_path):
+    """Deleting by a metadata filter removes exactly the documents it matches (through the
+    metadata index, and by reading every document for a value the index does not hold), as
+    one logged write that a reopened engine still shows; ids and a filter together are
+    refused with nothing deleted."""
+    _teams_corpus(engine)
+    with pytest.raises(InvalidInput, match="not both"):
+        engine.delete_documents("c", ["tea0"], filter={"team": "a"})
+    assert engine.describe("c").documents == 301
+    assert engine.delete_documents("c", filter={"team": "rare"}) == 1
+    assert engine.delete_documents("c", filter={"team": "a", "n": "4"}) == 1
+    assert engine.delete_documents("c", filter={"team": "b", "n": None}) == 0  # every b has an n
+    assert engine.delete_documents("c", filter={"team": "b"}) == 150
+    left = {h.doc_id for h in engine.search("c", "green tea", k=1000, mode="exact")}
+    assert left == {f"tea{i}" for i in range(0, 300, 2)} - {"tea4"}
+    engine.close()
+    again = Engine(config.replace(data_dir=tmp_path / "data"), embedder=engine.embedder)
+    assert again.describe("c").documents == 149
+    assert again.search("c", "lighthouse keeper", k=3, filter={"team": "rare"}) == []
+    again.close()

@@ -99,6 +99,10 @@ def test_ingest_results_per_document(server):
     assert counts(client, "ing") == (2, 2)
     assert client.delete("ing", ["a", "missing"]) == 1
     assert counts(client, "ing") == (1, 1)
+    client.ingest("ing", [{"id": f"t{i}", "text": f"Tenant note {i} about kettles.", "metadata": {"tenant": str(i % 2)}}
+                          for i in range(4)])
+    assert client.delete("ing", filter={"tenant": "1"}) == 2  # t1 and t3
+    assert counts(client, "ing") == (3, 3) and client.delete("ing", filter={"tenant": "1"}) == 0
     client.drop_collection("ing")
 
 
