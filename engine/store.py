@@ -6,7 +6,8 @@ A collection lives in one folder:
   wal.log        the collection's write-ahead log (engine/wal.py)
   index.usearch  the HNSW index (engine/index.py), rebuilt from the two above if stale
   writer.lock    held by the one process that may write the collection (engine/lock.py)
-The store's FTS5 full-text index of chunk text lives in store.sqlite (engine/lexical.py).
+The store's FTS5 full-text index of chunk text lives in store.sqlite (engine/lexical.py),
+as does the metadata index (`doc_meta`) through which filters find their documents.
 
 Every change is one SQLite transaction that also records the log sequence number it
 applies (`applied_seq`). New vectors are written to rows past the committed `next_key`
