@@ -301,9 +301,10 @@ class Store:
         wanted = meta_rows("", filter)
         if not self.meta_index or len(wanted) != len(filter):
             return None
-        wanted.sort(key=lambda w: self._db.execute(
-            "SELECT count(*) FROM (SELECT 1 FROM doc_meta WHERE field = ? AND value = ? LIMIT 10001)",
-            (w[0], w[1])).fetchone()[0])
+        if len(wanted) > 1:  # one field needs no counting (a query each search would pay)
+            wanted.sort(key=lambda w: self._db.execute(
+                "SELECT count(*) FROM (SELECT 1 FROM doc_meta WHERE field = ? AND value = ? LIMIT 10001)",
+                (w[0], w[1])).fetchone()[0])
         sql = "SELECT m.doc_id FROM doc_meta m WHERE m.field = ? AND m.value = ?" + "".join(
             " AND EXISTS (SELECT 1 FROM doc_meta o WHERE o.field = ? AND o.value = ? AND o.doc_id = m.doc_id)"
             for _ in wanted[1:])
