@@ -19,6 +19,9 @@ Printed per system: mean hits per query (of k), the share of queries given fewer
 while k chunks matched, recall@k of the question's paragraph, queries/s over batches of
 --batch questions (embedding excluded: vectors embedded once and handed in), and the ratios
 ours / postfilter. One JSON line per system to bench-results/filtered_search.jsonl.
+--form says how the tenant filter is written: eq {"tenant": "t7"}; in {"tenant": {"$in":
+["t7", "nobody"]}}; range {"tenant": {"$gte": "t7", "$lte": "t7"}} (a text range holding one
+tenant); each matches the same chunks, through the metadata index's other lookups.
 
     .venv/bin/python benchmarks/filtered_search.py                       # ~1-2 min
     .venv/bin/python benchmarks/filtered_search.py --tenants 5,50,500 --questions 2000
@@ -39,6 +42,10 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import SQUAD, cpu_name, log_jsonl, squad_paragraphs  # noqa: E402
+
+from engine.filters import check_filter  # noqa: E402
+
+FORMS = {"eq": lambda t: t, "in": lambda t: {"$in": [t, "nobody"]}, "range": lambda t: {"$gte": t, "$lte": t}}
 
 
 def run(args: argparse.Namespace) -> None:
@@ -76,11 +83,11 @@ def run(args: argparse.Namespace) -> None:
                     print(f"tenants={tenants:4d} (a filter ~{np.mean(chunks):.0f} chunks) mode={mode:6s} "
                           f"{system:10s} hits/query {r['mean_hits']:.2f} of {args.k}  short {r['short_share']:.3f}  "
                           f"recall@{args.k} {r['recall']:.3f}  {r['qps']:.0f} q/s", flush=True)
-                    log_jsonl("filtered_search", {"system": system, "tenants": tenants, "mode": mode,
+                    log_jsonl("filtered_search", {"system": system, "tenants": tenants, "mode": mode, "form": args.form,
                                                   "k": args.k, "questions": len(asked),
                                                   "paragraphs": len(paragraphs), "cpu": cpu, **r})
                 ours, base = results["ours"], results["postfilter"]
-                print(f"  ours / postfilter: recall {ours['recall'] / max(base['recall'], 1e-9):.2f}x, "
+                print(f"  form {args.form}, ours / postfilter: recall {ours['recall'] / max(base['recall'], 1e-9):.2f}x, "
                       f"hits {ours['mean_hits'] / max(base['mean_hits'], 1e-9):.2f}x, "
                       f"speed {ours['qps'] / base['qps']:.2f}x", flush=True)
         engine.close()
@@ -96,7 +103,7 @@ def measure(searcher, col, asked, vectors, paragraphs, tenant_of, field, chunks,
         for j in part:
             by_tenant.setdefault(int(tenant_of[asked[j][1]]), []).append(j)
         for t, js in by_tenant.items():
-            filt = {field: f"t{t}"}
+            filt = check_filter({field: FORMS[args.form](f"t{t}")})
             qs, vs = [asked[j][0] for j in js], vectors[js]
             t0 = time.perf_counter()
             if system == "ours":
@@ -120,6 +127,7 @@ def main() -> None:
     ap.add_argument("--questions", type=int, default=2000, help="questions asked (a fixed random sample)")
     ap.add_argument("-k", type=int, default=5)
     ap.add_argument("--batch", type=int, default=64, help="questions per batch (grouped by tenant)")
+    ap.add_argument("--form", choices=sorted(FORMS), default="eq", help="how the tenant filter is written")
     run(ap.parse_args())
 
 

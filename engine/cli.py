@@ -494,18 +494,37 @@ def write_lines(path: str | None, lines) -> None:
 
 def add_filter_arg(s: argparse.ArgumentParser, what: str) -> None:
     s.add_argument("--filter", action="append", default=[], metavar="FIELD=VALUE",
-                   help=f"{what} whose metadata FIELD equals VALUE (repeat: all must; "
-                        "non-string metadata compares as JSON, e.g. year=2020)")
+                   help=f"{what} whose metadata FIELD equals VALUE; also FIELD!=VALUE, FIELD>=N, "
+                        "FIELD>N, FIELD<=N, FIELD<N (numbers numerically, other bounds as text: "
+                        "date>=2024-01-01). Repeat: every field's condition must hold; one field "
+                        "given =VALUE more than once matches any of them (lang=en --filter lang=fr). "
+                        "Non-string metadata compares as JSON, e.g. year=2020")
+
+
+CLI_FILTER_OPS = {"!=": "$nin", ">=": "$gte", "<=": "$lte", "=": "$in", ">": "$gt", "<": "$lt"}
 
 
 def parse_filter(items: list[str]) -> dict | None:
-    """`--filter FIELD=VALUE ...` as a metadata filter (values as strings, as gRPC sends them)."""
-    out = {}
+    """`--filter FIELD=VALUE ...` (and !=, >=, >, <=, <) as a metadata filter
+    (engine/filters.py; values as strings, as gRPC sends them)."""
+    out: dict = {}
     for item in items:
-        field, eq, value = item.partition("=")
-        if not eq or not field:
-            raise InvalidInput(f"--filter takes FIELD=VALUE, got {item!r}")
-        out[field] = value
+        at = next((i for i, ch in enumerate(item) if ch in "=!<>"), -1)
+        op = next((o for o in CLI_FILTER_OPS if item.startswith(o, at)), None) if at > 0 else None
+        if op is None:
+            raise InvalidInput(f"--filter takes FIELD=VALUE (or FIELD!=VALUE, FIELD>=VALUE, FIELD>VALUE, "
+                               f"FIELD<=VALUE, FIELD<VALUE), got {item!r}")
+        field, value, key = item[:at], item[at + len(op):], CLI_FILTER_OPS[op]
+        cond = out.setdefault(field, {})
+        if key in ("$in", "$nin"):
+            cond.setdefault(key, []).append(value)
+        elif key in cond:
+            raise InvalidInput(f"--filter gives {field}{op} twice ({cond[key]!r} and {value!r}); give each bound once")
+        else:
+            cond[key] = value
+    for cond in out.values():  # one value: equal to it
+        if len(cond.get("$in", ())) == 1:
+            cond["$eq"] = cond.pop("$in")[0]
     return out or None
 
 

@@ -28,7 +28,8 @@ from .index import check_dtype
 from .errors import InvalidInput
 from .ingest import IngestReport, ProgressFn
 from .rag import Answer, Answerer, AnswerStart, Source
-from .search import MAX_QUERY_CHARS, Hit, Searcher, SearchResult, check_filter, check_k, check_query, hit_to_json
+from .filters import check_filter
+from .search import MAX_QUERY_CHARS, Hit, Searcher, SearchResult, check_k, check_query, hit_to_json
 
 __all__ = ["Answer", "AnswerStart", "Collection", "CollectionInfo", "Engine", "Hit", "IngestReport",
            "MAX_QUERY_CHARS", "SearchResult", "Source", "hit_to_json"]

@@ -18,7 +18,8 @@ import numpy as np
 
 from .config import NO_ANSWER, Config
 from .errors import FailedPrecondition, InvalidInput, Overloaded
-from .search import Hit, Searcher, check_filter, check_k, check_queries
+from .filters import check_filter
+from .search import Hit, Searcher, check_k, check_queries
 from .support import Supporter, copied_header, degenerate, may_become_degenerate, source_label, without_header
 
 CITATION = re.compile(r"\[(\d{1,3})\]")

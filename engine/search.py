@@ -32,7 +32,7 @@ from . import kernels
 from .collection import Collection, Collections
 from .config import MAX_TOP_K, SEARCH_MODES, Config
 from .errors import FailedPrecondition, InvalidInput
-from .store import matches
+from .filters import check_filter, matches
 
 MAX_QUERY_CHARS = 64 * 1024
 FILTER_OVERFETCH = 10
@@ -99,15 +99,6 @@ def check_k(k) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_TOP_K:
         raise InvalidInput(f"k must be an integer in [1, {MAX_TOP_K}], got {k!r}")
     return int(k)
-
-
-def check_filter(filter) -> dict | None:
-    if filter is not None and not isinstance(filter, dict):
-        raise InvalidInput("filter must be a mapping of metadata field -> value")
-    for f in filter or ():
-        if not isinstance(f, str) or not f:
-            raise InvalidInput(f"filter field names must be non-empty strings, got {f!r}")
-    return filter or None
 
 
 EXACT_BLOCK_ROWS = 32768  # rows scored per matrix product in exact mode (~50 MB of f32 at dim 384)
@@ -195,8 +186,9 @@ class Searcher:
         """Top-k hits per query. `vectors`: the queries' embeddings, if the caller already has
         them (the micro-batcher embeds many requests at once); otherwise they are embedded here.
 
-        `filter`: metadata field -> value, all must be equal (values compare as strings,
-        JSON for non-strings: store.meta_str); the k best matches, however rare (see _rank).
+        `filter`: metadata field -> value or {operator: operand} (engine/filters.py: equal,
+        one of, not, ranges), every field's must hold; the k best matches, however rare
+        (see _rank).
         """
         k = check_k(k)
         mode = self.check_mode(mode)
@@ -209,6 +201,7 @@ class Searcher:
         """`search` on a collection `open` returned, with checked arguments (answers open the
         collection first, to check it is not empty, and do not open it twice)."""
         t0 = time.perf_counter_ns()
+        filter = check_filter(filter)  # canonical (idempotent): callers may hand in a filter as given
         if vectors is None:
             vectors = self._embedder().embed(queries)
         vectors = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InvalidInput, NotFound
+from .filters import META_INDEX_MAX_CHARS, RANGE_OPS, check_filter, matches, meta_rows
 from .lexical import LexicalIndex, ensure_fts, has_fts
 from .vectors import VectorFile
 
@@ -59,52 +60,54 @@ CREATE TABLE IF NOT EXISTS chunks (
 CREATE INDEX IF NOT EXISTS chunks_doc ON chunks(doc_id);
 """
 # The metadata index: one row per (field, value, document), values as filters compare them
-# (meta_str), so a filter finds its documents without reading the others' metadata.
+# (engine/filters.py meta_str) and, where they read as numbers, as numbers (for ranges), so a
+# filter finds its documents without reading the others' metadata; and which documents have
+# a value too long for it, per field.
 META_INDEX_SCHEMA = (
     "CREATE TABLE IF NOT EXISTS doc_meta (field TEXT NOT NULL, value TEXT NOT NULL, doc_id TEXT NOT NULL, "
-    "PRIMARY KEY (field, value, doc_id)) WITHOUT ROWID",
+    "num REAL, PRIMARY KEY (field, value, doc_id)) WITHOUT ROWID",
     "CREATE INDEX IF NOT EXISTS doc_meta_doc ON doc_meta(doc_id)",
+    "CREATE INDEX IF NOT EXISTS doc_meta_num ON doc_meta(field, num) WHERE num IS NOT NULL",
+    "CREATE TABLE IF NOT EXISTS doc_meta_long (field TEXT NOT NULL, doc_id TEXT NOT NULL, "
+    "PRIMARY KEY (field, doc_id)) WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS doc_meta_long_doc ON doc_meta_long(doc_id)",
 )
-# Longer values are left out of the index (a filter on one reads every document's metadata).
-META_INDEX_MAX_CHARS = 256
 
 
-def meta_str(v) -> str | None:
-    """How a metadata value compares in a filter: as a string, JSON for non-strings (as the
-    gRPC API sends values); None for a missing or null one."""
-    if v is None or isinstance(v, str):
-        return v
-    return json.dumps(v, sort_keys=True, ensure_ascii=False)
+RANGE_SQL = {"$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
 
 
-def matches(metadata: dict, filter: dict) -> bool:
-    """Whether a document's metadata has every filter field equal to its value (meta_str)."""
-    return all(meta_str(metadata.get(f)) == meta_str(v) for f, v in filter.items())
+def _alias(terms: str, alias: str) -> str:
+    return terms.replace("x.", f"{alias}.")
 
 
-def meta_rows(doc_id: str, metadata: dict) -> list[tuple[str, str, str]]:
-    """A document's rows in the metadata index: (field, meta_str value, doc_id) for every
-    top-level field whose value is not null and, as a string, at most META_INDEX_MAX_CHARS."""
-    out = []
-    for f, v in metadata.items():
-        s = meta_str(v)
-        if s is not None and len(s) <= META_INDEX_MAX_CHARS:
-            out.append((f, s, doc_id))
-    return out
+def has_meta_index(db: sqlite3.Connection) -> bool:
+    """Whether the store has the metadata index as this version writes it."""
+    return ("num" in {r[1] for r in db.execute("PRAGMA table_info(doc_meta)")} and
+            db.execute("SELECT 1 FROM sqlite_master WHERE name = 'doc_meta_long'").fetchone() is not None)
+
+
+def insert_meta(db: sqlite3.Connection, doc_id: str, metadata: dict) -> None:
+    rows, long = meta_rows(doc_id, metadata)
+    db.executemany("INSERT INTO doc_meta VALUES (?, ?, ?, ?)", rows)
+    db.executemany("INSERT INTO doc_meta_long VALUES (?, ?)", long)
 
 
 def ensure_meta_index(db: sqlite3.Connection) -> None:
-    """Create the metadata index if missing (older stores: built from the documents once)."""
-    if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'doc_meta'").fetchone() is not None:
+    """Create the metadata index if missing (older stores, and those whose index predates
+    ranges: built from the documents once)."""
+    if has_meta_index(db):
         return
     db.execute("BEGIN IMMEDIATE")
     try:
-        db.execute(META_INDEX_SCHEMA[0])
-        db.execute(META_INDEX_SCHEMA[1])
+        db.execute("DROP TABLE IF EXISTS doc_meta")  # an index without numbers: rebuilt whole
+        db.execute("DROP TABLE IF EXISTS doc_meta_long")
+        for sql in META_INDEX_SCHEMA:
+            db.execute(sql)
         cur = db.execute("SELECT doc_id, metadata FROM documents")
         while rows := cur.fetchmany(1000):  # a page at a time: never every document's metadata at once
-            db.executemany("INSERT INTO doc_meta VALUES (?, ?, ?)",
-                           [row for doc_id, metadata in rows for row in meta_rows(doc_id, json.loads(metadata))])
+            for doc_id, metadata in rows:
+                insert_meta(db, doc_id, json.loads(metadata))
         db.execute("COMMIT")
     except BaseException:
         db.execute("ROLLBACK")
@@ -178,8 +181,7 @@ class Store:
         self.vector_file = VectorFile(self.folder, self.dim, read_only=read_only)
         self._n_chunks = int(self._db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0])
         self.fts = LexicalIndex(db, lambda: self._n_chunks, enabled=self.lexical)
-        self.meta_index = self._db.execute(
-            "SELECT 1 FROM sqlite_master WHERE name = 'doc_meta'").fetchone() is not None
+        self.meta_index = has_meta_index(self._db)
 
     # ------------------------------------------------------------------ creation
     @staticmethod
@@ -263,7 +265,9 @@ class Store:
         """Keys (ascending) of the chunks of every document whose metadata matches `filter`
         (`matches`); None if more than `limit` chunks match (a filter that common is better
         served by filtering an index search's candidates). Through the metadata index where
-        it holds every value asked for; else by reading every document's metadata."""
+        it holds every value asked for; else by reading every document's metadata. `filter`
+        as engine/filters.py check_filter takes it."""
+        filter = check_filter(filter) or {}
         with self._lock:
             docs = self._filter_sql(filter)
             if docs is not None:
@@ -288,6 +292,7 @@ class Store:
 
     def filter_documents(self, filter: dict) -> list[str]:
         """Ids of every document whose metadata matches `filter` (as filter_keys)."""
+        filter = check_filter(filter) or {}
         with self._lock:
             docs = self._filter_sql(filter)
             if docs is None:
@@ -295,20 +300,62 @@ class Store:
             return [r[0] for r in self._db.execute(*docs)]
 
     def _filter_sql(self, filter: dict) -> tuple[str, list] | None:
-        """A query for the ids of the documents `filter` matches, through the metadata index:
-        the documents of its rarest (field, value), each looked up under the others; None
-        where the index does not hold every value asked for (null, long) or is missing."""
-        wanted = meta_rows("", filter)
-        if not self.meta_index or len(wanted) != len(filter):
+        """A query for the ids of the documents a canonical `filter` matches, through the
+        metadata index: the documents of its rarest field's condition (equal, one of, a
+        range), each checked under the other fields' and against the values a field must
+        not have; every document, so checked, where no field names a value it must have.
+        None where the index cannot answer exactly: a value asked for is null or too long
+        for it, a text range on a field some document's value was too long for, or the
+        store has no such index."""
+        if not self.meta_index:
             return None
+        wanted, unwanted = [], []  # (field, SQL terms on a doc_meta alias "x", params)
+        for field, cond in filter.items():
+            values = [cond[op] for op in ("$eq", "$ne") if op in cond] + [
+                v for op in ("$in", "$nin") for v in cond.get(op, ())]
+            if any(v is None or len(v) > META_INDEX_MAX_CHARS for v in values):
+                return None
+            text_range = any(isinstance(cond[op], str) for op in RANGE_OPS if op in cond)
+            if text_range and self._db.execute(
+                    "SELECT 1 FROM doc_meta_long WHERE field = ? LIMIT 1", (field,)).fetchone():
+                return None
+            terms, params = [], []
+            if "$eq" in cond:
+                terms.append("x.value = ?")
+                params.append(cond["$eq"])
+            if "$in" in cond:
+                terms.append(f"x.value IN ({','.join('?' * len(cond['$in']))})")
+                params += cond["$in"]
+            for op, sql_op in RANGE_SQL.items():
+                if op in cond:
+                    terms.append(f"x.{'num' if isinstance(cond[op], float) else 'value'} {sql_op} ?")
+                    params.append(cond[op])
+            if text_range:
+                terms.append("x.num IS NULL")  # text compares with the values that are not numbers
+            if terms:
+                wanted.append((field, " AND ".join(terms), params))
+            banned = ([cond["$ne"]] if "$ne" in cond else []) + list(cond.get("$nin", ()))
+            if banned:
+                unwanted.append((field, f"x.value IN ({','.join('?' * len(banned))})", banned))
         if len(wanted) > 1:  # one field needs no counting (a query each search would pay)
             wanted.sort(key=lambda w: self._db.execute(
-                "SELECT count(*) FROM (SELECT 1 FROM doc_meta WHERE field = ? AND value = ? LIMIT 10001)",
-                (w[0], w[1])).fetchone()[0])
-        sql = "SELECT m.doc_id FROM doc_meta m WHERE m.field = ? AND m.value = ?" + "".join(
-            " AND EXISTS (SELECT 1 FROM doc_meta o WHERE o.field = ? AND o.value = ? AND o.doc_id = m.doc_id)"
-            for _ in wanted[1:])
-        return sql, [x for f, v, _ in wanted for x in (f, v)]
+                f"SELECT count(*) FROM (SELECT 1 FROM doc_meta x WHERE x.field = ? AND {w[1]} LIMIT 10001)",
+                [w[0], *w[2]]).fetchone()[0])
+        if wanted:
+            field, terms, params = wanted[0]
+            sql, ref, args = f"SELECT m.doc_id FROM doc_meta m WHERE m.field = ? AND {_alias(terms, 'm')}", \
+                "m.doc_id", [field, *params]
+        else:
+            sql, ref, args = "SELECT d.doc_id FROM documents d WHERE 1", "d.doc_id", []
+        for i, (field, terms, params) in enumerate(wanted[1:]):
+            sql += (f" AND EXISTS (SELECT 1 FROM doc_meta o{i} WHERE o{i}.field = ? AND {_alias(terms, f'o{i}')}"
+                    f" AND o{i}.doc_id = {ref})")
+            args += [field, *params]
+        for i, (field, terms, params) in enumerate(unwanted):
+            sql += (f" AND NOT EXISTS (SELECT 1 FROM doc_meta n{i} WHERE n{i}.field = ? AND "
+                    f"{_alias(terms, f'n{i}')} AND n{i}.doc_id = {ref})")
+            args += [field, *params]
+        return sql, args
 
     def _filter_scan(self, filter: dict, limit: int | None) -> list[str] | None:
         """The documents `filter` matches, by reading every document's metadata; None as soon
@@ -400,6 +447,7 @@ class Store:
                     removed.extend(r[0] for r in db.execute("SELECT key FROM chunks WHERE doc_id = ?", (doc_id,)))
                     db.execute("DELETE FROM chunks WHERE doc_id = ?", (doc_id,))
                     db.execute("DELETE FROM doc_meta WHERE doc_id = ?", (doc_id,))
+                    db.execute("DELETE FROM doc_meta_long WHERE doc_id = ?", (doc_id,))
                     db.execute("DELETE FROM documents WHERE doc_id = ?", (doc_id,))
                 key = first
                 for rec in upserts:
@@ -407,7 +455,7 @@ class Store:
                                (rec.doc_id, rec.source, rec.content_hash,
                                 json.dumps(rec.metadata, sort_keys=True, ensure_ascii=False),
                                 rec.n_chars, len(rec.chunks), now))
-                    db.executemany("INSERT INTO doc_meta VALUES (?, ?, ?)", meta_rows(rec.doc_id, rec.metadata))
+                    insert_meta(db, rec.doc_id, rec.metadata)
                     db.executemany("INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?)",
                                    [(key + i, rec.doc_id, c.ordinal, c.start, c.end, c.n_tokens, c.text)
                                     for i, c in enumerate(rec.chunks)])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import json
 import threading
 import time
 
@@ -111,7 +112,7 @@ class MicroBatcher:
             if item[0] == "embed":
                 fut.set_result((vectors[rows[i]], start - batch[i][2], embed_ns))
             else:
-                key = (item[1], tuple(sorted((item[4] or {}).items())), item[5])
+                key = (item[1], json.dumps(item[4] or {}, sort_keys=True), item[5])  # filters hold lists
                 groups[key].append(i)
         for (collection, filt, mode), members in groups.items():
             k = max(batch[i][0][3] for i in members)
@@ -119,7 +120,7 @@ class MicroBatcher:
             try:
                 q = np.stack([vectors[rows[i][0]] for i in members])
                 results = self.engine.searcher.search(collection, [batch[i][0][2] for i in members], k,
-                                                      filter=dict(filt) or None, mode=mode, vectors=q).hits
+                                                      filter=json.loads(filt) or None, mode=mode, vectors=q).hits
             except BaseException as e:  # noqa: BLE001
                 for i in members:
                     batch[i][1].set_exception(e)

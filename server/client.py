@@ -9,6 +9,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import grpc
 
 from engine.errors import InvalidInput
+from engine.filters import RANGE_OPS, check_filter, meta_str
 
 from .stubs import pb, rpc
 
@@ -59,6 +60,28 @@ def channel_target(address: str | Sequence[str]) -> str:
 def _has_scheme(address: str) -> bool:
     return address.split(",", 1)[0].startswith(("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:"))
 
+
+
+def filter_pb(filter: dict | None) -> dict:
+    """A metadata filter as engine/filters.py takes it -> a request's `filter` (equalities)
+    and `where` (FieldCondition) fields; checked here first, so a bad one fails as the
+    server would fail it."""
+    plain, where = {}, []
+    for field, cond in (check_filter(filter) or {}).items():
+        if any(v is None for op in ("$eq", "$ne") if op in cond for v in [cond[op]]) or any(
+                v is None for op in ("$in", "$nin") for v in cond.get(op, ())):
+            raise InvalidInput(f"filter field {field!r}: null (a missing field) cannot be sent over gRPC; "
+                               "filter on a value, or $ne / $nin another")
+        c = pb.FieldCondition(field=field, any_of=cond.get("$in", ()),
+                              none_of=[*cond.get("$nin", ()), *([cond["$ne"]] if "$ne" in cond else [])])
+        for op in RANGE_OPS:
+            if op in cond:
+                setattr(c, op[1:], meta_str(cond[op]))
+        if "$eq" in cond:
+            plain[field] = cond["$eq"]
+        if len(cond) > ("$eq" in cond):
+            where.append(c)
+    return {"filter": plain, "where": where}
 
 class RagClient:
     """Thin typed wrapper over the generated stubs. Errors surface as grpc.RpcError.
@@ -133,7 +156,7 @@ class RagClient:
         return self.ingest_stub.IngestStream(requests(), **self._kw(timeout))
 
     def delete(self, collection: str, ids: list[str] = (), filter: dict | None = None) -> int:
-        req = pb.DeleteDocumentsRequest(collection=collection, ids=list(ids), filter=filter or {})
+        req = pb.DeleteDocumentsRequest(collection=collection, ids=list(ids), **filter_pb(filter))
         return self.ingest_stub.DeleteDocuments(req, **self._kw()).deleted
 
     def embed(self, texts: list[str]) -> list[list[float]]:
@@ -141,29 +164,28 @@ class RagClient:
 
     def search(self, collection: str, query: str, k: int = 5, filter: dict | None = None,
                timeout: float | None = None, mode: str | None = None) -> list:
-        req = pb.SearchRequest(collection=collection, query=query, top_k=k, filter=filter or {},
-                               mode=MODES[mode])
+        req = pb.SearchRequest(collection=collection, query=query, top_k=k, mode=MODES[mode], **filter_pb(filter))
         return list(self.retrieve.Search(req, **self._kw(timeout)).hits)
 
     def search_batch(self, collection: str, queries: list[str], k: int = 5, filter: dict | None = None,
                      mode: str | None = None) -> list:
-        req = pb.SearchBatchRequest(collection=collection, queries=queries, top_k=k, filter=filter or {},
-                                    mode=MODES[mode])
+        req = pb.SearchBatchRequest(collection=collection, queries=queries, top_k=k, mode=MODES[mode],
+                                    **filter_pb(filter))
         return [list(r.hits) for r in self.retrieve.SearchBatch(req, **self._kw()).results]
 
     def answer(self, collection: str, question: str, *, k: int | None = None, timeout: float | None = None,
                filter: dict | None = None, **options) -> Iterator["pb.AnswerResponse"]:
         """Streams AnswerResponse messages: sources, then deltas, then done. Cancel with .cancel()."""
-        req = pb.AnswerRequest(collection=collection, question=question, filter=filter or {},
-                               options=pb.GenerationOptions(**options))
+        req = pb.AnswerRequest(collection=collection, question=question, options=pb.GenerationOptions(**options),
+                               **filter_pb(filter))
         if k is not None:
             req.top_k = k
         return self.answers.Answer(req, **self._kw(timeout))
 
     def answer_batch(self, collection: str, questions: list[str], *, k: int | None = None,
                      filter: dict | None = None, **options):
-        req = pb.AnswerBatchRequest(collection=collection, questions=questions, filter=filter or {},
-                                    options=pb.GenerationOptions(**options))
+        req = pb.AnswerBatchRequest(collection=collection, questions=questions,
+                                    options=pb.GenerationOptions(**options), **filter_pb(filter))
         if k is not None:
             req.top_k = k
         return list(self.answers.AnswerBatch(req, **self._kw()).answers)

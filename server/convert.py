@@ -10,6 +10,7 @@ import json
 
 from engine.config import MAX_TOP_K
 from engine.errors import InvalidInput
+from engine.filters import RANGE_OPS
 from engine.generate import SamplingParams
 
 from .stubs import pb
@@ -35,6 +36,30 @@ def check_top_k(k: int) -> int:
     if not 1 <= k <= MAX_TOP_K:
         raise InvalidInput(f"top_k must be in [1, {MAX_TOP_K}], got {k}")
     return k
+
+
+def request_filter(request) -> dict | None:
+    """A request's `filter` (equalities) and `where` (FieldCondition) as one metadata filter
+    for the engine (engine/filters.py), which checks the rest."""
+    out: dict = dict(request.filter)
+    for c in request.where:
+        if not c.field:
+            raise InvalidInput("where: every condition needs a field name")
+        ops = {op: getattr(c, op[1:]) for op in RANGE_OPS if c.HasField(op[1:])}
+        if c.any_of:
+            ops["$in"] = list(c.any_of)
+        if c.none_of:
+            ops["$nin"] = list(c.none_of)
+        if not ops:
+            raise InvalidInput(f"where: the condition on {c.field!r} sets nothing; set any_of, none_of "
+                               "or a bound (gt, gte, lt, lte)")
+        have = out.get(c.field, {})
+        have = have if isinstance(have, dict) else {"$eq": have}
+        if twice := sorted(set(have) & set(ops)):
+            raise InvalidInput(f"where: field {c.field!r} gets {twice[0].lstrip('$')} from two conditions; "
+                               "give each part once")
+        out[c.field] = {**have, **ops}
+    return out or None
 
 
 def meta_str(v) -> str:

@@ -21,8 +21,8 @@ from engine.plan import cpu_key
 from engine.rag import Answer, AnswerStart
 from engine.search import MAX_QUERY_CHARS
 
-from .convert import (PB_TO_DTYPE, STATUS_TO_PB, answer_done_pb, check_top_k, hit_pb, info_pb, sampling_params,
-                      search_mode, sources_pb)
+from .convert import (PB_TO_DTYPE, STATUS_TO_PB, answer_done_pb, check_top_k, hit_pb, info_pb, request_filter,
+                      sampling_params, search_mode, sources_pb)
 from .errors import abort
 from .stubs import pb, rpc
 
@@ -189,7 +189,7 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
 
     @guarded
     def DeleteDocuments(self, request, context):
-        n = self.engine.delete_documents(request.collection, list(request.ids), filter=dict(request.filter) or None)
+        n = self.engine.delete_documents(request.collection, list(request.ids), filter=request_filter(request))
         return pb.DeleteDocumentsResponse(deleted=n)
 
     # ------------------------------------------------------------------ retrieval
@@ -216,7 +216,7 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
     def Search(self, request, context):
         t0 = time.perf_counter_ns()
         hits, queue_ns, embed_ns, search_ns = self.batcher.search(
-            request.collection, request.query, check_top_k(request.top_k), dict(request.filter) or None,
+            request.collection, request.query, check_top_k(request.top_k), request_filter(request),
             search_mode(request.mode))
         return pb.SearchResponse(hits=[hit_pb(h) for h in hits],
                                  timings=pb.Timings(queue_time_ns=max(queue_ns, 0), embed_time_ns=embed_ns,
@@ -229,7 +229,7 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
         self._check_batch(len(queries), "queries")
         t0 = time.perf_counter_ns()
         found = self.engine.searcher.search(request.collection, queries, check_top_k(request.top_k),
-                                            filter=dict(request.filter) or None, mode=search_mode(request.mode))
+                                            filter=request_filter(request), mode=search_mode(request.mode))
         return pb.SearchBatchResponse(results=[pb.HitList(hits=[hit_pb(h) for h in hits]) for hits in found.hits],
                                       timings=pb.Timings(embed_time_ns=found.embed_ns, search_time_ns=found.search_ns,
                                                          total_time_ns=time.perf_counter_ns() - t0))
@@ -246,7 +246,7 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
         # The scheduler (engine/scheduler.py) batches this answer with every other one; it
         # leaves the batch at the next step once the client cancels or the deadline passes.
         stream = self.engine.answer_stream(request.collection, request.question, k=k, params=params,
-                                           filter=dict(request.filter) or None,
+                                           filter=request_filter(request),
                                            cancelled=lambda: not context.is_active(), deadline=deadline)
         try:
             for ev in stream:
@@ -275,7 +275,7 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
         k = check_top_k(request.top_k) if request.HasField("top_k") else None
         t0 = time.perf_counter_ns()
         answers = self.engine.answer_batch(request.collection, questions, k=k, params=params,
-                                           filter=dict(request.filter) or None)
+                                           filter=request_filter(request))
         total = time.perf_counter_ns() - t0
         if self.metrics:
             for a in answers:

@@ -320,6 +320,26 @@ CASES = [
                                       + b"\x18" + NEG_ONE), INVALID, "top_k .* got 4294967295"),
     case("search-filter-empty-field", search(filter={"": "md"}), INVALID,
          "filter field names must be non-empty strings, got ''"),
+    case("search-where-no-field", search(where=[pb.FieldCondition(any_of=["md"])]), INVALID,
+         "where: every condition needs a field name"),
+    case("search-where-sets-nothing", search(where=[pb.FieldCondition(field="kind")]), INVALID,
+         "the condition on 'kind' sets nothing; set any_of, none_of or a bound"),
+    case("search-where-mixed-bounds", search(where=[pb.FieldCondition(field="n", gt="1", lt="z")]), INVALID,
+         "range bounds must all be numbers or all text"),
+    case("search-where-twice", search(filter={"kind": "md"}, where=[
+        pb.FieldCondition(field="kind", gte="a"), pb.FieldCondition(field="kind", gte="b")]), INVALID,
+         "field 'kind' gets gte from two conditions"),
+    case("search-where-empty-field", search(where=[pb.FieldCondition(field="", gt="1")]), INVALID,
+         "every condition needs a field name"),
+    case("delete-where-sets-nothing", raw("DeleteDocuments", pb.DeleteDocumentsRequest(
+        collection="docs", where=[pb.FieldCondition(field="kind")]).SerializeToString()), INVALID,
+         "sets nothing"),
+    case("delete-ids-and-where", raw("DeleteDocuments", pb.DeleteDocumentsRequest(
+        collection="docs", ids=["tea.txt"], where=[pb.FieldCondition(field="kind", any_of=["txt"])])
+        .SerializeToString()), INVALID, "give document ids or a filter to delete by, not both"),
+    case("answer-where-mixed-bounds", raw("Answer", pb.AnswerRequest(
+        collection="docs", question="tea?", where=[pb.FieldCondition(field="n", gte="2020", lte="x")])
+        .SerializeToString()), INVALID, "range bounds must all be numbers or all text"),
     case("searchbatch-top-k-zero", search_batch(["tea"], top_k=0), INVALID, "top_k"),
     case("searchbatch-top-k-huge", search_batch(["tea"], top_k=5000), INVALID, "top_k .* got 5000"),
     case("answer-top-k-zero", answer(top_k=0), INVALID, "top_k .* got 0"),

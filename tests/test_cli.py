@@ -54,6 +54,12 @@ def test_search_json_collections_delete_drop(tmp_path, capsys):
     assert code == 0 and len(hits) == 3 and all(h["metadata"]["kind"] == "planet" for h in hits)
     code, out, _ = rag(capsys, *d, "search", "Olympus Mons", "-c", "c", "--filter", "kind=nothing")
     assert code == 0 and "no results (no chunk matches the filter)" in out
+    code, out, _ = rag(capsys, *d, "search", "Olympus Mons", "-c", "c", "-k", "8", "--json", "--filter", "kind!=planet")
+    hits = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and hits and all(h["metadata"].get("kind") != "planet" for h in hits)
+    code, out, _ = rag(capsys, *d, "search", "Olympus Mons", "-c", "c", "-k", "8", "--json",
+                       "--filter", "kind=planet", "--filter", "kind=nothing", "--filter", "kind>=a")
+    assert code == 0 and len(out.splitlines()) == 4  # any of planet, nothing: the 4 planets
     code, out, _ = rag(capsys, *d, "delete", "-c", "c", "--filter", "kind=planet")
     assert code == 0 and "deleted 4 documents matching the filter" in out
     code, out, _ = rag(capsys, *d, "search", "Olympus Mons", "-c", "c", "--filter", "kind=planet")
@@ -74,8 +80,10 @@ def test_search_json_collections_delete_drop(tmp_path, capsys):
     (["search", "q", "-c", "missing"], "collection 'missing' does not exist"),
     (["search", "", "-c", "c"], "query is empty"),
     (["search", "q", "-c", "c", "-k", "0"], "k must be an integer in [1, 1000]"),
-    (["search", "q", "-c", "c", "--filter", "kind"], "--filter takes FIELD=VALUE, got 'kind'"),
-    (["search", "q", "-c", "c", "--filter", "=md"], "--filter takes FIELD=VALUE, got '=md'"),
+    (["search", "q", "-c", "c", "--filter", "kind"], "--filter takes FIELD=VALUE (or FIELD!=VALUE, FIELD>=VALUE, FIELD>VALUE, FIELD<=VALUE, FIELD<VALUE), got 'kind'"),
+    (["search", "q", "-c", "c", "--filter", "=md"], "--filter takes FIELD=VALUE (or FIELD!=VALUE"),
+    (["search", "q", "-c", "c", "--filter", "n>1", "--filter", "n>2"], "--filter gives n> twice ('1' and '2')"),
+    (["search", "q", "-c", "c", "--filter", "n>1", "--filter", "n<z"], "range bounds must all be numbers or all text"),
     (["delete", "-c", "c"], "give the ids of the documents to delete, or --filter FIELD=VALUE"),
     (["delete", "-c", "c", "x", "--filter", "kind=md"], "give document ids or a filter to delete by, not both"),
     (["create", "c"], "already exists"),

@@ -22,7 +22,7 @@ import pytest
 
 from engine.documents import Document
 from engine.pipeline import Engine
-from engine.store import meta_rows
+from engine.filters import meta_rows
 from server.client import RagClient
 from serverproc import free_port, start_server
 
@@ -77,12 +77,15 @@ def check_consistent(data_dir: Path, config) -> None:
     bad = db.execute("SELECT d.doc_id FROM documents d LEFT JOIN chunks c ON c.doc_id = d.doc_id "
                      "GROUP BY d.doc_id HAVING COUNT(c.key) != MAX(d.n_chunks)").fetchall()
     # the metadata index holds exactly the stored documents' metadata
-    indexed = set(db.execute("SELECT field, value, doc_id FROM doc_meta").fetchall())
-    stored = {row for doc_id, meta in db.execute("SELECT doc_id, metadata FROM documents")
-              for row in meta_rows(doc_id, json.loads(meta))}
+    indexed = (set(db.execute("SELECT field, value, doc_id, num FROM doc_meta").fetchall()),
+               set(db.execute("SELECT field, doc_id FROM doc_meta_long").fetchall()))
+    stored = set(), set()
+    for doc_id, meta in db.execute("SELECT doc_id, metadata FROM documents"):
+        for have, rows in zip(stored, meta_rows(doc_id, json.loads(meta))):
+            have.update(rows)
     db.close()
     assert not bad, f"half-written documents: {bad[:5]}"
-    assert indexed == stored, f"metadata index off by {len(indexed ^ stored)} rows"
+    assert indexed == stored, f"metadata index off by {len(indexed[0] ^ stored[0]) + len(indexed[1] ^ stored[1])} rows"
     eng.close()
 
 
@@ -175,7 +178,6 @@ from pathlib import Path
 from engine.config import Config
 from engine.documents import Document
 from engine.pipeline import Engine
-from engine.store import meta_rows
 
 data, target = Path(sys.argv[1]), sys.argv[2]
 eng = Engine(Config(data_dir=data, threads=1))

@@ -224,8 +224,10 @@ class Load:
         matches: scored exactly, so always found, first), or on its writer's (common: every
         hit its writer's)."""
         mode = rng.choice(("dense", "hybrid"))
-        own = client.search("docs", query, k=3, mode=mode, filter={"doc": doc_id})
         writer = doc_id.split("-")[1]
+        own = client.search("docs", query, k=3, mode=mode, filter=rng.choice((
+            {"doc": doc_id},  # or the same through one-of and a numeric range
+            {"doc": {"$in": [doc_id, "no-such-doc"]}, "writer": {"$gte": writer, "$lt": int(writer) + 0.5}})))
         common = client.search("docs", query, k=5, mode=mode, filter={"writer": writer})
         with self.lock:
             self.searches += 2

@@ -327,6 +327,38 @@ def test_filter_finds_rare_matches_the_index_misses(engine, monkeypatch):
     assert engine.search("c", question, k=3, filter={"team": "nobody"}) == []
 
 
+def test_range_any_of_and_not_filters_rank_exactly_their_matches(engine, monkeypatch):
+    """Ranges, one-of and not-equal filters find the same documents as the Python reference
+    (engine/filters.py matches), and dense/exact hits are the exact best of those, whether a
+    filter is rare (its matches scored) or common (the index's candidates, then the matches)."""
+    from engine import search as search_mod
+    from engine.filters import check_filter, matches
+    _teams_corpus(engine)
+    col = engine.searcher.open("c")
+    question = "What temperature should green tea be brewed at?"
+    q = engine.embedder.embed([question])[0]
+    rows = col.store.chunks(col.store.keys())
+    filters = [{"n": {"$gte": 100, "$lt": 110}}, {"n": {"$gt": "297.5"}}, {"team": {"$in": ["rare", "b"]}, "n": {"$lte": 7}},
+               {"team": {"$ne": "a"}}, {"team": {"$nin": ["a", "b"]}}, {"n": {"$gte": 10}, "team": "a"}]
+    for common in (False, True):
+        if common:
+            monkeypatch.setattr(search_mod, "PREFILTER_MAX_CHUNKS", 0)
+        for f in filters:
+            keys = np.array(sorted(k for k, r in rows.items() if matches(r.metadata, check_filter(f))), np.int64)
+            assert col.store.filter_keys(f).tolist() == keys.tolist(), f
+            sims = col.store.vectors()[keys] @ q
+            want = keys[np.argsort(-sims, kind="stable")][:5].tolist()
+            for mode in ("dense", "exact"):
+                assert [h.key for h in engine.search("c", question, k=5, filter=f, mode=mode)] == want, (f, mode)
+            hybrid = engine.search("c", question, k=5, filter=f)
+            assert len(hybrid) == min(5, len(keys)) and set(h.key for h in hybrid) <= set(keys.tolist()), f
+    assert [h.doc_id for h in engine.search("c", question, k=5, filter={"n": {"$gt": 297.5}})] in (
+        ["tea298", "tea299"], ["tea299", "tea298"])
+    assert [h.doc_id for h in engine.search("c", question, k=3, filter={"team": {"$nin": ["a", "b"]}})] == ["lighthouse"]
+    assert engine.delete_documents("c", filter={"n": {"$lt": 10}, "team": {"$in": ["a"]}}) == 5
+    assert engine.describe("c").documents == 296
+
+
 def test_delete_by_filter_removes_every_match_and_only_them(engine, config, tmp_path):
     """Deleting by a metadata filter removes exactly the documents it matches (through the
     metadata index, and by reading every document for a value the index does not hold), as

@@ -103,6 +103,12 @@ def test_ingest_results_per_document(server):
                           for i in range(4)])
     assert client.delete("ing", filter={"tenant": "1"}) == 2  # t1 and t3
     assert counts(client, "ing") == (3, 3) and client.delete("ing", filter={"tenant": "1"}) == 0
+    client.ingest("ing", [{"id": f"y{i}", "text": f"Yearly note {i} about kettles.", "metadata": {"year": 2019 + i}}
+                          for i in range(5)])
+    assert client.delete("ing", filter={"year": {"$gte": 2021, "$lt": 2023}}) == 2  # 2021, 2022: a range
+    # not 2019 and no tenant 0: 2020, 2023 and "b" (a document without the fields passes)
+    assert client.delete("ing", filter={"year": {"$nin": [2019]}, "tenant": {"$ne": "0"}}) == 3
+    assert sorted(h.doc_id for h in client.search("ing", "kettles", k=10)) == ["t0", "t2", "y0"]
     client.drop_collection("ing")
 
 
@@ -117,6 +123,14 @@ def test_embed_search_and_batch_match_in_process(server, shared_engine):
     assert hits[0].doc_id == "tea.txt" and hits[0].metadata["kind"] == "txt"
     filtered = client.search("docs", "How hot for green tea?", k=3, filter={"kind": "md"})
     assert filtered and all(h.metadata["kind"] == "md" for h in filtered)
+    for f in ({"kind": {"$in": ["md", "html"]}}, {"kind": {"$ne": "md"}}, {"kind": {"$gte": "m"}}):
+        want = [h.doc_id for h in shared_engine.search("docs", "How hot for green tea?", 3, filter=f)]
+        assert [h.doc_id for h in client.search("docs", "How hot for green tea?", k=3, filter=f)] == want
+        assert [[h.doc_id for h in hits] for hits in client.search_batch("docs", ["How hot for green tea?"], k=3,
+                                                                          filter=f)] == [want]
+    raw = client.retrieve.Search(pb.SearchRequest(collection="docs", query="green tea", top_k=10, where=[
+        pb.FieldCondition(field="kind", none_of=["md"])]), **client._kw()).hits
+    assert [h.doc_id for h in raw] == ["tea.txt"]  # the one document that is not Markdown
     batch = client.search_batch("docs", ["green tea", "HNSW ef parameter"], k=2)
     assert [h.doc_id for h in batch[0]] == [h.doc_id for h in shared_engine.search("docs", "green tea", 2)]
     assert batch[1][0].doc_id == "hnsw.md"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 
 from engine.chunk import Chunk
 from engine.errors import InvalidInput
+from engine.filters import check_filter, matches
 from engine.store import STORE_FILE, DocumentRecord, Store
 
 DIM = 4
@@ -205,24 +207,71 @@ METADATA = [  # one document each: every JSON type, and names SQLite's JSON path
     {"x": "1.5"}, {"x": None}, {"x": "null"}, {"team": {"a": 1, "b": [1, 2]}}, {"tags": '["a", "b"]'},
     {"é ü": "ñ"}, {'q"k': "1"}, {"a\\b": "c"}, {"a.b": 2}, {"n": 1e300}, {"missing": None}, {"missing": ""},
     {"long": "w" * 300}, {"long": "w" * 300, "team": "red"}, {"team": "red", "n": None},
+    # operators: one of, not, ranges (numeric and text), and their combinations
+    {"team": {"$in": ["red", "blue"]}}, {"team": {"$in": ["Red", None]}}, {"team": {"$nin": ["red"]}},
+    {"team": {"$ne": "red"}, "n": {"$gte": 0}}, {"n": {"$gt": 2}}, {"n": {"$gte": "-5", "$lt": 5}},
+    {"n": {"$lte": 5}}, {"n": {"$gt": 1e299}}, {"x": {"$lt": 2}}, {"team": {"$gte": "blue"}},
+    {"team": {"$gt": "blue", "$lt": "red"}}, {"long": {"$gt": "a"}}, {"long": {"$lt": "a"}},
+    {"team": {"$eq": "red"}, "long": {"$ne": "a"}}, {"team": {"$in": ["red"], "$nin": ["blue"]}},
+    {"ok": {"$in": [True, "false"]}}, {"n": {"$in": [5, -5]}, "team": {"$gte": "a"}}, {"missing": {"$ne": "a"}},
+    {"missing": {"$nin": [None]}}, {"team": {"$nin": [None]}}, {"n": {"$ne": None}}, {"long": {"$nin": ["w" * 300]}},
 ])
 def test_filter_keys_match_metadata_as_search_compares_it(store, filter):
     """filter_keys returns the chunks of exactly the documents `matches` accepts, whatever
     the values' JSON types, through the metadata index or (values it does not hold: null,
     long; stores without it) by reading every document's metadata."""
-    from engine.store import matches
     recs = []
     for i, meta in enumerate(METADATA):
         r = record(f"d{i}", 2, seed=i)
         recs.append(DocumentRecord(r.doc_id, r.source, r.content_hash, meta, r.n_chars, r.chunks, r.vectors))
     store.apply(recs)
-    want = [k for i, meta in enumerate(METADATA) if matches(meta, filter) for k in (2 * i, 2 * i + 1)]
+    want = [k for i, meta in enumerate(METADATA) if matches(meta, check_filter(filter)) for k in (2 * i, 2 * i + 1)]
     for indexed in (True, False):
         store.meta_index = indexed
         assert store.filter_keys(filter).tolist() == want
         assert store.filter_keys(filter, limit=len(want)).tolist() == want
         if want:
             assert store.filter_keys(filter, limit=len(want) - 1) is None  # more chunks match than the limit
+
+
+@pytest.mark.parametrize("filter,docs", [
+    ({"n": {"$gt": 2}}, [0, 2, 3, 7]),  # 5, 2**70, "5" (reads as a number), 1e300
+    ({"n": {"$gte": -5, "$lt": 5}}, [1]),
+    ({"n": {"$gte": "-5", "$lte": "5"}}, [0, 1, 3]),  # bounds that read as numbers are numbers
+    ({"team": {"$gte": "blue"}}, [0, 1, 2, 4, 8]),  # text: "Red" sorts before "blue", "{..." after
+    ({"team": {"$in": ["Red", None]}}, [3, 5, 6, 7]),  # None: the field missing or null
+    ({"team": {"$ne": "red"}}, [1, 3, 4, 5, 6, 7]),
+    ({"team": {"$nin": ["red", "blue"]}, "n": {"$lt": 1e300}}, [3]),
+    ({"x": {"$lt": 2}}, [2, 7]),
+    ({"long": {"$gt": "a"}}, [8]),  # a value too long for the index, found by reading documents
+    ({"team": "red", "n": {"$gt": 0}}, [0, 2]),
+])
+def test_filter_operators_mean_what_they_say(store, filter, docs):
+    store.apply([DocumentRecord(f"d{i}", "/s", "h", meta, 2, record(f"d{i}", 2, seed=i).chunks,
+                                record(f"d{i}", 2, seed=i).vectors) for i, meta in enumerate(METADATA)])
+    for indexed in (True, False):
+        store.meta_index = indexed
+        assert sorted(store.filter_documents(filter)) == [f"d{i}" for i in docs]
+
+
+@pytest.mark.parametrize("filter,message", [
+    ({"n": {"$gtt": 1}}, "unknown operator '$gtt'"), ({"n": {"$in": []}}, "non-empty list"),
+    ({"n": {"$in": "a"}}, "non-empty list"), ({"n": {"$gt": True}}, "a number or a string"),
+    ({"n": {"$gt": None}}, "a number or a string"), ({"n": {"$lt": float("nan")}}, "finite"),
+    ({"n": {"$gt": 1, "$lt": "z"}}, "must all be numbers or all text"), ({"": {"$eq": 1}}, "non-empty strings"),
+    ({"n": {"$gt": 1, "b": 2}}, "unknown operator 'b'"), (["n"], "must be a mapping"),
+])
+def test_bad_filters_say_what_to_fix(filter, message):
+    with pytest.raises(InvalidInput, match=re.escape(message)):
+        check_filter(filter)
+
+
+def test_canonical_filter_is_its_own_canonical_form():
+    f = check_filter({"a": 1, "b": {"$in": [2, "x", None]}, "c": {"$gte": "2020", "$lt": 2024.5},
+                      "d": {"$lt": "2024-01-01"}, "e": {"k": 1}})
+    assert f == {"a": {"$eq": "1"}, "b": {"$in": ["2", "x", None]}, "c": {"$gte": 2020.0, "$lt": 2024.5},
+                 "d": {"$lt": "2024-01-01"}, "e": {"$eq": '{"k": 1}'}}
+    assert check_filter(f) == f
 
 
 def test_old_store_gets_metadata_index(tmp_path):
@@ -243,6 +292,32 @@ def test_old_store_gets_metadata_index(tmp_path):
     s = Store(tmp_path)
     assert s.meta_index and s.filter_keys({"lang": "de"}).tolist() == [2]
     assert sqlite3.connect(tmp_path / STORE_FILE).execute("SELECT count(*) FROM doc_meta").fetchone()[0] == 2
+    s.close()
+
+
+def test_metadata_index_without_numbers_is_rebuilt(tmp_path):
+    """A store whose metadata index predates ranges (no numbers, no long-value table) is
+    rebuilt on a writer's open; a reader of one filters by reading the documents."""
+    Store.initialise(tmp_path, {"dim": DIM})
+    s = Store(tmp_path)
+    s.apply([DocumentRecord(f"d{i}", "/s", "h", {"year": 2019 + i, "t": "w" * (250 + 10 * i)}, 10,
+                            record(f"d{i}", 1).chunks, record(f"d{i}", 1).vectors) for i in range(3)])
+    s.close()
+    db = sqlite3.connect(tmp_path / STORE_FILE)
+    db.executescript("DROP TABLE doc_meta; DROP TABLE doc_meta_long; CREATE TABLE doc_meta (field TEXT NOT NULL, "
+                     "value TEXT NOT NULL, doc_id TEXT NOT NULL, PRIMARY KEY (field, value, doc_id)) WITHOUT ROWID;"
+                     "INSERT INTO doc_meta VALUES ('year', '2019', 'd0');")
+    db.close()
+    reader = Store(tmp_path, read_only=True)
+    assert not reader.meta_index and reader.filter_documents({"year": {"$gte": 2020}}) == ["d1", "d2"]
+    reader.close()
+    s = Store(tmp_path)
+    assert s.meta_index and s.filter_documents({"year": {"$gte": 2020}}) == ["d1", "d2"]
+    db = sqlite3.connect(tmp_path / STORE_FILE)
+    assert db.execute("SELECT count(*) FROM doc_meta WHERE num IS NOT NULL").fetchone()[0] == 3
+    assert db.execute("SELECT doc_id FROM doc_meta_long").fetchall() == [("d1",), ("d2",)]  # 260, 270 chars
+    db.close()
+    assert s.filter_documents({"t": {"$gt": "w" * 252}}) == ["d1", "d2"]
     s.close()
 
 

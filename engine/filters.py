@@ -1,0 +1,139 @@
+"""Metadata filters: what a filter may say, what it means, and a document's rows in the
+store's metadata index (engine/store.py finds a filter's documents through them).
+
+A filter maps metadata field -> condition; every field's condition must hold. A condition is
+a value (equality, as before) or a mapping of operators, all of which must hold:
+
+    {"lang": "en"}                                  equal (values compare as meta_str does)
+    {"lang": {"$in": ["en", "fr"]}}                 one of these
+    {"lang": {"$ne": "de"}}, {"$nin": ["de", "it"]} not this / none of these (a document
+                                                    without the field passes)
+    {"year": {"$gte": 2020, "$lt": 2024}}           a range: a bound that reads as a number
+                                                    compares numerically with values that
+                                                    do (numbers, and strings such as "2020");
+    {"date": {"$gte": "2024-01-01"}}                any other bound compares as text (code
+                                                    point order: ISO dates sort as dates)
+                                                    with the values that do not read as numbers
+
+Values compare as the gRPC API sends them: strings as they are, other JSON as json.dumps
+(meta_str), so 2020 and "2020" are equal. A mapping whose keys all start with "$" holds
+operators; one with no such key is a JSON object value compared for equality.
+`check_filter` turns any accepted form into one canonical form, {field: {op: operand}},
+with $eq/$ne operands as meta_str, $in/$nin as lists of them and range bounds as floats
+(numbers) or strings, which every consumer (matches, the store's SQL, Ray shards) reads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import operator
+import re
+
+from .errors import InvalidInput
+
+EQUALITY_OPS = ("$eq", "$ne", "$in", "$nin")
+RANGE_OPS = {"$gt": operator.gt, "$gte": operator.ge, "$lt": operator.lt, "$lte": operator.le}
+OPS = (*EQUALITY_OPS, *RANGE_OPS)
+# Values longer than this are left out of the metadata index (a filter on one reads every
+# document's metadata), and only a string this short reads as a number.
+META_INDEX_MAX_CHARS = 256
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def meta_str(v) -> str | None:
+    """How a metadata value compares in a filter: as a string, JSON for non-strings (as the
+    gRPC API sends values); None for a missing or null one."""
+    if v is None or isinstance(v, str):
+        return v
+    return json.dumps(v, sort_keys=True, ensure_ascii=False)
+
+
+def meta_num(s: str | None) -> float | None:
+    """The number a value (meta_str) reads as, for numeric ranges: a finite decimal number
+    of at most META_INDEX_MAX_CHARS characters; None if it does not read as one."""
+    if s is None or len(s) > META_INDEX_MAX_CHARS or not _NUMBER.fullmatch(s):
+        return None
+    n = float(s)
+    return n if math.isfinite(n) else None
+
+
+def _operand(field: str, op: str, x):
+    if op in ("$eq", "$ne"):
+        return meta_str(x)
+    if op in ("$in", "$nin"):
+        if not isinstance(x, (list, tuple)) or not x:
+            raise InvalidInput(f"filter field {field!r}: {op} takes a non-empty list of values, got {x!r}")
+        return sorted({meta_str(v) for v in x}, key=lambda s: (s is None, s or ""))
+    if isinstance(x, bool) or not isinstance(x, (int, float, str)):
+        raise InvalidInput(f"filter field {field!r}: {op} takes a number or a string, got {x!r}")
+    if isinstance(x, str):
+        n = meta_num(x)
+        return x if n is None else n
+    if not math.isfinite(x):
+        raise InvalidInput(f"filter field {field!r}: {op} takes a finite number, got {x!r}")
+    return float(x)
+
+
+def check_filter(filter) -> dict | None:
+    """The canonical form of a filter (see the module docstring), or None for no filter;
+    InvalidInput naming what to fix for anything else."""
+    if filter is not None and not isinstance(filter, dict):
+        raise InvalidInput("filter must be a mapping of metadata field -> value or {operator: operand}")
+    out = {}
+    for field, cond in (filter or {}).items():
+        if not isinstance(field, str) or not field:
+            raise InvalidInput(f"filter field names must be non-empty strings, got {field!r}")
+        ops = cond if isinstance(cond, dict) and any(isinstance(o, str) and o.startswith("$") for o in cond) else None
+        if ops is None:
+            out[field] = {"$eq": meta_str(cond)}
+            continue
+        unknown = [o for o in ops if o not in OPS]
+        if unknown:
+            raise InvalidInput(f"filter field {field!r}: unknown operator {unknown[0]!r}; use one of "
+                               f"{', '.join(OPS)} (a value with keys not starting with '$' is an object to equal)")
+        canon = {op: _operand(field, op, x) for op, x in ops.items()}
+        kinds = {type(x) for op, x in canon.items() if op in RANGE_OPS}
+        if len(kinds) > 1:
+            raise InvalidInput(f"filter field {field!r}: range bounds must all be numbers or all text, got "
+                               f"{ {op: ops[op] for op in canon if op in RANGE_OPS} }")
+        out[field] = canon
+    return out or None
+
+
+def holds(s: str | None, op: str, x) -> bool:
+    """Whether a value (meta_str; None: missing or null) satisfies one canonical operator."""
+    if op == "$eq":
+        return s == x
+    if op == "$ne":
+        return s != x
+    if op == "$in":
+        return s in x
+    if op == "$nin":
+        return s not in x
+    n = meta_num(s)
+    if isinstance(x, float):
+        return n is not None and RANGE_OPS[op](n, x)
+    return s is not None and n is None and RANGE_OPS[op](s, x)
+
+
+def matches(metadata: dict, filter: dict) -> bool:
+    """Whether a document's metadata satisfies a canonical filter (check_filter)."""
+    return all(holds(meta_str(metadata.get(f)), op, x) for f, cond in filter.items() for op, x in cond.items())
+
+
+def meta_rows(doc_id: str, metadata: dict) -> tuple[list[tuple], list[tuple]]:
+    """A document's rows in the metadata index: (field, meta_str value, doc_id, meta_num)
+    for every top-level field whose value is not null and, as a string, at most
+    META_INDEX_MAX_CHARS long; and (field, doc_id) for each field whose value is longer
+    (left out, so a text range on that field knows to read the documents instead)."""
+    rows, long = [], []
+    for f, v in metadata.items():
+        s = meta_str(v)
+        if s is None:
+            continue
+        if len(s) <= META_INDEX_MAX_CHARS:
+            rows.append((f, s, doc_id, meta_num(s)))
+        else:
+            long.append((f, doc_id))
+    return rows, long
