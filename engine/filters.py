@@ -75,12 +75,18 @@ def _operand(field: str, op: str, x):
     return float(x)
 
 
-def check_filter(filter) -> dict | None:
+class Filter(dict):
+    """A filter in canonical form, as check_filter returns it (and passes on unchanged)."""
+
+
+def check_filter(filter) -> Filter | None:
     """The canonical form of a filter (see the module docstring), or None for no filter;
     InvalidInput naming what to fix for anything else."""
+    if isinstance(filter, Filter):
+        return filter or None
     if filter is not None and not isinstance(filter, dict):
         raise InvalidInput("filter must be a mapping of metadata field -> value or {operator: operand}")
-    out = {}
+    out = Filter()
     for field, cond in (filter or {}).items():
         if not isinstance(field, str) or not field:
             raise InvalidInput(f"filter field names must be non-empty strings, got {field!r}")

@@ -309,6 +309,10 @@ class Store:
         store has no such index."""
         if not self.meta_index:
             return None
+        if len(filter) == 1:  # the common case (a tenant's, a source's filter): one lookup
+            (field, cond), = filter.items()
+            if len(cond) == 1 and "$eq" in cond and cond["$eq"] is not None and len(cond["$eq"]) <= META_INDEX_MAX_CHARS:
+                return "SELECT m.doc_id FROM doc_meta m WHERE m.field = ? AND m.value = ?", [field, cond["$eq"]]
         wanted, unwanted = [], []  # (field, SQL terms on a doc_meta alias "x", params)
         for field, cond in filter.items():
             values = [cond[op] for op in ("$eq", "$ne") if op in cond] + [

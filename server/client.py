@@ -61,7 +61,6 @@ def _has_scheme(address: str) -> bool:
     return address.split(",", 1)[0].startswith(("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:"))
 
 
-
 def filter_pb(filter: dict | None) -> dict:
     """A metadata filter as engine/filters.py takes it -> a request's `filter` (equalities)
     and `where` (FieldCondition) fields; checked here first, so a bad one fails as the
@@ -82,6 +81,7 @@ def filter_pb(filter: dict | None) -> dict:
         if len(cond) > ("$eq" in cond):
             where.append(c)
     return {"filter": plain, "where": where}
+
 
 class RagClient:
     """Thin typed wrapper over the generated stubs. Errors surface as grpc.RpcError.
