@@ -4,8 +4,9 @@ Ray is an optional extra (`pip install -e '.[ray]'`); only `--ray` imports this 
 
 Ingest (`rag ingest ... --ray [ADDRESS]`) is a Ray Data pipeline whose one writer is the
 driver:
-  listing (driver, names only) -> read, parse, hash check, chunk (Ray tasks, tokenizer
-  only) -> embed (an actor pool: `map_batches` with a callable class, each actor one
+  listing (driver: names, and the split points of a JSONL file over JSONL_PART_BYTES, found
+  by one scan counting its line breaks) -> read, parse, hash check, chunk (Ray tasks, a file
+  or a part of whole lines each, tokenizer only) -> embed (an actor pool: `map_batches` with a callable class, each actor one
   onnxruntime session with its threads) -> the driver, in input order, which commits
   through engine/ingest.py exactly as a single-process ingest does: the same batches,
   upsert decisions (content hash), report and write-ahead log. Workers write nothing, so
@@ -41,7 +42,7 @@ import numpy as np
 from . import ingest as ingestion
 from .chunk import Chunk, Chunker
 from .config import Config
-from .documents import Document, Failure, check_document, iter_files, read_file
+from .documents import Document, Failure, check_document, iter_files, jsonl_parts, read_file
 from .errors import InvalidInput, RagError, Unavailable
 from .ingest import IngestReport, Prepared, ProgressFn
 
@@ -51,6 +52,8 @@ INSTALL_HINT = "install the extra: pip install -e '.[ray]'"
 EMBED_BATCH_DOCS = 64
 ANSWER_SHARD_ROWS = 2
 CONNECT_TIMEOUT_S = 5.0
+# A JSONL file bigger than this is read by several tasks, a part of whole lines each.
+JSONL_PART_BYTES = 16 * 1024 * 1024
 PARSE_CPUS = 4
 
 
@@ -144,9 +147,12 @@ def ingest(engine, name: str, paths: Sequence[str | Path], *, text_field: str = 
     config = engine.config
     actors = pool_size(ray, actors, actor_threads)
     items = []
-    for i, f in enumerate(iter_files(paths)):  # names only: the workers read the files
-        items.append({"order": i, "path": f.source if isinstance(f, Failure) else str(f),
-                      "failure": f.reason if isinstance(f, Failure) else ""})
+    for f in iter_files(paths):  # names, and a big JSONL file's split points: the workers read the files
+        if isinstance(f, Failure):
+            items.append(_item(len(items), f.source, failure=f.reason))
+            continue
+        for start, end, line in _parts(f):
+            items.append(_item(len(items), str(f), start, end, line))
     if not items:
         return ingestion.ingest(col, lambda: engine.embedder, (), progress=progress)
     _data_context(ray)
@@ -177,14 +183,35 @@ def ingest(engine, name: str, paths: Sequence[str | Path], *, text_field: str = 
         raise _unwrap(e, "ingest") from e
 
 
+def _parts(f: Path) -> list[tuple[int, int | None, int]]:
+    """A file's parts: a JSONL file over JSONL_PART_BYTES in parts of whole lines (each read
+    by its own task, in order), any other file whole."""
+    try:
+        big = f.suffix.lower() == ".jsonl" and f.stat().st_size > JSONL_PART_BYTES
+        return jsonl_parts(f, JSONL_PART_BYTES) if big else [(0, None, 1)]
+    except OSError:  # the worker reading it reports why
+        return [(0, None, 1)]
+
+
+def _item(order: int, path: str, start: int = 0, end: int | None = None, line: int = 1, failure: str = "") -> dict:
+    # Every item has every column (Ray Data blocks need one schema): end -1 is the file's end.
+    return {"order": order, "path": path, "failure": failure, "start": start, "end": -1 if end is None else end,
+            "line": line}
+
+
+def _part(row) -> tuple[int, int | None, int]:
+    return int(row["start"]), None if int(row["end"]) < 0 else int(row["end"]), int(row["line"])
+
+
 def _parse_chunk(item: dict, *, folder: str, model_dir: str, text_field: str, chunk_tokens: int,
                  chunk_overlap: int) -> list[dict]:
-    """One listed file -> one row per document (or failure): read, parse, hash, chunk."""
+    """One listed file (or part of a JSONL file) -> one row per document (or failure): read,
+    parse, hash, chunk."""
     from .store import Store
 
     if item["failure"]:
-        return [_row(item["order"], 0, "failure", source=item["path"], reason=item["failure"])]
-    docs = list(read_file(item["path"], text_field=text_field))
+        return [_row(item, 0, "failure", source=item["path"], reason=item["failure"])]
+    docs = list(read_file(item["path"], text_field=text_field, part=_part(item)))
     ok = [d for d in docs if isinstance(d, Document)]
     stored = {}
     if ok:
@@ -197,18 +224,18 @@ def _parse_chunk(item: dict, *, folder: str, model_dir: str, text_field: str, ch
     out, todo = [], []
     for j, d in enumerate(docs):
         if isinstance(d, Failure):
-            out.append(_row(item["order"], j, "failure", source=d.source, reason=d.reason, doc_id=d.doc_id or ""))
+            out.append(_row(item, j, "failure", source=d.source, reason=d.reason, doc_id=d.doc_id or ""))
             continue
         try:
             check_document(d)
         except InvalidInput as e:
-            out.append(_row(item["order"], j, "failure", source=d.source, reason=str(e),
+            out.append(_row(item, j, "failure", source=d.source, reason=str(e),
                             doc_id=d.doc_id if isinstance(d.doc_id, str) else ""))
             continue
         h = d.content_hash
         meta = json.dumps(d.metadata, ensure_ascii=False)
         kind = "unchanged" if stored.get(d.doc_id) == h else "doc"
-        out.append(_row(item["order"], j, kind, source=d.source, doc_id=d.doc_id, hash=h, metadata=meta,
+        out.append(_row(item, j, kind, source=d.source, doc_id=d.doc_id, hash=h, metadata=meta,
                         n_chars=len(d.text), path=item["path"]))
         if kind == "doc":
             todo.append((len(out) - 1, d))
@@ -218,11 +245,13 @@ def _parse_chunk(item: dict, *, folder: str, model_dir: str, text_field: str, ch
     return out
 
 
-def _row(order: int, j: int, kind: str, *, source: str, reason: str = "", doc_id: str = "", hash: str = "",
+def _row(item: dict, j: int, kind: str, *, source: str, reason: str = "", doc_id: str = "", hash: str = "",
          metadata: str = "{}", n_chars: int = 0, chunks: str = "[]", path: str = "") -> dict:
-    # Every row has every column: Ray Data blocks need one schema.
-    return {"order": order, "j": j, "kind": kind, "source": source, "reason": reason, "doc_id": doc_id,
-            "hash": hash, "metadata": metadata, "n_chars": n_chars, "chunks": chunks, "path": path}
+    # Every row has every column: Ray Data blocks need one schema. `j`: the document's place
+    # in its file's part (start, end, line), which _reload reads again if it must.
+    return {"order": item["order"], "j": j, "kind": kind, "source": source, "reason": reason, "doc_id": doc_id,
+            "hash": hash, "metadata": metadata, "n_chars": n_chars, "chunks": chunks, "path": path,
+            "start": item["start"], "end": item["end"], "line": item["line"]}
 
 
 @functools.lru_cache(maxsize=4)
@@ -270,11 +299,12 @@ def _items(batch: dict, dim: int, text_field: str) -> Iterator[Document | Prepar
             vectors = np.frombuffer(batch["vectors"][i], dtype=np.float32).reshape(len(chunks), dim)
         yield Prepared(doc_id, source, str(batch["hash"][i]), json.loads(batch["metadata"][i]),
                        int(batch["n_chars"][i]), chunks, vectors,
-                       functools.partial(_reload, str(batch["path"][i]), int(batch["j"][i]), text_field))
+                       functools.partial(_reload, str(batch["path"][i]), int(batch["j"][i]), text_field,
+                                         _part({c: batch[c][i] for c in ("start", "end", "line")})))
 
 
-def _reload(path: str, j: int, text_field: str) -> Document:
-    doc = next(itertools.islice(read_file(path, text_field=text_field), j, None), None)
+def _reload(path: str, j: int, text_field: str, part: tuple[int, int | None, int]) -> Document:
+    doc = next(itertools.islice(read_file(path, text_field=text_field, part=part), j, None), None)
     if not isinstance(doc, Document):
         raise Unavailable(f"{path} changed while it was being ingested; ingest it again")
     return doc

@@ -23,8 +23,8 @@ TEXT_SUFFIXES = {".txt": "text/plain", ".text": "text/plain", ".rst": "text/plai
                  ".pdf": "application/pdf", ".jsonl": "application/jsonl"}
 MEDIA_TYPES = sorted(set(TEXT_SUFFIXES.values()))
 DEFAULT_TEXT_FIELD = "text"
-# Largest file read from disk (a JSONL file holds many documents; each gRPC document has
-# its own, smaller limit: Config.max_document_bytes).
+# Largest file read from disk, and longest JSONL record (a JSONL file is streamed, whatever
+# its size; each gRPC document has its own, smaller limit: Config.max_document_bytes).
 MAX_FILE_BYTES = 64 * 1024 * 1024
 
 
@@ -200,25 +200,95 @@ def pdf_to_text(data: bytes, source: str) -> tuple[str, dict]:
 
 
 # ---------------------------------------------------------------------- JSONL
+# JSON Lines: records separated by "\n" ("\r\n" too); a record may hold U+2028, U+0085 and
+# the like raw in its strings, so those never split one. A file is read a line at a time, so
+# its size is not limited (one record is: at most MAX_FILE_BYTES).
+def jsonl_record(line: str, line_no: int, source: str, text_field: str) -> Document | Failure | None:
+    """One JSONL line (without its line break) -> a Document, a Failure saying why not, or
+    None for a blank line. `line_no` counts from 1; a record without "id" is named by it."""
+    if not line.strip():
+        return None
+    where = f"{source}:{line_no}"
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        return Failure(where, f"not valid JSON ({e.msg})")
+    if not isinstance(rec, dict):
+        return Failure(where, "a JSONL line must be a JSON object")
+    body = rec.pop(text_field, None)
+    if not isinstance(body, str) or not body.strip():
+        return Failure(where, f"no non-empty string field {text_field!r}")
+    rid = rec.get("id", line_no)
+    return Document(doc_id=f"{source}#{rid}", text=body, source=where, metadata=rec)
+
+
 def jsonl_documents(text: str, source: str, text_field: str) -> Iterator[Document | Failure]:
-    for line_no, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{source}:{line_no}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            yield Failure(where, f"not valid JSON ({e.msg})")
-            continue
-        if not isinstance(rec, dict):
-            yield Failure(where, "a JSONL line must be a JSON object")
-            continue
-        body = rec.pop(text_field, None)
-        if not isinstance(body, str) or not body.strip():
-            yield Failure(where, f"no non-empty string field {text_field!r}")
-            continue
-        rid = rec.get("id", line_no)
-        yield Document(doc_id=f"{source}#{rid}", text=body, source=where, metadata=rec)
+    """The records of a JSONL text held in memory (an IngestStream document's data)."""
+    for line_no, line in enumerate(text.split("\n"), 1):
+        if (item := jsonl_record(line.removesuffix("\r"), line_no, source, text_field)) is not None:
+            yield item
+
+
+def read_jsonl(f: str | Path, source: str, text_field: str, *, start: int = 0, end: int | None = None,
+               first_line: int = 1) -> Iterator[Document | Failure]:
+    """The records of a JSONL file, read a line at a time; or of its part [start, end) (byte
+    offsets at line starts, `first_line` the number of the line at `start`: jsonl_parts). A
+    line that is not UTF-8 or longer than MAX_FILE_BYTES is a Failure of its own; a file
+    that looks binary (NUL bytes in its first 8 KiB) is one Failure."""
+    with open(f, "rb") as fh:
+        if start == 0 and b"\x00" in fh.read(8192):
+            yield Failure(source, "looks binary (NUL bytes); expected UTF-8 text")
+            return
+        fh.seek(start)
+        pos, line_no = start, first_line
+        while end is None or pos < end:
+            raw = fh.readline(MAX_FILE_BYTES + 1)
+            if not raw:
+                return
+            pos += len(raw)
+            if len(raw) > MAX_FILE_BYTES and not raw.endswith(b"\n"):
+                while raw and not raw.endswith(b"\n"):  # the rest of the line, never held whole
+                    raw = fh.readline(1 << 20)
+                    pos += len(raw)
+                yield Failure(f"{source}:{line_no}", f"line is over the {MAX_FILE_BYTES}-byte limit for one record")
+            else:
+                if pos == len(raw) and raw.startswith(b"\xef\xbb\xbf"):  # a BOM opens the file
+                    raw = raw[3:]
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield Failure(f"{source}:{line_no}", f"not valid UTF-8 at byte {e.start} of the line; "
+                                                         "convert the file to UTF-8 first")
+                else:
+                    item = jsonl_record(line.removesuffix("\n").removesuffix("\r"), line_no, source, text_field)
+                    if item is not None:
+                        yield item
+            line_no += 1
+
+
+def jsonl_parts(f: str | Path, part_bytes: int) -> list[tuple[int, int | None, int]]:
+    """Split points of a JSONL file into parts of about `part_bytes` whole lines each, for
+    readers working side by side (read_jsonl's start, end, first_line); one scan counting
+    line breaks, a block at a time."""
+    parts, start, first_line, lines, pos, target = [], 0, 1, 0, 0, part_bytes
+    with open(f, "rb") as fh:
+        while block := fh.read(1 << 20):
+            i = 0  # block[:i] is counted
+            while pos + len(block) > target:
+                j = block.find(b"\n", max(target - pos, i))
+                if j < 0:
+                    break
+                lines += block.count(b"\n", i, j + 1)
+                i = j + 1
+                parts.append((start, pos + i, first_line))
+                start, first_line, target = pos + i, lines + 1, pos + i + part_bytes
+            lines += block.count(b"\n", i)
+            pos += len(block)
+    if start < pos or not parts:
+        parts.append((start, None, first_line))
+    else:  # the last split fell on the end of the file
+        parts[-1] = (*parts[-1][:1], None, parts[-1][2])
+    return parts
 
 
 # ---------------------------------------------------------------------- dispatch
@@ -278,12 +348,19 @@ def iter_documents(paths: Iterable[str | Path], *, text_field: str = DEFAULT_TEX
             yield from read_file(f, text_field=text_field, max_bytes=max_bytes)
 
 
-def read_file(f: str | Path, *, text_field: str = DEFAULT_TEXT_FIELD,
-              max_bytes: int = MAX_FILE_BYTES) -> Iterator[Document | Failure]:
-    """The documents of one file that `iter_files` listed (or the Failure why there are none)."""
+def read_file(f: str | Path, *, text_field: str = DEFAULT_TEXT_FIELD, max_bytes: int = MAX_FILE_BYTES,
+              part: tuple[int, int | None, int] | None = None) -> Iterator[Document | Failure]:
+    """The documents of one file that `iter_files` listed (or the Failure why there are none).
+    A JSONL file is streamed a line at a time, whatever its size (`part`: only that part of
+    it, as jsonl_parts splits it); any other file is read whole, up to `max_bytes`."""
     f = Path(f)
     source = str(f.resolve())
+    media_type = TEXT_SUFFIXES[f.suffix.lower()]
     try:
+        if media_type == "application/jsonl":
+            start, end, first_line = part or (0, None, 1)
+            yield from read_jsonl(f, source, text_field, start=start, end=end, first_line=first_line)
+            return
         size = f.stat().st_size
         if size > max_bytes:
             yield Failure(source, f"file is {size} bytes, over the {max_bytes}-byte limit")
@@ -293,6 +370,6 @@ def read_file(f: str | Path, *, text_field: str = DEFAULT_TEXT_FIELD,
         yield Failure(source, f"cannot read ({e.strerror})")
         return
     try:
-        yield from parse_bytes(data, TEXT_SUFFIXES[f.suffix.lower()], source, text_field=text_field)
+        yield from parse_bytes(data, media_type, source, text_field=text_field)
     except InvalidInput as e:
         yield Failure(source, str(e).removeprefix(source + ": "))

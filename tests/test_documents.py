@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
@@ -53,6 +54,77 @@ def test_jsonl_records(tmp_path):
     assert "not valid JSON" in failures[0].reason and "'text'" in failures[1].reason
     docs, _ = docs_and_failures([p], text_field="body")
     assert [d.text for d in docs] == ["wrong field"]
+
+
+def test_jsonl_is_streamed_a_line_at_a_time(tmp_path, monkeypatch):
+    """A JSONL file is read a line at a time: no size limit for the file (only for one
+    record), a bad line (not UTF-8, too long) fails alone, records keep raw U+2028 / U+0085
+    in their strings (JSON allows them; they split nothing), CRLF and a BOM are read."""
+    from engine import documents
+    p = tmp_path / "big.jsonl"
+    good = [json.dumps({"id": f"r{i}", "text": f"record {i}\u2028with a line separator\x85inside"}, ensure_ascii=False)
+            for i in range(4)]
+    p.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(good[:2]).encode() + b"\r\n" + b'{"id": "bad", "text": "caf\xe9"}\n'
+                  + b'{"id": "long", "text": "' + b"x" * 300 + b'"}\n' + "\n".join(good[2:]).encode())
+    monkeypatch.setattr(documents, "MAX_FILE_BYTES", 200)  # one record's limit; the file is bigger
+    docs, failures = docs_and_failures([p], max_bytes=10)
+    assert [d.doc_id.rsplit("#", 1)[1] for d in docs] == ["r0", "r1", "r2", "r3"]
+    assert docs[0].text == "record 0\u2028with a line separator\x85inside" and docs[2].source.endswith(":5")
+    assert [(f.source.rsplit(":", 1)[1], f.reason.split(";")[0]) for f in failures] == [
+        ("3", "not valid UTF-8 at byte 26 of the line"), ("4", "line is over the 200-byte limit for one record")]
+    binary = tmp_path / "bin.jsonl"
+    binary.write_bytes(b'{"text": "a"}\n\x00\x01')
+    assert [f.reason for f in docs_and_failures([binary])[1]] == ["looks binary (NUL bytes); expected UTF-8 text"]
+
+
+def test_jsonl_parts_read_what_the_whole_file_reads(tmp_path):
+    """Read part by part (jsonl_parts' split points, as Ray tasks read a big file), a JSONL
+    file gives the same documents and failures, in order, with the same line numbers."""
+    from engine.documents import jsonl_parts, parse_bytes, read_file
+    rng = random.Random(5)
+    for trial in range(120):
+        lines = []
+        for i in range(rng.randint(0, 30)):
+            r = rng.random()
+            if r < 0.1:
+                lines.append("")
+            elif r < 0.15:
+                lines.append("{not json")
+            else:
+                rec = {"text": "w" * rng.randint(0, 40) + rng.choice(["", "\u2028x"]), "i": i}
+                if rng.random() < 0.5:
+                    rec["id"] = f"r{i}"
+                lines.append(json.dumps(rec, ensure_ascii=False))
+        sep = rng.choice(["\n", "\r\n"])
+        data = (sep.join(lines) + rng.choice(["", sep])).encode()
+        p = tmp_path / f"t{trial}.jsonl"
+        p.write_bytes(data)
+        view = lambda items: [(type(x).__name__, x.source, getattr(x, "doc_id", None), getattr(x, "text", None),
+                               getattr(x, "metadata", None), getattr(x, "reason", None)) for x in items]
+        whole = view(read_file(p))
+        assert whole == view(parse_bytes(data, "application/jsonl", str(p.resolve())))  # as IngestStream reads it
+        for part_bytes in (1, 9, 60, 10_000):
+            parts = jsonl_parts(p, part_bytes)
+            assert parts[0][0] == 0 and parts[-1][1] is None
+            assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+            assert [x for part in parts for x in view(read_file(p, part=part))] == whole
+
+
+def test_reading_a_big_jsonl_holds_one_line_at_a_time(tmp_path):
+    """Memory: streaming a ~24 MB JSONL file allocates a small fraction of it at any time."""
+    import tracemalloc
+
+    from engine.documents import read_file
+    p = tmp_path / "big.jsonl"
+    line = json.dumps({"text": "lorem ipsum dolor sit amet " * 40, "kind": "filler"}) + "\n"
+    with p.open("w") as f:
+        for i in range(24 * 1024 * 1024 // len(line)):
+            f.write(line)
+    tracemalloc.start()
+    n = sum(1 for _ in read_file(p))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert n == 24 * 1024 * 1024 // len(line) and peak < 1024 * 1024, f"peak {peak} bytes"
 
 
 def test_directory_walk_reports_bad_files(tmp_path):

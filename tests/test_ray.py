@@ -98,7 +98,11 @@ def engines(tmp_path, config, embedder):
     return a, b
 
 
-def test_ray_ingest_equals_single_process_ingest_and_upserts_alike(ray_address, tmp_path, corpus, config, embedder):
+def test_ray_ingest_equals_single_process_ingest_and_upserts_alike(ray_address, tmp_path, corpus, config, embedder,
+                                                                   monkeypatch):
+    from engine.documents import jsonl_parts
+    monkeypatch.setattr(distributed, "JSONL_PART_BYTES", 64)  # extra.jsonl read in parts, by several tasks
+    assert len(jsonl_parts(Path(corpus[0]) / "extra.jsonl", 64)) == 3
     single, on_ray = engines(tmp_path, config, embedder)
     try:
         ra = single.ingest_paths("c", corpus)
