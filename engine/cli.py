@@ -11,11 +11,13 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
 from .config import (DEFAULT_CONTEXT_BUDGET_TOKENS, DEFAULT_FUSION_ALPHA, DEFAULT_GEN_MODEL, EMBED_VARIANTS, FUSIONS, GEN_PREFILL_VARIANTS,
-                     GEN_VARIANTS, INDEX_DTYPES, PLAN_OBJECTIVES, PROVIDERS, SEARCH_MODES, WAL_FSYNC_POLICIES, Config)
+                     GEN_VARIANTS, INDEX_DTYPES, MAX_LIST_PAGE, PLAN_OBJECTIVES, PROVIDERS, SEARCH_MODES,
+                     WAL_FSYNC_POLICIES, Config)
 from .errors import InvalidInput, NotFound, RagError
 
 
@@ -185,6 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("drop", help="delete a collection and everything in it")
     s.add_argument("name")
 
+    s = sub.add_parser("documents", help="list a collection's documents (ids, sources, metadata, sizes)")
+    s.add_argument("--collection", "-c", required=True)
+    add_filter_arg(s, "list only documents")
+    s.add_argument("--limit", type=int, default=100, help=f"documents in the page (1..{MAX_LIST_PAGE}; default 100)")
+    s.add_argument("--after", default=None, metavar="DOC_ID", help="start after this id (the page before's last)")
+    s.add_argument("--all", action="store_true", help="every page, one after another (--limit documents each)")
+    s.add_argument("--json", action="store_true", help="one JSON object per document")
+
     s = sub.add_parser("delete", help="delete documents by id, or by metadata (--filter)")
     s.add_argument("doc_ids", nargs="*")
     s.add_argument("--collection", "-c", required=True)
@@ -215,7 +225,7 @@ def snippet(text: str, width: int = 160) -> str:
     return flat if len(flat) <= width else flat[:width - 1] + "…"
 
 
-READ_COMMANDS = ("search", "ask", "collections", "info")
+READ_COMMANDS = ("search", "ask", "collections", "info", "documents")
 
 
 def print_hits(hits) -> None:
@@ -272,6 +282,8 @@ def run(args: argparse.Namespace) -> int:
             engine.drop_collection(args.name)
             print(f"dropped {args.name}")
             return 0
+        if args.command == "documents":
+            return list_documents(engine, args)
         if args.command == "delete":
             filt = parse_filter(args.filter)
             if not args.doc_ids and not filt:
@@ -492,6 +504,27 @@ def write_lines(path: str | None, lines) -> None:
     os.replace(tmp, path)
 
 
+def list_documents(engine, args: argparse.Namespace) -> int:
+    """`rag documents`: a page of a collection's documents (or every page, --all), in id order."""
+    filt, after, shown = parse_filter(args.filter), args.after, 0
+    while True:
+        docs, after = engine.list_documents(args.collection, filter=filt, limit=args.limit, after=after)
+        for d in docs:
+            if args.json:
+                print(json.dumps(dataclasses.asdict(d), ensure_ascii=False))
+            else:
+                print(f"{d.doc_id}\t{d.n_chunks} chunks\t{d.n_chars} chars\t"
+                      f"{json.dumps(d.metadata, ensure_ascii=False, sort_keys=True)}")
+        shown += len(docs)
+        if after is None or not args.all:
+            break
+    if not shown and not args.json:
+        print("no documents" + (" match the filter" if filt else " in the collection"))
+    elif after is not None and not args.json:
+        print(f"more after {after!r}: rag documents -c {args.collection} --after {shlex.quote(after)} (or --all)")
+    return 0
+
+
 def add_filter_arg(s: argparse.ArgumentParser, what: str) -> None:
     s.add_argument("--filter", action="append", default=[], metavar="FIELD=VALUE",
                    help=f"{what} whose metadata FIELD equals VALUE; also FIELD!=VALUE, FIELD>=N, "
@@ -691,6 +724,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader left (`rag documents --all | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import numpy as np
 from . import ingest as ingestion
 from . import kernels
 from .collection import Collection, CollectionInfo, Collections, check_name
-from .config import Config
+from .config import MAX_LIST_PAGE, Config
 from .documents import Document, Failure, iter_documents
 from .index import check_dtype
 from .errors import InvalidInput
@@ -30,9 +30,10 @@ from .ingest import IngestReport, ProgressFn
 from .rag import Answer, Answerer, AnswerStart, Source
 from .filters import check_filter
 from .search import MAX_QUERY_CHARS, Hit, Searcher, SearchResult, check_k, check_query, hit_to_json
+from .store import StoredDocument
 
 __all__ = ["Answer", "AnswerStart", "Collection", "CollectionInfo", "Engine", "Hit", "IngestReport",
-           "MAX_QUERY_CHARS", "SearchResult", "Source", "hit_to_json"]
+           "MAX_QUERY_CHARS", "SearchResult", "Source", "StoredDocument", "hit_to_json"]
 
 
 class Engine:
@@ -198,6 +199,21 @@ class Engine:
     def ingest_paths(self, name: str, paths: Sequence[str | Path], *, text_field: str = "text",
                      progress: ProgressFn | None = None) -> IngestReport:
         return self.ingest(name, iter_documents(paths, text_field=text_field), progress=progress)
+
+    def list_documents(self, name: str, *, filter: dict | None = None, limit: int = 100,
+                       after: str | None = None) -> tuple[list[StoredDocument], str | None]:
+        """One page of a collection's documents, in id order: up to `limit` (1..MAX_LIST_PAGE)
+        whose ids sort after `after` (None: from the first), those `filter` matches if given
+        (as search's); and the `after` of the next page, None when this one is the last.
+        Each carries its id, source, content hash, metadata, size in characters and chunks,
+        and when it was stored."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIST_PAGE:
+            raise InvalidInput(f"limit must be an integer in [1, {MAX_LIST_PAGE}], got {limit!r}")
+        if after is not None and not isinstance(after, str):
+            raise InvalidInput(f"after must be a document id (the previous page's next token), got {after!r}")
+        filter = check_filter(filter)
+        docs = self.collections.get(name).store.list_documents(filter, after or "", limit + 1)
+        return docs[:limit], docs[limit - 1].doc_id if len(docs) > limit else None
 
     def delete_documents(self, name: str, doc_ids: Sequence[str] = (), *, filter: dict | None = None) -> int:
         """Delete documents by id, or every document whose metadata matches `filter` (as

@@ -128,6 +128,19 @@ class DocumentRecord:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class StoredDocument:
+    """What the store holds about a document besides its chunks (Engine.list_documents)."""
+
+    doc_id: str
+    source: str
+    content_hash: str
+    metadata: dict
+    n_chars: int
+    n_chunks: int
+    ingested_at: float  # unix seconds of the write that stored this version
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class ChunkRow:
     key: int
     doc_id: str
@@ -298,6 +311,29 @@ class Store:
             if docs is None:
                 return self._filter_scan(filter, None)
             return [r[0] for r in self._db.execute(*docs)]
+
+    def list_documents(self, filter: dict | None, after: str, limit: int) -> list[StoredDocument]:
+        """Up to `limit` documents whose ids sort after `after` ("" for the first), in id
+        order, that `filter` (as filter_keys takes it) matches: one page of a listing."""
+        filter = check_filter(filter) or {}
+        cols = "doc_id, source, content_hash, metadata, n_chars, n_chunks, ingested_at"
+        with self._lock:
+            docs = self._filter_sql(filter) if filter else None
+            if not filter or docs is not None:
+                where, params = "doc_id > ?", [after]
+                if docs is not None:
+                    where += f" AND doc_id IN ({docs[0]})"
+                    params += docs[1]
+                rows = self._db.execute(f"SELECT {cols} FROM documents WHERE {where} ORDER BY doc_id LIMIT ?",
+                                        [*params, limit]).fetchall()
+            else:  # values the index does not hold: every document after `after` read, in order
+                rows = []
+                for row in self._db.execute(f"SELECT {cols} FROM documents WHERE doc_id > ? ORDER BY doc_id", (after,)):
+                    if matches(json.loads(row[3]), filter):
+                        rows.append(row)
+                        if len(rows) == limit:
+                            break
+        return [StoredDocument(d, src, h, json.loads(m), n, c, t) for d, src, h, m, n, c, t in rows]
 
     def _filter_sql(self, filter: dict) -> tuple[str, list] | None:
         """A query for the ids of the documents a canonical `filter` matches, through the

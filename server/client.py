@@ -159,6 +159,12 @@ class RagClient:
         req = pb.DeleteDocumentsRequest(collection=collection, ids=list(ids), **filter_pb(filter))
         return self.ingest_stub.DeleteDocuments(req, **self._kw()).deleted
 
+    def list_documents(self, collection: str, *, filter: dict | None = None, page_size: int = 0,
+                       page_token: str = "") -> "pb.ListDocumentsResponse":
+        req = pb.ListDocumentsRequest(collection=collection, page_size=page_size, page_token=page_token,
+                                      **filter_pb(filter))
+        return self.ingest_stub.ListDocuments(req, **self._kw())
+
     def embed(self, texts: list[str]) -> list[list[float]]:
         return [list(v.values) for v in self.retrieve.Embed(pb.EmbedRequest(texts=texts), **self._kw()).vectors]
 

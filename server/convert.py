@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from engine.config import MAX_TOP_K
+from engine.config import MAX_LIST_PAGE, MAX_TOP_K
 from engine.errors import InvalidInput
 from engine.filters import RANGE_OPS
 from engine.generate import SamplingParams
@@ -36,6 +36,12 @@ def check_top_k(k: int) -> int:
     if not 1 <= k <= MAX_TOP_K:
         raise InvalidInput(f"top_k must be in [1, {MAX_TOP_K}], got {k}")
     return k
+
+
+def page_size(n: int) -> int:
+    if n > MAX_LIST_PAGE:
+        raise InvalidInput(f"page_size must be in [1, {MAX_LIST_PAGE}] (0 = 100), got {n}")
+    return n or 100
 
 
 def request_filter(request) -> dict | None:
@@ -70,6 +76,12 @@ def hit_pb(h) -> "pb.Hit":
     return pb.Hit(rank=h.rank, score=h.score, cosine=h.cosine, doc_id=h.doc_id, source=h.source,
                   ordinal=h.ordinal, start=h.start, end=h.end, text=h.text,
                   metadata={k: meta_str(v) for k, v in h.metadata.items()})
+
+
+def stored_document_pb(d) -> "pb.StoredDocument":
+    return pb.StoredDocument(id=d.doc_id, source=d.source, content_hash=d.content_hash,
+                             metadata={k: meta_str(v) for k, v in d.metadata.items()}, chars=d.n_chars,
+                             chunks=d.n_chunks, ingested_unix_s=d.ingested_at)
 
 
 def sources_pb(sources) -> list:

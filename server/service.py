@@ -21,8 +21,8 @@ from engine.plan import cpu_key
 from engine.rag import Answer, AnswerStart
 from engine.search import MAX_QUERY_CHARS
 
-from .convert import (PB_TO_DTYPE, STATUS_TO_PB, answer_done_pb, check_top_k, hit_pb, info_pb, request_filter,
-                      sampling_params, search_mode, sources_pb)
+from .convert import (PB_TO_DTYPE, STATUS_TO_PB, answer_done_pb, check_top_k, hit_pb, info_pb, page_size,
+                      request_filter, sampling_params, search_mode, sources_pb, stored_document_pb)
 from .errors import abort
 from .stubs import pb, rpc
 
@@ -191,6 +191,12 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
     def DeleteDocuments(self, request, context):
         n = self.engine.delete_documents(request.collection, list(request.ids), filter=request_filter(request))
         return pb.DeleteDocumentsResponse(deleted=n)
+
+    @guarded
+    def ListDocuments(self, request, context):
+        docs, after = self.engine.list_documents(request.collection, filter=request_filter(request),
+                                                 limit=page_size(request.page_size), after=request.page_token or None)
+        return pb.ListDocumentsResponse(documents=[stored_document_pb(d) for d in docs], next_page_token=after or "")
 
     # ------------------------------------------------------------------ retrieval
     def _check_batch(self, n: int, what: str) -> None:

@@ -113,6 +113,7 @@ GOOD = {
     "DropCollection": pb.DropCollectionRequest(name="spare"),
     "IngestStream": pb.IngestStreamRequest(collection="docs", document=pb.Document(id="new", text="Kettles sing.")),
     "DeleteDocuments": pb.DeleteDocumentsRequest(collection="docs", ids=["tea.txt"]),
+    "ListDocuments": pb.ListDocumentsRequest(collection="docs", page_size=2),
     "Embed": pb.EmbedRequest(texts=["green tea"]),
     "Search": pb.SearchRequest(collection="docs", query="green tea", top_k=3),
     "SearchBatch": pb.SearchBatchRequest(collection="docs", queries=["green tea", "bread"], top_k=3),
@@ -245,6 +246,14 @@ CASES = [
         collection="docs", filter={"": "txt"}).SerializeToString()), INVALID,
          "filter field names must be non-empty strings"),
     case("search-empty-collection", search(collection=""), INVALID, "collection name"),
+    case("list-documents-empty-collection", raw("ListDocuments", pb.ListDocumentsRequest().SerializeToString()),
+         INVALID, "collection name"),
+    case("list-documents-missing-collection", raw("ListDocuments", pb.ListDocumentsRequest(
+        collection="nope").SerializeToString()), NOT_FOUND, "'nope'"),
+    case("list-documents-page-size-huge", raw("ListDocuments", pb.ListDocumentsRequest(
+        collection="docs", page_size=5000).SerializeToString()), INVALID, r"page_size must be in \[1, 1000\] \(0 = 100\), got 5000"),
+    case("list-documents-where-sets-nothing", raw("ListDocuments", pb.ListDocumentsRequest(
+        collection="docs", where=[pb.FieldCondition(field="kind")]).SerializeToString()), INVALID, "sets nothing"),
     # --- not UTF-8, not text
     case("ingest-data-not-utf8", ingest(data_doc(b"caf\xe9 au lait")), OK, "not valid UTF-8 at byte 3"),
     case("ingest-html-not-utf8", ingest(data_doc(b"<p>\xff\xfe</p>", "text/html")), OK, "not valid UTF-8"),

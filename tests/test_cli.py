@@ -60,6 +60,16 @@ def test_search_json_collections_delete_drop(tmp_path, capsys):
     code, out, _ = rag(capsys, *d, "search", "Olympus Mons", "-c", "c", "-k", "8", "--json",
                        "--filter", "kind=planet", "--filter", "kind=nothing", "--filter", "kind>=a")
     assert code == 0 and len(out.splitlines()) == 4  # any of planet, nothing: the 4 planets
+    code, out, _ = rag(capsys, *d, "documents", "-c", "c", "--limit", "3")
+    assert code == 0 and len(out.splitlines()) == 4 and "more after" in out.splitlines()[-1]
+    after = out.splitlines()[2].split("\t")[0]
+    code, out, _ = rag(capsys, *d, "documents", "-c", "c", "--limit", "3", "--after", after, "--all", "--json")
+    rest = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and len(rest) == 5 and [r["doc_id"] for r in rest] == sorted(r["doc_id"] for r in rest)
+    assert all(r["doc_id"] > after for r in rest)
+    code, out, _ = rag(capsys, *d, "documents", "-c", "c", "--filter", "kind=planet", "--json")
+    planets = [json.loads(line) for line in out.splitlines()]
+    assert [p["metadata"]["kind"] for p in planets] == ["planet"] * 4 and planets[0]["n_chunks"] == 1
     code, out, _ = rag(capsys, *d, "delete", "-c", "c", "--filter", "kind=planet")
     assert code == 0 and "deleted 4 documents matching the filter" in out
     code, out, _ = rag(capsys, *d, "search", "Olympus Mons", "-c", "c", "--filter", "kind=planet")
@@ -85,6 +95,8 @@ def test_search_json_collections_delete_drop(tmp_path, capsys):
     (["search", "q", "-c", "c", "--filter", "n>1", "--filter", "n>2"], "--filter gives n> twice ('1' and '2')"),
     (["search", "q", "-c", "c", "--filter", "n>1", "--filter", "n<z"], "range bounds must all be numbers or all text"),
     (["delete", "-c", "c"], "give the ids of the documents to delete, or --filter FIELD=VALUE"),
+    (["documents", "-c", "c", "--limit", "0"], "limit must be an integer in [1, 1000], got 0"),
+    (["documents", "-c", "missing"], "collection 'missing' does not exist"),
     (["delete", "-c", "c", "x", "--filter", "kind=md"], "give document ids or a filter to delete by, not both"),
     (["create", "c"], "already exists"),
     (["create", "bad/name"], "collection name"),

@@ -359,6 +359,33 @@ def test_range_any_of_and_not_filters_rank_exactly_their_matches(engine, monkeyp
     assert engine.describe("c").documents == 296
 
 
+def test_list_documents_pages_through_a_collection(engine):
+    """list_documents gives pages in id order and the token of the next one (None after the
+    last), filtered as search is; bad limits and tokens are InvalidInput, an unknown
+    collection NotFound."""
+    from engine.errors import NotFound
+    _teams_corpus(engine)
+    for filter, n in ((None, 301), ({"team": "a"}, 150), ({"n": {"$gte": 290}}, 10), ({"team": "nobody"}, 0)):
+        got, after, pages = [], None, 0
+        while True:
+            docs, after = engine.list_documents("c", filter=filter, limit=64, after=after)
+            got += docs
+            pages += 1
+            if after is None:
+                break
+            assert after == docs[-1].doc_id
+        assert len(got) == n and [d.doc_id for d in got] == sorted(d.doc_id for d in got), filter
+        assert pages == max(1, -(-n // 64)), (filter, pages)
+    tea7 = engine.list_documents("c", filter={"n": 7})[0]
+    assert [(d.doc_id, d.source, d.metadata, d.n_chunks) for d in tea7] == [("tea7", "notes/tea7.txt",
+                                                                           {"team": "b", "n": 7}, 1)]
+    for bad in ({"limit": 0}, {"limit": 1001}, {"limit": True}, {"limit": 2.0}, {"after": 5}):
+        with pytest.raises(InvalidInput, match="limit must be an integer in|after must be a document id"):
+            engine.list_documents("c", **bad)
+    with pytest.raises(NotFound):
+        engine.list_documents("nope")
+
+
 def test_delete_by_filter_removes_every_match_and_only_them(engine, config, tmp_path):
     """Deleting by a metadata filter removes exactly the documents it matches (through the
     metadata index, and by reading every document for a value the index does not hold), as

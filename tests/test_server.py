@@ -106,6 +106,17 @@ def test_ingest_results_per_document(server):
     client.ingest("ing", [{"id": f"y{i}", "text": f"Yearly note {i} about kettles.", "metadata": {"year": 2019 + i}}
                           for i in range(5)])
     assert client.delete("ing", filter={"year": {"$gte": 2021, "$lt": 2023}}) == 2  # 2021, 2022: a range
+    # ListDocuments: pages in id order, filtered as Search, the same as in process
+    pages, token = [], ""
+    while True:
+        page = client.list_documents("ing", page_size=3, page_token=token)
+        pages.append([d.id for d in page.documents])
+        if not (token := page.next_page_token):
+            break
+    assert pages == [["b", "t0", "t2"], ["y0", "y1", "y4"]]
+    (y4,) = client.list_documents("ing", filter={"year": {"$gt": 2022}}).documents
+    assert (y4.id, y4.source, dict(y4.metadata), y4.chunks, y4.chars) == ("y4", "y4", {"year": "2023"}, 1, 28)
+    assert abs(y4.ingested_unix_s - time.time()) < 600
     # not 2019 and no tenant 0: 2020, 2023 and "b" (a document without the fields passes)
     assert client.delete("ing", filter={"year": {"$nin": [2019]}, "tenant": {"$ne": "0"}}) == 3
     assert sorted(h.doc_id for h in client.search("ing", "kettles", k=10)) == ["t0", "t2", "y0"]

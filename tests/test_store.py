@@ -275,6 +275,29 @@ def test_canonical_filter_is_its_own_canonical_form():
     assert check_filter(f) is f and check_filter(json.loads(json.dumps(f))) == f  # as Ray and the batcher pass it on
 
 
+def test_list_documents_pages_in_id_order(store):
+    """A listing's pages follow each other in id order with nothing skipped or repeated,
+    filtered through the metadata index or (values it does not hold) by reading documents."""
+    store.apply([DocumentRecord(f"d{i}", f"/s{i}", f"h{i}", meta, 7 + i, record(f"d{i}", 1 + i % 3, seed=i).chunks,
+                                record(f"d{i}", 1 + i % 3, seed=i).vectors) for i, meta in enumerate(METADATA)])
+    every = sorted(f"d{i}" for i in range(len(METADATA)))
+    for indexed in (True, False):
+        store.meta_index = indexed
+        for filter, want in ((None, every), ({"team": "red"}, ["d0", "d2", "d8"]),
+                             ({"n": {"$gt": 0}, "team": {"$ne": "Red"}}, ["d0", "d2", "d7"]),
+                             ({"x": None}, ["d0", "d1", "d3", "d4", "d5", "d6", "d8"])):
+            for limit in (1, 2, 100):
+                got, after = [], ""
+                while page := store.list_documents(filter, after, limit):
+                    assert len(page) <= limit
+                    got += [d.doc_id for d in page]
+                    after = page[-1].doc_id
+                assert got == want, (filter, limit)
+    (d2,) = store.list_documents({"team": "red", "n": 2**70}, "", 5)
+    assert (d2.source, d2.content_hash, d2.metadata, d2.n_chars, d2.n_chunks) == ("/s2", "h2", METADATA[2], 9, 3)
+    assert d2.ingested_at > 1.7e9
+
+
 def test_old_store_gets_metadata_index(tmp_path):
     """A store made before the metadata index gets it on a writer's open (built from its
     documents); a reader of one without it still filters, reading every document."""
