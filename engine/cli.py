@@ -310,7 +310,9 @@ def run(args: argparse.Namespace) -> int:
                 print(f"skipped {f.source}: {f.reason}", file=sys.stderr)
             print(f"{args.collection}: {report.documents_added} added, {report.documents_updated} updated, "
                   f"{report.documents_unchanged} unchanged, {len(report.failures)} skipped; "
-                  f"{report.chunks_added} chunks added, {report.chunks_removed} removed "
+                  f"{report.chunks_added} chunks added"
+                  f"{f' ({report.chunks_reused} with vectors already stored)' if report.chunks_reused else ''}, "
+                  f"{report.chunks_removed} removed "
                   f"in {report.seconds:.1f}s")
             ok = report.documents_added + report.documents_updated + report.documents_unchanged
             return 1 if report.failures and not ok else 0

@@ -40,6 +40,7 @@ class IngestReport:
     documents_unchanged: int = 0
     chunks_added: int = 0
     chunks_removed: int = 0
+    chunks_reused: int = 0  # chunks added with a vector already stored for their text, not embedded again
     failures: list[Failure] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
     # doc_id -> (status, chunks, error); status is added/updated/unchanged/failed
@@ -119,18 +120,22 @@ class _Local:
         self._embedder = embedder
         self._chunker: Chunker | None = None
 
-    def chunk_embed(self, docs: list[Document]) -> list[tuple[list[Chunk], np.ndarray]]:
+    def chunk_embed(self, docs: list[Document], known: dict[str, np.ndarray]) -> tuple[list[tuple[list[Chunk], np.ndarray]], int]:
+        """Chunks and their vectors per document, and how many chunks took a vector from
+        `known` (chunk text -> the vector stored for it) instead of the embedder: a chunk's
+        vector depends on its text alone, so an upsert that changes a document's metadata,
+        or part of its text, embeds only the chunk texts that are new (each once)."""
         embedder = self._embedder()
         if self._chunker is None:
             self._chunker = chunker_for(self.col, embedder)
         chunked = self._chunker.chunk_many([(d.doc_id, d.text) for d in docs])
-        texts = [c.text for chunks in chunked for c in chunks]
-        vectors = embedder.embed(texts) if texts else np.zeros((0, self.col.settings["dim"]), np.float32)
-        out, row = [], 0
-        for chunks in chunked:
-            out.append((chunks, vectors[row:row + len(chunks)]))
-            row += len(chunks)
-        return out
+        new = list(dict.fromkeys(c.text for chunks in chunked for c in chunks if c.text not in known))
+        if new:
+            known = {**known, **dict(zip(new, embedder.embed(new)))}
+        dim = self.col.settings["dim"]
+        out = [(chunks, np.array([known[c.text] for c in chunks], np.float32).reshape(len(chunks), dim))
+               for chunks in chunked]
+        return out, sum(len(chunks) for chunks in chunked) - len(new)
 
 
 def _batch(col: Collection, local: _Local, docs: list[Document | Prepared], report: IngestReport) -> None:
@@ -152,7 +157,11 @@ def _batch(col: Collection, local: _Local, docs: list[Document | Prepared], repo
     if not todo:
         return
     here = [d for d, _ in todo if isinstance(d, Document)]
-    done = iter(local.chunk_embed(here) if here else ())
+    done: Iterable = ()
+    if here:  # the chunk texts these documents have stored now (updates) need no embedding
+        done, reused = local.chunk_embed(here, col.store.chunk_vectors([d.doc_id for d in here if d.doc_id in stored]))
+        report.chunks_reused += reused
+    done = iter(done)
     records_in = []
     for d, h in todo:
         chunks, vectors = next(done) if isinstance(d, Document) else (d.chunks, d.vectors)

@@ -414,6 +414,20 @@ class Store:
             return [r[0] for r in self._db.execute(
                 "SELECT key FROM chunks WHERE doc_id = ? ORDER BY ordinal", (doc_id,))]
 
+    def chunk_vectors(self, doc_ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """The stored vector of every chunk text of these documents (text -> a copy of its
+        row): an upsert re-embeds only chunk texts it does not find here."""
+        out: dict[str, np.ndarray] = {}
+        with self._lock:
+            vectors = self.vectors()
+            for i in range(0, len(doc_ids), 500):
+                part = list(doc_ids[i:i + 500])
+                for key, text in self._db.execute(
+                        f"SELECT key, text FROM chunks WHERE doc_id IN ({','.join('?' * len(part))})", part):
+                    if key < len(vectors):
+                        out[text] = np.array(vectors[key])
+        return out
+
     def has_document(self, doc_id: str) -> bool:
         with self._lock:
             return self._db.execute("SELECT 1 FROM documents WHERE doc_id = ?", (doc_id,)).fetchone() is not None

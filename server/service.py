@@ -184,7 +184,7 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
                 f"#{i}", ("failed", 0, "not processed"))
             results.append(pb.DocumentResult(id=doc_id, status=STATUS_TO_PB[status], chunks=chunks, error=error))
         return pb.IngestStreamResponse(results=results, chunks_added=report.chunks_added,
-                                       chunks_removed=report.chunks_removed,
+                                       chunks_removed=report.chunks_removed, chunks_reused=report.chunks_reused,
                                        ingest_time_ns=time.perf_counter_ns() - t0)
 
     @guarded

@@ -359,6 +359,48 @@ def test_range_any_of_and_not_filters_rank_exactly_their_matches(engine, monkeyp
     assert engine.describe("c").documents == 296
 
 
+PARAGRAPHS = [f"Paragraph {i}: the harbor of town {i} keeps {i + 3} boats, a lighthouse painted "
+              f"{['red', 'white', 'blue', 'green'][i % 4]}, and a market that opens at {6 + i % 5} in the morning "
+              "on weekdays, selling fish, bread, rope and lamp oil to sailors who come in from the north sea. " * 2
+              for i in range(8)]
+
+
+def test_upsert_embeds_only_chunk_texts_it_does_not_have(engine, monkeypatch):
+    """Re-ingesting a document whose metadata changed keeps every stored chunk vector (the
+    embedder sees no text); one whose last paragraph changed embeds only the chunks that
+    changed. Either way the collection equals a fresh ingest of the new version."""
+    embedded: list[str] = []
+    real = engine.embedder.embed
+    monkeypatch.setattr(engine.embedder, "embed", lambda texts, *a, **kw: (embedded.extend(texts), real(texts, *a, **kw))[1])
+    engine.create_collection("c")
+    text = "\n\n".join(PARAGRAPHS)
+    engine.ingest("c", [Document("log", text, "harbors.txt", {"year": 2019}), Document("other", "Tea notes.", "t.txt")])
+    col = engine.collections.get("c")
+    before = {r.text: np.array(col.store.vectors()[k]) for k, r in col.store.chunks(col.store.keys()).items()}
+    n = len(col.store.document_keys("log"))
+    assert n >= 4
+    embedded.clear()
+    r = engine.ingest("c", [Document("log", text, "harbors.txt", {"year": 2020})])
+    assert (r.documents_updated, r.chunks_added, r.chunks_removed, r.chunks_reused) == (1, n, n, n)
+    assert embedded == []  # metadata only: nothing embedded
+    assert {h.doc_id for h in engine.search("c", "harbor boats", k=3, filter={"year": {"$gte": 2020}})} == {"log"}
+    edited = "\n\n".join(PARAGRAPHS[:-1] + ["A new last paragraph about glaciers, ice fields and polar bears."])
+    embedded.clear()
+    r = engine.ingest("c", [Document("log", edited, "harbors.txt", {"year": 2020})])
+    assert 0 < r.chunks_reused < r.chunks_added and len(embedded) == r.chunks_added - r.chunks_reused
+    fresh = Engine(engine.config.replace(data_dir=engine.config.data_dir.parent / "fresh"), embedder=engine.embedder)
+    fresh.create_collection("c")
+    fresh.ingest("c", [Document("log", edited, "harbors.txt", {"year": 2020})])
+    got, want = (
+        {(r.ordinal, r.start, r.end, r.text): np.array(e.collections.get("c").store.vectors()[k])
+         for k, r in e.collections.get("c").store.chunks(e.collections.get("c").store.document_keys("log")).items()}
+        for e in (engine, fresh))
+    assert got.keys() == want.keys()
+    assert max(float(np.abs(got[c] - want[c]).max()) for c in got) < 1e-5
+    assert all(np.array_equal(got[c], before[c[3]]) for c in got if c[3] in before)  # kept, not re-embedded
+    fresh.close()
+
+
 def test_list_documents_pages_through_a_collection(engine):
     """list_documents gives pages in id order and the token of the next one (None after the
     last), filtered as search is; bad limits and tokens are InvalidInput, an unknown

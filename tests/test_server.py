@@ -96,6 +96,10 @@ def test_ingest_results_per_document(server):
     assert again.results[0].status == pb.DOCUMENT_STATUS_UNCHANGED
     changed = client.ingest("ing", [{"id": "a", "text": "Alpha document, now about teapots."}])
     assert changed.results[0].status == pb.DOCUMENT_STATUS_UPDATED and changed.chunks_removed == 1
+    assert changed.chunks_reused == 0  # new text: embedded
+    tagged = client.ingest("ing", [{"id": "a", "text": "Alpha document, now about teapots.", "metadata": {"t": "x"}}])
+    assert tagged.results[0].status == pb.DOCUMENT_STATUS_UPDATED and (tagged.chunks_added, tagged.chunks_reused) == (1, 1)
+    client.ingest("ing", [{"id": "a", "text": "Alpha document, now about teapots."}])  # as it was
     assert counts(client, "ing") == (2, 2)
     assert client.delete("ing", ["a", "missing"]) == 1
     assert counts(client, "ing") == (1, 1)
