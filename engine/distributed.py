@@ -14,7 +14,9 @@ driver:
   (`max_restarts=-1`); nothing half-written is ever visible.
 
 A worker skips chunking and embedding a document whose stored hash equals its own (the
-nightly re-ingest of an unchanged corpus costs the parse only). If the writer finds the
+nightly re-ingest of an unchanged corpus costs the parse only), and hands the actors the
+stored vectors of a changed document's chunk texts that are stored already, so that only the
+new ones are embedded (as engine/ingest.py does in one process). If the writer finds the
 hash changed meanwhile (an earlier input with the same id), it embeds that one itself.
 
 Batch answers and batch search: actors open the collection read-only (a shared
@@ -212,12 +214,14 @@ def _parse_chunk(item: dict, *, folder: str, model_dir: str, text_field: str, ch
     if item["failure"]:
         return [_row(item, 0, "failure", source=item["path"], reason=item["failure"])]
     docs = list(read_file(item["path"], text_field=text_field, part=_part(item)))
-    ok = [d for d in docs if isinstance(d, Document)]
-    stored = {}
+    ok = [d for d in docs if isinstance(d, Document) and isinstance(d.doc_id, str)]
+    stored, known = {}, {}
     if ok:
         store = Store(Path(folder), read_only=True)
         try:
-            stored = store.hashes([d.doc_id for d in ok if isinstance(d.doc_id, str)])
+            stored = store.hashes([d.doc_id for d in ok])
+            # a changed document's chunk texts stored already keep their vectors (as in engine/ingest.py)
+            known = store.chunk_vectors([d.doc_id for d in ok if d.doc_id in stored and stored[d.doc_id] != d.content_hash])
         finally:
             store.close()
     chunker = _chunker(model_dir, chunk_tokens, chunk_overlap)
@@ -242,6 +246,10 @@ def _parse_chunk(item: dict, *, folder: str, model_dir: str, text_field: str, ch
     for (row, _), chunks in zip(todo, chunker.chunk_many([(d.doc_id, d.text) for _, d in todo])):
         out[row]["chunks"] = json.dumps([[c.ordinal, c.start, c.end, c.n_tokens, c.text] for c in chunks],
                                         ensure_ascii=False)
+        kept = [i for i, c in enumerate(chunks) if c.text in known]
+        out[row]["known"] = json.dumps(kept)
+        out[row]["known_vectors"] = b"".join(np.ascontiguousarray(known[chunks[i].text], np.float32).tobytes()
+                                             for i in kept)
     return out
 
 
@@ -249,9 +257,10 @@ def _row(item: dict, j: int, kind: str, *, source: str, reason: str = "", doc_id
          metadata: str = "{}", n_chars: int = 0, chunks: str = "[]", path: str = "") -> dict:
     # Every row has every column: Ray Data blocks need one schema. `j`: the document's place
     # in its file's part (start, end, line), which _reload reads again if it must.
+    # `known`: indices of chunks whose vectors (`known_vectors`, in that order) the store had.
     return {"order": item["order"], "j": j, "kind": kind, "source": source, "reason": reason, "doc_id": doc_id,
             "hash": hash, "metadata": metadata, "n_chars": n_chars, "chunks": chunks, "path": path,
-            "start": item["start"], "end": item["end"], "line": item["line"]}
+            "start": item["start"], "end": item["end"], "line": item["line"], "known": "[]", "known_vectors": b""}
 
 
 @functools.lru_cache(maxsize=4)
@@ -274,13 +283,18 @@ class _EmbedChunks:
                                  batch_max_tokens=c.batch_max_tokens, max_batch=c.max_batch)
 
     def __call__(self, batch: dict) -> dict:
+        """Every row's chunk vectors: those the store had (`known`) as they are, the rest
+        embedded here, in one call."""
+        dim = self.embedder.dim
         chunks = [json.loads(c) for c in batch["chunks"]]
-        texts = [c[4] for doc in chunks for c in doc]
-        vectors = self.embedder.embed(texts) if texts else np.zeros((0, self.embedder.dim), np.float32)
-        out, row = [], 0
-        for doc in chunks:
-            out.append(np.ascontiguousarray(vectors[row:row + len(doc)], dtype=np.float32).tobytes())
-            row += len(doc)
+        kept = [dict(zip(json.loads(k), np.frombuffer(v, np.float32).reshape(-1, dim)))
+                for k, v in zip(batch["known"], batch["known_vectors"])]
+        texts = [c[4] for doc, have in zip(chunks, kept) for i, c in enumerate(doc) if i not in have]
+        vectors = iter(self.embedder.embed(texts) if texts else ())
+        out = []
+        for doc, have in zip(chunks, kept):
+            rows = np.array([have[i] if i in have else next(vectors) for i in range(len(doc))], np.float32)
+            out.append(np.ascontiguousarray(rows.reshape(len(doc), dim)).tobytes())
         batch["vectors"] = np.array(out, dtype=object)
         return batch
 
@@ -300,7 +314,8 @@ def _items(batch: dict, dim: int, text_field: str) -> Iterator[Document | Prepar
         yield Prepared(doc_id, source, str(batch["hash"][i]), json.loads(batch["metadata"][i]),
                        int(batch["n_chars"][i]), chunks, vectors,
                        functools.partial(_reload, str(batch["path"][i]), int(batch["j"][i]), text_field,
-                                         _part({c: batch[c][i] for c in ("start", "end", "line")})))
+                                         _part({c: batch[c][i] for c in ("start", "end", "line")})),
+                       reused=len(json.loads(batch["known"][i])))
 
 
 def _reload(path: str, j: int, text_field: str, part: tuple[int, int | None, int]) -> Document:

@@ -68,6 +68,7 @@ class Prepared:
     chunks: list[Chunk] | None
     vectors: np.ndarray | None
     reload: Callable[[], Document]
+    reused: int = 0  # of the chunks, those whose vectors the worker took from the store (not embedded)
 
 
 def chunker_for(col: Collection, embedder) -> Chunker:
@@ -124,18 +125,19 @@ class _Local:
         """Chunks and their vectors per document, and how many chunks took a vector from
         `known` (chunk text -> the vector stored for it) instead of the embedder: a chunk's
         vector depends on its text alone, so an upsert that changes a document's metadata,
-        or part of its text, embeds only the chunk texts that are new (each once)."""
+        or part of its text, embeds only the chunk texts that are new (each once per batch)."""
         embedder = self._embedder()
         if self._chunker is None:
             self._chunker = chunker_for(self.col, embedder)
         chunked = self._chunker.chunk_many([(d.doc_id, d.text) for d in docs])
+        reused = sum(c.text in known for chunks in chunked for c in chunks)
         new = list(dict.fromkeys(c.text for chunks in chunked for c in chunks if c.text not in known))
         if new:
             known = {**known, **dict(zip(new, embedder.embed(new)))}
         dim = self.col.settings["dim"]
         out = [(chunks, np.array([known[c.text] for c in chunks], np.float32).reshape(len(chunks), dim))
                for chunks in chunked]
-        return out, sum(len(chunks) for chunks in chunked) - len(new)
+        return out, reused
 
 
 def _batch(col: Collection, local: _Local, docs: list[Document | Prepared], report: IngestReport) -> None:
@@ -165,6 +167,7 @@ def _batch(col: Collection, local: _Local, docs: list[Document | Prepared], repo
     records_in = []
     for d, h in todo:
         chunks, vectors = next(done) if isinstance(d, Document) else (d.chunks, d.vectors)
+        report.chunks_reused += d.reused if isinstance(d, Prepared) else 0
         if not chunks:
             report.fail(Failure(d.source, "no indexable text (no tokens after tokenization)"), d.doc_id)
             continue

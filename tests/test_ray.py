@@ -79,7 +79,7 @@ def contents(engine: Engine, name: str) -> tuple[dict, dict]:
 
 def report_view(r) -> tuple:
     return (r.documents_added, r.documents_updated, r.documents_unchanged, r.chunks_added, r.chunks_removed,
-            r.failures, r.results)
+            r.chunks_reused, r.failures, r.results)
 
 
 def assert_same(a: Engine, b: Engine, name: str) -> None:
@@ -117,10 +117,12 @@ def test_ray_ingest_equals_single_process_ingest_and_upserts_alike(ray_address, 
         # Upsert: one file changed, one removed from the inputs; the rest unchanged.
         root = Path(corpus[0])
         (root / "tea.txt").write_text((root / "tea.txt").read_text() + "\nOolong sits between green and black.\n")
+        extra = root / "extra.jsonl"  # record "c" gets a metadata field: its text's stored vector is kept
+        extra.write_text(extra.read_text().replace('"id": "c",', '"id": "c", "kind": "tea",'))
         ra2 = single.ingest_paths("c", corpus)
         rb2 = distributed.ingest(on_ray, "c", corpus, actors=1, address=ray_address)
         assert report_view(ra2) == report_view(rb2)
-        assert ra2.documents_updated == 1 and ra2.documents_unchanged >= 5
+        assert ra2.documents_updated == 2 and ra2.documents_unchanged >= 5 and ra2.chunks_reused >= 1
         assert_same(single, on_ray, "c")
     finally:
         single.close()
