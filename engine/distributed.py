@@ -6,10 +6,11 @@ Ingest (`rag ingest ... --ray [ADDRESS]`) is a Ray Data pipeline whose one write
 driver:
   listing (driver: names, and the split points of a JSONL file over JSONL_PART_BYTES, found
   by one scan counting its line breaks) -> read, parse, hash check, chunk (Ray tasks, a file
-  or a part of whole lines each, tokenizer only) -> embed (an actor pool: `map_batches` with a callable class, each actor one
-  onnxruntime session with its threads) -> the driver, in input order, which commits
-  through engine/ingest.py exactly as a single-process ingest does: the same batches,
-  upsert decisions (content hash), report and write-ahead log. Workers write nothing, so
+  or a part of whole lines each, tokenizer only) -> embed (an actor pool: `map_batches`
+  with a callable class, each actor one onnxruntime session with its threads) -> the
+  driver, in input order, which commits through engine/ingest.py exactly as a
+  single-process ingest does: the same batches, upsert decisions (content hash), report
+  and write-ahead log. Workers write nothing, so
   an actor that dies costs only its batch, which Ray Data retries on a restarted actor
   (`max_restarts=-1`); nothing half-written is ever visible.
 
@@ -221,7 +222,8 @@ def _parse_chunk(item: dict, *, folder: str, model_dir: str, text_field: str, ch
         try:
             stored = store.hashes([d.doc_id for d in ok])
             # a changed document's chunk texts stored already keep their vectors (as in engine/ingest.py)
-            known = store.chunk_vectors([d.doc_id for d in ok if d.doc_id in stored and stored[d.doc_id] != d.content_hash])
+            known = store.chunk_vectors([d.doc_id for d in ok
+                                         if d.doc_id in stored and stored[d.doc_id] != d.content_hash])
         finally:
             store.close()
     chunker = _chunker(model_dir, chunk_tokens, chunk_overlap)

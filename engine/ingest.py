@@ -121,7 +121,8 @@ class _Local:
         self._embedder = embedder
         self._chunker: Chunker | None = None
 
-    def chunk_embed(self, docs: list[Document], known: dict[str, np.ndarray]) -> tuple[list[tuple[list[Chunk], np.ndarray]], int]:
+    def chunk_embed(self, docs: list[Document],
+                    known: dict[str, np.ndarray]) -> tuple[list[tuple[list[Chunk], np.ndarray]], int]:
         """Chunks and their vectors per document, and how many chunks took a vector from
         `known` (chunk text -> the vector stored for it) instead of the embedder: a chunk's
         vector depends on its text alone, so an upsert that changes a document's metadata,

@@ -347,8 +347,9 @@ class Store:
             return None
         if len(filter) == 1:  # the common case (a tenant's, a source's filter): one lookup
             (field, cond), = filter.items()
-            if len(cond) == 1 and "$eq" in cond and cond["$eq"] is not None and len(cond["$eq"]) <= META_INDEX_MAX_CHARS:
-                return "SELECT m.doc_id FROM doc_meta m WHERE m.field = ? AND m.value = ?", [field, cond["$eq"]]
+            value = cond.get("$eq") if len(cond) == 1 else None
+            if value is not None and len(value) <= META_INDEX_MAX_CHARS:
+                return "SELECT m.doc_id FROM doc_meta m WHERE m.field = ? AND m.value = ?", [field, value]
         wanted, unwanted = [], []  # (field, SQL terms on a doc_meta alias "x", params)
         for field, cond in filter.items():
             values = [cond[op] for op in ("$eq", "$ne") if op in cond] + [
