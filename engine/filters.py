@@ -16,8 +16,9 @@ a value (equality, as before) or a mapping of operators, all of which must hold:
                                                     with the values that do not read as numbers
 
 Values compare as the gRPC API sends them: strings as they are, other JSON as json.dumps
-(meta_str), so 2020 and "2020" are equal. A mapping whose keys all start with "$" holds
-operators; one with no such key is a JSON object value compared for equality.
+(meta_str), so 2020 and "2020" are equal. A mapping with a key that starts with "$" holds
+operators (every key must be one); one with no such key is a JSON object value compared for
+equality.
 `check_filter` turns any accepted form into one canonical form, {field: {op: operand}},
 with $eq/$ne operands as meta_str, $in/$nin as lists of them and range bounds as floats
 (numbers) or strings, which every consumer (matches, the store's SQL, Ray shards) reads.
