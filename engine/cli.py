@@ -471,8 +471,11 @@ def show_info(engine, args: argparse.Namespace) -> int:
     return 0
 
 
-def read_questions(path: str, field: str = "question") -> list[tuple[object, str]]:
-    """(id, text) pairs from a JSONL file of objects with `field` (and "id") or strings."""
+def read_questions(path: str, field: str = "question") -> list[tuple[object, str, dict | None]]:
+    """(id, text, filter) from a JSONL file of strings or objects with `field` (and "id",
+    and "filter": that line's own metadata filter, as engine/filters.py takes it)."""
+    from .filters import check_filter
+
     out = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -483,13 +486,32 @@ def read_questions(path: str, field: str = "question") -> list[tuple[object, str
             except json.JSONDecodeError as e:
                 raise InvalidInput(f"{path}:{n}: not valid JSON ({e.msg})") from None
             if isinstance(rec, str):
-                out.append((n, rec))
+                out.append((n, rec, None))
             elif isinstance(rec, dict) and isinstance(rec.get(field), str):
-                out.append((rec.get("id", n), rec[field]))
+                try:
+                    own = check_filter(rec.get("filter"))
+                except InvalidInput as e:
+                    raise InvalidInput(f"{path}:{n}: {e}") from None
+                out.append((rec.get("id", n), rec[field], own))
             else:
                 raise InvalidInput(f'{path}:{n}: expected a string or an object with a "{field}" string')
     if not out:
         raise InvalidInput(f"{path}: no {field}s")
+    return out
+
+
+def line_filters(items: list, flag_filter: dict | None, path: str) -> list | None:
+    """Each batch line's filter with --filter's (both must hold); None where no line has one."""
+    from .filters import both
+
+    if all(f is None for _, _, f in items):
+        return None
+    out = []
+    for n, (_, _, f) in enumerate(items, 1):
+        try:
+            out.append(both(flag_filter, f))
+        except InvalidInput as e:
+            raise InvalidInput(f"{path}: entry {n}: {e}") from None
     return out
 
 
@@ -570,19 +592,22 @@ def search_batch(engine, args: argparse.Namespace) -> int:
     if args.query:
         raise InvalidInput("give either a query or --batch, not both")
     items = read_questions(args.batch, "query")
-    for i, (_, q) in enumerate(items):
+    for i, (_, q, _) in enumerate(items):
         engine.check_query(q, i)
     engine.check_k(args.k)
     engine.describe(args.collection)  # NotFound here, not in a worker
-    texts = [q for _, q in items]
-    options = {"k": args.k, "mode": engine.check_mode(args.mode), "filter": parse_filter(args.filter)}
+    texts = [q for _, q, _ in items]
+    flag = parse_filter(args.filter)
+    filters = line_filters(items, flag, args.batch)
+    options = {"k": args.k, "mode": engine.check_mode(args.mode), "filter": flag if filters is None else None}
     if args.ray:
         results = distributed.map_readers(engine.config, args.collection, "search", texts, options,
-                                          actors=args.ray_actors, actor_threads=args.ray_actor_threads)
+                                          actors=args.ray_actors, actor_threads=args.ray_actor_threads,
+                                          filters=filters)
     else:
-        results = distributed.run_shard(engine, args.collection, "search", texts, options)
+        results = distributed.run_shard(engine, args.collection, "search", texts, options, filters)
     write_lines(args.out, (json.dumps({"id": qid, **json.loads(r)}, ensure_ascii=False)
-                           for (qid, _), r in zip(items, results)))
+                           for (qid, _, _), r in zip(items, results)))
     return 0
 
 
@@ -598,7 +623,10 @@ def ask(engine, args: argparse.Namespace) -> int:
             raise InvalidInput("give either a question or --batch, not both")
         items = read_questions(args.batch)
         bar = Progress("ask", enabled=not args.quiet and sys.stderr.isatty(), unit="answers", total=len(items))
-        texts = [q for _, q in items]
+        texts = [q for _, q, _ in items]
+        flag = parse_filter(args.filter)
+        filters = line_filters(items, flag, args.batch)
+        flag = flag if filters is None else None  # else within each line's
         if args.ray:
             from . import distributed
 
@@ -606,16 +634,16 @@ def ask(engine, args: argparse.Namespace) -> int:
                 engine.check_query(q, i)
             engine.describe(args.collection)  # NotFound here, not in a worker
             results = list(distributed.map_readers(engine.config, args.collection, "answer", texts,
-                                                   {"k": args.k, "params": params,
-                                                    "filter": parse_filter(args.filter)}, actors=args.ray_actors,
-                                                   actor_threads=args.ray_actor_threads, progress=bar))
+                                                   {"k": args.k, "params": params, "filter": flag},
+                                                   actors=args.ray_actors, actor_threads=args.ray_actor_threads,
+                                                   progress=bar, filters=filters))
         else:
             results = [json.dumps(a.to_json(), ensure_ascii=False)
                        for a in engine.answer_batch(args.collection, texts, k=args.k, params=params,
-                                                    filter=parse_filter(args.filter), progress=bar)]
+                                                    filter=flag, progress=bar, filters=filters)]
         bar.done()
         write_lines(args.out, (json.dumps({"id": qid, **json.loads(r)}, ensure_ascii=False)
-                               for (qid, _), r in zip(items, results)))
+                               for (qid, _, _), r in zip(items, results)))
         return 0
     if not args.question:
         raise InvalidInput("give a question, or --batch QUESTIONS.jsonl")

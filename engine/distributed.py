@@ -338,36 +338,43 @@ class _Reader:
         self.name, self.kind, self.options = name, kind, options
 
     def __call__(self, batch: dict) -> dict:
-        batch["result"] = np.array(run_shard(self.engine, self.name, self.kind, list(batch["text"]), self.options),
-                                   dtype=object)
+        own = [str(f) for f in batch["filter"]]  # "" for none at all: the batch's filter only
+        filters = None if all(f == "" for f in own) else [json.loads(f or "{}") for f in own]
+        batch["result"] = np.array(run_shard(self.engine, self.name, self.kind, list(batch["text"]), self.options,
+                                             filters), dtype=object)
         return batch
 
 
-def run_shard(engine, name: str, kind: str, texts: list[str], options: dict) -> list[str]:
-    """One shard of a batch: JSON per input, the same in one process and on Ray actors."""
+def run_shard(engine, name: str, kind: str, texts: list[str], options: dict,
+              filters: Sequence | None = None) -> list[str]:
+    """One shard of a batch: JSON per input, the same in one process and on Ray actors.
+    `filters`: each input's own metadata filter (or None), with options["filter"]."""
     if kind == "answer":
         answers = engine.answer_batch(name, texts, k=options.get("k"), params=options.get("params"),
-                                      filter=options.get("filter"))
+                                      filter=options.get("filter"), filters=filters)
         return [json.dumps(a.to_json(), ensure_ascii=False) for a in answers]
     from dataclasses import asdict
 
     hits = engine.search_batch(name, texts, options.get("k") or 5, mode=options.get("mode"),
-                               filter=options.get("filter"))
+                               filter=options.get("filter"), filters=filters)
     return [json.dumps({"query": q, "hits": [asdict(h) for h in hs]}, ensure_ascii=False)
             for q, hs in zip(texts, hits)]
 
 
 def map_readers(config: Config, name: str, kind: str, texts: Sequence[str], options: dict, *,
                 actors: int | None = None, actor_threads: int = 1, address: str | None = None,
-                progress: Callable[[int], None] | None = None) -> Iterator[str]:
-    """run_shard over `texts` on Ray actors; yields one JSON string per text, in input order."""
+                progress: Callable[[int], None] | None = None,
+                filters: Sequence | None = None) -> Iterator[str]:
+    """run_shard over `texts` (each with its filter from `filters`, if given) on Ray actors;
+    yields one JSON string per text, in input order."""
     ray = connect(address)
     if kind not in ("answer", "search"):
         raise InvalidInput(f"unknown batch kind {kind!r}")
     actors = pool_size(ray, actors, actor_threads)
     _data_context(ray)
     shard = max(1, config.max_concurrent_generations * ANSWER_SHARD_ROWS) if kind == "answer" else 256
-    ds = (ray.data.from_items([{"i": i, "text": t} for i, t in enumerate(texts)],
+    own = [""] * len(texts) if filters is None else [json.dumps(f) if f else "{}" for f in filters]
+    ds = (ray.data.from_items([{"i": i, "text": t, "filter": f} for i, (t, f) in enumerate(zip(texts, own))],
                               override_num_blocks=max(1, min(len(texts) // shard + 1, 4096)))
           .map_batches(_Reader, fn_constructor_kwargs={"config": config.replace(threads=actor_threads), "name": name,
                                                        "kind": kind, "options": options},

@@ -108,6 +108,23 @@ def check_filter(filter) -> Filter | None:
     return out or None
 
 
+def both(a, b) -> Filter | None:
+    """Two filters that must both hold, as one (e.g. a batch's filter and one query's own);
+    an operator both give a field with different operands is InvalidInput."""
+    a, b = check_filter(a), check_filter(b)
+    if not a or not b:
+        return a or b
+    out = Filter({f: dict(cond) for f, cond in a.items()})
+    for field, cond in b.items():
+        have = out.setdefault(field, {})
+        for op, x in cond.items():
+            if op in have and have[op] != x:
+                raise InvalidInput(f"filter field {field!r}: {op} is given twice ({have[op]!r} and {x!r}); "
+                                   "a query's own filter and the batch's must not disagree")
+            have[op] = x
+    return check_filter(dict(out))
+
+
 def holds(s: str | None, op: str, x) -> bool:
     """Whether a value (meta_str; None: missing or null) satisfies one canonical operator."""
     if op == "$eq":

@@ -247,11 +247,14 @@ class Engine:
 
     def search_batch(self, name: str, queries: Sequence[str], k: int = 5, *,
                      filter: dict | None = None, mode: str | None = None,
-                     vectors: np.ndarray | None = None) -> list[list[Hit]]:
+                     vectors: np.ndarray | None = None, filters: Sequence[dict | None] | None = None
+                     ) -> list[list[Hit]]:
         """Top-k hits per query (engine/search.py): one embedding batch (unless `vectors`
         are given), one index batch search, exact rescoring, and (mode "hybrid", the
-        default) fusion with a BM25 ranking of the same collection."""
-        return self.searcher.search(name, queries, k, filter=filter, mode=mode, vectors=vectors).hits
+        default) fusion with a BM25 ranking of the same collection. `filters`: each
+        query's own filter (or None), to hold with `filter`."""
+        return self.searcher.search(name, queries, k, filter=filter, mode=mode, vectors=vectors,
+                                    filters=filters).hits
 
     # ------------------------------------------------------------------ answers
     def relevant(self, hits: Sequence[Hit]) -> list[Hit]:
@@ -275,7 +278,10 @@ class Engine:
         return final
 
     def answer_batch(self, name: str, questions: Sequence[str], *, k: int | None = None, params=None,
-                     filter: dict | None = None, progress: Callable[[int], None] | None = None) -> list[Answer]:
+                     filter: dict | None = None, progress: Callable[[int], None] | None = None,
+                     filters: Sequence[dict | None] | None = None) -> list[Answer]:
         """Answers for many questions, batched by the scheduler (up to
-        config.max_concurrent_generations rows at a time); results in input order."""
-        return self.answerer.batch(name, questions, k=k, params=params, filter=filter, progress=progress)
+        config.max_concurrent_generations rows at a time); results in input order.
+        `filters`: each question's own filter for its retrieval (or None), with `filter`."""
+        return self.answerer.batch(name, questions, k=k, params=params, filter=filter, progress=progress,
+                                   filters=filters)

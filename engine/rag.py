@@ -18,8 +18,7 @@ import numpy as np
 
 from .config import NO_ANSWER, Config
 from .errors import FailedPrecondition, InvalidInput, Overloaded
-from .filters import check_filter
-from .search import Hit, Searcher, check_k, check_queries
+from .search import Hit, Searcher, check_k, check_queries, query_filters
 from .support import Supporter, copied_header, degenerate, may_become_degenerate, source_label, without_header
 
 CITATION = re.compile(r"\[(\d{1,3})\]")
@@ -155,20 +154,26 @@ class Answerer:
             blocks.pop()
             sources.pop()
 
-    def retrieve(self, name: str, questions: Sequence[str], k: int | None, params, filter: dict | None = None):
+    def retrieve(self, name: str, questions: Sequence[str], k: int | None, params, filter: dict | None = None,
+                 filters: Sequence | None = None):
         """(params, hits per question, embed_ns, search_ns, the questions' embeddings), after
-        every check an answer needs; `filter`: only chunks whose metadata matches (as search)."""
+        every check an answer needs; `filter`: only chunks whose metadata matches (as search),
+        with each question's own from `filters` if given."""
         from .generate import SamplingParams
 
         params = params or SamplingParams(max_new_tokens=self.config.max_new_tokens)
         k = check_k(self.config.answer_k if k is None else k)
         questions = check_queries(questions, "questions")
-        filter = check_filter(filter)
+        per_query = query_filters(filter, filters, len(questions))
         col = self.searcher.open(name)
         params.check(self._generator().window)
         if col.store.counts()[1] == 0:
             raise FailedPrecondition(f"collection {name!r} is empty; ingest documents before asking questions")
-        found = self.searcher.search_open(col, questions, k, filter=filter, mode=self.searcher.check_mode(None))
+        mode = self.searcher.check_mode(None)
+        if filters is None:
+            found = self.searcher.search_open(col, questions, k, filter=per_query[0], mode=mode)
+        else:  # each question's filter, the batch's within it
+            found = self.searcher.search_open(col, questions, k, filter=None, filters=per_query, mode=mode)
         return params, found.hits, found.embed_ns, found.search_ns, found.vectors
 
     def stream(self, name: str, question: str, *, k: int | None = None, params=None, filter: dict | None = None,
@@ -227,12 +232,13 @@ class Answerer:
         yield answer
 
     def batch(self, name: str, questions: Sequence[str], *, k: int | None = None, params=None,
-              filter: dict | None = None, progress: Callable[[int], None] | None = None) -> list[Answer]:
+              filter: dict | None = None, progress: Callable[[int], None] | None = None,
+              filters: Sequence | None = None) -> list[Answer]:
         """Answers for many questions: one embedding batch, one index batch search, and every
         prompt submitted to the scheduler, which decodes up to its row limit together."""
         from .generate import FINISH_CANCELLED
 
-        params, hits, embed_ns, search_ns, vectors = self.retrieve(name, questions, k, params, filter)
+        params, hits, embed_ns, search_ns, vectors = self.retrieve(name, questions, k, params, filter, filters)
         n = len(questions)
         t0 = time.perf_counter_ns()
         prompts = [self.build_prompt(q, h, params.max_new_tokens, vector=v)

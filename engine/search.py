@@ -32,7 +32,7 @@ from . import kernels
 from .collection import Collection, Collections
 from .config import MAX_TOP_K, SEARCH_MODES, Config
 from .errors import FailedPrecondition, InvalidInput
-from .filters import check_filter, matches
+from .filters import both, check_filter, matches
 
 MAX_QUERY_CHARS = 64 * 1024
 FILTER_OVERFETCH = 10
@@ -99,6 +99,16 @@ def check_k(k) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_TOP_K:
         raise InvalidInput(f"k must be an integer in [1, {MAX_TOP_K}], got {k!r}")
     return int(k)
+
+
+def query_filters(filter, filters, n: int) -> list:
+    """Each of `n` queries' filter, canonical: `filter` for all, with the query's own from
+    `filters` (one per query, or None) where given."""
+    if filters is None:
+        return [check_filter(filter)] * n
+    if isinstance(filters, (str, dict)) or not isinstance(filters, Sequence) or len(filters) != n:
+        raise InvalidInput(f"filters must be a list with one filter (or None) per query: {n} queries")
+    return [both(filter, f) for f in filters]
 
 
 EXACT_BLOCK_ROWS = 32768  # rows scored per matrix product in exact mode (~50 MB of f32 at dim 384)
@@ -182,26 +192,29 @@ class Searcher:
         return col
 
     def search(self, name: str, queries: Sequence[str], k: int, *, filter: dict | None = None,
-               mode: str | None = None, vectors: np.ndarray | None = None) -> SearchResult:
+               mode: str | None = None, vectors: np.ndarray | None = None,
+               filters: Sequence[dict | None] | None = None) -> SearchResult:
         """Top-k hits per query. `vectors`: the queries' embeddings, if the caller already has
         them (the micro-batcher embeds many requests at once); otherwise they are embedded here.
 
         `filter`: metadata field -> value or {operator: operand} (engine/filters.py: equal,
         one of, not, ranges), every field's must hold; the k best matches, however rare
-        (see _rank).
+        (see _rank). `filters`: one more filter per query (None for none), each to hold
+        with `filter` (a batch of many tenants' questions).
         """
         k = check_k(k)
         mode = self.check_mode(mode)
         queries = check_queries(queries)
-        filter = check_filter(filter)
-        return self.search_open(self.open(name), queries, k, filter=filter, mode=mode, vectors=vectors)
+        per_query = query_filters(filter, filters, len(queries))
+        return self.search_open(self.open(name), queries, k, filter=filter, mode=mode, vectors=vectors,
+                                filters=per_query)
 
     def search_open(self, col: Collection, queries: list[str], k: int, *, filter: dict | None, mode: str,
-                    vectors: np.ndarray | None = None) -> SearchResult:
+                    vectors: np.ndarray | None = None, filters: Sequence | None = None) -> SearchResult:
         """`search` on a collection `open` returned, with checked arguments (answers open the
         collection first, to check it is not empty, and do not open it twice)."""
         t0 = time.perf_counter_ns()
-        filter = check_filter(filter)  # canonical (idempotent): callers may hand in a filter as given
+        per_query = query_filters(filter, filters, len(queries))
         if vectors is None:
             vectors = self._embedder().embed(queries)
         vectors = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
@@ -209,7 +222,18 @@ class Searcher:
             raise InvalidInput(f"query vectors have shape {vectors.shape}; collection {col.name!r} expects "
                                f"({len(queries)}, {col.settings['dim']})")
         t1 = time.perf_counter_ns()
-        hits = self._rank(col, queries, vectors, k, filter, mode)
+        if filters is None:
+            hits = self._rank(col, queries, vectors, k, per_query[0], mode)
+        else:  # queries with the same filter are ranked together
+            groups: dict[str, list[int]] = {}
+            for i, f in enumerate(per_query):
+                groups.setdefault(json.dumps(f, sort_keys=True), []).append(i)
+            hits = [None] * len(queries)
+            for members in groups.values():
+                ranked = self._rank(col, [queries[i] for i in members], vectors[members], k, per_query[members[0]],
+                                    mode)
+                for i, h in zip(members, ranked):
+                    hits[i] = h
         return SearchResult(hits, t1 - t0, time.perf_counter_ns() - t1, vectors)
 
     def _rank(self, col: Collection, queries: list[str], vectors: np.ndarray, k: int,

@@ -98,6 +98,12 @@ def test_filter_answers_from_matching_documents_only(rag):
     assert all(s.hit.metadata["kind"] == "planet" for s in tea.sources)
     (b,) = rag.answer_batch("demo", ["Which planet has the tallest volcano?"], params=SHORT, filter=planets)
     assert b.text == a.text and [s.hit.key for s in b.sources] == [s.hit.key for s in a.sources]
+    # each question its own filter, in one batch: the same answers as asked one by one
+    qs = ["Which planet has the tallest volcano?", "How hot should the water be for green tea?"]
+    own = rag.answer_batch("demo", qs, params=SHORT, filters=[planets, None])
+    assert own[0].text == a.text and [s.hit.key for s in own[0].sources] == [s.hit.key for s in a.sources]
+    alone = rag.answer("demo", qs[1], params=SHORT)
+    assert own[1].text == alone.text and [s.hit.key for s in own[1].sources] == [s.hit.key for s in alone.sources]
     nothing = rag.answer("demo", "Which planet has the tallest volcano?", params=SHORT, filter={"kind": "none"})
     assert nothing.text == NO_ANSWER and nothing.finish_reason == FINISH_NO_CONTEXT and nothing.sources == []
     with pytest.raises(InvalidInput, match="filter must be a mapping"):

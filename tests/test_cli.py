@@ -86,6 +86,10 @@ def test_search_json_collections_delete_drop(tmp_path, capsys):
     assert "no collections" in out
 
 
+BATCH_FILES = {"BADLINE": '"fine"\n{"query": "q", "filter": {"n": {"$bad": 1}}}\n',
+               "CLASH": '{"query": "q", "filter": {"kind": "tea"}}\n'}
+
+
 @pytest.mark.parametrize("args, message", [
     (["search", "q", "-c", "missing"], "collection 'missing' does not exist"),
     (["search", "", "-c", "c"], "query is empty"),
@@ -96,6 +100,9 @@ def test_search_json_collections_delete_drop(tmp_path, capsys):
     (["search", "q", "-c", "c", "--filter", "n>1", "--filter", "n<z"], "range bounds must all be numbers or all text"),
     (["delete", "-c", "c"], "give the ids of the documents to delete, or --filter FIELD=VALUE"),
     (["documents", "-c", "c", "--limit", "0"], "limit must be an integer in [1, 1000], got 0"),
+    (["search", "-c", "c", "--batch", "BADLINE"], ":2: filter field 'n': unknown operator '$bad'"),
+    (["search", "-c", "c", "--batch", "CLASH", "--filter", "kind=planet"],
+     "entry 1: filter field 'kind': $eq is given twice ('planet' and 'tea')"),
     (["documents", "-c", "missing"], "collection 'missing' does not exist"),
     (["delete", "-c", "c", "x", "--filter", "kind=md"], "give document ids or a filter to delete by, not both"),
     (["create", "c"], "already exists"),
@@ -103,6 +110,9 @@ def test_search_json_collections_delete_drop(tmp_path, capsys):
 ])
 def test_errors_exit_2_with_message(tmp_path, capsys, args, message):
     d = ["--data-dir", str(tmp_path)]
+    for name, text in BATCH_FILES.items():
+        (tmp_path / name).write_text(text)
+    args = [str(tmp_path / a) if a in BATCH_FILES else a for a in args]
     assert rag(capsys, *d, "create", "c")[0] == 0
     code, out, err = rag(capsys, *d, *args)
     assert code == 2

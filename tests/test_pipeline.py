@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from engine.errors import AlreadyExists, InvalidInput, NotFound
+from engine.filters import both
 from engine.documents import Document
 from engine.pipeline import Engine
 
@@ -399,6 +400,25 @@ def test_upsert_embeds_only_chunk_texts_it_does_not_have(engine, monkeypatch):
     assert max(float(np.abs(got[c] - want[c]).max()) for c in got) < 1e-5
     assert all(np.array_equal(got[c], before[c[3]]) for c in got if c[3] in before)  # kept, not re-embedded
     fresh.close()
+
+
+def test_each_query_of_a_batch_may_have_its_own_filter(engine):
+    """search_batch with `filters` (one per query, with `filter`) gives each query what a
+    search with its own filter gives; a query's filter that contradicts the batch's is
+    InvalidInput, as is a filters list of the wrong length."""
+    _teams_corpus(engine)
+    question = "What temperature should green tea be brewed at?"
+    own = [{"team": "rare"}, None, {"n": {"$lt": 20}}, {"team": "rare"}, {"team": {"$in": ["a", "rare"]}}]
+    for mode in ("hybrid", "dense"):
+        got = engine.search_batch("c", [question] * 5, 4, filter={"team": {"$ne": "b"}}, mode=mode, filters=own)
+        for hits, f in zip(got, own):
+            alone = engine.search("c", question, k=4, mode=mode, filter=both({"team": {"$ne": "b"}}, f))
+            assert [h.key for h in hits] == [h.key for h in alone], (f, mode)
+    assert [h.doc_id for h in got[0]] == ["lighthouse"] and all(h.metadata["n"] < 20 for h in got[2])
+    with pytest.raises(InvalidInput, match=r"\$eq is given twice \('a' and 'b'\)"):
+        engine.search_batch("c", [question], 3, filter={"team": "a"}, filters=[{"team": "b"}])
+    with pytest.raises(InvalidInput, match="one filter \\(or None\\) per query: 2 queries"):
+        engine.search_batch("c", [question, question], 3, filters=[None])
 
 
 def test_list_documents_pages_through_a_collection(engine):

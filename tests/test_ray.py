@@ -231,6 +231,18 @@ def test_ray_batch_answers_and_search_equal_single_process(ray_address, tmp_path
     only1, only2 = batch_lines(h3), batch_lines(h4)
     assert all(len(r["hits"]) == 3 and all(h["metadata"]["kind"] == "planet" for h in r["hits"]) for r in only1)
     assert [[h["doc_id"] for h in r["hits"]] for r in only1] == [[h["doc_id"] for h in r["hits"]] for r in only2]
+    # each line's own filter (a batch of many tenants' queries), with --filter's: the same on Ray
+    own = tmp_path / "own.jsonl"
+    own.write_text("".join(json.dumps({"query": q, "filter": f}) + "\n" for q, f in [
+        ("tea", {"kind": "planet"}), ("largest planet", {"id": {"$in": ["mars", "venus"]}}), ("tea", None)] * 3))
+    h5, h6 = tmp_path / "h5.jsonl", tmp_path / "h6.jsonl"
+    lines = ["search", "-c", "demo", "--batch", str(own), "-k", "3", "--filter", "kind!=none"]
+    assert main([*common, *lines, "--out", str(h5)]) == 0
+    assert main([*common, *lines, "--out", str(h6), "--ray", ray_address, "--ray-actors", "2"]) == 0
+    own1, own2 = batch_lines(h5), batch_lines(h6)
+    assert [{h["metadata"].get("id") for h in r["hits"]} for r in own1[1:2]] == [{"mars", "venus"}]
+    assert all(h["metadata"]["kind"] == "planet" for h in own1[0]["hits"]) and len(own1[2]["hits"]) == 3
+    assert [[h["doc_id"] for h in r["hits"]] for r in own1] == [[h["doc_id"] for h in r["hits"]] for r in own2]
 
 
 def test_an_unreachable_ray_address_fails_before_anything_is_read(tmp_path, capsys):
