@@ -50,6 +50,13 @@ def meta_str(v) -> str | None:
     return json.dumps(v, sort_keys=True, ensure_ascii=False)
 
 
+def meta_wire(v) -> str:
+    """A metadata value as the gRPC API's map<string, string> carries it: meta_str, and a
+    null as "null"."""
+    s = meta_str(v)
+    return "null" if s is None else s
+
+
 def meta_num(s: str | None) -> float | None:
     """The number a value (meta_str) reads as, for numeric ranges: a finite decimal number
     of at most META_INDEX_MAX_CHARS characters; None if it does not read as one."""

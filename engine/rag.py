@@ -18,7 +18,7 @@ import numpy as np
 
 from .config import NO_ANSWER, Config
 from .errors import FailedPrecondition, InvalidInput, Overloaded
-from .search import Hit, Searcher, check_k, check_queries, query_filters
+from .search import Hit, Searcher, check_k, check_queries, filter_args
 from .support import Supporter, copied_header, degenerate, may_become_degenerate, source_label, without_header
 
 CITATION = re.compile(r"\[(\d{1,3})\]")
@@ -164,16 +164,12 @@ class Answerer:
         params = params or SamplingParams(max_new_tokens=self.config.max_new_tokens)
         k = check_k(self.config.answer_k if k is None else k)
         questions = check_queries(questions, "questions")
-        per_query = query_filters(filter, filters, len(questions))
+        checked = filter_args(filter, filters, len(questions))
         col = self.searcher.open(name)
         params.check(self._generator().window)
         if col.store.counts()[1] == 0:
             raise FailedPrecondition(f"collection {name!r} is empty; ingest documents before asking questions")
-        mode = self.searcher.check_mode(None)
-        if filters is None:
-            found = self.searcher.search_open(col, questions, k, filter=per_query[0], mode=mode)
-        else:  # each question's filter, the batch's within it
-            found = self.searcher.search_open(col, questions, k, filter=None, filters=per_query, mode=mode)
+        found = self.searcher.search_open(col, questions, k, mode=self.searcher.check_mode(None), **checked)
         return params, found.hits, found.embed_ns, found.search_ns, found.vectors
 
     def stream(self, name: str, question: str, *, k: int | None = None, params=None, filter: dict | None = None,

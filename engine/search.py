@@ -101,6 +101,14 @@ def check_k(k) -> int:
     return int(k)
 
 
+def filter_args(filter, filters, n: int) -> dict:
+    """search_open's filter arguments, checked and canonical: the one filter of every query,
+    or (`filters` given) each query's own with `filter` within it."""
+    if filters is None:
+        return {"filter": check_filter(filter)}
+    return {"filter": None, "filters": query_filters(filter, filters, n)}
+
+
 def query_filters(filter, filters, n: int) -> list:
     """Each of `n` queries' filter, canonical: `filter` for all, with the query's own from
     `filters` (one per query, or None) where given."""
@@ -205,9 +213,8 @@ class Searcher:
         k = check_k(k)
         mode = self.check_mode(mode)
         queries = check_queries(queries)
-        per_query = query_filters(filter, filters, len(queries))
-        return self.search_open(self.open(name), queries, k, filter=filter, mode=mode, vectors=vectors,
-                                filters=per_query)
+        return self.search_open(self.open(name), queries, k, mode=mode, vectors=vectors,
+                                **filter_args(filter, filters, len(queries)))
 
     def search_open(self, col: Collection, queries: list[str], k: int, *, filter: dict | None, mode: str,
                     vectors: np.ndarray | None = None, filters: Sequence | None = None) -> SearchResult:

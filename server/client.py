@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import grpc
 
 from engine.errors import InvalidInput
-from engine.filters import RANGE_OPS, check_filter, meta_str
+from engine.filters import RANGE_OPS, check_filter, meta_str, meta_wire
 
 from .stubs import pb, rpc
 
@@ -147,7 +147,7 @@ class RagClient:
         def requests():
             for i, d in enumerate(documents):
                 doc = pb.Document(id=d["id"], source=d.get("source", ""), media_type=d.get("media_type", ""),
-                                  metadata={k: str(v) for k, v in d.get("metadata", {}).items()})
+                                  metadata={k: meta_wire(v) for k, v in d.get("metadata", {}).items()})
                 if "data" in d:
                     doc.data = d["data"]
                 else:

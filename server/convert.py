@@ -6,11 +6,10 @@ these functions, calls the engine, and builds its response with them.
 
 from __future__ import annotations
 
-import json
 
 from engine.config import MAX_LIST_PAGE, MAX_TOP_K
 from engine.errors import InvalidInput
-from engine.filters import RANGE_OPS
+from engine.filters import RANGE_OPS, meta_wire
 from engine.generate import SamplingParams
 
 from .stubs import pb
@@ -68,19 +67,15 @@ def request_filter(request) -> dict | None:
     return out or None
 
 
-def meta_str(v) -> str:
-    return v if isinstance(v, str) else json.dumps(v, sort_keys=True, ensure_ascii=False)
-
-
 def hit_pb(h) -> "pb.Hit":
     return pb.Hit(rank=h.rank, score=h.score, cosine=h.cosine, doc_id=h.doc_id, source=h.source,
                   ordinal=h.ordinal, start=h.start, end=h.end, text=h.text,
-                  metadata={k: meta_str(v) for k, v in h.metadata.items()})
+                  metadata={k: meta_wire(v) for k, v in h.metadata.items()})
 
 
 def stored_document_pb(d) -> "pb.StoredDocument":
     return pb.StoredDocument(id=d.doc_id, source=d.source, content_hash=d.content_hash,
-                             metadata={k: meta_str(v) for k, v in d.metadata.items()}, chars=d.n_chars,
+                             metadata={k: meta_wire(v) for k, v in d.metadata.items()}, chars=d.n_chars,
                              chunks=d.n_chunks, ingested_unix_s=d.ingested_at)
 
 
