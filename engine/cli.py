@@ -39,8 +39,18 @@ class Progress:
         self.bar.close()
 
 
-SERVER_HELP = ("{verb} through a running `rag serve`; several addresses (read-only replicas) are used in turn "
-               "(gRPC round_robin)")
+SERVER_HELP = ("{verb} through a running `rag serve` (its API, server/remote.py) instead of in this process; "
+               "several addresses (read-only replicas) are used in turn (gRPC round_robin)")
+
+
+def add_server_args(s: argparse.ArgumentParser, verb: str) -> None:
+    s.add_argument("--server", metavar="HOST:PORT[,HOST:PORT...]", default=None, help=SERVER_HELP.format(verb=verb))
+    s.add_argument("--token", default=None, help="bearer token for --server (default: $RAG_AUTH_TOKEN)")
+    s.add_argument("--tls-ca", type=Path, default=None, metavar="CA.pem",
+                   help="with --server: connect over TLS, trusting this certificate authority")
+    s.add_argument("--tls-client-cert", type=Path, default=None, metavar="CERT.pem",
+                   help="with --server and --tls-ca: this client certificate (a server that requires mTLS)")
+    s.add_argument("--tls-client-key", type=Path, default=None, metavar="KEY.pem")
 
 
 def add_ray_args(s: argparse.ArgumentParser, what: str) -> None:
@@ -102,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
     s.add_argument("--dtype", choices=INDEX_DTYPES, default=None, help="vector dtype for a new collection")
     s.add_argument("--quiet", "-q", action="store_true", help="no progress line")
+    add_server_args(s, "read the files here and ingest them")
     add_ray_args(s, "parse and chunk in Ray tasks and embed in a pool of Ray actors; this process commits")
 
     s = sub.add_parser("search", help="print the chunks nearest to a question")
@@ -116,8 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", metavar="QUERIES.jsonl",
                    help='search many queries: one JSON per line, {"query": ..., "id": ...} or a string')
     s.add_argument("--out", metavar="HITS.jsonl", help="where --batch writes results (default stdout)")
-    s.add_argument("--server", metavar="HOST:PORT[,HOST:PORT...]", help=SERVER_HELP.format(verb="search"))
-    s.add_argument("--token", default=None, help="bearer token for --server (default: $RAG_AUTH_TOKEN)")
+    add_server_args(s, "search")
     add_ray_args(s, "with --batch: search shards of the queries on Ray actors (collections on a shared filesystem)")
 
     s = sub.add_parser("ask", help="answer a question from a collection, streamed as it is generated")
@@ -139,8 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
     s.add_argument("--quiet", "-q", action="store_true", help="no progress line")
-    s.add_argument("--server", metavar="HOST:PORT[,HOST:PORT...]", help=SERVER_HELP.format(verb="ask"))
-    s.add_argument("--token", default=None, help="bearer token for --server (default: $RAG_AUTH_TOKEN)")
+    add_server_args(s, "answer")
     add_ray_args(s, "with --batch: answer shards of the questions on Ray actors (collections on a shared filesystem)")
 
     s = sub.add_parser("serve", help="run the gRPC server (rag.v1)")
@@ -173,9 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("info", help="models, this machine's CPU and the generator's execution plan")
     s.add_argument("--json", action="store_true")
+    add_server_args(s, "describe the server's models, CPU, plan and limits")
 
     s = sub.add_parser("collections", help="list collections with their counts and settings")
     s.add_argument("--json", action="store_true")
+    add_server_args(s, "list")
 
     s = sub.add_parser("create", help="create an empty collection")
     s.add_argument("name")
@@ -183,9 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--connectivity", type=int, default=None, help="HNSW M")
     s.add_argument("--expansion-add", type=int, default=None, help="HNSW ef_construction")
     s.add_argument("--expansion-search", type=int, default=None, help="HNSW ef")
+    add_server_args(s, "create")
 
     s = sub.add_parser("drop", help="delete a collection and everything in it")
     s.add_argument("name")
+    add_server_args(s, "drop")
 
     s = sub.add_parser("documents", help="list a collection's documents (ids, sources, metadata, sizes)")
     s.add_argument("--collection", "-c", required=True)
@@ -194,11 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--after", default=None, metavar="DOC_ID", help="start after this id (the page before's last)")
     s.add_argument("--all", action="store_true", help="every page, one after another (--limit documents each)")
     s.add_argument("--json", action="store_true", help="one JSON object per document")
+    add_server_args(s, "list")
 
     s = sub.add_parser("delete", help="delete documents by id, or by metadata (--filter)")
     s.add_argument("doc_ids", nargs="*")
     s.add_argument("--collection", "-c", required=True)
     add_filter_arg(s, "delete every document")
+    add_server_args(s, "delete")
     return p
 
 
@@ -228,6 +243,47 @@ def snippet(text: str, width: int = 160) -> str:
 READ_COMMANDS = ("search", "ask", "collections", "info", "documents")
 
 
+def print_ingest(collection: str, report) -> int:
+    """An ingest's report (engine/ingest.IngestReport) on stdout, its skips on stderr; the exit
+    code: 1 when documents failed and none was stored."""
+    for f in report.failures:
+        print(f"skipped {f.source}: {f.reason}", file=sys.stderr)
+    print(f"{collection}: {report.documents_added} added, {report.documents_updated} updated, "
+          f"{report.documents_unchanged} unchanged, {len(report.failures)} skipped; "
+          f"{report.chunks_added} chunks added"
+          f"{f' ({report.chunks_reused} with vectors already stored)' if report.chunks_reused else ''}, "
+          f"{report.chunks_removed} removed "
+          f"in {report.seconds:.1f}s")
+    ok = report.documents_added + report.documents_updated + report.documents_unchanged
+    return 1 if report.failures and not ok else 0
+
+
+def print_collections(rows: list[dict], as_json: bool, none: str) -> None:
+    """Collections (CollectionInfo as dicts): one JSON object each, or one line each."""
+    if not rows and not as_json:
+        print(none)
+    for i in rows:
+        print(json.dumps(i) if as_json else
+              f"{i['name']}\t{i['documents']} docs\t{i['chunks']} chunks\t{i['index_dtype']}\tdim {i['dim']}\t"
+              f"{i['embed_model']}\t{i['disk_bytes'] / 1e6:.1f} MB")
+
+
+def created_line(i: dict) -> str:
+    return f"created {i['name']} ({i['index_dtype']}, M={i['connectivity']})"
+
+
+def delete_filter(args: argparse.Namespace) -> dict | None:
+    """`rag delete`'s --filter, refusing a delete that names nothing."""
+    filt = parse_filter(args.filter)
+    if not args.doc_ids and not filt:
+        raise InvalidInput("give the ids of the documents to delete, or --filter FIELD=VALUE")
+    return filt
+
+
+def deleted_line(n: int, args: argparse.Namespace, filt: dict | None) -> str:
+    return f"deleted {n} documents matching the filter" if filt else f"deleted {n} of {len(args.doc_ids)} documents"
+
+
 def print_hits(hits) -> None:
     """Hits in rank order, with the score they were ranked by and their cosine similarity."""
     for h in hits:
@@ -241,7 +297,9 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "serve":
         return serve(args)
     if getattr(args, "server", None):
-        return remote(args)
+        from server.remote import run_remote  # the same command, through a running server's API
+
+        return run_remote(args)
     config = make_config(args)
     # Reading commands open collections as readers: they work beside a server (or an ingest)
     # that writes the same collection, and never hold its writer lock.
@@ -260,15 +318,8 @@ def run(args: argparse.Namespace) -> int:
     engine = Engine(config, owner={"command": f"rag {args.command}"})
     try:
         if args.command == "collections":
-            infos = engine.list_collections()
-            if args.json:
-                for i in infos:
-                    print(json.dumps(dataclasses.asdict(i)))
-            elif not infos:
-                print(f"no collections in {engine.root}")
-            for i in ([] if args.json else infos):
-                print(f"{i.name}\t{i.documents} docs\t{i.chunks} chunks\t{i.index_dtype}\tdim {i.dim}\t"
-                      f"{i.embed_model}\t{i.disk_bytes / 1e6:.1f} MB")
+            print_collections([dataclasses.asdict(i) for i in engine.list_collections()], args.json,
+                              f"no collections in {engine.root}")
             return 0
         if args.command == "info":
             return show_info(engine, args)
@@ -276,21 +327,20 @@ def run(args: argparse.Namespace) -> int:
             info = engine.create_collection(args.name, index_dtype=args.dtype, connectivity=args.connectivity,
                                             expansion_add=args.expansion_add,
                                             expansion_search=args.expansion_search)
-            print(f"created {info.name} ({info.index_dtype}, M={info.connectivity})")
+            print(created_line(dataclasses.asdict(info)))
             return 0
         if args.command == "drop":
             engine.drop_collection(args.name)
             print(f"dropped {args.name}")
             return 0
         if args.command == "documents":
-            return list_documents(engine, args)
+            def page(filt, after):
+                docs, after = engine.list_documents(args.collection, filter=filt, limit=args.limit, after=after)
+                return [dataclasses.asdict(d) for d in docs], after
+            return print_documents(page, args)
         if args.command == "delete":
-            filt = parse_filter(args.filter)
-            if not args.doc_ids and not filt:
-                raise InvalidInput("give the ids of the documents to delete, or --filter FIELD=VALUE")
-            n = engine.delete_documents(args.collection, args.doc_ids, filter=filt)
-            print(f"deleted {n} documents matching the filter" if filt else
-                  f"deleted {n} of {len(args.doc_ids)} documents")
+            filt = delete_filter(args)
+            print(deleted_line(engine.delete_documents(args.collection, args.doc_ids, filter=filt), args, filt))
             return 0
         if args.command == "ingest":
             try:
@@ -306,16 +356,7 @@ def run(args: argparse.Namespace) -> int:
             else:
                 report = engine.ingest_paths(args.collection, args.paths, text_field=args.text_field, progress=bar)
             bar.done()
-            for f in report.failures:
-                print(f"skipped {f.source}: {f.reason}", file=sys.stderr)
-            print(f"{args.collection}: {report.documents_added} added, {report.documents_updated} updated, "
-                  f"{report.documents_unchanged} unchanged, {len(report.failures)} skipped; "
-                  f"{report.chunks_added} chunks added"
-                  f"{f' ({report.chunks_reused} with vectors already stored)' if report.chunks_reused else ''}, "
-                  f"{report.chunks_removed} removed "
-                  f"in {report.seconds:.1f}s")
-            ok = report.documents_added + report.documents_updated + report.documents_unchanged
-            return 1 if report.failures and not ok else 0
+            return print_ingest(args.collection, report)
         if args.command == "ask":
             return ask(engine, args)
         if args.command == "search" and args.batch:
@@ -361,79 +402,6 @@ def serve(args: argparse.Namespace) -> int:
     config = make_config(args).replace(**kw)
     run_server(config, args.address or os.environ.get("RAG_ADDRESS") or DEFAULT_ADDRESS)
     return 0
-
-
-def remote(args: argparse.Namespace) -> int:
-    """`rag ask/search --server`: the same output, computed by a running server."""
-    import grpc
-
-    from server.client import RagClient
-
-    if args.batch or args.ray:
-        raise InvalidInput("--server answers one question or query at a time; --batch and --ray run here")
-    client = RagClient(args.server, token=args.token or os.environ.get("RAG_AUTH_TOKEN"))
-    try:
-        if args.command == "search":
-            if args.query is None:
-                raise InvalidInput("give a query")
-            hits = client.search(args.collection, args.query, args.k, mode=args.mode, filter=parse_filter(args.filter))
-            if args.json:
-                for h in hits:
-                    print(json.dumps({"rank": h.rank, "score": h.score, "cosine": h.cosine, "doc_id": h.doc_id,
-                                      "source": h.source, "start": h.start, "end": h.end, "text": h.text,
-                                      "metadata": dict(h.metadata)}, ensure_ascii=False))
-            else:
-                print_hits(hits)
-            return 0
-        if args.command != "ask" or args.batch or not args.question:
-            print("error: --server supports `ask QUESTION` and `search`", file=sys.stderr)
-            return 2
-        options = {"max_new_tokens": args.max_new_tokens or 256, "temperature": args.temperature,
-                   "top_k": args.top_k, "top_p": args.top_p, "repetition_penalty": args.repetition_penalty,
-                   "stop": args.stop}
-        if args.seed is not None:
-            options["seed"] = args.seed
-        if args.speculative_tokens is not None:  # this answer's own setting, over the server's default
-            options["speculative_tokens"] = args.speculative_tokens
-        sources, done = [], None
-        for msg in client.answer(args.collection, args.question, k=args.k, filter=parse_filter(args.filter),
-                                 **options):
-            kind = msg.WhichOneof("event")
-            if kind == "sources":
-                sources = list(msg.sources.sources)
-            elif kind == "delta" and not args.json:
-                sys.stdout.write(msg.delta.text)
-                sys.stdout.flush()
-            elif kind == "done":
-                done = msg.done
-        if args.json:
-            print(json.dumps({"question": args.question, "answer": done.text,
-                              "sources": [{"number": s.number, "source": s.hit.source, "doc_id": s.hit.doc_id,
-                                           "span": [s.hit.start, s.hit.end], "score": s.hit.score,
-                                           "cosine": s.hit.cosine, "cited": s.number in done.cited}
-                                          for s in sources],
-                              "usage": {"prompt_tokens": done.usage.prompt_tokens,
-                                        "completion_tokens": done.usage.completion_tokens,
-                                        "cached_tokens": done.usage.cached_tokens,
-                                        "accepted_prediction_tokens": done.usage.accepted_prediction_tokens,
-                                        "rejected_prediction_tokens": done.usage.rejected_prediction_tokens}},
-                             ensure_ascii=False))
-            return 0
-        print("\n\nSources:")
-        for s in sources:
-            print(f" {'*' if s.number in done.cited else ' '}[{s.number}] {s.hit.source} [{s.hit.start}:{s.hit.end}]"
-                  f"  score {s.hit.score:.3f}  cosine {s.hit.cosine:.3f}")
-        u, t = done.usage, done.timings
-        print(f"({u.prompt_tokens} prompt tokens, {u.cached_tokens} of them cached, + {u.completion_tokens} answer "
-              f"tokens, {u.accepted_prediction_tokens} of them drafted from the prompt; "
-              f"queue {t.queue_time_ns / 1e9:.1f}s, prefill {t.prefill_time_ns / 1e9:.1f}s, "
-              f"decode {t.decode_time_ns / 1e9:.1f}s)", file=sys.stderr)
-        return 0
-    except grpc.RpcError as e:
-        print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
-        return 2
-    finally:
-        client.close()
 
 
 def show_info(engine, args: argparse.Namespace) -> int:
@@ -528,24 +496,27 @@ def write_lines(path: str | None, lines) -> None:
     os.replace(tmp, path)
 
 
-def list_documents(engine, args: argparse.Namespace) -> int:
-    """`rag documents`: a page of a collection's documents (or every page, --all), in id order."""
+def print_documents(page, args: argparse.Namespace) -> int:
+    """`rag documents`: a page of a collection's documents (or every page, --all), in id order.
+    `page(filter, after)` -> (documents as StoredDocument dicts, the next page's `after`)."""
     filt, after, shown = parse_filter(args.filter), args.after, 0
     while True:
-        docs, after = engine.list_documents(args.collection, filter=filt, limit=args.limit, after=after)
+        docs, after = page(filt, after)
         for d in docs:
             if args.json:
-                print(json.dumps(dataclasses.asdict(d), ensure_ascii=False))
+                print(json.dumps(d, ensure_ascii=False))
             else:
-                print(f"{d.doc_id}\t{d.n_chunks} chunks\t{d.n_chars} chars\t"
-                      f"{json.dumps(d.metadata, ensure_ascii=False, sort_keys=True)}")
+                print(f"{d['doc_id']}\t{d['n_chunks']} chunks\t{d['n_chars']} chars\t"
+                      f"{json.dumps(d['metadata'], ensure_ascii=False, sort_keys=True)}")
         shown += len(docs)
         if after is None or not args.all:
             break
     if not shown and not args.json:
         print("no documents" + (" match the filter" if filt else " in the collection"))
     elif after is not None and not args.json:
-        print(f"more after {after!r}: rag documents -c {args.collection} --after {shlex.quote(after)} (or --all)")
+        server = f" --server {shlex.quote(args.server)}" if args.server else ""
+        print(f"more after {after!r}: rag documents -c {args.collection}{server} --after {shlex.quote(after)} "
+              "(or --all)")
     return 0
 
 
@@ -660,31 +631,38 @@ def ask(engine, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(final.to_json(), ensure_ascii=False))
         return 0
-    print("\n")
-    if final.extracted:
-        print(f"(extracted: the generated answer was {final.degenerate.replace('_', '-')} twice, so this is the "
-              "source sentence closest to the question)")
-    elif final.retries:
-        print(f"(generated again: the first answer was {final.degenerate.replace('_', '-')})")
-    if final.support:
-        print("Support:")
-        for x in final.support:
-            mark = "  supported  " if x.supported else "  UNSUPPORTED"
-            said = final.text[x.answer_start:x.answer_end]
-            where = f"[{x.source}] {next((s.hit.source for s in final.sources if s.number == x.source), x.doc_id)}"
-            print(f"{mark} {said!r}\n      by {where} [{x.start}:{x.end}] (cosine {x.score:.2f}, "
-                  f"words {x.overlap:.0%}): {x.text!r}")
-    print("Sources:")
-    for s in final.sources:
-        mark = "*" if s.number in final.cited else " "
-        print(f" {mark}[{s.number}] {s.hit.source} [{s.hit.start}:{s.hit.end}]  score {s.hit.score:.3f}  "
-              f"cosine {s.hit.cosine:.3f}")
-    t = final.timings_ns
-    print(f"({final.finish_reason}; {final.prompt_tokens} prompt tokens, {final.cached_tokens} of them cached, "
-          f"+ {final.completion_tokens} answer tokens, {final.accepted_prediction_tokens} of them drafted from the "
-          f"prompt; prefill {t['prefill'] / 1e9:.1f}s, "
-          f"decode {t['decode'] / 1e9:.1f}s)", file=sys.stderr)
+    print_answer_footer(final.to_json())
     return 0
+
+
+def print_answer_footer(a: dict) -> None:
+    """What follows a streamed answer (Answer.to_json's dict): how it was made if not plainly,
+    each sentence's support, the sources (* cited) and the usage line (stderr)."""
+    print("\n")
+    how = (a["degenerate"] or "").replace("_", "-")
+    if a["extracted"]:
+        print(f"(extracted: the generated answer was {how} twice, so this is the "
+              "source sentence closest to the question)")
+    elif a["retries"]:
+        print(f"(generated again: the first answer was {how})")
+    if a["support"]:
+        print("Support:")
+        for x in a["support"]:
+            mark = "  supported  " if x["supported"] else "  UNSUPPORTED"
+            said = a["answer"][x["answer_span"][0]:x["answer_span"][1]]
+            where = f"[{x['source']}] " + next((s["source"] for s in a["sources"] if s["number"] == x["source"]),
+                                               x["doc_id"])
+            print(f"{mark} {said!r}\n      by {where} [{x['span'][0]}:{x['span'][1]}] (cosine {x['score']:.2f}, "
+                  f"words {x['overlap']:.0%}): {x['text']!r}")
+    print("Sources:")
+    for s in a["sources"]:
+        print(f" {'*' if s['cited'] else ' '}[{s['number']}] {s['source']} [{s['span'][0]}:{s['span'][1]}]  "
+              f"score {s['score']:.3f}  cosine {s['cosine']:.3f}")
+    u, t = a["usage"], a["timings_ns"]
+    queue = f"queue {t['queue'] / 1e9:.1f}s, " if t.get("queue") else ""
+    print(f"({a['finish_reason']}; {u['prompt_tokens']} prompt tokens, {u['cached_tokens']} of them cached, "
+          f"+ {u['completion_tokens']} answer tokens, {u['accepted_prediction_tokens']} of them drafted from the "
+          f"prompt; {queue}prefill {t['prefill'] / 1e9:.1f}s, decode {t['decode'] / 1e9:.1f}s)", file=sys.stderr)
 
 
 # Huge pages for the models' weights (opt-in: RAG_HUGE_PAGES=1). A decode step or a verify

@@ -50,8 +50,8 @@ def describe_holder(name: str, holder: dict) -> str:
     head = (f"collection {name!r} is being written by {who}" + (f" (pid {pid}{where}{when})" if pid else "")
             + "; a collection has one writer at a time")
     if holder.get("address"):
-        return f"{head}. Use the server's API at {holder['address']} (e.g. rag search/ask --server " \
-               f"{holder['address']}) or stop it first"
+        return f"{head}. Use the server's API at {holder['address']}: add --server {holder['address']} to " \
+               "this rag command (ingest, delete, documents, search, ask, ...), or stop the server first"
     return f"{head}. Wait for it to finish or stop it first"
 
 

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import grpc
 
 from engine.errors import InvalidInput
-from engine.filters import RANGE_OPS, check_filter, meta_str, meta_wire
+from engine.filters import RANGE_OPS, check_filter, meta_str
 
 from .stubs import pb, rpc
 
@@ -83,6 +83,19 @@ def filter_pb(filter: dict | None) -> dict:
     return {"filter": plain, "where": where}
 
 
+def query_filters_pb(filters: Sequence[dict | None] | None) -> list:
+    """Per-query filters (one per query, or None for none) -> repeated QueryFilter."""
+    return [] if filters is None else [pb.QueryFilter(**filter_pb(f)) for f in filters]
+
+
+def document_metadata_pb(metadata: dict) -> dict:
+    """A document's metadata as Document fields: the string map when every value is a
+    string, else metadata_json, which keeps numbers, booleans and lists as they are."""
+    if all(isinstance(v, str) for v in metadata.values()):
+        return {"metadata": metadata}
+    return {"metadata_json": json.dumps(metadata, ensure_ascii=False)}
+
+
 class RagClient:
     """Thin typed wrapper over the generated stubs. Errors surface as grpc.RpcError.
 
@@ -126,10 +139,14 @@ class RagClient:
     def info(self) -> "pb.GetInfoResponse":
         return self.info_stub.GetInfo(pb.GetInfoRequest(), **self._kw())
 
-    def create_collection(self, name: str, dtype: str = "f32", **settings) -> "pb.CollectionInfo":
+    def create_collection(self, name: str, dtype: str | None = None, **settings) -> "pb.CollectionInfo":
+        """`dtype`: "f32", "f16" or "i8"; None: the server's default (as `rag create`'s)."""
         from .convert import DTYPE_TO_PB
 
-        req = pb.CreateCollectionRequest(name=name, dtype=DTYPE_TO_PB[dtype], **settings)
+        if dtype is not None and dtype not in DTYPE_TO_PB:
+            raise InvalidInput(f"dtype must be one of {sorted(DTYPE_TO_PB)}, got {dtype!r}")
+        req = pb.CreateCollectionRequest(name=name, dtype=DTYPE_TO_PB[dtype] if dtype else pb.VECTOR_D_TYPE_UNSPECIFIED,
+                                         **settings)
         return self.collections.CreateCollection(req, **self._kw()).collection
 
     def list_collections(self) -> list:
@@ -143,11 +160,12 @@ class RagClient:
 
     def ingest(self, collection: str, documents: Iterable[dict], timeout: float | None = None
                ) -> "pb.IngestStreamResponse":
-        """documents: dicts with id and text (or data + media_type), optional source, metadata."""
+        """documents: dicts with id and text (or data + media_type), optional source, metadata
+        (a dict; values other than strings keep their JSON types: sent as metadata_json)."""
         def requests():
             for i, d in enumerate(documents):
                 doc = pb.Document(id=d["id"], source=d.get("source", ""), media_type=d.get("media_type", ""),
-                                  metadata={k: meta_wire(v) for k, v in d.get("metadata", {}).items()})
+                                  **document_metadata_pb(d.get("metadata") or {}))
                 if "data" in d:
                     doc.data = d["data"]
                 else:
@@ -174,9 +192,10 @@ class RagClient:
         return list(self.retrieve.Search(req, **self._kw(timeout)).hits)
 
     def search_batch(self, collection: str, queries: list[str], k: int = 5, filter: dict | None = None,
-                     mode: str | None = None) -> list:
+                     mode: str | None = None, filters: Sequence[dict | None] | None = None) -> list:
+        """`filters`: each query's own filter (or None), to hold with `filter`."""
         req = pb.SearchBatchRequest(collection=collection, queries=queries, top_k=k, mode=MODES[mode],
-                                    **filter_pb(filter))
+                                    query_filters=query_filters_pb(filters), **filter_pb(filter))
         return [list(r.hits) for r in self.retrieve.SearchBatch(req, **self._kw()).results]
 
     def answer(self, collection: str, question: str, *, k: int | None = None, timeout: float | None = None,
@@ -189,9 +208,11 @@ class RagClient:
         return self.answers.Answer(req, **self._kw(timeout))
 
     def answer_batch(self, collection: str, questions: list[str], *, k: int | None = None,
-                     filter: dict | None = None, **options):
+                     filter: dict | None = None, filters: Sequence[dict | None] | None = None, **options):
+        """`filters`: each question's own filter (or None) for its retrieval, with `filter`."""
         req = pb.AnswerBatchRequest(collection=collection, questions=questions,
-                                    options=pb.GenerationOptions(**options), **filter_pb(filter))
+                                    options=pb.GenerationOptions(**options),
+                                    question_filters=query_filters_pb(filters), **filter_pb(filter))
         if k is not None:
             req.top_k = k
         return list(self.answers.AnswerBatch(req, **self._kw()).answers)

@@ -6,6 +6,7 @@ these functions, calls the engine, and builds its response with them.
 
 from __future__ import annotations
 
+import json
 
 from engine.config import MAX_LIST_PAGE, MAX_TOP_K
 from engine.errors import InvalidInput
@@ -67,6 +68,42 @@ def request_filter(request) -> dict | None:
     return out or None
 
 
+def batch_filters(request, field: str, n: int, what: tuple[str, str]) -> list | None:
+    """A batch request's per-query filters (`field`: its repeated QueryFilter, empty or one
+    per query, in order) as engine filters; None when it has none. `what`: ("query",
+    "queries") or ("question", "questions")."""
+    items = getattr(request, field)
+    if not items:
+        return None
+    if len(items) != n:
+        raise InvalidInput(f"{field} has {len(items)} entries for {n} {what[1]}; give one per {what[0]}, "
+                           "in order (an empty QueryFilter for none), or leave it empty")
+    out = []
+    for i, f in enumerate(items):
+        try:
+            out.append(request_filter(f))
+        except InvalidInput as e:
+            raise InvalidInput(f"{field}[{i}]: {e}") from None
+    return out
+
+
+def document_metadata(d) -> dict:
+    """A Document's metadata: its string map, or the JSON object in metadata_json (values
+    keep their JSON types). InvalidInput when both are given or the JSON is not an object."""
+    if not d.metadata_json:
+        return dict(d.metadata)
+    if d.metadata:
+        raise InvalidInput(f"document {d.id!r}: give metadata or metadata_json, not both")
+    try:
+        meta = json.loads(d.metadata_json)
+    except json.JSONDecodeError as e:
+        raise InvalidInput(f"document {d.id!r}: metadata_json is not valid JSON ({e.msg} at character {e.pos})"
+                           ) from None
+    if not isinstance(meta, dict):
+        raise InvalidInput(f"document {d.id!r}: metadata_json must be a JSON object, got {type(meta).__name__}")
+    return meta
+
+
 def hit_pb(h) -> "pb.Hit":
     return pb.Hit(rank=h.rank, score=h.score, cosine=h.cosine, doc_id=h.doc_id, source=h.source,
                   ordinal=h.ordinal, start=h.start, end=h.end, text=h.text,
@@ -75,7 +112,8 @@ def hit_pb(h) -> "pb.Hit":
 
 def stored_document_pb(d) -> "pb.StoredDocument":
     return pb.StoredDocument(id=d.doc_id, source=d.source, content_hash=d.content_hash,
-                             metadata={k: meta_wire(v) for k, v in d.metadata.items()}, chars=d.n_chars,
+                             metadata={k: meta_wire(v) for k, v in d.metadata.items()},
+                             metadata_json=json.dumps(d.metadata, ensure_ascii=False), chars=d.n_chars,
                              chunks=d.n_chunks, ingested_unix_s=d.ingested_at)
 
 

@@ -21,8 +21,9 @@ from engine.plan import cpu_key
 from engine.rag import Answer, AnswerStart
 from engine.search import MAX_QUERY_CHARS
 
-from .convert import (PB_TO_DTYPE, STATUS_TO_PB, answer_done_pb, check_top_k, hit_pb, info_pb, page_size,
-                      request_filter, sampling_params, search_mode, sources_pb, stored_document_pb)
+from .convert import (PB_TO_DTYPE, STATUS_TO_PB, answer_done_pb, batch_filters, check_top_k, document_metadata,
+                      hit_pb, info_pb, page_size, request_filter, sampling_params, search_mode, sources_pb,
+                      stored_document_pb)
 from .errors import abort
 from .stubs import pb, rpc
 
@@ -114,9 +115,13 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
             doc_id = d.id
             order.append(doc_id)
             source = d.source or doc_id
-            meta = dict(d.metadata)
             if not doc_id.strip():
                 yield Failure(f"#{len(order)}", "document id is empty; give every document an id")
+                continue
+            try:
+                meta = document_metadata(d)
+            except InvalidInput as e:
+                yield Failure(doc_id, str(e))
                 continue
             kind = d.WhichOneof("content")
             if kind is not None:
@@ -235,7 +240,9 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
         self._check_batch(len(queries), "queries")
         t0 = time.perf_counter_ns()
         found = self.engine.searcher.search(request.collection, queries, check_top_k(request.top_k),
-                                            filter=request_filter(request), mode=search_mode(request.mode))
+                                            filter=request_filter(request), mode=search_mode(request.mode),
+                                            filters=batch_filters(request, "query_filters", len(queries),
+                                                                  ("query", "queries")))
         return pb.SearchBatchResponse(results=[pb.HitList(hits=[hit_pb(h) for h in hits]) for hits in found.hits],
                                       timings=pb.Timings(embed_time_ns=found.embed_ns, search_time_ns=found.search_ns,
                                                          total_time_ns=time.perf_counter_ns() - t0))
@@ -281,7 +288,9 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
         k = check_top_k(request.top_k) if request.HasField("top_k") else None
         t0 = time.perf_counter_ns()
         answers = self.engine.answer_batch(request.collection, questions, k=k, params=params,
-                                           filter=request_filter(request))
+                                           filter=request_filter(request),
+                                           filters=batch_filters(request, "question_filters", len(questions),
+                                                                 ("question", "questions")))
         total = time.perf_counter_ns() - t0
         if self.metrics:
             for a in answers:

@@ -254,6 +254,29 @@ CASES = [
         collection="docs", page_size=5000).SerializeToString()), INVALID, r"page_size must be in \[1, 1000\] \(0 = 100\), got 5000"),
     case("list-documents-where-sets-nothing", raw("ListDocuments", pb.ListDocumentsRequest(
         collection="docs", where=[pb.FieldCondition(field="kind")]).SerializeToString()), INVALID, "sets nothing"),
+    case("search-batch-query-filters-count", raw("SearchBatch", pb.SearchBatchRequest(
+        collection="docs", queries=["green tea", "bread"], top_k=3,
+        query_filters=[pb.QueryFilter(filter={"kind": "txt"})]).SerializeToString()), INVALID,
+         r"query_filters has 1 entries for 2 queries; give one per query"),
+    case("search-batch-query-filter-sets-nothing", raw("SearchBatch", pb.SearchBatchRequest(
+        collection="docs", queries=["green tea", "bread"], top_k=3,
+        query_filters=[pb.QueryFilter(), pb.QueryFilter(where=[pb.FieldCondition(field="kind")])]
+    ).SerializeToString()), INVALID, r"query_filters\[1\]: where: the condition on 'kind' sets nothing"),
+    case("search-batch-query-filter-contradicts", raw("SearchBatch", pb.SearchBatchRequest(
+        collection="docs", queries=["green tea"], top_k=3, filter={"kind": "txt"},
+        query_filters=[pb.QueryFilter(filter={"kind": "md"})]).SerializeToString()), INVALID, "kind"),
+    case("answer-batch-question-filters-count", raw("AnswerBatch", pb.AnswerBatchRequest(
+        collection="docs", questions=["How long does black tea steep?"],
+        options=pb.GenerationOptions(max_new_tokens=4),
+        question_filters=[pb.QueryFilter(), pb.QueryFilter()]).SerializeToString()), INVALID,
+         "question_filters has 2 entries for 1 questions; give one per question"),
+    case("ingest-metadata-json-not-json", ingest(pb.Document(id="bad", text="Kettles sing.", metadata_json="{year: 1}")),
+         OK, "metadata_json is not valid JSON"),
+    case("ingest-metadata-json-not-object", ingest(pb.Document(id="bad", text="Kettles sing.", metadata_json="[1, 2]")),
+         OK, "metadata_json must be a JSON object, got list"),
+    case("ingest-metadata-and-metadata-json", ingest(pb.Document(id="bad", text="Kettles sing.", metadata={"a": "b"},
+                                                                 metadata_json='{"year": 1}')),
+         OK, "give metadata or metadata_json, not both"),
     # --- not UTF-8, not text
     case("ingest-data-not-utf8", ingest(data_doc(b"caf\xe9 au lait")), OK, "not valid UTF-8 at byte 3"),
     case("ingest-html-not-utf8", ingest(data_doc(b"<p>\xff\xfe</p>", "text/html")), OK, "not valid UTF-8"),
