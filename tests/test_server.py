@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from engine.errors import FailedPrecondition
+from engine.cli import main as cli_main
 from engine.pipeline import Engine
 from server.app import create_server
 from server.client import RagClient
@@ -375,7 +376,7 @@ def make_cert(tmp: Path, name: str, ca: tuple[Path, Path] | None = None) -> tupl
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make certificates")
-def test_tls_and_mtls(tmp_path, shared_engine):
+def test_tls_and_mtls(tmp_path, shared_engine, server):  # server: its "docs" collection
     ca = make_cert(tmp_path, "ca")
     skey, scrt = make_cert(tmp_path, "server", ca)
     ckey, ccrt = make_cert(tmp_path, "client", ca)
@@ -393,6 +394,11 @@ def test_tls_and_mtls(tmp_path, shared_engine):
         plaintext = RagClient(f"localhost:{port}", timeout=10)
         assert code_of(plaintext.search, "docs", "tea", 1)[0] == grpc.StatusCode.UNAVAILABLE
         plaintext.close()
+        # the CLI as a client of the same server: --tls-ca with the client's pair
+        tls = ["--server", f"localhost:{port}", "--tls-ca", str(ca[1])]
+        assert cli_main(["search", "tea", "-c", "docs", "-k", "1", *tls, "--tls-client-cert", str(ccrt),
+                         "--tls-client-key", str(ckey)]) == 0
+        assert cli_main(["documents", "-c", "docs", *tls]) == 2  # no client certificate: refused
     finally:
         srv.stop(0)
 
