@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("paths", nargs="+", help=".txt .md .html .pdf .jsonl files or directories")
     s.add_argument("--collection", "-c", required=True)
     s.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
+    s.add_argument("--id-field", default="id",
+                   help="JSONL field naming each record (default: id; a record without it is named by its line)")
     s.add_argument("--dtype", choices=INDEX_DTYPES, default=None, help="vector dtype for a new collection")
     s.add_argument("--quiet", "-q", action="store_true", help="no progress line")
     add_server_args(s, "read the files here and ingest them")
@@ -351,10 +353,12 @@ def run(args: argparse.Namespace) -> int:
             bar = Progress(f"ingest {args.collection}", enabled=not args.quiet and sys.stderr.isatty())
             if args.ray:
                 report = distributed.ingest(engine, args.collection, args.paths, text_field=args.text_field,
+                                            id_field=args.id_field,
                                             actors=args.ray_actors, actor_threads=args.ray_actor_threads,
                                             progress=bar)
             else:
-                report = engine.ingest_paths(args.collection, args.paths, text_field=args.text_field, progress=bar)
+                report = engine.ingest_paths(args.collection, args.paths, text_field=args.text_field,
+                                             id_field=args.id_field, progress=bar)
             bar.done()
             return print_ingest(args.collection, report)
         if args.command == "ask":

@@ -45,7 +45,7 @@ import numpy as np
 from . import ingest as ingestion
 from .chunk import Chunk, Chunker
 from .config import Config
-from .documents import Document, Failure, check_document, iter_files, jsonl_parts, read_file
+from .documents import Document, Failure, check_document, check_jsonl_fields, iter_files, jsonl_parts, read_file
 from .errors import InvalidInput, RagError, Unavailable
 from .ingest import IngestReport, Prepared, ProgressFn
 
@@ -140,11 +140,12 @@ def _data_context(ray):
 
 
 # ------------------------------------------------------------------ ingest
-def ingest(engine, name: str, paths: Sequence[str | Path], *, text_field: str = "text",
+def ingest(engine, name: str, paths: Sequence[str | Path], *, text_field: str = "text", id_field: str = "id",
            actors: int | None = None, actor_threads: int = 1, progress: ProgressFn | None = None,
            address: str | None = None) -> IngestReport:
     """Upsert files into collection `name` of `engine` (its writer) with Ray doing the work;
     the same result and report as `engine.ingest_paths` (see the module docstring)."""
+    check_jsonl_fields(text_field, id_field)
     ray = connect(address)
     col = engine._writer(name)
     config = engine.config
@@ -160,7 +161,7 @@ def ingest(engine, name: str, paths: Sequence[str | Path], *, text_field: str = 
         return ingestion.ingest(col, lambda: engine.embedder, (), progress=progress)
     _data_context(ray)
     settings = {"folder": str(col.folder), "model_dir": str(config.embed_model_dir), "text_field": text_field,
-                "chunk_tokens": col.settings["chunk_tokens"], "chunk_overlap": col.settings["chunk_overlap"]}
+                "id_field": id_field, "chunk_tokens": col.settings["chunk_tokens"], "chunk_overlap": col.settings["chunk_overlap"]}
     ds = (ray.data.from_items(items, override_num_blocks=min(len(items), 4096))
           .flat_map(_parse_chunk, fn_kwargs=settings, num_cpus=0,
                     compute=ray.data.TaskPoolStrategy(size=parse_tasks(ray)))
@@ -172,7 +173,7 @@ def ingest(engine, name: str, paths: Sequence[str | Path], *, text_field: str = 
     def rows() -> Iterator[Document | Prepared | Failure]:
         seen = 0
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            out = list(_items(batch, dim, text_field))
+            out = list(_items(batch, dim, text_field, id_field))
             seen += len(out)
             yield from out
             if progress:
@@ -206,7 +207,7 @@ def _part(row) -> tuple[int, int | None, int]:
     return int(row["start"]), None if int(row["end"]) < 0 else int(row["end"]), int(row["line"])
 
 
-def _parse_chunk(item: dict, *, folder: str, model_dir: str, text_field: str, chunk_tokens: int,
+def _parse_chunk(item: dict, *, folder: str, model_dir: str, text_field: str, id_field: str, chunk_tokens: int,
                  chunk_overlap: int) -> list[dict]:
     """One listed file (or part of a JSONL file) -> one row per document (or failure): read,
     parse, hash, chunk."""
@@ -214,7 +215,7 @@ def _parse_chunk(item: dict, *, folder: str, model_dir: str, text_field: str, ch
 
     if item["failure"]:
         return [_row(item, 0, "failure", source=item["path"], reason=item["failure"])]
-    docs = list(read_file(item["path"], text_field=text_field, part=_part(item)))
+    docs = list(read_file(item["path"], text_field=text_field, id_field=id_field, part=_part(item)))
     ok = [d for d in docs if isinstance(d, Document) and isinstance(d.doc_id, str)]
     stored, known = {}, {}
     if ok:
@@ -301,7 +302,7 @@ class _EmbedChunks:
         return batch
 
 
-def _items(batch: dict, dim: int, text_field: str) -> Iterator[Document | Prepared | Failure]:
+def _items(batch: dict, dim: int, text_field: str, id_field: str) -> Iterator[Document | Prepared | Failure]:
     """Rows back from the actors -> what engine/ingest.py commits."""
     for i in range(len(batch["kind"])):
         kind, source, doc_id = str(batch["kind"][i]), str(batch["source"][i]), str(batch["doc_id"][i])
@@ -315,13 +316,14 @@ def _items(batch: dict, dim: int, text_field: str) -> Iterator[Document | Prepar
             vectors = np.frombuffer(batch["vectors"][i], dtype=np.float32).reshape(len(chunks), dim)
         yield Prepared(doc_id, source, str(batch["hash"][i]), json.loads(batch["metadata"][i]),
                        int(batch["n_chars"][i]), chunks, vectors,
-                       functools.partial(_reload, str(batch["path"][i]), int(batch["j"][i]), text_field,
+                       functools.partial(_reload, str(batch["path"][i]), int(batch["j"][i]), text_field, id_field,
                                          _part({c: batch[c][i] for c in ("start", "end", "line")})),
                        reused=len(json.loads(batch["known"][i])))
 
 
-def _reload(path: str, j: int, text_field: str, part: tuple[int, int | None, int]) -> Document:
-    doc = next(itertools.islice(read_file(path, text_field=text_field, part=part), j, None), None)
+def _reload(path: str, j: int, text_field: str, id_field: str, part: tuple[int, int | None, int]) -> Document:
+    doc = next(itertools.islice(read_file(path, text_field=text_field, id_field=id_field, part=part), j, None),
+               None)
     if not isinstance(doc, Document):
         raise Unavailable(f"{path} changed while it was being ingested; ingest it again")
     return doc

@@ -23,6 +23,7 @@ TEXT_SUFFIXES = {".txt": "text/plain", ".text": "text/plain", ".rst": "text/plai
                  ".pdf": "application/pdf", ".jsonl": "application/jsonl"}
 MEDIA_TYPES = sorted(set(TEXT_SUFFIXES.values()))
 DEFAULT_TEXT_FIELD = "text"
+DEFAULT_ID_FIELD = "id"
 # Largest file read from disk, and longest JSONL record (a JSONL file is streamed, whatever
 # its size; each gRPC document has its own, smaller limit: Config.max_document_bytes).
 MAX_FILE_BYTES = 64 * 1024 * 1024
@@ -203,9 +204,12 @@ def pdf_to_text(data: bytes, source: str) -> tuple[str, dict]:
 # JSON Lines: records separated by "\n" ("\r\n" too); a record may hold U+2028, U+0085 and
 # the like raw in its strings, so those never split one. A file is read a line at a time, so
 # its size is not limited (one record is: at most MAX_FILE_BYTES).
-def jsonl_record(line: str, line_no: int, source: str, text_field: str) -> Document | Failure | None:
+def jsonl_record(line: str, line_no: int, source: str, text_field: str,
+                 id_field: str = DEFAULT_ID_FIELD) -> Document | Failure | None:
     """One JSONL line (without its line break) -> a Document, a Failure saying why not, or
-    None for a blank line. `line_no` counts from 1; a record without "id" is named by it."""
+    None for a blank line. The document's id is the file's and the record's `id_field` (a
+    string or a number; the record keeps it in its metadata), or `line_no` (from 1) for a
+    record without one."""
     if not line.strip():
         return None
     where = f"{source}:{line_no}"
@@ -218,19 +222,32 @@ def jsonl_record(line: str, line_no: int, source: str, text_field: str) -> Docum
     body = rec.pop(text_field, None)
     if not isinstance(body, str) or not body.strip():
         return Failure(where, f"no non-empty string field {text_field!r}")
-    rid = rec.get("id", line_no)
+    rid = rec.get(id_field, line_no)
+    if isinstance(rid, bool) or not isinstance(rid, (str, int, float)) or not str(rid).strip():
+        return Failure(where, f"field {id_field!r} must be a non-empty string or a number to name the "
+                              f"document, got {json.dumps(rid, ensure_ascii=False)[:80]}")
     return Document(doc_id=f"{source}#{rid}", text=body, source=where, metadata=rec)
 
 
-def jsonl_documents(text: str, source: str, text_field: str) -> Iterator[Document | Failure]:
+def check_jsonl_fields(text_field: str, id_field: str) -> None:
+    """Raise InvalidInput unless JSONL records' text and id fields are two named fields."""
+    for flag, name in (("text", text_field), ("id", id_field)):
+        if not isinstance(name, str) or not name:
+            raise InvalidInput(f"the JSONL {flag} field must be a non-empty name, got {name!r}")
+    if text_field == id_field:
+        raise InvalidInput(f"the JSONL text and id fields are both {text_field!r}; name two fields")
+
+
+def jsonl_documents(text: str, source: str, text_field: str,
+                    id_field: str = DEFAULT_ID_FIELD) -> Iterator[Document | Failure]:
     """The records of a JSONL text held in memory (an IngestStream document's data)."""
     for line_no, line in enumerate(text.split("\n"), 1):
-        if (item := jsonl_record(line.removesuffix("\r"), line_no, source, text_field)) is not None:
+        if (item := jsonl_record(line.removesuffix("\r"), line_no, source, text_field, id_field)) is not None:
             yield item
 
 
 def read_jsonl(f: str | Path, source: str, text_field: str, *, start: int = 0, end: int | None = None,
-               first_line: int = 1) -> Iterator[Document | Failure]:
+               first_line: int = 1, id_field: str = DEFAULT_ID_FIELD) -> Iterator[Document | Failure]:
     """The records of a JSONL file, read a line at a time; or of its part [start, end) (byte
     offsets at line starts, `first_line` the number of the line at `start`: jsonl_parts). A
     line that is not UTF-8 or longer than MAX_FILE_BYTES is a Failure of its own; a file
@@ -260,7 +277,8 @@ def read_jsonl(f: str | Path, source: str, text_field: str, *, start: int = 0, e
                     yield Failure(f"{source}:{line_no}", f"not valid UTF-8 at byte {e.start} of the line; "
                                                          "convert the file to UTF-8 first")
                 else:
-                    item = jsonl_record(line.removesuffix("\n").removesuffix("\r"), line_no, source, text_field)
+                    item = jsonl_record(line.removesuffix("\n").removesuffix("\r"), line_no, source, text_field,
+                                        id_field)
                     if item is not None:
                         yield item
             line_no += 1
@@ -293,13 +311,13 @@ def jsonl_parts(f: str | Path, part_bytes: int) -> list[tuple[int, int | None, i
 
 # ---------------------------------------------------------------------- dispatch
 def parse_bytes(data: bytes, media_type: str, source: str, *, doc_id: str | None = None,
-                metadata: dict | None = None, text_field: str = DEFAULT_TEXT_FIELD
-                ) -> Iterator[Document | Failure]:
+                metadata: dict | None = None, text_field: str = DEFAULT_TEXT_FIELD,
+                id_field: str = DEFAULT_ID_FIELD) -> Iterator[Document | Failure]:
     """Documents in one file's bytes. Single-document types raise InvalidInput on failure."""
     doc_id = doc_id or source
     meta = dict(metadata or {})
     if media_type == "application/jsonl":
-        yield from jsonl_documents(decode_text(data, source), source, text_field)
+        yield from jsonl_documents(decode_text(data, source), source, text_field, id_field)
         return
     if media_type == "application/pdf":
         text, extra = pdf_to_text(data, source)
@@ -339,17 +357,19 @@ def iter_files(paths: Iterable[str | Path]) -> Iterator[Path | Failure]:
 
 
 def iter_documents(paths: Iterable[str | Path], *, text_field: str = DEFAULT_TEXT_FIELD,
-                   max_bytes: int = MAX_FILE_BYTES) -> Iterator[Document | Failure]:
+                   id_field: str = DEFAULT_ID_FIELD, max_bytes: int = MAX_FILE_BYTES
+                   ) -> Iterator[Document | Failure]:
     """Documents from files and directory trees, one file in memory at a time."""
     for f in iter_files(paths):
         if isinstance(f, Failure):
             yield f
         else:
-            yield from read_file(f, text_field=text_field, max_bytes=max_bytes)
+            yield from read_file(f, text_field=text_field, id_field=id_field, max_bytes=max_bytes)
 
 
-def read_file(f: str | Path, *, text_field: str = DEFAULT_TEXT_FIELD, max_bytes: int = MAX_FILE_BYTES,
-              part: tuple[int, int | None, int] | None = None) -> Iterator[Document | Failure]:
+def read_file(f: str | Path, *, text_field: str = DEFAULT_TEXT_FIELD, id_field: str = DEFAULT_ID_FIELD,
+              max_bytes: int = MAX_FILE_BYTES, part: tuple[int, int | None, int] | None = None
+              ) -> Iterator[Document | Failure]:
     """The documents of one file that `iter_files` listed (or the Failure why there are none).
     A JSONL file is streamed a line at a time, whatever its size (`part`: only that part of
     it, as jsonl_parts splits it); any other file is read whole, up to `max_bytes`."""
@@ -359,7 +379,8 @@ def read_file(f: str | Path, *, text_field: str = DEFAULT_TEXT_FIELD, max_bytes:
     try:
         if media_type == "application/jsonl":
             start, end, first_line = part or (0, None, 1)
-            yield from read_jsonl(f, source, text_field, start=start, end=end, first_line=first_line)
+            yield from read_jsonl(f, source, text_field, start=start, end=end, first_line=first_line,
+                                  id_field=id_field)
             return
         size = f.stat().st_size
         if size > max_bytes:

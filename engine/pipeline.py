@@ -23,7 +23,7 @@ from . import ingest as ingestion
 from . import kernels
 from .collection import Collection, CollectionInfo, Collections, check_name
 from .config import MAX_LIST_PAGE, Config
-from .documents import Document, Failure, iter_documents
+from .documents import Document, Failure, check_jsonl_fields, iter_documents
 from .index import check_dtype
 from .errors import InvalidInput
 from .ingest import IngestReport, ProgressFn
@@ -197,8 +197,11 @@ class Engine:
         return ingestion.ingest(self._writer(name), lambda: self.embedder, documents, progress=progress)
 
     def ingest_paths(self, name: str, paths: Sequence[str | Path], *, text_field: str = "text",
-                     progress: ProgressFn | None = None) -> IngestReport:
-        return self.ingest(name, iter_documents(paths, text_field=text_field), progress=progress)
+                     id_field: str = "id", progress: ProgressFn | None = None) -> IngestReport:
+        """Upsert the documents of files and directory trees (a JSONL record's text in its
+        `text_field`, its id in `id_field`)."""
+        check_jsonl_fields(text_field, id_field)
+        return self.ingest(name, iter_documents(paths, text_field=text_field, id_field=id_field), progress=progress)
 
     def list_documents(self, name: str, *, filter: dict | None = None, limit: int = 100,
                        after: str | None = None) -> tuple[list[StoredDocument], str | None]:

@@ -23,7 +23,7 @@ import grpc
 from engine.cli import (Progress, created_line, delete_filter, deleted_line, line_filters, parse_filter,
                         print_answer_footer, print_collections, print_documents, print_hits, print_ingest,
                         read_questions, write_lines)
-from engine.documents import Document, Failure, check_document_size, iter_documents
+from engine.documents import Document, Failure, check_document_size, check_jsonl_fields, iter_documents
 from engine.errors import InvalidInput
 from engine.ingest import IngestReport
 from engine.support import source_label
@@ -144,6 +144,7 @@ def ingest(client: RagClient, args: argparse.Namespace) -> int:
     """Read the files here, stream their documents to the server a stream at a time, and
     print the sum of its reports as a local ingest prints its own."""
     t0 = time.perf_counter()
+    check_jsonl_fields(args.text_field, args.id_field)
     limit = client.info().max_document_bytes
     try:
         client.describe(args.collection)
@@ -156,18 +157,14 @@ def ingest(client: RagClient, args: argparse.Namespace) -> int:
     bar = Progress(f"ingest {args.collection}", enabled=not args.quiet and sys.stderr.isatty())
     sent = 0
     try:
-        for docs in streams(iter_documents(args.paths, text_field=args.text_field), limit, report):
+        for docs in streams(iter_documents(args.paths, text_field=args.text_field, id_field=args.id_field), limit, report):
             r = client.ingest(args.collection, ({"id": d.doc_id, "text": d.text, "source": d.source,
                                                  "metadata": d.metadata} for d in docs))
-            for d, res in zip(docs, r.results):
-                if res.status == pb.DOCUMENT_STATUS_ADDED:
-                    report.documents_added += 1
-                elif res.status == pb.DOCUMENT_STATUS_UPDATED:
-                    report.documents_updated += 1
-                elif res.status == pb.DOCUMENT_STATUS_UNCHANGED:
-                    report.documents_unchanged += 1
-                else:
-                    report.failures.append(Failure(d.source, res.error or "failed", d.doc_id))
+            report.failures += [Failure(d.source, res.error or "failed", d.doc_id)
+                                for d, res in zip(docs, r.results) if res.status == pb.DOCUMENT_STATUS_FAILED]
+            report.documents_added += r.documents_added
+            report.documents_updated += r.documents_updated
+            report.documents_unchanged += r.documents_unchanged
             report.chunks_added += r.chunks_added
             report.chunks_removed += r.chunks_removed
             report.chunks_reused += r.chunks_reused

@@ -190,6 +190,9 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
             results.append(pb.DocumentResult(id=doc_id, status=STATUS_TO_PB[status], chunks=chunks, error=error))
         return pb.IngestStreamResponse(results=results, chunks_added=report.chunks_added,
                                        chunks_removed=report.chunks_removed, chunks_reused=report.chunks_reused,
+                                       documents_added=report.documents_added,
+                                       documents_updated=report.documents_updated,
+                                       documents_unchanged=report.documents_unchanged,
                                        ingest_time_ns=time.perf_counter_ns() - t0)
 
     @guarded

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from engine.errors import InvalidInput
-from engine.documents import Document, Failure, html_to_text, iter_documents, parse_bytes
+from engine.documents import Document, Failure, check_jsonl_fields, html_to_text, iter_documents, parse_bytes
 from pdf_maker import make_pdf
 
 
@@ -54,6 +54,36 @@ def test_jsonl_records(tmp_path):
     assert "not valid JSON" in failures[0].reason and "'text'" in failures[1].reason
     docs, _ = docs_and_failures([p], text_field="body")
     assert [d.text for d in docs] == ["wrong field"]
+
+
+def test_jsonl_id_field(tmp_path):
+    """--id-field: the record field that names a document (kept in its metadata); a record
+    without it is named by its line; a value that cannot name one fails that record alone."""
+    p = tmp_path / "r.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in [
+        {"doc": "a-1", "id": "ignored", "text": "first"},
+        {"doc": 7, "text": "second"},
+        {"text": "third, without one"},
+        {"doc": True, "text": "a boolean"},
+        {"doc": {"x": 1}, "text": "an object"},
+        {"doc": "  ", "text": "blank"},
+        {"doc": None, "text": "null"},
+    ]))
+    docs, failures = docs_and_failures([p], id_field="doc")
+    root = p.resolve()
+    assert [(d.doc_id, d.metadata) for d in docs] == [
+        (f"{root}#a-1", {"doc": "a-1", "id": "ignored"}), (f"{root}#7", {"doc": 7}), (f"{root}#3", {})]
+    assert [f.source.rsplit(":", 1)[1] for f in failures] == ["4", "5", "6", "7"]
+    assert all("field 'doc' must be a non-empty string or a number" in f.reason for f in failures)
+    assert 'got {"x": 1}' in failures[1].reason
+    # the same rule for the default field
+    (d,) = parse_bytes(json.dumps({"id": 1.5, "text": "t"}).encode(), "application/jsonl", "s.jsonl")
+    assert d.doc_id == "s.jsonl#1.5"
+    (f,) = parse_bytes(json.dumps({"id": [1], "text": "t"}).encode(), "application/jsonl", "s.jsonl")
+    assert f.source == "s.jsonl:1" and "field 'id' must be" in f.reason
+    for text_field, id_field in (("text", "text"), ("text", ""), ("", "id")):
+        with pytest.raises(InvalidInput):
+            check_jsonl_fields(text_field, id_field)
 
 
 def test_jsonl_is_streamed_a_line_at_a_time(tmp_path, monkeypatch):

@@ -124,6 +124,13 @@ def test_ray_ingest_equals_single_process_ingest_and_upserts_alike(ray_address, 
         assert report_view(ra2) == report_view(rb2)
         assert ra2.documents_updated == 2 and ra2.documents_unchanged >= 5 and ra2.chunks_reused >= 1
         assert_same(single, on_ray, "c")
+
+        # JSONL records named by another field (--id-field): new documents, alike
+        ra3 = single.ingest_paths("c", corpus, id_field="kind")
+        rb3 = distributed.ingest(on_ray, "c", corpus, id_field="kind", actors=1, address=ray_address)
+        assert report_view(ra3) == report_view(rb3)
+        assert {d.rsplit("#", 1)[1] for d in ra3.results if "extra.jsonl#" in d} == {"faq", "tea", "5"}
+        assert_same(single, on_ray, "c")
     finally:
         single.close()
         on_ray.close()

@@ -110,6 +110,18 @@ def test_ingest_documents_search_delete_equal_a_local_run(served, tmp_path, caps
     assert len(documents([], there)) == 9
 
 
+def test_id_field_here_and_through_the_server(served, tmp_path, capsys):
+    _, address, jsonl = served
+    local = ["--data-dir", tmp_path / "local"]
+    for pre, post in ((local, []), ([], ["--server", address])):
+        code, out, err = rag(capsys, *pre, "ingest", jsonl, "-c", "named", "--id-field", "lang", "-q", *post)
+        assert code == 0 and out.startswith("named: 2 added"), err  # en twice: the later line wins
+        code, out, _ = rag(capsys, *pre, "documents", "-c", "named", "--json", *post)
+        assert [json.loads(line)["doc_id"].rsplit("#", 1)[1] for line in out.splitlines()] == ["en", "fr"]
+        code, _, err = rag(capsys, *pre, "ingest", jsonl, "-c", "named", "--id-field", "text", *post)
+        assert code == 2 and "text and id fields are both 'text'" in err
+
+
 def test_batch_files_with_filters_per_line_equal_a_local_run(served, tmp_path, capsys):
     engine, address, jsonl = served
     local = ["--data-dir", tmp_path / "local"]

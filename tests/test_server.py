@@ -93,10 +93,12 @@ def test_ingest_results_per_document(server):
     assert got["a"] == (pb.DOCUMENT_STATUS_ADDED, 1) and got["b"] == (pb.DOCUMENT_STATUS_ADDED, 1)
     assert got["empty"][0] == got["bin"][0] == pb.DOCUMENT_STATUS_FAILED
     assert "binary" in [r.error for r in res.results if r.id == "bin"][0]
+    assert (res.documents_added, res.documents_updated, res.documents_unchanged) == (2, 0, 0)
     again = client.ingest("ing", [{"id": "a", "text": "Alpha document about kettles."}])
-    assert again.results[0].status == pb.DOCUMENT_STATUS_UNCHANGED
+    assert again.results[0].status == pb.DOCUMENT_STATUS_UNCHANGED and again.documents_unchanged == 1
     changed = client.ingest("ing", [{"id": "a", "text": "Alpha document, now about teapots."}])
     assert changed.results[0].status == pb.DOCUMENT_STATUS_UPDATED and changed.chunks_removed == 1
+    assert (changed.documents_added, changed.documents_updated) == (0, 1)
     assert changed.chunks_reused == 0  # new text: embedded
     tagged = client.ingest("ing", [{"id": "a", "text": "Alpha document, now about teapots.", "metadata": {"t": "x"}}])
     assert tagged.results[0].status == pb.DOCUMENT_STATUS_UPDATED and (tagged.chunks_added, tagged.chunks_reused) == (1, 1)
