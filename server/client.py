@@ -18,8 +18,20 @@ MODES = {None: pb.SEARCH_MODE_UNSPECIFIED, "hybrid": pb.SEARCH_MODE_HYBRID, "den
          "exact": pb.SEARCH_MODE_EXACT}
 
 
+# Calls that only read (searches, answers, listings, info) and fail UNAVAILABLE (a server
+# that went away, or is shutting down, before the call got any response) are tried again,
+# after a short backoff, on the next server of the target; a write is not: after a lost
+# connection the client cannot tell whether it was applied.
+READ_METHODS = [{"service": "rag.v1.RetrieveService"}, {"service": "rag.v1.AnswerService"},
+                {"service": "rag.v1.InfoService"},
+                *({"service": "rag.v1.CollectionService", "method": m} for m in ("ListCollections",
+                                                                                "DescribeCollection")),
+                {"service": "rag.v1.IngestService", "method": "ListDocuments"}]
+RETRY_READS = {"maxAttempts": 4, "initialBackoff": "0.05s", "maxBackoff": "1s", "backoffMultiplier": 2,
+               "retryableStatusCodes": ["UNAVAILABLE"]}
 # Calls go to every reachable server of the target in turn (one server: no difference).
-ROUND_ROBIN = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
+SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}],
+                             "methodConfig": [{"name": READ_METHODS, "retryPolicy": RETRY_READS}]})
 
 
 def channel_target(address: str | Sequence[str]) -> str:
@@ -109,7 +121,7 @@ class RagClient:
                  max_message_bytes: int = 64 * 1024 * 1024) -> None:
         options = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes),
-                   ("grpc.service_config", ROUND_ROBIN)]
+                   ("grpc.service_config", SERVICE_CONFIG)]
         target = channel_target(address)
         if root_certificates is not None:
             creds = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
