@@ -276,7 +276,7 @@ def created_line(i: dict) -> str:
 
 def delete_filter(args: argparse.Namespace) -> dict | None:
     """`rag delete`'s --filter, refusing a delete that names nothing."""
-    filt = parse_filter(args.filter)
+    filt = flag_filter(args)
     if not args.doc_ids and not filt:
         raise InvalidInput("give the ids of the documents to delete, or --filter FIELD=VALUE")
     return filt
@@ -368,13 +368,13 @@ def run(args: argparse.Namespace) -> int:
         if args.command == "search":
             if args.query is None:
                 raise InvalidInput("give a query, or --batch QUERIES.jsonl")
-            hits = engine.search(args.collection, args.query, args.k, mode=args.mode, filter=parse_filter(args.filter))
+            hits = engine.search(args.collection, args.query, args.k, mode=args.mode, filter=flag_filter(args))
             if args.json:
                 for h in hits:
                     print(hit_to_json(h))
                 return 0
             if not hits:
-                print("no results (no chunk matches the filter)" if args.filter else
+                print("no results (no chunk matches the filter)" if args.filter or args.filter_json else
                       "no results (the collection is empty)")
             print_hits(hits)
             return 0
@@ -503,7 +503,7 @@ def write_lines(path: str | None, lines) -> None:
 def print_documents(page, args: argparse.Namespace) -> int:
     """`rag documents`: a page of a collection's documents (or every page, --all), in id order.
     `page(filter, after)` -> (documents as StoredDocument dicts, the next page's `after`)."""
-    filt, after, shown = parse_filter(args.filter), args.after, 0
+    filt, after, shown = flag_filter(args), args.after, 0
     while True:
         docs, after = page(filt, after)
         for d in docs:
@@ -531,6 +531,27 @@ def add_filter_arg(s: argparse.ArgumentParser, what: str) -> None:
                         "date>=2024-01-01). Repeat: every field's condition must hold; one field "
                         "given =VALUE more than once matches any of them (lang=en --filter lang=fr). "
                         "Non-string metadata compares as JSON, e.g. year=2020")
+    s.add_argument("--filter-json", default=None, metavar="JSON",
+                   help="a metadata filter as JSON, with every operator, and $or / $and to combine "
+                        """filters, e.g. '{"$or": [{"lang": "fr"}, {"year": {"$gte": 2022}}]}'; """
+                        "it holds together with --filter's conditions")
+
+
+def flag_filter(args: argparse.Namespace) -> dict | None:
+    """The metadata filter of --filter's conditions and --filter-json's, both to hold."""
+    from .filters import both
+
+    own = parse_filter(args.filter)
+    if args.filter_json is None:
+        return own
+    try:
+        extra = json.loads(args.filter_json)
+    except json.JSONDecodeError as e:
+        raise InvalidInput(f"--filter-json is not valid JSON ({e.msg} at character {e.pos})") from None
+    try:
+        return both(own, extra)
+    except InvalidInput as e:
+        raise InvalidInput(f"--filter-json: {e}") from None
 
 
 CLI_FILTER_OPS = {"!=": "$nin", ">=": "$gte", "<=": "$lte", "=": "$in", ">": "$gt", "<": "$lt"}
@@ -572,7 +593,7 @@ def search_batch(engine, args: argparse.Namespace) -> int:
     engine.check_k(args.k)
     engine.describe(args.collection)  # NotFound here, not in a worker
     texts = [q for _, q, _ in items]
-    flag = parse_filter(args.filter)
+    flag = flag_filter(args)
     filters = line_filters(items, flag, args.batch)
     options = {"k": args.k, "mode": engine.check_mode(args.mode), "filter": flag if filters is None else None}
     if args.ray:
@@ -599,7 +620,7 @@ def ask(engine, args: argparse.Namespace) -> int:
         items = read_questions(args.batch)
         bar = Progress("ask", enabled=not args.quiet and sys.stderr.isatty(), unit="answers", total=len(items))
         texts = [q for _, q, _ in items]
-        flag = parse_filter(args.filter)
+        flag = flag_filter(args)
         filters = line_filters(items, flag, args.batch)
         flag = flag if filters is None else None  # else within each line's
         if args.ray:
@@ -624,7 +645,7 @@ def ask(engine, args: argparse.Namespace) -> int:
         raise InvalidInput("give a question, or --batch QUESTIONS.jsonl")
     final = None
     for ev in engine.answer_stream(args.collection, args.question, k=args.k, params=params,
-                                   filter=parse_filter(args.filter)):
+                                   filter=flag_filter(args)):
         if isinstance(ev, Answer):
             final = ev
         elif isinstance(ev, AnswerStart):

@@ -15,13 +15,22 @@ a value (equality, as before) or a mapping of operators, all of which must hold:
                                                     point order: ISO dates sort as dates)
                                                     with the values that do not read as numbers
 
+Conditions on several fields may also be combined with logical operators, at any depth:
+
+    {"$or": [{"lang": "fr"}, {"year": {"$gte": 2022}}]}   at least one of these filters holds
+    {"$and": [{"$or": [...]}, {"$or": [...]}]}            every one of these holds
+
+beside the field conditions of the same mapping, which hold as well. Other top-level keys
+starting with "$" are refused (metadata fields so named cannot be filtered on).
+
 Values compare as the gRPC API sends them: strings as they are, other JSON as json.dumps
 (meta_str), so 2020 and "2020" are equal. A mapping with a key that starts with "$" holds
 operators (every key must be one); one with no such key is a JSON object value compared for
 equality.
 `check_filter` turns any accepted form into one canonical form, {field: {op: operand}},
 with $eq/$ne operands as meta_str, $in/$nin as lists of them and range bounds as floats
-(numbers) or strings, which every consumer (matches, the store's SQL, Ray shards) reads.
+(numbers) or strings, and "$or" / "$and" as lists of canonical filters, which every consumer
+(matches, the store's SQL, Ray shards) reads.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ import re
 from .errors import InvalidInput
 
 EQUALITY_OPS = ("$eq", "$ne", "$in", "$nin")
+LOGICAL_OPS = ("$or", "$and")  # top-level keys of a filter that combine whole filters
 RANGE_OPS = {"$gt": operator.gt, "$gte": operator.ge, "$lt": operator.lt, "$lte": operator.le}
 OPS = (*EQUALITY_OPS, *RANGE_OPS)
 # Values longer than this are left out of the metadata index (a filter on one reads every
@@ -98,6 +108,9 @@ def check_filter(filter) -> Filter | None:
     for field, cond in (filter or {}).items():
         if not isinstance(field, str) or not field:
             raise InvalidInput(f"filter field names must be non-empty strings, got {field!r}")
+        if field.startswith("$"):
+            out[field] = _alternatives(field, cond)
+            continue
         ops = cond if isinstance(cond, dict) and any(isinstance(o, str) and o.startswith("$") for o in cond) else None
         if ops is None:
             out[field] = {"$eq": meta_str(cond)}
@@ -115,14 +128,45 @@ def check_filter(filter) -> Filter | None:
     return out or None
 
 
+def _alternatives(key: str, filters) -> list:
+    """The canonical filters of a top-level logical operator ($or / $and)."""
+    if key not in LOGICAL_OPS:
+        raise InvalidInput(f"unknown filter operator {key!r} at the top of a filter; use $or or $and to combine "
+                           "filters (metadata fields whose names start with '$' cannot be filtered on)")
+    if not isinstance(filters, (list, tuple)) or not filters:
+        raise InvalidInput(f"filter {key} takes a non-empty list of filters, got {filters!r}")
+    out = []
+    for i, f in enumerate(filters):
+        try:
+            c = check_filter(f)
+        except InvalidInput as e:
+            raise InvalidInput(f"filter {key}[{i}]: {e}") from None
+        if not c:
+            raise InvalidInput(f"filter {key}[{i}] is empty; every filter in {key} needs a condition")
+        out.append(c)
+    return out
+
+
+def fields(filter: dict) -> dict:
+    """A canonical filter's field conditions alone (without $or / $and)."""
+    return {f: c for f, c in filter.items() if f not in LOGICAL_OPS}
+
+
 def both(a, b) -> Filter | None:
     """Two filters that must both hold, as one (e.g. a batch's filter and one query's own);
     an operator both give a field with different operands is InvalidInput."""
     a, b = check_filter(a), check_filter(b)
     if not a or not b:
         return a or b
-    out = Filter({f: dict(cond) for f, cond in a.items()})
-    for field, cond in b.items():
+    out = Filter({f: dict(cond) if f not in LOGICAL_OPS else list(cond) for f, cond in a.items()})
+    if "$and" in b:
+        out["$and"] = [*out.get("$and", ()), *b["$and"]]
+    if "$or" in b:
+        if "$or" in out:  # two groups of alternatives, each of which must hold
+            out["$and"] = [*out.get("$and", ()), Filter({"$or": b["$or"]})]
+        else:
+            out["$or"] = b["$or"]
+    for field, cond in fields(b).items():
         have = out.setdefault(field, {})
         for op, x in cond.items():
             if op in have and have[op] != x:
@@ -150,7 +194,12 @@ def holds(s: str | None, op: str, x) -> bool:
 
 def matches(metadata: dict, filter: dict) -> bool:
     """Whether a document's metadata satisfies a canonical filter (check_filter)."""
-    return all(holds(meta_str(metadata.get(f)), op, x) for f, cond in filter.items() for op, x in cond.items())
+    if not all(holds(meta_str(metadata.get(f)), op, x)
+               for f, cond in filter.items() if f not in LOGICAL_OPS for op, x in cond.items()):
+        return False
+    if "$and" in filter and not all(matches(metadata, g) for g in filter["$and"]):
+        return False
+    return "$or" not in filter or any(matches(metadata, g) for g in filter["$or"])
 
 
 def meta_rows(doc_id: str, metadata: dict) -> tuple[list[tuple], list[tuple]]:

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InvalidInput, NotFound
-from .filters import META_INDEX_MAX_CHARS, RANGE_OPS, check_filter, matches, meta_rows
+from .filters import LOGICAL_OPS, META_INDEX_MAX_CHARS, RANGE_OPS, check_filter, fields, matches, meta_rows
 from .lexical import LexicalIndex, ensure_fts, has_fts
 from .vectors import VectorFile
 
@@ -345,6 +345,8 @@ class Store:
         store has no such index."""
         if not self.meta_index:
             return None
+        if any(op in filter for op in LOGICAL_OPS):  # the field conditions, within $and's and $or's documents
+            return self._logical_sql(filter)
         if len(filter) == 1:  # the common case (a tenant's, a source's filter): one lookup
             (field, cond), = filter.items()
             value = cond.get("$eq") if len(cond) == 1 else None
@@ -397,6 +399,22 @@ class Store:
                     f"{_alias(terms, f'n{i}')} AND n{i}.doc_id = {ref})")
             args += [field, *params]
         return sql, args
+
+    def _logical_sql(self, filter: dict) -> tuple[str, list] | None:
+        """_filter_sql for a filter with $or / $and: its field conditions' documents that are
+        among every $and filter's and any $or filter's (a UNION); None where a part's is."""
+        own = fields(filter)
+        parts = [self._filter_sql(own)] if own else []
+        parts += [self._filter_sql(g) for g in filter.get("$and", ())]
+        alternatives = [self._filter_sql(g) for g in filter.get("$or", ())]
+        if any(p is None for p in (*parts, *alternatives)):
+            return None
+        if alternatives:
+            parts.append((" UNION ".join(sql for sql, _ in alternatives), [a for _, args in alternatives for a in args]))
+        if len(parts) == 1:
+            return parts[0]
+        sql = f"SELECT doc_id FROM ({parts[0][0]}) WHERE 1" + "".join(f" AND doc_id IN ({q})" for q, _ in parts[1:])
+        return sql, [a for _, args in parts for a in args]
 
     def _filter_scan(self, filter: dict, limit: int | None) -> list[str] | None:
         """The documents `filter` matches, by reading every document's metadata; None as soon

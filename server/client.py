@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import grpc
 
 from engine.errors import InvalidInput
-from engine.filters import RANGE_OPS, check_filter, meta_str
+from engine.filters import RANGE_OPS, check_filter, fields, meta_str
 
 from .stubs import pb, rpc
 
@@ -74,11 +74,29 @@ def _has_scheme(address: str) -> bool:
 
 
 def filter_pb(filter: dict | None) -> dict:
-    """A metadata filter as engine/filters.py takes it -> a request's `filter` (equalities)
-    and `where` (FieldCondition) fields; checked here first, so a bad one fails as the
-    server would fail it."""
+    """A metadata filter as engine/filters.py takes it -> a request's `filter` (equalities),
+    `where` (FieldCondition) and `any_of_filters` ($or; with $and, one alternative holding
+    every group) fields; checked here first, so a bad one fails as the server would fail it."""
+    f = check_filter(filter) or {}
+    plain, where = _conditions(f)
+    groups = [query_filter_pb(g) for g in f.get("$or", ())]
+    if "$and" in f:
+        parts = [query_filter_pb(g) for g in f["$and"]]
+        groups = [pb.QueryFilter(all_of_filters=[*parts, *([pb.QueryFilter(any_of_filters=groups)] if groups else [])])]
+    return {"filter": plain, "where": where, "any_of_filters": groups}
+
+
+def query_filter_pb(f: dict) -> "pb.QueryFilter":
+    """A canonical filter (check_filter) as one QueryFilter message."""
+    plain, where = _conditions(f)
+    return pb.QueryFilter(filter=plain, where=where, any_of_filters=[query_filter_pb(g) for g in f.get("$or", ())],
+                          all_of_filters=[query_filter_pb(g) for g in f.get("$and", ())])
+
+
+def _conditions(f: dict) -> tuple[dict, list]:
+    """A canonical filter's field conditions as (equalities, FieldCondition messages)."""
     plain, where = {}, []
-    for field, cond in (check_filter(filter) or {}).items():
+    for field, cond in fields(f).items():
         if any(v is None for op in ("$eq", "$ne") if op in cond for v in [cond[op]]) or any(
                 v is None for op in ("$in", "$nin") for v in cond.get(op, ())):
             raise InvalidInput(f"filter field {field!r}: null (a missing field) cannot be sent over gRPC; "
@@ -92,12 +110,12 @@ def filter_pb(filter: dict | None) -> dict:
             plain[field] = cond["$eq"]
         if len(cond) > ("$eq" in cond):
             where.append(c)
-    return {"filter": plain, "where": where}
+    return plain, where
 
 
 def query_filters_pb(filters: Sequence[dict | None] | None) -> list:
     """Per-query filters (one per query, or None for none) -> repeated QueryFilter."""
-    return [] if filters is None else [pb.QueryFilter(**filter_pb(f)) for f in filters]
+    return [] if filters is None else [query_filter_pb(check_filter(f) or {}) for f in filters]
 
 
 def document_metadata_pb(metadata: dict) -> dict:

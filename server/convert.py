@@ -45,8 +45,9 @@ def page_size(n: int) -> int:
 
 
 def request_filter(request) -> dict | None:
-    """A request's `filter` (equalities) and `where` (FieldCondition) as one metadata filter
-    for the engine (engine/filters.py), which checks the rest."""
+    """A request's (or QueryFilter's) `filter` (equalities), `where` (FieldCondition) and
+    groups of filters (any_of_filters: $or, all_of_filters: $and) as one metadata filter for
+    the engine (engine/filters.py), which checks the rest."""
     out: dict = dict(request.filter)
     for c in request.where:
         if not c.field:
@@ -65,7 +66,21 @@ def request_filter(request) -> dict | None:
             raise InvalidInput(f"where: field {c.field!r} gets {twice[0].lstrip('$')} from two conditions; "
                                "give each part once")
         out[c.field] = {**have, **ops}
+    for name, op in (("any_of_filters", "$or"), ("all_of_filters", "$and")):
+        if group := getattr(request, name, ()):  # requests have any_of_filters; QueryFilter both
+            out[op] = [_group_part(f, name, i) for i, f in enumerate(group)]
     return out or None
+
+
+def _group_part(f, name: str, i: int) -> dict:
+    """One QueryFilter of an any_of_filters / all_of_filters group, as an engine filter."""
+    try:
+        part = request_filter(f)
+    except InvalidInput as e:
+        raise InvalidInput(f"{name}[{i}]: {e}") from None
+    if not part:
+        raise InvalidInput(f"{name}[{i}] is empty; give each filter of the group a filter, where or a group")
+    return part
 
 
 def batch_filters(request, field: str, n: int, what: tuple[str, str]) -> list | None:

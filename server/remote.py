@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import grpc
 
-from engine.cli import (Progress, created_line, delete_filter, deleted_line, line_filters, parse_filter,
+from engine.cli import (Progress, created_line, delete_filter, deleted_line, flag_filter, line_filters,
                         print_answer_footer, print_collections, print_documents, print_hits, print_ingest,
                         read_questions, write_lines)
 from engine.documents import Document, Failure, check_document_size, check_jsonl_fields, iter_documents
@@ -231,13 +231,13 @@ def search(client: RagClient, args: argparse.Namespace) -> int:
         return search_batch(client, args)
     if args.query is None:
         raise InvalidInput("give a query, or --batch QUERIES.jsonl")
-    hits = client.search(args.collection, args.query, args.k, mode=args.mode, filter=parse_filter(args.filter))
+    hits = client.search(args.collection, args.query, args.k, mode=args.mode, filter=flag_filter(args))
     if args.json:
         for h in hits:
             print(json.dumps(hit_json(h), ensure_ascii=False))
         return 0
     if not hits:
-        print("no results (no chunk matches the filter)" if args.filter else "no results (the collection is empty)")
+        print("no results (no chunk matches the filter)" if args.filter or args.filter_json else "no results (the collection is empty)")
     print_hits(hits)
     return 0
 
@@ -248,7 +248,7 @@ def search_batch(client: RagClient, args: argparse.Namespace) -> int:
     if args.query:
         raise InvalidInput("give either a query or --batch, not both")
     items = read_questions(args.batch, "query")
-    flag = parse_filter(args.filter)
+    flag = flag_filter(args)
     filters = line_filters(items, flag, args.batch)
     step = max(1, min(client.info().max_batch, HITS_PER_REQUEST // max(args.k, 1)))
 
@@ -283,7 +283,7 @@ def ask(client: RagClient, args: argparse.Namespace) -> int:
     if not args.question:
         raise InvalidInput("give a question, or --batch QUESTIONS.jsonl")
     sources, done = [], None
-    for msg in client.answer(args.collection, args.question, k=args.k, filter=parse_filter(args.filter),
+    for msg in client.answer(args.collection, args.question, k=args.k, filter=flag_filter(args),
                              **options(args)):
         kind = msg.WhichOneof("event")
         if kind == "sources":
@@ -309,7 +309,7 @@ def ask_batch(client: RagClient, args: argparse.Namespace) -> int:
     if args.question:
         raise InvalidInput("give either a question or --batch, not both")
     items = read_questions(args.batch)
-    flag = parse_filter(args.filter)
+    flag = flag_filter(args)
     filters = line_filters(items, flag, args.batch)
     info = client.info()
     step = max(1, min(info.max_batch, 4 * (args.batch_size or info.max_concurrent_generations or 8)))

@@ -265,6 +265,15 @@ CASES = [
     case("search-batch-query-filter-contradicts", raw("SearchBatch", pb.SearchBatchRequest(
         collection="docs", queries=["green tea"], top_k=3, filter={"kind": "txt"},
         query_filters=[pb.QueryFilter(filter={"kind": "md"})]).SerializeToString()), INVALID, "kind"),
+    case("search-any-of-filters-empty-part", search(any_of_filters=[pb.QueryFilter(filter={"kind": "txt"}),
+                                                                   pb.QueryFilter()]),
+         INVALID, r"any_of_filters\[1\] is empty"),
+    case("search-all-of-filters-bad-part", search(any_of_filters=[pb.QueryFilter(all_of_filters=[
+        pb.QueryFilter(where=[pb.FieldCondition(field="kind")])])]),
+         INVALID, r"any_of_filters\[0\]: all_of_filters\[0\]: where: the condition on 'kind' sets nothing"),
+    case("search-filter-dollar-field", search(filter={"$or": "x"}), INVALID, r"\$or takes a non-empty list"),
+    case("delete-any-of-filters-empty", raw("DeleteDocuments", pb.DeleteDocumentsRequest(
+        collection="docs", any_of_filters=[pb.QueryFilter()]).SerializeToString()), INVALID, "is empty"),
     case("answer-batch-question-filters-count", raw("AnswerBatch", pb.AnswerBatchRequest(
         collection="docs", questions=["How long does black tea steep?"],
         options=pb.GenerationOptions(max_new_tokens=4),

@@ -340,7 +340,11 @@ def test_range_any_of_and_not_filters_rank_exactly_their_matches(engine, monkeyp
     q = engine.embedder.embed([question])[0]
     rows = col.store.chunks(col.store.keys())
     filters = [{"n": {"$gte": 100, "$lt": 110}}, {"n": {"$gt": "297.5"}}, {"team": {"$in": ["rare", "b"]}, "n": {"$lte": 7}},
-               {"team": {"$ne": "a"}}, {"team": {"$nin": ["a", "b"]}}, {"n": {"$gte": 10}, "team": "a"}]
+               {"team": {"$ne": "a"}}, {"team": {"$nin": ["a", "b"]}}, {"n": {"$gte": 10}, "team": "a"},
+               # $or / $and: rare alternatives, a common one, and groups beside field conditions
+               {"$or": [{"team": "rare"}, {"n": {"$gte": 295}}]}, {"$or": [{"team": "a"}, {"n": {"$lt": 3}}]},
+               {"$or": [{"team": "b"}, {"team": "rare"}], "$and": [{"$or": [{"n": {"$lt": 5}}, {"n": {"$gt": 290}}]}]},
+               {"$or": [{"$and": [{"team": "a"}, {"n": {"$lt": 2}}]}, {"team": {"$nin": ["a", "b"]}}]}]
     for common in (False, True):
         if common:
             monkeypatch.setattr(search_mod, "PREFILTER_MAX_CHUNKS", 0)

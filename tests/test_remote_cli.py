@@ -78,9 +78,13 @@ def test_ingest_documents_search_delete_equal_a_local_run(served, tmp_path, caps
     assert len(mine) == 11 and theirs == mine
     zebra = next(d for d in theirs if d["doc_id"].endswith("#zebra"))
     assert zebra["metadata"] == {"id": "zebra", **without(RECORDS[0], "id", "text")}
-    for extra in (["--filter", "year>=2021"], ["--filter", "lang!=en"], ["--filter", "lang=fr", "--filter", "lang=en"]):
+    either = ["--filter-json", '{"$or": [{"lang": "fr"}, {"year": {"$lt": 2021}}]}']
+    for extra in (["--filter", "year>=2021"], ["--filter", "lang!=en"], ["--filter", "lang=fr", "--filter", "lang=en"],
+                  either, [*either, "--filter", "seen=true"]):
         assert documents([], there, *extra) == documents(local, [], *extra), extra
     assert [d["doc_id"][-3:] for d in documents([], there, "--filter", "year>=2021")] == ["owl", "uin"]
+    assert [d["doc_id"][-3:] for d in documents([], there, *either)] == ["uin", "bra"]
+    assert [d["doc_id"][-3:] for d in documents([], there, *either, "--filter", "seen=true")] == ["bra"]
 
     # a page, and where the next one starts (with --server in the hint)
     code, out, _ = rag(capsys, "documents", "-c", "zoo", "--limit", 2, *there)
@@ -217,6 +221,11 @@ def test_errors_over_the_server_are_one_line(served, tmp_path, capsys):
     assert code == 2 and "cannot read" in err and "none.pem" in err
     code, _, err = rag(capsys, "delete", "-c", "x", "--server", address)
     assert code == 2 and "give the ids of the documents to delete" in err
+    for bad, says in (("{lang: 1}", "--filter-json is not valid JSON"), ('{"$or": []}', "--filter-json: filter $or "
+                                                                                      "takes a non-empty list"),
+                      ('["lang"]', "--filter-json: filter must be a mapping")):
+        code, _, err = rag(capsys, "search", "tea", "-c", "x", "--filter-json", bad, "--server", address)
+        assert code == 2 and says in err, err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"query": "tea", "filter": {"kind": {"$bogus": 1}}}\n')
     code, _, err = rag(capsys, "search", "--batch", bad, "-c", "x", "--server", address)

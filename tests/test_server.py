@@ -141,7 +141,9 @@ def test_embed_search_and_batch_match_in_process(server, shared_engine):
     assert hits[0].doc_id == "tea.txt" and hits[0].metadata["kind"] == "txt"
     filtered = client.search("docs", "How hot for green tea?", k=3, filter={"kind": "md"})
     assert filtered and all(h.metadata["kind"] == "md" for h in filtered)
-    for f in ({"kind": {"$in": ["md", "html"]}}, {"kind": {"$ne": "md"}}, {"kind": {"$gte": "m"}}):
+    for f in ({"kind": {"$in": ["md", "html"]}}, {"kind": {"$ne": "md"}}, {"kind": {"$gte": "m"}},
+              {"$or": [{"kind": "txt"}, {"kind": {"$gt": "m"}}]},
+              {"$or": [{"kind": "txt"}, {"kind": "md"}], "$and": [{"$or": [{"kind": {"$lt": "n"}}, {"x": "1"}]}]}):
         want = [h.doc_id for h in shared_engine.search("docs", "How hot for green tea?", 3, filter=f)]
         assert [h.doc_id for h in client.search("docs", "How hot for green tea?", k=3, filter=f)] == want
         assert [[h.doc_id for h in hits] for hits in client.search_batch("docs", ["How hot for green tea?"], k=3,
@@ -149,6 +151,11 @@ def test_embed_search_and_batch_match_in_process(server, shared_engine):
     raw = client.retrieve.Search(pb.SearchRequest(collection="docs", query="green tea", top_k=10, where=[
         pb.FieldCondition(field="kind", none_of=["md"])]), **client._kw()).hits
     assert [h.doc_id for h in raw] == ["tea.txt"]  # the one document that is not Markdown
+    # groups of filters as any language sends them: (kind txt or kind md) and not md
+    raw = client.retrieve.Search(pb.SearchRequest(collection="docs", query="green tea", top_k=10, any_of_filters=[
+        pb.QueryFilter(filter={"kind": "txt"}), pb.QueryFilter(where=[pb.FieldCondition(field="kind", any_of=["md"])])],
+        where=[pb.FieldCondition(field="kind", none_of=["md"])]), **client._kw()).hits
+    assert [h.doc_id for h in raw] == ["tea.txt"]
     batch = client.search_batch("docs", ["green tea", "HNSW ef parameter"], k=2)
     assert [h.doc_id for h in batch[0]] == [h.doc_id for h in shared_engine.search("docs", "green tea", 2)]
     assert batch[1][0].doc_id == "hnsw.md"

@@ -11,7 +11,7 @@ import pytest
 
 from engine.chunk import Chunk
 from engine.errors import InvalidInput
-from engine.filters import check_filter, matches
+from engine.filters import both, check_filter, matches
 from engine.store import STORE_FILE, DocumentRecord, Store
 
 DIM = 4
@@ -216,6 +216,12 @@ METADATA = [  # one document each: every JSON type, and names SQLite's JSON path
     {"team": {"$eq": "red"}, "long": {"$ne": "a"}}, {"team": {"$in": ["red"], "$nin": ["blue"]}},
     {"ok": {"$in": [True, "false"]}}, {"n": {"$in": [5, -5]}, "team": {"$gte": "a"}}, {"missing": {"$ne": "a"}},
     {"missing": {"$nin": [None]}}, {"team": {"$nin": [None]}}, {"n": {"$ne": None}}, {"long": {"$nin": ["w" * 300]}},
+    # $or / $and: alternatives, nested, beside field conditions, through values the index lacks
+    {"$or": [{"team": "blue"}, {"n": {"$gt": 1e299}}]}, {"$or": [{"team": "red"}, {"x": None}], "n": {"$gte": 2}},
+    {"$or": [{"team": {"$ne": "red"}}, {"ok": True}]}, {"$and": [{"team": "red"}, {"n": {"$lt": 10}}]},
+    {"$or": [{"long": "w" * 300}, {"tags": '["a", "b"]'}]}, {"$or": [{"team": "red"}], "$and": [{"$or": [
+        {"n": 5}, {"long": {"$gt": "a"}}]}]}, {"$or": [{"$and": [{"team": "red"}, {"ok": True}]}, {"a.b": 2}]},
+    {"$or": [{"missing": "a"}, {"team": "green"}]},
 ])
 def test_filter_keys_match_metadata_as_search_compares_it(store, filter):
     """filter_keys returns the chunks of exactly the documents `matches` accepts, whatever
@@ -246,6 +252,9 @@ def test_filter_keys_match_metadata_as_search_compares_it(store, filter):
     ({"x": {"$lt": 2}}, [2, 7]),
     ({"long": {"$gt": "a"}}, [8]),  # a value too long for the index, found by reading documents
     ({"team": "red", "n": {"$gt": 0}}, [0, 2]),
+    ({"$or": [{"team": "blue"}, {"n": {"$gt": 1e299}}]}, [1, 7]),
+    ({"$or": [{"team": "Red"}, {"x": 1.5}], "n": {"$gt": 0}}, [2, 3]),
+    ({"$or": [{"team": "red"}, {"ok": False}], "$and": [{"$or": [{"n": -5}, {"long": {"$gt": "a"}}]}]}, [1, 8]),
 ])
 def test_filter_operators_mean_what_they_say(store, filter, docs):
     store.apply([DocumentRecord(f"d{i}", "/s", "h", meta, 2, record(f"d{i}", 2, seed=i).chunks,
@@ -261,6 +270,9 @@ def test_filter_operators_mean_what_they_say(store, filter, docs):
     ({"n": {"$gt": None}}, "a number or a string"), ({"n": {"$lt": float("nan")}}, "finite"),
     ({"n": {"$gt": 1, "$lt": "z"}}, "must all be numbers or all text"), ({"": {"$eq": 1}}, "non-empty strings"),
     ({"n": {"$gt": 1, "b": 2}}, "unknown operator 'b'"), (["n"], "must be a mapping"),
+    ({"$or": []}, "$or takes a non-empty list of filters"), ({"$or": {"a": 1}}, "$or takes a non-empty list"),
+    ({"$and": [{"a": 1}, {}]}, "$and[1] is empty"), ({"$not": {"a": 1}}, "unknown filter operator '$not'"),
+    ({"$or": [{"a": {"$gtt": 1}}]}, "filter $or[0]: filter field 'a': unknown operator '$gtt'"),
 ])
 def test_bad_filters_say_what_to_fix(filter, message):
     with pytest.raises(InvalidInput, match=re.escape(message)):
@@ -273,6 +285,20 @@ def test_canonical_filter_is_its_own_canonical_form():
     assert f == {"a": {"$eq": "1"}, "b": {"$in": ["2", "x", None]}, "c": {"$gte": 2020.0, "$lt": 2024.5},
                  "d": {"$lt": "2024-01-01"}, "e": {"$eq": '{"k": 1}'}}
     assert check_filter(f) is f and check_filter(json.loads(json.dumps(f))) == f  # as Ray and the batcher pass it on
+    g = check_filter({"$or": [{"a": 1}, {"$and": [{"b": {"$gt": 2}}, {"c": None}]}], "d": "x"})
+    assert g == {"$or": [{"a": {"$eq": "1"}}, {"$and": [{"b": {"$gt": 2.0}}, {"c": {"$eq": None}}]}], "d": {"$eq": "x"}}
+    assert check_filter(json.loads(json.dumps(g))) == g
+
+
+def test_both_keeps_every_group_of_alternatives():
+    a = {"$or": [{"t": "1"}, {"t": "2"}], "k": "x"}
+    b = {"$or": [{"u": "1"}, {"u": "2"}], "$and": [{"v": "1"}]}
+    f = both(a, b)
+    assert f["$or"] == check_filter(a)["$or"] and f["k"] == {"$eq": "x"}
+    assert f["$and"] == [{"v": {"$eq": "1"}}, {"$or": [{"u": {"$eq": "1"}}, {"u": {"$eq": "2"}}]}]
+    for meta, want in (({"t": "1", "k": "x", "u": "2", "v": "1"}, True), ({"t": "1", "k": "x", "u": "3", "v": "1"}, False),
+                       ({"t": "3", "k": "x", "u": "1", "v": "1"}, False), ({"t": "2", "k": "x", "u": "1"}, False)):
+        assert matches(meta, f) == want == (matches(meta, check_filter(a)) and matches(meta, check_filter(b)))
 
 
 def test_list_documents_pages_in_id_order(store):
