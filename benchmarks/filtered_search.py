@@ -21,7 +21,8 @@ while k chunks matched, recall@k of the question's paragraph, queries/s over bat
 ours / postfilter. One JSON line per system to bench-results/filtered_search.jsonl.
 --form says how the tenant filter is written: eq {"tenant": "t7"}; in {"tenant": {"$in":
 ["t7", "nobody"]}}; range {"tenant": {"$gte": "t7", "$lte": "t7"}} (a text range holding one
-tenant); each matches the same chunks, through the metadata index's other lookups.
+tenant); or {"$or": [{"tenant": "t7"}, {"tenant": "nobody"}]} (a union of two lookups); each
+matches the same chunks, through the metadata index's other lookups.
 
     .venv/bin/python benchmarks/filtered_search.py                       # ~1-2 min
     .venv/bin/python benchmarks/filtered_search.py --tenants 5,50,500 --questions 2000
@@ -45,7 +46,8 @@ from _common import SQUAD, cpu_name, log_jsonl, squad_paragraphs  # noqa: E402
 
 from engine.filters import check_filter  # noqa: E402
 
-FORMS = {"eq": lambda t: t, "in": lambda t: {"$in": [t, "nobody"]}, "range": lambda t: {"$gte": t, "$lte": t}}
+FORMS = {"eq": lambda f, t: {f: t}, "in": lambda f, t: {f: {"$in": [t, "nobody"]}},
+         "range": lambda f, t: {f: {"$gte": t, "$lte": t}}, "or": lambda f, t: {"$or": [{f: t}, {f: "nobody"}]}}
 
 
 def run(args: argparse.Namespace) -> None:
@@ -103,7 +105,7 @@ def measure(searcher, col, asked, vectors, paragraphs, tenant_of, field, chunks,
         for j in part:
             by_tenant.setdefault(int(tenant_of[asked[j][1]]), []).append(j)
         for t, js in by_tenant.items():
-            filt = check_filter({field: FORMS[args.form](f"t{t}")})
+            filt = check_filter(FORMS[args.form](field, f"t{t}"))
             qs, vs = [asked[j][0] for j in js], vectors[js]
             t0 = time.perf_counter()
             if system == "ours":
