@@ -122,7 +122,8 @@ def document_metadata(d) -> dict:
 def hit_pb(h) -> "pb.Hit":
     return pb.Hit(rank=h.rank, score=h.score, cosine=h.cosine, doc_id=h.doc_id, source=h.source,
                   ordinal=h.ordinal, start=h.start, end=h.end, text=h.text,
-                  metadata={k: meta_wire(v) for k, v in h.metadata.items()})
+                  metadata={k: meta_wire(v) for k, v in h.metadata.items()},
+                  metadata_json=json.dumps(h.metadata, ensure_ascii=False))
 
 
 def stored_document_pb(d) -> "pb.StoredDocument":

@@ -204,7 +204,8 @@ def streams(items: Iterator[Document | Failure], limit: int, report: IngestRepor
 def hit_json(h) -> dict:
     """A Hit message as a local `rag search --json` prints one (without the store's internal key)."""
     return {"rank": h.rank, "score": h.score, "cosine": h.cosine, "doc_id": h.doc_id, "source": h.source,
-            "ordinal": h.ordinal, "start": h.start, "end": h.end, "text": h.text, "metadata": dict(h.metadata)}
+            "ordinal": h.ordinal, "start": h.start, "end": h.end, "text": h.text,
+            "metadata": json.loads(h.metadata_json) if h.metadata_json else dict(h.metadata)}
 
 
 def answer_json(question: str, sources, done) -> dict:
