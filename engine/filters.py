@@ -135,15 +135,21 @@ def _alternatives(key: str, filters) -> list:
                            "filters (metadata fields whose names start with '$' cannot be filtered on)")
     if not isinstance(filters, (list, tuple)) or not filters:
         raise InvalidInput(f"filter {key} takes a non-empty list of filters, got {filters!r}")
+    return group_parts(f"filter {key}", filters, check_filter, f"every filter in {key} needs a condition")
+
+
+def group_parts(name: str, items, convert, fix: str) -> list:
+    """Each filter of a group ($or, $and, or a gRPC message's any_of_filters) as `convert`
+    reads it, an error naming `name[i]`; an empty one refused (`fix`: what to give it)."""
     out = []
-    for i, f in enumerate(filters):
+    for i, f in enumerate(items):
         try:
-            c = check_filter(f)
+            part = convert(f)
         except InvalidInput as e:
-            raise InvalidInput(f"filter {key}[{i}]: {e}") from None
-        if not c:
-            raise InvalidInput(f"filter {key}[{i}] is empty; every filter in {key} needs a condition")
-        out.append(c)
+            raise InvalidInput(f"{name}[{i}]: {e}") from None
+        if not part:
+            raise InvalidInput(f"{name}[{i}] is empty; {fix}")
+        out.append(part)
     return out
 
 

@@ -10,7 +10,7 @@ import json
 
 from engine.config import MAX_LIST_PAGE, MAX_TOP_K
 from engine.errors import InvalidInput
-from engine.filters import RANGE_OPS, meta_wire
+from engine.filters import RANGE_OPS, group_parts, meta_wire
 from engine.generate import SamplingParams
 
 from .stubs import pb
@@ -68,19 +68,9 @@ def request_filter(request) -> dict | None:
         out[c.field] = {**have, **ops}
     for name, op in (("any_of_filters", "$or"), ("all_of_filters", "$and")):
         if group := getattr(request, name, ()):  # requests have any_of_filters; QueryFilter both
-            out[op] = [_group_part(f, name, i) for i, f in enumerate(group)]
+            out[op] = group_parts(name, group, request_filter, "give each filter of the group a filter, where "
+                                                                "or a group")
     return out or None
-
-
-def _group_part(f, name: str, i: int) -> dict:
-    """One QueryFilter of an any_of_filters / all_of_filters group, as an engine filter."""
-    try:
-        part = request_filter(f)
-    except InvalidInput as e:
-        raise InvalidInput(f"{name}[{i}]: {e}") from None
-    if not part:
-        raise InvalidInput(f"{name}[{i}] is empty; give each filter of the group a filter, where or a group")
-    return part
 
 
 def batch_filters(request, field: str, n: int, what: tuple[str, str]) -> list | None:
