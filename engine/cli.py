@@ -13,6 +13,7 @@ import json
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 
 from .config import (DEFAULT_CONTEXT_BUDGET_TOKENS, DEFAULT_FUSION_ALPHA, DEFAULT_GEN_MODEL, EMBED_VARIANTS, FUSIONS, GEN_PREFILL_VARIANTS,
@@ -202,6 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name")
     add_server_args(s, "drop")
 
+    s = sub.add_parser("copy", help="copy a collection as it is now, beside a running writer too: to a new name, "
+                                    "or into another data dir (a backup)")
+    s.add_argument("name")
+    s.add_argument("new_name")
+    s.add_argument("--to", metavar="DATA_DIR", default=None,
+                   help="the data dir to copy into (default: this one). Restore a backup by copying it back: "
+                        "rag --data-dir BACKUP copy NAME NAME --to DATA_DIR")
+    s.add_argument("--quiet", "-q", action="store_true", help="no progress line")
+
     s = sub.add_parser("documents", help="list a collection's documents (ids, sources, metadata, sizes)")
     s.add_argument("--collection", "-c", required=True)
     add_filter_arg(s, "list only documents")
@@ -334,6 +344,14 @@ def run(args: argparse.Namespace) -> int:
         if args.command == "drop":
             engine.drop_collection(args.name)
             print(f"dropped {args.name}")
+            return 0
+        if args.command == "copy":
+            bar = Progress(f"copy {args.name}", enabled=not args.quiet and sys.stderr.isatty())
+            t0 = time.perf_counter()
+            info = engine.copy_collection(args.name, args.new_name, data_dir=args.to, progress=bar)
+            bar.done()
+            print(f"copied {args.name} to {args.new_name}{f' in {args.to}' if args.to else ''} ({info.documents} "
+                  f"documents, {info.chunks} chunks) in {time.perf_counter() - t0:.1f}s")
             return 0
         if args.command == "documents":
             def page(filt, after):

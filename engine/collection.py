@@ -21,7 +21,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from .config import Config
@@ -299,6 +299,43 @@ class Collections:
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
+
+    def build(self, name: str, settings: dict, batches: Iterable[Sequence[DocumentRecord]],
+              progress: Callable[[int], None] | None = None) -> None:
+        """Create collection `name` with `settings`, holding the records of `batches` (a copy
+        of another collection): built in a hidden folder as a writer builds any collection,
+        snapshotted, and renamed into place when complete, so a failure leaves nothing behind
+        and no one sees it half built. AlreadyExists if it exists."""
+        if self.read_only:
+            raise FailedPrecondition("this engine is read-only; collections cannot be created here")
+        final = self.folder(name)
+        if final.exists():
+            raise AlreadyExists(f"collection {name!r} already exists")
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            Store.initialise(tmp, settings)
+            col = Collection(name, tmp, self.config, owner=self.owner)
+            try:
+                done = 0
+                for records in batches:
+                    with col.write_lock:
+                        col.commit(records)
+                    done += len(records)
+                    if progress:
+                        progress(done)
+                col.snapshot()
+            finally:
+                col.close()
+            with self._lock:
+                if final.exists():
+                    raise AlreadyExists(f"collection {name!r} already exists (made while this copy was built)")
+                tmp.rename(final)
+                fsync_dir(self.root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
     def names(self) -> list[str]:
         if not self.root.exists():

@@ -185,6 +185,25 @@ class Engine:
     def drop_collection(self, name: str) -> None:
         self.collections.drop(name)
 
+    def copy_collection(self, name: str, new_name: str, *, data_dir: str | Path | None = None,
+                        progress: Callable[[int], None] | None = None) -> CollectionInfo:
+        """Copy collection `name` (its documents, chunks, stored vectors and settings) to
+        `new_name`, in this data dir or in `data_dir` (a backup; restore one by copying it
+        back). The copy is of one moment, read beside any writer of `name`, which goes on
+        (engine/store.py Store.export); nothing is embedded again. It appears complete or not
+        at all (Collections.build). `progress(documents)` after each batch."""
+        check_name(new_name)
+        src = self.collections.get(name)  # a reader where another process writes it
+        here = data_dir is None or Path(data_dir).resolve() == Path(self.config.data_dir).resolve()
+        dest = self.collections if here else Collections(
+            self.config.replace(data_dir=Path(data_dir), read_only=False), owner=self.collections.owner)
+        try:
+            dest.build(new_name, {**src.store.settings, "created_at": time.time()}, src.store.export(), progress)
+            return dest.get(new_name).info()
+        finally:
+            if dest is not self.collections:
+                dest.close()
+
     # ------------------------------------------------------------------ ingestion
     def _writer(self, name: str) -> Collection:
         col = self.collections.get(name, write=True)

@@ -24,12 +24,13 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from .errors import InvalidInput, NotFound
+from .chunk import Chunk
+from .errors import InvalidInput, NotFound, Unavailable
 from .filters import LOGICAL_OPS, META_INDEX_MAX_CHARS, RANGE_OPS, check_filter, fields, matches, meta_rows
 from .lexical import LexicalIndex, ensure_fts, has_fts
 from .vectors import VectorFile
@@ -446,6 +447,49 @@ class Store:
                     if key < len(vectors):
                         out[text] = np.array(vectors[key])
         return out
+
+    def export(self, batch_chunks: int = 4096) -> Iterator[list[DocumentRecord]]:
+        """Every document with its chunks and stored vectors, as of one moment, in batches of
+        about `batch_chunks` chunks (whole documents): one read transaction on a connection
+        of its own, so a writer beside it goes on and what it writes meanwhile is not seen.
+        Documents come in the order of their chunks' keys (a document's chunks hold a run of
+        keys, given when it was stored), so a collection built from them numbers its chunks
+        in the same order and breaks ties between equal scores the same way. Unavailable if a
+        vector row it needs was freed meanwhile (its document deleted and the collection
+        snapshotted during the read): run it again."""
+        db = sqlite3.connect(self.folder / STORE_FILE, check_same_thread=False, isolation_level=None)
+        cols = "key, doc_id, ordinal, start, end, n_tokens, text"
+        try:
+            db.execute("PRAGMA query_only=1")
+            db.execute("BEGIN")
+            vectors = self.vector_file.rows(int(db.execute(
+                "SELECT value FROM meta WHERE key = 'next_key'").fetchone()[0]))
+            last = -1
+            while rows := db.execute(f"SELECT {cols} FROM chunks WHERE key > ? ORDER BY key LIMIT ?",
+                                     (last, batch_chunks)).fetchall():
+                # the last document's other chunks: a batch holds whole documents
+                rows += db.execute(f"SELECT {cols} FROM chunks WHERE doc_id = ? AND key > ? ORDER BY key",
+                                   (rows[-1][1], rows[-1][0])).fetchall()
+                last = rows[-1][0]
+                chunks: dict[str, list] = {}
+                for row in rows:
+                    chunks.setdefault(row[1], []).append(row)
+                ids = list(chunks)
+                docs = {d[0]: d for d in db.execute(
+                    "SELECT doc_id, source, content_hash, metadata, n_chars FROM documents "
+                    f"WHERE doc_id IN ({','.join('?' * len(ids))})", ids)}
+                out = []
+                for doc_id, part in chunks.items():
+                    vecs = np.array(vectors[[r[0] for r in part]], dtype=np.float32).reshape(len(part), self.dim)
+                    if not np.all(np.any(vecs != 0, axis=1)):  # a unit vector is never all zeros
+                        raise Unavailable(f"document {doc_id!r} changed while the collection was read (its "
+                                          "vectors were freed by a snapshot); run it again")
+                    _, source, content_hash, metadata, n_chars = docs[doc_id]
+                    out.append(DocumentRecord(doc_id, source, content_hash, json.loads(metadata), n_chars,
+                                              [Chunk(*r[1:]) for r in part], vecs))
+                yield out
+        finally:
+            db.close()
 
     def has_document(self, doc_id: str) -> bool:
         with self._lock:

@@ -210,3 +210,22 @@ def test_rag_serve_with_huge_pages_restarts_itself_with_them(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def test_copy_a_collection_and_restore_a_backup(tmp_path, capsys):
+    d = ["--data-dir", str(tmp_path / "data")]
+    backup = tmp_path / "backup"
+    assert rag(capsys, *d, "ingest", str(CORPUS), "-c", "notes", "-q")[0] == 0
+    code, out, _ = rag(capsys, *d, "copy", "notes", "notes-old", "-q")
+    assert code == 0 and out.startswith("copied notes to notes-old (8 documents, ")
+    code, out, _ = rag(capsys, *d, "copy", "notes", "notes", "--to", str(backup), "-q")
+    assert code == 0 and f"copied notes to notes in {backup} (8 documents" in out
+    assert rag(capsys, *d, "drop", "notes")[0] == 0
+    code, out, _ = rag(capsys, "--data-dir", str(backup), "copy", "notes", "notes", "--to", str(tmp_path / "data"), "-q")
+    assert code == 0
+    code, out, _ = rag(capsys, *d, "search", "How do I feed a sourdough starter?", "-c", "notes", "-k", "1", "--json")
+    assert code == 0 and json.loads(out)["source"].endswith("bread.md")
+    code, _, err = rag(capsys, *d, "copy", "notes", "notes-old")
+    assert code == 2 and "error: collection 'notes-old' already exists" in err
+    code, _, err = rag(capsys, *d, "copy", "missing", "x")
+    assert code == 2 and "collection 'missing' does not exist" in err

@@ -472,3 +472,125 @@ def test_delete_by_filter_removes_every_match_and_only_them(engine, config, tmp_
     assert again.describe("c").documents == 149
     assert again.search("c", "lighthouse keeper", k=3, filter={"team": "rare"}) == []
     again.close()
+
+
+def collection_state(engine: Engine, name: str) -> tuple[list, dict]:
+    """(documents as listed, chunk rows with their vectors by (doc_id, ordinal))."""
+    docs, after = [], None
+    while True:
+        page, after = engine.list_documents(name, limit=1000, after=after)
+        docs += [(d.doc_id, d.source, d.content_hash, d.metadata, d.n_chars, d.n_chunks) for d in page]
+        if after is None:
+            break
+    col = engine.collections.get(name)
+    vectors = col.store.vectors()
+    chunks = {(r.doc_id, r.ordinal): (r.start, r.end, r.n_tokens, r.text, np.array(vectors[k]))
+              for k, r in col.store.chunks(col.store.keys()).items()}
+    return docs, chunks
+
+
+def test_copy_collection_equals_its_source_here_and_in_another_data_dir(engine, tmp_path):
+    _teams_corpus(engine)
+    engine.copy_collection("c", "c2")
+    docs, chunks = collection_state(engine, "c")
+    docs2, chunks2 = collection_state(engine, "c2")
+    assert docs2 == docs and len(docs) == 301
+    assert chunks2.keys() == chunks.keys()
+    assert all(chunks2[c][:4] == chunks[c][:4] and np.array_equal(chunks2[c][4], chunks[c][4]) for c in chunks)
+    settings = {k: v for k, v in engine.collections.get("c").store.settings.items() if k != "created_at"}
+    assert {k: v for k, v in engine.collections.get("c2").store.settings.items() if k != "created_at"} == settings
+    q = "What temperature should green tea be brewed at?"
+    for mode in ("exact", "dense", "hybrid"):
+        assert [(h.doc_id, h.ordinal) for h in engine.search("c2", q, 5, mode=mode)] == \
+               [(h.doc_id, h.ordinal) for h in engine.search("c", q, 5, mode=mode)]
+    assert engine.search("c2", q, 3, filter={"team": "rare"})[0].doc_id == "lighthouse"  # metadata index copied too
+
+    # into another data dir (a backup), opened there by another engine; and back (a restore)
+    backup = tmp_path / "backup"
+    info = engine.copy_collection("c", "c", data_dir=backup)
+    assert (info.documents, info.chunks) == (301, len(chunks))
+    other = Engine(engine.config.replace(data_dir=backup), embedder=engine.embedder)
+    try:
+        assert collection_state(other, "c")[0] == docs
+        r = other.ingest("c", [Document("lighthouse", "The lighthouse keeper climbs the spiral stairs every evening.",
+                                        "notes/lighthouse.txt", {"team": "rare"})])
+        assert r.documents_unchanged == 1  # the same content hash: nothing to do
+        other.ingest("c", [Document("tea7", "A changed note.", "y")])
+        other.copy_collection("c", "restored", data_dir=engine.config.data_dir)
+    finally:
+        other.close()
+    restored = {d[0]: d for d in collection_state(engine, "restored")[0]}
+    assert restored["tea7"][1] == "y" and {k: v for k, v in restored.items() if k != "tea7"} == \
+           {d[0]: d for d in docs if d[0] != "tea7"}
+
+    with pytest.raises(AlreadyExists):
+        engine.copy_collection("c", "c2")
+    with pytest.raises(NotFound):
+        engine.copy_collection("missing", "c3")
+    with pytest.raises(InvalidInput):
+        engine.copy_collection("c", "bad name")
+    assert sorted(engine.collections.names()) == ["c", "c2", "restored"]
+
+
+def test_copy_is_of_one_moment_beside_a_writer_and_complete_or_absent(engine, config, tmp_path, monkeypatch):
+    """A copy made while another engine (the collection's writer) keeps adding documents
+    holds the documents of one moment: the ones there before and a gapless run of the new
+    ones, each as stored, though it is read in many batches. A copy that fails midway
+    leaves no collection and no temporary folder."""
+    import threading
+
+    from engine import store as store_mod
+    _teams_corpus(engine)  # 301 documents: two batches at least
+    reader = Engine(config.replace(data_dir=engine.config.data_dir), embedder=engine.embedder)
+    stop = threading.Event()
+
+    def write():
+        i = 0
+        while not stop.is_set():
+            engine.ingest("c", [Document(f"zz{i:05d}", f"A later note, number {i}, about kettles.", "late.txt")])
+            i += 1
+    writer = threading.Thread(target=write)
+    real_export = store_mod.Store.export
+    monkeypatch.setattr(store_mod.Store, "export", lambda self, batch_chunks=4096: real_export(self, 40))
+    writer.start()
+    try:
+        reader.copy_collection("c", "snap", data_dir=tmp_path / "snaps")
+    finally:
+        stop.set()
+        writer.join()
+    assert reader.collections.get("c").read_only  # it read beside the writer
+    snap = Engine(config.replace(data_dir=tmp_path / "snaps"), embedder=engine.embedder)
+    try:
+        got = collection_state(snap, "snap")[0]
+    finally:
+        snap.close()
+    late = [d[0] for d in got if d[0].startswith("zz")]
+    assert late == [f"zz{i:05d}" for i in range(len(late))]  # no gap: one moment
+    now = {d[0]: d for d in collection_state(engine, "c")[0]}
+    assert len(now) > len(got) - 1 and all(now[d[0]] == d for d in got)
+
+    def failing(self, batch_chunks=4096):
+        it = real_export(self, 40)
+        yield next(it)
+        raise OSError("disk full")
+    monkeypatch.setattr(store_mod.Store, "export", failing)
+    with pytest.raises(OSError):
+        engine.copy_collection("c", "half")
+    assert "half" not in engine.collections.names()
+    assert not [p for p in engine.root.iterdir() if p.name.startswith(".tmp-")]
+    reader.close()
+
+
+def test_export_refuses_vectors_freed_while_it_read(engine):
+    """A vector row freed under a copy (its document deleted and the collection snapshotted
+    meanwhile: the row reads zeros) fails the copy as Unavailable, to be run again."""
+    from engine.errors import Unavailable
+    engine.create_collection("c")
+    engine.ingest("c", [Document("a", "Kettles boil water.", "a.txt"), Document("b", "Ovens bake bread.", "b.txt")])
+    col = engine.collections.get("c")
+    key = int(col.store.document_keys("b")[0])
+    with open(col.folder / "vectors.f32", "r+b") as f:  # what a freed (hole-punched) row reads as
+        f.seek(key * col.store.dim * 4)
+        f.write(bytes(col.store.dim * 4))
+    with pytest.raises(Unavailable, match="'b' changed while the collection was read"):
+        list(col.store.export())

@@ -398,3 +398,19 @@ def test_lexical_search_among_allowed_chunks(store, monkeypatch):
         assert keys.tolist() == full_keys[keep][:5].tolist()
         np.testing.assert_array_equal(scores, full_scores[keep][:5])
     assert store.fts.search(["green tea"], 5, allowed=np.empty(0, np.int64))[0][0].size == 0
+
+
+def test_export_gives_whole_documents_in_key_order(store):
+    """export: every live document once, whole (all its chunks, their vectors as stored),
+    in the order of its chunks' keys, whatever the batch size; replaced and deleted ones not."""
+    store.apply([record(f"d{i}", 1 + i % 3, seed=i, h=f"h{i}") for i in (5, 1, 4, 2, 0, 3)])
+    store.apply([record("d4", 2, seed=40, h="new")], deletes=["d2"])  # d4 replaced: its keys come last now
+    vectors = store.vectors()
+    for batch in (1, 2, 4, 100):
+        got = [r for part in store.export(batch) for r in part]
+        assert [r.doc_id for r in got] == ["d5", "d1", "d0", "d3", "d4"]
+        for r in got:
+            keys = store.document_keys(r.doc_id)
+            assert [c.ordinal for c in r.chunks] == list(range(len(keys)))
+            assert np.array_equal(r.vectors, np.asarray(vectors[keys]))
+            assert r.content_hash == ("new" if r.doc_id == "d4" else f"h{r.doc_id[1:]}")
