@@ -108,7 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("ingest", help="add files or directory trees to a collection (created if missing)")
-    s.add_argument("paths", nargs="+", help=".txt .md .html .pdf .jsonl files or directories")
+    s.add_argument("paths", nargs="+", help=".txt .md .html .pdf .jsonl files or directories; - reads stdin "
+                                            "(with --stdin-type)")
+    s.add_argument("--stdin-type", choices=sorted(STDIN_TYPES), default=None,
+                   help="what stdin (-) holds: JSONL records, read a line at a time, or one document")
+    s.add_argument("--stdin-name", default="stdin",
+                   help="the source name of what stdin holds: a document's id, or NAME#id for JSONL records "
+                        "(default: stdin)")
     s.add_argument("--collection", "-c", required=True)
     s.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
     s.add_argument("--id-field", default="id",
@@ -252,7 +258,39 @@ def snippet(text: str, width: int = 160) -> str:
     return flat if len(flat) <= width else flat[:width - 1] + "…"
 
 
-READ_COMMANDS = ("search", "ask", "collections", "info", "documents")
+READ_COMMANDS = ("search", "ask", "collections", "info", "documents", "copy")  # copy writes only its new collection
+
+
+STDIN_TYPES = {"jsonl": "application/jsonl", "txt": "text/plain", "md": "text/markdown", "html": "text/html",
+               "pdf": "application/pdf"}
+
+
+def check_ingest_inputs(args: argparse.Namespace) -> None:
+    """`rag ingest`'s inputs, checked before anything is read or created."""
+    from .documents import check_jsonl_fields
+
+    check_jsonl_fields(args.text_field, args.id_field)
+    stdin = args.paths.count("-")
+    if stdin > 1:
+        raise InvalidInput("give - (stdin) once")
+    if stdin and args.stdin_type is None:
+        raise InvalidInput(f"reading stdin (-) needs --stdin-type: {', '.join(sorted(STDIN_TYPES))}")
+    if args.stdin_type and not stdin:
+        raise InvalidInput("--stdin-type is for reading stdin: give - among the paths")
+    if stdin and getattr(args, "ray", None):
+        raise InvalidInput("--ray reads the files on the cluster, and stdin (-) is read here: drop --ray")
+
+
+def ingest_documents(args: argparse.Namespace):
+    """The documents `rag ingest` reads, in order: its paths' files, and stdin for -."""
+    from .documents import iter_documents, read_stream
+
+    for p in args.paths:
+        if p == "-":
+            yield from read_stream(sys.stdin.buffer, STDIN_TYPES[args.stdin_type], args.stdin_name,
+                                   text_field=args.text_field, id_field=args.id_field)
+        else:
+            yield from iter_documents([p], text_field=args.text_field, id_field=args.id_field)
 
 
 def print_ingest(collection: str, report) -> int:
@@ -308,6 +346,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.command == "serve":
         return serve(args)
+    if args.command == "ingest":
+        check_ingest_inputs(args)  # before Ray starts, a server is called or a collection made
     if getattr(args, "server", None):
         from server.remote import run_remote  # the same command, through a running server's API
 
@@ -375,8 +415,7 @@ def run(args: argparse.Namespace) -> int:
                                             actors=args.ray_actors, actor_threads=args.ray_actor_threads,
                                             progress=bar)
             else:
-                report = engine.ingest_paths(args.collection, args.paths, text_field=args.text_field,
-                                             id_field=args.id_field, progress=bar)
+                report = engine.ingest(args.collection, ingest_documents(args), progress=bar)
             bar.done()
             return print_ingest(args.collection, report)
         if args.command == "ask":

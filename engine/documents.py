@@ -6,6 +6,7 @@ no text becomes a `Failure` that the caller reports, and the walk goes on.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -15,6 +16,7 @@ import re
 from collections.abc import Iterable, Iterator
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import BinaryIO
 
 from .errors import InvalidInput
 
@@ -246,17 +248,19 @@ def jsonl_documents(text: str, source: str, text_field: str,
             yield item
 
 
-def read_jsonl(f: str | Path, source: str, text_field: str, *, start: int = 0, end: int | None = None,
+def read_jsonl(f: str | Path | BinaryIO, source: str, text_field: str, *, start: int = 0, end: int | None = None,
                first_line: int = 1, id_field: str = DEFAULT_ID_FIELD) -> Iterator[Document | Failure]:
-    """The records of a JSONL file, read a line at a time; or of its part [start, end) (byte
-    offsets at line starts, `first_line` the number of the line at `start`: jsonl_parts). A
-    line that is not UTF-8 or longer than MAX_FILE_BYTES is a Failure of its own; a file
-    that looks binary (NUL bytes in its first 8 KiB) is one Failure."""
-    with open(f, "rb") as fh:
-        if start == 0 and b"\x00" in fh.read(8192):
+    """The records of a JSONL file (or of a binary stream that can peek, such as stdin's
+    buffer), read a line at a time; or of a file's part [start, end) (byte offsets at line
+    starts, `first_line` the number of the line at `start`: jsonl_parts). A line that is not
+    UTF-8 or longer than MAX_FILE_BYTES is a Failure of its own; input that looks binary
+    (NUL bytes in its first 8 KiB) is one Failure."""
+    with (open(f, "rb") if isinstance(f, (str, Path)) else contextlib.nullcontext(f)) as fh:
+        if start == 0 and b"\x00" in fh.peek(8192)[:8192]:
             yield Failure(source, "looks binary (NUL bytes); expected UTF-8 text")
             return
-        fh.seek(start)
+        if start:
+            fh.seek(start)
         pos, line_no = start, first_line
         while end is None or pos < end:
             raw = fh.readline(MAX_FILE_BYTES + 1)
@@ -365,6 +369,26 @@ def iter_documents(paths: Iterable[str | Path], *, text_field: str = DEFAULT_TEX
             yield f
         else:
             yield from read_file(f, text_field=text_field, id_field=id_field, max_bytes=max_bytes)
+
+
+def read_stream(fh: BinaryIO, media_type: str, source: str, *, text_field: str = DEFAULT_TEXT_FIELD,
+                id_field: str = DEFAULT_ID_FIELD, max_bytes: int = MAX_FILE_BYTES) -> Iterator[Document | Failure]:
+    """The documents of a binary stream that is not a file (`rag ingest -`: stdin), named
+    `source`: JSONL a line at a time, whatever its length; any other type read whole, up to
+    `max_bytes`, and parsed as a file of that type would be."""
+    if media_type not in MEDIA_TYPES:
+        raise InvalidInput(f"unsupported media type {media_type!r}; use one of {MEDIA_TYPES}")
+    if media_type == "application/jsonl":
+        yield from read_jsonl(fh, source, text_field, id_field=id_field)
+        return
+    data = fh.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        yield Failure(source, f"input is over the {max_bytes}-byte limit")
+        return
+    try:
+        yield from parse_bytes(data, media_type, source, text_field=text_field, id_field=id_field)
+    except InvalidInput as e:
+        yield Failure(source, str(e).removeprefix(source + ": "))
 
 
 def read_file(f: str | Path, *, text_field: str = DEFAULT_TEXT_FIELD, id_field: str = DEFAULT_ID_FIELD,

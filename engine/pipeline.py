@@ -193,10 +193,11 @@ class Engine:
         (engine/store.py Store.export); nothing is embedded again. It appears complete or not
         at all (Collections.build). `progress(documents)` after each batch."""
         check_name(new_name)
-        src = self.collections.get(name)  # a reader where another process writes it
+        src = self.collections.get(name)  # a reader where another process writes it (or a read-only engine)
         here = data_dir is None or Path(data_dir).resolve() == Path(self.config.data_dir).resolve()
-        dest = self.collections if here else Collections(
-            self.config.replace(data_dir=Path(data_dir), read_only=False), owner=self.collections.owner)
+        dest = self.collections if here and not self.collections.read_only else Collections(
+            self.config.replace(data_dir=Path(data_dir or self.config.data_dir), read_only=False),
+            owner=self.collections.owner)
         try:
             dest.build(new_name, {**src.store.settings, "created_at": time.time()}, src.store.export(), progress)
             return dest.get(new_name).info()

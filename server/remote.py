@@ -20,10 +20,10 @@ from collections.abc import Iterator
 
 import grpc
 
-from engine.cli import (Progress, created_line, delete_filter, deleted_line, flag_filter, line_filters,
-                        print_answer_footer, print_collections, print_documents, print_hits, print_ingest,
-                        read_questions, write_lines)
-from engine.documents import Document, Failure, check_document_size, check_jsonl_fields, iter_documents
+from engine.cli import (Progress, created_line, delete_filter, deleted_line, flag_filter,
+                        ingest_documents, line_filters, print_answer_footer, print_collections, print_documents,
+                        print_hits, print_ingest, read_questions, write_lines)
+from engine.documents import Document, Failure, check_document_size
 from engine.errors import InvalidInput
 from engine.ingest import IngestReport
 from engine.support import source_label
@@ -144,7 +144,6 @@ def ingest(client: RagClient, args: argparse.Namespace) -> int:
     """Read the files here, stream their documents to the server a stream at a time, and
     print the sum of its reports as a local ingest prints its own."""
     t0 = time.perf_counter()
-    check_jsonl_fields(args.text_field, args.id_field)
     limit = client.info().max_document_bytes
     try:
         client.describe(args.collection)
@@ -157,7 +156,7 @@ def ingest(client: RagClient, args: argparse.Namespace) -> int:
     bar = Progress(f"ingest {args.collection}", enabled=not args.quiet and sys.stderr.isatty())
     sent = 0
     try:
-        for docs in streams(iter_documents(args.paths, text_field=args.text_field, id_field=args.id_field), limit, report):
+        for docs in streams(ingest_documents(args), limit, report):
             r = client.ingest(args.collection, ({"id": d.doc_id, "text": d.text, "source": d.source,
                                                  "metadata": d.metadata} for d in docs))
             report.failures += [Failure(d.source, res.error or "failed", d.doc_id)

@@ -229,3 +229,48 @@ def test_copy_a_collection_and_restore_a_backup(tmp_path, capsys):
     assert code == 2 and "error: collection 'notes-old' already exists" in err
     code, _, err = rag(capsys, *d, "copy", "missing", "x")
     assert code == 2 and "collection 'missing' does not exist" in err
+
+
+def stdin_of(data: bytes):
+    import io
+    return io.TextIOWrapper(io.BufferedReader(io.BytesIO(data)), encoding="utf-8")
+
+
+def test_ingest_reads_stdin(tmp_path, capsys, monkeypatch):
+    """`rag ingest -`: JSONL records a line at a time, or one document of the type given."""
+    d = ["--data-dir", str(tmp_path)]
+    lines = b'{"id": "a", "text": "Zebras sleep standing up.", "n": 1}\nnot json\n{"id": "b", "text": "Owls hunt."}\n'
+    monkeypatch.setattr(sys, "stdin", stdin_of(lines))
+    code, out, err = rag(capsys, *d, "ingest", "-", "-c", "s", "--stdin-type", "jsonl", "--stdin-name", "feed", "-q")
+    assert code == 0 and out.startswith("s: 2 added, 0 updated, 0 unchanged, 1 skipped") and "feed:2: not valid JSON" in err
+    monkeypatch.setattr(sys, "stdin", stdin_of(b"<html><title>Tea</title><p>Green tea at 80 degrees.</p></html>"))
+    assert rag(capsys, *d, "ingest", str(CORPUS / "tea.txt"), "-", "-c", "s", "--stdin-type", "html", "-q")[0] == 0
+    code, out, _ = rag(capsys, *d, "documents", "-c", "s", "--json")
+    docs = {json.loads(line)["doc_id"]: json.loads(line) for line in out.splitlines()}
+    assert set(docs) == {"feed#a", "feed#b", "stdin", str((CORPUS / "tea.txt").resolve())}
+    assert docs["feed#a"]["metadata"] == {"id": "a", "n": 1} and docs["stdin"]["metadata"] == {"title": "Tea"}
+    for args, says in ((["-"], "needs --stdin-type"), ([str(CORPUS), "--stdin-type", "txt"], "give - among the paths"),
+                       (["-", "-", "--stdin-type", "txt"], "give - (stdin) once")):
+        code, _, err = rag(capsys, *d, "ingest", *args, "-c", "s")
+        assert code == 2 and says in err, err
+    monkeypatch.setattr(sys, "stdin", stdin_of(b"\x00\x01binary"))
+    code, out, err = rag(capsys, *d, "ingest", "-", "-c", "s", "--stdin-type", "txt", "-q")
+    assert code == 1 and "skipped stdin: " in err and "binary" in err
+
+
+def test_copy_beside_the_collections_writer_leaves_it_writing(tmp_path, capsys, config, embedder):
+    """`rag copy` reads its source as a reader: beside the writer (here an engine in this
+    process, as a `rag serve` would be) it copies, and the writer keeps its lock and writes."""
+    from engine.documents import Document
+    from engine.pipeline import Engine
+    writer = Engine(config.replace(data_dir=tmp_path), embedder=embedder)
+    try:
+        writer.create_collection("live")
+        writer.ingest_paths("live", [CORPUS])
+        code, out, err = rag(capsys, "--data-dir", str(tmp_path), "copy", "live", "snap", "-q")
+        assert code == 0 and out.startswith("copied live to snap (8 documents"), err
+        r = writer.ingest("live", [Document("new", "A note written after the copy.", "new.txt")])
+        assert r.documents_added == 1 and writer.describe("live").documents == 9
+        assert writer.describe("snap").documents == 8
+    finally:
+        writer.close()

@@ -123,6 +123,22 @@ def test_id_field_here_and_through_the_server(served, tmp_path, capsys):
         assert code == 2 and "text and id fields are both 'text'" in err
 
 
+def test_ingest_from_stdin_through_the_server(served, tmp_path, capsys, monkeypatch):
+    import io
+    import sys
+    _, address, jsonl = served
+    local = ["--data-dir", tmp_path / "local"]
+    outs = []
+    for pre, post in ((local, []), ([], ["--server", address])):
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BufferedReader(io.BytesIO(jsonl.read_bytes()))))
+        code, out, err = rag(capsys, *pre, "ingest", "-", "-c", "piped", "--stdin-type", "jsonl", "-q", *post)
+        assert code == 0 and "stdin:4: not valid JSON" in err
+        code, docs, _ = rag(capsys, *pre, "documents", "-c", "piped", "--json", *post)
+        outs.append((out.split(" in ")[0], [without(json.loads(line), "ingested_at") for line in docs.splitlines()]))
+    assert outs[0] == outs[1] and outs[0][0].startswith("piped: 3 added")
+    assert [d["doc_id"] for d in outs[0][1]] == ["stdin#owl", "stdin#penguin", "stdin#zebra"]
+
+
 def test_batch_files_with_filters_per_line_equal_a_local_run(served, tmp_path, capsys):
     engine, address, jsonl = served
     local = ["--data-dir", tmp_path / "local"]
