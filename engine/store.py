@@ -411,7 +411,8 @@ class Store:
         if any(p is None for p in (*parts, *alternatives)):
             return None
         if alternatives:
-            parts.append((" UNION ".join(sql for sql, _ in alternatives), [a for _, args in alternatives for a in args]))
+            parts.append((" UNION ".join(sql for sql, _ in alternatives),
+                          [a for _, args in alternatives for a in args]))
         if len(parts) == 1:
             return parts[0]
         sql = f"SELECT doc_id FROM ({parts[0][0]}) WHERE 1" + "".join(f" AND doc_id IN ({q})" for q, _ in parts[1:])
@@ -474,19 +475,21 @@ class Store:
                 chunks: dict[str, list] = {}
                 for row in rows:
                     chunks.setdefault(row[1], []).append(row)
-                ids = list(chunks)
-                docs = {d[0]: d for d in db.execute(
-                    "SELECT doc_id, source, content_hash, metadata, n_chars FROM documents "
-                    f"WHERE doc_id IN ({','.join('?' * len(ids))})", ids)}
+                ids, docs = list(chunks), {}
+                for i in range(0, len(ids), 500):
+                    part = ids[i:i + 500]
+                    docs.update((d[0], d) for d in db.execute(
+                        "SELECT doc_id, source, content_hash, metadata, n_chars FROM documents "
+                        f"WHERE doc_id IN ({','.join('?' * len(part))})", part))
                 out = []
-                for doc_id, part in chunks.items():
-                    vecs = np.array(vectors[[r[0] for r in part]], dtype=np.float32).reshape(len(part), self.dim)
+                for doc_id, own in chunks.items():
+                    vecs = np.array(vectors[[r[0] for r in own]], dtype=np.float32).reshape(len(own), self.dim)
                     if not np.all(np.any(vecs != 0, axis=1)):  # a unit vector is never all zeros
                         raise Unavailable(f"document {doc_id!r} changed while the collection was read (its "
                                           "vectors were freed by a snapshot); run it again")
                     _, source, content_hash, metadata, n_chars = docs[doc_id]
                     out.append(DocumentRecord(doc_id, source, content_hash, json.loads(metadata), n_chars,
-                                              [Chunk(*r[1:]) for r in part], vecs))
+                                              [Chunk(*r[1:]) for r in own], vecs))
                 yield out
         finally:
             db.close()

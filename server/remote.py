@@ -29,7 +29,7 @@ from engine.ingest import IngestReport
 from engine.support import source_label
 
 from .client import RagClient
-from .convert import PB_TO_DTYPE
+from .convert import FINISH_TO_PB, PB_TO_DTYPE
 from .stubs import pb
 
 # One IngestStream carries documents up to this many bytes of text (or STREAM_DOCS documents):
@@ -40,9 +40,7 @@ STREAM_DOCS = 2000
 # Hits per SearchBatch response at most (its queries x k): ~2 KB a hit keeps a response far
 # below the message limit whatever k is.
 HITS_PER_REQUEST = 8192
-FINISH_FROM_PB = {pb.FINISH_REASON_UNSPECIFIED: "", pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_EOS: "eos",
-                  pb.FINISH_REASON_STOP_SEQUENCE: "stop_sequence", pb.FINISH_REASON_NO_CONTEXT: "no_context",
-                  pb.FINISH_REASON_CANCELLED: "cancelled"}
+FINISH_FROM_PB = {pb.FINISH_REASON_UNSPECIFIED: "", **{v: k for k, v in FINISH_TO_PB.items()}}
 
 
 def run_remote(args: argparse.Namespace) -> int:
@@ -237,7 +235,8 @@ def search(client: RagClient, args: argparse.Namespace) -> int:
             print(json.dumps(hit_json(h), ensure_ascii=False))
         return 0
     if not hits:
-        print("no results (no chunk matches the filter)" if args.filter or args.filter_json else "no results (the collection is empty)")
+        print("no results (no chunk matches the filter)" if args.filter or args.filter_json else
+              "no results (the collection is empty)")
     print_hits(hits)
     return 0
 
