@@ -334,6 +334,19 @@ def deleted_line(n: int, args: argparse.Namespace, filt: dict | None) -> str:
     return f"deleted {n} documents matching the filter" if filt else f"deleted {n} of {len(args.doc_ids)} documents"
 
 
+def print_search(hits, args: argparse.Namespace, to_json) -> int:
+    """`rag search`'s output: one JSON object per hit (`to_json`) with --json, else lines."""
+    if args.json:
+        for h in hits:
+            print(to_json(h))
+        return 0
+    if not hits:
+        print("no results (no chunk matches the filter)" if args.filter or args.filter_json else
+              "no results (the collection is empty)")
+    print_hits(hits)
+    return 0
+
+
 def print_hits(hits) -> None:
     """Hits in rank order, with the score they were ranked by and their cosine similarity."""
     for h in hits:
@@ -426,15 +439,7 @@ def run(args: argparse.Namespace) -> int:
             if args.query is None:
                 raise InvalidInput("give a query, or --batch QUERIES.jsonl")
             hits = engine.search(args.collection, args.query, args.k, mode=args.mode, filter=flag_filter(args))
-            if args.json:
-                for h in hits:
-                    print(hit_to_json(h))
-                return 0
-            if not hits:
-                print("no results (no chunk matches the filter)" if args.filter or args.filter_json else
-                      "no results (the collection is empty)")
-            print_hits(hits)
-            return 0
+            return print_search(hits, args, hit_to_json)
         raise AssertionError(args.command)  # argparse restricts the choices
     finally:
         engine.close()

@@ -282,41 +282,16 @@ class Collections:
 
     def create(self, name: str, settings: dict) -> None:
         """Create an empty collection with fixed `settings`; AlreadyExists if it exists."""
-        if self.read_only:
-            raise FailedPrecondition("this engine is read-only; collections cannot be created here")
-        final = self.folder(name)
-        with self._lock:
-            if final.exists():
-                raise AlreadyExists(f"collection {name!r} already exists")
-            self.root.mkdir(parents=True, exist_ok=True)
-            # Build in a hidden folder and rename: a half-created collection is never listed.
-            tmp = self.root / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
-            tmp.mkdir()
-            try:
-                Store.initialise(tmp, settings)
-                tmp.rename(final)
-                fsync_dir(self.root)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+        self._make(name, settings)
 
     def build(self, name: str, settings: dict, batches: Iterable[Sequence[DocumentRecord]],
               progress: Callable[[int], None] | None = None) -> None:
         """Create collection `name` with `settings`, holding the records of `batches` (a copy
-        of another collection): built in a hidden folder as a writer builds any collection,
-        snapshotted, and renamed into place when complete, so a failure leaves nothing behind
-        and no one sees it half built. AlreadyExists if it exists."""
-        if self.read_only:
-            raise FailedPrecondition("this engine is read-only; collections cannot be created here")
-        final = self.folder(name)
-        if final.exists():
-            raise AlreadyExists(f"collection {name!r} already exists")
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            Store.initialise(tmp, settings)
-            col = Collection(name, tmp, self.config, owner=self.owner)
+        of another collection), committed as a writer commits any write and snapshotted
+        before it is renamed into place: a failure leaves nothing behind and no one sees it
+        half built. AlreadyExists if it exists."""
+        def fill(folder: Path) -> None:
+            col = Collection(name, folder, self.config, owner=self.owner)
             try:
                 done = 0
                 for records in batches:
@@ -328,9 +303,26 @@ class Collections:
                 col.snapshot()
             finally:
                 col.close()
+        self._make(name, settings, fill)
+
+    def _make(self, name: str, settings: dict, fill: Callable[[Path], None] | None = None) -> None:
+        """Build a collection in a hidden folder (`fill` adding its contents) and rename it
+        into place: a half-created collection is never listed, and a failed one is removed."""
+        if self.read_only:
+            raise FailedPrecondition("this engine is read-only; collections cannot be created here")
+        final = self.folder(name)
+        if final.exists():
+            raise AlreadyExists(f"collection {name!r} already exists")
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            Store.initialise(tmp, settings)
+            if fill is not None:
+                fill(tmp)
             with self._lock:
                 if final.exists():
-                    raise AlreadyExists(f"collection {name!r} already exists (made while this copy was built)")
+                    raise AlreadyExists(f"collection {name!r} already exists")
                 tmp.rename(final)
                 fsync_dir(self.root)
         except BaseException:

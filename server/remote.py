@@ -22,7 +22,7 @@ import grpc
 
 from engine.cli import (Progress, created_line, delete_filter, deleted_line, flag_filter,
                         ingest_documents, line_filters, print_answer_footer, print_collections, print_documents,
-                        print_hits, print_ingest, read_questions, write_lines)
+                        print_ingest, print_search, read_questions, write_lines)
 from engine.documents import Document, Failure, check_document_size
 from engine.errors import InvalidInput
 from engine.ingest import IngestReport
@@ -230,15 +230,7 @@ def search(client: RagClient, args: argparse.Namespace) -> int:
     if args.query is None:
         raise InvalidInput("give a query, or --batch QUERIES.jsonl")
     hits = client.search(args.collection, args.query, args.k, mode=args.mode, filter=flag_filter(args))
-    if args.json:
-        for h in hits:
-            print(json.dumps(hit_json(h), ensure_ascii=False))
-        return 0
-    if not hits:
-        print("no results (no chunk matches the filter)" if args.filter or args.filter_json else
-              "no results (the collection is empty)")
-    print_hits(hits)
-    return 0
+    return print_search(hits, args, lambda h: json.dumps(hit_json(h), ensure_ascii=False))
 
 
 def search_batch(client: RagClient, args: argparse.Namespace) -> int:
