@@ -217,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the data dir to copy into (default: this one). Restore a backup by copying it back: "
                         "rag --data-dir BACKUP copy NAME NAME --to DATA_DIR")
     s.add_argument("--quiet", "-q", action="store_true", help="no progress line")
+    add_server_args(s, "copy in the server's data dir")
 
     s = sub.add_parser("documents", help="list a collection's documents (ids, sources, metadata, sizes)")
     s.add_argument("--collection", "-c", required=True)
@@ -322,6 +323,11 @@ def created_line(i: dict) -> str:
     return f"created {i['name']} ({i['index_dtype']}, M={i['connectivity']})"
 
 
+def copied_line(args: argparse.Namespace, documents: int, chunks: int, seconds: float) -> str:
+    return (f"copied {args.name} to {args.new_name}{f' in {args.to}' if args.to else ''} ({documents} documents, "
+            f"{chunks} chunks) in {seconds:.1f}s")
+
+
 def delete_filter(args: argparse.Namespace) -> dict | None:
     """`rag delete`'s --filter, refusing a delete that names nothing."""
     filt = flag_filter(args)
@@ -403,8 +409,7 @@ def run(args: argparse.Namespace) -> int:
             t0 = time.perf_counter()
             info = engine.copy_collection(args.name, args.new_name, data_dir=args.to, progress=bar)
             bar.done()
-            print(f"copied {args.name} to {args.new_name}{f' in {args.to}' if args.to else ''} ({info.documents} "
-                  f"documents, {info.chunks} chunks) in {time.perf_counter() - t0:.1f}s")
+            print(copied_line(args, info.documents, info.chunks, time.perf_counter() - t0))
             return 0
         if args.command == "documents":
             def page(filt, after):

@@ -188,6 +188,11 @@ class RagClient:
     def drop_collection(self, name: str) -> None:
         self.collections.DropCollection(pb.DropCollectionRequest(name=name), **self._kw())
 
+    def copy_collection(self, name: str, new_name: str, timeout: float | None = None) -> "pb.CollectionInfo":
+        """Copy `name` to `new_name` in the server's data dir, as of one moment."""
+        return self.collections.CopyCollection(pb.CopyCollectionRequest(name=name, new_name=new_name),
+                                               **self._kw(timeout)).collection
+
     def ingest(self, collection: str, documents: Iterable[dict], timeout: float | None = None
                ) -> "pb.IngestStreamResponse":
         """documents: dicts with id and text (or data + media_type), optional source, metadata

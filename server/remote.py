@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import grpc
 
-from engine.cli import (Progress, created_line, delete_filter, deleted_line, flag_filter,
+from engine.cli import (Progress, copied_line, created_line, delete_filter, deleted_line, flag_filter,
                         ingest_documents, line_filters, print_answer_footer, print_collections, print_documents,
                         print_ingest, print_search, read_questions, write_lines)
 from engine.documents import Document, Failure, check_document_size
@@ -102,6 +102,16 @@ def create(client: RagClient, args: argparse.Namespace) -> int:
 def drop(client: RagClient, args: argparse.Namespace) -> int:
     client.drop_collection(args.name)
     print(f"dropped {args.name}")
+    return 0
+
+
+def copy(client: RagClient, args: argparse.Namespace) -> int:
+    if args.to:
+        raise InvalidInput("--to copies into a data dir on this machine; through a server a copy stays in the "
+                           "server's data dir: leave out --to, or --server to copy here")
+    t0 = time.perf_counter()
+    info = client.copy_collection(args.name, args.new_name)
+    print(copied_line(args, info.documents, info.chunks, time.perf_counter() - t0))
     return 0
 
 
@@ -323,4 +333,4 @@ def ask_batch(client: RagClient, args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"ingest": ingest, "search": search, "ask": ask, "documents": documents, "delete": delete,
-            "collections": collections, "create": create, "drop": drop, "info": info}
+            "collections": collections, "create": create, "drop": drop, "copy": copy, "info": info}

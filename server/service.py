@@ -16,7 +16,7 @@ import grpc
 
 from engine.documents import Document, Failure, check_document_size, parse_bytes
 from engine.config import MAX_TOP_K
-from engine.errors import InvalidInput
+from engine.errors import FailedPrecondition, InvalidInput
 from engine.plan import cpu_key
 from engine.rag import Answer, AnswerStart
 from engine.search import MAX_QUERY_CHARS
@@ -103,6 +103,14 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
     def DropCollection(self, request, context):
         self.engine.drop_collection(request.name)
         return pb.DropCollectionResponse()
+
+    @guarded
+    def CopyCollection(self, request, context):
+        if self.config.read_only:
+            raise FailedPrecondition(f"this server is read-only (a replica); collection {request.new_name!r} "
+                                     "cannot be made here: copy on the collection's writer")
+        return pb.CopyCollectionResponse(collection=info_pb(self.engine.copy_collection(request.name,
+                                                                                        request.new_name)))
 
     # ------------------------------------------------------------------ ingestion
     def _documents(self, requests, order: list[str], state: dict):

@@ -111,6 +111,7 @@ GOOD = {
     "ListCollections": pb.ListCollectionsRequest(),
     "DescribeCollection": pb.DescribeCollectionRequest(name="docs"),
     "DropCollection": pb.DropCollectionRequest(name="spare"),
+    "CopyCollection": pb.CopyCollectionRequest(name="docs", new_name="docs-copy"),
     "IngestStream": pb.IngestStreamRequest(collection="docs", document=pb.Document(id="new", text="Kettles sing.")),
     "DeleteDocuments": pb.DeleteDocumentsRequest(collection="docs", ids=["tea.txt"]),
     "ListDocuments": pb.ListDocumentsRequest(collection="docs", page_size=2),
@@ -265,6 +266,12 @@ CASES = [
     case("search-batch-query-filter-contradicts", raw("SearchBatch", pb.SearchBatchRequest(
         collection="docs", queries=["green tea"], top_k=3, filter={"kind": "txt"},
         query_filters=[pb.QueryFilter(filter={"kind": "md"})]).SerializeToString()), INVALID, "kind"),
+    case("copy-to-existing", raw("CopyCollection", pb.CopyCollectionRequest(name="docs", new_name="spare")
+                                 .SerializeToString()), EXISTS, "'spare' already exists"),
+    case("copy-missing", raw("CopyCollection", pb.CopyCollectionRequest(name="nope", new_name="x")
+                             .SerializeToString()), NOT_FOUND, "'nope' does not exist"),
+    case("copy-bad-name", raw("CopyCollection", pb.CopyCollectionRequest(name="docs", new_name="bad name")
+                              .SerializeToString()), INVALID, "collection name 'bad name' is invalid"),
     case("search-any-of-filters-empty-part", search(any_of_filters=[pb.QueryFilter(filter={"kind": "txt"}),
                                                                    pb.QueryFilter()]),
          INVALID, r"any_of_filters\[1\] is empty"),
@@ -507,5 +514,5 @@ def test_every_good_request_succeeds(rig):
     for name, message in GOOD.items():
         data = [message.SerializeToString()] if METHODS[name].client_streaming else message.SerializeToString()
         raw(name, data)(rig)
-    assert {c.name for c in rig.client.list_collections()} == {"docs", "fresh"}
+    assert {c.name for c in rig.client.list_collections()} == {"docs", "fresh", "docs-copy"}
     assert rig.client.describe("docs").documents == len(TEXTS)  # one deleted, one added

@@ -211,7 +211,18 @@ def test_collections_create_drop_info_over_the_server(served, capsys):
     assert code == 0 and any(line.startswith("made\t0 docs\t0 chunks\tf16") for line in out.splitlines())
     code, _, err = rag(capsys, "create", "made", *there)
     assert code == 2 and err.startswith("error: ALREADY_EXISTS: ")
-    for name in ("made", "made2"):
+    assert rag(capsys, "ingest", CORPUS, "-c", "made", "-q", *there)[0] == 0
+    code, out, _ = rag(capsys, "copy", "made", "made3", *there)
+    assert code == 0 and out.startswith("copied made to made3 (8 documents, ")
+    code, out, _ = rag(capsys, "collections", "--json", *there)
+    made = {c["name"]: c for c in map(json.loads, out.splitlines()) if c["name"] in ("made", "made3")}
+    assert {k: v for k, v in made["made3"].items() if k not in ("name", "disk_bytes", "index_memory_bytes")} == \
+           {k: v for k, v in made["made"].items() if k not in ("name", "disk_bytes", "index_memory_bytes")}
+    code, _, err = rag(capsys, "copy", "made", "made3", *there)
+    assert code == 2 and err.startswith("error: ALREADY_EXISTS: collection 'made3' already exists")
+    code, _, err = rag(capsys, "copy", "made", "x", "--to", "/tmp/elsewhere", *there)
+    assert code == 2 and "--to copies into a data dir on this machine" in err
+    for name in ("made", "made2", "made3"):
         assert rag(capsys, "drop", name, *there)[:2] == (0, f"dropped {name}\n")
     code, out, _ = rag(capsys, "info", "--json", *there)
     info = json.loads(out)

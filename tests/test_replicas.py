@@ -51,6 +51,9 @@ def test_two_read_only_replicas_share_calls_see_writes_and_refuse_them(tmp_path,
             with pytest.raises(grpc.RpcError) as e:
                 client.delete("c", ["x"])
             assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            with pytest.raises(grpc.RpcError) as e:
+                client.copy_collection("c", "c2")
+            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "read-only" in e.value.details()
 
             # The writer's commits reach both replicas.
             writer.ingest("c", [Document("zebra", "Zebras sleep standing up in the savanna.", "zebra.txt")])
