@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import grpc
 
 from engine.errors import InvalidInput
-from engine.filters import RANGE_OPS, check_filter, fields, meta_str
+from engine.filters import RANGE_OPS, check_filter, fields, meta_str, meta_wire
 
 from .stubs import pb, rpc
 
@@ -118,11 +118,14 @@ def query_filters_pb(filters: Sequence[dict | None] | None) -> list:
     return [] if filters is None else [query_filter_pb(check_filter(f) or {}) for f in filters]
 
 
-def document_metadata_pb(metadata: dict) -> dict:
+def document_metadata_pb(metadata: dict, typed: bool = True) -> dict:
     """A document's metadata as Document fields: the string map when every value is a
-    string, else metadata_json, which keeps numbers, booleans and lists as they are."""
+    string (or the server reads nothing else: `typed` False; values other than strings
+    then as JSON strings), else metadata_json, which keeps numbers, booleans and lists."""
     if all(isinstance(v, str) for v in metadata.values()):
         return {"metadata": metadata}
+    if not typed:
+        return {"metadata": {k: meta_wire(v) for k, v in metadata.items()}}
     return {"metadata_json": json.dumps(metadata, ensure_ascii=False)}
 
 
@@ -153,6 +156,7 @@ class RagClient:
         self.retrieve = rpc.RetrieveServiceStub(self.channel)
         self.answers = rpc.AnswerServiceStub(self.channel)
         self.info_stub = rpc.InfoServiceStub(self.channel)
+        self._features: frozenset | None = None
 
     def close(self) -> None:
         self.channel.close()
@@ -168,6 +172,35 @@ class RagClient:
 
     def info(self) -> "pb.GetInfoResponse":
         return self.info_stub.GetInfo(pb.GetInfoRequest(), **self._kw())
+
+    def features(self) -> frozenset:
+        """GetInfoResponse.features of the server (asked once): request fields it reads that
+        older servers would silently drop."""
+        if self._features is None:
+            self._features = frozenset(self.info().features)
+        return self._features
+
+    def _need(self, feature: str, what: str) -> None:
+        if feature not in self.features():
+            raise InvalidInput(f"the server does not read {what} (it is older than this client: GetInfo.features "
+                               f"lacks {feature!r}), so it would drop them and return unfiltered results; "
+                               "upgrade the server, or leave them out")
+
+    def _filter(self, filter: dict | None) -> dict:
+        """filter_pb's request fields, once the server is known to read the groups it uses."""
+        fields = filter_pb(filter)
+        if fields["any_of_filters"]:
+            self._need("filter_groups", "$or / $and filters (any_of_filters)")
+        return fields
+
+    def _query_filters(self, filters: Sequence[dict | None] | None) -> list:
+        """query_filters_pb's messages, once the server is known to read them."""
+        out = query_filters_pb(filters)
+        if out:
+            self._need("query_filters", "per-query filters (query_filters, question_filters)")
+            if any(q.any_of_filters or q.all_of_filters for q in out):
+                self._need("filter_groups", "$or / $and filters (any_of_filters)")
+        return out
 
     def create_collection(self, name: str, dtype: str | None = None, **settings) -> "pb.CollectionInfo":
         """`dtype`: "f32", "f16" or "i8"; None: the server's default (as `rag create`'s)."""
@@ -196,11 +229,14 @@ class RagClient:
     def ingest(self, collection: str, documents: Iterable[dict], timeout: float | None = None
                ) -> "pb.IngestStreamResponse":
         """documents: dicts with id and text (or data + media_type), optional source, metadata
-        (a dict; values other than strings keep their JSON types: sent as metadata_json)."""
+        (a dict; values other than strings keep their JSON types: sent as metadata_json, or
+        as JSON strings to a server older than that field)."""
+        typed = "metadata_json" in self.features()
+
         def requests():
             for i, d in enumerate(documents):
                 doc = pb.Document(id=d["id"], source=d.get("source", ""), media_type=d.get("media_type", ""),
-                                  **document_metadata_pb(d.get("metadata") or {}))
+                                  **document_metadata_pb(d.get("metadata") or {}, typed))
                 if "data" in d:
                     doc.data = d["data"]
                 else:
@@ -209,13 +245,13 @@ class RagClient:
         return self.ingest_stub.IngestStream(requests(), **self._kw(timeout))
 
     def delete(self, collection: str, ids: list[str] = (), filter: dict | None = None) -> int:
-        req = pb.DeleteDocumentsRequest(collection=collection, ids=list(ids), **filter_pb(filter))
+        req = pb.DeleteDocumentsRequest(collection=collection, ids=list(ids), **self._filter(filter))
         return self.ingest_stub.DeleteDocuments(req, **self._kw()).deleted
 
     def list_documents(self, collection: str, *, filter: dict | None = None, page_size: int = 0,
                        page_token: str = "") -> "pb.ListDocumentsResponse":
         req = pb.ListDocumentsRequest(collection=collection, page_size=page_size, page_token=page_token,
-                                      **filter_pb(filter))
+                                      **self._filter(filter))
         return self.ingest_stub.ListDocuments(req, **self._kw())
 
     def embed(self, texts: list[str]) -> list[list[float]]:
@@ -223,21 +259,21 @@ class RagClient:
 
     def search(self, collection: str, query: str, k: int = 5, filter: dict | None = None,
                timeout: float | None = None, mode: str | None = None) -> list:
-        req = pb.SearchRequest(collection=collection, query=query, top_k=k, mode=MODES[mode], **filter_pb(filter))
+        req = pb.SearchRequest(collection=collection, query=query, top_k=k, mode=MODES[mode], **self._filter(filter))
         return list(self.retrieve.Search(req, **self._kw(timeout)).hits)
 
     def search_batch(self, collection: str, queries: list[str], k: int = 5, filter: dict | None = None,
                      mode: str | None = None, filters: Sequence[dict | None] | None = None) -> list:
         """`filters`: each query's own filter (or None), to hold with `filter`."""
         req = pb.SearchBatchRequest(collection=collection, queries=queries, top_k=k, mode=MODES[mode],
-                                    query_filters=query_filters_pb(filters), **filter_pb(filter))
+                                    query_filters=self._query_filters(filters), **self._filter(filter))
         return [list(r.hits) for r in self.retrieve.SearchBatch(req, **self._kw()).results]
 
     def answer(self, collection: str, question: str, *, k: int | None = None, timeout: float | None = None,
                filter: dict | None = None, **options) -> Iterator["pb.AnswerResponse"]:
         """Streams AnswerResponse messages: sources, then deltas, then done. Cancel with .cancel()."""
         req = pb.AnswerRequest(collection=collection, question=question, options=pb.GenerationOptions(**options),
-                               **filter_pb(filter))
+                               **self._filter(filter))
         if k is not None:
             req.top_k = k
         return self.answers.Answer(req, **self._kw(timeout))
@@ -247,7 +283,7 @@ class RagClient:
         """`filters`: each question's own filter (or None) for its retrieval, with `filter`."""
         req = pb.AnswerBatchRequest(collection=collection, questions=questions,
                                     options=pb.GenerationOptions(**options),
-                                    question_filters=query_filters_pb(filters), **filter_pb(filter))
+                                    question_filters=self._query_filters(filters), **self._filter(filter))
         if k is not None:
             req.top_k = k
         return list(self.answers.AnswerBatch(req, **self._kw()).answers)

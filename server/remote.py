@@ -119,6 +119,7 @@ def info(client: RagClient, args: argparse.Namespace) -> int:
     """GetInfo's fields, each by its proto name (`rag info --json`: one object)."""
     msg = client.info()
     out = {f.name: getattr(msg, f.name) for f in msg.DESCRIPTOR.fields}
+    out = {k: v if isinstance(v, (str, int, float, bool)) else list(v) for k, v in out.items()}  # repeated: lists
     if args.json:
         print(json.dumps(out))
         return 0

@@ -28,6 +28,8 @@ from .errors import abort
 from .stubs import pb, rpc
 
 VERSION = "0.1.0"
+# GetInfoResponse.features: request fields older servers ignore, which clients check for.
+FEATURES = ["filter_groups", "query_filters", "metadata_json"]
 
 
 def guarded(fn):
@@ -329,4 +331,4 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
                                   execution_plan=plan.describe() if plan else "",
                                   max_queued_generations=c.max_queued_generations, fusion=c.fusion,
                                   read_only=c.read_only, server_id=f"{socket.gethostname()} pid {os.getpid()}",
-                                  scheduler=self.engine.scheduler_description)
+                                  scheduler=self.engine.scheduler_description, features=FEATURES)

@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 from engine.cli import main
+from engine.errors import InvalidInput
 from engine.generate import SamplingParams
 from engine.pipeline import Engine
 from server.app import create_server
@@ -227,6 +228,7 @@ def test_collections_create_drop_info_over_the_server(served, capsys):
     code, out, _ = rag(capsys, "info", "--json", *there)
     info = json.loads(out)
     assert code == 0 and info["embedding_model"] == "all-MiniLM-L6-v2" and info["max_batch"] > 0
+    assert set(info["features"]) == {"filter_groups", "query_filters", "metadata_json"}
     code, out, _ = rag(capsys, "info", *there)
     assert code == 0 and "embedding_model: all-MiniLM-L6-v2" in out
 
@@ -259,6 +261,25 @@ def test_errors_over_the_server_are_one_line(served, tmp_path, capsys):
     empty.write_text("not json\n")
     code, out, err = rag(capsys, "ingest", empty, "-c", "x", "-q", "--server", address)
     assert code == 1 and "0 added" in out and "not valid JSON" in err
+
+
+def test_client_refuses_filters_an_older_server_would_drop(served):
+    """A server without a feature in GetInfo.features (one older than the field) would drop
+    the field: filter groups and per-query filters are refused before they are sent, and
+    typed metadata goes as the string map it reads."""
+    engine, address, _ = served
+    with RagClient(address, timeout=120) as client:
+        assert client.features() == {"filter_groups", "query_filters", "metadata_json"}
+        client._features = frozenset()  # what a server older than these fields answers
+        with pytest.raises(InvalidInput, match="does not read \\$or / \\$and filters"):
+            client.search("zoo", "tea", 2, filter={"$or": [{"lang": "fr"}, {"lang": "en"}]})
+        with pytest.raises(InvalidInput, match="does not read per-query filters"):
+            client.search_batch("zoo", ["tea"], 2, filters=[{"lang": "fr"}])
+        client.create_collection("typed-old")
+        client.ingest("typed-old", [{"id": "a", "text": "Kettles boil water.", "metadata": {"n": 3}}])
+        (doc,) = client.list_documents("typed-old").documents
+        assert json.loads(doc.metadata_json) == {"n": "3"}  # sent as the string map, as before
+        client.drop_collection("typed-old")
 
 
 def test_client_sends_typed_metadata_and_per_query_filters(served):
