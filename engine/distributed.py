@@ -161,7 +161,8 @@ def ingest(engine, name: str, paths: Sequence[str | Path], *, text_field: str = 
         return ingestion.ingest(col, lambda: engine.embedder, (), progress=progress)
     _data_context(ray)
     settings = {"folder": str(col.folder), "model_dir": str(config.embed_model_dir), "text_field": text_field,
-                "id_field": id_field, "chunk_tokens": col.settings["chunk_tokens"], "chunk_overlap": col.settings["chunk_overlap"]}
+                "id_field": id_field, "chunk_tokens": col.settings["chunk_tokens"],
+                "chunk_overlap": col.settings["chunk_overlap"]}
     ds = (ray.data.from_items(items, override_num_blocks=min(len(items), 4096))
           .flat_map(_parse_chunk, fn_kwargs=settings, num_cpus=0,
                     compute=ray.data.TaskPoolStrategy(size=parse_tasks(ray)))
