@@ -14,6 +14,14 @@ Printed: seconds and chunks/s each, the ratio baseline / ours, and whether the t
 same chunks with the same vectors (the copy's equal to the source's bit for bit). One JSON
 line per system to bench-results/copy_collection.jsonl.
 
+Then over gRPC (a real server in this process, on the same engine, a client on localhost;
+skip with --no-grpc):
+  ours      download: `rag copy --server --to`'s path, ExportCollection built into a data
+            dir here (a backup off the server); upload: `--from`'s, ImportCollection of
+            that backup to the server (a restore)
+  baseline  IngestStream of the same documents to the server (what a remote user does
+            without them: send the documents again, embedded again there)
+
     .venv/bin/python benchmarks/copy_collection.py            # ~1-2 min on 2 cores
 """
 
@@ -72,13 +80,54 @@ def run(args: argparse.Namespace) -> None:
         src, copy = vectors_by_chunk(engine, "src"), vectors_by_chunk(backup, "backup")
         same = src.keys() == copy.keys() and all(np.array_equal(src[c], copy[c]) for c in src)
         print(f"the backup holds the source's {len(src)} chunks with the same vectors: {same}")
+        if args.grpc:
+            over_grpc(engine, docs, chunks, backup, Path(tmp), cpu, src)
         backup.close()
         engine.close()
+
+
+def over_grpc(engine, docs, chunks: int, backup, tmp: Path, cpu: str, src: dict) -> None:
+    from engine.collection import Collections
+    from engine.pipeline import Engine
+    from server.app import create_server
+    from server.client import RagClient
+
+    srv, port = create_server(engine.config, "127.0.0.1:0", engine=engine)
+    try:
+        with RagClient(f"127.0.0.1:{port}") as client:
+            times = {}
+            t0 = time.perf_counter()
+            here = Collections(engine.config.replace(data_dir=tmp / "downloaded"))
+            here.receive("src", *client.export_collection("src"))
+            here.close()
+            times["ours download"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            client.import_collection("uploaded", *backup.export_collection("backup"))
+            times["ours upload"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            client.ingest("reingested", ({"id": d.doc_id, "text": d.text, "source": d.source, "metadata": d.metadata}
+                                         for d in docs))
+            times["baseline"] = time.perf_counter() - t0
+    finally:
+        srv.stop(0)
+    for system, seconds in times.items():
+        print(f"grpc {system:14s} {seconds:7.2f} s  {chunks / seconds:9.0f} chunks/s", flush=True)
+        log_jsonl("copy_collection", {"system": f"grpc {system}", "seconds": seconds, "documents": len(docs),
+                                      "chunks": chunks, "cpu": cpu})
+    for system in ("ours download", "ours upload"):
+        print(f"{system}: {times['baseline'] / times[system]:.1f}x faster than sending the documents again", flush=True)
+    down = Engine(engine.config.replace(data_dir=tmp / "downloaded"), embedder=engine.embedder)
+    for name, eng in (("downloaded", down), ("uploaded", engine)):
+        got = vectors_by_chunk(eng, "src" if eng is down else "uploaded")
+        same = got.keys() == src.keys() and all(np.array_equal(src[c], got[c]) for c in src)
+        print(f"the {name} copy holds the source's {len(src)} chunks with the same vectors: {same}")
+    down.close()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--paragraphs", type=int, default=None, help="SQuAD paragraphs (default all)")
+    ap.add_argument("--no-grpc", dest="grpc", action="store_false", help="skip the section over gRPC")
     run(ap.parse_args())
 
 

@@ -210,14 +210,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_args(s, "drop")
 
     s = sub.add_parser("copy", help="copy a collection as it is now, beside a running writer too: to a new name, "
-                                    "or into another data dir (a backup)")
+                                    "into another data dir (a backup), or between this machine and a server")
     s.add_argument("name")
     s.add_argument("new_name")
     s.add_argument("--to", metavar="DATA_DIR", default=None,
-                   help="the data dir to copy into (default: this one). Restore a backup by copying it back: "
-                        "rag --data-dir BACKUP copy NAME NAME --to DATA_DIR")
+                   help="the data dir to copy into (default: this one); with --server, a data dir here to copy the "
+                        "server's collection into (a backup off the server)")
+    s.add_argument("--from", dest="from_dir", metavar="DATA_DIR", default=None,
+                   help="the data dir to copy from (default: this one), to restore a backup; with --server, a data "
+                        "dir here whose collection is copied to the server")
     s.add_argument("--quiet", "-q", action="store_true", help="no progress line")
-    add_server_args(s, "copy in the server's data dir")
+    add_server_args(s, "copy in the server's data dir, or with --to / --from between it and this machine")
 
     s = sub.add_parser("documents", help="list a collection's documents (ids, sources, metadata, sizes)")
     s.add_argument("--collection", "-c", required=True)
@@ -323,9 +326,12 @@ def created_line(i: dict) -> str:
     return f"created {i['name']} ({i['index_dtype']}, M={i['connectivity']})"
 
 
-def copied_line(args: argparse.Namespace, documents: int, chunks: int, seconds: float) -> str:
-    return (f"copied {args.name} to {args.new_name}{f' in {args.to}' if args.to else ''} ({documents} documents, "
-            f"{chunks} chunks) in {seconds:.1f}s")
+def copied_line(args: argparse.Namespace, documents: int, chunks: int, seconds: float, source: str | None = None,
+                dest: str | None = None) -> str:
+    """`rag copy`'s last line; `source` / `dest`: where the collection came from and went
+    (a data dir, a server), when not here."""
+    return (f"copied {args.name}{f' from {source}' if source else ''} to {args.new_name}"
+            f"{f' in {dest}' if dest else ''} ({documents} documents, {chunks} chunks) in {seconds:.1f}s")
 
 
 def delete_filter(args: argparse.Namespace) -> dict | None:
@@ -407,9 +413,10 @@ def run(args: argparse.Namespace) -> int:
         if args.command == "copy":
             bar = Progress(f"copy {args.name}", enabled=not args.quiet and sys.stderr.isatty())
             t0 = time.perf_counter()
-            info = engine.copy_collection(args.name, args.new_name, data_dir=args.to, progress=bar)
+            info = engine.copy_collection(args.name, args.new_name, data_dir=args.to, source_dir=args.from_dir,
+                                          progress=bar)
             bar.done()
-            print(copied_line(args, info.documents, info.chunks, time.perf_counter() - t0))
+            print(copied_line(args, info.documents, info.chunks, time.perf_counter() - t0, args.from_dir, args.to))
             return 0
         if args.command == "documents":
             def page(filt, after):

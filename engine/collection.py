@@ -27,9 +27,9 @@ from pathlib import Path
 from .config import Config
 from .errors import AlreadyExists, FailedPrecondition, InvalidInput, NotFound
 from .fsutil import fsync_dir
-from .index import VectorIndex
+from .index import VectorIndex, check_dtype
 from .lock import WriterBusy, WriterLock, read_holder
-from .store import STORE_FILE, DocumentRecord, Store
+from .store import STORE_FILE, DocumentRecord, Store, checked_records
 from .wal import WAL_FILE, WriteAheadLog
 from .wal import encode as wal_encode
 
@@ -44,6 +44,45 @@ def check_name(name: str) -> str:
         raise InvalidInput(f"collection name {name!r} is invalid: use 1-64 letters, digits, '_', '-' "
                            "or '.', starting with a letter or digit")
     return name
+
+
+# A collection's settings, fixed when it is created; a copy carries them (check_settings).
+SETTINGS = ("index_dtype", "connectivity", "expansion_add", "expansion_search", "chunk_tokens", "chunk_overlap",
+            "dim", "embed_model")
+MAX_DIM = 65536
+
+
+def check_settings(settings: dict) -> dict:
+    """A collection's settings as create_collection makes them, or as a copy from elsewhere
+    brings them (a backup sent to a server): InvalidInput naming the first one that is
+    missing, unknown or out of range. Returns them without created_at (the new
+    collection's own time is set when it is made)."""
+    if not isinstance(settings, dict):
+        raise InvalidInput(f"collection settings must be a JSON object, got {type(settings).__name__}")
+    if missing := [k for k in SETTINGS if k not in settings]:
+        raise InvalidInput(f"collection settings lack {', '.join(missing)}")
+    if unknown := sorted(set(settings) - set(SETTINGS) - {"created_at"}):
+        raise InvalidInput(f"collection settings have unknown keys {', '.join(map(repr, unknown))} "
+                           f"(known: {', '.join(SETTINGS)}, created_at)")
+    out = check_index_settings({k: settings[k] for k in SETTINGS})
+    if isinstance(out["dim"], bool) or not isinstance(out["dim"], int) or not 1 <= out["dim"] <= MAX_DIM:
+        raise InvalidInput(f"dim must be an integer in [1, {MAX_DIM}], got {out['dim']!r}")
+    if not isinstance(out["embed_model"], str) or not out["embed_model"].strip():
+        raise InvalidInput(f"embed_model must name the embedding model, got {out['embed_model']!r}")
+    return out
+
+
+def check_index_settings(settings: dict) -> dict:
+    """The index and chunking settings of `settings` in range (InvalidInput otherwise)."""
+    check_dtype(settings["index_dtype"])
+    for key in ("connectivity", "expansion_add", "expansion_search", "chunk_tokens"):
+        v = settings[key]
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 4096:
+            raise InvalidInput(f"{key} must be an integer in [1, 4096], got {v!r}")
+    v = settings["chunk_overlap"]
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < settings["chunk_tokens"]:
+        raise InvalidInput(f"chunk_overlap must be in [0, chunk_tokens={settings['chunk_tokens']}), got {v!r}")
+    return settings
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -305,6 +344,15 @@ class Collections:
                 col.close()
         self._make(name, settings, fill)
 
+    def receive(self, name: str, settings: dict, batches: Iterable[Sequence[DocumentRecord]],
+                progress: Callable[[int], None] | None = None) -> None:
+        """build() from a collection sent from elsewhere (a backup, another server's export):
+        its settings and every record checked as they arrive (check_settings,
+        store.checked_records); a bad one fails the build, which leaves nothing."""
+        settings = check_settings(settings)
+        self.build(name, {**settings, "created_at": time.time()}, checked_records(batches, settings["dim"]),
+                   progress)
+
     def _make(self, name: str, settings: dict, fill: Callable[[Path], None] | None = None) -> None:
         """Build a collection in a hidden folder (`fill` adding its contents) and rename it
         into place: a half-created collection is never listed, and a failed one is removed."""
@@ -357,4 +405,5 @@ class Collections:
             self._retired.clear()
 
 
-__all__ = ["COLLECTION_NAME", "Collection", "CollectionInfo", "Collections", "WriterBusy", "check_name"]
+__all__ = ["COLLECTION_NAME", "Collection", "CollectionInfo", "Collections", "WriterBusy", "check_name",
+           "check_index_settings", "check_settings"]

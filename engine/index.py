@@ -57,7 +57,7 @@ def _metric(dtype: str):
 
 
 def check_dtype(dtype: str) -> str:
-    if dtype not in USEARCH_DTYPES:
+    if not isinstance(dtype, str) or dtype not in USEARCH_DTYPES:
         raise InvalidInput(f"index dtype {dtype!r} is not supported; use one of {sorted(USEARCH_DTYPES)}")
     return dtype
 

@@ -12,25 +12,25 @@ engine/errors.py to status codes.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from . import ingest as ingestion
 from . import kernels
-from .collection import Collection, CollectionInfo, Collections, check_name
+from .collection import Collection, CollectionInfo, Collections, check_index_settings, check_name, check_settings
 from .config import MAX_LIST_PAGE, Config
 from .documents import Document, Failure, check_jsonl_fields, iter_documents
-from .index import check_dtype
-from .errors import InvalidInput
+from .errors import FailedPrecondition, InvalidInput
 from .ingest import IngestReport, ProgressFn
 from .rag import Answer, Answerer, AnswerStart, Source
 from .filters import check_filter
 from .search import MAX_QUERY_CHARS, Hit, Searcher, SearchResult, check_k, check_query, hit_to_json
-from .store import StoredDocument
+from .store import DocumentRecord, StoredDocument
 
 __all__ = ["Answer", "AnswerStart", "Collection", "CollectionInfo", "Engine", "Hit", "IngestReport",
            "MAX_QUERY_CHARS", "SearchResult", "Source", "StoredDocument", "hit_to_json"]
@@ -157,20 +157,14 @@ class Engine:
         def pick(value, default):
             return default if value is None else value
 
-        settings = {
-            "index_dtype": check_dtype(pick(index_dtype, c.index_dtype)),
+        settings = check_index_settings({
+            "index_dtype": pick(index_dtype, c.index_dtype),
             "connectivity": pick(connectivity, c.connectivity),
             "expansion_add": pick(expansion_add, c.expansion_add),
             "expansion_search": pick(expansion_search, c.expansion_search),
             "chunk_tokens": pick(chunk_tokens, c.chunk_tokens),
             "chunk_overlap": pick(chunk_overlap, c.chunk_overlap),
-        }
-        for key in ("connectivity", "expansion_add", "expansion_search", "chunk_tokens"):
-            if not isinstance(settings[key], int) or not 1 <= settings[key] <= 4096:
-                raise InvalidInput(f"{key} must be an integer in [1, 4096], got {settings[key]!r}")
-        if not isinstance(settings["chunk_overlap"], int) or not 0 <= settings["chunk_overlap"] < settings["chunk_tokens"]:
-            raise InvalidInput(f"chunk_overlap must be in [0, chunk_tokens={settings['chunk_tokens']}), "
-                               f"got {settings['chunk_overlap']!r}")
+        })
         emb = self.embedder
         settings.update(dim=emb.dim, embed_model=emb.name, created_at=time.time())
         self.collections.create(name, settings)
@@ -186,24 +180,59 @@ class Engine:
         self.collections.drop(name)
 
     def copy_collection(self, name: str, new_name: str, *, data_dir: str | Path | None = None,
+                        source_dir: str | Path | None = None,
                         progress: Callable[[int], None] | None = None) -> CollectionInfo:
         """Copy collection `name` (its documents, chunks, stored vectors and settings) to
-        `new_name`, in this data dir or in `data_dir` (a backup; restore one by copying it
-        back). The copy is of one moment, read beside any writer of `name`, which goes on
-        (engine/store.py Store.export); nothing is embedded again. It appears complete or not
-        at all (Collections.build). `progress(documents)` after each batch."""
+        `new_name`, from this data dir or `source_dir`, into this data dir or `data_dir` (a
+        backup; restore one by copying it back). The copy is of one moment, read beside any
+        writer of `name`, which goes on (engine/store.py Store.export); nothing is embedded
+        again. It appears complete or not at all (Collections.build). `progress(documents)`
+        after each batch."""
         check_name(new_name)
-        src = self.collections.get(name)  # a reader where another process writes it (or a read-only engine)
-        here = data_dir is None or Path(data_dir).resolve() == Path(self.config.data_dir).resolve()
-        dest = self.collections if here and not self.collections.read_only else Collections(
-            self.config.replace(data_dir=Path(data_dir or self.config.data_dir), read_only=False),
-            owner=self.collections.owner)
-        try:
+        with self._registry(source_dir, write=False) as src_cols, self._registry(data_dir, write=True) as dest:
+            src = src_cols.get(name)  # a reader where another process writes it (or a read-only engine)
             dest.build(new_name, {**src.store.settings, "created_at": time.time()}, src.store.export(), progress)
             return dest.get(new_name).info()
+
+    @contextlib.contextmanager
+    def _registry(self, data_dir: str | Path | None, *, write: bool) -> Iterator[Collections]:
+        """This engine's collections when `data_dir` is None or this data dir (and they can be
+        written, if `write`), else a registry of `data_dir`'s own, closed after use."""
+        here = data_dir is None or Path(data_dir).resolve() == Path(self.config.data_dir).resolve()
+        if here and not (write and self.collections.read_only):
+            yield self.collections
+            return
+        other = Collections(self.config.replace(data_dir=Path(data_dir or self.config.data_dir), read_only=not write),
+                            owner=self.collections.owner)
+        try:
+            yield other
         finally:
-            if dest is not self.collections:
-                dest.close()
+            other.close()
+
+    def export_collection(self, name: str, *, batch_chunks: int = 4096) -> tuple[dict, Iterator[list[DocumentRecord]]]:
+        """Collection `name`'s settings and its documents with their chunks and stored vectors,
+        as of one moment (Store.export: the read starts at the first batch), in batches of
+        about `batch_chunks` chunks: a backup to keep elsewhere or a copy for another engine
+        (import_collection there)."""
+        store = self.collections.get(name).store
+        return dict(store.settings), store.export(batch_chunks)
+
+    def import_collection(self, new_name: str, settings: dict, batches: Iterable[Sequence[DocumentRecord]], *,
+                          progress: Callable[[int], None] | None = None) -> CollectionInfo:
+        """Make collection `new_name` from an exported one (export_collection, here or on
+        another engine): its settings and every record checked as they arrive (InvalidInput
+        naming the first bad one), its vectors used as they are. FailedPrecondition if they
+        come from another embedding model than this engine's, which could not search them.
+        The collection appears complete or not at all."""
+        check_name(new_name)
+        check = check_settings(settings)
+        emb = self.embedder
+        if (check["embed_model"], check["dim"]) != (emb.name, emb.dim):
+            raise FailedPrecondition(f"the collection was embedded with {check['embed_model']} (dim {check['dim']}) "
+                                     f"but this engine runs {emb.name} (dim {emb.dim}), so it could not search it; "
+                                     "import it where that model runs, or ingest its documents here")
+        self.collections.receive(new_name, settings, batches, progress)
+        return self.describe(new_name)
 
     # ------------------------------------------------------------------ ingestion
     def _writer(self, name: str) -> Collection:

@@ -128,6 +128,76 @@ class DocumentRecord:
     vectors: np.ndarray  # (len(chunks), dim) float32
 
 
+# How far from 1 a received vector's length may be (a float32 unit vector is within ~1e-6).
+UNIT_TOLERANCE = 1e-3
+
+
+def check_record(rec: DocumentRecord, dim: int) -> None:
+    """Raise InvalidInput unless `rec` is a document as this engine stores one: for records
+    from outside (a backup sent to a server). A non-empty id; source and content hash as
+    text; metadata a JSON object; chunks numbered 0, 1, ... in order, each inside the
+    document with text as long as its span; one finite unit vector of `dim` floats a chunk."""
+    doc_id = rec.doc_id
+    if not isinstance(doc_id, str) or not doc_id.strip():
+        raise InvalidInput("a document's id is empty; every document needs one")
+    where = f"document {doc_id!r}"
+    if not isinstance(rec.source, str):
+        raise InvalidInput(f"{where}: source must be text")
+    if not isinstance(rec.content_hash, str) or not rec.content_hash:
+        raise InvalidInput(f"{where}: content_hash is empty")
+    if not isinstance(rec.metadata, dict):
+        raise InvalidInput(f"{where}: metadata must be a JSON object")
+    try:
+        json.dumps(rec.metadata, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise InvalidInput(f"{where}: metadata is not JSON ({e})") from None
+    n_chars = rec.n_chars
+    if isinstance(n_chars, bool) or not isinstance(n_chars, int) or n_chars < 1:
+        raise InvalidInput(f"{where}: its size in characters must be a positive integer, got {n_chars!r}")
+    if not rec.chunks:
+        raise InvalidInput(f"{where} has no chunks; a stored document has at least one")
+    last_start = 0
+    for i, c in enumerate(rec.chunks):
+        spans = (c.ordinal, c.start, c.end, c.n_tokens)
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in spans):
+            raise InvalidInput(f"{where}, chunk {i}: ordinal, start, end and tokens must be integers")
+        if c.doc_id != doc_id or c.ordinal != i:
+            raise InvalidInput(f"{where}, chunk {i}: it names document {c.doc_id!r}, ordinal {c.ordinal}; "
+                               "a document's chunks are its own, numbered 0, 1, ... in order")
+        if not last_start <= c.start < c.end <= n_chars:
+            raise InvalidInput(f"{where}, chunk {i}: span [{c.start}, {c.end}) is not inside the document's "
+                               f"{n_chars} characters after the previous chunk's start {last_start}")
+        last_start = c.start
+        if not isinstance(c.text, str) or len(c.text) != c.end - c.start or "\x00" in c.text:
+            raise InvalidInput(f"{where}, chunk {i}: its text must be the {c.end - c.start} characters of its span "
+                               "(no NUL characters)")
+        if c.n_tokens < 1:
+            raise InvalidInput(f"{where}, chunk {i}: tokens must be >= 1, got {c.n_tokens}")
+    v = rec.vectors
+    if not isinstance(v, np.ndarray) or v.shape != (len(rec.chunks), dim):
+        raise InvalidInput(f"{where}: vectors must be {len(rec.chunks)} chunks x {dim} floats, got "
+                           f"{getattr(v, 'shape', type(v).__name__)}")
+    if not np.all(np.isfinite(v)):
+        raise InvalidInput(f"{where}: a vector holds NaN or infinity")
+    norms = np.linalg.norm(v.astype(np.float64), axis=1)
+    if (bad := np.flatnonzero(np.abs(norms - 1) > UNIT_TOLERANCE)).size:
+        raise InvalidInput(f"{where}, chunk {int(bad[0])}: its vector has length {norms[bad[0]]:.4g}; stored "
+                           "vectors are unit length (as the embedder makes them)")
+
+
+def checked_records(batches: Iterable[Sequence[DocumentRecord]], dim: int) -> Iterator[list[DocumentRecord]]:
+    """`batches` with every record checked (check_record) and each document id once."""
+    seen: set[str] = set()
+    for batch in batches:
+        batch = list(batch)
+        for rec in batch:
+            check_record(rec, dim)
+            if rec.doc_id in seen:
+                raise InvalidInput(f"document {rec.doc_id!r} comes twice; a collection holds each id once")
+            seen.add(rec.doc_id)
+        yield batch
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class StoredDocument:
     """What the store holds about a document besides its chunks (Engine.list_documents)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import socket
 from collections.abc import Iterable, Iterator, Sequence
@@ -25,7 +26,8 @@ MODES = {None: pb.SEARCH_MODE_UNSPECIFIED, "hybrid": pb.SEARCH_MODE_HYBRID, "den
 READ_METHODS = [{"service": "rag.v1.RetrieveService"}, {"service": "rag.v1.AnswerService"},
                 {"service": "rag.v1.InfoService"},
                 *({"service": "rag.v1.CollectionService", "method": m} for m in ("ListCollections",
-                                                                                "DescribeCollection")),
+                                                                                "DescribeCollection",
+                                                                                "ExportCollection")),
                 {"service": "rag.v1.IngestService", "method": "ListDocuments"}]
 RETRY_READS = {"maxAttempts": 4, "initialBackoff": "0.05s", "maxBackoff": "1s", "backoffMultiplier": 2,
                "retryableStatusCodes": ["UNAVAILABLE"]}
@@ -129,6 +131,14 @@ def document_metadata_pb(metadata: dict, typed: bool = True) -> dict:
     return {"metadata_json": json.dumps(metadata, ensure_ascii=False)}
 
 
+def older_server(e: grpc.RpcError, method: str) -> Exception:
+    """`e`, or where the server has no `method` (UNIMPLEMENTED) an error saying so."""
+    if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+        return InvalidInput(f"the server has no {method} (it is older than this client); upgrade it, or copy the "
+                            "collection's data dir on the server's machine")
+    return e
+
+
 class RagClient:
     """Thin typed wrapper over the generated stubs. Errors surface as grpc.RpcError.
 
@@ -225,6 +235,45 @@ class RagClient:
         """Copy `name` to `new_name` in the server's data dir, as of one moment."""
         return self.collections.CopyCollection(pb.CopyCollectionRequest(name=name, new_name=new_name),
                                                **self._kw(timeout)).collection
+
+    def export_collection(self, name: str, timeout: float | None = None) -> tuple[dict, Iterator[list]]:
+        """Collection `name` as of one moment: its settings, and its documents (engine
+        DocumentRecords with chunks and stored vectors) in batches as they arrive: a backup
+        to build here (Collections.receive) or to send to another server (import_collection)."""
+        from .convert import export_settings, message_records
+
+        stream = self.collections.ExportCollection(pb.ExportCollectionRequest(name=name), **self._kw(timeout))
+        try:
+            first = next(stream)
+        except grpc.RpcError as e:
+            raise older_server(e, "ExportCollection") from None
+        settings = export_settings(first)
+        return settings, message_records(itertools.chain([first], stream), settings.get("dim"))
+
+    def import_collection(self, name: str, settings: dict, batches: Iterable[Sequence], timeout: float | None = None
+                          ) -> "pb.CollectionInfo":
+        """Make collection `name` on the server from an exported one (settings and batches of
+        DocumentRecords: export_collection's, here or from another server, or
+        Engine.export_collection's), streamed in messages of about 1 MiB."""
+        from .convert import export_messages
+
+        failed: list[BaseException] = []
+
+        def requests():
+            try:
+                for i, part in enumerate(export_messages(settings, batches)):
+                    yield pb.ImportCollectionRequest(name=name if i == 0 else "", part=part)
+            except Exception as e:  # noqa: BLE001 - raised below, after the call: the stream ends
+                failed.append(e)   # without its last message, so the server makes nothing
+        try:
+            info = self.collections.ImportCollection(requests(), **self._kw(timeout)).collection
+        except grpc.RpcError as e:
+            if failed:
+                raise failed[0] from None
+            raise older_server(e, "ImportCollection") from None
+        if failed:  # not reached: a stream without its last message is refused
+            raise failed[0]
+        return info
 
     def ingest(self, collection: str, documents: Iterable[dict], timeout: float | None = None
                ) -> "pb.IngestStreamResponse":

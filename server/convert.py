@@ -7,11 +7,16 @@ these functions, calls the engine, and builds its response with them.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator, Sequence
 
+import numpy as np
+
+from engine.chunk import Chunk
 from engine.config import MAX_LIST_PAGE, MAX_TOP_K
 from engine.errors import InvalidInput
 from engine.filters import RANGE_OPS, group_parts, meta_wire
 from engine.generate import SamplingParams
+from engine.store import DocumentRecord
 
 from .stubs import pb
 
@@ -99,14 +104,127 @@ def document_metadata(d) -> dict:
         return dict(d.metadata)
     if d.metadata:
         raise InvalidInput(f"document {d.id!r}: give metadata or metadata_json, not both")
+    return json_object(d.metadata_json, f"document {d.id!r}: metadata_json")
+
+
+def json_object(text: str, what: str) -> dict:
+    """`text` read as a JSON object; InvalidInput naming `what` otherwise."""
     try:
-        meta = json.loads(d.metadata_json)
+        value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise InvalidInput(f"document {d.id!r}: metadata_json is not valid JSON ({e.msg} at character {e.pos})"
-                           ) from None
-    if not isinstance(meta, dict):
-        raise InvalidInput(f"document {d.id!r}: metadata_json must be a JSON object, got {type(meta).__name__}")
-    return meta
+        raise InvalidInput(f"{what} is not valid JSON ({e.msg} at character {e.pos})") from None
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+# ExportCollection's messages stay near this size (under every gRPC client's default 4 MiB
+# receive limit); a collection is built from them in batches of about BUILD_BATCH_CHUNKS.
+EXPORT_MESSAGE_BYTES = 1024 * 1024
+BUILD_BATCH_CHUNKS = 4096
+
+
+def export_messages(settings: dict, batches: Iterable[Sequence[DocumentRecord]],
+                    budget: int = EXPORT_MESSAGE_BYTES) -> Iterator["pb.ExportCollectionResponse"]:
+    """An exported collection (Engine.export_collection) as ExportCollection's messages: the
+    settings, then documents in messages of about `budget` bytes."""
+    yield pb.ExportCollectionResponse(settings_json=json.dumps(settings, sort_keys=True))
+    out, size, total = [], 0, 0
+    for batch in batches:
+        for rec in batch:
+            total += 1
+            for piece in record_pbs(rec, budget):
+                n = piece.ByteSize() + 8
+                if out and size + n > budget:
+                    yield pb.ExportCollectionResponse(documents=out)
+                    out, size = [], 0
+                out.append(piece)
+                size += n
+    yield pb.ExportCollectionResponse(documents=out, total_documents=total)
+
+
+def record_pbs(rec: DocumentRecord, budget: int) -> Iterator["pb.DocumentRecord"]:
+    """A document as one DocumentRecord, or as several (`continued`) of about `budget`
+    bytes each when its chunks and vectors are larger."""
+    vectors = np.ascontiguousarray(rec.vectors, dtype="<f4")
+    row = vectors.shape[1] * 4
+    head = {"source": rec.source, "content_hash": rec.content_hash, "chars": rec.n_chars,
+            "metadata_json": json.dumps(rec.metadata, ensure_ascii=False)}
+    i, n = 0, len(rec.chunks)
+    while i < n:
+        j = i
+        size = pb.DocumentRecord(id=rec.doc_id, **(head if i == 0 else {})).ByteSize() + 16
+        while j < n:
+            more = row + len(rec.chunks[j].text.encode("utf-8", "surrogatepass")) + 24
+            if j > i and size + more > budget:
+                break
+            size += more
+            j += 1
+        chunks = [pb.RecordChunk(start=c.start, end=c.end, tokens=c.n_tokens, text=c.text) for c in rec.chunks[i:j]]
+        yield pb.DocumentRecord(id=rec.doc_id, chunks=chunks, vectors=vectors[i:j].tobytes(), continued=j < n,
+                                **(head if i == 0 else {}))
+        i = j
+
+
+def export_settings(message) -> dict:
+    """The settings of an export's first message (an ExportCollectionResponse)."""
+    if not message.settings_json:
+        raise InvalidInput("an export's first message carries its settings (settings_json); this one has none")
+    return json_object(message.settings_json, "settings_json")
+
+
+def message_records(messages: Iterable, dim: int) -> Iterator[list[DocumentRecord]]:
+    """The documents of an export's messages (ExportCollectionResponse, the first included:
+    it may hold documents too, and be the last), a continued document joined up, in batches
+    of about BUILD_BATCH_CHUNKS chunks. Vectors are read as they are; Collections.receive
+    checks each record."""
+    batch, n_chunks, doc = [], 0, None  # doc: a continued document's parts so far
+    total, seen = None, 0
+    for i, m in enumerate(messages):
+        if m.settings_json and i:
+            raise InvalidInput("settings_json comes in an export's first message only")
+        if total is not None:
+            raise InvalidInput("a message came after the export's last one (the one with total_documents)")
+        if m.HasField("total_documents"):
+            total = m.total_documents
+        for r in m.documents:
+            if doc is not None:
+                if r.id != doc["id"]:
+                    raise InvalidInput(f"document {doc['id']!r} was marked continued, but the next record is "
+                                       f"{r.id!r}; a continued document's records come one after another")
+                if r.source or r.content_hash or r.metadata_json or r.chars:
+                    raise InvalidInput(f"document {r.id!r}: a continuing record repeats the id only; leave "
+                                       "source, content_hash, metadata_json and chars empty")
+            else:
+                doc = {"id": r.id, "source": r.source, "content_hash": r.content_hash, "chars": r.chars,
+                       "metadata": json_object(r.metadata_json or "{}", f"document {r.id!r}: metadata_json"),
+                       "chunks": [], "vectors": []}
+            if len(r.vectors) != len(r.chunks) * dim * 4:
+                raise InvalidInput(f"document {r.id!r}: {len(r.vectors)} bytes of vectors for {len(r.chunks)} "
+                                   f"chunks; each needs {dim} float32 values ({dim * 4} bytes)")
+            base = len(doc["chunks"])
+            doc["chunks"] += [Chunk(r.id, base + i, c.start, c.end, c.tokens, c.text) for i, c in enumerate(r.chunks)]
+            doc["vectors"].append(np.frombuffer(r.vectors, dtype="<f4").reshape(len(r.chunks), dim))
+            if r.continued:
+                continue
+            vectors = np.concatenate(doc["vectors"]).astype(np.float32)
+            batch.append(DocumentRecord(doc["id"], doc["source"], doc["content_hash"], doc["metadata"],
+                                        doc["chars"], doc["chunks"], vectors))
+            n_chunks += len(doc["chunks"])
+            seen += 1
+            doc = None
+            if n_chunks >= BUILD_BATCH_CHUNKS:
+                yield batch
+                batch, n_chunks = [], 0
+    if doc is not None:
+        raise InvalidInput(f"the export ended inside document {doc['id']!r} (its last record was marked continued)")
+    if total is None:
+        raise InvalidInput("the export ended without its last message (the one with total_documents): it was cut "
+                           "short; export it again")
+    if seen != total:
+        raise InvalidInput(f"the export holds {total} documents but {seen} came; export it again")
+    if batch:
+        yield batch
 
 
 def hit_pb(h) -> "pb.Hit":

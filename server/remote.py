@@ -17,15 +17,18 @@ import os
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 
 from engine.cli import (Progress, copied_line, created_line, delete_filter, deleted_line, flag_filter,
-                        ingest_documents, line_filters, print_answer_footer, print_collections, print_documents,
-                        print_ingest, print_search, read_questions, write_lines)
+                        ingest_documents, line_filters, make_config, print_answer_footer, print_collections,
+                        print_documents, print_ingest, print_search, read_questions, write_lines)
+from engine.collection import Collections
 from engine.documents import Document, Failure, check_document_size
 from engine.errors import InvalidInput
 from engine.ingest import IngestReport
+from engine.pipeline import Engine
 from engine.support import source_label
 
 from .client import RagClient
@@ -106,13 +109,46 @@ def drop(client: RagClient, args: argparse.Namespace) -> int:
 
 
 def copy(client: RagClient, args: argparse.Namespace) -> int:
-    if args.to:
-        raise InvalidInput("--to copies into a data dir on this machine; through a server a copy stays in the "
-                           "server's data dir: leave out --to, or --server to copy here")
+    """In the server's data dir; with --to, from the server into a data dir here
+    (ExportCollection, built here as a local copy builds); with --from, from a data dir
+    here to the server (ImportCollection)."""
+    if args.to and args.from_dir:
+        raise InvalidInput("with --server give --to (copy the server's collection here) or --from (copy one from "
+                           "here to the server), not both")
+    bar = Progress(f"copy {args.name}", enabled=not args.quiet and sys.stderr.isatty())
     t0 = time.perf_counter()
-    info = client.copy_collection(args.name, args.new_name)
-    print(copied_line(args, info.documents, info.chunks, time.perf_counter() - t0))
+    if args.to:
+        settings, batches = client.export_collection(args.name)
+        cols = Collections(make_config(args).replace(data_dir=Path(args.to), read_only=False))
+        try:
+            cols.receive(args.new_name, settings, batches, bar)
+            got = cols.get(args.new_name).info()
+        finally:
+            cols.close()
+        documents, chunks, source, dest = got.documents, got.chunks, args.server, args.to
+    elif args.from_dir:
+        engine = Engine(make_config(args).replace(data_dir=Path(args.from_dir), read_only=True))
+        try:
+            settings, batches = engine.export_collection(args.name)
+            info = client.import_collection(args.new_name, settings, counted(batches, bar))
+        finally:
+            engine.close()
+        documents, chunks, source, dest = info.documents, info.chunks, args.from_dir, args.server
+    else:
+        info = client.copy_collection(args.name, args.new_name)
+        documents, chunks, source, dest = info.documents, info.chunks, None, None
+    bar.done()
+    print(copied_line(args, documents, chunks, time.perf_counter() - t0, source, dest))
     return 0
+
+
+def counted(batches, progress) -> Iterator:
+    """`batches` as they are, calling progress(documents so far) after each."""
+    done = 0
+    for batch in batches:
+        yield batch
+        done += len(batch)
+        progress(done)
 
 
 def info(client: RagClient, args: argparse.Namespace) -> int:

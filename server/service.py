@@ -22,8 +22,8 @@ from engine.rag import Answer, AnswerStart
 from engine.search import MAX_QUERY_CHARS
 
 from .convert import (PB_TO_DTYPE, STATUS_TO_PB, answer_done_pb, batch_filters, check_top_k, document_metadata,
-                      hit_pb, info_pb, page_size, request_filter, sampling_params, search_mode, sources_pb,
-                      stored_document_pb)
+                      export_messages, export_settings, hit_pb, info_pb, message_records, page_size, request_filter,
+                      sampling_params, search_mode, sources_pb, stored_document_pb)
 from .errors import abort
 from .stubs import pb, rpc
 
@@ -113,6 +113,33 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
                                      "cannot be made here: copy on the collection's writer")
         return pb.CopyCollectionResponse(collection=info_pb(self.engine.copy_collection(request.name,
                                                                                         request.new_name)))
+
+    @guarded
+    def ExportCollection(self, request, context):
+        settings, batches = self.engine.export_collection(request.name)
+        yield from export_messages(settings, batches)
+
+    @guarded
+    def ImportCollection(self, request_iterator, context):
+        if self.config.read_only:
+            raise FailedPrecondition("this server is read-only (a replica); a collection cannot be imported here: "
+                                     "import it on the collections' writer")
+        requests = iter(request_iterator)
+        first = next(requests, None)
+        if first is None or not first.name:
+            raise InvalidInput("the first ImportCollection message names the new collection (name); "
+                               + ("the stream was empty" if first is None else "this one has no name"))
+        name, settings = first.name, export_settings(first.part)
+
+        def parts():
+            yield first.part
+            for req in requests:
+                if req.name and req.name != name:
+                    raise InvalidInput(f"all messages of one ImportCollection name {name!r} (or leave name empty); "
+                                       f"one names {req.name!r}")
+                yield req.part
+        records = message_records(parts(), settings.get("dim"))
+        return pb.ImportCollectionResponse(collection=info_pb(self.engine.import_collection(name, settings, records)))
 
     # ------------------------------------------------------------------ ingestion
     def _documents(self, requests, order: list[str], state: dict):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import re
 import sqlite3
@@ -105,6 +106,28 @@ NEG_ONE = b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01"  # varint of -1: what an i
 BAD_UTF8 = b"\xff\xfe\xfd\xfc"
 GARBAGE = b"\xff\xff\xff\xff"  # an unterminated varint where a field tag belongs
 
+# A collection of one document as ExportCollection sends it (settings as the server makes
+# them, a unit vector for its one chunk), all in one message.
+EXPORT_SETTINGS = {"index_dtype": "i8", "connectivity": 16, "expansion_add": 128, "expansion_search": 64,
+                   "chunk_tokens": 256, "chunk_overlap": 32, "dim": 384, "embed_model": "all-MiniLM-L6-v2"}
+UNIT = np.eye(1, 384, dtype="<f4")
+
+
+def import_request(name="imported", settings=None, total=1, vectors=UNIT, end=13) -> "pb.ImportCollectionRequest":
+    record = pb.DocumentRecord(id="kettle", source="kettle.txt", content_hash="0" * 32, metadata_json="{}", chars=13,
+                               chunks=[pb.RecordChunk(start=0, end=end, tokens=4, text="Kettles sing."[:end])],
+                               vectors=vectors.tobytes())
+    part = pb.ExportCollectionResponse(settings_json=json.dumps(settings or EXPORT_SETTINGS), documents=[record],
+                                       total_documents=total)
+    if total is None:
+        part.ClearField("total_documents")
+    return pb.ImportCollectionRequest(name=name, part=part)
+
+
+def import_call(*messages):
+    return raw("ImportCollection", [m.SerializeToString() for m in messages])
+
+
 # One good request per RPC: it would change state (or answer) if it were let through.
 GOOD = {
     "CreateCollection": pb.CreateCollectionRequest(name="fresh"),
@@ -112,6 +135,8 @@ GOOD = {
     "DescribeCollection": pb.DescribeCollectionRequest(name="docs"),
     "DropCollection": pb.DropCollectionRequest(name="spare"),
     "CopyCollection": pb.CopyCollectionRequest(name="docs", new_name="docs-copy"),
+    "ExportCollection": pb.ExportCollectionRequest(name="docs"),
+    "ImportCollection": import_request(),
     "IngestStream": pb.IngestStreamRequest(collection="docs", document=pb.Document(id="new", text="Kettles sing.")),
     "DeleteDocuments": pb.DeleteDocumentsRequest(collection="docs", ids=["tea.txt"]),
     "ListDocuments": pb.ListDocumentsRequest(collection="docs", page_size=2),
@@ -272,6 +297,20 @@ CASES = [
                              .SerializeToString()), NOT_FOUND, "'nope' does not exist"),
     case("copy-bad-name", raw("CopyCollection", pb.CopyCollectionRequest(name="docs", new_name="bad name")
                               .SerializeToString()), INVALID, "collection name 'bad name' is invalid"),
+    case("export-missing", raw("ExportCollection", pb.ExportCollectionRequest(name="nope").SerializeToString()),
+         NOT_FOUND, "'nope' does not exist"),
+    case("import-empty-stream", import_call(), INVALID, "the stream was empty"),
+    case("import-no-name", import_call(import_request(name="")), INVALID, "names the new collection"),
+    case("import-to-existing", import_call(import_request(name="spare")), EXISTS, "'spare' already exists"),
+    case("import-cut-short", import_call(import_request(total=None)), INVALID, "ended without its last message"),
+    case("import-count-wrong", import_call(import_request(total=2)), INVALID, "holds 2 documents but 1 came"),
+    case("import-other-model", import_call(import_request(settings={**EXPORT_SETTINGS, "embed_model": "bge-small"})),
+         Code.FAILED_PRECONDITION, "embedded with bge-small"),
+    case("import-settings-unknown-key", import_call(import_request(settings={**EXPORT_SETTINGS, "shards": 2})),
+         INVALID, "unknown keys 'shards'"),
+    case("import-vector-not-unit", import_call(import_request(vectors=2 * UNIT)), INVALID, "vector has length 2"),
+    case("import-vector-short", import_call(import_request(vectors=UNIT[:, :100])), INVALID, "bytes of vectors"),
+    case("import-chunk-past-end", import_call(import_request(end=20)), INVALID, "not inside the document"),
     case("search-any-of-filters-empty-part", search(any_of_filters=[pb.QueryFilter(filter={"kind": "txt"}),
                                                                    pb.QueryFilter()]),
          INVALID, r"any_of_filters\[1\] is empty"),
@@ -514,5 +553,5 @@ def test_every_good_request_succeeds(rig):
     for name, message in GOOD.items():
         data = [message.SerializeToString()] if METHODS[name].client_streaming else message.SerializeToString()
         raw(name, data)(rig)
-    assert {c.name for c in rig.client.list_collections()} == {"docs", "fresh", "docs-copy"}
+    assert {c.name for c in rig.client.list_collections()} == {"docs", "fresh", "docs-copy", "imported"}
     assert rig.client.describe("docs").documents == len(TEXTS)  # one deleted, one added

@@ -221,8 +221,8 @@ def test_collections_create_drop_info_over_the_server(served, capsys):
            {k: v for k, v in made["made"].items() if k not in ("name", "disk_bytes", "index_memory_bytes")}
     code, _, err = rag(capsys, "copy", "made", "made3", *there)
     assert code == 2 and err.startswith("error: ALREADY_EXISTS: collection 'made3' already exists")
-    code, _, err = rag(capsys, "copy", "made", "x", "--to", "/tmp/elsewhere", *there)
-    assert code == 2 and "--to copies into a data dir on this machine" in err
+    code, _, err = rag(capsys, "copy", "made", "x", "--to", "/tmp/elsewhere", "--from", "/tmp/elsewhere", *there)
+    assert code == 2 and "give --to (copy the server's collection here) or --from" in err
     for name in ("made", "made2", "made3"):
         assert rag(capsys, "drop", name, *there)[:2] == (0, f"dropped {name}\n")
     code, out, _ = rag(capsys, "info", "--json", *there)
