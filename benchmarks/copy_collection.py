@@ -104,6 +104,7 @@ def over_grpc(engine, docs, chunks: int, backup, tmp: Path, cpu: str, src: dict)
             t0 = time.perf_counter()
             client.import_collection("uploaded", *backup.export_collection("backup"))
             times["ours upload"] = time.perf_counter() - t0
+            client.create_collection("reingested")
             t0 = time.perf_counter()
             client.ingest("reingested", ({"id": d.doc_id, "text": d.text, "source": d.source, "metadata": d.metadata}
                                          for d in docs))
