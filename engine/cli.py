@@ -231,6 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="one JSON object per document")
     add_server_args(s, "list")
 
+    s = sub.add_parser("get", help="print documents by id: their text (rebuilt from the stored chunks), source and "
+                                   "metadata")
+    s.add_argument("doc_ids", nargs="+", metavar="DOC_ID")
+    s.add_argument("--collection", "-c", required=True)
+    s.add_argument("--json", action="store_true", help="one JSON object per document, with its chunks' spans")
+    add_server_args(s, "read")
+
     s = sub.add_parser("delete", help="delete documents by id, or by metadata (--filter)")
     s.add_argument("doc_ids", nargs="*")
     s.add_argument("--collection", "-c", required=True)
@@ -262,7 +269,7 @@ def snippet(text: str, width: int = 160) -> str:
     return flat if len(flat) <= width else flat[:width - 1] + "…"
 
 
-READ_COMMANDS = ("search", "ask", "collections", "info", "documents", "copy")  # copy writes only its new collection
+READ_COMMANDS = ("search", "ask", "collections", "info", "documents", "get", "copy")  # copy writes only its new collection
 
 
 STDIN_TYPES = {"jsonl": "application/jsonl", "txt": "text/plain", "md": "text/markdown", "html": "text/html",
@@ -423,6 +430,10 @@ def run(args: argparse.Namespace) -> int:
                 docs, after = engine.list_documents(args.collection, filter=filt, limit=args.limit, after=after)
                 return [dataclasses.asdict(d) for d in docs], after
             return print_documents(page, args)
+        if args.command == "get":
+            found, missing = engine.get_documents(args.collection, args.doc_ids)
+            return print_texts([{**dataclasses.asdict(d.document), "text": d.text, "text_exact": d.exact,
+                                 "chunks": d.chunks} for d in found], missing, args)
         if args.command == "delete":
             filt = delete_filter(args)
             print(deleted_line(engine.delete_documents(args.collection, args.doc_ids, filter=filt), args, filt))
@@ -596,6 +607,22 @@ def print_documents(page, args: argparse.Namespace) -> int:
         print(f"more after {after!r}: rag documents -c {args.collection}{server} --after {shlex.quote(after)} "
               "(or --all)")
     return 0
+
+
+def print_texts(docs: list[dict], missing: list[str], args: argparse.Namespace) -> int:
+    """`rag get`: each document (a StoredDocument dict with text, text_exact and chunks) as a
+    header line and its text, or one JSON object a line; an id not held on stderr (exit 1)."""
+    for d in docs:
+        if args.json:
+            print(json.dumps(d, ensure_ascii=False))
+            continue
+        note = "" if d["text_exact"] else " (text rebuilt from its chunks; whitespace between them guessed)"
+        print(f"== {d['doc_id']}	{d['source']}	{d['n_chars']} chars	{d['n_chunks']} chunks	"
+              f"{json.dumps(d['metadata'], ensure_ascii=False, sort_keys=True)}{note}")
+        print(d["text"].rstrip("\n"))
+    for doc_id in missing:
+        print(f"error: collection {args.collection!r} holds no document {doc_id!r}", file=sys.stderr)
+    return 1 if missing else 0
 
 
 def add_filter_arg(s: argparse.ArgumentParser, what: str) -> None:

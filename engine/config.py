@@ -41,6 +41,7 @@ DEFAULT_EXPANSION_SEARCH = 64
 DEFAULT_OVERSAMPLE = 4
 MAX_TOP_K = 1000
 MAX_LIST_PAGE = 1000  # documents in one page of a listing (Engine.list_documents, ListDocuments)
+MAX_GET_DOCUMENTS = 1000  # ids in one Engine.get_documents / GetDocuments call
 
 DEFAULT_GEN_MODEL = "qwen2.5-coder-0.5b-instruct"
 # The generator's weights: fp32, weight-only int8 and int4 copies, and w8a8 (8-bit weights

@@ -10,10 +10,11 @@ import contextlib
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import BinaryIO
@@ -47,6 +48,44 @@ class Document:
         h.update(b"\0")
         h.update(json.dumps(self.metadata, sort_keys=True, ensure_ascii=False).encode())
         return h.hexdigest()
+
+
+# rebuild_text tries these for the characters no chunk covers (chunking drops whitespace at
+# the ends of a document and, with no overlap, between its chunks), hashing at most this
+# many characters in all (every filling of a small document's gaps; fewer of a large one's).
+GAP_FILLS = (" ", "\n")
+GUESS_BUDGET_CHARS = 1 << 25
+
+
+def rebuild_text(doc_id: str, chunks: Sequence, n_chars: int, metadata: dict, content_hash: str) -> tuple[str, bool]:
+    """A document's text from its chunks (each text[start:end] of it, in order) and its size:
+    the characters no chunk covers filled with spaces or newlines, the first filling whose
+    content hash is the stored one taken; (text, True) then, else (text with spaces, False)."""
+    pieces: list[str | int] = []  # text, or the length of a gap
+    pos = 0
+    for c in chunks:
+        if c.start > pos:
+            pieces.append(c.start - pos)
+            pos = c.start
+        if c.end > pos:
+            pieces.append(c.text[pos - c.start:])
+            pos = c.end
+    if n_chars > pos:
+        pieces.append(n_chars - pos)
+
+    def join(fill: dict) -> str:
+        return "".join(fill[i] * p if isinstance(p, int) else p for i, p in enumerate(pieces))
+
+    def same(text: str) -> bool:
+        return Document(doc_id, text, "", metadata).content_hash == content_hash
+
+    gaps = [i for i, p in enumerate(pieces) if isinstance(p, int)]
+    budget = max(1, GUESS_BUDGET_CHARS // max(n_chars, 1))
+    tries = itertools.islice(itertools.product(GAP_FILLS, repeat=len(gaps)), budget)
+    for fill in tries:
+        if same(text := join(dict(zip(gaps, fill)))):
+            return text, True
+    return join(dict.fromkeys(gaps, " ")), False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -23,16 +23,16 @@ import numpy as np
 from . import ingest as ingestion
 from . import kernels
 from .collection import Collection, CollectionInfo, Collections, check_index_settings, check_name, check_settings
-from .config import MAX_LIST_PAGE, Config
-from .documents import Document, Failure, check_jsonl_fields, iter_documents
+from .config import MAX_GET_DOCUMENTS, MAX_LIST_PAGE, Config
+from .documents import Document, Failure, check_jsonl_fields, iter_documents, rebuild_text
 from .errors import FailedPrecondition, InvalidInput
 from .ingest import IngestReport, ProgressFn
 from .rag import Answer, Answerer, AnswerStart, Source
 from .filters import check_filter
 from .search import MAX_QUERY_CHARS, Hit, Searcher, SearchResult, check_k, check_query, hit_to_json
-from .store import DocumentRecord, StoredDocument
+from .store import DocumentRecord, DocumentText, StoredDocument
 
-__all__ = ["Answer", "AnswerStart", "Collection", "CollectionInfo", "Engine", "Hit", "IngestReport",
+__all__ = ["Answer", "AnswerStart", "Collection", "CollectionInfo", "DocumentText", "Engine", "Hit", "IngestReport",
            "MAX_QUERY_CHARS", "SearchResult", "Source", "StoredDocument", "hit_to_json"]
 
 
@@ -251,6 +251,24 @@ class Engine:
         `text_field`, its id in `id_field`)."""
         check_jsonl_fields(text_field, id_field)
         return self.ingest(name, iter_documents(paths, text_field=text_field, id_field=id_field), progress=progress)
+
+    def get_documents(self, name: str, ids: Sequence[str]) -> tuple[list[DocumentText], list[str]]:
+        """The documents of `ids` (1..MAX_GET_DOCUMENTS ids, each once) with their text rebuilt
+        from their chunks, exactly where the stored content hash confirms it (DocumentText), in
+        the order asked; and the ids the collection does not hold."""
+        if isinstance(ids, str) or not isinstance(ids, Sequence) or not 1 <= len(ids) <= MAX_GET_DOCUMENTS:
+            raise InvalidInput(f"give 1 to {MAX_GET_DOCUMENTS} document ids, got "
+                               f"{len(ids) if isinstance(ids, Sequence) and not isinstance(ids, str) else repr(ids)}")
+        if bad := [i for i in ids if not isinstance(i, str) or not i.strip()]:
+            raise InvalidInput(f"document ids must be non-empty strings, got {bad[0]!r}")
+        ids = list(dict.fromkeys(ids))
+        found = self.collections.get(name).store.documents_with_chunks(ids)
+        out = []
+        for doc, chunks in found:
+            text, exact = rebuild_text(doc.doc_id, chunks, doc.n_chars, doc.metadata, doc.content_hash)
+            out.append(DocumentText(doc, text, exact, [(c.start, c.end, c.n_tokens) for c in chunks]))
+        have = {d.document.doc_id for d in out}
+        return out, [i for i in ids if i not in have]
 
     def list_documents(self, name: str, *, filter: dict | None = None, limit: int = 100,
                        after: str | None = None) -> tuple[list[StoredDocument], str | None]:

@@ -212,6 +212,16 @@ class StoredDocument:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class DocumentText:
+    """A stored document with its text, rebuilt from its chunks (Engine.get_documents)."""
+
+    document: StoredDocument
+    text: str  # characters no chunk covers (whitespace at either end, between chunks) guessed
+    exact: bool  # the text's content hash equals the stored one: it is the text as ingested
+    chunks: list  # (start, end, tokens) of each chunk, by ordinal: text[start:end] is its text
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class ChunkRow:
     key: int
     doc_id: str
@@ -499,6 +509,28 @@ class Store:
                 if limit is not None and n > limit:
                     return None
         return found
+
+    def documents_with_chunks(self, ids: Sequence[str]) -> list[tuple[StoredDocument, list[Chunk]]]:
+        """The documents of `ids` that exist, in that order, each with its chunks by ordinal,
+        read in one transaction (a writer elsewhere cannot change a document between its row
+        and its chunks)."""
+        cols = "doc_id, source, content_hash, metadata, n_chars, n_chunks, ingested_at"
+        docs, chunks = {}, {}
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                for i in range(0, len(ids), 500):
+                    part = list(ids[i:i + 500])
+                    marks = ",".join("?" * len(part))
+                    for d, src, h, m, n, c, t in self._db.execute(
+                            f"SELECT {cols} FROM documents WHERE doc_id IN ({marks})", part):
+                        docs[d] = StoredDocument(d, src, h, json.loads(m), n, c, t)
+                    for row in self._db.execute("SELECT doc_id, ordinal, start, end, n_tokens, text FROM chunks "
+                                                f"WHERE doc_id IN ({marks}) ORDER BY doc_id, ordinal", part):
+                        chunks.setdefault(row[0], []).append(Chunk(*row))
+            finally:
+                self._db.execute("COMMIT")
+        return [(docs[d], chunks.get(d, [])) for d in ids if d in docs]
 
     def document_keys(self, doc_id: str) -> list[int]:
         with self._lock:

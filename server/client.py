@@ -28,7 +28,7 @@ READ_METHODS = [{"service": "rag.v1.RetrieveService"}, {"service": "rag.v1.Answe
                 *({"service": "rag.v1.CollectionService", "method": m} for m in ("ListCollections",
                                                                                 "DescribeCollection",
                                                                                 "ExportCollection")),
-                {"service": "rag.v1.IngestService", "method": "ListDocuments"}]
+                *({"service": "rag.v1.IngestService", "method": m} for m in ("ListDocuments", "GetDocuments"))]
 RETRY_READS = {"maxAttempts": 4, "initialBackoff": "0.05s", "maxBackoff": "1s", "backoffMultiplier": 2,
                "retryableStatusCodes": ["UNAVAILABLE"]}
 # Calls go to every reachable server of the target in turn (one server: no difference).
@@ -302,6 +302,11 @@ class RagClient:
         req = pb.ListDocumentsRequest(collection=collection, page_size=page_size, page_token=page_token,
                                       **self._filter(filter))
         return self.ingest_stub.ListDocuments(req, **self._kw())
+
+    def get_documents(self, collection: str, ids: Sequence[str]) -> "pb.GetDocumentsResponse":
+        """Documents by id with their text and chunk spans; ids not held in missing_ids."""
+        return self.ingest_stub.GetDocuments(pb.GetDocumentsRequest(collection=collection, ids=list(ids)),
+                                             **self._kw())
 
     def embed(self, texts: list[str]) -> list[list[float]]:
         return [list(v.values) for v in self.retrieve.Embed(pb.EmbedRequest(texts=texts), **self._kw()).vectors]

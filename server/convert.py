@@ -241,6 +241,11 @@ def stored_document_pb(d) -> "pb.StoredDocument":
                              chunks=d.n_chunks, ingested_unix_s=d.ingested_at)
 
 
+def document_text_pb(d) -> "pb.DocumentText":
+    return pb.DocumentText(document=stored_document_pb(d.document), text=d.text, text_exact=d.exact,
+                           chunks=[pb.ChunkSpan(start=s, end=e, tokens=t) for s, e, t in d.chunks])
+
+
 def sources_pb(sources) -> list:
     return [pb.Source(number=s.number, hit=hit_pb(s.hit)) for s in sources]
 

@@ -23,7 +23,7 @@ import grpc
 
 from engine.cli import (Progress, copied_line, created_line, delete_filter, deleted_line, flag_filter,
                         ingest_documents, line_filters, make_config, print_answer_footer, print_collections,
-                        print_documents, print_ingest, print_search, read_questions, write_lines)
+                        print_documents, print_ingest, print_search, print_texts, read_questions, write_lines)
 from engine.collection import Collections
 from engine.documents import Document, Failure, check_document_size
 from engine.errors import InvalidInput
@@ -177,6 +177,13 @@ def documents(client: RagClient, args: argparse.Namespace) -> int:
         r = client.list_documents(args.collection, filter=filt, page_size=args.limit, page_token=after or "")
         return [stored_json(d) for d in r.documents], r.next_page_token or None
     return print_documents(page, args)
+
+
+def get(client: RagClient, args: argparse.Namespace) -> int:
+    r = client.get_documents(args.collection, args.doc_ids)
+    return print_texts([{**stored_json(d.document), "text": d.text, "text_exact": d.text_exact,
+                         "chunks": [[c.start, c.end, c.tokens] for c in d.chunks]} for d in r.documents],
+                       list(r.missing_ids), args)
 
 
 def delete(client: RagClient, args: argparse.Namespace) -> int:
@@ -369,5 +376,5 @@ def ask_batch(client: RagClient, args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"ingest": ingest, "search": search, "ask": ask, "documents": documents, "delete": delete,
+COMMANDS = {"ingest": ingest, "search": search, "ask": ask, "documents": documents, "get": get, "delete": delete,
             "collections": collections, "create": create, "drop": drop, "copy": copy, "info": info}

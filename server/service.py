@@ -22,7 +22,7 @@ from engine.rag import Answer, AnswerStart
 from engine.search import MAX_QUERY_CHARS
 
 from .convert import (PB_TO_DTYPE, STATUS_TO_PB, answer_done_pb, batch_filters, check_top_k, document_metadata,
-                      export_messages, export_settings, hit_pb, info_pb, message_records, page_size, request_filter,
+                      document_text_pb, export_messages, export_settings, hit_pb, info_pb, message_records, page_size, request_filter,
                       sampling_params, search_mode, sources_pb, stored_document_pb)
 from .errors import abort
 from .stubs import pb, rpc
@@ -242,6 +242,15 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
         docs, after = self.engine.list_documents(request.collection, filter=request_filter(request),
                                                  limit=page_size(request.page_size), after=request.page_token or None)
         return pb.ListDocumentsResponse(documents=[stored_document_pb(d) for d in docs], next_page_token=after or "")
+
+    @guarded
+    def GetDocuments(self, request, context):
+        found, missing = self.engine.get_documents(request.collection, list(request.ids))
+        response = pb.GetDocumentsResponse(documents=[document_text_pb(d) for d in found], missing_ids=missing)
+        if (size := response.ByteSize()) > self.config.max_message_bytes:
+            raise InvalidInput(f"the {len(found)} documents asked for come to {size} bytes, over the server's "
+                               f"{self.config.max_message_bytes}-byte message limit; ask for fewer at a time")
+        return response
 
     # ------------------------------------------------------------------ retrieval
     def _check_batch(self, n: int, what: str) -> None:

@@ -140,6 +140,7 @@ GOOD = {
     "IngestStream": pb.IngestStreamRequest(collection="docs", document=pb.Document(id="new", text="Kettles sing.")),
     "DeleteDocuments": pb.DeleteDocumentsRequest(collection="docs", ids=["tea.txt"]),
     "ListDocuments": pb.ListDocumentsRequest(collection="docs", page_size=2),
+    "GetDocuments": pb.GetDocumentsRequest(collection="docs", ids=["tea.txt", "nope"]),
     "Embed": pb.EmbedRequest(texts=["green tea"]),
     "Search": pb.SearchRequest(collection="docs", query="green tea", top_k=3),
     "SearchBatch": pb.SearchBatchRequest(collection="docs", queries=["green tea", "bread"], top_k=3),
@@ -297,6 +298,14 @@ CASES = [
                              .SerializeToString()), NOT_FOUND, "'nope' does not exist"),
     case("copy-bad-name", raw("CopyCollection", pb.CopyCollectionRequest(name="docs", new_name="bad name")
                               .SerializeToString()), INVALID, "collection name 'bad name' is invalid"),
+    case("get-no-ids", raw("GetDocuments", pb.GetDocumentsRequest(collection="docs").SerializeToString()),
+         INVALID, "give 1 to 1000 document ids, got 0"),
+    case("get-too-many-ids", raw("GetDocuments", pb.GetDocumentsRequest(
+        collection="docs", ids=[f"d{i}" for i in range(1001)]).SerializeToString()), INVALID, "got 1001"),
+    case("get-empty-id", raw("GetDocuments", pb.GetDocumentsRequest(collection="docs", ids=["tea.txt", ""])
+                             .SerializeToString()), INVALID, "non-empty strings"),
+    case("get-missing-collection", raw("GetDocuments", pb.GetDocumentsRequest(collection="nope", ids=["a"])
+                                       .SerializeToString()), NOT_FOUND, "'nope' does not exist"),
     case("export-missing", raw("ExportCollection", pb.ExportCollectionRequest(name="nope").SerializeToString()),
          NOT_FOUND, "'nope' does not exist"),
     case("import-empty-stream", import_call(), INVALID, "the stream was empty"),

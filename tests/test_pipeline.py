@@ -594,3 +594,50 @@ def test_export_refuses_vectors_freed_while_it_read(engine):
         f.write(bytes(col.store.dim * 4))
     with pytest.raises(Unavailable, match="'b' changed while the collection was read"):
         list(col.store.export())
+
+
+def test_get_documents_gives_each_text_as_ingested(engine, corpus):
+    """The text rebuilt from the chunks is the file's text (its content hash confirms it),
+    with overlapping chunks and with none (whitespace between chunks guessed), and each
+    chunk's span finds its text; ids not held are listed, in the order asked."""
+    from engine.documents import iter_documents
+
+    want = {d.doc_id: d for d in iter_documents([corpus])}
+    for name, overlap in (("over", 8), ("apart", 0)):
+        engine.create_collection(name, chunk_tokens=48, chunk_overlap=overlap)
+        engine.ingest_paths(name, [corpus])
+        ids = sorted(want)
+        found, missing = engine.get_documents(name, [ids[2], "nope", *ids, ids[0]])
+        assert missing == ["nope"] and [d.document.doc_id for d in found] == [ids[2], *[i for i in ids if i != ids[2]]]
+        for d in found:
+            assert d.exact and d.text == want[d.document.doc_id].text, (name, d.document.doc_id)
+            rows = engine.collections.get(name).store.chunks(engine.collections.get(name).store.document_keys(
+                d.document.doc_id))
+            assert [d.text[s:e] for s, e, _ in d.chunks] == [r.text for r in sorted(rows.values(), key=lambda r: r.ordinal)]
+            assert len(d.chunks) == d.document.n_chunks
+        assert any(len(d.chunks) > 1 for d in found)
+    with pytest.raises(InvalidInput, match="give 1 to 1000 document ids, got 0"):
+        engine.get_documents("over", [])
+    with pytest.raises(InvalidInput, match="non-empty strings"):
+        engine.get_documents("over", ["a", " "])
+    with pytest.raises(InvalidInput, match="give 1 to 1000 document ids"):
+        engine.get_documents("over", "a")
+    with pytest.raises(NotFound):
+        engine.get_documents("missing", ["a"])
+
+
+def test_rebuild_text_guesses_only_what_the_hash_confirms():
+    from engine.chunk import Chunk
+    from engine.documents import rebuild_text
+
+    text = "  First part.\n\nSecond part. Third\tpart.\n"
+    spans = [(2, 13), (15, 27), (28, 33), (34, 39)]
+    chunks = [Chunk("d", i, s, e, 3, text[s:e]) for i, (s, e) in enumerate(spans)]
+    h = Document("d", text, "x", {"a": 1}).content_hash
+    got, exact = rebuild_text("d", chunks, len(text), {"a": 1}, h)  # gaps: "  ", "\n\n", " ", "\t", "\n"
+    assert not exact and got == "  First part.  Second part. Third part. " and len(got) == len(text)
+    text2 = text.replace("\t", " ")
+    got, exact = rebuild_text("d", chunks, len(text2), {"a": 1}, Document("d", text2, "x", {"a": 1}).content_hash)
+    assert exact and got == text2
+    got, exact = rebuild_text("d", chunks, len(text2), {"a": 2}, Document("d", text2, "x", {"a": 1}).content_hash)
+    assert not exact  # the hash covers the metadata too

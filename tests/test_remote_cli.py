@@ -105,6 +105,17 @@ def test_ingest_documents_search_delete_equal_a_local_run(served, tmp_path, caps
         theirs = [without(json.loads(h), "score", "cosine") for h in theirs.splitlines()]
         assert theirs == mine and theirs, args  # metadata with its JSON types (Hit.metadata_json)
 
+    # documents by id with their text, here and there; an id not held named on stderr
+    ids = [d["doc_id"] for d in mine[:3]]
+    outs = []
+    for pre, post in ((local, []), ([], there)):
+        code, out, err = rag(capsys, *pre, "get", "-c", "zoo", *ids, "nope", "--json", *post)
+        assert code == 1 and err.strip() == "error: collection 'zoo' holds no document 'nope'"
+        outs.append([without(json.loads(line), "ingested_at") for line in out.splitlines()])
+        code, out, _ = rag(capsys, *pre, "get", "-c", "zoo", ids[0], *post)
+        assert code == 0 and out.startswith(f"== {ids[0]}\t")
+    assert outs[1] == outs[0] and [d["doc_id"] for d in outs[0]] == ids and all(d["text_exact"] for d in outs[0])
+
     code, out, _ = rag(capsys, "delete", "-c", "zoo", "--filter", "lang=fr", *there)
     assert code == 0 and out.strip() == "deleted 1 documents matching the filter"
     code, out, _ = rag(capsys, "delete", "-c", "zoo", str(jsonl.resolve()) + "#owl", "missing", *there)

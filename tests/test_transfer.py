@@ -5,6 +5,7 @@ copies are compared with their source document by document, vector bit by vector
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import re
@@ -375,3 +376,31 @@ def test_a_server_without_the_calls_is_named_older(engine):
                 client.import_collection("c", *engine.export_collection("c"))
     finally:
         bare.stop(0)
+
+
+def test_get_documents_over_grpc_and_its_response_limit(engine):
+    """GetDocuments gives what Engine.get_documents gives; documents whose texts would not
+    fit one response are refused with what to do (the limit is lowered here to a few KB:
+    this is about the check alone)."""
+    fill(engine)
+    ids = ["long", "üñí"]
+    want, _ = engine.get_documents("c", ids)
+    srv, port = create_server(engine.config, "127.0.0.1:0", engine=engine)
+    try:
+        with RagClient(f"127.0.0.1:{port}") as client:
+            r = client.get_documents("c", [*ids, "nope"])
+            assert list(r.missing_ids) == ["nope"]
+            assert [(d.document.id, d.text, d.text_exact, [(c.start, c.end, c.tokens) for c in d.chunks])
+                    for d in r.documents] == [(d.document.doc_id, d.text, d.exact, d.chunks) for d in want]
+            assert json.loads(r.documents[0].document.metadata_json) == {"year": 2024, "tags": ["a", "b"],
+                                                                         "score": 0.5, "ok": True, "none": None}
+            small = copy.copy(engine.config)  # past Config's own check, which keeps limits far above this
+            object.__setattr__(small, "max_message_bytes", 4000)
+            srv.servicer.config = small
+            with pytest.raises(grpc.RpcError) as e:
+                client.get_documents("c", ids)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "over the server's 4000-byte message limit; ask for fewer at a time" in e.value.details()
+            assert client.get_documents("c", ["üñí"]).documents[0].text.startswith("Unicode ids")
+    finally:
+        srv.stop(0)
