@@ -23,6 +23,10 @@ Conditions on several fields may also be combined with logical operators, at any
 beside the field conditions of the same mapping, which hold as well. Other top-level keys
 starting with "$" are refused (metadata fields so named cannot be filtered on).
 
+A field name is a top-level metadata key or, where the metadata has no such key, a path
+through nested objects split at its dots (at most MAX_PATH_PARTS parts): {"author.name":
+"Ann"} matches {"author": {"name": "Ann"}}. Lists are values, not paths.
+
 Values compare as the gRPC API sends them: strings as they are, other JSON as json.dumps
 (meta_str), so 2020 and "2020" are equal. A mapping with a key that starts with "$" holds
 operators (every key must be one); one with no such key is a JSON object value compared for
@@ -39,6 +43,7 @@ import json
 import math
 import operator
 import re
+from collections.abc import Iterator
 
 from .errors import InvalidInput
 
@@ -49,6 +54,7 @@ OPS = (*EQUALITY_OPS, *RANGE_OPS)
 # Values longer than this are left out of the metadata index (a filter on one reads every
 # document's metadata), and only a string this short reads as a number.
 META_INDEX_MAX_CHARS = 256
+MAX_PATH_PARTS = 8  # a dotted field name reaches at most this deep into nested objects
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
@@ -198,9 +204,40 @@ def holds(s: str | None, op: str, x) -> bool:
     return s is not None and n is None and RANGE_OPS[op](s, x)
 
 
+def lookup(metadata: dict, field: str):
+    """A field's value in a document's metadata: the top-level key `field`, else the value at
+    its dotted path through nested objects; None where there is neither."""
+    if field in metadata:
+        return metadata[field]
+    parts = field.split(".")
+    if not 1 < len(parts) <= MAX_PATH_PARTS:
+        return None
+    value = metadata
+    for part in parts:
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def paths(metadata: dict) -> Iterator[tuple[str, object]]:
+    """Every field name a filter can give a value of this metadata by (lookup): the top-level
+    keys and the dotted paths into nested objects that no top-level key shadows."""
+    yield from metadata.items()
+    todo = [(k, v, 1) for k, v in metadata.items() if isinstance(v, dict)]
+    while todo:
+        prefix, obj, depth = todo.pop()
+        for k, v in obj.items():
+            path = f"{prefix}.{k}"
+            if path not in metadata and lookup(metadata, path) is v:  # shadowed or unreachable: skipped
+                yield path, v
+                if isinstance(v, dict) and depth + 1 < MAX_PATH_PARTS:
+                    todo.append((path, v, depth + 1))
+
+
 def matches(metadata: dict, filter: dict) -> bool:
     """Whether a document's metadata satisfies a canonical filter (check_filter)."""
-    if not all(holds(meta_str(metadata.get(f)), op, x)
+    if not all(holds(meta_str(lookup(metadata, f)), op, x)
                for f, cond in filter.items() if f not in LOGICAL_OPS for op, x in cond.items()):
         return False
     if "$and" in filter and not all(matches(metadata, g) for g in filter["$and"]):
@@ -210,11 +247,12 @@ def matches(metadata: dict, filter: dict) -> bool:
 
 def meta_rows(doc_id: str, metadata: dict) -> tuple[list[tuple], list[tuple]]:
     """A document's rows in the metadata index: (field, meta_str value, doc_id, meta_num)
-    for every top-level field whose value is not null and, as a string, at most
-    META_INDEX_MAX_CHARS long; and (field, doc_id) for each field whose value is longer
-    (left out, so a text range on that field knows to read the documents instead)."""
+    for every field (top-level, or a dotted path into nested objects: paths) whose value is
+    not null and, as a string, at most META_INDEX_MAX_CHARS long; and (field, doc_id) for
+    each field whose value is longer (left out, so a text range on that field knows to read
+    the documents instead)."""
     rows, long = [], []
-    for f, v in metadata.items():
+    for f, v in paths(metadata):
         s = meta_str(v)
         if s is None:
             continue

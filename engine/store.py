@@ -82,10 +82,20 @@ def _alias(terms: str, alias: str) -> str:
     return terms.replace("x.", f"{alias}.")
 
 
-def has_meta_index(db: sqlite3.Connection) -> bool:
-    """Whether the store has the metadata index as this version writes it."""
+# 2: rows for dotted paths into nested objects too (engine/filters.py paths).
+META_INDEX_VERSION = "2"
+
+
+def _meta_tables(db: sqlite3.Connection) -> bool:
+    """Whether the metadata index's tables are there with numbers (since ranges)."""
     return ("num" in {r[1] for r in db.execute("PRAGMA table_info(doc_meta)")} and
             db.execute("SELECT 1 FROM sqlite_master WHERE name = 'doc_meta_long'").fetchone() is not None)
+
+
+def has_meta_index(db: sqlite3.Connection) -> bool:
+    """Whether the store has the metadata index as this version writes it."""
+    version = db.execute("SELECT value FROM meta WHERE key = 'meta_index_version'").fetchone()
+    return version is not None and version[0] == META_INDEX_VERSION and _meta_tables(db)
 
 
 def insert_meta(db: sqlite3.Connection, doc_id: str, metadata: dict) -> None:
@@ -101,14 +111,28 @@ def ensure_meta_index(db: sqlite3.Connection) -> None:
         return
     db.execute("BEGIN IMMEDIATE")
     try:
-        db.execute("DROP TABLE IF EXISTS doc_meta")  # an index without numbers: rebuilt whole
-        db.execute("DROP TABLE IF EXISTS doc_meta_long")
-        for sql in META_INDEX_SCHEMA:
-            db.execute(sql)
-        cur = db.execute("SELECT doc_id, metadata FROM documents")
+        # An index without nested paths (version 1) gets their rows; one without numbers, or
+        # none, is built whole.
+        whole = not _meta_tables(db)
+        if whole:
+            db.execute("DROP TABLE IF EXISTS doc_meta")
+            db.execute("DROP TABLE IF EXISTS doc_meta_long")
+            for sql in META_INDEX_SCHEMA:
+                db.execute(sql)
+        where = "" if whole else " WHERE metadata LIKE '_%{%'"  # version 1: metadata holding an object only
+        cur = db.cursor().execute(f"SELECT doc_id, metadata FROM documents{where}")
         while rows := cur.fetchmany(1000):  # a page at a time: never every document's metadata at once
             for doc_id, metadata in rows:
-                insert_meta(db, doc_id, json.loads(metadata))
+                if whole:
+                    insert_meta(db, doc_id, json.loads(metadata))
+                else:
+                    meta = json.loads(metadata)
+                    rows_, long = meta_rows(doc_id, meta)
+                    db.executemany("INSERT OR IGNORE INTO doc_meta VALUES (?, ?, ?, ?)",
+                                   [r for r in rows_ if r[0] not in meta])
+                    db.executemany("INSERT OR IGNORE INTO doc_meta_long VALUES (?, ?)",
+                                   [r for r in long if r[0] not in meta])
+        db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('meta_index_version', ?)", (META_INDEX_VERSION,))
         db.execute("COMMIT")
     except BaseException:
         db.execute("ROLLBACK")

@@ -641,3 +641,20 @@ def test_rebuild_text_guesses_only_what_the_hash_confirms():
     assert exact and got == text2
     got, exact = rebuild_text("d", chunks, len(text2), {"a": 2}, Document("d", text2, "x", {"a": 1}).content_hash)
     assert not exact  # the hash covers the metadata too
+
+
+def test_filters_reach_nested_metadata_by_dotted_paths(engine):
+    """A JSONL record's nested fields are filtered on by dotted paths, in search, answers'
+    retrieval, listings and deletes alike."""
+    engine.create_collection("c")
+    engine.ingest("c", [Document(f"t{i}", f"Brew tea number {i} at {70 + i} degrees.", "x",
+                                 {"author": {"name": name, "born": 1960 + 10 * i}})
+                        for i, name in enumerate(["Ann", "Bob", "Cy"])])
+    q = "What temperature for tea?"
+    for mode in ("exact", "dense", "hybrid"):
+        assert [h.doc_id for h in engine.search("c", q, 3, mode=mode, filter={"author.name": "Bob"})] == ["t1"]
+        assert sorted(h.doc_id for h in engine.search("c", q, 3, mode=mode,
+                                                      filter={"author.born": {"$gte": 1970}})) == ["t1", "t2"]
+    assert [d.doc_id for d in engine.list_documents("c", filter={"author.name": {"$ne": "Ann"}})[0]] == ["t1", "t2"]
+    assert engine.delete_documents("c", filter={"author.name": "Cy"}) == 1
+    assert [d.doc_id for d in engine.list_documents("c")[0]] == ["t0", "t1"]

@@ -371,6 +371,64 @@ def test_metadata_index_without_numbers_is_rebuilt(tmp_path):
     s.close()
 
 
+NESTED = [  # nested objects: paths, a top-level key that shadows one, too deep, a dot inside a key
+    {"author": {"name": "Ann", "born": 1970, "tags": ["x"]}, "lang": "en"},
+    {"author": {"name": "Bob", "born": 1985, "address": {"city": "Oslo"}}},
+    {"author.name": "Top", "author": {"name": "Shadowed"}},
+    {"author": "plain"}, {"author": {"name": None}},
+    {"a": {"b": {"c": {"d": {"e": {"f": {"g": {"h": {"i": 1}}}}}}}}},
+    {"x": {"y.z": 1}}, {"author": {"name": "w" * 300}}, {},
+]
+
+
+@pytest.mark.parametrize("filter,docs", [
+    ({"author.name": "Ann"}, [0]), ({"author.name": "Top"}, [2]), ({"author.name": "Shadowed"}, []),
+    ({"author.born": {"$gte": 1980}}, [1]), ({"author.address.city": "Oslo"}, [1]),
+    ({"author.address": {"city": "Oslo"}}, [1]), ({"author.tags": '["x"]'}, [0]),
+    ({"author.name": {"$ne": "Ann"}}, [1, 2, 3, 4, 5, 6, 7, 8]), ({"author.name": None}, [3, 4, 5, 6, 8]),
+    ({"author.name": {"$in": ["Bob", "Top"]}}, [1, 2]), ({"a.b.c.d.e.f.g.h": {"i": 1}}, [5]),
+    ({"a.b.c.d.e.f.g.h.i": 1}, []), ({"x.y.z": 1}, []), ({"author.name": {"$gt": "w"}}, [7]),
+    ({"$or": [{"author.name": "Bob"}, {"lang": "en"}]}, [0, 1]), ({"author": "plain"}, [3]),
+    ({"author.name.first": "Ann"}, []), ({"author.born": {"$lt": 2000}, "lang": {"$ne": "fr"}}, [0, 1]),
+])
+def test_dotted_fields_reach_into_nested_objects(store, filter, docs):
+    """A dotted field name is a path into nested objects where no top-level key has that
+    name; through the index as by reading every document (`matches`)."""
+    store.apply([DocumentRecord(f"d{i}", "/s", "h", meta, 2, record(f"d{i}", 1, seed=i).chunks,
+                                record(f"d{i}", 1, seed=i).vectors) for i, meta in enumerate(NESTED)])
+    assert [i for i, meta in enumerate(NESTED) if matches(meta, check_filter(filter))] == docs
+    for indexed in (True, False):
+        store.meta_index = indexed
+        assert sorted(store.filter_documents(filter)) == [f"d{i}" for i in docs]
+        assert store.filter_keys(filter).tolist() == docs
+
+
+def test_metadata_index_without_paths_gets_them(tmp_path):
+    """A store whose metadata index predates dotted paths (version 1: top-level fields only)
+    gets the paths' rows on a writer's open; a reader of one filters by reading documents."""
+    Store.initialise(tmp_path, {"dim": DIM})
+    s = Store(tmp_path)
+    s.apply([DocumentRecord(f"d{i}", "/s", "h", meta, 2, record(f"d{i}", 1).chunks, record(f"d{i}", 1).vectors)
+             for i, meta in enumerate(NESTED)])
+    s.close()
+    db = sqlite3.connect(tmp_path / STORE_FILE)
+    db.executescript("DELETE FROM doc_meta WHERE field LIKE '%.%' AND field != 'author.name';"
+                     "DELETE FROM doc_meta_long WHERE field LIKE '%.%';"
+                     "DELETE FROM meta WHERE key = 'meta_index_version';")
+    db.close()
+    reader = Store(tmp_path, read_only=True)
+    assert not reader.meta_index and reader.filter_documents({"author.address.city": "Oslo"}) == ["d1"]
+    reader.close()
+    s = Store(tmp_path)
+    assert s.meta_index and s.filter_documents({"author.address.city": "Oslo"}) == ["d1"]
+    assert s.filter_documents({"author.name": {"$gt": "w"}}) == ["d7"] and s.filter_documents({"author.name": "Top"}) \
+        == ["d2"]
+    db = sqlite3.connect(tmp_path / STORE_FILE)
+    assert db.execute("SELECT count(*) FROM doc_meta WHERE field = 'author.name'").fetchone()[0] == 3  # Ann Bob Top
+    db.close()
+    s.close()
+
+
 def test_filter_keys_follow_writes(store):
     a, b = record("a", 3), record("b", 2)
     store.apply([a, DocumentRecord("b", b.source, "h", {"lang": "de"}, b.n_chars, b.chunks, b.vectors)])
