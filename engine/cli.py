@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--collection", "-c", required=True)
     add_filter_arg(s, "search only chunks of documents")
     s.add_argument("-k", type=int, default=5, help="number of results (default 5)")
+    s.add_argument("--min-cosine", type=float, default=None, metavar="X",
+                   help="leave out hits whose cosine similarity to the query is below X (in [-1, 1]; fewer than "
+                        "k may come back)")
     s.add_argument("--json", action="store_true", help="one JSON object per hit")
     s.add_argument("--mode", choices=SEARCH_MODES, default=None,
                    help="hybrid (default): dense and BM25 rankings fused; dense: HNSW only; "
@@ -461,7 +464,8 @@ def run(args: argparse.Namespace) -> int:
         if args.command == "search":
             if args.query is None:
                 raise InvalidInput("give a query, or --batch QUERIES.jsonl")
-            hits = engine.search(args.collection, args.query, args.k, mode=args.mode, filter=flag_filter(args))
+            hits = engine.search(args.collection, args.query, args.k, mode=args.mode, filter=flag_filter(args),
+                                 min_cosine=args.min_cosine)
             return print_search(hits, args, hit_to_json)
         raise AssertionError(args.command)  # argparse restricts the choices
     finally:
@@ -685,6 +689,7 @@ def parse_filter(items: list[str]) -> dict | None:
 def search_batch(engine, args: argparse.Namespace) -> int:
     """`rag search --batch`: one JSON line per query, in input order, here or on Ray actors."""
     from . import distributed
+    from .search import check_min_cosine
 
     if args.query:
         raise InvalidInput("give either a query or --batch, not both")
@@ -696,7 +701,8 @@ def search_batch(engine, args: argparse.Namespace) -> int:
     texts = [q for _, q, _ in items]
     flag = flag_filter(args)
     filters = line_filters(items, flag, args.batch)
-    options = {"k": args.k, "mode": engine.check_mode(args.mode), "filter": flag if filters is None else None}
+    options = {"k": args.k, "mode": engine.check_mode(args.mode), "filter": flag if filters is None else None,
+               "min_cosine": check_min_cosine(args.min_cosine)}
     if args.ray:
         results = distributed.map_readers(engine.config, args.collection, "search", texts, options,
                                           actors=args.ray_actors, actor_threads=args.ray_actor_threads,

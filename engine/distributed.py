@@ -359,7 +359,7 @@ def run_shard(engine, name: str, kind: str, texts: list[str], options: dict,
     from dataclasses import asdict
 
     hits = engine.search_batch(name, texts, options.get("k") or 5, mode=options.get("mode"),
-                               filter=options.get("filter"), filters=filters)
+                               filter=options.get("filter"), filters=filters, min_cosine=options.get("min_cosine"))
     return [json.dumps({"query": q, "hits": [asdict(h) for h in hs]}, ensure_ascii=False)
             for q, hs in zip(texts, hits)]
 

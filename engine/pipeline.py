@@ -29,7 +29,8 @@ from .errors import FailedPrecondition, InvalidInput
 from .ingest import IngestReport, ProgressFn
 from .rag import Answer, Answerer, AnswerStart, Source
 from .filters import check_filter
-from .search import MAX_QUERY_CHARS, Hit, Searcher, SearchResult, check_k, check_query, hit_to_json
+from .search import (MAX_QUERY_CHARS, Hit, Searcher, SearchResult, at_least, check_k, check_min_cosine, check_query,
+                     hit_to_json)
 from .store import DocumentRecord, DocumentText, StoredDocument
 
 __all__ = ["Answer", "AnswerStart", "Collection", "CollectionInfo", "DocumentText", "Engine", "Hit", "IngestReport",
@@ -312,19 +313,21 @@ class Engine:
         return self.searcher.check_mode(mode)
 
     def search(self, name: str, query: str, k: int = 5, *, filter: dict | None = None,
-               mode: str | None = None) -> list[Hit]:
-        return self.search_batch(name, [query], k, filter=filter, mode=mode)[0]
+               mode: str | None = None, min_cosine: float | None = None) -> list[Hit]:
+        return self.search_batch(name, [query], k, filter=filter, mode=mode, min_cosine=min_cosine)[0]
 
     def search_batch(self, name: str, queries: Sequence[str], k: int = 5, *,
                      filter: dict | None = None, mode: str | None = None,
-                     vectors: np.ndarray | None = None, filters: Sequence[dict | None] | None = None
-                     ) -> list[list[Hit]]:
+                     vectors: np.ndarray | None = None, filters: Sequence[dict | None] | None = None,
+                     min_cosine: float | None = None) -> list[list[Hit]]:
         """Top-k hits per query (engine/search.py): one embedding batch (unless `vectors`
         are given), one index batch search, exact rescoring, and (mode "hybrid", the
         default) fusion with a BM25 ranking of the same collection. `filters`: each
-        query's own filter (or None), to hold with `filter`."""
-        return self.searcher.search(name, queries, k, filter=filter, mode=mode, vectors=vectors,
-                                    filters=filters).hits
+        query's own filter (or None), to hold with `filter`. `min_cosine`: leave out hits
+        less similar to their query (so fewer than k may come back)."""
+        floor = check_min_cosine(min_cosine)
+        found = self.searcher.search(name, queries, k, filter=filter, mode=mode, vectors=vectors, filters=filters)
+        return [at_least(hits, floor) for hits in found.hits]
 
     # ------------------------------------------------------------------ answers
     def relevant(self, hits: Sequence[Hit]) -> list[Hit]:

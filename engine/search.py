@@ -101,6 +101,24 @@ def check_k(k) -> int:
     return int(k)
 
 
+def check_min_cosine(x) -> float | None:
+    """A search's min_cosine: None (no floor) or a number in [-1, 1]."""
+    if x is None:
+        return None
+    if isinstance(x, bool) or not isinstance(x, (int, float, np.floating)) or not -1 <= x <= 1:  # NaN fails too
+        raise InvalidInput(f"min_cosine must be a number in [-1, 1], got {x!r}")
+    return float(x)
+
+
+def at_least(hits: list[Hit], min_cosine: float | None) -> list[Hit]:
+    """`hits` whose cosine similarity to the query is at least `min_cosine` (None: all of
+    them), ranked 1, 2, ... again: fewer than k where fewer are that close."""
+    if min_cosine is None:
+        return hits
+    kept = [h for h in hits if h.cosine >= min_cosine]
+    return kept if len(kept) == len(hits) else [dataclasses.replace(h, rank=i + 1) for i, h in enumerate(kept)]
+
+
 def filter_args(filter, filters, n: int) -> dict:
     """search_open's filter arguments, checked and canonical: the one filter of every query,
     or (`filters` given) each query's own with `filter` within it."""

@@ -203,6 +203,19 @@ class RagClient:
             self._need("filter_groups", "$or / $and filters (any_of_filters)")
         return fields
 
+    def _min_cosine(self, min_cosine: float | None) -> dict:
+        """The min_cosine field, once the server is known to read it (checked here first)."""
+        if min_cosine is None:
+            return {}
+        from engine.search import check_min_cosine
+
+        floor = check_min_cosine(min_cosine)
+        if "min_cosine" not in self.features():
+            raise InvalidInput("the server does not read min_cosine (it is older than this client: GetInfo.features "
+                               "lacks 'min_cosine'), so it would return every hit; upgrade the server, or leave it "
+                               "out")
+        return {"min_cosine": floor}
+
     def _query_filters(self, filters: Sequence[dict | None] | None) -> list:
         """query_filters_pb's messages, once the server is known to read them."""
         out = query_filters_pb(filters)
@@ -312,15 +325,19 @@ class RagClient:
         return [list(v.values) for v in self.retrieve.Embed(pb.EmbedRequest(texts=texts), **self._kw()).vectors]
 
     def search(self, collection: str, query: str, k: int = 5, filter: dict | None = None,
-               timeout: float | None = None, mode: str | None = None) -> list:
-        req = pb.SearchRequest(collection=collection, query=query, top_k=k, mode=MODES[mode], **self._filter(filter))
+               timeout: float | None = None, mode: str | None = None, min_cosine: float | None = None) -> list:
+        """`min_cosine`: leave out hits less similar to the query than this (fewer than k)."""
+        req = pb.SearchRequest(collection=collection, query=query, top_k=k, mode=MODES[mode],
+                               **self._min_cosine(min_cosine), **self._filter(filter))
         return list(self.retrieve.Search(req, **self._kw(timeout)).hits)
 
     def search_batch(self, collection: str, queries: list[str], k: int = 5, filter: dict | None = None,
-                     mode: str | None = None, filters: Sequence[dict | None] | None = None) -> list:
+                     mode: str | None = None, filters: Sequence[dict | None] | None = None,
+                     min_cosine: float | None = None) -> list:
         """`filters`: each query's own filter (or None), to hold with `filter`."""
         req = pb.SearchBatchRequest(collection=collection, queries=queries, top_k=k, mode=MODES[mode],
-                                    query_filters=self._query_filters(filters), **self._filter(filter))
+                                    query_filters=self._query_filters(filters), **self._min_cosine(min_cosine),
+                                    **self._filter(filter))
         return [list(r.hits) for r in self.retrieve.SearchBatch(req, **self._kw()).results]
 
     def answer(self, collection: str, question: str, *, k: int | None = None, timeout: float | None = None,

@@ -283,7 +283,8 @@ def search(client: RagClient, args: argparse.Namespace) -> int:
         return search_batch(client, args)
     if args.query is None:
         raise InvalidInput("give a query, or --batch QUERIES.jsonl")
-    hits = client.search(args.collection, args.query, args.k, mode=args.mode, filter=flag_filter(args))
+    hits = client.search(args.collection, args.query, args.k, mode=args.mode, filter=flag_filter(args),
+                         min_cosine=args.min_cosine)
     return print_search(hits, args, lambda h: json.dumps(hit_json(h), ensure_ascii=False))
 
 
@@ -301,7 +302,7 @@ def search_batch(client: RagClient, args: argparse.Namespace) -> int:
         for i in range(0, len(items), step):
             part = items[i:i + step]
             found = client.search_batch(args.collection, [q for _, q, _ in part], args.k, mode=args.mode,
-                                        filter=flag if filters is None else None,
+                                        filter=flag if filters is None else None, min_cosine=args.min_cosine,
                                         filters=None if filters is None else filters[i:i + step])
             for (qid, q, _), hits in zip(part, found):
                 yield json.dumps({"id": qid, "query": q, "hits": [hit_json(h) for h in hits]}, ensure_ascii=False)

@@ -19,7 +19,7 @@ from engine.config import MAX_TOP_K
 from engine.errors import FailedPrecondition, InvalidInput
 from engine.plan import cpu_key
 from engine.rag import Answer, AnswerStart
-from engine.search import MAX_QUERY_CHARS
+from engine.search import MAX_QUERY_CHARS, at_least, check_min_cosine
 
 from .convert import (PB_TO_DTYPE, STATUS_TO_PB, answer_done_pb, batch_filters, check_top_k, document_metadata,
                       document_text_pb, export_messages, export_settings, hit_pb, info_pb, message_records, page_size, request_filter,
@@ -29,7 +29,7 @@ from .stubs import pb, rpc
 
 VERSION = "0.1.0"
 # GetInfoResponse.features: request fields older servers ignore, which clients check for.
-FEATURES = ["filter_groups", "query_filters", "metadata_json"]
+FEATURES = ["filter_groups", "query_filters", "metadata_json", "min_cosine"]
 
 
 def guarded(fn):
@@ -275,10 +275,11 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
     @guarded
     def Search(self, request, context):
         t0 = time.perf_counter_ns()
+        floor = check_min_cosine(request.min_cosine if request.HasField("min_cosine") else None)
         hits, queue_ns, embed_ns, search_ns = self.batcher.search(
             request.collection, request.query, check_top_k(request.top_k), request_filter(request),
             search_mode(request.mode))
-        return pb.SearchResponse(hits=[hit_pb(h) for h in hits],
+        return pb.SearchResponse(hits=[hit_pb(h) for h in at_least(hits, floor)],
                                  timings=pb.Timings(queue_time_ns=max(queue_ns, 0), embed_time_ns=embed_ns,
                                                     search_time_ns=search_ns,
                                                     total_time_ns=time.perf_counter_ns() - t0))
@@ -287,12 +288,14 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
     def SearchBatch(self, request, context):
         queries = list(request.queries)
         self._check_batch(len(queries), "queries")
+        floor = check_min_cosine(request.min_cosine if request.HasField("min_cosine") else None)
         t0 = time.perf_counter_ns()
         found = self.engine.searcher.search(request.collection, queries, check_top_k(request.top_k),
                                             filter=request_filter(request), mode=search_mode(request.mode),
                                             filters=batch_filters(request, "query_filters", len(queries),
                                                                   ("query", "queries")))
-        return pb.SearchBatchResponse(results=[pb.HitList(hits=[hit_pb(h) for h in hits]) for hits in found.hits],
+        return pb.SearchBatchResponse(results=[pb.HitList(hits=[hit_pb(h) for h in at_least(hits, floor)])
+                                               for hits in found.hits],
                                       timings=pb.Timings(embed_time_ns=found.embed_ns, search_time_ns=found.search_ns,
                                                          total_time_ns=time.perf_counter_ns() - t0))
 

@@ -298,6 +298,10 @@ CASES = [
                              .SerializeToString()), NOT_FOUND, "'nope' does not exist"),
     case("copy-bad-name", raw("CopyCollection", pb.CopyCollectionRequest(name="docs", new_name="bad name")
                               .SerializeToString()), INVALID, "collection name 'bad name' is invalid"),
+    case("search-min-cosine-above-one", search(min_cosine=1.5), INVALID, r"min_cosine must be a number in \[-1, 1\]"),
+    case("search-min-cosine-nan", search(min_cosine=math.nan), INVALID, "min_cosine .* got nan"),
+    case("search-batch-min-cosine-below", raw("SearchBatch", pb.SearchBatchRequest(
+        collection="docs", queries=["green tea"], top_k=3, min_cosine=-3).SerializeToString()), INVALID, "got -3"),
     case("get-no-ids", raw("GetDocuments", pb.GetDocumentsRequest(collection="docs").SerializeToString()),
          INVALID, "give 1 to 1000 document ids, got 0"),
     case("get-too-many-ids", raw("GetDocuments", pb.GetDocumentsRequest(

@@ -658,3 +658,25 @@ def test_filters_reach_nested_metadata_by_dotted_paths(engine):
     assert [d.doc_id for d in engine.list_documents("c", filter={"author.name": {"$ne": "Ann"}})[0]] == ["t1", "t2"]
     assert engine.delete_documents("c", filter={"author.name": "Cy"}) == 1
     assert [d.doc_id for d in engine.list_documents("c")[0]] == ["t0", "t1"]
+
+
+def test_min_cosine_leaves_out_hits_less_similar_than_it(engine, corpus):
+    engine.create_collection("c")
+    engine.ingest_paths("c", [corpus])
+    q = "What temperature should green tea be brewed at?"
+    for mode in ("exact", "dense", "hybrid"):
+        every = engine.search("c", q, 8, mode=mode)
+        floor = (every[1].cosine + every[-1].cosine) / 2  # between the second hit's and the last's
+        got = engine.search("c", q, 8, mode=mode, min_cosine=floor)
+        want = [h for h in every if h.cosine >= floor]
+        assert 2 <= len(got) < len(every) and [(h.doc_id, h.ordinal) for h in got] == [(h.doc_id, h.ordinal)
+                                                                                      for h in want]
+        assert [h.rank for h in got] == list(range(1, len(got) + 1)) and all(h.cosine >= floor for h in got)
+        assert engine.search("c", q, 8, mode=mode, min_cosine=-1) == every
+        first, second = engine.search_batch("c", [q, "kettle"], 8, mode=mode, min_cosine=floor)
+        assert [(h.doc_id, h.rank) for h in first] == [(h.doc_id, h.rank) for h in got]  # scores: batch float noise
+        assert all(h.cosine >= floor for h in second) and [h.rank for h in second] == list(range(1, len(second) + 1))
+    assert engine.search("c", q, 3, min_cosine=1.0) == []
+    for bad in (1.5, -2, float("nan"), "0.5", True):
+        with pytest.raises(InvalidInput, match="min_cosine must be a number in \\[-1, 1\\]"):
+            engine.search("c", q, 3, min_cosine=bad)

@@ -98,7 +98,8 @@ def test_ingest_documents_search_delete_equal_a_local_run(served, tmp_path, caps
     assert [{k: c[k] for k in keep} for c in map(json.loads, theirs.splitlines())] == \
            [{k: c[k] for k in keep} for c in map(json.loads, mine.splitlines())]
 
-    for args in (["how do zebras sleep", "-k", 3], ["night", "-k", 4, "--filter", "year<2022", "--mode", "dense"]):
+    for args in (["how do zebras sleep", "-k", 3], ["night", "-k", 4, "--filter", "year<2022", "--mode", "dense"],
+                 ["how do zebras sleep", "-k", 6, "--min-cosine", 0.2]):
         _, mine, _ = rag(capsys, *local, "search", *args, "-c", "zoo", "--json")
         _, theirs, _ = rag(capsys, "search", *args, "-c", "zoo", "--json", *there)
         mine = [without(json.loads(h), "key", "score", "cosine") for h in mine.splitlines()]
@@ -239,7 +240,7 @@ def test_collections_create_drop_info_over_the_server(served, capsys):
     code, out, _ = rag(capsys, "info", "--json", *there)
     info = json.loads(out)
     assert code == 0 and info["embedding_model"] == "all-MiniLM-L6-v2" and info["max_batch"] > 0
-    assert set(info["features"]) == {"filter_groups", "query_filters", "metadata_json"}
+    assert set(info["features"]) == {"filter_groups", "query_filters", "metadata_json", "min_cosine"}
     code, out, _ = rag(capsys, "info", *there)
     assert code == 0 and "embedding_model: all-MiniLM-L6-v2" in out
 
@@ -280,8 +281,10 @@ def test_client_refuses_filters_an_older_server_would_drop(served):
     typed metadata goes as the string map it reads."""
     engine, address, _ = served
     with RagClient(address, timeout=120) as client:
-        assert client.features() == {"filter_groups", "query_filters", "metadata_json"}
+        assert client.features() == {"filter_groups", "query_filters", "metadata_json", "min_cosine"}
         client._features = frozenset()  # what a server older than these fields answers
+        with pytest.raises(InvalidInput, match="does not read min_cosine"):
+            client.search("zoo", "tea", 2, min_cosine=0.2)
         with pytest.raises(InvalidInput, match="does not read \\$or / \\$and filters"):
             client.search("zoo", "tea", 2, filter={"$or": [{"lang": "fr"}, {"lang": "en"}]})
         with pytest.raises(InvalidInput, match="does not read per-query filters"):
