@@ -7,7 +7,8 @@ keep the source files and ingest them again (or to stop the writer and copy the 
 
 Corpus: SQuAD v1.1 dev paragraphs, one Document each (2,067 by default), ingested into a
 collection. Then, in the same process on the same documents:
-  ours      Engine.copy_collection into another data dir (a backup)
+  ours      Engine.copy_collection into another data dir (a backup); and `rag export`'s
+            backup file written, then `rag import`ed into a new collection
   baseline  Engine.ingest of the same Document objects into a new collection (a rebuild:
             parse done, chunking and embedding not)
 Printed: seconds and chunks/s each, the ratio baseline / ours, and whether the two hold the
@@ -52,6 +53,8 @@ def run(args: argparse.Namespace) -> None:
     from engine.config import Config
     from engine.documents import Document
     from engine.pipeline import Engine
+    from server import backup as backup_file
+    from server.convert import export_messages
 
     docs = [Document(f"p{i}", p["text"], p["title"], {"title": p["title"]})
             for i, p in enumerate(squad_paragraphs(SQUAD, args.paragraphs))]
@@ -66,20 +69,33 @@ def run(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         engine.copy_collection("src", "backup", data_dir=Path(tmp) / "backup")
         results["ours"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        size = backup_file.write(Path(tmp) / "src.rag", export_messages(*engine.export_collection("src")))
+        results["ours export to a file"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        engine.import_collection("from-file", *backup_file.read(Path(tmp) / "src.rag"))
+        results["ours import the file"] = time.perf_counter() - t0
+        print(f"backup file: {size / 1e6:.1f} MB", flush=True)
         engine.create_collection("rebuilt")
         t0 = time.perf_counter()
         engine.ingest("rebuilt", docs)
         results["baseline"] = time.perf_counter() - t0
         for system, seconds in results.items():
-            what = "copy_collection (a backup)" if system == "ours" else "ingest again (a rebuild)"
-            print(f"{system:8s} {what:28s} {seconds:7.2f} s  {chunks / seconds:9.0f} chunks/s", flush=True)
+            what = {"ours": "copy_collection (a backup)", "baseline": "ingest again (a rebuild)"}.get(system, "")
+            print(f"{system:22s} {what:28s} {seconds:7.2f} s  {chunks / seconds:9.0f} chunks/s", flush=True)
             log_jsonl("copy_collection", {"system": system, "seconds": seconds, "documents": len(docs),
                                           "chunks": chunks, "cpu": cpu})
         print(f"ours {results['baseline'] / results['ours']:.1f}x faster than rebuilding", flush=True)
+        trip = results["ours export to a file"] + results["ours import the file"]
+        print(f"ours through a file (export, then import: {trip:.2f} s) {results['baseline'] / trip:.1f}x faster "
+              "than rebuilding", flush=True)
         backup = Engine(Config(data_dir=Path(tmp) / "backup"), embedder=engine.embedder)
         src, copy = vectors_by_chunk(engine, "src"), vectors_by_chunk(backup, "backup")
         same = src.keys() == copy.keys() and all(np.array_equal(src[c], copy[c]) for c in src)
         print(f"the backup holds the source's {len(src)} chunks with the same vectors: {same}")
+        got = vectors_by_chunk(engine, "from-file")
+        same = src.keys() == got.keys() and all(np.array_equal(src[c], got[c]) for c in src)
+        print(f"the collection imported from the file holds them with the same vectors: {same}")
         if args.grpc:
             over_grpc(engine, docs, chunks, backup, Path(tmp), cpu, src)
         backup.close()

@@ -14,6 +14,7 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .config import (DEFAULT_CONTEXT_BUDGET_TOKENS, DEFAULT_FUSION_ALPHA, DEFAULT_GEN_MODEL, EMBED_VARIANTS, FUSIONS, GEN_PREFILL_VARIANTS,
@@ -225,6 +226,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", "-q", action="store_true", help="no progress line")
     add_server_args(s, "copy in the server's data dir, or with --to / --from between it and this machine")
 
+    s = sub.add_parser("export", help="write a collection as it is now to one backup file (documents, chunks, "
+                                      "vectors, settings; FILE.gz compressed)")
+    s.add_argument("name")
+    s.add_argument("file", metavar="FILE")
+    s.add_argument("--quiet", "-q", action="store_true", help="no progress line")
+    add_server_args(s, "export the server's collection to a file here")
+
+    s = sub.add_parser("import", help="make a new collection from a backup file `rag export` wrote (nothing "
+                                      "embedded again)")
+    s.add_argument("file", metavar="FILE")
+    s.add_argument("name")
+    s.add_argument("--quiet", "-q", action="store_true", help="no progress line")
+    add_server_args(s, "import a file here into a collection of the server")
+
     s = sub.add_parser("documents", help="list a collection's documents (ids, sources, metadata, sizes)")
     s.add_argument("--collection", "-c", required=True)
     add_filter_arg(s, "list only documents")
@@ -272,7 +287,7 @@ def snippet(text: str, width: int = 160) -> str:
     return flat if len(flat) <= width else flat[:width - 1] + "…"
 
 
-READ_COMMANDS = ("search", "ask", "collections", "info", "documents", "get", "copy")  # copy writes only its new collection
+READ_COMMANDS = ("search", "ask", "collections", "info", "documents", "get", "copy", "export")  # copy writes only its new collection
 
 
 STDIN_TYPES = {"jsonl": "application/jsonl", "txt": "text/plain", "md": "text/markdown", "html": "text/html",
@@ -342,6 +357,30 @@ def copied_line(args: argparse.Namespace, documents: int, chunks: int, seconds: 
     (a data dir, a server), when not here."""
     return (f"copied {args.name}{f' from {source}' if source else ''} to {args.new_name}"
             f"{f' in {dest}' if dest else ''} ({documents} documents, {chunks} chunks) in {seconds:.1f}s")
+
+
+def exported_line(args: argparse.Namespace, documents: int, chunks: int, size: int, seconds: float) -> str:
+    return (f"exported {args.name} to {args.file} ({documents} documents, {chunks} chunks, {size / 1e6:.1f} MB) "
+            f"in {seconds:.1f}s")
+
+
+def imported_line(args: argparse.Namespace, documents: int, chunks: int, seconds: float) -> str:
+    return f"imported {args.file} as {args.name} ({documents} documents, {chunks} chunks) in {seconds:.1f}s"
+
+
+class Counted:
+    """Batches of DocumentRecords passed through as they are, counting their documents and
+    chunks (and showing them on `progress`)."""
+
+    def __init__(self, batches: Iterable, progress: Progress) -> None:
+        self.batches, self.progress, self.documents, self.chunks = batches, progress, 0, 0
+
+    def __iter__(self) -> Iterator:
+        for batch in self.batches:
+            yield batch
+            self.documents += len(batch)
+            self.chunks += sum(len(r.chunks) for r in batch)
+            self.progress(self.documents, self.chunks)
 
 
 def delete_filter(args: argparse.Namespace) -> dict | None:
@@ -427,6 +466,27 @@ def run(args: argparse.Namespace) -> int:
                                           progress=bar)
             bar.done()
             print(copied_line(args, info.documents, info.chunks, time.perf_counter() - t0, args.from_dir, args.to))
+            return 0
+        if args.command == "export":
+            from server import backup
+
+            from server.convert import export_messages
+
+            bar = Progress(f"export {args.name}", enabled=not args.quiet and sys.stderr.isatty())
+            t0 = time.perf_counter()
+            settings, batches = engine.export_collection(args.name)
+            size = backup.write(args.file, export_messages(settings, records := Counted(batches, bar)))
+            bar.done()
+            print(exported_line(args, records.documents, records.chunks, size, time.perf_counter() - t0))
+            return 0
+        if args.command == "import":
+            from server import backup
+
+            bar = Progress(f"import {args.file}", enabled=not args.quiet and sys.stderr.isatty())
+            t0 = time.perf_counter()
+            info = engine.import_collection(args.name, *backup.read(args.file), progress=bar)
+            bar.done()
+            print(imported_line(args, info.documents, info.chunks, time.perf_counter() - t0))
             return 0
         if args.command == "documents":
             def page(filt, after):

@@ -255,13 +255,19 @@ class RagClient:
         to build here (Collections.receive) or to send to another server (import_collection)."""
         from .convert import export_settings, message_records
 
+        stream = self.export_messages(name, timeout)
+        first = next(stream)
+        settings = export_settings(first)
+        return settings, message_records(itertools.chain([first], stream), settings.get("dim"))
+
+    def export_messages(self, name: str, timeout: float | None = None) -> Iterator["pb.ExportCollectionResponse"]:
+        """ExportCollection's messages as they come (a backup file holds them as they are)."""
         stream = self.collections.ExportCollection(pb.ExportCollectionRequest(name=name), **self._kw(timeout))
         try:
             first = next(stream)
         except grpc.RpcError as e:
             raise older_server(e, "ExportCollection") from None
-        settings = export_settings(first)
-        return settings, message_records(itertools.chain([first], stream), settings.get("dim"))
+        return itertools.chain([first], stream)
 
     def import_collection(self, name: str, settings: dict, batches: Iterable[Sequence], timeout: float | None = None
                           ) -> "pb.CollectionInfo":
@@ -270,11 +276,18 @@ class RagClient:
         Engine.export_collection's), streamed in messages of about 1 MiB."""
         from .convert import export_messages
 
+        return self.import_messages(name, export_messages(settings, batches), timeout)
+
+    def import_messages(self, name: str, messages: Iterable["pb.ExportCollectionResponse"],
+                        timeout: float | None = None) -> "pb.CollectionInfo":
+        """Make collection `name` from an export's messages as they are (a backup file's).
+        An error raised while `messages` are read is raised here, after the call (which the
+        stream cut short has made fail, the server making nothing)."""
         failed: list[BaseException] = []
 
         def requests():
             try:
-                for i, part in enumerate(export_messages(settings, batches)):
+                for i, part in enumerate(messages):
                     yield pb.ImportCollectionRequest(name=name if i == 0 else "", part=part)
             except Exception as e:  # noqa: BLE001 - raised below, after the call: the stream ends
                 failed.append(e)   # without its last message, so the server makes nothing

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import grpc
 
-from engine.cli import (Progress, copied_line, created_line, delete_filter, deleted_line, flag_filter,
-                        ingest_documents, line_filters, make_config, print_answer_footer, print_collections,
+from engine.cli import (Counted, Progress, copied_line, created_line, delete_filter, deleted_line, exported_line,
+                        flag_filter, imported_line, ingest_documents, line_filters, make_config, print_answer_footer,
+                        print_collections,
                         print_documents, print_ingest, print_search, print_texts, read_questions, write_lines)
 from engine.collection import Collections
 from engine.documents import Document, Failure, check_document_size
@@ -31,6 +32,7 @@ from engine.ingest import IngestReport
 from engine.pipeline import Engine
 from engine.support import source_label
 
+from . import backup
 from .client import RagClient
 from .convert import FINISH_TO_PB, PB_TO_DTYPE
 from .stubs import pb
@@ -130,7 +132,7 @@ def copy(client: RagClient, args: argparse.Namespace) -> int:
         engine = Engine(make_config(args).replace(data_dir=Path(args.from_dir), read_only=True))
         try:
             settings, batches = engine.export_collection(args.name)
-            info = client.import_collection(args.new_name, settings, counted(batches, bar))
+            info = client.import_collection(args.new_name, settings, Counted(batches, bar))
         finally:
             engine.close()
         documents, chunks, source, dest = info.documents, info.chunks, args.from_dir, args.server
@@ -142,13 +144,33 @@ def copy(client: RagClient, args: argparse.Namespace) -> int:
     return 0
 
 
-def counted(batches, progress) -> Iterator:
-    """`batches` as they are, calling progress(documents so far) after each."""
-    done = 0
-    for batch in batches:
-        yield batch
-        done += len(batch)
-        progress(done)
+
+
+def export(client: RagClient, args: argparse.Namespace) -> int:
+    """The server's collection into a backup file here: ExportCollection's messages as they come."""
+    bar = Progress(f"export {args.name}", enabled=not args.quiet and sys.stderr.isatty())
+    t0 = time.perf_counter()
+    n = {"documents": 0, "chunks": 0}
+
+    def counted():
+        for m in client.export_messages(args.name):
+            n["documents"] += sum(not r.continued for r in m.documents)
+            n["chunks"] += sum(len(r.chunks) for r in m.documents)
+            bar(n["documents"], n["chunks"])
+            yield m
+    size = backup.write(args.file, counted())
+    bar.done()
+    print(exported_line(args, n["documents"], n["chunks"], size, time.perf_counter() - t0))
+    return 0
+
+
+def import_(client: RagClient, args: argparse.Namespace) -> int:
+    """A backup file here into a new collection of the server (ImportCollection), which
+    checks every record."""
+    t0 = time.perf_counter()
+    info = client.import_messages(args.name, backup.opened(args.file)[1])
+    print(imported_line(args, info.documents, info.chunks, time.perf_counter() - t0))
+    return 0
 
 
 def info(client: RagClient, args: argparse.Namespace) -> int:
@@ -378,4 +400,5 @@ def ask_batch(client: RagClient, args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"ingest": ingest, "search": search, "ask": ask, "documents": documents, "get": get, "delete": delete,
-            "collections": collections, "create": create, "drop": drop, "copy": copy, "info": info}
+            "collections": collections, "create": create, "drop": drop, "copy": copy, "export": export,
+            "import": import_, "info": info}
