@@ -287,7 +287,9 @@ def snippet(text: str, width: int = 160) -> str:
     return flat if len(flat) <= width else flat[:width - 1] + "…"
 
 
-READ_COMMANDS = ("search", "ask", "collections", "info", "documents", "get", "copy", "export")  # copy writes only its new collection
+# Commands that read their collections (copy and export: their source; copy writes only
+# its new collection).
+READ_COMMANDS = ("search", "ask", "collections", "info", "documents", "get", "copy", "export")
 
 
 STDIN_TYPES = {"jsonl": "application/jsonl", "txt": "text/plain", "md": "text/markdown", "html": "text/html",
@@ -469,7 +471,6 @@ def run(args: argparse.Namespace) -> int:
             return 0
         if args.command == "export":
             from server import backup
-
             from server.convert import export_messages
 
             bar = Progress(f"export {args.name}", enabled=not args.quiet and sys.stderr.isatty())
@@ -681,7 +682,7 @@ def print_texts(docs: list[dict], missing: list[str], args: argparse.Namespace) 
             print(json.dumps(d, ensure_ascii=False))
             continue
         note = "" if d["text_exact"] else " (text rebuilt from its chunks; whitespace between them guessed)"
-        print(f"== {d['doc_id']}	{d['source']}	{d['n_chars']} chars	{d['n_chunks']} chunks	"
+        print(f"== {d['doc_id']}\t{d['source']}\t{d['n_chars']} chars\t{d['n_chunks']} chunks\t"
               f"{json.dumps(d['metadata'], ensure_ascii=False, sort_keys=True)}{note}")
         print(d["text"].rstrip("\n"))
     for doc_id in missing:

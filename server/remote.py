@@ -23,8 +23,8 @@ import grpc
 
 from engine.cli import (Counted, Progress, copied_line, created_line, delete_filter, deleted_line, exported_line,
                         flag_filter, imported_line, ingest_documents, line_filters, make_config, print_answer_footer,
-                        print_collections,
-                        print_documents, print_ingest, print_search, print_texts, read_questions, write_lines)
+                        print_collections, print_documents, print_ingest, print_search, print_texts, read_questions,
+                        write_lines)
 from engine.collection import Collections
 from engine.documents import Document, Failure, check_document_size
 from engine.errors import InvalidInput
@@ -142,8 +142,6 @@ def copy(client: RagClient, args: argparse.Namespace) -> int:
     bar.done()
     print(copied_line(args, documents, chunks, time.perf_counter() - t0, source, dest))
     return 0
-
-
 
 
 def export(client: RagClient, args: argparse.Namespace) -> int:

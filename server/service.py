@@ -22,8 +22,8 @@ from engine.rag import Answer, AnswerStart
 from engine.search import MAX_QUERY_CHARS, at_least, check_min_cosine
 
 from .convert import (PB_TO_DTYPE, STATUS_TO_PB, answer_done_pb, batch_filters, check_top_k, document_metadata,
-                      document_text_pb, export_messages, export_settings, hit_pb, info_pb, message_records, page_size, request_filter,
-                      sampling_params, search_mode, sources_pb, stored_document_pb)
+                      document_text_pb, export_messages, export_settings, hit_pb, info_pb, message_records, page_size,
+                      request_filter, sampling_params, search_mode, sources_pb, stored_document_pb)
 from .errors import abort
 from .stubs import pb, rpc
 

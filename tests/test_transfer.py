@@ -214,7 +214,8 @@ def test_backup_off_a_server_and_restore_onto_one(served, engine, tmp_path, caps
     assert out.startswith(f"copied c from {address} to kept in {backup} (10 documents, ")
     mine = Engine(engine.config.replace(data_dir=backup), embedder=engine.embedder)
     try:
-        assert state(mine, "kept") == state(srv_engine, "c") and settings_of(mine, "kept") == settings_of(srv_engine, "c")
+        assert state(mine, "kept") == state(srv_engine, "c")
+        assert settings_of(mine, "kept") == settings_of(srv_engine, "c")
         assert hits(mine, "kept") == hits(srv_engine, "c")
     finally:
         mine.close()
@@ -278,7 +279,8 @@ def test_import_over_grpc_refuses_bad_streams_and_makes_nothing(served, engine):
          "settings_json is not valid JSON"),
         ([*good[:-1], without_total()], "ended without its last message"),
         ([*good, pb.ImportCollectionRequest(part=last)], "a message came after the export's last one"),
-        ([*good[:2], good[-1]], r"the export holds 10 documents but \d+ came|ended inside document|was marked continued"),
+        ([*good[:2], good[-1]],
+         r"the export holds 10 documents but \d+ came|ended inside document|was marked continued"),
         ([good[0], wrong_vectors(), *good[2:]], "bytes of vectors for"),
         ([*good[:1], pb.ImportCollectionRequest(name="other", part=good[1].part), *good[2:]],
          "all messages of one ImportCollection name 'copy'"),
@@ -421,7 +423,8 @@ def test_backup_files_here_and_through_a_server(served, engine, tmp_path, capsys
     assert code == 0 and out.startswith(f"exported c to {plain} (10 documents, "), err
     code, out, err = rag(capsys, *here, "import", plain, "local", "-q")
     assert code == 0 and out.startswith(f"imported {plain} as local (10 documents, "), err
-    assert state(engine, "local") == state(srv_engine, "c") and settings_of(engine, "local") == settings_of(srv_engine, "c")
+    assert state(engine, "local") == state(srv_engine, "c")
+    assert settings_of(engine, "local") == settings_of(srv_engine, "c")
     code, _, err = rag(capsys, *here, "export", "local", packed, "-q")
     assert code == 0, err
     assert packed.read_bytes()[:2] == b"\x1f\x8b" and packed.stat().st_size < plain.stat().st_size
@@ -437,7 +440,8 @@ def test_backup_files_here_and_through_a_server(served, engine, tmp_path, capsys
     damaged = {
         "cut.rag": (data[:len(data) // 2], r"cut short or damaged at byte \d+: a message of \d+ bytes ends early"),
         "other.rag": (b"PK\x03\x04" + data[4:], "is not a backup file `rag export` wrote"),
-        "huge.rag": (data[:11] + b"\xff\xff\xff\xff\x7f" + data[11:], "a message of 34359738367 bytes is past any size"),
+        "huge.rag": (data[:11] + b"\xff\xff\xff\xff\x7f" + data[11:],
+                     "a message of 34359738367 bytes is past any size"),
         "empty.rag": (data[:11], "holds no export"),
         "cut.rag.gz": (packed.read_bytes()[:200], "damaged at byte|cut short"),
     }
