@@ -345,19 +345,26 @@ def test_old_store_gets_metadata_index(tmp_path):
     s.close()
 
 
+def stored_then(folder, metadata: list[dict], sql: str) -> None:
+    """A store at `folder` of one-chunk documents d0, d1, ... with these metadata, closed,
+    then changed by `sql` (what an older version's index looks like)."""
+    Store.initialise(folder, {"dim": DIM})
+    s = Store(folder)
+    s.apply([DocumentRecord(f"d{i}", "/s", "h", meta, 10, record(f"d{i}", 1).chunks, record(f"d{i}", 1).vectors)
+             for i, meta in enumerate(metadata)])
+    s.close()
+    db = sqlite3.connect(folder / STORE_FILE)
+    db.executescript(sql)
+    db.close()
+
+
 def test_metadata_index_without_numbers_is_rebuilt(tmp_path):
     """A store whose metadata index predates ranges (no numbers, no long-value table) is
     rebuilt on a writer's open; a reader of one filters by reading the documents."""
-    Store.initialise(tmp_path, {"dim": DIM})
-    s = Store(tmp_path)
-    s.apply([DocumentRecord(f"d{i}", "/s", "h", {"year": 2019 + i, "t": "w" * (250 + 10 * i)}, 10,
-                            record(f"d{i}", 1).chunks, record(f"d{i}", 1).vectors) for i in range(3)])
-    s.close()
-    db = sqlite3.connect(tmp_path / STORE_FILE)
-    db.executescript("DROP TABLE doc_meta; DROP TABLE doc_meta_long; CREATE TABLE doc_meta (field TEXT NOT NULL, "
-                     "value TEXT NOT NULL, doc_id TEXT NOT NULL, PRIMARY KEY (field, value, doc_id)) WITHOUT ROWID;"
-                     "INSERT INTO doc_meta VALUES ('year', '2019', 'd0');")
-    db.close()
+    stored_then(tmp_path, [{"year": 2019 + i, "t": "w" * (250 + 10 * i)} for i in range(3)],
+                "DROP TABLE doc_meta; DROP TABLE doc_meta_long; CREATE TABLE doc_meta (field TEXT NOT NULL, "
+                "value TEXT NOT NULL, doc_id TEXT NOT NULL, PRIMARY KEY (field, value, doc_id)) WITHOUT ROWID;"
+                "INSERT INTO doc_meta VALUES ('year', '2019', 'd0');")
     reader = Store(tmp_path, read_only=True)
     assert not reader.meta_index and reader.filter_documents({"year": {"$gte": 2020}}) == ["d1", "d2"]
     reader.close()
@@ -406,16 +413,9 @@ def test_dotted_fields_reach_into_nested_objects(store, filter, docs):
 def test_metadata_index_without_paths_gets_them(tmp_path):
     """A store whose metadata index predates dotted paths (version 1: top-level fields only)
     gets the paths' rows on a writer's open; a reader of one filters by reading documents."""
-    Store.initialise(tmp_path, {"dim": DIM})
-    s = Store(tmp_path)
-    s.apply([DocumentRecord(f"d{i}", "/s", "h", meta, 2, record(f"d{i}", 1).chunks, record(f"d{i}", 1).vectors)
-             for i, meta in enumerate(NESTED)])
-    s.close()
-    db = sqlite3.connect(tmp_path / STORE_FILE)
-    db.executescript("DELETE FROM doc_meta WHERE field LIKE '%.%' AND field != 'author.name';"
-                     "DELETE FROM doc_meta_long WHERE field LIKE '%.%';"
-                     "DELETE FROM meta WHERE key = 'meta_index_version';")
-    db.close()
+    stored_then(tmp_path, NESTED, "DELETE FROM doc_meta WHERE field LIKE '%.%' AND field != 'author.name';"
+                                  "DELETE FROM doc_meta_long WHERE field LIKE '%.%';"
+                                  "DELETE FROM meta WHERE key = 'meta_index_version';")
     reader = Store(tmp_path, read_only=True)
     assert not reader.meta_index and reader.filter_documents({"author.address.city": "Oslo"}) == ["d1"]
     reader.close()
