@@ -148,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--collection", "-c", required=True)
     add_filter_arg(s, "answer from only chunks of documents")
     s.add_argument("-k", type=int, default=None, help="chunks to retrieve (as many as fit are used)")
+    s.add_argument("--min-cosine", type=float, default=None, metavar="X",
+                   help="show the generator only passages whose cosine similarity to the question is at least X "
+                        "(in [-1, 1]; default 0.2: config answer_min_score); none left: no answer (no_context)")
     s.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     s.add_argument("--batch", metavar="QUESTIONS.jsonl",
                    help='answer many questions: one JSON per line, {"question": ..., "id": ...} or a string')
@@ -793,18 +796,21 @@ def ask(engine, args: argparse.Namespace) -> int:
         flag = flag if filters is None else None  # else within each line's
         if args.ray:
             from . import distributed
+            from .search import check_min_cosine
 
             for i, q in enumerate(texts):
                 engine.check_query(q, i)
             engine.describe(args.collection)  # NotFound here, not in a worker
             results = list(distributed.map_readers(engine.config, args.collection, "answer", texts,
-                                                   {"k": args.k, "params": params, "filter": flag},
+                                                   {"k": args.k, "params": params, "filter": flag,
+                                                    "min_cosine": check_min_cosine(args.min_cosine)},
                                                    actors=args.ray_actors, actor_threads=args.ray_actor_threads,
                                                    progress=bar, filters=filters))
         else:
             results = [json.dumps(a.to_json(), ensure_ascii=False)
                        for a in engine.answer_batch(args.collection, texts, k=args.k, params=params,
-                                                    filter=flag, progress=bar, filters=filters)]
+                                                    filter=flag, progress=bar, filters=filters,
+                                                    min_cosine=args.min_cosine)]
         bar.done()
         write_lines(args.out, (json.dumps({"id": qid, **json.loads(r)}, ensure_ascii=False)
                                for (qid, _, _), r in zip(items, results)))
@@ -813,7 +819,7 @@ def ask(engine, args: argparse.Namespace) -> int:
         raise InvalidInput("give a question, or --batch QUESTIONS.jsonl")
     final = None
     for ev in engine.answer_stream(args.collection, args.question, k=args.k, params=params,
-                                   filter=flag_filter(args)):
+                                   filter=flag_filter(args), min_cosine=args.min_cosine):
         if isinstance(ev, Answer):
             final = ev
         elif isinstance(ev, AnswerStart):

@@ -354,7 +354,8 @@ def run_shard(engine, name: str, kind: str, texts: list[str], options: dict,
     `filters`: each input's own metadata filter (or None), with options["filter"]."""
     if kind == "answer":
         answers = engine.answer_batch(name, texts, k=options.get("k"), params=options.get("params"),
-                                      filter=options.get("filter"), filters=filters)
+                                      filter=options.get("filter"), filters=filters,
+                                      min_cosine=options.get("min_cosine"))
         return [json.dumps(a.to_json(), ensure_ascii=False) for a in answers]
     from dataclasses import asdict
 

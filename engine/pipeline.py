@@ -339,12 +339,14 @@ class Engine:
 
     def answer_stream(self, name: str, question: str, *, k: int | None = None, params=None,
                       filter: dict | None = None, cancelled: Callable[[], bool] | None = None,
-                      deadline: float | None = None):
+                      deadline: float | None = None, min_cosine: float | None = None):
         """Yields AnswerStart (sources), then text deltas (str), then the final Answer.
         `filter`: retrieve only chunks whose metadata matches (as search). `deadline`
-        (time.monotonic()) and `cancelled()` stop generation at the next step."""
+        (time.monotonic()) and `cancelled()` stop generation at the next step. `min_cosine`:
+        passages less similar to the question are not shown to the generator (default
+        config.answer_min_score; none left: the answer finishes no_context)."""
         return self.answerer.stream(name, question, k=k, params=params, filter=filter, cancelled=cancelled,
-                                    deadline=deadline)
+                                    deadline=deadline, min_cosine=min_cosine)
 
     def answer(self, name: str, question: str, **kw) -> Answer:
         *_, final = self.answer_stream(name, question, **kw)
@@ -352,9 +354,10 @@ class Engine:
 
     def answer_batch(self, name: str, questions: Sequence[str], *, k: int | None = None, params=None,
                      filter: dict | None = None, progress: Callable[[int], None] | None = None,
-                     filters: Sequence[dict | None] | None = None) -> list[Answer]:
+                     filters: Sequence[dict | None] | None = None, min_cosine: float | None = None) -> list[Answer]:
         """Answers for many questions, batched by the scheduler (up to
         config.max_concurrent_generations rows at a time); results in input order.
-        `filters`: each question's own filter for its retrieval (or None), with `filter`."""
+        `filters`: each question's own filter for its retrieval (or None), with `filter`.
+        `min_cosine`: as answer_stream's."""
         return self.answerer.batch(name, questions, k=k, params=params, filter=filter, progress=progress,
-                                   filters=filters)
+                                   filters=filters, min_cosine=min_cosine)

@@ -18,7 +18,7 @@ import numpy as np
 
 from .config import NO_ANSWER, Config
 from .errors import FailedPrecondition, InvalidInput, Overloaded
-from .search import Hit, Searcher, check_k, check_queries, filter_args
+from .search import Hit, Searcher, check_k, check_min_cosine, check_queries, filter_args
 from .support import Supporter, copied_header, degenerate, may_become_degenerate, source_label, without_header
 
 CITATION = re.compile(r"\[(\d{1,3})\]")
@@ -107,23 +107,25 @@ class Answerer:
                                     {"role": "user", "content": user}])
         return f"{self.config.system_prompt}\n\n{user}\nAnswer:"
 
-    def relevant(self, hits: Sequence[Hit]) -> list[Hit]:
-        """Hits good enough to show the generator, by cosine similarity (DEFAULT_ANSWER_MIN_SCORE)."""
+    def relevant(self, hits: Sequence[Hit], min_cosine: float | None = None) -> list[Hit]:
+        """Hits good enough to show the generator, by cosine similarity: at least `min_cosine`
+        (a request's), else config.answer_min_score (DEFAULT_ANSWER_MIN_SCORE)."""
         if not hits:
             return []
-        floor = self.config.answer_min_score
+        floor = self.config.answer_min_score if min_cosine is None else min_cosine
         if self.config.answer_min_relative > 0:  # hybrid order need not put the best cosine first
             floor = max(floor, max(h.cosine for h in hits) * self.config.answer_min_relative)
         return [h for h in hits if h.cosine >= floor]
 
     def build_prompt(self, question: str, hits: Sequence[Hit], max_new_tokens: int, *,
-                     strict: bool = False, vector: np.ndarray | None = None) -> tuple[list[int], list[Source]]:
+                     strict: bool = False, vector: np.ndarray | None = None,
+                     min_cosine: float | None = None) -> tuple[list[int], list[Source]]:
         """Prompt token ids with as many top hits as fit in window - max_new_tokens, numbered [1]..
         With Config.context_budget_tokens, the hits are first narrowed to their sentences
         closest to the question (Supporter.pack), each block a source of its own.
         `strict`: with the retry instruction, over the same (already packed) passages.
         `vector`: the question's embedding if the caller has it (the search's), else it is
-        embedded again to pack the context."""
+        embedded again to pack the context. `min_cosine`: the relevance floor (relevant)."""
         gen = self._generator()
         budget = gen.window - max_new_tokens
         base = len(gen.encode(self.render(question, "", strict=strict)))
@@ -134,7 +136,7 @@ class Answerer:
         blocks: list[str] = []
         sources: list[Source] = []
         used = base
-        hits = self.relevant(hits)
+        hits = self.relevant(hits, min_cosine)
         if self.config.context_budget_tokens and hits and not strict:
             hits = self.supporter.pack(question, hits, self.config.context_budget_tokens, gen.count_tokens,
                                        self.config.context_neighbours, vector=vector)
@@ -173,14 +175,18 @@ class Answerer:
         return params, found.hits, found.embed_ns, found.search_ns, found.vectors
 
     def stream(self, name: str, question: str, *, k: int | None = None, params=None, filter: dict | None = None,
-               cancelled: Callable[[], bool] | None = None, deadline: float | None = None):
+               cancelled: Callable[[], bool] | None = None, deadline: float | None = None,
+               min_cosine: float | None = None):
         """Yields AnswerStart (sources), then text deltas (str), then the final Answer.
-        Generation runs in the scheduler, batched with every other answer in flight."""
+        Generation runs in the scheduler, batched with every other answer in flight.
+        `min_cosine`: passages less similar to the question are not shown to the generator
+        (default config.answer_min_score)."""
         from .generate import FINISH_CANCELLED, Completion
 
+        floor = check_min_cosine(min_cosine)
         params, (hits,), embed_ns, search_ns, (vector,) = self.retrieve(name, [question], k, params, filter)
         t0 = time.perf_counter_ns()
-        ids, sources = self.build_prompt(question, hits, params.max_new_tokens, vector=vector)
+        ids, sources = self.build_prompt(question, hits, params.max_new_tokens, vector=vector, min_cosine=floor)
         prompt_ns = time.perf_counter_ns() - t0
         if not sources:
             yield AnswerStart(sources)
@@ -229,15 +235,17 @@ class Answerer:
 
     def batch(self, name: str, questions: Sequence[str], *, k: int | None = None, params=None,
               filter: dict | None = None, progress: Callable[[int], None] | None = None,
-              filters: Sequence | None = None) -> list[Answer]:
+              filters: Sequence | None = None, min_cosine: float | None = None) -> list[Answer]:
         """Answers for many questions: one embedding batch, one index batch search, and every
-        prompt submitted to the scheduler, which decodes up to its row limit together."""
+        prompt submitted to the scheduler, which decodes up to its row limit together.
+        `min_cosine`: as stream's."""
         from .generate import FINISH_CANCELLED
 
+        floor = check_min_cosine(min_cosine)
         params, hits, embed_ns, search_ns, vectors = self.retrieve(name, questions, k, params, filter, filters)
         n = len(questions)
         t0 = time.perf_counter_ns()
-        prompts = [self.build_prompt(q, h, params.max_new_tokens, vector=v)
+        prompts = [self.build_prompt(q, h, params.max_new_tokens, vector=v, min_cosine=floor)
                    for q, h, v in zip(questions, hits, vectors)]
         prompt_ns = (time.perf_counter_ns() - t0) // n
         out: list[Answer | None] = [None] * n

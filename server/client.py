@@ -212,8 +212,7 @@ class RagClient:
         floor = check_min_cosine(min_cosine)
         if "min_cosine" not in self.features():
             raise InvalidInput("the server does not read min_cosine (it is older than this client: GetInfo.features "
-                               "lacks 'min_cosine'), so it would return every hit; upgrade the server, or leave it "
-                               "out")
+                               "lacks 'min_cosine'), so it would ignore it; upgrade the server, or leave it out")
         return {"min_cosine": floor}
 
     def _query_filters(self, filters: Sequence[dict | None] | None) -> list:
@@ -354,20 +353,23 @@ class RagClient:
         return [list(r.hits) for r in self.retrieve.SearchBatch(req, **self._kw()).results]
 
     def answer(self, collection: str, question: str, *, k: int | None = None, timeout: float | None = None,
-               filter: dict | None = None, **options) -> Iterator["pb.AnswerResponse"]:
-        """Streams AnswerResponse messages: sources, then deltas, then done. Cancel with .cancel()."""
+               filter: dict | None = None, min_cosine: float | None = None, **options) -> Iterator["pb.AnswerResponse"]:
+        """Streams AnswerResponse messages: sources, then deltas, then done. Cancel with .cancel().
+        `min_cosine`: passages less similar to the question are not shown to the generator."""
         req = pb.AnswerRequest(collection=collection, question=question, options=pb.GenerationOptions(**options),
-                               **self._filter(filter))
+                               **self._min_cosine(min_cosine), **self._filter(filter))
         if k is not None:
             req.top_k = k
         return self.answers.Answer(req, **self._kw(timeout))
 
     def answer_batch(self, collection: str, questions: list[str], *, k: int | None = None,
-                     filter: dict | None = None, filters: Sequence[dict | None] | None = None, **options):
+                     filter: dict | None = None, filters: Sequence[dict | None] | None = None,
+                     min_cosine: float | None = None, **options):
         """`filters`: each question's own filter (or None) for its retrieval, with `filter`."""
         req = pb.AnswerBatchRequest(collection=collection, questions=questions,
                                     options=pb.GenerationOptions(**options),
-                                    question_filters=self._query_filters(filters), **self._filter(filter))
+                                    question_filters=self._query_filters(filters), **self._min_cosine(min_cosine),
+                                    **self._filter(filter))
         if k is not None:
             req.top_k = k
         return list(self.answers.AnswerBatch(req, **self._kw()).answers)

@@ -350,7 +350,7 @@ def ask(client: RagClient, args: argparse.Namespace) -> int:
         raise InvalidInput("give a question, or --batch QUESTIONS.jsonl")
     sources, done = [], None
     for msg in client.answer(args.collection, args.question, k=args.k, filter=flag_filter(args),
-                             **options(args)):
+                             min_cosine=args.min_cosine, **options(args)):
         kind = msg.WhichOneof("event")
         if kind == "sources":
             sources = list(msg.sources.sources)
@@ -386,7 +386,8 @@ def ask_batch(client: RagClient, args: argparse.Namespace) -> int:
             part = items[i:i + step]
             answers = client.answer_batch(args.collection, [q for _, q, _ in part], k=args.k,
                                           filter=flag if filters is None else None,
-                                          filters=None if filters is None else filters[i:i + step], **options(args))
+                                          filters=None if filters is None else filters[i:i + step],
+                                          min_cosine=args.min_cosine, **options(args))
             for (qid, q, _), a in zip(part, answers):
                 yield json.dumps({"id": qid, **answer_json(q, a.sources, a.done)}, ensure_ascii=False)
             bar(min(i + step, len(items)))

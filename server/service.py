@@ -32,6 +32,11 @@ VERSION = "0.1.0"
 FEATURES = ["filter_groups", "query_filters", "metadata_json", "min_cosine"]
 
 
+def optional(message, field: str):
+    """A message's optional field, or None where it is unset."""
+    return getattr(message, field) if message.HasField(field) else None
+
+
 def guarded(fn):
     """Run a handler; typed engine errors become their status code (server/errors.py).
     Works for unary handlers and for server-streaming ones (generators) alike."""
@@ -275,7 +280,7 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
     @guarded
     def Search(self, request, context):
         t0 = time.perf_counter_ns()
-        floor = check_min_cosine(request.min_cosine if request.HasField("min_cosine") else None)
+        floor = check_min_cosine(optional(request, "min_cosine"))
         hits, queue_ns, embed_ns, search_ns = self.batcher.search(
             request.collection, request.query, check_top_k(request.top_k), request_filter(request),
             search_mode(request.mode))
@@ -288,7 +293,7 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
     def SearchBatch(self, request, context):
         queries = list(request.queries)
         self._check_batch(len(queries), "queries")
-        floor = check_min_cosine(request.min_cosine if request.HasField("min_cosine") else None)
+        floor = check_min_cosine(optional(request, "min_cosine"))
         t0 = time.perf_counter_ns()
         found = self.engine.searcher.search(request.collection, queries, check_top_k(request.top_k),
                                             filter=request_filter(request), mode=search_mode(request.mode),
@@ -311,7 +316,7 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
         # The scheduler (engine/scheduler.py) batches this answer with every other one; it
         # leaves the batch at the next step once the client cancels or the deadline passes.
         stream = self.engine.answer_stream(request.collection, request.question, k=k, params=params,
-                                           filter=request_filter(request),
+                                           filter=request_filter(request), min_cosine=optional(request, "min_cosine"),
                                            cancelled=lambda: not context.is_active(), deadline=deadline)
         try:
             for ev in stream:
@@ -340,7 +345,7 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
         k = check_top_k(request.top_k) if request.HasField("top_k") else None
         t0 = time.perf_counter_ns()
         answers = self.engine.answer_batch(request.collection, questions, k=k, params=params,
-                                           filter=request_filter(request),
+                                           filter=request_filter(request), min_cosine=optional(request, "min_cosine"),
                                            filters=batch_filters(request, "question_filters", len(questions),
                                                                  ("question", "questions")))
         total = time.perf_counter_ns() - t0

@@ -302,6 +302,12 @@ CASES = [
     case("search-min-cosine-nan", search(min_cosine=math.nan), INVALID, "min_cosine .* got nan"),
     case("search-batch-min-cosine-below", raw("SearchBatch", pb.SearchBatchRequest(
         collection="docs", queries=["green tea"], top_k=3, min_cosine=-3).SerializeToString()), INVALID, "got -3"),
+    case("answer-min-cosine-above-one", raw("Answer", pb.AnswerRequest(
+        collection="docs", question="How long does black tea steep?", min_cosine=1.5).SerializeToString()),
+         INVALID, r"min_cosine must be a number in \[-1, 1\], got 1.5"),
+    case("answerbatch-min-cosine-nan", raw("AnswerBatch", pb.AnswerBatchRequest(
+        collection="docs", questions=["How long does black tea steep?"], min_cosine=math.nan).SerializeToString()),
+         INVALID, "min_cosine .* got nan"),
     case("get-no-ids", raw("GetDocuments", pb.GetDocumentsRequest(collection="docs").SerializeToString()),
          INVALID, "give 1 to 1000 document ids, got 0"),
     case("get-too-many-ids", raw("GetDocuments", pb.GetDocumentsRequest(

@@ -680,3 +680,32 @@ def test_min_cosine_leaves_out_hits_less_similar_than_it(engine, corpus):
     for bad in (1.5, -2, float("nan"), "0.5", True):
         with pytest.raises(InvalidInput, match="min_cosine must be a number in \\[-1, 1\\]"):
             engine.search("c", q, 3, min_cosine=bad)
+
+
+def test_answer_min_cosine_sets_the_relevance_floor(engine, corpus, generator):
+    """A request's min_cosine replaces the configured floor: above every passage's cosine,
+    nothing is shown to the generator and the answer finishes no_context; below, the
+    answer is the default one."""
+    from engine.generate import SamplingParams
+
+    eng = Engine(engine.config, embedder=engine.embedder, generator=generator)
+    try:
+        eng.create_collection("c")
+        eng.ingest_paths("c", [corpus])
+        q, params = "How hot should the water be for green tea?", SamplingParams(max_new_tokens=24)
+        default = eng.answer("c", q, params=params)
+        assert default.finish_reason != "no_context" and default.sources
+        none = eng.answer("c", q, params=params, min_cosine=1.0)
+        assert none.finish_reason == "no_context" and not none.sources
+        low = eng.answer("c", q, params=params, min_cosine=0.0)
+        assert low.text == default.text and [s.hit.doc_id for s in low.sources] == \
+            [s.hit.doc_id for s in default.sources]
+        batch = eng.answer_batch("c", [q, "Which planet is the largest?"], params=params, min_cosine=1.0)
+        assert [a.finish_reason for a in batch] == ["no_context", "no_context"]
+        for bad in (1.5, float("nan"), "0.3"):
+            with pytest.raises(InvalidInput, match="min_cosine must be a number"):
+                eng.answer("c", q, params=params, min_cosine=bad)
+            with pytest.raises(InvalidInput, match="min_cosine must be a number"):
+                eng.answer_batch("c", [q], params=params, min_cosine=bad)
+    finally:
+        eng.close()

@@ -211,6 +211,9 @@ def test_ask_over_the_server_prints_the_local_footer(served, capsys):
     code, out, err = rag(capsys, "ask", q, "-c", "tea", "--max-new-tokens", 32, "--server", address)
     assert code == 0 and out.startswith(want["answer"]) and "Sources:" in out
     assert ("Support:" in out) == bool(want["support"]) and "prompt tokens" in err and "decode" in err
+    # a floor above every passage: no context, as the engine answers (tests/test_pipeline.py)
+    code, out, err = rag(capsys, "ask", q, "-c", "tea", "--min-cosine", 1.0, "--json", "--server", address)
+    assert code == 0 and json.loads(out)["finish_reason"] == "no_context" and not json.loads(out)["sources"], err
 
 
 def test_collections_create_drop_info_over_the_server(served, capsys):
