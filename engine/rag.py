@@ -198,7 +198,8 @@ class Answerer:
         comps, why, sent = [], "", ""
         for attempt in range(2):
             if attempt:  # the first answer was degenerate: once more, with the stricter instruction
-                ids, again = self.build_prompt(question, [s.hit for s in sources], params.max_new_tokens, strict=True)
+                ids, again = self.build_prompt(question, [s.hit for s in sources], params.max_new_tokens, strict=True,
+                                               min_cosine=floor)
                 if len(again) != len(sources):  # the longer prompt no longer holds every passage
                     break
             ticket = self._scheduler().submit(ids, self._retry_params(params) if attempt else params,
@@ -269,7 +270,7 @@ class Answerer:
                 if reason and not attempt:
                     why[i] = reason
                     ids, again = self.build_prompt(questions[i], [s.hit for s in sources], params.max_new_tokens,
-                                                   strict=True)
+                                                   strict=True, min_cosine=floor)
                     if len(again) == len(sources):
                         retry[i] = ids
                         continue
