@@ -105,33 +105,20 @@ def insert_meta(db: sqlite3.Connection, doc_id: str, metadata: dict) -> None:
 
 
 def ensure_meta_index(db: sqlite3.Connection) -> None:
-    """Create the metadata index if missing (older stores, and those whose index predates
-    ranges: built from the documents once)."""
+    """Create the metadata index if missing or older than this version's (older stores,
+    indexes from before ranges or dotted paths): built from the documents once."""
     if has_meta_index(db):
         return
     db.execute("BEGIN IMMEDIATE")
     try:
-        # An index without nested paths (version 1) gets their rows; one without numbers, or
-        # none, is built whole.
-        whole = not _meta_tables(db)
-        if whole:
-            db.execute("DROP TABLE IF EXISTS doc_meta")
-            db.execute("DROP TABLE IF EXISTS doc_meta_long")
-            for sql in META_INDEX_SCHEMA:
-                db.execute(sql)
-        where = "" if whole else " WHERE metadata LIKE '_%{%'"  # version 1: metadata holding an object only
-        cur = db.cursor().execute(f"SELECT doc_id, metadata FROM documents{where}")
+        db.execute("DROP TABLE IF EXISTS doc_meta")
+        db.execute("DROP TABLE IF EXISTS doc_meta_long")
+        for sql in META_INDEX_SCHEMA:
+            db.execute(sql)
+        cur = db.execute("SELECT doc_id, metadata FROM documents")
         while rows := cur.fetchmany(1000):  # a page at a time: never every document's metadata at once
             for doc_id, metadata in rows:
-                if whole:
-                    insert_meta(db, doc_id, json.loads(metadata))
-                else:
-                    meta = json.loads(metadata)
-                    rows_, long = meta_rows(doc_id, meta)
-                    db.executemany("INSERT OR IGNORE INTO doc_meta VALUES (?, ?, ?, ?)",
-                                   [r for r in rows_ if r[0] not in meta])
-                    db.executemany("INSERT OR IGNORE INTO doc_meta_long VALUES (?, ?)",
-                                   [r for r in long if r[0] not in meta])
+                insert_meta(db, doc_id, json.loads(metadata))
         db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('meta_index_version', ?)", (META_INDEX_VERSION,))
         db.execute("COMMIT")
     except BaseException:

@@ -207,7 +207,7 @@ def message_records(messages: Iterable, dim: int) -> Iterator[list[DocumentRecor
             doc["vectors"].append(np.frombuffer(r.vectors, dtype="<f4").reshape(len(r.chunks), dim))
             if r.continued:
                 continue
-            vectors = np.concatenate(doc["vectors"]).astype(np.float32)
+            vectors = np.concatenate(doc["vectors"]).astype(np.float32, copy=False)  # a copy of the message's bytes
             batch.append(DocumentRecord(doc["id"], doc["source"], doc["content_hash"], doc["metadata"],
                                         doc["chars"], doc["chunks"], vectors))
             n_chunks += len(doc["chunks"])

@@ -88,14 +88,15 @@ class Servicer(rpc.CollectionServiceServicer, rpc.IngestServiceServicer, rpc.Ret
     # ------------------------------------------------------------------ collections
     @guarded
     def CreateCollection(self, request, context):
-        opt = lambda f: getattr(request, f) if request.HasField(f) else None  # noqa: E731
         dtype = PB_TO_DTYPE.get(request.dtype) if request.dtype else None
         if request.dtype and dtype is None:
             raise InvalidInput(f"unknown dtype {request.dtype}")
-        info = self.engine.create_collection(request.name, index_dtype=dtype, connectivity=opt("connectivity"),
-                                             expansion_add=opt("expansion_add"),
-                                             expansion_search=opt("expansion_search"),
-                                             chunk_tokens=opt("chunk_tokens"), chunk_overlap=opt("chunk_overlap"))
+        info = self.engine.create_collection(request.name, index_dtype=dtype,
+                                             connectivity=optional(request, "connectivity"),
+                                             expansion_add=optional(request, "expansion_add"),
+                                             expansion_search=optional(request, "expansion_search"),
+                                             chunk_tokens=optional(request, "chunk_tokens"),
+                                             chunk_overlap=optional(request, "chunk_overlap"))
         return pb.CreateCollectionResponse(collection=info_pb(info))
 
     @guarded
