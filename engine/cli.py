@@ -699,6 +699,7 @@ def add_filter_arg(s: argparse.ArgumentParser, what: str) -> None:
                         "FIELD>N, FIELD<=N, FIELD<N (numbers numerically, other bounds as text: "
                         "date>=2024-01-01). Repeat: every field's condition must hold; one field "
                         "given =VALUE more than once matches any of them (lang=en --filter lang=fr). "
+                        "FIELD~=VALUE: a list FIELD holds VALUE (tags~=news; repeated: any of them). "
                         "Non-string metadata compares as JSON, e.g. year=2020")
     s.add_argument("--filter-json", default=None, metavar="JSON",
                    help="a metadata filter as JSON, with every operator, and $or / $and to combine "
@@ -723,30 +724,34 @@ def flag_filter(args: argparse.Namespace) -> dict | None:
         raise InvalidInput(f"--filter-json: {e}") from None
 
 
-CLI_FILTER_OPS = {"!=": "$nin", ">=": "$gte", "<=": "$lte", "=": "$in", ">": "$gt", "<": "$lt"}
+CLI_FILTER_OPS = {"~=": "$contains_any", "!=": "$nin", ">=": "$gte", "<=": "$lte", "=": "$in", ">": "$gt",
+                  "<": "$lt"}
 
 
 def parse_filter(items: list[str]) -> dict | None:
-    """`--filter FIELD=VALUE ...` (and !=, >=, >, <=, <) as a metadata filter
-    (engine/filters.py; values as strings, as gRPC sends them)."""
+    """`--filter FIELD=VALUE ...` (and !=, >=, >, <=, <, and ~= for an element of a list) as
+    a metadata filter (engine/filters.py; values as strings, as gRPC sends them)."""
     out: dict = {}
     for item in items:
         at = next((i for i, ch in enumerate(item) if ch in "=!<>"), -1)
+        at -= item.startswith("~=", at - 1) and at > 1  # FIELD~=VALUE
         op = next((o for o in CLI_FILTER_OPS if item.startswith(o, at)), None) if at > 0 else None
         if op is None:
             raise InvalidInput(f"--filter takes FIELD=VALUE (or FIELD!=VALUE, FIELD>=VALUE, FIELD>VALUE, "
-                               f"FIELD<=VALUE, FIELD<VALUE), got {item!r}")
+                               f"FIELD<=VALUE, FIELD<VALUE, FIELD~=VALUE), got {item!r}")
         field, value, key = item[:at], item[at + len(op):], CLI_FILTER_OPS[op]
         cond = out.setdefault(field, {})
-        if key in ("$in", "$nin"):
+        if key in ("$in", "$nin", "$contains_any"):
             cond.setdefault(key, []).append(value)
         elif key in cond:
             raise InvalidInput(f"--filter gives {field}{op} twice ({cond[key]!r} and {value!r}); give each bound once")
         else:
             cond[key] = value
-    for cond in out.values():  # one value: equal to it
+    for cond in out.values():  # one value: equal to it, or one element to hold
         if len(cond.get("$in", ())) == 1:
             cond["$eq"] = cond.pop("$in")[0]
+        if len(cond.get("$contains_any", ())) == 1:
+            cond["$contains"] = cond.pop("$contains_any")
     return out or None
 
 

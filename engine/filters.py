@@ -14,6 +14,11 @@ a value (equality, as before) or a mapping of operators, all of which must hold:
     {"date": {"$gte": "2024-01-01"}}                any other bound compares as text (code
                                                     point order: ISO dates sort as dates)
                                                     with the values that do not read as numbers
+    {"tags": {"$contains": "news"}}                 a list value holding this element (a
+    {"tags": {"$contains": ["news", "eu"]}}         value that is not a list counts as a list
+    {"tags": {"$contains_any": ["news", "eu"]}}     of itself); every one / at least one of
+                                                    these (to ask for an element that is
+                                                    itself a list, wrap it: [["a", "b"]])
 
 Conditions on several fields may also be combined with logical operators, at any depth:
 
@@ -32,7 +37,8 @@ Values compare as the gRPC API sends them: strings as they are, other JSON as js
 operators (every key must be one); one with no such key is a JSON object value compared for
 equality.
 `check_filter` turns any accepted form into one canonical form, {field: {op: operand}},
-with $eq/$ne operands as meta_str, $in/$nin as lists of them and range bounds as floats
+with $eq/$ne operands as meta_str, $in/$nin/$contains/$contains_any as lists of them (no
+null in the last two: a list's null elements are not indexed) and range bounds as floats
 (numbers) or strings, and "$or" / "$and" as lists of canonical filters, which every consumer
 (matches, the store's SQL, Ray shards) reads.
 """
@@ -48,9 +54,10 @@ from collections.abc import Iterator
 from .errors import InvalidInput
 
 EQUALITY_OPS = ("$eq", "$ne", "$in", "$nin")
+LIST_OPS = ("$contains", "$contains_any")  # elements of a list value: every one / at least one
 LOGICAL_OPS = ("$or", "$and")  # top-level keys of a filter that combine whole filters
 RANGE_OPS = {"$gt": operator.gt, "$gte": operator.ge, "$lt": operator.lt, "$lte": operator.le}
-OPS = (*EQUALITY_OPS, *RANGE_OPS)
+OPS = (*EQUALITY_OPS, *LIST_OPS, *RANGE_OPS)
 # Values longer than this are left out of the metadata index (a filter on one reads every
 # document's metadata), and only a string this short reads as a number.
 META_INDEX_MAX_CHARS = 256
@@ -89,6 +96,15 @@ def _operand(field: str, op: str, x):
         if not isinstance(x, (list, tuple)) or not x:
             raise InvalidInput(f"filter field {field!r}: {op} takes a non-empty list of values, got {x!r}")
         return sorted({meta_str(v) for v in x}, key=lambda s: (s is None, s or ""))
+    if op in LIST_OPS:
+        items = x if isinstance(x, (list, tuple)) else [x]
+        if not items or (op == "$contains_any" and not isinstance(x, (list, tuple))):
+            raise InvalidInput(f"filter field {field!r}: {op} takes a non-empty list of values"
+                               f"{' (or one value)' if op == '$contains' else ''}, got {x!r}")
+        if any(v is None for v in items):
+            raise InvalidInput(f"filter field {field!r}: {op} takes values, not null (a list's null elements "
+                               "are never matched)")
+        return sorted({meta_str(v) for v in items})
     if isinstance(x, bool) or not isinstance(x, (int, float, str)):
         raise InvalidInput(f"filter field {field!r}: {op} takes a number or a string, got {x!r}")
     if isinstance(x, str):
@@ -159,6 +175,17 @@ def group_parts(name: str, items, convert, fix: str) -> list:
     return out
 
 
+def operators(filter: dict | None) -> set[str]:
+    """Every operator a canonical filter uses, in its $or / $and groups too."""
+    out = set()
+    for f, cond in (filter or {}).items():
+        if f in LOGICAL_OPS:
+            out |= {f}.union(*(operators(g) for g in cond))
+        else:
+            out |= set(cond)
+    return out
+
+
 def fields(filter: dict) -> dict:
     """A canonical filter's field conditions alone (without $or / $and)."""
     return {f: c for f, c in filter.items() if f not in LOGICAL_OPS}
@@ -166,7 +193,8 @@ def fields(filter: dict) -> dict:
 
 def both(a, b) -> Filter | None:
     """Two filters that must both hold, as one (e.g. a batch's filter and one query's own);
-    an operator both give a field with different operands is InvalidInput."""
+    an operator both give a field with different operands is InvalidInput, except the list
+    operators, which hold together ($contains: every element of both)."""
     a, b = check_filter(a), check_filter(b)
     if not a or not b:
         return a or b
@@ -181,6 +209,12 @@ def both(a, b) -> Filter | None:
     for field, cond in fields(b).items():
         have = out.setdefault(field, {})
         for op, x in cond.items():
+            if op == "$contains" and op in have:  # every element of both
+                have[op] = sorted({*have[op], *x})
+                continue
+            if op == "$contains_any" and op in have and have[op] != x:  # one of each: two conditions
+                out["$and"] = [*out.get("$and", ()), Filter({field: {op: x}})]
+                continue
             if op in have and have[op] != x:
                 raise InvalidInput(f"filter field {field!r}: {op} is given twice ({have[op]!r} and {x!r}); "
                                    "a query's own filter and the batch's must not disagree")
@@ -188,8 +222,18 @@ def both(a, b) -> Filter | None:
     return check_filter(dict(out))
 
 
-def holds(s: str | None, op: str, x) -> bool:
-    """Whether a value (meta_str; None: missing or null) satisfies one canonical operator."""
+def elements(v) -> set[str]:
+    """What $contains / $contains_any look for in a metadata value: a list's elements (as
+    meta_str, null ones left out), a value that is not a list itself; nothing for null."""
+    return {s for s in map(meta_str, v if isinstance(v, list) else [v]) if s is not None}
+
+
+def holds(v, op: str, x) -> bool:
+    """Whether a metadata value (None: missing or null) satisfies one canonical operator."""
+    if op in LIST_OPS:
+        have = elements(v)
+        return (all if op == "$contains" else any)(e in have for e in x)
+    s = meta_str(v)
     if op == "$eq":
         return s == x
     if op == "$ne":
@@ -237,7 +281,7 @@ def paths(metadata: dict) -> Iterator[tuple[str, object]]:
 
 def matches(metadata: dict, filter: dict) -> bool:
     """Whether a document's metadata satisfies a canonical filter (check_filter)."""
-    if not all(holds(meta_str(lookup(metadata, f)), op, x)
+    if not all(holds(lookup(metadata, f), op, x)
                for f, cond in filter.items() if f not in LOGICAL_OPS for op, x in cond.items()):
         return False
     if "$and" in filter and not all(matches(metadata, g) for g in filter["$and"]):
@@ -245,13 +289,15 @@ def matches(metadata: dict, filter: dict) -> bool:
     return "$or" not in filter or any(matches(metadata, g) for g in filter["$or"])
 
 
-def meta_rows(doc_id: str, metadata: dict) -> tuple[list[tuple], list[tuple]]:
+def meta_rows(doc_id: str, metadata: dict) -> tuple[list[tuple], list[tuple], list[tuple]]:
     """A document's rows in the metadata index: (field, meta_str value, doc_id, meta_num)
     for every field (top-level, or a dotted path into nested objects: paths) whose value is
-    not null and, as a string, at most META_INDEX_MAX_CHARS long; and (field, doc_id) for
-    each field whose value is longer (left out, so a text range on that field knows to read
-    the documents instead)."""
-    rows, long = [], []
+    not null and, as a string, at most META_INDEX_MAX_CHARS long; (field, doc_id) for each
+    field whose value is longer (left out, so a text range on that field knows to read the
+    documents instead); and (field, element, doc_id) for each element of a list value that
+    is not null and at most META_INDEX_MAX_CHARS long as meta_str (what $contains finds
+    besides the values that are not lists, which are rows of the first kind)."""
+    rows, long, items = [], [], []
     for f, v in paths(metadata):
         s = meta_str(v)
         if s is None:
@@ -260,4 +306,6 @@ def meta_rows(doc_id: str, metadata: dict) -> tuple[list[tuple], list[tuple]]:
             rows.append((f, s, doc_id, meta_num(s)))
         else:
             long.append((f, doc_id))
-    return rows, long
+        if isinstance(v, list):
+            items += [(f, e, doc_id) for e in sorted(elements(v)) if len(e) <= META_INDEX_MAX_CHARS]
+    return rows, long, items

@@ -31,7 +31,7 @@ import numpy as np
 
 from .chunk import Chunk
 from .errors import InvalidInput, NotFound, Unavailable
-from .filters import LOGICAL_OPS, META_INDEX_MAX_CHARS, RANGE_OPS, check_filter, fields, matches, meta_rows
+from .filters import LIST_OPS, LOGICAL_OPS, META_INDEX_MAX_CHARS, RANGE_OPS, check_filter, fields, matches, meta_rows
 from .lexical import LexicalIndex, ensure_fts, has_fts
 from .vectors import VectorFile
 
@@ -63,7 +63,8 @@ CREATE INDEX IF NOT EXISTS chunks_doc ON chunks(doc_id);
 # The metadata index: one row per (field, value, document), values as filters compare them
 # (engine/filters.py meta_str) and, where they read as numbers, as numbers (for ranges), so a
 # filter finds its documents without reading the others' metadata; and which documents have
-# a value too long for it, per field.
+# a value too long for it, per field; and the elements of list values (doc_meta_item), which
+# $contains finds through doc_meta_any beside the values that are not lists.
 META_INDEX_SCHEMA = (
     "CREATE TABLE IF NOT EXISTS doc_meta (field TEXT NOT NULL, value TEXT NOT NULL, doc_id TEXT NOT NULL, "
     "num REAL, PRIMARY KEY (field, value, doc_id)) WITHOUT ROWID",
@@ -72,6 +73,11 @@ META_INDEX_SCHEMA = (
     "CREATE TABLE IF NOT EXISTS doc_meta_long (field TEXT NOT NULL, doc_id TEXT NOT NULL, "
     "PRIMARY KEY (field, doc_id)) WITHOUT ROWID",
     "CREATE INDEX IF NOT EXISTS doc_meta_long_doc ON doc_meta_long(doc_id)",
+    "CREATE TABLE IF NOT EXISTS doc_meta_item (field TEXT NOT NULL, value TEXT NOT NULL, doc_id TEXT NOT NULL, "
+    "PRIMARY KEY (field, value, doc_id)) WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS doc_meta_item_doc ON doc_meta_item(doc_id)",
+    "CREATE VIEW IF NOT EXISTS doc_meta_any AS SELECT field, value, doc_id FROM doc_meta "
+    "UNION ALL SELECT field, value, doc_id FROM doc_meta_item",
 )
 
 
@@ -83,13 +89,16 @@ def _alias(terms: str, alias: str) -> str:
 
 
 # 2: rows for dotted paths into nested objects too (engine/filters.py paths).
-META_INDEX_VERSION = "2"
+# 3: the elements of list values (doc_meta_item).
+META_INDEX_VERSION = "3"
+META_INDEX_TABLES = ("doc_meta", "doc_meta_long", "doc_meta_item")
 
 
 def _meta_tables(db: sqlite3.Connection) -> bool:
-    """Whether the metadata index's tables are there with numbers (since ranges)."""
+    """Whether the metadata index's tables are there, doc_meta with numbers (since ranges)."""
     return ("num" in {r[1] for r in db.execute("PRAGMA table_info(doc_meta)")} and
-            db.execute("SELECT 1 FROM sqlite_master WHERE name = 'doc_meta_long'").fetchone() is not None)
+            all(db.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (t,)).fetchone() is not None
+                for t in (*META_INDEX_TABLES, "doc_meta_any")))
 
 
 def has_meta_index(db: sqlite3.Connection) -> bool:
@@ -99,20 +108,22 @@ def has_meta_index(db: sqlite3.Connection) -> bool:
 
 
 def insert_meta(db: sqlite3.Connection, doc_id: str, metadata: dict) -> None:
-    rows, long = meta_rows(doc_id, metadata)
+    rows, long, items = meta_rows(doc_id, metadata)
     db.executemany("INSERT INTO doc_meta VALUES (?, ?, ?, ?)", rows)
     db.executemany("INSERT INTO doc_meta_long VALUES (?, ?)", long)
+    db.executemany("INSERT INTO doc_meta_item VALUES (?, ?, ?)", items)
 
 
 def ensure_meta_index(db: sqlite3.Connection) -> None:
     """Create the metadata index if missing or older than this version's (older stores,
-    indexes from before ranges or dotted paths): built from the documents once."""
+    indexes from before ranges, dotted paths or list elements): built from the documents once."""
     if has_meta_index(db):
         return
     db.execute("BEGIN IMMEDIATE")
     try:
-        db.execute("DROP TABLE IF EXISTS doc_meta")
-        db.execute("DROP TABLE IF EXISTS doc_meta_long")
+        db.execute("DROP VIEW IF EXISTS doc_meta_any")
+        for table in META_INDEX_TABLES:
+            db.execute(f"DROP TABLE IF EXISTS {table}")
         for sql in META_INDEX_SCHEMA:
             db.execute(sql)
         cur = db.execute("SELECT doc_id, metadata FROM documents")
@@ -430,11 +441,12 @@ class Store:
     def _filter_sql(self, filter: dict) -> tuple[str, list] | None:
         """A query for the ids of the documents a canonical `filter` matches, through the
         metadata index: the documents of its rarest field's condition (equal, one of, a
-        range), each checked under the other fields' and against the values a field must
-        not have; every document, so checked, where no field names a value it must have.
-        None where the index cannot answer exactly: a value asked for is null or too long
-        for it, a text range on a field some document's value was too long for, or the
-        store has no such index."""
+        range, elements a list holds), each checked under the other fields' and against the
+        values a field must not have; every document, so checked, where no field names a
+        value it must have. None where the index cannot answer exactly: a value asked for is
+        null or too long for it, an element asked for reads as a list's JSON (starts with
+        "["), a text range on a field some document's value was too long for, or the store
+        has no such index."""
         if not self.meta_index:
             return None
         if any(op in filter for op in LOGICAL_OPS):  # the field conditions, within $and's and $or's documents
@@ -444,12 +456,17 @@ class Store:
             value = cond.get("$eq") if len(cond) == 1 else None
             if value is not None and len(value) <= META_INDEX_MAX_CHARS:
                 return "SELECT m.doc_id FROM doc_meta m WHERE m.field = ? AND m.value = ?", [field, value]
-        wanted, unwanted = [], []  # (field, SQL terms on a doc_meta alias "x", params)
+        # (field, SQL terms on an alias "x" of `table`, params, table): doc_meta, or doc_meta_any
+        # for what a list holds (its elements, or a value that is not a list)
+        wanted, unwanted = [], []
         for field, cond in filter.items():
             values = [cond[op] for op in ("$eq", "$ne") if op in cond] + [
                 v for op in ("$in", "$nin") for v in cond.get(op, ())]
             if any(v is None or len(v) > META_INDEX_MAX_CHARS for v in values):
                 return None
+            elements = [v for op in LIST_OPS for v in cond.get(op, ())]
+            if any(len(v) > META_INDEX_MAX_CHARS or v.startswith("[") for v in elements):
+                return None  # a list's own row in doc_meta (its JSON text) could equal this one
             text_range = any(isinstance(cond[op], str) for op in RANGE_OPS if op in cond)
             if text_range and self._db.execute(
                     "SELECT 1 FROM doc_meta_long WHERE field = ? LIMIT 1", (field,)).fetchone():
@@ -468,22 +485,28 @@ class Store:
             if text_range:
                 terms.append("x.num IS NULL")  # text compares with the values that are not numbers
             if terms:
-                wanted.append((field, " AND ".join(terms), params))
+                wanted.append((field, " AND ".join(terms), params, "doc_meta"))
+            wanted += [(field, "x.value = ?", [v], "doc_meta_any") for v in cond.get("$contains", ())]
+            if "$contains_any" in cond:
+                wanted.append((field, f"x.value IN ({','.join('?' * len(cond['$contains_any']))})",
+                               cond["$contains_any"], "doc_meta_any"))
             banned = ([cond["$ne"]] if "$ne" in cond else []) + list(cond.get("$nin", ()))
             if banned:
                 unwanted.append((field, f"x.value IN ({','.join('?' * len(banned))})", banned))
         if len(wanted) > 1:  # one field needs no counting (a query each search would pay)
             wanted.sort(key=lambda w: self._db.execute(
-                f"SELECT count(*) FROM (SELECT 1 FROM doc_meta x WHERE x.field = ? AND {w[1]} LIMIT 10001)",
+                f"SELECT count(*) FROM (SELECT 1 FROM {w[3]} x WHERE x.field = ? AND {w[1]} LIMIT 10001)",
                 [w[0], *w[2]]).fetchone()[0])
         if wanted:
-            field, terms, params = wanted[0]
-            sql, ref, args = f"SELECT m.doc_id FROM doc_meta m WHERE m.field = ? AND {_alias(terms, 'm')}", \
+            field, terms, params, table = wanted[0]
+            sql, ref, args = f"SELECT m.doc_id FROM {table} m WHERE m.field = ? AND {_alias(terms, 'm')}", \
                 "m.doc_id", [field, *params]
+            if table != "doc_meta":  # each document once (a list's equal elements are one row already)
+                sql = sql.replace("SELECT m.doc_id", "SELECT DISTINCT m.doc_id", 1)
         else:
             sql, ref, args = "SELECT d.doc_id FROM documents d WHERE 1", "d.doc_id", []
-        for i, (field, terms, params) in enumerate(wanted[1:]):
-            sql += (f" AND EXISTS (SELECT 1 FROM doc_meta o{i} WHERE o{i}.field = ? AND {_alias(terms, f'o{i}')}"
+        for i, (field, terms, params, table) in enumerate(wanted[1:]):
+            sql += (f" AND EXISTS (SELECT 1 FROM {table} o{i} WHERE o{i}.field = ? AND {_alias(terms, f'o{i}')}"
                     f" AND o{i}.doc_id = {ref})")
             args += [field, *params]
         for i, (field, terms, params) in enumerate(unwanted):
@@ -679,8 +702,8 @@ class Store:
                 for doc_id in [*deletes, *(r.doc_id for r in upserts)]:
                     removed.extend(r[0] for r in db.execute("SELECT key FROM chunks WHERE doc_id = ?", (doc_id,)))
                     db.execute("DELETE FROM chunks WHERE doc_id = ?", (doc_id,))
-                    db.execute("DELETE FROM doc_meta WHERE doc_id = ?", (doc_id,))
-                    db.execute("DELETE FROM doc_meta_long WHERE doc_id = ?", (doc_id,))
+                    for table in META_INDEX_TABLES:
+                        db.execute(f"DELETE FROM {table} WHERE doc_id = ?", (doc_id,))
                     db.execute("DELETE FROM documents WHERE doc_id = ?", (doc_id,))
                 key = first
                 for rec in upserts:

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import grpc
 
 from engine.errors import InvalidInput
-from engine.filters import RANGE_OPS, check_filter, fields, meta_str, meta_wire
+from engine.filters import LIST_OPS, RANGE_OPS, check_filter, fields, meta_str, meta_wire, operators
 
 from .stubs import pb, rpc
 
@@ -104,7 +104,8 @@ def _conditions(f: dict) -> tuple[dict, list]:
             raise InvalidInput(f"filter field {field!r}: null (a missing field) cannot be sent over gRPC; "
                                "filter on a value, or $ne / $nin another")
         c = pb.FieldCondition(field=field, any_of=cond.get("$in", ()),
-                              none_of=[*cond.get("$nin", ()), *([cond["$ne"]] if "$ne" in cond else [])])
+                              none_of=[*cond.get("$nin", ()), *([cond["$ne"]] if "$ne" in cond else [])],
+                              contains=cond.get("$contains", ()), contains_any=cond.get("$contains_any", ()))
         for op in RANGE_OPS:
             if op in cond:
                 setattr(c, op[1:], meta_str(cond[op]))
@@ -201,7 +202,12 @@ class RagClient:
         fields = filter_pb(filter)
         if fields["any_of_filters"]:
             self._need("filter_groups", "$or / $and filters (any_of_filters)")
+        self._need_list_ops([filter])
         return fields
+
+    def _need_list_ops(self, filters: Sequence[dict | None]) -> None:
+        if any(operators(check_filter(f)) & set(LIST_OPS) for f in filters):
+            self._need("list_contains", "$contains / $contains_any filters (FieldCondition.contains)")
 
     def _min_cosine(self, min_cosine: float | None) -> dict:
         """The min_cosine field, once the server is known to read it (checked here first)."""
@@ -222,6 +228,7 @@ class RagClient:
             self._need("query_filters", "per-query filters (query_filters, question_filters)")
             if any(q.any_of_filters or q.all_of_filters for q in out):
                 self._need("filter_groups", "$or / $and filters (any_of_filters)")
+            self._need_list_ops(filters)
         return out
 
     def create_collection(self, name: str, dtype: str | None = None, **settings) -> "pb.CollectionInfo":

@@ -62,9 +62,13 @@ def request_filter(request) -> dict | None:
             ops["$in"] = list(c.any_of)
         if c.none_of:
             ops["$nin"] = list(c.none_of)
+        if c.contains:
+            ops["$contains"] = list(c.contains)
+        if c.contains_any:
+            ops["$contains_any"] = list(c.contains_any)
         if not ops:
-            raise InvalidInput(f"where: the condition on {c.field!r} sets nothing; set any_of, none_of "
-                               "or a bound (gt, gte, lt, lte)")
+            raise InvalidInput(f"where: the condition on {c.field!r} sets nothing; set any_of, none_of, "
+                               "contains, contains_any or a bound (gt, gte, lt, lte)")
         have = out.get(c.field, {})
         have = have if isinstance(have, dict) else {"$eq": have}
         if twice := sorted(set(have) & set(ops)):

@@ -429,7 +429,7 @@ CASES = [
     case("search-where-no-field", search(where=[pb.FieldCondition(any_of=["md"])]), INVALID,
          "where: every condition needs a field name"),
     case("search-where-sets-nothing", search(where=[pb.FieldCondition(field="kind")]), INVALID,
-         "the condition on 'kind' sets nothing; set any_of, none_of or a bound"),
+         "the condition on 'kind' sets nothing; set any_of, none_of, contains, contains_any or a bound"),
     case("search-where-mixed-bounds", search(where=[pb.FieldCondition(field="n", gt="1", lt="z")]), INVALID,
          "range bounds must all be numbers or all text"),
     case("search-where-twice", search(filter={"kind": "md"}, where=[

@@ -78,14 +78,15 @@ def check_consistent(data_dir: Path, config) -> None:
                      "GROUP BY d.doc_id HAVING COUNT(c.key) != MAX(d.n_chunks)").fetchall()
     # the metadata index holds exactly the stored documents' metadata
     indexed = (set(db.execute("SELECT field, value, doc_id, num FROM doc_meta").fetchall()),
-               set(db.execute("SELECT field, doc_id FROM doc_meta_long").fetchall()))
-    stored = set(), set()
+               set(db.execute("SELECT field, doc_id FROM doc_meta_long").fetchall()),
+               set(db.execute("SELECT field, value, doc_id FROM doc_meta_item").fetchall()))
+    stored = set(), set(), set()
     for doc_id, meta in db.execute("SELECT doc_id, metadata FROM documents"):
         for have, rows in zip(stored, meta_rows(doc_id, json.loads(meta))):
             have.update(rows)
     db.close()
     assert not bad, f"half-written documents: {bad[:5]}"
-    assert indexed == stored, f"metadata index off by {len(indexed[0] ^ stored[0]) + len(indexed[1] ^ stored[1])} rows"
+    assert indexed == stored, f"metadata index off by {sum(len(i ^ s) for i, s in zip(indexed, stored))} rows"
     eng.close()
 
 

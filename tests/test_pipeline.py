@@ -660,6 +660,27 @@ def test_filters_reach_nested_metadata_by_dotted_paths(engine):
     assert [d.doc_id for d in engine.list_documents("c")[0]] == ["t0", "t1"]
 
 
+def test_filters_find_elements_of_list_metadata(engine):
+    """$contains / $contains_any find documents by what a list field holds, in search (every
+    mode), answers' retrieval, listings and deletes alike."""
+    engine.create_collection("c")
+    tags = [["green", "japan"], ["black", "india"], "green", ["oolong", "china", "green"]]
+    engine.ingest("c", [Document(f"t{i}", f"Brew tea number {i} at {70 + i} degrees.", "x", {"tags": t})
+                        for i, t in enumerate(tags)])
+    q = "What temperature for tea?"
+    for mode in ("exact", "dense", "hybrid"):
+        assert sorted(h.doc_id for h in engine.search("c", q, 4, mode=mode, filter={"tags": {"$contains": "green"}})) \
+            == ["t0", "t2", "t3"]
+        assert sorted(h.doc_id for h in engine.search("c", q, 4, mode=mode, filter={
+            "tags": {"$contains_any": ["india", "china"]}})) == ["t1", "t3"]
+    assert [s.hit.doc_id for s in engine.answer("c", q, filter={"tags": {"$contains": ["green", "japan"]}}).sources] \
+        == ["t0"]
+    assert [d.doc_id for d in engine.list_documents("c", filter={"tags": {"$contains": ["oolong", "green"]}})[0]] \
+        == ["t3"]
+    assert engine.delete_documents("c", filter={"tags": {"$contains": "green"}}) == 3
+    assert [d.doc_id for d in engine.list_documents("c")[0]] == ["t1"]
+
+
 def test_min_cosine_leaves_out_hits_less_similar_than_it(engine, corpus):
     engine.create_collection("c")
     engine.ingest_paths("c", [corpus])

@@ -273,6 +273,11 @@ def test_filter_operators_mean_what_they_say(store, filter, docs):
     ({"$or": []}, "$or takes a non-empty list of filters"), ({"$or": {"a": 1}}, "$or takes a non-empty list"),
     ({"$and": [{"a": 1}, {}]}, "$and[1] is empty"), ({"$not": {"a": 1}}, "unknown filter operator '$not'"),
     ({"$or": [{"a": {"$gtt": 1}}]}, "filter $or[0]: filter field 'a': unknown operator '$gtt'"),
+    ({"t": {"$contains": []}}, "$contains takes a non-empty list of values (or one value)"),
+    ({"t": {"$contains": None}}, "$contains takes values, not null"),
+    ({"t": {"$contains": ["a", None]}}, "$contains takes values, not null"),
+    ({"t": {"$contains_any": "a"}}, "$contains_any takes a non-empty list of values, got 'a'"),
+    ({"t": {"$contains_any": []}}, "$contains_any takes a non-empty list"),
 ])
 def test_bad_filters_say_what_to_fix(filter, message):
     with pytest.raises(InvalidInput, match=re.escape(message)):
@@ -378,6 +383,19 @@ def test_metadata_index_without_numbers_is_rebuilt(tmp_path):
     s.close()
 
 
+def found_alike(store, metadata: list[dict], filter, docs: list[int]) -> None:
+    """One-chunk documents d0, d1, ... with these metadata: `filter` matches documents `docs`
+    (indexes into `metadata`) by `matches`, through the metadata index and by reading every
+    document."""
+    store.apply([DocumentRecord(f"d{i}", "/s", "h", meta, 2, record(f"d{i}", 1, seed=i).chunks,
+                                record(f"d{i}", 1, seed=i).vectors) for i, meta in enumerate(metadata)])
+    assert [i for i, meta in enumerate(metadata) if matches(meta, check_filter(filter))] == docs
+    for indexed in (True, False):
+        store.meta_index = indexed
+        assert sorted(store.filter_documents(filter)) == [f"d{i}" for i in docs]
+        assert store.filter_keys(filter).tolist() == docs
+
+
 NESTED = [  # nested objects: paths, a top-level key that shadows one, too deep, a dot inside a key
     {"author": {"name": "Ann", "born": 1970, "tags": ["x"]}, "lang": "en"},
     {"author": {"name": "Bob", "born": 1985, "address": {"city": "Oslo"}}},
@@ -401,13 +419,7 @@ NESTED = [  # nested objects: paths, a top-level key that shadows one, too deep,
 def test_dotted_fields_reach_into_nested_objects(store, filter, docs):
     """A dotted field name is a path into nested objects where no top-level key has that
     name; through the index as by reading every document (`matches`)."""
-    store.apply([DocumentRecord(f"d{i}", "/s", "h", meta, 2, record(f"d{i}", 1, seed=i).chunks,
-                                record(f"d{i}", 1, seed=i).vectors) for i, meta in enumerate(NESTED)])
-    assert [i for i, meta in enumerate(NESTED) if matches(meta, check_filter(filter))] == docs
-    for indexed in (True, False):
-        store.meta_index = indexed
-        assert sorted(store.filter_documents(filter)) == [f"d{i}" for i in docs]
-        assert store.filter_keys(filter).tolist() == docs
+    found_alike(store, NESTED, filter, docs)
 
 
 def test_metadata_index_without_paths_gets_them(tmp_path):
@@ -425,6 +437,48 @@ def test_metadata_index_without_paths_gets_them(tmp_path):
         == ["d2"]
     db = sqlite3.connect(tmp_path / STORE_FILE)
     assert db.execute("SELECT count(*) FROM doc_meta WHERE field = 'author.name'").fetchone()[0] == 3  # Ann Bob Top
+    db.close()
+    s.close()
+
+
+LISTS = [  # list values: strings and numbers, a scalar, null and long elements, a list and an
+    # object as elements, an empty list, a string that reads as a list, a list in a nested object
+    {"tags": ["news", "eu", "news"]}, {"tags": ["sport", 2020, None]}, {"tags": "news"},
+    {"tags": ["w" * 300, "eu"]}, {"tags": [["a", "b"], {"k": 1}]}, {"tags": []}, {"tags": '["a", "b"]'},
+    {"meta": {"tags": ["eu", "x"]}}, {"tags": None}, {},
+]
+
+
+@pytest.mark.parametrize("filter,docs", [
+    ({"tags": {"$contains": "news"}}, [0, 2]), ({"tags": {"$contains": ["news", "eu"]}}, [0]),
+    ({"tags": {"$contains": "eu"}}, [0, 3]), ({"tags": {"$contains": 2020}}, [1]), ({"tags": {"$contains": "2020"}}, [1]),
+    ({"tags": {"$contains_any": ["sport", "eu"]}}, [0, 1, 3]), ({"tags": {"$contains_any": ["news", "eu"]}}, [0, 2, 3]),
+    ({"tags": {"$contains": "w" * 300}}, [3]), ({"tags": {"$contains": [["a", "b"]]}}, [4, 6]),  # compared as JSON text, as $eq does
+    ({"tags": {"$contains": {"k": 1}}}, [4]), ({"tags": {"$contains": '["a", "b"]'}}, [4, 6]),
+    ({"meta.tags": {"$contains": "eu"}}, [7]), ({"tags": {"$contains": "zz"}}, []),
+    ({"tags": {"$contains": "news"}, "$or": [{"tags": {"$contains": "eu"}}, {"tags": "news"}]}, [0, 2]),
+    ({"tags": {"$contains_any": ["eu", "sport"], "$contains": "news"}}, [0]),
+    ({"tags": {"$contains": "eu", "$ne": '["news", "eu", "news"]'}}, [3]),
+    ({"tags": {"$contains": "news"}, "meta.tags": {"$contains": "x"}}, []),
+])
+def test_list_fields_hold_their_elements(store, filter, docs):
+    """$contains / $contains_any find a list's elements (a value that is not a list counts as
+    a list of itself), through the index as by reading every document (`matches`)."""
+    found_alike(store, LISTS, filter, docs)
+
+
+def test_metadata_index_without_list_elements_gets_them(tmp_path):
+    """A store whose metadata index predates list elements (version 2) gets them on a
+    writer's open; a reader of one filters by reading documents meanwhile."""
+    stored_then(tmp_path, LISTS, "DROP VIEW doc_meta_any; DROP TABLE doc_meta_item;"
+                                 "UPDATE meta SET value = '2' WHERE key = 'meta_index_version';")
+    reader = Store(tmp_path, read_only=True)
+    assert not reader.meta_index and reader.filter_documents({"tags": {"$contains": "eu"}}) == ["d0", "d3"]
+    reader.close()
+    s = Store(tmp_path)
+    assert s.meta_index and s.filter_documents({"tags": {"$contains": "eu"}}) == ["d0", "d3"]
+    db = sqlite3.connect(tmp_path / STORE_FILE)
+    assert db.execute("SELECT count(*) FROM doc_meta_item WHERE doc_id = 'd0'").fetchone()[0] == 2  # news, eu
     db.close()
     s.close()
 
