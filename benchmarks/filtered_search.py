@@ -21,8 +21,10 @@ while k chunks matched, recall@k of the question's paragraph, queries/s over bat
 ours / postfilter. One JSON line per system to bench-results/filtered_search.jsonl.
 --form says how the tenant filter is written: eq {"tenant": "t7"}; in {"tenant": {"$in":
 ["t7", "nobody"]}}; range {"tenant": {"$gte": "t7", "$lte": "t7"}} (a text range holding one
-tenant); or {"$or": [{"tenant": "t7"}, {"tenant": "nobody"}]} (a union of two lookups); each
-matches the same chunks, through the metadata index's other lookups.
+tenant); or {"$or": [{"tenant": "t7"}, {"tenant": "nobody"}]} (a union of two lookups); or
+contains {"tags": {"$contains": "t7"}} (every document also has "tags": [its tenant, "squad"],
+a list found by its elements); each matches the same chunks, through the metadata index's
+other lookups.
 
     .venv/bin/python benchmarks/filtered_search.py                       # ~1-2 min
     .venv/bin/python benchmarks/filtered_search.py --tenants 5,50,500 --questions 2000
@@ -47,7 +49,8 @@ from _common import SQUAD, cpu_name, log_jsonl, squad_paragraphs  # noqa: E402
 from engine.filters import check_filter  # noqa: E402
 
 FORMS = {"eq": lambda f, t: {f: t}, "in": lambda f, t: {f: {"$in": [t, "nobody"]}},
-         "range": lambda f, t: {f: {"$gte": t, "$lte": t}}, "or": lambda f, t: {"$or": [{f: t}, {f: "nobody"}]}}
+         "range": lambda f, t: {f: {"$gte": t, "$lte": t}}, "or": lambda f, t: {"$or": [{f: t}, {f: "nobody"}]},
+         "contains": lambda f, t: {f.replace("tenant", "tags"): {"$contains": t}}}
 
 
 def run(args: argparse.Namespace) -> None:
@@ -64,7 +67,8 @@ def run(args: argparse.Namespace) -> None:
         engine.create_collection("squad")
         t0 = time.perf_counter()
         engine.ingest("squad", (Document(p["id"], p["text"], p["title"],
-                                         {f"tenant{t}": f"t{assign[t][i]}" for t in tenant_counts})
+                                         {**{f"tenant{t}": f"t{assign[t][i]}" for t in tenant_counts},
+                                          **{f"tags{t}": [f"t{assign[t][i]}", "squad"] for t in tenant_counts}})
                                 for i, p in enumerate(paragraphs)))
         print(f"ingested {len(paragraphs)} paragraphs in {time.perf_counter() - t0:.1f} s", flush=True)
         asked = [(q, i) for i, p in enumerate(paragraphs) for q, _ in p["questions"]]

@@ -456,6 +456,11 @@ class Store:
             value = cond.get("$eq") if len(cond) == 1 else None
             if value is not None and len(value) <= META_INDEX_MAX_CHARS:
                 return "SELECT m.doc_id FROM doc_meta m WHERE m.field = ? AND m.value = ?", [field, value]
+            items = cond.get("$contains", ()) if len(cond) == 1 else ()
+            if len(items) == 1 and len(items[0]) <= META_INDEX_MAX_CHARS and not items[0].startswith("["):
+                # a list's elements or a value that is not a list: each document once
+                return ("SELECT doc_id FROM doc_meta WHERE field = ? AND value = ? "
+                        "UNION ALL SELECT doc_id FROM doc_meta_item WHERE field = ? AND value = ?"), [field, items[0]] * 2
         # (field, SQL terms on an alias "x" of `table`, params, table): doc_meta, or doc_meta_any
         # for what a list holds (its elements, or a value that is not a list)
         wanted, unwanted = [], []
