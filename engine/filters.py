@@ -30,7 +30,8 @@ starting with "$" are refused (metadata fields so named cannot be filtered on).
 
 A field name is a top-level metadata key or, where the metadata has no such key, a path
 through nested objects split at its dots (at most MAX_PATH_PARTS parts): {"author.name":
-"Ann"} matches {"author": {"name": "Ann"}}. Lists are values, not paths.
+"Ann"} matches {"author": {"name": "Ann"}}. A path through a list goes into the list's
+objects, its value the list of what it finds there (lookup).
 
 Values compare as the gRPC API sends them: strings as they are, other JSON as json.dumps
 (meta_str), so 2020 and "2020" are equal. A mapping with a key that starts with "$" holds
@@ -250,33 +251,59 @@ def holds(v, op: str, x) -> bool:
 
 def lookup(metadata: dict, field: str):
     """A field's value in a document's metadata: the top-level key `field`, else the value at
-    its dotted path through nested objects; None where there is neither."""
+    its dotted path through nested objects; None where there is neither. A path that passes
+    through a list goes into the list's objects: its value is then the list of what it
+    finds in them (elements that are not objects, or lack the key, skipped; lists found at
+    the end spliced in), so {"authors.name": {"$contains": "Ann"}} matches
+    {"authors": [{"name": "Ann"}, {"name": "Bob"}]}."""
     if field in metadata:
         return metadata[field]
     parts = field.split(".")
     if not 1 < len(parts) <= MAX_PATH_PARTS:
         return None
-    value = metadata
+    nodes, through = [metadata], False
     for part in parts:
-        if not isinstance(value, dict) or part not in value:
+        found = []
+        for node in nodes:
+            if isinstance(node, dict):
+                if part in node:
+                    found.append(node[part])
+            elif isinstance(node, list):
+                through = True
+                found += [e[part] for e in node if isinstance(e, dict) and part in e]
+        if not found:
             return None
-        value = value[part]
-    return value
+        nodes = found
+    if not through:
+        return nodes[0]
+    return [x for v in nodes for x in (v if isinstance(v, list) else [v])]
 
 
 def paths(metadata: dict) -> Iterator[tuple[str, object]]:
-    """Every field name a filter can give a value of this metadata by (lookup): the top-level
-    keys and the dotted paths into nested objects that no top-level key shadows."""
+    """Every field name a filter can give a value of this metadata by, with that value
+    (lookup): the top-level keys and the dotted paths into nested objects, and into the
+    objects of lists, that no top-level key shadows (null values left out of the paths)."""
     yield from metadata.items()
-    todo = [(k, v, 1) for k, v in metadata.items() if isinstance(v, dict)]
+    seen = set(metadata)
+    todo = [(k, [v], 1) for k, v in metadata.items() if isinstance(v, (dict, list))]
     while todo:
-        prefix, obj, depth = todo.pop()
-        for k, v in obj.items():
+        prefix, nodes, depth = todo.pop()
+        children: dict[str, list] = {}  # key -> the values under it, in every node
+        for node in nodes:
+            for obj in (node,) if isinstance(node, dict) else (e for e in node if isinstance(e, dict)):
+                for k, v in obj.items():
+                    children.setdefault(k, []).append(v)
+        for k, found in children.items():
             path = f"{prefix}.{k}"
-            if path not in metadata and lookup(metadata, path) is v:  # shadowed or unreachable: skipped
-                yield path, v
-                if isinstance(v, dict) and depth + 1 < MAX_PATH_PARTS:
-                    todo.append((path, v, depth + 1))
+            if path in seen:
+                continue
+            seen.add(path)
+            value = lookup(metadata, path)
+            if value is not None:
+                yield path, value
+            nested = [v for v in found if isinstance(v, (dict, list))]
+            if nested and depth + 1 < MAX_PATH_PARTS:
+                todo.append((path, nested, depth + 1))
 
 
 def matches(metadata: dict, filter: dict) -> bool:

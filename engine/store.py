@@ -89,7 +89,7 @@ def _alias(terms: str, alias: str) -> str:
 
 
 # 2: rows for dotted paths into nested objects too (engine/filters.py paths).
-# 3: the elements of list values (doc_meta_item).
+# 3: the elements of list values (doc_meta_item), and paths into the objects of lists.
 META_INDEX_VERSION = "3"
 META_INDEX_TABLES = ("doc_meta", "doc_meta_long", "doc_meta_item")
 

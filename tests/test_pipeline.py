@@ -661,11 +661,13 @@ def test_filters_reach_nested_metadata_by_dotted_paths(engine):
 
 
 def test_filters_find_elements_of_list_metadata(engine):
-    """$contains / $contains_any find documents by what a list field holds, in search (every
-    mode), answers' retrieval, listings and deletes alike."""
+    """$contains / $contains_any find documents by what a list field holds (a dotted path
+    into a list of objects included), in search (every mode), answers' retrieval, listings
+    and deletes alike."""
     engine.create_collection("c")
     tags = [["green", "japan"], ["black", "india"], "green", ["oolong", "china", "green"]]
-    engine.ingest("c", [Document(f"t{i}", f"Brew tea number {i} at {70 + i} degrees.", "x", {"tags": t})
+    engine.ingest("c", [Document(f"t{i}", f"Brew tea number {i} at {70 + i} degrees.", "x",
+                                 {"tags": t, "by": [{"name": "Ann"}, {"name": f"n{i}"}]})
                         for i, t in enumerate(tags)])
     q = "What temperature for tea?"
     for mode in ("exact", "dense", "hybrid"):
@@ -677,6 +679,8 @@ def test_filters_find_elements_of_list_metadata(engine):
         == ["t0"]
     assert [d.doc_id for d in engine.list_documents("c", filter={"tags": {"$contains": ["oolong", "green"]}})[0]] \
         == ["t3"]
+    assert [d.doc_id for d in engine.list_documents("c", filter={"by.name": {"$contains": "n2"}})[0]] == ["t2"]
+    assert len(engine.list_documents("c", filter={"by.name": {"$contains": "Ann"}})[0]) == 4  # a path into a list
     assert engine.delete_documents("c", filter={"tags": {"$contains": "green"}}) == 3
     assert [d.doc_id for d in engine.list_documents("c")[0]] == ["t1"]
 

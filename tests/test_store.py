@@ -446,6 +446,9 @@ LISTS = [  # list values: strings and numbers, a scalar, null and long elements,
     {"tags": ["news", "eu", "news"]}, {"tags": ["sport", 2020, None]}, {"tags": "news"},
     {"tags": ["w" * 300, "eu"]}, {"tags": [["a", "b"], {"k": 1}]}, {"tags": []}, {"tags": '["a", "b"]'},
     {"meta": {"tags": ["eu", "x"]}}, {"tags": None}, {},
+    # paths into the objects of a list (10), through an object (11), not into a list of lists (12)
+    {"authors": [{"name": "Ann", "tags": ["x", "y"]}, {"name": "Bob", "tags": "z"}, 3, {"name": None}]},
+    {"authors": {"name": "Ann"}}, {"authors": [[{"name": "Ann"}]]},
 ]
 
 
@@ -460,6 +463,10 @@ LISTS = [  # list values: strings and numbers, a scalar, null and long elements,
     ({"tags": {"$contains_any": ["eu", "sport"], "$contains": "news"}}, [0]),
     ({"tags": {"$contains": "eu", "$ne": '["news", "eu", "news"]'}}, [3]),
     ({"tags": {"$contains": "news"}, "meta.tags": {"$contains": "x"}}, []),
+    ({"authors.name": {"$contains": "Ann"}}, [10, 11]), ({"authors.name": '["Ann", "Bob", null]'}, [10]),
+    ({"authors.name": "Ann"}, [11]), ({"authors.tags": {"$contains": ["x", "z"]}}, [10]),
+    ({"authors.tags": {"$contains_any": ["y", "q"]}}, [10]), ({"authors.name": {"$in": ["Ann", "Bob"]}}, [11]),
+    ({"authors.name": {"$contains": "Bob"}, "authors.tags": {"$contains": "y"}}, [10]),
 ])
 def test_list_fields_hold_their_elements(store, filter, docs):
     """$contains / $contains_any find a list's elements (a value that is not a list counts as
