@@ -702,7 +702,7 @@ def add_filter_arg(s: argparse.ArgumentParser, what: str) -> None:
                         "FIELD~=VALUE: a list FIELD holds VALUE (tags~=news; repeated: any of them). "
                         "Non-string metadata compares as JSON, e.g. year=2020")
     s.add_argument("--filter-json", default=None, metavar="JSON",
-                   help="a metadata filter as JSON, with every operator, and $or / $and to combine "
+                   help="a metadata filter as JSON, with every operator, and $or / $and / $not to combine "
                         """filters, e.g. '{"$or": [{"lang": "fr"}, {"year": {"$gte": 2022}}]}'; """
                         "it holds together with --filter's conditions")
 

@@ -24,6 +24,8 @@ Conditions on several fields may also be combined with logical operators, at any
 
     {"$or": [{"lang": "fr"}, {"year": {"$gte": 2022}}]}   at least one of these filters holds
     {"$and": [{"$or": [...]}, {"$or": [...]}]}            every one of these holds
+    {"$not": {"tags": {"$contains": "draft"}}}             this filter does not hold
+    {"$not": [{"lang": "de"}, {"year": {"$lt": 2000}}]}   none of these holds
 
 beside the field conditions of the same mapping, which hold as well. Other top-level keys
 starting with "$" are refused (metadata fields so named cannot be filtered on).
@@ -40,7 +42,7 @@ equality.
 `check_filter` turns any accepted form into one canonical form, {field: {op: operand}},
 with $eq/$ne operands as meta_str, $in/$nin/$contains/$contains_any as lists of them (no
 null in the last two: a list's null elements are not indexed) and range bounds as floats
-(numbers) or strings, and "$or" / "$and" as lists of canonical filters, which every consumer
+(numbers) or strings, and "$or" / "$and" / "$not" as lists of canonical filters, which every consumer
 (matches, the store's SQL, Ray shards) reads.
 """
 
@@ -56,7 +58,7 @@ from .errors import InvalidInput
 
 EQUALITY_OPS = ("$eq", "$ne", "$in", "$nin")
 LIST_OPS = ("$contains", "$contains_any")  # elements of a list value: every one / at least one
-LOGICAL_OPS = ("$or", "$and")  # top-level keys of a filter that combine whole filters
+LOGICAL_OPS = ("$or", "$and", "$not")  # top-level keys of a filter that combine whole filters
 RANGE_OPS = {"$gt": operator.gt, "$gte": operator.ge, "$lt": operator.lt, "$lte": operator.le}
 OPS = (*EQUALITY_OPS, *LIST_OPS, *RANGE_OPS)
 # Values longer than this are left out of the metadata index (a filter on one reads every
@@ -152,10 +154,13 @@ def check_filter(filter) -> Filter | None:
 
 
 def _alternatives(key: str, filters) -> list:
-    """The canonical filters of a top-level logical operator ($or / $and)."""
+    """The canonical filters of a top-level logical operator ($or / $and / $not; $not also
+    takes one filter as it is)."""
     if key not in LOGICAL_OPS:
-        raise InvalidInput(f"unknown filter operator {key!r} at the top of a filter; use $or or $and to combine "
-                           "filters (metadata fields whose names start with '$' cannot be filtered on)")
+        raise InvalidInput(f"unknown filter operator {key!r} at the top of a filter; use $or, $and or $not to "
+                           "combine filters (metadata fields whose names start with '$' cannot be filtered on)")
+    if key == "$not" and isinstance(filters, dict):
+        filters = [filters]
     if not isinstance(filters, (list, tuple)) or not filters:
         raise InvalidInput(f"filter {key} takes a non-empty list of filters, got {filters!r}")
     return group_parts(f"filter {key}", filters, check_filter, f"every filter in {key} needs a condition")
@@ -177,7 +182,7 @@ def group_parts(name: str, items, convert, fix: str) -> list:
 
 
 def operators(filter: dict | None) -> set[str]:
-    """Every operator a canonical filter uses, in its $or / $and groups too."""
+    """Every operator a canonical filter uses, in its $or / $and / $not groups too."""
     out = set()
     for f, cond in (filter or {}).items():
         if f in LOGICAL_OPS:
@@ -188,7 +193,7 @@ def operators(filter: dict | None) -> set[str]:
 
 
 def fields(filter: dict) -> dict:
-    """A canonical filter's field conditions alone (without $or / $and)."""
+    """A canonical filter's field conditions alone (without $or / $and / $not)."""
     return {f: c for f, c in filter.items() if f not in LOGICAL_OPS}
 
 
@@ -202,6 +207,8 @@ def both(a, b) -> Filter | None:
     out = Filter({f: dict(cond) if f not in LOGICAL_OPS else list(cond) for f, cond in a.items()})
     if "$and" in b:
         out["$and"] = [*out.get("$and", ()), *b["$and"]]
+    if "$not" in b:  # none of either's
+        out["$not"] = [*out.get("$not", ()), *b["$not"]]
     if "$or" in b:
         if "$or" in out:  # two groups of alternatives, each of which must hold
             out["$and"] = [*out.get("$and", ()), Filter({"$or": b["$or"]})]
@@ -312,6 +319,8 @@ def matches(metadata: dict, filter: dict) -> bool:
                for f, cond in filter.items() if f not in LOGICAL_OPS for op, x in cond.items()):
         return False
     if "$and" in filter and not all(matches(metadata, g) for g in filter["$and"]):
+        return False
+    if "$not" in filter and any(matches(metadata, g) for g in filter["$not"]):
         return False
     return "$or" not in filter or any(matches(metadata, g) for g in filter["$or"])
 

@@ -521,17 +521,22 @@ class Store:
         return sql, args
 
     def _logical_sql(self, filter: dict) -> tuple[str, list] | None:
-        """_filter_sql for a filter with $or / $and: its field conditions' documents that are
-        among every $and filter's and any $or filter's (a UNION); None where a part's is."""
+        """_filter_sql for a filter with $or / $and / $not: its field conditions' documents
+        that are among every $and filter's and any $or filter's (a UNION) and none of the
+        $not filters'; None where a part's is."""
         own = fields(filter)
         parts = [self._filter_sql(own)] if own else []
         parts += [self._filter_sql(g) for g in filter.get("$and", ())]
         alternatives = [self._filter_sql(g) for g in filter.get("$or", ())]
-        if any(p is None for p in (*parts, *alternatives)):
+        excluded = [self._filter_sql(g) for g in filter.get("$not", ())]
+        if any(p is None for p in (*parts, *alternatives, *excluded)):
             return None
         if alternatives:
             parts.append((" UNION ".join(sql for sql, _ in alternatives),
                           [a for _, args in alternatives for a in args]))
+        if excluded:
+            parts.append(("SELECT d.doc_id FROM documents d WHERE d.doc_id NOT IN ("
+                          + " UNION ".join(sql for sql, _ in excluded) + ")", [a for _, args in excluded for a in args]))
         if len(parts) == 1:
             return parts[0]
         sql = f"SELECT doc_id FROM ({parts[0][0]}) WHERE 1" + "".join(f" AND doc_id IN ({q})" for q, _ in parts[1:])

@@ -77,13 +77,15 @@ def _has_scheme(address: str) -> bool:
 
 def filter_pb(filter: dict | None) -> dict:
     """A metadata filter as engine/filters.py takes it -> a request's `filter` (equalities),
-    `where` (FieldCondition) and `any_of_filters` ($or; with $and, one alternative holding
-    every group) fields; checked here first, so a bad one fails as the server would fail it."""
+    `where` (FieldCondition) and `any_of_filters` ($or; with $and or $not, one alternative
+    holding every group) fields; checked here first, so a bad one fails as the server would fail it."""
     f = check_filter(filter) or {}
     plain, where = _conditions(f)
     groups = [query_filter_pb(g) for g in f.get("$or", ())]
-    if "$and" in f:
-        parts = [query_filter_pb(g) for g in f["$and"]]
+    parts = [query_filter_pb(g) for g in f.get("$and", ())]
+    if "$not" in f:
+        parts.append(pb.QueryFilter(none_of_filters=[query_filter_pb(g) for g in f["$not"]]))
+    if parts:
         groups = [pb.QueryFilter(all_of_filters=[*parts, *([pb.QueryFilter(any_of_filters=groups)] if groups else [])])]
     return {"filter": plain, "where": where, "any_of_filters": groups}
 
@@ -92,7 +94,8 @@ def query_filter_pb(f: dict) -> "pb.QueryFilter":
     """A canonical filter (check_filter) as one QueryFilter message."""
     plain, where = _conditions(f)
     return pb.QueryFilter(filter=plain, where=where, any_of_filters=[query_filter_pb(g) for g in f.get("$or", ())],
-                          all_of_filters=[query_filter_pb(g) for g in f.get("$and", ())])
+                          all_of_filters=[query_filter_pb(g) for g in f.get("$and", ())],
+                          none_of_filters=[query_filter_pb(g) for g in f.get("$not", ())])
 
 
 def _conditions(f: dict) -> tuple[dict, list]:
@@ -202,12 +205,15 @@ class RagClient:
         fields = filter_pb(filter)
         if fields["any_of_filters"]:
             self._need("filter_groups", "$or / $and filters (any_of_filters)")
-        self._need_list_ops([filter])
+        self._need_newer_ops([filter])
         return fields
 
-    def _need_list_ops(self, filters: Sequence[dict | None]) -> None:
-        if any(operators(check_filter(f)) & set(LIST_OPS) for f in filters):
+    def _need_newer_ops(self, filters: Sequence[dict | None]) -> None:
+        used = set().union(*(operators(check_filter(f)) for f in filters))
+        if used & set(LIST_OPS):
             self._need("list_contains", "$contains / $contains_any filters (FieldCondition.contains)")
+        if "$not" in used:
+            self._need("filter_not", "$not filters (none_of_filters)")
 
     def _min_cosine(self, min_cosine: float | None) -> dict:
         """The min_cosine field, once the server is known to read it (checked here first)."""
@@ -228,7 +234,7 @@ class RagClient:
             self._need("query_filters", "per-query filters (query_filters, question_filters)")
             if any(q.any_of_filters or q.all_of_filters for q in out):
                 self._need("filter_groups", "$or / $and filters (any_of_filters)")
-            self._need_list_ops(filters)
+            self._need_newer_ops(filters)
         return out
 
     def create_collection(self, name: str, dtype: str | None = None, **settings) -> "pb.CollectionInfo":

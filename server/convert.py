@@ -51,7 +51,7 @@ def page_size(n: int) -> int:
 
 def request_filter(request) -> dict | None:
     """A request's (or QueryFilter's) `filter` (equalities), `where` (FieldCondition) and
-    groups of filters (any_of_filters: $or, all_of_filters: $and) as one metadata filter for
+    groups of filters (any_of_filters: $or, all_of_filters: $and, none_of_filters: $not) as one metadata filter for
     the engine (engine/filters.py), which checks the rest."""
     out: dict = dict(request.filter)
     for c in request.where:
@@ -75,8 +75,8 @@ def request_filter(request) -> dict | None:
             raise InvalidInput(f"where: field {c.field!r} gets {twice[0].lstrip('$')} from two conditions; "
                                "give each part once")
         out[c.field] = {**have, **ops}
-    for name, op in (("any_of_filters", "$or"), ("all_of_filters", "$and")):
-        if group := getattr(request, name, ()):  # requests have any_of_filters; QueryFilter both
+    for name, op in (("any_of_filters", "$or"), ("all_of_filters", "$and"), ("none_of_filters", "$not")):
+        if group := getattr(request, name, ()):  # requests have any_of_filters; QueryFilter all three
             out[op] = group_parts(name, group, request_filter, "give each filter of the group a filter, where "
                                                                 "or a group")
     return out or None

@@ -29,7 +29,7 @@ from .stubs import pb, rpc
 
 VERSION = "0.1.0"
 # GetInfoResponse.features: request fields older servers ignore, which clients check for.
-FEATURES = ["filter_groups", "query_filters", "metadata_json", "min_cosine", "list_contains"]
+FEATURES = ["filter_groups", "query_filters", "metadata_json", "min_cosine", "list_contains", "filter_not"]
 
 
 def optional(message, field: str):

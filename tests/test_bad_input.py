@@ -336,6 +336,9 @@ CASES = [
     case("search-all-of-filters-bad-part", search(any_of_filters=[pb.QueryFilter(all_of_filters=[
         pb.QueryFilter(where=[pb.FieldCondition(field="kind")])])]),
          INVALID, r"any_of_filters\[0\]: all_of_filters\[0\]: where: the condition on 'kind' sets nothing"),
+    case("search-none-of-filters-empty-part", search(any_of_filters=[pb.QueryFilter(none_of_filters=[
+        pb.QueryFilter(filter={"kind": "txt"}), pb.QueryFilter()])]),
+         INVALID, r"any_of_filters\[0\]: none_of_filters\[1\] is empty"),
     case("search-filter-dollar-field", search(filter={"$or": "x"}), INVALID, r"\$or takes a non-empty list"),
     case("delete-any-of-filters-empty", raw("DeleteDocuments", pb.DeleteDocumentsRequest(
         collection="docs", any_of_filters=[pb.QueryFilter()]).SerializeToString()), INVALID, "is empty"),

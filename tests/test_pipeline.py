@@ -675,6 +675,8 @@ def test_filters_find_elements_of_list_metadata(engine):
             == ["t0", "t2", "t3"]
         assert sorted(h.doc_id for h in engine.search("c", q, 4, mode=mode, filter={
             "tags": {"$contains_any": ["india", "china"]}})) == ["t1", "t3"]
+        assert [h.doc_id for h in engine.search("c", q, 4, mode=mode, filter={
+            "$not": {"tags": {"$contains": "green"}}})] == ["t1"]
     assert [s.hit.doc_id for s in engine.answer("c", q, filter={"tags": {"$contains": ["green", "japan"]}}).sources] \
         == ["t0"]
     assert [d.doc_id for d in engine.list_documents("c", filter={"tags": {"$contains": ["oolong", "green"]}})[0]] \

@@ -83,12 +83,15 @@ def test_ingest_documents_search_delete_equal_a_local_run(served, tmp_path, caps
     for extra in (["--filter", "year>=2021"], ["--filter", "lang!=en"], ["--filter", "lang=fr", "--filter", "lang=en"],
                   either, [*either, "--filter", "seen=true"], ["--filter", "tags~=africa"],
                   ["--filter", "tags~=bird", "--filter", "tags~=mammal"],
-                  ["--filter-json", '{"tags": {"$contains": ["mammal", "bird"]}}']):
+                  ["--filter-json", '{"tags": {"$contains": ["mammal", "bird"]}}'],
+                  ["--filter-json", '{"$not": {"lang": "fr"}}', "--filter", "year>=2021"]):
         assert documents([], there, *extra) == documents(local, [], *extra), extra
     assert [d["doc_id"][-3:] for d in documents([], there, "--filter", "tags~=africa")] == ["bra"]
     assert [d["doc_id"][-3:] for d in documents([], there, "--filter", "tags~=bird", "--filter", "tags~=mammal")] \
         == ["bra"]
     assert documents([], there, "--filter-json", '{"tags": {"$contains": ["mammal", "bird"]}}') == []
+    assert [d["doc_id"][-3:] for d in documents([], there, "--filter-json", '{"$not": {"lang": "fr"}}',
+                                                 "--filter", "year>=2021")] == ["owl"]
     assert [d["doc_id"][-3:] for d in documents([], there, "--filter", "year>=2021")] == ["owl", "uin"]
     assert [d["doc_id"][-3:] for d in documents([], there, *either)] == ["uin", "bra"]
     assert [d["doc_id"][-3:] for d in documents([], there, *either, "--filter", "seen=true")] == ["bra"]
@@ -249,7 +252,8 @@ def test_collections_create_drop_info_over_the_server(served, capsys):
     code, out, _ = rag(capsys, "info", "--json", *there)
     info = json.loads(out)
     assert code == 0 and info["embedding_model"] == "all-MiniLM-L6-v2" and info["max_batch"] > 0
-    assert set(info["features"]) == {"filter_groups", "query_filters", "metadata_json", "min_cosine", "list_contains"}
+    assert set(info["features"]) == {"filter_groups", "query_filters", "metadata_json", "min_cosine", "list_contains",
+                                     "filter_not"}
     code, out, _ = rag(capsys, "info", *there)
     assert code == 0 and "embedding_model: all-MiniLM-L6-v2" in out
 
@@ -290,12 +294,19 @@ def test_client_refuses_filters_an_older_server_would_drop(served):
     typed metadata goes as the string map it reads."""
     engine, address, _ = served
     with RagClient(address, timeout=120) as client:
-        assert client.features() == {"filter_groups", "query_filters", "metadata_json", "min_cosine", "list_contains"}
+        assert client.features() == {"filter_groups", "query_filters", "metadata_json", "min_cosine", "list_contains",
+                                     "filter_not"}
+        client._features = client.features() - {"filter_not"}  # a server from before $not
+        for call in (lambda: client.search("zoo", "tea", 2, filter={"$not": {"lang": "fr"}}),
+                     lambda: client.delete("zoo", filter={"$or": [{"$not": {"lang": "fr"}}, {"lang": "en"}]}),
+                     lambda: client.list_documents("zoo", filter={"lang": "en", "$not": [{"year": 2020}]})):
+            with pytest.raises(InvalidInput, match="does not read \\$not filters"):
+                call()
         client._features = client.features() - {"list_contains"}  # a server from before list filters
         for call in (lambda: client.search("zoo", "tea", 2, filter={"tags": {"$contains": "mammal"}}),
                      lambda: client.delete("zoo", filter={"tags": {"$contains_any": ["mammal"]}}),
                      lambda: client.search_batch("zoo", ["tea"], 2, filters=[{"$or": [{"tags": {"$contains": "x"}}]}])):
-            with pytest.raises(InvalidInput, match="does not read \$contains / \$contains_any filters"):
+            with pytest.raises(InvalidInput, match=r"does not read \$contains / \$contains_any filters"):
                 call()
         client._features = frozenset()  # what a server older than these fields answers
         with pytest.raises(InvalidInput, match="does not read min_cosine"):

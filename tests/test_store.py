@@ -222,6 +222,10 @@ METADATA = [  # one document each: every JSON type, and names SQLite's JSON path
     {"$or": [{"long": "w" * 300}, {"tags": '["a", "b"]'}]}, {"$or": [{"team": "red"}], "$and": [{"$or": [
         {"n": 5}, {"long": {"$gt": "a"}}]}]}, {"$or": [{"$and": [{"team": "red"}, {"ok": True}]}, {"a.b": 2}]},
     {"$or": [{"missing": "a"}, {"team": "green"}]},
+    # $not: of one filter, of several, through values the index lacks, beside fields, inside $or
+    {"$not": {"team": "red"}}, {"$not": [{"team": "red"}, {"n": {"$gt": 2}}]}, {"$not": {"long": "w" * 300}},
+    {"team": "red", "$not": {"n": 5}}, {"$or": [{"$not": {"team": "red"}}, {"ok": True}]},
+    {"$not": {"$or": [{"team": "blue"}, {"x": None}]}}, {"$not": {"$not": {"team": "Red"}}},
 ])
 def test_filter_keys_match_metadata_as_search_compares_it(store, filter):
     """filter_keys returns the chunks of exactly the documents `matches` accepts, whatever
@@ -255,6 +259,8 @@ def test_filter_keys_match_metadata_as_search_compares_it(store, filter):
     ({"$or": [{"team": "blue"}, {"n": {"$gt": 1e299}}]}, [1, 7]),
     ({"$or": [{"team": "Red"}, {"x": 1.5}], "n": {"$gt": 0}}, [2, 3]),
     ({"$or": [{"team": "red"}, {"ok": False}], "$and": [{"$or": [{"n": -5}, {"long": {"$gt": "a"}}]}]}, [1, 8]),
+    ({"$not": {"team": "red"}}, [1, 3, 4, 5, 6, 7]),  # a document without the field passes
+    ({"$not": [{"team": "red"}, {"n": {"$lt": 0}}], "n": {"$ne": None}}, [3, 7]),
 ])
 def test_filter_operators_mean_what_they_say(store, filter, docs):
     store.apply([DocumentRecord(f"d{i}", "/s", "h", meta, 2, record(f"d{i}", 2, seed=i).chunks,
@@ -271,7 +277,9 @@ def test_filter_operators_mean_what_they_say(store, filter, docs):
     ({"n": {"$gt": 1, "$lt": "z"}}, "must all be numbers or all text"), ({"": {"$eq": 1}}, "non-empty strings"),
     ({"n": {"$gt": 1, "b": 2}}, "unknown operator 'b'"), (["n"], "must be a mapping"),
     ({"$or": []}, "$or takes a non-empty list of filters"), ({"$or": {"a": 1}}, "$or takes a non-empty list"),
-    ({"$and": [{"a": 1}, {}]}, "$and[1] is empty"), ({"$not": {"a": 1}}, "unknown filter operator '$not'"),
+    ({"$and": [{"a": 1}, {}]}, "$and[1] is empty"), ({"$nor": {"a": 1}}, "unknown filter operator '$nor'"),
+    ({"$not": []}, "$not takes a non-empty list of filters"), ({"$not": "a"}, "$not takes a non-empty list"),
+    ({"$not": {}}, "filter $not[0] is empty"),
     ({"$or": [{"a": {"$gtt": 1}}]}, "filter $or[0]: filter field 'a': unknown operator '$gtt'"),
     ({"t": {"$contains": []}}, "$contains takes a non-empty list of values (or one value)"),
     ({"t": {"$contains": None}}, "$contains takes values, not null"),
@@ -296,6 +304,7 @@ def test_canonical_filter_is_its_own_canonical_form():
 
 
 def test_both_keeps_every_group_of_alternatives():
+    assert both({"$not": {"t": "1"}}, {"$not": [{"u": "2"}]})["$not"] == [{"t": {"$eq": "1"}}, {"u": {"$eq": "2"}}]
     a = {"$or": [{"t": "1"}, {"t": "2"}], "k": "x"}
     b = {"$or": [{"u": "1"}, {"u": "2"}], "$and": [{"v": "1"}]}
     f = both(a, b)
