@@ -459,8 +459,8 @@ class Store:
             items = cond.get("$contains", ()) if len(cond) == 1 else ()
             if len(items) == 1 and len(items[0]) <= META_INDEX_MAX_CHARS and not items[0].startswith("["):
                 # a list's elements or a value that is not a list: each document once
-                return ("SELECT doc_id FROM doc_meta WHERE field = ? AND value = ? "
-                        "UNION ALL SELECT doc_id FROM doc_meta_item WHERE field = ? AND value = ?"), [field, items[0]] * 2
+                return ("SELECT doc_id FROM doc_meta WHERE field = ? AND value = ? UNION ALL "
+                        "SELECT doc_id FROM doc_meta_item WHERE field = ? AND value = ?"), [field, items[0]] * 2
         # (field, SQL terms on an alias "x" of `table`, params, table): doc_meta, or doc_meta_any
         # for what a list holds (its elements, or a value that is not a list)
         wanted, unwanted = [], []
@@ -506,7 +506,7 @@ class Store:
             field, terms, params, table = wanted[0]
             sql, ref, args = f"SELECT m.doc_id FROM {table} m WHERE m.field = ? AND {_alias(terms, 'm')}", \
                 "m.doc_id", [field, *params]
-            if table != "doc_meta":  # each document once (a list's equal elements are one row already)
+            if table != "doc_meta":  # each document once (a list holding several values asked for)
                 sql = sql.replace("SELECT m.doc_id", "SELECT DISTINCT m.doc_id", 1)
         else:
             sql, ref, args = "SELECT d.doc_id FROM documents d WHERE 1", "d.doc_id", []
@@ -535,8 +535,8 @@ class Store:
             parts.append((" UNION ".join(sql for sql, _ in alternatives),
                           [a for _, args in alternatives for a in args]))
         if excluded:
-            parts.append(("SELECT d.doc_id FROM documents d WHERE d.doc_id NOT IN ("
-                          + " UNION ".join(sql for sql, _ in excluded) + ")", [a for _, args in excluded for a in args]))
+            parts.append((f"SELECT d.doc_id FROM documents d WHERE d.doc_id NOT IN "
+                          f"({' UNION '.join(sql for sql, _ in excluded)})", [a for _, args in excluded for a in args]))
         if len(parts) == 1:
             return parts[0]
         sql = f"SELECT doc_id FROM ({parts[0][0]}) WHERE 1" + "".join(f" AND doc_id IN ({q})" for q, _ in parts[1:])

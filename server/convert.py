@@ -51,8 +51,8 @@ def page_size(n: int) -> int:
 
 def request_filter(request) -> dict | None:
     """A request's (or QueryFilter's) `filter` (equalities), `where` (FieldCondition) and
-    groups of filters (any_of_filters: $or, all_of_filters: $and, none_of_filters: $not) as one metadata filter for
-    the engine (engine/filters.py), which checks the rest."""
+    groups of filters (any_of_filters: $or, all_of_filters: $and, none_of_filters: $not) as
+    one metadata filter for the engine (engine/filters.py), which checks the rest."""
     out: dict = dict(request.filter)
     for c in request.where:
         if not c.field:

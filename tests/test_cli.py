@@ -94,7 +94,9 @@ BATCH_FILES = {"BADLINE": '"fine"\n{"query": "q", "filter": {"n": {"$bad": 1}}}\
     (["search", "q", "-c", "missing"], "collection 'missing' does not exist"),
     (["search", "", "-c", "c"], "query is empty"),
     (["search", "q", "-c", "c", "-k", "0"], "k must be an integer in [1, 1000]"),
-    (["search", "q", "-c", "c", "--filter", "kind"], "--filter takes FIELD=VALUE (or FIELD!=VALUE, FIELD>=VALUE, FIELD>VALUE, FIELD<=VALUE, FIELD<VALUE, FIELD~=VALUE), got 'kind'"),
+    (["search", "q", "-c", "c", "--filter", "kind"],
+     "--filter takes FIELD=VALUE (or FIELD!=VALUE, FIELD>=VALUE, FIELD>VALUE, FIELD<=VALUE, FIELD<VALUE, "
+     "FIELD~=VALUE), got 'kind'"),
     (["search", "q", "-c", "c", "--filter", "=md"], "--filter takes FIELD=VALUE (or FIELD!=VALUE"),
     (["search", "q", "-c", "c", "--filter", "n>1", "--filter", "n>2"], "--filter gives n> twice ('1' and '2')"),
     (["search", "q", "-c", "c", "--filter", "n>1", "--filter", "n<z"], "range bounds must all be numbers or all text"),

@@ -463,9 +463,11 @@ LISTS = [  # list values: strings and numbers, a scalar, null and long elements,
 
 @pytest.mark.parametrize("filter,docs", [
     ({"tags": {"$contains": "news"}}, [0, 2]), ({"tags": {"$contains": ["news", "eu"]}}, [0]),
-    ({"tags": {"$contains": "eu"}}, [0, 3]), ({"tags": {"$contains": 2020}}, [1]), ({"tags": {"$contains": "2020"}}, [1]),
+    ({"tags": {"$contains": "eu"}}, [0, 3]), ({"tags": {"$contains": 2020}}, [1]),
+    ({"tags": {"$contains": "2020"}}, [1]),
     ({"tags": {"$contains_any": ["sport", "eu"]}}, [0, 1, 3]), ({"tags": {"$contains_any": ["news", "eu"]}}, [0, 2, 3]),
-    ({"tags": {"$contains": "w" * 300}}, [3]), ({"tags": {"$contains": [["a", "b"]]}}, [4, 6]),  # compared as JSON text, as $eq does
+    ({"tags": {"$contains": "w" * 300}}, [3]),
+    ({"tags": {"$contains": [["a", "b"]]}}, [4, 6]),  # compared as JSON text, as $eq does
     ({"tags": {"$contains": {"k": 1}}}, [4]), ({"tags": {"$contains": '["a", "b"]'}}, [4, 6]),
     ({"meta.tags": {"$contains": "eu"}}, [7]), ({"tags": {"$contains": "zz"}}, []),
     ({"tags": {"$contains": "news"}, "$or": [{"tags": {"$contains": "eu"}}, {"tags": "news"}]}, [0, 2]),
